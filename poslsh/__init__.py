@@ -1,0 +1,7 @@
+"""poslsh: near-linear ALiBi attention by positional locality-sensitive hashing."""
+
+from .alibi import alibi_bias, alibi_kernel, alibi_slopes
+from .hashing import Partitions, sample_partitions
+
+__version__ = "0.1.0"
+__all__ = ["alibi_slopes", "alibi_kernel", "alibi_bias", "Partitions", "sample_partitions"]

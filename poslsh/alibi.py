@@ -1,0 +1,89 @@
+"""ALiBi slopes and the positional kernel B_ij = exp(-m |i - j|) that positional LSH approximates.
+
+Attention with linear biases (Press et al., 2022) adds -m_h |i - j| to the logits of head h.
+Multiplicatively, row i of the softmax is proportional to exp(q_i . k_j / sqrt(d)) * B_ij with
+B_ij = e^{-m_h |i - j|}: B is the matrix that positional LSH writes as an expectation of masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["alibi_slopes", "alibi_kernel", "alibi_bias", "check_slopes"]
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """Press et al.'s slope schedule, exactly as BLOOM's ``build_alibi_tensor`` builds it.
+
+    For a power of two H the slopes are 2^(-8h/H), h = 1..H. Otherwise, with P the largest power of
+    two below H, the first P slopes are those of P heads and the remaining H - P are the odd-indexed
+    slopes (1st, 3rd, ...) of the 2P-head schedule.
+
+    Returns:
+        float64 tensor [num_heads], decreasing within each of the two groups.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** k for k in range(1, closest + 1)]
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        extra = min(closest, num_heads - closest)
+        slopes += [extra_base ** k for k in range(1, 1 + 2 * extra, 2)]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+def check_slopes(slopes: Tensor | float | list, name: str = "slopes") -> Tensor:
+    """Validate slopes and return them as a 1-D float64 CPU tensor [H].
+
+    Slopes must be finite and >= 0 (0 means no positional decay: one block).
+    """
+    if isinstance(slopes, Tensor):
+        s = slopes.detach().to("cpu", torch.float64)
+    else:
+        try:
+            s = torch.as_tensor(slopes, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {type(slopes).__name__}") from err
+    if s.ndim == 0:
+        s = s.reshape(1)
+    if s.ndim != 1:
+        raise ValueError(f"{name} must be 1-D with one slope per head, got shape {tuple(s.shape)}")
+    if s.numel() == 0:
+        raise ValueError(f"{name} must hold at least one slope")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"{name} must be finite, got {s.tolist()}")
+    if (s < 0).any():
+        raise ValueError(f"{name} must be >= 0, got {s.tolist()}")
+    return s
+
+
+def _check_length(n: int, name: str = "n") -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
+    return n
+
+
+def alibi_bias(n: int, slope: float, causal: bool = False, dtype: torch.dtype = torch.float64,
+               device: torch.device | str | None = None) -> Tensor:
+    """Additive ALiBi bias -slope * |i - j| as a dense [n, n] matrix (-inf above the diagonal if causal)."""
+    _check_length(n)
+    s = float(check_slopes(slope, "slope")[0])
+    pos = torch.arange(n, device=device, dtype=torch.float64)
+    bias = -s * (pos[:, None] - pos[None, :]).abs()
+    if causal:
+        bias = bias.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    return bias.to(dtype)
+
+
+def alibi_kernel(n: int, slope: float, causal: bool = False, device: torch.device | str | None = None) -> Tensor:
+    """The dense ALiBi kernel B_ij = exp(-slope |i - j|), float64 [n, n]; zero above the diagonal if causal."""
+    return alibi_bias(n, slope, causal=causal, device=device).exp()

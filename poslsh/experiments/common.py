@@ -1,0 +1,121 @@
+"""What every experiment shares: its config as a dataclass, results as reloadable JSON with the
+provenance of the run, a progress bar, Markdown tables, and matplotlib without a display.
+
+An experiment module defines
+
+    NAME = "mask-error"                  # the CLI subcommand and the JSON file's stem
+    @dataclass class Config: ...         # every field becomes a --flag of the subcommand
+    def run(config, out_dir) -> dict     # computes, writes out_dir/NAME.json and PNGs, returns the JSON
+    def summarize(results, out_dir) -> str   # a Markdown section: tables and links to the PNGs
+
+and the CLI and ``poslsh demo`` drive all of them the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+__all__ = ["environment", "save_results", "load_results", "progress", "markdown_table", "pyplot",
+           "fmt", "config_to_dict"]
+
+
+def environment() -> dict[str, Any]:
+    """Where and how a result was produced: date, command, versions, device."""
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = "cpu"
+    return env
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def save_results(path: str | Path, config: Any, results: dict[str, Any]) -> dict[str, Any]:
+    """Write ``{"environment", "config", "results"}`` as JSON and return that document."""
+    doc = {"environment": environment(), "config": config_to_dict(config), "results": results}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    return doc
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"cannot store {type(x).__name__} in JSON")
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool | None = None):
+    """A tqdm bar on stderr, quiet when not attached to a terminal unless POSLSH_PROGRESS=1."""
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty() or os.environ.get("POSLSH_PROGRESS") == "1"
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def fmt(x: float | int | None, digits: int = 3) -> str:
+    """Compact number for tables: 3 significant digits, scientific when small or large."""
+    if x is None:
+        return "–"
+    if isinstance(x, int):
+        return str(x)
+    if x != x:
+        return "nan"
+    if x == 0:
+        return "0"
+    if 1e-2 <= abs(x) < 1e4:
+        return f"{x:.{digits}g}"
+    return f"{x:.{digits - 1}e}"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats go through ``fmt``."""
+    cell = lambda v: fmt(v) if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
