@@ -179,9 +179,11 @@ def _sample_cuts(n: int, slopes: Tensor, samples: int, generator: torch.Generato
         expected = (n - 1) * p
         # Enough lengths to cover n with overwhelming probability; topped up below if not.
         k = int(expected + 8 * math.sqrt(expected + 1) + 16)
-        starts = torch.cumsum(1 + _geometric((samples, k), torch.tensor(m), generator), dim=1)
+        # Lengths are clipped at n (only whether a block reaches past n matters): unclipped, tiny
+        # slopes give lengths near 2^60 whose cumulative sum overflows int64 into negative "cuts".
+        starts = torch.cumsum(1 + _geometric((samples, k), torch.tensor(m), generator).clamp(max=n), dim=1)
         while bool((starts[:, -1] < n).any()):
-            more = 1 + _geometric((samples, k), torch.tensor(m), generator)
+            more = 1 + _geometric((samples, k), torch.tensor(m), generator).clamp(max=n)
             starts = torch.cat([starts, starts[:, -1:] + more.cumsum(1)], dim=1)
         keep = starts < n
         chunks.append(starts[keep])

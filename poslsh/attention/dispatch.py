@@ -1,0 +1,260 @@
+"""``poslsh.attention``: one SDPA-shaped entry point, its validation, and the backend registry.
+
+The dispatcher checks the inputs (errors name the offending argument), resolves slopes, partitions
+and window sizes into one frozen ``AttentionSpec``, and calls a backend ``fn(q, k, v, spec) ->
+(out, lse)``. Backends live in ``BACKENDS``; ``backend="auto"`` takes the highest-priority one whose
+``supports(q, spec)`` is true. Torch backends registered here:
+
+=========== ======== ==================================================================
+name        priority what
+=========== ======== ==================================================================
+fused       20       tiled one pass; LSH by collision counts, exact/window banded
+split       10       LSH only: r passes of block-local attention merged by their LSEs
+reference   0        dense O(Nq * Nk) definition, any dtype
+=========== ======== ==================================================================
+
+GPU backends register themselves from ``poslsh.attention.triton_lsh`` and
+``poslsh.attention.flex`` with one call, e.g.
+``register_backend("triton", fn, supports, priority=100)``; those modules are imported lazily on the
+first dispatch, and their absence (or a missing triton) is not an error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..alibi import alibi_slopes, check_slopes
+from ..hashing import SCHEMES, Partitions, sample_partitions
+from .core import METHODS, AttentionSpec
+from .fused import fused_attention, supports_fused
+from .reference import reference_attention, supports_reference
+from .split import split_attention, supports_split
+from .window import window_sizes
+
+__all__ = ["attention", "AttentionSpec", "Backend", "BACKENDS", "register_backend", "available_backends",
+           "resolve_spec", "select_backend"]
+
+BackendFn = Callable[[Tensor, Tensor, Tensor, AttentionSpec], "tuple[Tensor, Tensor]"]
+SupportsFn = Callable[[Tensor, AttentionSpec], bool]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention implementation: ``fn(q, k, v, spec) -> (out, lse)`` and what it can run."""
+
+    name: str
+    fn: BackendFn
+    supports: SupportsFn
+    priority: int = 0
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+        return self.fn(q, k, v, spec)
+
+
+BACKENDS: dict[str, Backend] = {}
+
+# Modules that register optional (GPU) backends when imported; tried once, on first dispatch.
+OPTIONAL_BACKEND_MODULES = ("poslsh.attention.triton_lsh", "poslsh.attention.flex")
+_optional_loaded = False
+
+
+def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = None, *,
+                     priority: int = 0) -> Backend:
+    """Add (or replace) a backend. ``supports`` defaults to "always"; "auto" tries higher
+    ``priority`` first (torch backends use 0..20, so GPU kernels should use e.g. 100)."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
+    backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority)
+    BACKENDS[name] = backend
+    return backend
+
+
+def _load_optional_backends() -> None:
+    global _optional_loaded
+    if _optional_loaded:
+        return
+    _optional_loaded = True
+    for module in OPTIONAL_BACKEND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:  # the module or one of its dependencies (triton) is absent
+            if isinstance(err, ModuleNotFoundError) and err.name and module.startswith(err.name):
+                continue
+            if isinstance(err, ModuleNotFoundError) and err.name and err.name.split(".")[0] == "triton":
+                continue
+            warnings.warn(f"optional attention backend {module} could not be imported: {err}", stacklevel=3)
+        except Exception as err:  # a broken optional module must not take the torch backends down
+            warnings.warn(f"optional attention backend {module} failed on import: {err!r}", stacklevel=3)
+
+
+def available_backends() -> list[str]:
+    """Registered backend names, in "auto" preference order (optional modules loaded first)."""
+    _load_optional_backends()
+    return [b.name for b in sorted(BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto") -> Backend:
+    """The backend that will run: the named one (checked to support the call) or, for "auto", the
+    highest-priority backend that supports it."""
+    _load_optional_backends()
+    if backend == "auto":
+        for name in available_backends():
+            if BACKENDS[name].supports(q, spec):
+                return BACKENDS[name]
+        raise RuntimeError("no registered attention backend supports this call")  # reference always does
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+    chosen = BACKENDS[backend]
+    if not chosen.supports(q, spec):
+        raise ValueError(f"backend {backend!r} does not support this call (method={spec.method!r}, "
+                         f"dtype={q.dtype}, device={q.device})")
+    return chosen
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k, v must share the batch size, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must share heads and length [B, Hkv, Nk, *], got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must share the head dim, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if min(q.shape) < 1 or min(k.shape) < 1 or v.shape[3] < 1:
+        raise ValueError(f"q, k, v must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads H={q.shape[1]} must be divisible by key/value heads Hkv={k.shape[1]} "
+                         f"(k {tuple(k.shape)})")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q length Nq={q.shape[2]} must be <= key length Nk={k.shape[2]} "
+                         f"(queries are the last Nq key positions)")
+
+
+def resolve_spec(
+    q: Tensor, k: Tensor, v: Tensor, *, slopes=None, causal: bool = True, method: str = "lsh",
+    samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
+    generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> AttentionSpec:
+    """Validate everything but the backend and build the ``AttentionSpec`` (samples partitions for
+    "lsh" when none are given). Arguments as in ``attention``."""
+    _check_qkv(q, k, v)
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if partitions is not None:  # checked before the slopes, which may default to the partitions'
+        if method != "lsh":
+            raise ValueError(f"partitions are only used by method='lsh', got method={method!r}")
+        if not isinstance(partitions, Partitions):
+            raise TypeError(f"partitions must be a poslsh.Partitions, got {type(partitions).__name__}")
+        if partitions.n != nk:
+            raise ValueError(f"partitions must cover the Nk={nk} key positions, got n={partitions.n}")
+        if partitions.num_heads != h:
+            raise ValueError(f"partitions must have one set per query head ({h}), got "
+                             f"{partitions.num_heads} heads")
+    if slopes is None:
+        slopes = partitions.slopes if isinstance(partitions, Partitions) else alibi_slopes(h)
+    s = check_slopes(slopes, "slopes")
+    if s.numel() != h:
+        raise ValueError(f"slopes must have one value per query head ({h}), got {s.numel()}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = keep), got "
+                            f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+        if tuple(key_padding_mask.shape) != (b, nk):
+            raise ValueError(f"key_padding_mask must have shape [B, Nk] = {(b, nk)}, got "
+                             f"{tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+    window = None
+    if method == "window":
+        if isinstance(window_eps, bool) or not isinstance(window_eps, (int, float)) or not 0 < window_eps < 1:
+            raise ValueError(f"window_eps must be in (0, 1), got {window_eps!r}")
+        window = window_sizes(s, float(window_eps), nk)
+    if method == "lsh":
+        if partitions is None:
+            if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+                raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+            if scheme not in SCHEMES:
+                raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+            partitions = sample_partitions(nk, s, samples, scheme=scheme, generator=generator, device=q.device)
+        else:
+            if not torch.allclose(partitions.slopes.to(torch.float64), s, rtol=1e-9, atol=0.0):
+                raise ValueError(f"partitions were drawn for slopes {partitions.slopes.tolist()}, "
+                                 f"but slopes={s.tolist()}")
+            if partitions.device != q.device:
+                partitions = partitions.to(q.device)
+    return AttentionSpec(slopes=s, causal=causal, method=method, scale=float(scale), q_offset=nk - nq,
+                         partitions=partitions, window=window, key_padding_mask=key_padding_mask)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | list[float] | None = None, causal: bool = True,
+    method: str = "lsh", samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
+    generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
+    key_padding_mask: Tensor | None = None, return_lse: bool = False, backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """ALiBi attention: exact, truncated to a per-head window, or estimated by positional LSH.
+
+    Args:
+        q: [B, H, Nq, D] queries; row i sits at key position Nk - Nq + i (so Nq = 1 is decoding).
+        k: [B, Hkv, Nk, D] keys, H divisible by Hkv (grouped / multi-query KV).
+        v: [B, Hkv, Nk, Dv] values. q, k, v share dtype (fp16, bf16, fp32, fp64) and device.
+        slopes: ALiBi slopes [H], >= 0; default ``alibi_slopes(H)`` (or the partitions' slopes).
+        causal: keys j <= p only; otherwise the bias -m |p - j| is two-sided.
+        method: "exact"; "window" (weights kept for |p - j| <= ceil(ln(1/window_eps)/m_h));
+            "lsh" (weights c_pj = fraction of the r samples in which p and j share a block).
+        samples: r, for "lsh" when ``partitions`` is None.
+        scheme: "grid" or "cut", for "lsh" when ``partitions`` is None.
+        partitions: ``Partitions`` over the Nk key positions with H heads (shared across the batch).
+        generator: CPU generator for sampling partitions.
+        window_eps: truncation level for "window".
+        scale: multiplier of q . k; default 1/sqrt(D).
+        key_padding_mask: bool [B, Nk], True = keep.
+        return_lse: also return the log-sum-exp of the weighted scores.
+        backend: "auto" or a name in ``available_backends()``.
+
+    Returns:
+        out [B, H, Nq, Dv] in q's dtype, or (out, lse) with lse [B, H, Nq] float32 (float64 for
+        float64 inputs): the natural-log LSE of scale * q.k + log W, W the method's weight
+        (e^{-m|p-j|} for exact/window, c_pj for lsh). A row that sees no key (all padded) gives
+        out 0 and lse ``EMPTY_LSE`` = -1e30.
+    """
+    if backend != "auto" and backend not in available_backends():  # before any partition is sampled
+        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+    spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method=method, samples=samples, scheme=scheme,
+                        partitions=partitions, generator=generator, window_eps=window_eps, scale=scale,
+                        key_padding_mask=key_padding_mask)
+    out, lse = select_backend(q, spec, backend)(q, k, v, spec)
+    return (out, lse) if return_lse else out
+
+
+register_backend("fused", fused_attention, supports_fused, priority=20)
+register_backend("split", split_attention, supports_split, priority=10)
+register_backend("reference", reference_attention, supports_reference, priority=0)

@@ -1,0 +1,77 @@
+"""The "fused" backend: one pass of attention with collision-count weights (LSH), and the same
+tiled pass with banded ALiBi weights for "window" and "exact".
+
+For LSH, query p and key j get weight c_pj = #{t : j in block_t(p)} / r, i.e. score + log c_pj.
+Blocks are contiguous, so j is in p's block of sample t iff start_t(p) <= j < end_t(p)
+(``Partitions.block_bounds``), and a tile of queries [p0, p1] needs only the keys in
+[min_t start_t(p0), max_t end_t(p1)) (starts and ends are non-decreasing in p): the union of the
+blocks, not the sum of their sizes. Memory is O(B * tile * union) per step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .core import AttentionSpec
+from .tiled import tiled_attention
+from .window import band_rules
+
+__all__ = ["CollisionRule", "collision_rules", "fused_attention", "supports_fused"]
+
+class CollisionRule:
+    """Weights c_pj = #{t : start_t(p) <= j < end_t(p)} / r for one head (and j <= p when causal)."""
+
+    def __init__(self, start: Tensor, end: Tensor, causal: bool) -> None:
+        """start, end: int64 [r, n], the bounds of each position's block in each sample."""
+        self.start, self.end, self.causal = start, end, causal
+        self.r, self.n = start.shape
+        pos = torch.arange(self.n, device=start.device)
+        reach = pos - start.amin(0)  # keys left of p in the union, per p
+        if not causal:
+            reach = reach + end.amax(0) - pos
+        self.span = float(reach.double().mean()) + 1.0
+
+    def tile_ranges(self, firsts: Tensor, lasts: Tensor) -> tuple[list[int], list[int]]:
+        lo = self.start[:, firsts].amin(0)
+        hi = lasts + 1 if self.causal else self.end[:, lasts].amax(0)
+        return lo.tolist(), hi.tolist()
+
+    def log_weight(self, pos_q: Tensor, pos_k: Tensor, dtype: torch.dtype) -> Tensor:
+        # count(p, j) is a step function of j: +1 at each start_t(p), -1 at each end_t(p). Scatter
+        # the r steps of every row and take a cumulative sum: O(T * (L + r)), not O(T * L * r).
+        # pos_k is a contiguous range [lo, hi); steps outside it are clipped to its ends.
+        lo, num_k = int(pos_k[0]), pos_k.numel()
+        s = (self.start[:, pos_q] - lo).clamp(0, num_k).T  # [T, r]
+        e = (self.end[:, pos_q] - lo).clamp(0, num_k).T
+        steps = torch.zeros(pos_q.numel(), num_k + 1, dtype=dtype, device=pos_q.device)
+        steps.scatter_add_(1, s, torch.ones_like(s, dtype=dtype))
+        steps.scatter_add_(1, e, torch.full_like(e, -1, dtype=dtype))
+        count = steps[:, :num_k].cumsum(1)  # integers, exact in floating point
+        logw = torch.log(count / self.r)  # log 0 = -inf: never in a common block
+        if self.causal:
+            logw = logw.masked_fill(pos_k[None, :] > pos_q[:, None], float("-inf"))
+        return logw
+
+
+def collision_rules(spec: AttentionSpec) -> list[CollisionRule]:
+    start, end = spec.partitions.block_bounds()  # [H, r, n] each
+    return [CollisionRule(start[h], end[h], spec.causal) for h in range(spec.num_heads)]
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+    """Tiled one-pass attention for every method (see module docstring).
+
+    Args:
+        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv].
+
+    Returns:
+        (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, float64 for float64 inputs).
+    """
+    rules = collision_rules(spec) if spec.method == "lsh" else band_rules(spec, k.shape[2])
+    return tiled_attention(q, k, v, spec, rules)
+
+
+def supports_fused(q: Tensor, spec: AttentionSpec) -> bool:
+    """Every method, dtype and device."""
+    return True

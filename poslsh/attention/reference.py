@@ -1,0 +1,71 @@
+"""The dense reference backend: the definition of every method, O(Nq * Nk) memory, any dtype.
+
+Row i (key position p = q_offset + i) of head h is softmax_j(scale * q_i . k_j + log W_h[p, j]) with
+
+* exact:  W = e^{-m_h |p - j|}                     (ALiBi);
+* window: W = e^{-m_h |p - j|} if |p - j| <= w_h, else 0 (truncated ALiBi);
+* lsh:    W = B-hat_h[p, j] = (1/r) sum_t [p and j share a block in sample t]  (``Partitions.mean_mask``);
+
+and W = 0 for j > p when causal or when key j is padded out. Everything is built densely so each
+fast backend can be held to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .core import AttentionSpec, compute_dtype, softmax_with_lse
+
+__all__ = ["dense_log_weights", "reference_attention", "supports_reference"]
+
+
+def dense_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.device) -> Tensor:
+    """log W for every head, query row and key: float64 [H, Nq, Nk], -inf where W = 0.
+
+    The key-padding mask is not included (it depends on the batch); ``reference_attention`` adds it.
+    """
+    pos_q = torch.arange(spec.q_offset, spec.q_offset + nq, device=device, dtype=torch.float64)
+    pos_k = torch.arange(nk, device=device, dtype=torch.float64)
+    diff = pos_q[:, None] - pos_k[None, :]  # p - j, [Nq, Nk]
+    if spec.method == "lsh":
+        bhat = spec.partitions.to(device).mean_mask()[:, spec.q_offset:, :]  # [H, Nq, Nk]
+        logw = torch.log(bhat)  # log 0 = -inf: pairs that never collide get no weight
+    else:
+        slopes = spec.slopes.to(device)
+        logw = -slopes[:, None, None] * diff.abs()
+        if spec.method == "window":
+            w = spec.window.to(device=device, dtype=torch.float64)
+            logw = logw.masked_fill(diff.abs() > w[:, None, None], float("-inf"))
+    if spec.causal:
+        logw = logw.masked_fill(diff < 0, float("-inf"))
+    return logw
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+    """Dense attention with the method's weights.
+
+    Args:
+        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]; H divisible by Hkv.
+
+    Returns:
+        (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] in the compute dtype).
+    """
+    b, h, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = h // hkv
+    cdt = compute_dtype(q.dtype)
+    # Grouped KV: view the query heads as [Hkv, G] and broadcast K/V over G instead of repeating them.
+    qg = q.to(cdt).reshape(b, hkv, g, nq, -1)
+    kk, vv = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]
+    scores = torch.matmul(qg, kk.transpose(-1, -2)) * spec.scale  # [B, Hkv, G, Nq, Nk]
+    scores = scores + dense_log_weights(spec, nq, nk, q.device).to(cdt).reshape(hkv, g, nq, nk)
+    if spec.key_padding_mask is not None:
+        scores = scores.masked_fill(~spec.key_padding_mask[:, None, None, None, :], float("-inf"))
+    out, lse = softmax_with_lse(scores, vv)
+    return out.reshape(b, h, nq, -1).to(q.dtype), lse.reshape(b, h, nq)
+
+
+def supports_reference(q: Tensor, spec: AttentionSpec) -> bool:
+    """Every method, dtype and device; only the O(Nq * Nk) memory limits it."""
+    return True

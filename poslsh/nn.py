@@ -1,0 +1,106 @@
+"""Drop-in attention module for transformer blocks: projections, heads, grouped KV, ALiBi by method.
+
+``ALiBiAttention`` maps x [B, N, E] to [B, N, E] with ``poslsh.attention`` in the middle. For
+``method="lsh"`` the partitions are
+
+* training: freshly sampled at every forward (from torch's global CPU RNG, so ``torch.manual_seed``
+  makes a run reproducible), which keeps the estimator unbiased across steps;
+* eval: drawn once per sequence length from ``torch.Generator().manual_seed(seed)`` (seed 0 when
+  ``seed`` is None) and cached, so evaluation is deterministic and repeatable; with the grid scheme
+  the partitions of a shorter length are a prefix of those of a longer one.
+
+An explicit ``partitions`` argument to ``forward`` overrides both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .alibi import alibi_slopes
+from .attention import attention
+from .attention.core import METHODS
+from .hashing import SCHEMES, Partitions, sample_partitions
+
+__all__ = ["ALiBiAttention"]
+
+
+class ALiBiAttention(nn.Module):
+    """Multi-head self-attention with ALiBi (exact, windowed, or positional LSH).
+
+    Args:
+        embed_dim: E, model width; divisible by num_heads (head dim D = E / H).
+        num_heads: H, query heads, with Press slopes ``alibi_slopes(H)``.
+        num_kv_heads: Hkv, key/value heads (grouped / multi-query attention); H divisible by it.
+            Default H.
+        method: "lsh", "window" or "exact".
+        samples: r, partitions per head for "lsh".
+        scheme: "grid" or "cut".
+        window_eps: truncation level for "window".
+        causal: decoder (True) or encoder (False) attention.
+        bias: whether the projections have biases.
+        backend: passed to ``poslsh.attention``.
+        seed: seed of the fixed eval-mode partitions (0 if None).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, method: str = "lsh",
+                 samples: int = 8, scheme: str = "grid", window_eps: float = 1e-3, causal: bool = True,
+                 bias: bool = False, backend: str = "auto", seed: int | None = None) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.method, self.samples, self.scheme, self.window_eps = method, samples, scheme, window_eps
+        self.causal, self.backend, self.seed = causal, backend, seed
+        self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
+        # A plain CPU float64 attribute, not a buffer: module.half() must not round the slopes.
+        self.slopes = alibi_slopes(num_heads)
+        self._eval_partitions: dict[tuple[int, str], Partitions] = {}
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"method={self.method!r}, samples={self.samples}, scheme={self.scheme!r}, causal={self.causal}")
+
+    def partitions_for(self, n: int, device: torch.device) -> Partitions | None:
+        """The partitions a forward of length n uses (None unless method is "lsh"): fresh in training,
+        fixed per (n, device) in eval."""
+        if self.method != "lsh":
+            return None
+        if self.training:
+            return sample_partitions(n, self.slopes, self.samples, scheme=self.scheme, device=device)
+        key = (n, str(device))
+        if key not in self._eval_partitions:
+            gen = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
+            self._eval_partitions[key] = sample_partitions(n, self.slopes, self.samples, scheme=self.scheme,
+                                                           generator=gen, device=device)
+        return self._eval_partitions[key]
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None,
+                partitions: Partitions | None = None) -> Tensor:
+        """x [B, N, E] -> [B, N, E]. key_padding_mask: bool [B, N], True = keep (padded positions'
+        outputs are still computed; with causal left padding they are 0 before out_proj)."""
+        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be [B, N, {self.embed_dim}], got shape {tuple(x.shape)}")
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if partitions is None:
+            partitions = self.partitions_for(n, x.device)
+        out = attention(q, k, v, slopes=self.slopes, causal=self.causal, method=self.method,
+                        partitions=partitions, window_eps=self.window_eps,
+                        key_padding_mask=key_padding_mask, backend=self.backend)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))

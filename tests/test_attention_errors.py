@@ -1,0 +1,76 @@
+"""Bad input raises an error that names the offending argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import poslsh
+from poslsh import sample_partitions
+
+
+def qkv(b=1, h=4, hkv=2, nq=8, nk=10, d=4, dtype=torch.float32):
+    return (torch.randn(b, h, nq, d, dtype=dtype), torch.randn(b, hkv, nk, d, dtype=dtype),
+            torch.randn(b, hkv, nk, d, dtype=dtype))
+
+
+def parts(n=10, heads=4, samples=2):
+    return sample_partitions(n, poslsh.alibi_slopes(heads), samples, generator=torch.Generator().manual_seed(0))
+
+
+Q, K, V = qkv()
+
+BAD = [
+    # (q, k, v, kwargs, exception, message)
+    (Q[0], K, V, {}, ValueError, r"q must be 4-D"),
+    (Q, K, V[..., :3, :], {}, ValueError, r"k and v must share heads and length"),
+    (Q, K[..., :3], V, {}, ValueError, r"q and k must share the head dim"),
+    (Q, K[:1].expand(2, -1, -1, -1), V, {}, ValueError, r"batch size"),
+    (torch.randn(1, 3, 8, 4), K, V, {}, ValueError, r"H=3 must be divisible by .*Hkv=2"),
+    (torch.randn(1, 4, 11, 4), K, V, {}, ValueError, r"Nq=11 must be <= key length Nk=10"),
+    (Q.double(), K, V, {}, TypeError, r"q, k, v must share a dtype"),
+    (Q.int(), K.int(), V.int(), {}, TypeError, r"q must be float16, bfloat16, float32 or float64"),
+    (Q, K, V, {"method": "linear"}, ValueError, r"method must be one of"),
+    (Q, K, V, {"backend": "cuda-magic"}, ValueError, r"backend must be 'auto' or one of"),
+    (Q, K, V, {"slopes": [0.5, 0.25]}, ValueError, r"slopes must have one value per query head \(4\)"),
+    (Q, K, V, {"slopes": [0.5, float("nan"), 0.1, 0.1]}, ValueError, r"slopes must be finite"),
+    (Q, K, V, {"slopes": [0.5, -0.1, 0.1, 0.1]}, ValueError, r"slopes must be >= 0"),
+    (Q, K, V, {"samples": 0}, ValueError, r"samples must be an int >= 1"),
+    (Q, K, V, {"scheme": "hex"}, ValueError, r"scheme must be one of"),
+    (Q, K, V, {"partitions": parts(n=12)}, ValueError, r"partitions must cover the Nk=10 key positions"),
+    (Q, K, V, {"partitions": parts(heads=2)}, ValueError, r"partitions must have one set per query head \(4\)"),
+    (Q, K, V, {"partitions": parts(), "slopes": [0.1] * 4}, ValueError, r"partitions were drawn for slopes"),
+    (Q, K, V, {"partitions": parts(), "method": "exact"}, ValueError, r"partitions are only used by method='lsh'"),
+    (Q, K, V, {"partitions": "grid"}, TypeError, r"partitions must be a poslsh.Partitions"),
+    (Q, K, V, {"method": "window", "window_eps": 1.5}, ValueError, r"window_eps must be in \(0, 1\)"),
+    (Q, K, V, {"scale": float("inf")}, ValueError, r"scale must be a finite number"),
+    (Q, K, V, {"key_padding_mask": torch.ones(1, 10)}, TypeError, r"key_padding_mask must be a bool tensor"),
+    (Q, K, V, {"key_padding_mask": torch.ones(1, 8, dtype=torch.bool)}, ValueError,
+     r"key_padding_mask must have shape \[B, Nk\] = \(1, 10\)"),
+    (Q, K, V, {"causal": "yes"}, TypeError, r"causal must be a bool"),
+]
+
+
+@pytest.mark.parametrize("q,k,v,kwargs,exc,match", BAD, ids=[m for *_, m in BAD])
+def test_bad_input_raises_clear_error(q, k, v, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        poslsh.attention(q, k, v, **kwargs)
+
+
+def test_split_rejects_non_lsh():
+    with pytest.raises(ValueError, match=r"backend 'split' does not support this call \(method='exact'"):
+        poslsh.attention(Q, K, V, method="exact", backend="split")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_mixed_devices():
+    with pytest.raises(ValueError, match=r"q, k, v must be on one device"):
+        poslsh.attention(Q.cuda(), K, V)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be on q's device"):
+        poslsh.attention(Q.cuda(), K.cuda(), V.cuda(), key_padding_mask=torch.ones(1, 10, dtype=torch.bool))
+
+
+def test_mixed_devices_on_meta():
+    """Device checks without a GPU: the meta device is a second device on any machine."""
+    with pytest.raises(ValueError, match=r"q, k, v must be on one device"):
+        poslsh.attention(Q, K.to("meta"), V)

@@ -1,0 +1,97 @@
+"""poslsh.nn.ALiBiAttention: shapes, grouped KV, partitions in train/eval, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import poslsh
+from poslsh.nn import ALiBiAttention
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def manual_exact(m: ALiBiAttention, x: torch.Tensor) -> torch.Tensor:
+    """The module's computation written out: projections, dense ALiBi softmax per head, out_proj."""
+    b, n, _ = x.shape
+    h, hkv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    q = (x @ m.q_proj.weight.T).view(b, n, h, d)
+    k = (x @ m.k_proj.weight.T).view(b, n, hkv, d)
+    v = (x @ m.v_proj.weight.T).view(b, n, hkv, d)
+    out = torch.empty(b, n, h, d, dtype=x.dtype)
+    pos = torch.arange(n)
+    for head in range(h):
+        kv = head // (h // hkv)
+        bias = -m.slopes[head] * (pos[:, None] - pos[None, :]).abs()
+        bias = bias.masked_fill(pos[None, :] > pos[:, None], float("-inf")).to(x.dtype)
+        s = q[:, :, head] @ k[:, :, kv].transpose(-1, -2) / math.sqrt(d) + bias
+        out[:, :, head] = s.softmax(-1) @ v[:, :, kv]
+    return out.reshape(b, n, h * d) @ m.out_proj.weight.T
+
+
+def test_exact_module_matches_manual_computation():
+    torch.manual_seed(0)
+    m = ALiBiAttention(24, 6, num_kv_heads=2, method="exact").double()
+    x = torch.randn(2, 19, 24, dtype=torch.float64)
+    torch.testing.assert_close(m(x), manual_exact(m, x), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["grid", "cut"])
+def test_lsh_partitions_fresh_in_training_fixed_in_eval(scheme):
+    torch.manual_seed(0)
+    m = ALiBiAttention(16, 4, method="lsh", samples=2, scheme=scheme, seed=7)
+    x = torch.randn(1, 64, 16)
+    assert not torch.equal(m(x), m(x))  # new partitions each training forward
+    m.eval()
+    y = m(x)
+    assert torch.equal(y, m(x))
+    other = ALiBiAttention(16, 4, method="lsh", samples=2, scheme=scheme, seed=7)
+    other.load_state_dict(m.state_dict())
+    other.eval()
+    assert torch.equal(y, other(x))  # eval partitions depend on the seed only
+    parts = m.partitions_for(64, x.device)
+    assert torch.equal(y, m(x, partitions=parts))
+
+
+def test_gqa_padding_backward_and_window():
+    torch.manual_seed(1)
+    m = ALiBiAttention(32, 8, num_kv_heads=2, method="window", bias=True)
+    x = torch.randn(3, 21, 32, requires_grad=True)
+    kpm = torch.ones(3, 21, dtype=torch.bool)
+    kpm[0, :4] = False
+    y = m(x, key_padding_mask=kpm)
+    assert y.shape == (3, 21, 32) and torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    assert m.k_proj.weight.shape == (8, 32)  # 2 kv heads x head dim 4
+
+
+def test_half_module_keeps_float64_slopes():
+    m = ALiBiAttention(18, 3).half()
+    assert m.slopes.dtype == torch.float64
+    torch.testing.assert_close(m.slopes, poslsh.alibi_slopes(3))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"embed_dim": 10, "num_heads": 4}, "embed_dim=10 must be divisible by num_heads=4"),
+    ({"embed_dim": 16, "num_heads": 4, "num_kv_heads": 3}, "num_heads=4 must be divisible by num_kv_heads=3"),
+    ({"embed_dim": 16, "num_heads": 4, "method": "fast"}, "method must be one of"),
+    ({"embed_dim": 16, "num_heads": 4, "scheme": "hex"}, "scheme must be one of"),
+])
+def test_bad_configuration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ALiBiAttention(**kwargs)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match=r"x must be \[B, N, 16\]"):
+        ALiBiAttention(16, 4)(torch.randn(2, 5, 12))
