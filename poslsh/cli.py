@@ -20,6 +20,7 @@ EXPERIMENTS: dict[str, tuple[str, bool]] = {
     "attn-error": ("attn_error", True),
     "scaling": ("scaling", True),
     "bench": ("gpu_bench", False),
+    "lm-validation": ("lm_validation", False),
 }
 
 

@@ -1,0 +1,579 @@
+"""Run a transformers ALiBi checkpoint (BLOOM, MPT, Falcon with ``alibi=True``) with ``poslsh.attention``.
+
+    from transformers import AutoModelForCausalLM
+    from poslsh.integrations.hf import patch_model
+    model = AutoModelForCausalLM.from_pretrained("path/to/bloom", dtype=torch.bfloat16)
+    with patch_model(model, method="lsh", samples=8, scheme="grid", seed=0):
+        out = model.generate(**inputs, max_new_tokens=50)
+
+How it works. ``patch_model`` replaces the ``forward`` of every attention module (as an instance
+attribute, so ``unpatch_model`` simply deletes it) by one that uses the module's own projection
+weights and the model's own KV cache, but computes attention with ``poslsh.attention``. The 2-D
+``attention_mask`` the user passes is captured by a pre-hook on the base model. No transformers
+source is copied; the query/key/value layouts are those the checkpoints define.
+
+Positions. The patched attention reproduces each model's position convention under padding: BLOOM
+and Falcon place the ALiBi bias at the position ``cumsum(attention_mask) - 1`` (padding does not
+count), MPT at the raw index, and both agree for left or right padding. We run the operator on the
+*compacted* sequence of each row (its unmasked tokens, in order), so a token's position is its index
+among unmasked tokens: distances are those of the model, and a padded row sees exactly the LSH
+partitions an unpadded one would. Rows with the same compacted length share one operator call.
+
+Slopes and scale, as each model applies them: BLOOM adds ``m_h * j`` to ``q.k / sqrt(d)``; MPT adds
+it to ``q.k * softmax_scale``; Falcon adds ``bf16(m_h) * j`` *before* the ``1/sqrt(d)`` scaling, so
+its effective slope is ``bf16(m_h) / sqrt(d)``. Falcon also rounds every product ``m_h * j`` to
+bfloat16; we keep the bias linear (it is ALiBi), so "exact" matches Falcon to float32 precision
+only while those products are exact in bfloat16 (slopes that are powers of two, positions < 256),
+and differs by that rounding otherwise.
+
+Partitions are fixed per layer and head, drawn from ``seed``: the grid scheme is two integers per
+head and sample (valid for every length); the cut scheme is drawn in chunks of ``CUT_CHUNK``
+positions, each from its own seeded generator, so the cuts of a prefix never depend on how long a
+sequence was asked for first. Hence cached decoding attends with the same partitions as
+recomputing the full sequence, and a batch attends like its rows one at a time.
+
+KV cache. With "lsh" or "window" a cached key becomes unreachable once no future query can see it:
+a query at position i >= T sees key j < T in sample t iff j lies in the block of T, so the reachable
+keys are j >= min_t start_t(T) (window: j >= T - w_h). ``cache_report`` counts them for any length;
+``patch_model(..., evict=True)`` drops, after every forward, the prefix of each layer's
+``DynamicCache`` layer that is unreachable for all heads and rows, and tells transformers the logical
+length (stored + evicted) so masks and positions stay right. ``PoslshPatch.cache_memory(cache)``
+reports what was freed. Eviction is rectangular (a [B, Hkv, N, D] cache cannot drop keys of one head
+only), so the head with the smallest slope sets how much goes; ``cache_report`` also gives the
+per-head figure a ragged cache could reach.
+
+Supported: transformers >= 4.54 (tested 4.54.1, 4.57.1, 5.17.0, 5.24.0; 4.51 still returned
+three values from the attention modules), the eager BLOOM/MPT attention and Falcon's eager, SDPA or
+flash-attention classes (all replaced by the same forward), ``DynamicCache`` and no cache (static
+and sliding caches raise). Attention dropout is not applied by the patched forward (it is meant for
+inference), ``output_attentions`` yields ``None`` weights, and BLOOM's ``slow_but_exact`` tensor-parallel
+rounding emulation (``pretraining_tp > 1``) is not reproduced (one dense projection is used).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hashing import Partitions
+from .partitions import CUT_CHUNK, LayerPartitions
+
+__all__ = ["patch_model", "unpatch_model", "PoslshPatch", "cache_report", "model_family", "model_slopes",
+           "CUT_CHUNK", "SUPPORTED_FAMILIES"]
+
+SUPPORTED_FAMILIES = ("bloom", "mpt", "falcon")
+MIN_TRANSFORMERS = (4, 54)  # 4.51 still returned (output, cache, weights) from attention; 4.54 is tested
+_ATTN_CLASSES = {
+    "bloom": ("BloomAttention",),
+    "mpt": ("MptAttention",),
+    "falcon": ("FalconAttention", "FalconFlashAttention2"),
+}
+_CACHE_NAMES = ("layer_past", "cache", "past_key_values", "past_key_value")
+
+
+def _operator():
+    from ..attention import attention  # imported late: the operator module is optional at import time
+
+    return attention
+
+
+def _check_transformers() -> str:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if (major, minor) < MIN_TRANSFORMERS:
+        raise RuntimeError(f"poslsh.integrations.hf needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}, "
+                           f"found {transformers.__version__}")
+    return transformers.__version__
+
+
+def model_family(model: nn.Module) -> str:
+    """"bloom", "mpt" or "falcon" from ``model.config.model_type``; ValueError for anything else."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind in ("RefinedWeb", "RefinedWebModel"):
+        kind = "falcon"
+    if kind not in SUPPORTED_FAMILIES:
+        raise ValueError(f"poslsh supports model types {SUPPORTED_FAMILIES}, got {kind!r}")
+    if kind == "falcon" and not getattr(config, "alibi", False):
+        raise ValueError("this Falcon model uses rotary embeddings (config.alibi is False), not ALiBi")
+    return kind
+
+
+def _num_heads(module: nn.Module) -> int:
+    return int(getattr(module, "num_heads", None) or module.n_heads)
+
+
+def model_slopes(model: nn.Module) -> tuple[Tensor, float]:
+    """The effective ALiBi slopes and logit scale of a supported model, as its own code applies them.
+
+    Returns:
+        (slopes float64 [H], scale): attention logits are ``scale * q.k - slopes[h] * (i - j)``.
+    """
+    family = model_family(model)
+    attn = next(m for m in model.modules() if type(m).__name__ in _ATTN_CLASSES[family])
+    h, d = _num_heads(attn), attn.head_dim
+    ones = torch.ones(1, 2, dtype=torch.long)
+    if family == "bloom":
+        from transformers.models.bloom import modeling_bloom
+
+        slopes = modeling_bloom.build_alibi_tensor(ones, h, torch.float32)[:, 0, 1].double()
+        return slopes, 1.0 / math.sqrt(d)
+    if family == "falcon":
+        from transformers.models.falcon import modeling_falcon
+
+        slopes = modeling_falcon.build_alibi_tensor(ones, h, torch.float32)[:, 0, 1].double()
+        return slopes / math.sqrt(d), 1.0 / math.sqrt(d)
+    base = model.base_model
+    build = getattr(base, "build_mpt_alibi_tensor", None)
+    if build is None:
+        from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor as build
+    slopes = -build(h, 2, device="cpu")[:, 0, 0].double()  # bias m*(j - (L-1)): at j = 0, L = 2 it is -m
+    return slopes, float(attn.softmax_scale)
+
+
+@dataclass
+class _Options:
+    method: str
+    samples: int
+    scheme: str
+    seed: int
+    window_eps: float
+    backend: str
+    evict: bool = False
+
+
+@dataclass(eq=False)
+class _LayerInfo:
+    module: nn.Module
+    index: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    parts: LayerPartitions | None
+
+
+@dataclass(eq=False, repr=False)
+class PoslshPatch:
+    """A patched model; ``unpatch()`` (or leaving the ``with`` block) restores the original attention.
+
+    Attributes:
+        model: the patched model.
+        family: "bloom", "mpt" or "falcon".
+        options: method, samples, scheme, seed, window_eps, backend.
+        slopes: effective ALiBi slopes float64 [H]; scale: the logit scale.
+        layers: per attention module, its index, head counts and fixed partitions.
+    """
+
+    model: nn.Module
+    family: str
+    options: _Options
+    slopes: Tensor
+    scale: float
+    layers: list[_LayerInfo] = field(default_factory=list)
+    attention_mask: Tensor | None = None
+    _hook: Any = None
+    active: bool = True
+
+    def __enter__(self) -> "PoslshPatch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.unpatch()
+
+    def unpatch(self) -> None:
+        """Restore every attention module's own forward and remove the mask hook (idempotent)."""
+        if not self.active:
+            return
+        for info in self.layers:
+            if "forward" in info.module.__dict__:
+                del info.module.forward
+        if self._hook is not None:
+            self._hook.remove()
+        if getattr(self.model, "_poslsh_patch", None) is self:
+            del self.model._poslsh_patch
+        self.active = False
+
+    def partitions(self, layer: int, n: int, device: torch.device | str = "cpu") -> Partitions | None:
+        """The partitions layer ``layer`` uses for a sequence of n positions (None unless method="lsh")."""
+        parts = self.layers[layer].parts
+        return None if parts is None else parts.get(n, device)
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, cache: Any = None) -> Tensor:
+        """Causal ALiBi attention of the last Nq positions in the model's position convention.
+
+        Args:
+            q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D] (the whole cached sequence, less any evicted prefix).
+            cache: the model's cache object, for eviction (``evict=True``).
+
+        Returns:
+            [B, H, Nq, D]; rows of padding queries are 0.
+        """
+        layer = self._cache_layer(cache, info) if self.options.evict and self.options.method != "exact" else None
+        evicted = getattr(layer, "_poslsh_evicted", 0) if layer is not None else 0
+        nq, nk = q.shape[-2], k.shape[-2]
+        mask = self.attention_mask
+        if mask is not None:
+            if mask.shape[-1] != nk + evicted:
+                raise RuntimeError(f"attention_mask covers {mask.shape[-1]} positions but the keys are {nk} "
+                                   f"(+{evicted} evicted); static or sliding caches are not supported by the "
+                                   "poslsh patch")
+            mask = mask.to(device=q.device, dtype=torch.bool)
+            offsets = mask[:, :evicted].sum(-1)  # the position (among kept tokens) of each row's first stored key
+            keep = mask[:, evicted:]
+        else:
+            offsets = torch.full((q.shape[0],), evicted, device=q.device)
+            keep = None
+        if keep is None or bool(keep.all()):
+            out = self._call(info, q, k, v, int(offsets[0]) if bool((offsets == offsets[0]).all()) else None,
+                             offsets)
+        else:
+            out = self._call_compacted(info, q, k, v, keep, offsets)
+        if layer is not None:
+            self._evict(info, layer, keep, offsets, nk)
+        return out
+
+    def _call_compacted(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, keep: Tensor,
+                        offsets: Tensor) -> Tensor:
+        """Run each row on its unmasked tokens only; rows with equal lengths and offsets share a call."""
+        nq, nk = q.shape[-2], k.shape[-2]
+        out = q.new_zeros(q.shape)
+        lengths = keep.sum(-1)
+        qlengths = keep[:, nk - nq:].sum(-1)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for b, key in enumerate(zip(lengths.tolist(), qlengths.tolist(), offsets.tolist())):
+            groups.setdefault(key, []).append(b)
+        for (length, qlength, offset), rows in groups.items():
+            if length == 0 or qlength == 0:
+                continue
+            idx = torch.tensor(rows, device=q.device)
+            # Indices of the kept keys (and kept queries) in order: a stable sort puts True first.
+            korder = torch.argsort((~keep[idx]).to(torch.int8), dim=-1, stable=True)[:, :length]
+            qorder = torch.argsort((~keep[idx, nk - nq:]).to(torch.int8), dim=-1, stable=True)[:, :qlength]
+            gk = korder[:, None, :, None]
+            kc = k[idx].gather(2, gk.expand(-1, k.shape[1], -1, k.shape[-1]))
+            vc = v[idx].gather(2, gk.expand(-1, v.shape[1], -1, v.shape[-1]))
+            gq = qorder[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])
+            res = self._call(info, q[idx].gather(2, gq), kc, vc, offset)
+            sub = out[idx]
+            sub.scatter_(2, gq, res)
+            out[idx] = sub
+        return out
+
+    def _call(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, start: int | None,
+              offsets: Tensor | None = None) -> Tensor:
+        """``poslsh.attention`` with the layer's partitions of positions start..start+Nk-1."""
+        if start is None:  # unpadded rows with different evicted offsets (not produced by transformers)
+            return torch.cat([self._call(info, q[b:b + 1], k[b:b + 1], v[b:b + 1], int(offsets[b]))
+                              for b in range(q.shape[0])])
+        o = self.options
+        parts = None if info.parts is None else info.parts.window(start, k.shape[-2], q.device)
+        return _operator()(q, k, v, slopes=self.slopes, causal=True, method=o.method, samples=o.samples,
+                           scheme=o.scheme, partitions=parts, window_eps=o.window_eps, scale=self.scale,
+                           backend=o.backend)
+
+    # ------------------------------------------------------------------ eviction
+    def _cache_layer(self, cache: Any, info: _LayerInfo) -> Any:
+        layers = getattr(cache, "layers", None)
+        if cache is None or layers is None or info.module.layer_idx >= len(layers):
+            return None
+        layer = layers[info.module.layer_idx]
+        if type(layer).__name__ != "DynamicLayer" or not hasattr(layer, "keys"):
+            return None  # static, sliding or quantized layers keep their own layout
+        if not hasattr(layer, "_poslsh_evicted"):
+            _track_evictions(layer)
+        return layer
+
+    def _reach_start(self, info: _LayerInfo, t: int) -> int:
+        """First position (among kept tokens) any query at position >= t can see, over all heads."""
+        if self.options.method == "lsh":
+            return int(info.parts.block_starts_at(t).min())
+        from ..attention import window_sizes
+
+        return max(0, t - int(window_sizes(self.slopes, self.options.window_eps, t + 1).max()))
+
+    def _evict(self, info: _LayerInfo, layer: Any, keep: Tensor | None, offsets: Tensor, nk: int) -> None:
+        """Drop the stored prefix that no future query of any row and head can reach."""
+        drops = []
+        for b in range(offsets.shape[0]):
+            o = int(offsets[b])
+            kept = None if keep is None else torch.nonzero(keep[b]).flatten()
+            length = nk if kept is None else kept.numel()
+            need = self._reach_start(info, o + length) - o  # unreachable kept keys among the stored ones
+            if need <= 0:
+                drops.append(0)
+            elif need >= length:
+                drops.append(nk)
+            else:
+                drops.append(need if kept is None else int(kept[need]))
+        drop = min(min(drops), nk - 1)  # keep one key so the layer never looks empty
+        if drop > 0:
+            layer.keys = layer.keys[:, :, drop:]
+            layer.values = layer.values[:, :, drop:]
+            layer._poslsh_evicted += drop
+
+    def cache_memory(self, cache: Any) -> dict[str, Any]:
+        """Bytes a transformers cache holds now and bytes evicted from it (``evict=True``).
+
+        Returns:
+            {"stored_bytes", "evicted_bytes", "saved_fraction", "layers": [{"layer", "stored", "evicted"}]}
+            with ``stored``/``evicted`` counted in key positions.
+        """
+        stored = evicted = 0
+        rows = []
+        for i, layer in enumerate(getattr(cache, "layers", [])):
+            keys = getattr(layer, "keys", None)
+            if keys is None or keys.numel() == 0:
+                continue
+            per_position = 2 * keys.shape[0] * keys.shape[1] * keys.shape[3] * keys.element_size()
+            e = getattr(layer, "_poslsh_evicted", 0)
+            stored += keys.shape[2] * per_position
+            evicted += e * per_position
+            rows.append({"layer": i, "stored": keys.shape[2], "evicted": e})
+        total = stored + evicted
+        return {"stored_bytes": stored, "evicted_bytes": evicted,
+                "saved_fraction": evicted / total if total else 0.0, "layers": rows}
+
+    # ------------------------------------------------------------------ cache report
+    def reachable_starts(self, length: int) -> Tensor:
+        """First key position any future query (position >= ``length``) can see, per layer and head.
+
+        A future query i >= T sees key j < T in sample t iff j and i share a block; blocks are
+        contiguous, so iff j lies in the block of position T: j >= start_t(T). Over the r samples the
+        reachable keys are j >= min_t start_t(T). Window attention: j >= T - w_h. Exact: 0.
+
+        Returns:
+            int64 [L, H] (L attention layers).
+        """
+        o = self.options
+        h = self.slopes.numel()
+        if o.method == "exact":
+            return torch.zeros(len(self.layers), h, dtype=torch.int64)
+        if o.method == "window":
+            from ..attention import window_sizes
+
+            w = window_sizes(self.slopes, o.window_eps, length + 1)  # what a query at position >= T keeps
+            start = (length - w).clamp(min=0)
+            return start.expand(len(self.layers), h).clone()
+        return torch.stack([info.parts.block_starts_at(length).amin(-1) for info in self.layers])
+
+
+def cache_report(patch: PoslshPatch | nn.Module, length: int, batch_size: int = 1,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """How much of a KV cache of ``length`` tokens no future query can reach under the patch's method.
+
+    ``saved_bytes`` counts unreachable (key, value) pairs per KV head (what a per-head cache could
+    free); ``saved_bytes_rectangular`` only the prefix unreachable for every KV head of a layer (what
+    ``evict=True`` drops from a rectangular [B, Hkv, N, D] cache). Computed, nothing is evicted here.
+
+    Returns:
+        {"length", "total_bytes", "saved_bytes", "saved_fraction", "saved_bytes_rectangular",
+        "layers": [{"layer", "unreachable_per_kv_head", "rectangular_prefix"}]}.
+    """
+    if not isinstance(patch, PoslshPatch):
+        patch = getattr(patch, "_poslsh_patch", None)
+        if patch is None:
+            raise ValueError("the model is not patched by poslsh")
+    starts = patch.reachable_starts(length)
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = saved = rect = 0
+    layers = []
+    for info, s in zip(patch.layers, starts):
+        group = info.num_heads // info.num_kv_heads
+        # A KV head serves `group` query heads: its key is reachable if any of them reaches it.
+        kv_start = s.reshape(info.num_kv_heads, group).amin(-1)
+        per_pair = 2 * info.head_dim * elem * batch_size
+        total += length * info.num_kv_heads * per_pair
+        saved += int(kv_start.sum()) * per_pair
+        prefix = int(kv_start.min())
+        rect += prefix * info.num_kv_heads * per_pair
+        layers.append({"layer": info.index, "unreachable_per_kv_head": kv_start.tolist(), "rectangular_prefix": prefix})
+    return {"length": length, "method": patch.options.method, "total_bytes": total, "saved_bytes": saved,
+            "saved_fraction": saved / total if total else 0.0, "saved_bytes_rectangular": rect, "layers": layers}
+
+
+def _track_evictions(layer: Any) -> None:
+    """Make a DynamicLayer report its logical length (stored + evicted) to transformers, which builds
+    masks and positions from ``get_seq_length``; ``reset`` forgets the evicted count."""
+    layer._poslsh_evicted = 0
+    own_length, own_reset = layer.get_seq_length, layer.reset
+
+    def get_seq_length(*args: Any, **kwargs: Any) -> int:
+        n = own_length(*args, **kwargs)
+        return n + layer._poslsh_evicted if n > 0 else 0
+
+    def reset(*args: Any, **kwargs: Any) -> None:
+        layer._poslsh_evicted = 0
+        own_reset(*args, **kwargs)
+
+    layer.get_seq_length, layer.reset = get_seq_length, reset
+
+
+# ---------------------------------------------------------------------- per-family forwards
+def _find_cache(args: dict[str, Any]) -> Any:
+    extra = args.get("kwargs") or {}
+    for name in _CACHE_NAMES:
+        for src in (args, extra):
+            if src.get(name) is not None:
+                return src[name]
+    return None
+
+
+def _update_cache(cache: Any, k: Tensor, v: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
+    if cache is None:
+        return k, v
+    from transformers import DynamicCache
+
+    if not isinstance(cache, DynamicCache):
+        raise NotImplementedError(f"the poslsh patch supports DynamicCache (the default) or no cache, got "
+                                  f"{type(cache).__name__}")
+    return cache.update(k, v, layer_idx)
+
+
+def _heads_to_hidden(x: Tensor) -> Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _bloom_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[str, Any]):
+    hidden, residual = a["hidden_states"], a["residual"]
+    b, n, _ = hidden.shape
+    qkv = self.query_key_value(hidden).view(b, n, info.num_heads, 3, info.head_dim)
+    q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
+    cache = _find_cache(a)
+    k, v = _update_cache(cache, k, v, self.layer_idx)
+    out = self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache)))
+    out = residual + F.dropout(out, p=self.hidden_dropout, training=self.training)
+    return out, None
+
+
+def _mpt_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[str, Any]):
+    hidden = a["hidden_states"]
+    b, n, _ = hidden.shape
+    qkv = self.Wqkv(hidden)
+    if self.clip_qkv:
+        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    q, k, v = (x.reshape(b, n, info.num_heads, info.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
+    cache = _find_cache(a)
+    k, v = _update_cache(cache, k, v, self.layer_idx)
+    return self.out_proj(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
+
+
+def _falcon_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[str, Any]):
+    hidden = a["hidden_states"]
+    b, n, _ = hidden.shape
+    q, k, v = self._split_heads(self.query_key_value(hidden))  # [B, N, heads, D] each
+    q = q.transpose(1, 2).reshape(b, info.num_heads, n, info.head_dim)
+    k = k.transpose(1, 2).reshape(b, info.num_kv_heads, n, info.head_dim)
+    v = v.transpose(1, 2).reshape(b, info.num_kv_heads, n, info.head_dim)
+    cache = _find_cache(a)
+    k, v = _update_cache(cache, k, v, self.layer_idx)
+    return self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
+
+
+_FORWARDS = {"bloom": _bloom_forward, "mpt": _mpt_forward, "falcon": _falcon_forward}
+
+
+def _make_forward(patch: PoslshPatch, info: _LayerInfo, family: str):
+    signature = inspect.signature(type(info.module).forward)
+    body = _FORWARDS[family]
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any):
+        bound = signature.bind(self, *args, **kwargs)
+        return body(patch, info, self, bound.arguments)
+
+    return types.MethodType(forward, info.module)
+
+
+def _mask_hook(patch: PoslshPatch, base: nn.Module):
+    signature = inspect.signature(base.forward)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        mask = bound.get("attention_mask")
+        if mask is None:
+            mask = (bound.get("kwargs") or {}).get("attention_mask")
+        if mask is not None and mask.ndim != 2:
+            raise NotImplementedError("the poslsh patch needs a 2-D [batch, length] attention_mask")
+        patch.attention_mask = None if mask is None else mask.bool()
+
+    return base.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def patch_model(model: nn.Module, method: str = "lsh", samples: int = 8, scheme: str = "grid", seed: int = 0,
+                window_eps: float = 1e-3, backend: str = "auto", evict: bool = False,
+                slopes: Tensor | list[float] | None = None) -> PoslshPatch:
+    """Switch a loaded BLOOM, MPT or Falcon(alibi) model's attention to ``poslsh.attention``.
+
+    Args:
+        model: a transformers model of a supported family (``...ForCausalLM`` or the base model).
+        method: "exact", "window" or "lsh".
+        samples: r, the number of LSH partitions per head (method "lsh").
+        scheme: "grid" or "cut".
+        seed: partitions of layer l are drawn from (seed, l); the same seed gives the same partitions
+            for every sequence length, batch layout and cache use.
+        window_eps: dropped-weight bound of the window baseline.
+        backend: passed to ``poslsh.attention``.
+        evict: with "lsh" or "window" and a transformers ``DynamicCache``, drop from the cache every key
+            that no future query can reach (the prefix common to all heads and rows of a layer) after
+            each forward; ``PoslshPatch.cache_memory(cache)`` reports what was freed.
+        slopes: replace the model's own ALiBi slopes [H] (for studies; "exact" then no longer
+            reproduces the model).
+
+    Returns:
+        A ``PoslshPatch``: call ``.unpatch()`` or use it as a context manager. Patching an already
+        patched model replaces the previous patch.
+    """
+    _check_transformers()
+    family = model_family(model)
+    if method not in ("exact", "window", "lsh"):
+        raise ValueError(f"method must be 'exact', 'window' or 'lsh', got {method!r}")
+    if scheme not in ("grid", "cut"):
+        raise ValueError(f"scheme must be 'grid' or 'cut', got {scheme!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    unpatch_model(model)
+    own, scale = model_slopes(model)
+    if slopes is None:
+        slopes = own
+    else:
+        from ..alibi import check_slopes
+
+        slopes = check_slopes(slopes)
+        if slopes.numel() != own.numel():
+            raise ValueError(f"slopes must have one value per head ({own.numel()}), got {slopes.numel()}")
+    options = _Options(method, samples, scheme, int(seed), float(window_eps), backend, bool(evict))
+    patch = PoslshPatch(model, family, options, slopes, scale)
+    modules = [m for m in model.modules() if type(m).__name__ in _ATTN_CLASSES[family]]
+    if not modules:
+        raise ValueError(f"no {family} attention module found in {type(model).__name__}")
+    for pos, module in enumerate(modules):
+        index = module.layer_idx if getattr(module, "layer_idx", None) is not None else pos
+        heads = _num_heads(module)
+        if family == "falcon" and not module.new_decoder_architecture:
+            kv_heads = module.num_kv_heads
+        else:
+            kv_heads = heads
+        parts = LayerPartitions(slopes, samples, scheme, options.seed, index) if method == "lsh" else None
+        info = _LayerInfo(module, index, heads, kv_heads, module.head_dim, parts)
+        patch.layers.append(info)
+    for info in patch.layers:
+        info.module.forward = _make_forward(patch, info, family)
+    patch._hook = _mask_hook(patch, model.base_model)
+    model._poslsh_patch = patch
+    return patch
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Restore the model's own attention if ``patch_model`` patched it (no-op otherwise)."""
+    patch = getattr(model, "_poslsh_patch", None)
+    if patch is not None:
+        patch.unpatch()

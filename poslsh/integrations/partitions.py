@@ -1,0 +1,125 @@
+"""Positional-LSH partitions fixed per layer for every sequence length (for cached decoding).
+
+``LayerPartitions(slopes, samples, scheme, seed, layer).get(n)`` returns the partitions of positions
+0..n-1; those of n are the restriction of those of any m > n, whatever was asked first:
+
+* grid: the widths and offsets of each head and sample are drawn once from (seed, layer); the
+  block of position i is floor((i + U) / W) for every length.
+* cut: every gap is cut independently with probability 1 - e^{-m}; the cuts among positions
+  [c*C, (c+1)*C) (C = ``CUT_CHUNK``) are drawn from their own generator seeded by (seed, layer, c),
+  so the cuts of a prefix never depend on how long a sequence was requested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..hashing import Partitions, sample_partitions
+
+__all__ = ["LayerPartitions", "CUT_CHUNK", "seed_for"]
+
+CUT_CHUNK = 4096
+
+
+def seed_for(*parts: Any) -> int:
+    """A 63-bit seed from any labels (stable across runs and machines)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class LayerPartitions:
+    """Fixed positional-LSH partitions of one layer, for any sequence length.
+
+    The partitions for n positions are the restriction of those for any longer sequence, so
+    cached decoding and full recomputation agree.
+    """
+
+    def __init__(self, slopes: Tensor, samples: int, scheme: str, seed: int, layer: int) -> None:
+        self.slopes, self.samples, self.scheme, self.seed, self.layer = slopes, samples, scheme, seed, layer
+        self._grid: tuple[Tensor, Tensor] | None = None
+        self._chunks: list[tuple[Tensor, Tensor]] = []  # per chunk: (row ids, positions) of its cuts
+        self._cache: dict[tuple[int, str], Partitions] = {}
+        if scheme == "grid":
+            g = torch.Generator().manual_seed(seed_for(seed, layer, "grid"))
+            p = sample_partitions(1, slopes, samples, scheme="grid", generator=g)
+            self._grid = (p.widths, p.offsets)
+
+    def _cut_chunk(self, c: int) -> tuple[Tensor, Tensor]:
+        while len(self._chunks) <= c:
+            k = len(self._chunks)
+            g = torch.Generator().manual_seed(seed_for(self.seed, self.layer, "cut", k))
+            # Cuts of a fresh sequence of CUT_CHUNK + 1 positions sit at 1..CUT_CHUNK; shifted they are
+            # the block starts among positions k*C .. k*C + C - 1 (each gap cut independently).
+            p = sample_partitions(CUT_CHUNK + 1, self.slopes, self.samples, scheme="cut", generator=g)
+            rows = torch.repeat_interleave(torch.arange(p.cut_pointers.numel() - 1), p.cut_pointers.diff())
+            pos = p.cut_positions + k * CUT_CHUNK - 1
+            keep = pos >= 1  # position 0 always starts a block; it is not a cut
+            self._chunks.append((rows[keep], pos[keep]))
+        return self._chunks[c]
+
+    def get(self, n: int, device: torch.device | str = "cpu") -> Partitions:
+        """Partitions of positions 0..n-1 for every head, index tensors on ``device``."""
+        key = (n, str(device))
+        if key in self._cache:
+            return self._cache[key]
+        if self.scheme == "grid":
+            w, u = self._grid
+            parts = Partitions(n, self.slopes, "grid", widths=w, offsets=u)
+        else:
+            chunks = [self._cut_chunk(c) for c in range((n - 1) // CUT_CHUNK + 1)]
+            rows = torch.cat([r for r, _ in chunks])
+            pos = torch.cat([p for _, p in chunks])
+            keep = pos < n
+            rows, pos = rows[keep], pos[keep]
+            order = torch.argsort(rows * (n + 1) + pos)
+            rows, pos = rows[order], pos[order]
+            pointers = torch.zeros(self.slopes.numel() * self.samples + 1, dtype=torch.int64)
+            pointers[1:] = torch.bincount(rows, minlength=self.slopes.numel() * self.samples).cumsum(0)
+            parts = Partitions(n, self.slopes, "cut", cut_positions=pos, cut_pointers=pointers)
+        parts = parts.to(device)
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[key] = parts
+        return parts
+
+    def window(self, start: int, n: int, device: torch.device | str = "cpu") -> Partitions:
+        """Partitions of positions start..start+n-1, re-indexed to 0..n-1 (for a cache whose first
+        ``start`` positions were evicted): the same blocks, cut to the window."""
+        if start == 0:
+            return self.get(n, device)
+        key = (start, n, str(device))
+        if key in self._cache:
+            return self._cache[key]
+        if self.scheme == "grid":
+            w, u = self._grid
+            # floor((i + start + U) / W) = floor((i + (start + U) mod W) / W) + const: the same blocks.
+            parts = Partitions(n, self.slopes, "grid", widths=w, offsets=torch.remainder(u + start, w))
+        else:
+            full = self.get(start + n)
+            rows = torch.repeat_interleave(torch.arange(full.cut_pointers.numel() - 1), full.cut_pointers.diff())
+            keep = full.cut_positions > start
+            rows, pos = rows[keep], full.cut_positions[keep] - start
+            pointers = torch.zeros_like(full.cut_pointers)
+            pointers[1:] = torch.bincount(rows, minlength=pointers.numel() - 1).cumsum(0)
+            parts = Partitions(n, self.slopes, "cut", cut_positions=pos, cut_pointers=pointers)
+        parts = parts.to(device)
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[key] = parts
+        return parts
+
+    def block_starts_at(self, t: int) -> Tensor:
+        """Start of the block holding position ``t`` in every head and sample: int64 [H, r]."""
+        if self.scheme == "grid":
+            w, u = self._grid
+            return (torch.div(t + u, w, rounding_mode="floor") * w - u).clamp(min=0)
+        parts = self.get(t + 1)
+        h, r = self.slopes.numel(), self.samples
+        rows = torch.repeat_interleave(torch.arange(h * r), parts.cut_pointers.diff())
+        start = torch.zeros(h * r, dtype=torch.int64)
+        start.scatter_reduce_(0, rows, parts.cut_positions, reduce="amax")  # the last cut <= t, else 0
+        return start.reshape(h, r)

@@ -1,0 +1,183 @@
+"""A small decoder-only ALiBi transformer built on ``poslsh.nn.ALiBiAttention``.
+
+Pre-LayerNorm blocks (attention, then a GELU MLP), no positional embeddings (ALiBi carries position),
+tied input/output embeddings. Attention runs through ``poslsh.attention`` with the method set by
+``set_attention`` ("exact", "window" or "lsh"), or, for fast training of the exact model on a GPU,
+through ``torch.nn.functional.scaled_dot_product_attention`` with the ALiBi bias as a dense mask
+(``LMConfig.train_attention = "sdpa"``); both compute the same function of the same weights.
+
+With "lsh" in eval mode the partitions of layer l are fixed and drawn from (seed, l), the same for
+every sequence length (``poslsh.integrations.partitions.LayerPartitions``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..integrations.partitions import LayerPartitions
+from ..nn import ALiBiAttention
+
+__all__ = ["LMConfig", "ALiBiLM", "Block", "load_checkpoint", "save_checkpoint"]
+
+
+@dataclass
+class LMConfig:
+    """Model shape. ``vocab_size`` 259 = bytes + BOS/EOS/PAD (``ByteTokenizer``)."""
+
+    vocab_size: int = 259
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    train_attention: str = "sdpa"  # "sdpa" (dense ALiBi mask, training only) or "poslsh"
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). x [B, N, E] -> [B, N, E]."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        e = config.d_model
+        self.ln1 = nn.LayerNorm(e)
+        self.attn = ALiBiAttention(e, config.n_heads, method="exact")
+        self.ln2 = nn.LayerNorm(e)
+        self.fc = nn.Linear(e, config.mlp_ratio * e)
+        self.proj = nn.Linear(config.mlp_ratio * e, e)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, partitions=None, sdpa: bool = False) -> Tensor:
+        h = self.ln1(x)
+        a = _sdpa_alibi(self.attn, h) if sdpa else self.attn(h, partitions=partitions)
+        x = x + self.dropout(a)
+        return x + self.dropout(self.proj(F.gelu(self.fc(self.ln2(x)))))
+
+
+def _sdpa_alibi(attn: ALiBiAttention, x: Tensor) -> Tensor:
+    """Exact causal ALiBi attention of ``attn``'s projections through SDPA with a dense bias.
+
+    x [B, N, E] -> [B, N, E]; memory O(H N^2) for the bias, meant for training contexts (<= 4K).
+    """
+    b, n, _ = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    q = attn.q_proj(x).view(b, n, h, d).transpose(1, 2)
+    k = attn.k_proj(x).view(b, n, attn.num_kv_heads, d).transpose(1, 2)
+    v = attn.v_proj(x).view(b, n, attn.num_kv_heads, d).transpose(1, 2)
+    if attn.num_kv_heads != h:
+        k, v = (t.repeat_interleave(h // attn.num_kv_heads, dim=1) for t in (k, v))
+    pos = torch.arange(n, device=x.device)
+    dist = (pos[:, None] - pos[None, :]).to(torch.float32)
+    slopes = attn.slopes.to(device=x.device, dtype=torch.float32)
+    bias = (-slopes[:, None, None] * dist).masked_fill(dist < 0, float("-inf")).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+class ALiBiLM(nn.Module):
+    """Decoder-only ALiBi language model. ``forward(idx [B, N]) -> logits [B, N, vocab]`` (float32)."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.apply(self._init)
+        for blk in self.blocks:  # GPT-2 style: scale the residual projections by depth
+            for lin in (blk.attn.out_proj, blk.proj):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+        self._partitions: list[LayerPartitions] | None = None
+        self.attention_options: dict = {"method": "exact"}
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def attention_modules(self) -> list[ALiBiAttention]:
+        return [blk.attn for blk in self.blocks]
+
+    def set_attention(self, method: str = "exact", samples: int = 8, scheme: str = "grid", seed: int = 0,
+                      window_eps: float = 1e-3, backend: str = "auto") -> "ALiBiLM":
+        """Switch every layer to ``method``; "lsh" partitions are fixed per layer from (seed, layer)."""
+        for attn in self.attention_modules():
+            attn.method, attn.samples, attn.scheme = method, samples, scheme
+            attn.window_eps, attn.backend = window_eps, backend
+        self._partitions = None
+        if method == "lsh":
+            slopes = self.blocks[0].attn.slopes
+            self._partitions = [LayerPartitions(slopes, samples, scheme, seed, layer)
+                                for layer in range(len(self.blocks))]
+        self.attention_options = dict(method=method, samples=samples, scheme=scheme, seed=seed,
+                                      window_eps=window_eps, backend=backend)
+        return self
+
+    def layer_partitions(self, layer: int, n: int, device: torch.device | str = "cpu"):
+        """The fixed eval partitions of ``layer`` for n positions (None unless the method is "lsh")."""
+        return None if self._partitions is None else self._partitions[layer].get(n, device)
+
+    def forward(self, idx: Tensor, sdpa: bool | None = None) -> Tensor:
+        """idx int64 [B, N] -> logits float32 [B, N, vocab].
+
+        ``sdpa``: compute exact attention with SDPA instead of ``poslsh.attention`` (only valid while
+        the method is "exact"); default: in training when ``config.train_attention == "sdpa"``.
+        """
+        n = idx.shape[1]
+        x = self.embed(idx)
+        exact = self.attention_options["method"] == "exact"
+        if sdpa is None:
+            sdpa = self.training and self.config.train_attention == "sdpa" and exact
+        elif sdpa and not exact:
+            raise ValueError("sdpa=True computes exact attention; the model is set to "
+                             f"{self.attention_options['method']!r}")
+        for layer, blk in enumerate(self.blocks):
+            parts = None if self.training else self.layer_partitions(layer, n, idx.device)
+            x = blk(x, partitions=parts, sdpa=sdpa)
+        return self.head(self.ln_f(x)).float()
+
+    def loss(self, idx: Tensor, targets: Tensor, sdpa: bool | None = None) -> Tensor:
+        """Mean next-token cross-entropy (nats): idx, targets int64 [B, N]."""
+        logits = self(idx, sdpa=sdpa)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def save_checkpoint(model: ALiBiLM, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (model config plus ``extra``) to out_dir."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"model": asdict(model.config), **(extra or {})}, indent=1) + "\n")
+    return out
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[ALiBiLM, dict]:
+    """Load a checkpoint folder written by ``save_checkpoint``: (model in eval mode, config.json dict)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / "config.json").read_text())
+    model = ALiBiLM(LMConfig(**meta["model"]))
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"head.weight"}:
+        raise ValueError(f"checkpoint {path} does not match its config: missing {missing}, unexpected {unexpected}")
+    return model.to(device).eval(), meta

@@ -1,0 +1,224 @@
+"""Train the small ALiBi language model on a local corpus.
+
+AdamW (weight decay on matrices only), linear warmup then cosine decay to ``min_lr_ratio * lr``,
+gradient clipping, bf16 autocast on CUDA, a held-out loss every ``eval_every`` steps on fixed
+held-out windows, a checkpoint (safetensors + config.json) at every evaluation, a loss-curve PNG and
+a tqdm bar. ``time_budget_s`` fits the number of steps to a wall-clock budget: after a few steps the
+step time is measured and ``steps`` is lowered (never raised) so the cosine schedule ends in time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..experiments.common import progress, pyplot
+from .data import ByteTokenizer, Corpus, build_corpus, unigram_baseline
+from .model import ALiBiLM, LMConfig, save_checkpoint
+
+__all__ = ["TrainConfig", "train", "resolve_device", "heldout_windows", "batch_loss", "autocast_for", "lr_at"]
+
+
+@dataclass
+class TrainConfig:
+    """Model, data and optimisation settings (defaults: the H200 run of the validation experiment)."""
+
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    context: int = 1024
+    batch_size: int = 32
+    steps: int = 6000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 200
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    eval_windows: int = 64
+    seed: int = 0
+    max_bytes: int = 256 * 2**20
+    heldout_fraction: float = 0.05
+    roots: tuple[str, ...] = ()
+    device: str = "auto"
+    time_budget_s: float = 0.0
+    train_attention: str = "sdpa"
+    compile: bool = False
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, a no-op context elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def lr_at(step: int, config: TrainConfig, total: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from lr to min_lr_ratio * lr at ``total``."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    t = min(1.0, (step - config.warmup) / max(1, total - config.warmup))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def heldout_windows(tokens: np.ndarray, length: int, count: int) -> np.ndarray:
+    """``count`` evenly spaced windows of ``length`` tokens (fewer if the stream is short): int64 [W, length]."""
+    if tokens.size < length:
+        raise ValueError(f"held-out stream has {tokens.size} tokens, fewer than one window of {length}")
+    starts = np.linspace(0, tokens.size - length, num=min(count, tokens.size // length)).astype(np.int64)
+    return np.stack([tokens[s:s + length].astype(np.int64) for s in starts])
+
+
+@torch.no_grad()
+def batch_loss(model: ALiBiLM, windows: np.ndarray, batch_size: int, device: torch.device,
+               sdpa: bool | None = None) -> float:
+    """Mean next-token loss (nats) over windows int64 [W, L+1], each scoring its L predictions."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        w = torch.from_numpy(windows[i:i + batch_size]).to(device)
+        with autocast_for(device):
+            loss = model.loss(w[:, :-1], w[:, 1:], sdpa=sdpa)
+        total += float(loss) * w.shape[0]
+        count += w.shape[0]
+    model.train(was_training)
+    return total / count
+
+
+def _optimizer(model: ALiBiLM, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), **kw)
+
+
+def plot_curve(history: list[dict], unigram_nats: float, path: Path) -> Path:
+    """Train and held-out loss (nats/token) against step, with the unigram baseline."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [h["step"] for h in history if "train_loss" in h]
+    ax.plot(steps, [h["train_loss"] for h in history if "train_loss" in h], lw=0.8, label="train (batch)")
+    ev = [h for h in history if "heldout_loss" in h]
+    ax.plot([h["step"] for h in ev], [h["heldout_loss"] for h in ev], "o-", label="held-out")
+    ax.axhline(unigram_nats, color="gray", ls="--", label="unigram baseline")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None,
+          log: Any = None) -> dict[str, Any]:
+    """Train from scratch; write the checkpoint, ``history.json`` and ``loss.png`` into out_dir.
+
+    Args:
+        config: ``TrainConfig``.
+        out_dir: checkpoint folder.
+        corpus: a prebuilt corpus (default: ``build_corpus(config.roots, config.max_bytes, ...)``).
+        log: callable taking a string for progress lines (default: silent).
+
+    Returns:
+        {"model": ALiBiLM (eval mode), "history", "heldout_loss", "initial_heldout_loss", "unigram",
+        "corpus", "parameters", "steps", "train_seconds", "tokens_per_second", "device"}.
+    """
+    say = log or (lambda s: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    if corpus is None:
+        corpus = build_corpus(config.roots or None, config.max_bytes, config.heldout_fraction)
+    if corpus.train.size < config.context + 2:
+        raise ValueError(f"the train stream has {corpus.train.size} tokens, too few for context {config.context}")
+    unigram = unigram_baseline(corpus.train, corpus.heldout)
+    say(f"corpus: {corpus.stats()}; unigram baseline {unigram['bits_per_token']:.3f} bits/byte")
+
+    model = ALiBiLM(LMConfig(vocab_size=ByteTokenizer.vocab_size, d_model=config.d_model, n_layers=config.n_layers,
+                             n_heads=config.n_heads, train_attention=config.train_attention)).to(device)
+    say(f"model: {model.num_parameters() / 1e6:.2f} M parameters on {device}")
+    step_fn = torch.compile(model) if config.compile else model
+    opt = _optimizer(model, config, device)
+    train_tokens = torch.from_numpy(corpus.train.astype(np.int32)).to(device)
+    windows = heldout_windows(corpus.heldout, config.context + 1, config.eval_windows)
+    sdpa_eval = config.train_attention == "sdpa"
+    gen = torch.Generator().manual_seed(config.seed)
+    arange = torch.arange(config.context + 1, device=device)
+
+    meta = {"train": asdict(config), "corpus": corpus.stats(), "unigram": unigram}
+    initial = batch_loss(model, windows, config.batch_size, device, sdpa=sdpa_eval)
+    history: list[dict] = [{"step": 0, "heldout_loss": initial, "elapsed": 0.0}]
+    say(f"step 0: held-out loss {initial:.4f}")
+    total = config.steps
+    start = time.perf_counter()
+    timed_from = None
+    bar = progress(range(config.steps), desc="lm train", total=config.steps)
+    step = 0
+    model.train()
+    for step in bar:
+        if step >= total:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, config, total)
+        offsets = torch.randint(0, train_tokens.numel() - config.context - 1, (config.batch_size,), generator=gen)
+        batch = train_tokens[offsets.to(device)[:, None] + arange].long()
+        with autocast_for(device):
+            logits = step_fn(batch[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        if step % 10 == 0 or step == total - 1:
+            entry = {"step": step + 1, "train_loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+                     "elapsed": time.perf_counter() - start}
+            history.append(entry)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{entry['train_loss']:.3f}")
+        if config.time_budget_s > 0 and step == 9:
+            timed_from = (time.perf_counter(), step)
+        if config.time_budget_s > 0 and timed_from is not None and step == timed_from[1] + 20:
+            per_step = (time.perf_counter() - timed_from[0]) / 20
+            evals = max(1, total // max(1, config.eval_every))
+            eval_cost = evals * per_step * max(1, len(windows) // config.batch_size) / 3
+            fit = int((config.time_budget_s - (time.perf_counter() - start) - eval_cost) / per_step) + step
+            if fit < total:
+                total = max(step + 1, fit)
+                say(f"time budget {config.time_budget_s:.0f} s at {per_step * 1e3:.1f} ms/step: {total} steps")
+        if (step + 1) % config.eval_every == 0 or step + 1 == total:
+            held = batch_loss(model, windows, config.batch_size, device, sdpa=sdpa_eval)
+            history.append({"step": step + 1, "heldout_loss": held, "elapsed": time.perf_counter() - start})
+            say(f"step {step + 1}/{total}: train {float(loss.detach()):.4f}, held-out {held:.4f} nats "
+                f"({held / math.log(2):.3f} bits/byte)")
+            save_checkpoint(model, out, {**meta, "steps_done": step + 1})
+    seconds = time.perf_counter() - start
+    final = history[-1]["heldout_loss"] if "heldout_loss" in history[-1] else \
+        batch_loss(model, windows, config.batch_size, device, sdpa=sdpa_eval)
+    steps_done = min(step + 1, total)
+    summary = {"heldout_loss": final, "heldout_bits_per_byte": final / math.log(2), "initial_heldout_loss": initial,
+               "unigram": unigram, "corpus": corpus.stats(), "parameters": model.num_parameters(),
+               "steps": steps_done, "train_seconds": seconds,
+               "tokens_per_second": steps_done * config.batch_size * config.context / seconds, "device": str(device)}
+    save_checkpoint(model, out, {**meta, "steps_done": steps_done, "summary": summary})
+    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    plot_curve(history, unigram["nats_per_token"], out / "loss.png")
+    model.eval()
+    return {"model": model, "history": history, **summary}

@@ -1,0 +1,262 @@
+"""poslsh.integrations.hf on tiny randomly initialised BLOOM, MPT and Falcon(alibi) checkpoints,
+saved with save_pretrained and reloaded from disk (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from poslsh.attention import attention  # noqa: E402
+from poslsh.integrations import hf, partitions  # noqa: E402
+from poslsh.integrations.hf import cache_report, patch_model, unpatch_model  # noqa: E402
+
+VOCAB = 128
+FAMILIES = ("bloom", "mpt", "falcon")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP stalls on a shared CPU (10x faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(family: str):
+    # A wide initialisation makes the random models' logits depend strongly on attention, so the
+    # comparisons below are not trivially satisfied by near-uniform outputs.
+    if family == "bloom":
+        return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4,
+                                        initializer_range=0.3)
+    if family == "mpt":
+        return transformers.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=128,
+                                      initializer_range=0.3)
+    # Multi-query Falcon (one KV head) exercises grouped KV in the patched attention.
+    return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     alibi=True, multi_query=True, new_decoder_architecture=False, bias=False,
+                                     initializer_range=0.3)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request, tmp_path_factory):
+    family = request.param
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(family)
+    transformers.AutoModelForCausalLM.from_config(_config(family)).save_pretrained(path)
+    m = transformers.AutoModelForCausalLM.from_pretrained(path).float()
+    m.eval()
+    assert hf.model_family(m) == family
+    return m
+
+
+def _padded_batch(n: int = 14) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, n), generator=g)
+    mask = torch.ones(3, n, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, -5:] = 0  # right padding
+    return ids, mask
+
+
+@torch.no_grad()
+def test_exact_reproduces_unpatched_logits(model):
+    ids, mask = _padded_batch()
+    keep = mask.bool()
+    ref, ref_pad = model(ids).logits, model(ids, attention_mask=mask).logits
+    with patch_model(model, method="exact"):
+        out, out_pad = model(ids).logits, model(ids, attention_mask=mask).logits
+    assert (out - ref).abs().max() < 1e-4
+    assert (out_pad - ref_pad)[keep].abs().max() < 1e-4
+    # The padded rows differ from the unpadded ones, so padding was really exercised.
+    assert (ref_pad[1, 4:] - ref[1, 4:]).abs().max() > 1e-2
+    assert torch.equal(model(ids).logits, ref)  # unpatched again: the model's own code, bit for bit
+
+
+@torch.no_grad()
+def test_unpatch_model_and_repatch(model):
+    ids, _ = _padded_batch()
+    ref = model(ids).logits
+    patch_model(model, method="lsh", samples=2)
+    lsh = model(ids).logits
+    patch_model(model, method="exact")  # replaces the previous patch
+    assert (model(ids).logits - ref).abs().max() < 1e-4
+    unpatch_model(model)
+    assert not hasattr(model, "_poslsh_patch")
+    assert torch.equal(model(ids).logits, ref)
+    assert (lsh - ref).abs().max() > 1e-3  # r = 2 is an approximation, visibly
+
+
+@pytest.mark.parametrize("scheme", ["grid", "cut"])
+@torch.no_grad()
+def test_lsh_padded_rows_equal_unpadded_rows(model, scheme):
+    """Positions are the model's (padding does not count), so a padded row sees the partitions of the
+    same tokens unpadded."""
+    ids, mask = _padded_batch()
+    with patch_model(model, method="lsh", samples=4, scheme=scheme, seed=3):
+        batch = model(ids, attention_mask=mask).logits
+        left = model(ids[1:2, 4:]).logits
+        right = model(ids[2:3, :-5]).logits
+    assert (batch[1, 4:] - left[0]).abs().max() < 1e-5
+    assert (batch[2, :-5] - right[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method,scheme", [("lsh", "grid"), ("lsh", "cut"), ("window", "grid")])
+@torch.no_grad()
+def test_greedy_generation_with_cache_equals_without(model, method, scheme):
+    ids, mask = _padded_batch(10)
+    ids, mask = ids[:2], mask[:2]  # one unpadded and one left-padded prompt
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with patch_model(model, method=method, samples=4, scheme=scheme, seed=7, window_eps=0.05):
+        cached = model.generate(ids, attention_mask=mask, use_cache=True, **kw)
+        full = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
+    assert torch.equal(cached, full)
+    new = cached[:, ids.shape[1]:]
+    assert new.shape[1] == 12 and len(set(new.flatten().tolist())) > 2  # not a degenerate constant stream
+
+
+@torch.no_grad()
+def test_lsh_logits_converge_to_exact(model):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB, (2, 48), generator=g)
+    with patch_model(model, method="exact"):
+        exact = model(ids).logits
+    err = {}
+    for r in (4, 256):
+        errs = []
+        for seed in range(3):
+            with patch_model(model, method="lsh", samples=r, seed=seed):
+                errs.append(((model(ids).logits - exact).norm() / exact.norm()).item())
+        err[r] = sum(errs) / len(errs)
+    # The estimator's error falls like 1/sqrt(r): a factor 8 from r = 4 to 256; ask for 2.5.
+    assert err[256] < err[4] / 2.5, err
+    assert err[4] > 1e-3, err
+
+
+def test_cut_partitions_are_consistent_across_lengths_and_chunks(monkeypatch):
+    monkeypatch.setattr(partitions, "CUT_CHUNK", 16)
+    slopes = torch.tensor([0.5, 0.05], dtype=torch.float64)
+    parts = hf.LayerPartitions(slopes, 3, "cut", seed=0, layer=1)
+    long = parts.get(70).block_ids()
+    for n in (1, 15, 16, 17, 33, 69):
+        assert torch.equal(parts.get(n).block_ids(), long[..., :n])
+    # A fresh object with the same seed, asked for lengths in another order, gives the same cuts.
+    other = hf.LayerPartitions(slopes, 3, "cut", seed=0, layer=1)
+    assert torch.equal(other.get(40).block_ids(), long[..., :40])
+    assert not torch.equal(hf.LayerPartitions(slopes, 3, "cut", seed=0, layer=2).get(70).block_ids(), long)
+
+
+def test_cut_chunks_keep_the_cut_law(monkeypatch):
+    """Every gap, including those at chunk boundaries, is cut with probability 1 - e^{-m}."""
+    monkeypatch.setattr(partitions, "CUT_CHUNK", 8)
+    m, r = 0.5, 4000
+    parts = hf.LayerPartitions(torch.tensor([m], dtype=torch.float64), r, "cut", seed=1, layer=0).get(25)
+    ids = parts.block_ids()[0]  # [r, n]
+    cut_rate = (ids.diff(dim=-1) == 1).double().mean(0)  # gap (i-1, i) for i = 1..n-1
+    p = 1 - torch.exp(torch.tensor(-m)).item()
+    sigma = (p * (1 - p) / r) ** 0.5
+    assert (cut_rate - p).abs().max() < 5 * sigma, cut_rate
+
+
+@pytest.mark.parametrize("method,scheme", [("lsh", "grid"), ("lsh", "cut"), ("window", "grid")])
+def test_unreachable_keys_do_not_change_future_outputs(method, scheme):
+    """Masking every key that cache_report calls unreachable leaves all later queries unchanged, and
+    the report is tight: the first reachable key is seen by the query at position T."""
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(_config("bloom")).eval()
+    big_t, n, d = 40, 64, 8
+    with patch_model(model, method=method, samples=4, scheme=scheme, seed=2, window_eps=0.01) as patch:
+        starts = patch.reachable_starts(big_t)  # [L, H]
+        report = cache_report(model, big_t)
+        layer = 1
+        parts = patch.partitions(layer, n)
+        h = patch.slopes.numel()
+        q, k, v = torch.randn(1, h, n - big_t, d), torch.randn(1, h, n, d), torch.randn(1, h, n, d)
+        kw = dict(slopes=patch.slopes, method=method, partitions=parts, window_eps=0.01, backend="reference")
+        full = attention(q.double(), k.double(), v.double(), **kw)
+        # Drop the unreachable keys of head h by masking them for that head only: run head by head.
+        for head in range(h):
+            s = int(starts[layer, head])
+            sub = dict(kw, slopes=patch.slopes[head:head + 1])
+            if parts is not None:
+                sub["partitions"] = hf.Partitions(n, parts.slopes[head:head + 1], "grid",
+                                                  parts.widths[head:head + 1], parts.offsets[head:head + 1]) \
+                    if scheme == "grid" else _cut_head(parts, head)
+            kpm = torch.arange(n)[None] >= s
+            pruned = attention(q[:, head:head + 1].double(), k[:, head:head + 1].double(),
+                               v[:, head:head + 1].double(), key_padding_mask=kpm, **sub)
+            assert torch.allclose(pruned, full[:, head:head + 1], atol=1e-12), (head, s)
+            if method == "lsh" and s > 0:
+                # Tight: in some sample, key s shares the block of position T.
+                ids = parts.block_ids()[head]
+                assert bool((ids[:, s] == ids[:, big_t]).any())
+                assert not bool((ids[:, s - 1] == ids[:, big_t]).any())
+    assert starts.sum() > 0  # something is unreachable at all
+    assert 0 < report["saved_bytes"] < report["total_bytes"]
+    assert report["saved_bytes_rectangular"] <= report["saved_bytes"]
+
+
+def _cut_head(parts: hf.Partitions, head: int) -> hf.Partitions:
+    r = parts.num_samples
+    ptr = parts.cut_pointers[head * r: (head + 1) * r + 1]
+    return hf.Partitions(parts.n, parts.slopes[head:head + 1], "cut",
+                         cut_positions=parts.cut_positions[ptr[0]:ptr[-1]], cut_pointers=ptr - ptr[0])
+
+
+def test_rejects_unsupported_models():
+    rotary = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, alibi=False))
+    with pytest.raises(ValueError, match="rotary"):
+        patch_model(rotary)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="model types"):
+        patch_model(gpt2)
+    bloom = transformers.BloomForCausalLM(_config("bloom"))
+    with pytest.raises(ValueError, match="method"):
+        patch_model(bloom, method="fast")
+    assert not hasattr(bloom, "_poslsh_patch")
+
+
+@pytest.mark.parametrize("method,scheme", [("lsh", "grid"), ("lsh", "cut"), ("window", "grid")])
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_eviction_keeps_generation_identical_and_frees_memory(method, scheme):
+    """With steep slopes (short blocks) most of the cache becomes unreachable during generation;
+    evicting it changes no generated token, for a padded batch too."""
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(_config("bloom")).eval()
+    ids, mask = _padded_batch(10)
+    ids, mask = ids[:2], mask[:2]
+    kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0)
+    steep = [0.9, 0.6, 0.4, 0.3]
+    with patch_model(model, method=method, samples=4, scheme=scheme, seed=1, slopes=steep, window_eps=0.01) as patch:
+        full = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
+    with patch_model(model, method=method, samples=4, scheme=scheme, seed=1, slopes=steep, window_eps=0.01,
+                     evict=True) as patch:
+        try:
+            cache = transformers.DynamicCache(config=model.config)
+        except (TypeError, AttributeError):  # transformers 4.x
+            cache = transformers.DynamicCache()
+        cached = model.generate(ids, attention_mask=mask, use_cache=True, past_key_values=cache, **kw)
+        memory = patch.cache_memory(cache)
+    assert torch.equal(cached, full)
+    assert memory["saved_fraction"] > 0.3, memory
+    assert all(row["stored"] + row["evicted"] == 49 for row in memory["layers"])  # 10 + 40 - 1 positions cached
+    assert cache.get_seq_length() == 49
+
+
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_static_cache_is_refused():
+    model = transformers.BloomForCausalLM(_config("bloom")).eval()
+    ids, _ = _padded_batch(6)
+    with patch_model(model, method="lsh", samples=2):
+        try:
+            cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+        except TypeError:  # 4.x signature
+            cache = transformers.StaticCache(config=model.config, max_batch_size=3, max_cache_len=32)
+        with pytest.raises(NotImplementedError, match="DynamicCache"):
+            model(ids, past_key_values=cache, use_cache=True)
