@@ -37,28 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", type=Path, help="JSON folder (default: the checkpoint folder)")
     ev.set_defaults(handler=_eval)
 
-    # The validation experiment, until poslsh.cli lists it in EXPERIMENTS (then that entry is used).
-    from ..cli import EXPERIMENTS
-
-    if not any(module == "lm_validation" for module, _ in EXPERIMENTS.values()):
-        from ..experiments import lm_validation
-
-        val = subparsers.add_parser(lm_validation.NAME, help=lm_validation.__doc__.strip().splitlines()[0])
-        val.add_argument("--out", type=Path, default=Path("reports") / lm_validation.NAME)
-        _add_config_flags(val, lm_validation.Config)
-        val.set_defaults(handler=_validation)
-
-
-def _validation(args: argparse.Namespace) -> int:
-    from ..cli import _config_from_args, _write_report
-    from ..experiments import lm_validation
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = lm_validation.run(_config_from_args(lm_validation.Config, args), args.out)
-    report = _write_report(args.out, [lm_validation.summarize(results, args.out)], f"poslsh {lm_validation.NAME}")
-    print(f"report: {report}")
-    return 0
-
 
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
