@@ -19,6 +19,7 @@ EXPERIMENTS: dict[str, tuple[str, bool]] = {
     "mask-error": ("mask_error", True),
     "attn-error": ("attn_error", True),
     "scaling": ("scaling", True),
+    "pareto": ("pareto", True),
     "bench": ("gpu_bench", False),
     "lm-validation": ("lm_validation", False),
 }

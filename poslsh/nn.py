@@ -33,10 +33,12 @@ class ALiBiAttention(nn.Module):
         num_heads: H, query heads, with Press slopes ``alibi_slopes(H)``.
         num_kv_heads: Hkv, key/value heads (grouped / multi-query attention); H divisible by it.
             Default H.
-        method: "lsh", "window" or "exact".
-        samples: r, partitions per head for "lsh".
+        method: "lsh", "hybrid", "window" or "exact".
+        samples: r, partitions per head for "lsh" and "hybrid".
         scheme: "grid" or "cut".
+        sampling: "iid", "stratified" or "qmc" (correlated samples, each with the exact law; grid only).
         window_eps: truncation level for "window".
+        hybrid_eps: target error of the near field for "hybrid" (see ``poslsh.attention``).
         causal: decoder (True) or encoder (False) attention.
         bias: whether the projections have biases.
         backend: passed to ``poslsh.attention``.
@@ -45,7 +47,8 @@ class ALiBiAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, method: str = "lsh",
                  samples: int = 8, scheme: str = "grid", window_eps: float = 1e-3, causal: bool = True,
-                 bias: bool = False, backend: str = "auto", seed: int | None = None) -> None:
+                 bias: bool = False, backend: str = "auto", seed: int | None = None, sampling: str = "iid",
+                 hybrid_eps: float = 1e-2) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim % num_heads != 0:
@@ -62,6 +65,7 @@ class ALiBiAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.method, self.samples, self.scheme, self.window_eps = method, samples, scheme, window_eps
         self.causal, self.backend, self.seed = causal, backend, seed
+        self.sampling, self.hybrid_eps = sampling, hybrid_eps
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
@@ -75,17 +79,17 @@ class ALiBiAttention(nn.Module):
                 f"method={self.method!r}, samples={self.samples}, scheme={self.scheme!r}, causal={self.causal}")
 
     def partitions_for(self, n: int, device: torch.device) -> Partitions | None:
-        """The partitions a forward of length n uses (None unless method is "lsh"): fresh in training,
-        fixed per (n, device) in eval."""
-        if self.method != "lsh":
+        """The partitions a forward of length n uses (None unless the method samples them): fresh in
+        training, fixed per (n, device) in eval."""
+        if self.method not in ("lsh", "hybrid"):
             return None
+        draw = lambda gen: sample_partitions(n, self.slopes, self.samples, scheme=self.scheme,  # noqa: E731
+                                             sampling=self.sampling, generator=gen, device=device)
         if self.training:
-            return sample_partitions(n, self.slopes, self.samples, scheme=self.scheme, device=device)
+            return draw(None)
         key = (n, str(device))
         if key not in self._eval_partitions:
-            gen = torch.Generator().manual_seed(0 if self.seed is None else self.seed)
-            self._eval_partitions[key] = sample_partitions(n, self.slopes, self.samples, scheme=self.scheme,
-                                                           generator=gen, device=device)
+            self._eval_partitions[key] = draw(torch.Generator().manual_seed(0 if self.seed is None else self.seed))
         return self._eval_partitions[key]
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None,
@@ -101,6 +105,6 @@ class ALiBiAttention(nn.Module):
         if partitions is None:
             partitions = self.partitions_for(n, x.device)
         out = attention(q, k, v, slopes=self.slopes, causal=self.causal, method=self.method,
-                        partitions=partitions, window_eps=self.window_eps,
+                        partitions=partitions, window_eps=self.window_eps, hybrid_eps=self.hybrid_eps,
                         key_padding_mask=key_padding_mask, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))

@@ -54,15 +54,24 @@ def _extra_sections() -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
     import importlib
 
     found = []
-    for module, filename in (("gpu_bench", "gpu_bench.json"), ("lm_validation", "lm-validation.json"),
-                             ("pareto", "pareto.json")):
+    for module, filenames in (("gpu_bench", ("gpu_bench.json", "gpu_bench_triton_scaling.json",
+                                             "gpu_bench_fwd_bwd_256k.json")),
+                              ("lm_validation", ("lm-validation.json",)), ("pareto", ("pareto_cpu/pareto.json",))):
         try:
             mod = importlib.import_module(f"poslsh.experiments.{module}")
         except ModuleNotFoundError:
             continue
         if hasattr(mod, "readme_section"):
-            found.append((filename, mod.readme_section))
+            found += [(filename, mod.readme_section) for filename in filenames]
     return found
+
+
+TITLES = {
+    "gpu_bench.json": "GPU benchmark: every column side by side, n = 4K to 256K",
+    "gpu_bench_triton_scaling.json": "GPU: the Triton kernel up to n = 1M (near-linear growth)",
+    "gpu_bench_fwd_bwd_256k.json": "GPU: forward+backward against exact ALiBi at n = 256K",
+    "pareto_cpu/pareto.json": "Beyond the paper: correlated sampling, hybrid, heavy-tailed kernels (CPU)",
+}
 
 
 def render() -> str:
@@ -71,7 +80,8 @@ def render() -> str:
         path = RESULTS / filename
         if path.exists():
             doc = json.loads(path.read_text())
-            parts.append(renderer(doc) + "\n\n" + _provenance(doc, path))
+            title = f"### {TITLES[filename]}\n\n" if filename in TITLES else ""
+            parts.append(title + renderer(doc) + "\n\n" + _provenance(doc, path))
     return "\n\n".join(parts)
 
 

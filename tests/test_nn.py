@@ -95,3 +95,14 @@ def test_bad_configuration(kwargs, match):
 def test_bad_input_shape():
     with pytest.raises(ValueError, match=r"x must be \[B, N, 16\]"):
         ALiBiAttention(16, 4)(torch.randn(2, 5, 12))
+
+
+def test_hybrid_module_uses_fixed_partitions_in_eval():
+    """Eval-mode hybrid attention is deterministic (fixed partitions), and differs from exact."""
+    torch.manual_seed(0)
+    m = ALiBiAttention(32, 4, method="hybrid", samples=4, hybrid_eps=0.3, seed=3).eval()
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        a, b = m(x), m(x)
+    assert torch.equal(a, b)
+    assert m.partitions_for(40, x.device) is not None

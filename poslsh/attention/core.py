@@ -22,7 +22,7 @@ from ..hashing import Partitions
 
 __all__ = ["AttentionSpec", "EMPTY_LSE", "METHODS", "compute_dtype", "softmax_with_lse", "merge_partials"]
 
-METHODS = ("exact", "window", "lsh")
+METHODS = ("exact", "window", "lsh", "hybrid")
 
 # The LSE of a row that sees no key. log(0) = -inf would be exact but turns into NaN as soon as a
 # caller subtracts two of them; -1e30 is as good as -inf for every exp() and stays finite.
@@ -34,15 +34,22 @@ class AttentionSpec:
     """One attention call after validation: everything a backend needs besides q, k, v.
 
     Attributes:
-        slopes: ALiBi slopes, float64 CPU tensor [H] (one per query head).
+        slopes: ALiBi slopes, float64 CPU tensor [H] (one per query head); with ``kernels``, each
+            head's ALiBi slope or NaN for a non-exponential kernel (so a backend that ignores
+            ``kernels`` produces NaN rather than silently wrong numbers).
         causal: whether query position p may only see keys j <= p.
-        method: "exact", "window" or "lsh".
+        method: "exact", "window", "lsh" or "hybrid" (exact weights for |p - j| <= window[h],
+            the positional-LSH collision mean of ``partitions`` beyond).
         scale: multiplier of q . k (1/sqrt(D) by default).
         q_offset: Nk - Nq; query row i sits at key position q_offset + i.
-        partitions: for "lsh", ``Partitions`` over the Nk key positions with H heads, on q's device.
+        partitions: for "lsh" and "hybrid", ``Partitions`` over the Nk key positions with H heads,
+            on q's device.
         window: for "window", int64 CPU tensor [H] of half-widths w_h (keys with |p - j| <= w_h are
-            kept); for "exact" None (every key is kept).
+            kept); for "hybrid" the near-field half-widths; for "exact" None (every key is kept).
         key_padding_mask: bool [B, Nk] on q's device (True = keep), or None.
+        kernels: None for ALiBi, else H ``poslsh.kernels.Kernel``: the positional weight is
+            f_h(|p - j|) instead of e^{-m_h |p - j|} (exact, window, hybrid near field; LSH through
+            partitions drawn for these kernels).
     """
 
     slopes: Tensor
@@ -53,6 +60,7 @@ class AttentionSpec:
     partitions: Partitions | None = None
     window: Tensor | None = None
     key_padding_mask: Tensor | None = None
+    kernels: tuple | None = None
 
     @property
     def num_heads(self) -> int:

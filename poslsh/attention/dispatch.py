@@ -13,6 +13,12 @@ split       10       LSH only: r passes of block-local attention merged by their
 reference   0        dense O(Nq * Nk) definition, any dtype
 =========== ======== ==================================================================
 
+Capabilities: a backend also declares the ``methods`` it computes and whether it honours
+``spec.kernels`` (general positional kernels). The defaults, ("exact", "window", "lsh") and no
+kernels, are what every backend did before "hybrid" and kernels existed, so a backend registered
+without them is never handed a call it would silently compute as something else; ``supports`` is
+only asked once the capabilities match.
+
 GPU backends register themselves from ``poslsh.attention.triton_lsh`` and
 ``poslsh.attention.flex`` with one call, e.g.
 ``register_backend("triton", fn, supports, priority=100)``; those modules are imported lazily on the
@@ -31,12 +37,12 @@ import torch
 from torch import Tensor
 
 from ..alibi import alibi_slopes, check_slopes
-from ..hashing import SCHEMES, Partitions, sample_partitions
+from ..hashing import SAMPLINGS, SCHEMES, Partitions, sample_partitions
 from .core import METHODS, AttentionSpec
 from .fused import fused_attention, supports_fused
 from .reference import reference_attention, supports_reference
 from .split import split_attention, supports_split
-from .window import window_sizes
+from .window import hybrid_widths, kernel_window_sizes, window_sizes
 
 __all__ = ["attention", "AttentionSpec", "Backend", "BACKENDS", "register_backend", "available_backends",
            "resolve_spec", "select_backend"]
@@ -53,6 +59,14 @@ class Backend:
     fn: BackendFn
     supports: SupportsFn
     priority: int = 0
+    methods: tuple[str, ...] = ("exact", "window", "lsh")
+    kernels: bool = False
+
+    def accepts(self, q: Tensor, spec: AttentionSpec) -> bool:
+        """Declared capabilities first (method, kernels), then the backend's own ``supports``."""
+        if spec.method not in self.methods or (spec.kernels is not None and not self.kernels):
+            return False
+        return self.supports(q, spec)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
         return self.fn(q, k, v, spec)
@@ -66,12 +80,15 @@ _optional_loaded = False
 
 
 def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = None, *,
-                     priority: int = 0) -> Backend:
+                     priority: int = 0, methods: tuple[str, ...] = ("exact", "window", "lsh"),
+                     kernels: bool = False) -> Backend:
     """Add (or replace) a backend. ``supports`` defaults to "always"; "auto" tries higher
-    ``priority`` first (torch backends use 0..20, so GPU kernels should use e.g. 100)."""
+    ``priority`` first (torch backends use 0..20, so GPU kernels should use e.g. 100).
+    ``methods`` and ``kernels`` declare what it computes (see module docstring)."""
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
-    backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority)
+    backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
+                      tuple(methods), bool(kernels))
     BACKENDS[name] = backend
     return backend
 
@@ -106,13 +123,13 @@ def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto") -> Bac
     _load_optional_backends()
     if backend == "auto":
         for name in available_backends():
-            if BACKENDS[name].supports(q, spec):
+            if BACKENDS[name].accepts(q, spec):
                 return BACKENDS[name]
         raise RuntimeError("no registered attention backend supports this call")  # reference always does
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     chosen = BACKENDS[backend]
-    if not chosen.supports(q, spec):
+    if not chosen.accepts(q, spec):
         raise ValueError(f"backend {backend!r} does not support this call (method={spec.method!r}, "
                          f"dtype={q.dtype}, device={q.device})")
     return chosen
@@ -153,7 +170,7 @@ def resolve_spec(
     q: Tensor, k: Tensor, v: Tensor, *, slopes=None, causal: bool = True, method: str = "lsh",
     samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
     generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
-    key_padding_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None, sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None,
 ) -> AttentionSpec:
     """Validate everything but the backend and build the ``AttentionSpec`` (samples partitions for
     "lsh" when none are given). Arguments as in ``attention``."""
@@ -165,8 +182,8 @@ def resolve_spec(
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if partitions is not None:  # checked before the slopes, which may default to the partitions'
-        if method != "lsh":
-            raise ValueError(f"partitions are only used by method='lsh', got method={method!r}")
+        if method not in ("lsh", "hybrid"):
+            raise ValueError(f"partitions are only used by method='lsh' or 'hybrid', got method={method!r}")
         if not isinstance(partitions, Partitions):
             raise TypeError(f"partitions must be a poslsh.Partitions, got {type(partitions).__name__}")
         if partitions.n != nk:
@@ -174,11 +191,25 @@ def resolve_spec(
         if partitions.num_heads != h:
             raise ValueError(f"partitions must have one set per query head ({h}), got "
                              f"{partitions.num_heads} heads")
-    if slopes is None:
-        slopes = partitions.slopes if isinstance(partitions, Partitions) else alibi_slopes(h)
-    s = check_slopes(slopes, "slopes")
-    if s.numel() != h:
-        raise ValueError(f"slopes must have one value per query head ({h}), got {s.numel()}")
+    kernels = None
+    if kernel is None and partitions is not None and partitions.kernels is not None:
+        kernel = partitions.kernels  # partitions drawn for kernels carry them
+    if kernel is not None:
+        from ..kernels import as_kernels, check_kernel
+
+        if slopes is not None:
+            raise ValueError("give either slopes (ALiBi) or kernel, not both")
+        kernels = tuple(check_kernel(kern) for kern in as_kernels(kernel, h if not isinstance(kernel, (list, tuple))
+                                                                     else None))
+        if len(kernels) != h:
+            raise ValueError(f"kernel must be one Kernel or one per query head ({h}), got {len(kernels)}")
+        s = torch.tensor([math.nan if kern.slope is None else kern.slope for kern in kernels], dtype=torch.float64)
+    else:
+        if slopes is None:
+            slopes = partitions.slopes if isinstance(partitions, Partitions) else alibi_slopes(h)
+        s = check_slopes(slopes, "slopes")
+        if s.numel() != h:
+            raise ValueError(f"slopes must have one value per query head ({h}), got {s.numel()}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -196,22 +227,37 @@ def resolve_spec(
     if method == "window":
         if isinstance(window_eps, bool) or not isinstance(window_eps, (int, float)) or not 0 < window_eps < 1:
             raise ValueError(f"window_eps must be in (0, 1), got {window_eps!r}")
-        window = window_sizes(s, float(window_eps), nk)
-    if method == "lsh":
+        window = (window_sizes(s, float(window_eps), nk) if kernels is None
+                  else kernel_window_sizes(kernels, float(window_eps), nk))
+    if method in ("lsh", "hybrid"):
         if partitions is None:
             if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
                 raise ValueError(f"samples must be an int >= 1, got {samples!r}")
             if scheme not in SCHEMES:
                 raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-            partitions = sample_partitions(nk, s, samples, scheme=scheme, generator=generator, device=q.device)
+            if sampling not in SAMPLINGS:
+                raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+            partitions = sample_partitions(nk, None if kernels is not None else s, samples, scheme=scheme,
+                                           generator=generator, device=q.device, sampling=sampling,
+                                           kernel=kernels)
         else:
-            if not torch.allclose(partitions.slopes.to(torch.float64), s, rtol=1e-9, atol=0.0):
+            if kernels is not None:
+                if partitions.kernels is None or any(a is not b for a, b in zip(partitions.kernels, kernels)):
+                    raise ValueError("partitions were not drawn for these kernels (pass the same Kernel objects, "
+                                     "or omit kernel= to use the partitions' own)")
+            elif partitions.kernels is not None:
+                raise ValueError("partitions were drawn for kernels; pass kernel= (or omit slopes)")
+            elif not torch.allclose(partitions.slopes.to(torch.float64), s, rtol=1e-9, atol=0.0):
                 raise ValueError(f"partitions were drawn for slopes {partitions.slopes.tolist()}, "
                                  f"but slopes={s.tolist()}")
             if partitions.device != q.device:
                 partitions = partitions.to(q.device)
+    if method == "hybrid":
+        if isinstance(hybrid_eps, bool) or not isinstance(hybrid_eps, (int, float)) or not hybrid_eps > 0:
+            raise ValueError(f"hybrid_eps must be a number > 0, got {hybrid_eps!r}")
+        window = hybrid_widths(s, float(hybrid_eps), partitions.num_samples, nk, kernels)
     return AttentionSpec(slopes=s, causal=causal, method=method, scale=float(scale), q_offset=nk - nq,
-                         partitions=partitions, window=window, key_padding_mask=key_padding_mask)
+                         partitions=partitions, window=window, key_padding_mask=key_padding_mask, kernels=kernels)
 
 
 def attention(
@@ -219,6 +265,7 @@ def attention(
     method: str = "lsh", samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
     generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
     key_padding_mask: Tensor | None = None, return_lse: bool = False, backend: str = "auto",
+    sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """ALiBi attention: exact, truncated to a per-head window, or estimated by positional LSH.
 
@@ -229,7 +276,8 @@ def attention(
         slopes: ALiBi slopes [H], >= 0; default ``alibi_slopes(H)`` (or the partitions' slopes).
         causal: keys j <= p only; otherwise the bias -m |p - j| is two-sided.
         method: "exact"; "window" (weights kept for |p - j| <= ceil(ln(1/window_eps)/m_h));
-            "lsh" (weights c_pj = fraction of the r samples in which p and j share a block).
+            "lsh" (weights c_pj = fraction of the r samples in which p and j share a block);
+            "hybrid" (exact for |p - j| <= w_h, c_pj beyond).
         samples: r, for "lsh" when ``partitions`` is None.
         scheme: "grid" or "cut", for "lsh" when ``partitions`` is None.
         partitions: ``Partitions`` over the Nk key positions with H heads (shared across the batch).
@@ -238,6 +286,14 @@ def attention(
         scale: multiplier of q . k; default 1/sqrt(D).
         key_padding_mask: bool [B, Nk], True = keep.
         return_lse: also return the log-sum-exp of the weighted scores.
+        sampling: "iid", "stratified" or "qmc": joint law of the r sampled partitions of a head
+            (each keeps its exact law; grid only), for "lsh"/"hybrid" when ``partitions`` is None.
+        hybrid_eps: for method "hybrid" (exact weights for |p - j| <= w_h, LSH collision means
+            beyond: unbiased for the kernel): target RMS relative error of a row's total weight from
+            the LSH far field, which sets w_h (``window.hybrid_widths``).
+        kernel: a ``poslsh.kernels.Kernel`` (all heads) or one per head, instead of ALiBi slopes:
+            weights f(|p - j|) for exact/window/hybrid, partitions drawn for f for lsh/hybrid.
+            Torch backends only (fused, reference; split for lsh).
         backend: "auto" or a name in ``available_backends()``.
 
     Returns:
@@ -250,11 +306,11 @@ def attention(
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method=method, samples=samples, scheme=scheme,
                         partitions=partitions, generator=generator, window_eps=window_eps, scale=scale,
-                        key_padding_mask=key_padding_mask)
+                        key_padding_mask=key_padding_mask, sampling=sampling, hybrid_eps=hybrid_eps, kernel=kernel)
     out, lse = select_backend(q, spec, backend)(q, k, v, spec)
     return (out, lse) if return_lse else out
 
 
-register_backend("fused", fused_attention, supports_fused, priority=20)
-register_backend("split", split_attention, supports_split, priority=10)
-register_backend("reference", reference_attention, supports_reference, priority=0)
+register_backend("fused", fused_attention, supports_fused, priority=20, methods=METHODS, kernels=True)
+register_backend("split", split_attention, supports_split, priority=10, methods=("lsh",), kernels=True)
+register_backend("reference", reference_attention, supports_reference, priority=0, methods=METHODS, kernels=True)

@@ -6,6 +6,9 @@ Blocks are contiguous, so j is in p's block of sample t iff start_t(p) <= j < en
 (``Partitions.block_bounds``), and a tile of queries [p0, p1] needs only the keys in
 [min_t start_t(p0), max_t end_t(p1)) (starts and ends are non-decreasing in p): the union of the
 blocks, not the sum of their sizes. Memory is O(B * tile * union) per step.
+
+"hybrid" (``HybridRule``): the band rule's exact weights for |p - j| <= w_h and the collision rule's
+weights beyond; the tile's key range is the union of the band's and the blocks' ranges.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from torch import Tensor
 
 from .core import AttentionSpec
 from .tiled import tiled_attention
-from .window import band_rules
+from .window import BandRule, band_rules
 
-__all__ = ["CollisionRule", "collision_rules", "fused_attention", "supports_fused"]
+__all__ = ["CollisionRule", "HybridRule", "collision_rules", "fused_attention", "supports_fused"]
 
 class CollisionRule:
     """Weights c_pj = #{t : start_t(p) <= j < end_t(p)} / r for one head (and j <= p when causal)."""
@@ -54,6 +57,23 @@ class CollisionRule:
         return logw
 
 
+class HybridRule:
+    """Exact weights inside the band |p - j| <= w (``BandRule``), collision means beyond
+    (``CollisionRule``): E[weight] = f(|p - j|) everywhere, the near field without variance."""
+
+    def __init__(self, band: BandRule, far: CollisionRule) -> None:
+        self.band, self.far = band, far
+        self.span = max(band.span, far.span)
+
+    def tile_ranges(self, firsts: Tensor, lasts: Tensor) -> tuple[list[int], list[int]]:
+        (blo, bhi), (flo, fhi) = self.band.tile_ranges(firsts, lasts), self.far.tile_ranges(firsts, lasts)
+        return [min(a, b) for a, b in zip(blo, flo)], [max(a, b) for a, b in zip(bhi, fhi)]
+
+    def log_weight(self, pos_q: Tensor, pos_k: Tensor, dtype: torch.dtype) -> Tensor:
+        near = (pos_q[:, None] - pos_k[None, :]).abs() <= self.band.width
+        return torch.where(near, self.band.log_weight(pos_q, pos_k, dtype), self.far.log_weight(pos_q, pos_k, dtype))
+
+
 def collision_rules(spec: AttentionSpec) -> list[CollisionRule]:
     start, end = spec.partitions.block_bounds()  # [H, r, n] each
     return [CollisionRule(start[h], end[h], spec.causal) for h in range(spec.num_heads)]
@@ -68,7 +88,12 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, float64 for float64 inputs).
     """
-    rules = collision_rules(spec) if spec.method == "lsh" else band_rules(spec, k.shape[2])
+    if spec.method == "lsh":
+        rules = collision_rules(spec)
+    elif spec.method == "hybrid":
+        rules = [HybridRule(b, c) for b, c in zip(band_rules(spec, k.shape[2]), collision_rules(spec))]
+    else:
+        rules = band_rules(spec, k.shape[2])
     return tiled_attention(q, k, v, spec, rules)
 
 

@@ -5,6 +5,9 @@ Row i (key position p = q_offset + i) of head h is softmax_j(scale * q_i . k_j +
 * exact:  W = e^{-m_h |p - j|}                     (ALiBi);
 * window: W = e^{-m_h |p - j|} if |p - j| <= w_h, else 0 (truncated ALiBi);
 * lsh:    W = B-hat_h[p, j] = (1/r) sum_t [p and j share a block in sample t]  (``Partitions.mean_mask``);
+* hybrid: W = e^{-m_h |p - j|} if |p - j| <= w_h, else B-hat_h[p, j];
+
+(with ``spec.kernels``, f_h(|p - j|) replaces e^{-m_h |p - j|})
 
 and W = 0 for j > p when causal or when key j is padded out. Everything is built densely so each
 fast backend can be held to it.
@@ -28,15 +31,20 @@ def dense_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.devic
     pos_q = torch.arange(spec.q_offset, spec.q_offset + nq, device=device, dtype=torch.float64)
     pos_k = torch.arange(nk, device=device, dtype=torch.float64)
     diff = pos_q[:, None] - pos_k[None, :]  # p - j, [Nq, Nk]
-    if spec.method == "lsh":
+    if spec.method in ("lsh", "hybrid"):
         bhat = spec.partitions.to(device).mean_mask()[:, spec.q_offset:, :]  # [H, Nq, Nk]
         logw = torch.log(bhat)  # log 0 = -inf: pairs that never collide get no weight
-    else:
-        slopes = spec.slopes.to(device)
-        logw = -slopes[:, None, None] * diff.abs()
-        if spec.method == "window":
+    if spec.method != "lsh":
+        if spec.kernels is None:
+            exact = -spec.slopes.to(device)[:, None, None] * diff.abs()
+        else:
+            exact = torch.stack([kern.log_f(diff.abs()) for kern in spec.kernels])
+        if spec.method == "exact":
+            logw = exact
+        else:  # window: exact inside the band, 0 outside; hybrid: exact inside, B-hat outside
             w = spec.window.to(device=device, dtype=torch.float64)
-            logw = logw.masked_fill(diff.abs() > w[:, None, None], float("-inf"))
+            outside = logw if spec.method == "hybrid" else torch.full_like(exact, float("-inf"))
+            logw = torch.where(diff.abs() > w[:, None, None], outside, exact)
     if spec.causal:
         logw = logw.masked_fill(diff < 0, float("-inf"))
     return logw

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .core import AttentionSpec
 
-__all__ = ["window_sizes", "BandRule", "band_rules"]
+__all__ = ["window_sizes", "kernel_window_sizes", "hybrid_widths", "BandRule", "band_rules"]
 
 
 def window_sizes(slopes: Tensor, eps: float, n: int) -> Tensor:
@@ -36,12 +36,74 @@ def window_sizes(slopes: Tensor, eps: float, n: int) -> Tensor:
     return w.to(torch.int64)
 
 
-class BandRule:
-    """Weights e^{-m |p - j|} for |p - j| <= w (and j <= p when causal), zero elsewhere."""
+def kernel_window_sizes(kernels, eps: float, n: int) -> Tensor:
+    """``window_sizes`` for general kernels: per head the smallest w with f(w) <= eps, capped at n - 1
+    (every dropped weight is <= eps). int64 CPU tensor [H]."""
+    return torch.tensor([k.window(eps, n) for k in kernels], dtype=torch.int64)
 
-    def __init__(self, slope: float, width: int, causal: bool, n: int) -> None:
-        self.slope, self.width, self.causal, self.n = slope, width, causal, n
+
+def hybrid_widths(slopes: Tensor, eps: float, samples: int, n: int, kernels=None) -> Tensor:
+    """Near-field half-widths w_h of the hybrid estimator for a target error ``eps``.
+
+    The target: the RMS relative error of a query's total positional weight (uniform logits, an
+    interior causal row, i.i.d. samples) is at most eps. The near field |p - j| <= w is exact; the
+    far field is estimated by the r-sample collision mean, so the error is the far field's standard
+    deviation. In one sample the block of p reaches A keys to the left with P(A >= a) = f(a), so the
+    far keys it adds number F = (A - w)+ with
+
+        E[F] = sum_{k > w} f(k),     E[F^2] = sum_{k > w} (2 (k - w) - 1) f(k),
+
+    and the relative error of the row weight Z = sum_{d < n} f(d) is sqrt(Var F / r) / Z. For ALiBi
+    (n -> inf) that is sqrt((q^{w+1} (1 + q) - q^{2(w+1)}) / r): the far field's mean is only
+    q^{w+1}, but its standard deviation is ~ sqrt(q^{w+1} / r) because a block reaching past w is
+    rare and adds ~1/r of the row's weight when it does. So hybrid(eps) needs q^{w+1} ~ r eps^2,
+    about twice the window that truncation needs for error eps (measured in ``experiments.pareto``).
+    Bidirectional rows (left and right far fields) are within a factor 4 / (1 + q)^2 of this.
+    Stratified / qmc samples have lower variance, so the widths are conservative for them.
+
+    Args:
+        slopes: float64 [H] (used when ``kernels`` is None); slope 0 -> n - 1 (all exact).
+        eps: target RMS relative error, > 0.
+        samples: r.
+        n: number of key positions.
+        kernels: optional H ``Kernel``.
+
+    Returns:
+        int64 CPU tensor [H], each in [0, n - 1].
+    """
+    out = []
+    d = torch.arange(n, dtype=torch.float64)
+    for h in range(slopes.numel()):
+        if kernels is None and float(slopes[h]) == 0:
+            out.append(n - 1)
+            continue
+        f = kernels[h].values(n) if kernels is not None else torch.exp(-float(slopes[h]) * d)
+        # Suffix sums over k > w, for every w = 0..n-1 at once: O(n) per head.
+        t0 = f.flip(0).cumsum(0).flip(0) - f  # sum_{k > w} f(k)
+        t1 = (d * f).flip(0).cumsum(0).flip(0) - d * f  # sum_{k > w} k f(k)
+        second = 2 * t1 - (2 * d + 1) * t0
+        var = (second - t0 ** 2).clamp(min=0) / samples
+        ok = (var <= (eps * float(f.sum())) ** 2).nonzero()
+        out.append(int(ok[0]) if ok.numel() else n - 1)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+class BandRule:
+    """Weights f(|p - j|) for |p - j| <= w (and j <= p when causal), zero elsewhere; f = e^{-m d}
+    (ALiBi) unless a ``kernel`` is given."""
+
+    def __init__(self, slope: float, width: int, causal: bool, n: int, kernel=None) -> None:
+        self.slope, self.width, self.causal, self.n, self.kernel = slope, width, causal, n, kernel
         self.span = float(min(n, width + 1 if causal else 2 * width + 1))
+        self._log_table: Tensor | None = None  # kernel: log f(d), d = 0..min(w, n-1), built on first use
+
+    def _kernel_log_weight(self, dist: Tensor, dtype: torch.dtype) -> Tensor:
+        # One O(w) table of log f per head, then a gather per score: a general f costs several
+        # float64 transcendentals per element, which would dominate the tile's matmul on the CPU.
+        if self._log_table is None or self._log_table.device != dist.device or self._log_table.dtype != dtype:
+            d = torch.arange(min(self.width, self.n - 1) + 2, dtype=torch.float64, device=dist.device)
+            self._log_table = self.kernel.log_f(d).to(dtype)
+        return self._log_table[dist.clamp(max=self._log_table.numel() - 1)]
 
     def tile_ranges(self, firsts: Tensor, lasts: Tensor) -> tuple[list[int], list[int]]:
         lo = (firsts - self.width).clamp(min=0)
@@ -49,8 +111,12 @@ class BandRule:
         return lo.tolist(), hi.tolist()
 
     def log_weight(self, pos_q: Tensor, pos_k: Tensor, dtype: torch.dtype) -> Tensor:
-        diff = (pos_q[:, None] - pos_k[None, :]).to(dtype)
-        logw = diff.abs() * (-self.slope)
+        if self.kernel is None:
+            diff = (pos_q[:, None] - pos_k[None, :]).to(dtype)
+            logw = diff.abs() * (-self.slope)
+        else:
+            diff = pos_q[:, None] - pos_k[None, :]
+            logw = self._kernel_log_weight(diff.abs(), dtype)  # beyond w: masked below
         out = diff.abs() > self.width
         if self.causal:
             out = out | (diff < 0)
@@ -58,6 +124,9 @@ class BandRule:
 
 
 def band_rules(spec: AttentionSpec, n: int) -> list[BandRule]:
-    """One ``BandRule`` per head: width w_h for "window", n - 1 (everything) for "exact"."""
-    widths = spec.window.tolist() if spec.method == "window" else [n - 1] * spec.num_heads
-    return [BandRule(float(m), int(w), spec.causal, n) for m, w in zip(spec.slopes.tolist(), widths)]
+    """One ``BandRule`` per head: width w_h for "window" (and the near field of "hybrid"), n - 1
+    (everything) for "exact"."""
+    widths = spec.window.tolist() if spec.window is not None else [n - 1] * spec.num_heads
+    kernels = spec.kernels if spec.kernels is not None else [None] * spec.num_heads
+    return [BandRule(float(m), int(w), spec.causal, n, kern)
+            for m, w, kern in zip(spec.slopes.tolist(), widths, kernels)]

@@ -1,0 +1,124 @@
+"""The FlexAttention backend on the CPU.
+
+FlexAttention has no CPU backward and, run eagerly on the CPU, ignores the BlockMask's sparsity
+(it applies score_mod and mask_mod to all pairs). So these tests check (1) the score_mod/mask_mod
+of every method against the float64 reference, forward, and (2) the block masks themselves: every
+kept pair lies in a listed block, "full" blocks hold only kept pairs, and the transposed (key-block)
+lists match the query-block lists. The compiled GPU path and its backward are checked on the H200
+by bench/gpu_dev.py and poslsh bench (bench/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("torch.nn.attention.flex_attention")
+
+from poslsh import alibi_slopes  # noqa: E402
+from poslsh.attention import EMPTY_LSE, resolve_spec  # noqa: E402
+from poslsh.attention.flex import (_mods, _ranges, flex_attention_spec, normalize_grid,  # noqa: E402
+                                   range_block_mask, supports_flex)
+from poslsh.attention.reference import dense_log_weights, reference_attention  # noqa: E402
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+CASES = [
+    ("lsh", True, "grid"), ("lsh", False, "grid"), ("lsh", True, "cut"), ("lsh", False, "cut"),
+    ("exact", True, None), ("exact", False, None), ("window", True, None), ("window", False, None),
+]
+
+
+@pytest.mark.parametrize("method,causal,scheme", CASES)
+def test_forward_matches_reference(method, causal, scheme):
+    torch.manual_seed(0)
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 45, 70, 16
+    q, k, v = torch.randn(B, H, Nq, D), torch.randn(B, Hkv, Nk, D), torch.randn(B, Hkv, Nk, D)
+    slopes = alibi_slopes(H) * 0.3
+    spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method=method, samples=3, scheme=scheme or "grid",
+                        window_eps=0.1, generator=torch.Generator().manual_seed(0))
+    out, lse = flex_attention_spec(q, k, v, spec, block=16)
+    qd, kd, vd = q.double(), k.double(), v.double()
+    spec64 = resolve_spec(qd, kd, vd, slopes=slopes, causal=causal, method=method, window_eps=0.1,
+                          partitions=spec.partitions if method == "lsh" else None)
+    ro, rl = reference_attention(qd, kd, vd, spec64)
+    assert rel(out, ro) <= 1e-5 and rel(lse, rl) <= 1e-5
+
+
+def test_key_padding_mask_and_empty_rows():
+    torch.manual_seed(1)
+    B, H, N, D = 2, 2, 24, 16
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    kpm[0, :5] = False  # causal rows 0..4 of batch 0 see no key
+    kpm[1, 10:] = False
+    spec = resolve_spec(q, k, v, causal=True, method="lsh", samples=2, key_padding_mask=kpm,
+                        generator=torch.Generator().manual_seed(1))
+    out, lse = flex_attention_spec(q, k, v, spec, block=8)
+    spec64 = resolve_spec(q.double(), k.double(), v.double(), causal=True, method="lsh",
+                          partitions=spec.partitions, key_padding_mask=kpm)
+    ro, rl = reference_attention(q.double(), k.double(), v.double(), spec64)
+    assert torch.allclose(out.double(), ro, atol=1e-5)
+    assert (lse[0, :, :5] == EMPTY_LSE).all()
+    assert torch.allclose(lse.double()[rl > EMPTY_LSE / 2], rl[rl > EMPTY_LSE / 2], atol=1e-5)
+
+
+def _dense(num: torch.Tensor, idx: torch.Tensor, cols: int) -> torch.Tensor:
+    h, rows = num.shape[1], num.shape[2]
+    out = torch.zeros(h, rows, cols, dtype=torch.int64)
+    for a in range(h):
+        for b in range(rows):
+            for c in idx[0, a, b, :num[0, a, b]].tolist():
+                out[a, b, c] += 1
+    return out
+
+
+@pytest.mark.parametrize("method,causal,scheme", CASES)
+@pytest.mark.parametrize("block", [16, 32])
+def test_block_mask_covers_exactly(method, causal, scheme, block):
+    torch.manual_seed(2)
+    H, Nq, Nk = 4, 100, 120
+    q, k = torch.randn(1, H, Nq, 16), torch.randn(1, 2, Nk, 16)
+    spec = resolve_spec(q, k, k, slopes=alibi_slopes(H) * 0.1, causal=causal, method=method, samples=4,
+                        scheme=scheme or "grid", window_eps=1e-2, generator=torch.Generator().manual_seed(2))
+    _, mask_mod = _mods(spec, q.device, Nq, Nk)
+    bm = range_block_mask(*_ranges(spec, Nq, Nk, block, q.device), Nq, Nk, mask_mod, block)
+    nqb, nkb = -(-Nq // block), -(-Nk // block)
+    part = _dense(bm.kv_num_blocks, bm.kv_indices, nkb).expand(H, -1, -1)
+    full = _dense(bm.full_kv_num_blocks, bm.full_kv_indices, nkb).expand(H, -1, -1)
+    assert bm.kv_indices.shape[-1] == nkb  # Flex reads the mask's size from this width
+    assert int((part + full).max()) <= 1  # a block is either partial or full
+    kept = torch.zeros(H, nqb * block, nkb * block, dtype=torch.bool)
+    kept[:, :Nq, :Nk] = torch.isfinite(dense_log_weights(spec, Nq, Nk, q.device)).expand(H, Nq, Nk)
+    valid = torch.zeros(nqb * block, nkb * block, dtype=torch.bool)
+    valid[:Nq, :Nk] = True
+    blocks = kept.reshape(H, nqb, block, nkb, block)
+    any_kept = blocks.any(4).any(2)
+    all_kept = (blocks | ~valid.reshape(nqb, block, nkb, block)).all(4).all(2)
+    assert ((part + full) > 0)[any_kept].all()  # no kept pair outside the listed blocks
+    assert all_kept[full > 0].all()  # mask_mod may be skipped on full blocks
+    # transposed lists (used by the backward pass) are the same sets
+    qpart = _dense(bm.q_num_blocks, bm.q_indices, nqb).expand(H, -1, -1)
+    qfull = _dense(bm.full_q_num_blocks, bm.full_q_indices, nqb).expand(H, -1, -1)
+    assert torch.equal(qpart, part.transpose(1, 2)) and torch.equal(qfull, full.transpose(1, 2))
+
+
+def test_normalize_grid_keeps_blocks():
+    n = 50
+    w = torch.tensor([[3, 60, 2**62, 75, 51]])
+    u = torch.tensor([[1, 20, 0, 74, 50]])
+    w2, u2 = normalize_grid(w, u, n)
+    pos = torch.arange(n)
+    ids = torch.div(pos + u[..., None], w[..., None], rounding_mode="floor")
+    ids2 = torch.div(pos + u2.long()[..., None], w2.long()[..., None], rounding_mode="floor")
+    same = (ids[..., :, None] == ids[..., None, :]) == (ids2[..., :, None] == ids2[..., None, :])
+    assert same.all() and w2.dtype == torch.int32 and int(w2.max()) <= n
+
+
+def test_not_chosen_on_cpu():
+    q = torch.randn(1, 2, 8, 16)
+    spec = resolve_spec(q, q, q, method="lsh", samples=2)
+    assert not supports_flex(q, spec)
