@@ -240,13 +240,18 @@ def test_kernel_window_keeps_every_weight_above_eps():
     assert float(ks[1](w[1])) <= 1e-2 < float(ks[1](w[1] - 1))
 
 
-def test_unaware_backends_refuse_kernels():
+def test_backends_declare_kernel_support():
+    """Flex scores ALiBi slopes, so it must refuse general kernels; the Triton kernel weights by
+    collision counts, so it serves kernel partitions with method "lsh" but never "hybrid"."""
+    import poslsh.attention.flex  # noqa: F401  (registers "flex")
     from poslsh.attention.dispatch import BACKENDS, resolve_spec
 
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 1, 16, 16, generator=g) for _ in range(3))
     spec = resolve_spec(q, k, v, kernel=power_law(0.5), method="lsh", samples=2)
-    for name in ("triton", "flex"):
-        if name in BACKENDS:
-            assert not BACKENDS[name].accepts(q, spec)
+    assert not BACKENDS["flex"].accepts(q, spec)
     assert BACKENDS["split"].accepts(q, spec) and BACKENDS["fused"].accepts(q, spec)
+    if "triton" in BACKENDS:
+        assert BACKENDS["triton"].kernels
+        hybrid = resolve_spec(q, k, v, kernel=power_law(0.5), method="hybrid", samples=2)
+        assert not BACKENDS["triton"].accepts(q, hybrid)

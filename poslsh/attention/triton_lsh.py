@@ -731,16 +731,14 @@ def supports_triton(q: Tensor, spec: Any) -> bool:
 
 
 def _register() -> None:
-    try:
-        from .dispatch import register_backend
-    except ImportError:  # pragma: no cover
-        return
+    from .dispatch import register_backend
+
     # The estimator's weights are collision counts, whatever kernel the partitions were drawn for,
-    # so the kernel also serves general positional kernels (method "lsh").
-    try:
-        register_backend("triton", triton_backend, supports_triton, priority=100, kernels=True)
-    except TypeError:  # a dispatcher without capability declarations
-        register_backend("triton", triton_backend, supports_triton, priority=100)
+    # so the kernel also serves general positional kernels (method "lsh"). Under TRITON_INTERPRET=1
+    # the kernel runs on the CPU only to be tested: it then ranks below every torch backend, so
+    # "auto" never routes CPU work through the (slow) interpreter; backend="triton" still reaches it.
+    register_backend("triton", triton_backend, supports_triton, priority=-10 if _interpreting() else 100,
+                     kernels=True)
 
 
 _register()
