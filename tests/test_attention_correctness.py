@@ -19,15 +19,6 @@ SLOPES = torch.tensor([0.9, 0.3, 0.08, 0.0], dtype=torch.float64)
 TORCH_BACKENDS = ("reference", "fused", "split")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops on a shared, loaded CPU run far faster without OpenMP barriers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_qkv(b=2, h=4, hkv=2, nq=21, nk=29, d=5, dv=None, dtype=torch.float64, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, nq, d, generator=g, dtype=torch.float64) * scale

@@ -15,14 +15,6 @@ CASES = [("reference", "exact"), ("fused", "exact"), ("reference", "window"), ("
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def call(q, k, v, backend, method, scheme="grid", samples=4, seed=0, **kw):
     """attention() with partitions fixed by seed, so different backends see the same masks."""
     nk = k.shape[2]

@@ -12,14 +12,6 @@ from poslsh import alibi_slopes, sample_partitions
 from poslsh.experiments import attn_error, scaling
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("scheme", ["grid", "cut"])
 def test_pair_counts_match_dense_masks(causal, scheme):

@@ -17,15 +17,6 @@ VOCAB = 128
 FAMILIES = ("bloom", "mpt", "falcon")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP stalls on a shared CPU (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(family: str):
     # A wide initialisation makes the random models' logits depend strongly on attention, so the
     # comparisons below are not trivially satisfied by near-uniform outputs.

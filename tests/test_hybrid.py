@@ -25,14 +25,6 @@ from test_sampling_modes import chernoff_check
 SLOPES = [0.1, 0.3, 1.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _qkv(b=2, h=3, hkv=3, nq=37, nk=37, d=8, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, nq, d, generator=g, dtype=dtype)

@@ -19,15 +19,6 @@ from poslsh.lm.model import ALiBiLM, LMConfig, load_checkpoint  # noqa: E402
 from poslsh.lm.train import TrainConfig, lr_at, train  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP stalls on a shared CPU (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_byte_tokenizer_round_trip():
     tok = ByteTokenizer()
     text = "def f(x):\n    return 'é' + x  # ünïcode\n"

@@ -13,15 +13,6 @@ from poslsh.experiments import lm_validation as lv  # noqa: E402
 from poslsh.experiments.common import load_results  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP stalls on a shared CPU (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_validation_runs_end_to_end(tmp_path):
     config = lv.Config(tiny=True)
     doc = lv.run(config, tmp_path)

@@ -11,14 +11,6 @@ import poslsh
 from poslsh.nn import ALiBiAttention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def manual_exact(m: ALiBiAttention, x: torch.Tensor) -> torch.Tensor:
     """The module's computation written out: projections, dense ALiBi softmax per head, out_proj."""
     b, n, _ = x.shape

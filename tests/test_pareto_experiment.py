@@ -15,14 +15,6 @@ from poslsh.attention.reference import dense_log_weights
 from poslsh.experiments import pareto
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("method", ["exact", "window", "lsh", "hybrid"])
 def test_pairs_per_query_counts_the_union_of_nonzero_weights(method, causal):

@@ -24,14 +24,6 @@ SLOPES = [0.05, 0.3, 1.0]
 ALPHA = 1e-4  # family-wise false-alarm rate of each test function below (Bonferroni inside)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- shared checks
 
 

@@ -34,7 +34,7 @@ from ..alibi import alibi_slopes
 from ..attention.dispatch import resolve_spec
 from ..attention.fused import fused_attention
 from ..hashing import Partitions, sample_partitions
-from .common import fmt, markdown_table, progress, pyplot, save_results
+from .common import fmt, markdown_table, progress, pyplot, save_results, torch_threads
 
 NAME = "attn-error"
 PLOT = "attn_error_vs_r.png"
@@ -109,13 +109,8 @@ def _rel(est: Tensor, exact: Tensor) -> Tensor:
 
 def run(config: Config, out_dir: str | Path) -> dict:
     """Measure, write ``out_dir/attn-error.json`` and the PNGs, return the saved document."""
-    threads = torch.get_num_threads()
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config, out_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: Config, out_dir: str | Path) -> dict:

@@ -13,6 +13,7 @@ and the CLI and ``poslsh demo`` drive all of them the same way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -25,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 __all__ = ["environment", "save_results", "load_results", "progress", "markdown_table", "pyplot",
-           "fmt", "config_to_dict"]
+           "fmt", "config_to_dict", "torch_threads"]
 
 
 def environment() -> dict[str, Any]:
@@ -119,3 +120,18 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` torch CPU threads (0 keeps the current count), then restore.
+
+    Small CPU operations on a shared 2-core machine run many times faster on one thread than with
+    OpenMP barriers between two, so CPU-sized experiments default to one."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

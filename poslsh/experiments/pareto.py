@@ -42,7 +42,7 @@ from ..alibi import alibi_slopes
 from ..attention.dispatch import resolve_spec, select_backend
 from ..hashing import sample_partitions
 from ..kernels import power_law
-from .common import fmt, markdown_table, progress, pyplot, save_results
+from .common import fmt, markdown_table, progress, pyplot, save_results, torch_threads
 
 NAME = "pareto"
 PLOT = "pareto.png"
@@ -244,13 +244,8 @@ def convergence(config: Config) -> dict[str, Any]:
 
 def run(config: Config, out_dir: str | Path) -> dict:
     """Measure, write ``out_dir/pareto.json`` and the PNGs, return the saved document."""
-    threads = torch.get_num_threads()
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    try:
+    with torch_threads(config.threads):
         return _run(config, out_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(config: Config, out_dir: str | Path) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from ..alibi import alibi_slopes
 from ..attention import attention
-from .common import fmt, markdown_table, progress, pyplot, save_results
+from .common import fmt, markdown_table, progress, pyplot, save_results, torch_threads
 
 NAME = "scaling"
 PLOT = "scaling.png"
@@ -116,10 +116,8 @@ def run(config: Config, out_dir: str | Path) -> dict:
     if unknown:
         raise ValueError(f"methods must be among {METHODS}, got {sorted(unknown)}")
     threads = torch.get_num_threads()
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
     rows: list[dict[str, Any]] = []
-    try:
+    with torch_threads(config.threads):
         jobs = [(n, m) for n in sorted(config.lengths) for m in config.methods
                 if m != "exact" or n <= config.exact_max]
         g = torch.Generator().manual_seed(config.seed)
@@ -132,8 +130,6 @@ def run(config: Config, out_dir: str | Path) -> dict:
             gen = torch.Generator().manual_seed(config.seed)
             stats = measure(lambda: run_method(method, q, k, v, config, gen), config.repeats)
             rows.append({"n": n, "method": method, **stats})
-    finally:
-        torch.set_num_threads(threads)
     results = {"rows": rows, "slopes": alibi_slopes(config.heads).tolist(),
                "exponents": _exponents(rows, config.fit_from),
                "threads": config.threads if config.threads > 0 else threads}
