@@ -3,7 +3,7 @@
 from .alibi import alibi_bias, alibi_kernel, alibi_slopes
 from .hashing import Partitions, sample_partitions
 from .attention import attention  # the function; the subpackage stays importable as poslsh.attention.<module>
-from . import nn
+from . import kernels, masks, nn, theory
 
 __version__ = "0.1.0"
-__all__ = ["alibi_slopes", "alibi_kernel", "alibi_bias", "Partitions", "sample_partitions", "attention", "nn"]
+__all__ = ["alibi_slopes", "alibi_kernel", "alibi_bias", "Partitions", "sample_partitions", "attention", "nn", "kernels", "masks", "theory"]
