@@ -29,11 +29,17 @@ __all__ = ["environment", "save_results", "load_results", "progress", "markdown_
            "fmt", "config_to_dict", "torch_threads"]
 
 
+def _program() -> str:
+    """How the running command is typed: ``poslsh`` for the CLI however it was started."""
+    name = Path(sys.argv[0]).name
+    return "poslsh" if name in ("cli.py", "__main__.py", "poslsh") else name
+
+
 def environment() -> dict[str, Any]:
     """Where and how a result was produced: date, command, versions, device."""
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": " ".join([_program()] + sys.argv[1:]),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
