@@ -96,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         register(sub)
 
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ValueError, RuntimeError) as err:  # bad flags or a missing device: a message, not a traceback
+        print(f"poslsh {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         names = args.only or [k for k, (_, d) in EXPERIMENTS.items() if d and _available(k)]
         args.out.mkdir(parents=True, exist_ok=True)

@@ -156,11 +156,22 @@ def _counts(rows_pos, cols_pos, hR, W, U, S, E, Nk, R: tl.constexpr, CUT: tl.con
 
 
 @triton.jit
+def _near_field(qk, diff, slope2, wh):
+    """Hybrid near field: pairs with |i - j| <= w_h (``diff`` = i - j) get the exact ALiBi weight,
+    added to the base-2 logits as -m_h log2(e) |i - j| (``slope2``), in place of the collision mean.
+    Returns (near, qk)."""
+    dist = tl.abs(diff)
+    near = dist <= wh
+    qk = tl.where(near, qk - slope2 * dist.to(tl.float32), qk)
+    return near, qk
+
+
+@triton.jit
 def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, stop,
-                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r,
+                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                  R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
-                 PREC: tl.constexpr, FDIV: tl.constexpr):
+                 PREC: tl.constexpr, FDIV: tl.constexpr, HYBRID: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -173,7 +184,11 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, 
         if BOUNDARY:
             cols_c = tl.minimum(offs_n, Nk - 1)
             cnt = _counts(q_pos_c, cols_c, hR, W, U, S, E, Nk, R, CUT, CAUSAL, True, FDIV)
-            valid = (cnt > 0) & (offs_n[None, :] < Nk)
+            hit = cnt > 0
+            if HYBRID:
+                near, qk = _near_field(qk, q_pos[:, None] - offs_n[None, :], slope2, wh)
+                hit = hit | near
+            valid = hit & (offs_n[None, :] < Nk)
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= q_pos[:, None])
             qk = tl.where(valid, qk, float("-inf"))
@@ -181,7 +196,10 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, 
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk - m_new[:, None])
         if BOUNDARY:
-            p = p * (cnt.to(tl.float32) * inv_r)
+            wgt = cnt.to(tl.float32) * inv_r
+            if HYBRID:
+                wgt = tl.where(near, 1.0, wgt)
+            p = p * wgt
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
