@@ -10,6 +10,8 @@ by bench/gpu_dev.py and poslsh bench (bench/NOTES.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,7 +31,17 @@ def rel(a, b):
 CASES = [
     ("lsh", True, "grid"), ("lsh", False, "grid"), ("lsh", True, "cut"), ("lsh", False, "cut"),
     ("exact", True, None), ("exact", False, None), ("window", True, None), ("window", False, None),
+    ("hybrid", True, "grid"), ("hybrid", False, "grid"), ("hybrid", True, "cut"), ("hybrid", False, "cut"),
 ]
+# Hybrid: steep slopes (short blocks, so the band reaches beyond their union) and near-field
+# half-widths set by hand so that both fields matter at these small n (hybrid_widths would make
+# small-slope heads all exact): 0 (diagonal only), inside a block of 16, across blocks, wider than 32.
+HYBRID_SLOPES = torch.tensor([0.9, 0.5, 0.2, 0.1], dtype=torch.float64)
+HYBRID_WINDOW = torch.tensor([0, 5, 17, 40])
+
+
+def with_hybrid_window(spec):
+    return dataclasses.replace(spec, window=HYBRID_WINDOW) if spec.method == "hybrid" else spec
 
 
 @pytest.mark.parametrize("method,causal,scheme", CASES)
@@ -37,14 +49,15 @@ def test_forward_matches_reference(method, causal, scheme):
     torch.manual_seed(0)
     B, H, Hkv, Nq, Nk, D = 2, 4, 2, 45, 70, 16
     q, k, v = torch.randn(B, H, Nq, D), torch.randn(B, Hkv, Nk, D), torch.randn(B, Hkv, Nk, D)
-    slopes = alibi_slopes(H) * 0.3
+    slopes = HYBRID_SLOPES if method == "hybrid" else alibi_slopes(H) * 0.3
     spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method=method, samples=3, scheme=scheme or "grid",
                         window_eps=0.1, generator=torch.Generator().manual_seed(0))
+    spec = with_hybrid_window(spec)
     out, lse = flex_attention_spec(q, k, v, spec, block=16)
     qd, kd, vd = q.double(), k.double(), v.double()
     spec64 = resolve_spec(qd, kd, vd, slopes=slopes, causal=causal, method=method, window_eps=0.1,
-                          partitions=spec.partitions if method == "lsh" else None)
-    ro, rl = reference_attention(qd, kd, vd, spec64)
+                          partitions=spec.partitions if method in ("lsh", "hybrid") else None)
+    ro, rl = reference_attention(qd, kd, vd, with_hybrid_window(spec64))
     assert rel(out, ro) <= 1e-5 and rel(lse, rl) <= 1e-5
 
 
@@ -82,8 +95,10 @@ def test_block_mask_covers_exactly(method, causal, scheme, block):
     torch.manual_seed(2)
     H, Nq, Nk = 4, 100, 120
     q, k = torch.randn(1, H, Nq, 16), torch.randn(1, 2, Nk, 16)
-    spec = resolve_spec(q, k, k, slopes=alibi_slopes(H) * 0.1, causal=causal, method=method, samples=4,
+    slopes = HYBRID_SLOPES if method == "hybrid" else alibi_slopes(H) * 0.1
+    spec = resolve_spec(q, k, k, slopes=slopes, causal=causal, method=method, samples=4,
                         scheme=scheme or "grid", window_eps=1e-2, generator=torch.Generator().manual_seed(2))
+    spec = with_hybrid_window(spec)
     _, mask_mod = _mods(spec, q.device, Nq, Nk)
     bm = range_block_mask(*_ranges(spec, Nq, Nk, block, q.device), Nq, Nk, mask_mod, block)
     nqb, nkb = -(-Nq // block), -(-Nk // block)
@@ -122,3 +137,37 @@ def test_not_chosen_on_cpu():
     q = torch.randn(1, 2, 8, 16)
     spec = resolve_spec(q, q, q, method="lsh", samples=2)
     assert not supports_flex(q, spec)
+
+
+def test_hybrid_declared_and_kernels_refused():
+    """Flex declares "hybrid" (ALiBi slopes); hybrid with general kernels is refused (checked before
+    the device, so this holds on the CPU too)."""
+    from poslsh.attention.dispatch import BACKENDS
+    from poslsh.kernels import power_law
+
+    assert "hybrid" in BACKENDS["flex"].methods and not BACKENDS["flex"].kernels
+    q = torch.randn(1, 2, 8, 16)
+    assert not BACKENDS["flex"].accepts(q, resolve_spec(q, q, q, method="hybrid", kernel=power_law(0.7), samples=2))
+
+
+def test_hybrid_mods_split_at_the_window():
+    """score_mod and mask_mod hold the hybrid's weights at |p - j| = w_h (exact) and w_h + 1 (collision
+    mean, or masked when no sample shares the block), against dense_log_weights."""
+    torch.manual_seed(3)
+    H, N = 4, 50
+    q = torch.randn(1, H, N, 16)
+    for causal in (True, False):
+        spec = with_hybrid_window(resolve_spec(q, q, q, slopes=HYBRID_SLOPES, causal=causal, method="hybrid",
+                                               samples=2, generator=torch.Generator().manual_seed(3)))
+        score_mod, mask_mod = _mods(spec, q.device, N, N)
+        logw = dense_log_weights(spec, N, N, q.device)  # [H, N, N], float64
+        hh, ii, jj = (x.reshape(-1) for x in torch.meshgrid(torch.arange(H), torch.arange(N), torch.arange(N),
+                                                            indexing="ij"))
+        zero = torch.zeros(hh.shape)
+        keep = mask_mod(0, hh, ii, jj).reshape(H, N, N)
+        assert torch.equal(keep, torch.isfinite(logw))
+        got = score_mod(zero, 0, hh, ii, jj).reshape(H, N, N).double()
+        assert torch.allclose(got[keep], logw[keep], rtol=0, atol=1e-5)
+        d = (torch.arange(N)[:, None] - torch.arange(N)[None, :]).abs()
+        seam = (d[None] == HYBRID_WINDOW[:, None, None] + 1) & keep
+        assert seam.any()  # pairs just beyond the window, weighted by the collision mean

@@ -173,3 +173,114 @@ def test_general_kernel_partitions():
     ref, ref_lse = attention(q.double(), k.double(), v.double(), kernel=power_law(0.7), samples=3, generator=g,
                              backend="reference", causal=False, return_lse=True)
     assert rel(out, ref) <= 1e-5 and rel(lse, ref_lse) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# method "hybrid": exact ALiBi weights for |i - j| <= w_h, collision means c_ij beyond
+# --------------------------------------------------------------------------------------------------
+
+
+def hybrid_reference(q, k, v, parts, slopes, window, causal):
+    """The float64 reference backend on an explicit hybrid spec (any window, not only hybrid_widths')."""
+    from poslsh.attention.core import AttentionSpec
+    from poslsh.attention.reference import reference_attention
+
+    nq, nk = q.shape[2], k.shape[2]
+    spec = AttentionSpec(slopes=slopes, causal=causal, method="hybrid", scale=1 / math.sqrt(q.shape[-1]),
+                         q_offset=nk - nq, partitions=parts, window=window)
+    return reference_attention(q, k, v, spec)
+
+
+def run_hybrid_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes, window, backward=True, seed=0,
+                    both_fields=True):
+    torch.manual_seed(seed)
+    slopes = torch.as_tensor(slopes, dtype=torch.float64)
+    window = torch.as_tensor(window, dtype=torch.int64)
+    parts = sample_partitions(Nk, slopes, r, scheme=scheme, generator=torch.Generator().manual_seed(seed))
+    if both_fields:
+        # Near pairs that no sample puts in one block (kept only by the near rule) and far pairs that
+        # some sample does (kept only by the collision rule) must both occur.
+        bhat = parts.mean_mask()[:, Nk - Nq:, :]
+        dist = (torch.arange(Nk - Nq, Nk)[:, None] - torch.arange(Nk)[None, :]).abs()
+        near = dist[None] <= window[:, None, None]
+        if causal:
+            bhat = bhat.masked_fill(torch.arange(Nk)[None, None, :] > torch.arange(Nk - Nq, Nk)[None, :, None], 0)
+        assert (near & (bhat == 0)).any() and (~near & (bhat > 0)).any()
+    q = torch.randn(B, H, Nq, D, requires_grad=backward)
+    k = torch.randn(B, Hkv, Nk, D, requires_grad=backward)
+    v = torch.randn(B, Hkv, Nk, D, requires_grad=backward)
+    out, lse = lsh_attention_triton_fn(q, k, v, parts, causal=causal, slopes=slopes, window=window)
+    qd, kd, vd = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
+    ro, rl = hybrid_reference(qd, kd, vd, parts, slopes, window, causal)
+    assert out.shape == (B, H, Nq, D) and lse.shape == (B, H, Nq) and lse.dtype == torch.float32
+    assert rel(out, ro) <= 1e-5, rel(out, ro)
+    assert rel(lse, rl) <= 1e-5, rel(lse, rl)
+    if backward:
+        do = torch.randn_like(out)
+        g = torch.autograd.grad(out, (q, k, v), do)
+        rg = torch.autograd.grad(ro, (qd, kd, vd), do.double())
+        for name, a, b in zip("qkv", g, rg):
+            assert rel(a, b) <= 1e-5, (name, rel(a, b))
+
+
+@pytest.mark.parametrize(
+    "B,H,Hkv,Nq,Nk,D,r,causal,scheme,slopes,window",
+    [
+        # grouped KV, 2^5 + 1; w = 0 (diagonal only), inside one tile, across tiles, past the end
+        (1, 4, 2, 33, 33, 16, 3, True, "grid", [0.8, 0.5, 0.3, 0.2], [0, 3, 20, 40]),
+        # bidirectional, Nq < Nk, batch 2; a slope-0 head (one block) beside a steep one
+        (2, 2, 2, 17, 40, 32, 3, False, "grid", [0.6, 0.0], [5, 18]),
+        # multi-query KV, cut scheme, H not 2^k, 2^5 - 1
+        (1, 3, 1, 31, 31, 16, 4, True, "cut", [0.9, 0.4, 0.7], [2, 9, 0]),
+        # bidirectional cut, Nq < Nk
+        (1, 2, 2, 20, 37, 16, 2, False, "cut", [0.7, 0.3], [1, 17]),
+    ],
+)
+def test_hybrid_forward_backward_matches_float64(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes, window):
+    run_hybrid_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes, window)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_hybrid_interior_tiles(causal):
+    """Wide blocks (r = 1, small slopes, a slope-0 head) give interior tiles, where the kernel skips
+    the counts (c_ij = 1) but must still apply the near field's e^{-m |i - j|} (0.67 at |i - j| = 20)."""
+    slopes, window = [0.0, 0.004, 0.02], [7, 12, 20]
+    parts = sample_partitions(48, slopes, 1, generator=torch.Generator().manual_seed(0))
+    tiles = tl_mod.tile_counts(parts, 48, causal, 16, 16, window=torch.tensor(window))
+    assert tiles["interior"] > 0 and tiles["boundary"] > 0
+    run_hybrid_case(1, 3, 3, 48, 48, 16, 1, causal, "grid", slopes, window, backward=causal, both_fields=False)
+
+
+def test_hybrid_dispatch_and_refusals():
+    """poslsh.attention(method="hybrid", backend="triton") with hybrid_widths' w_h agrees with the
+    reference backend; the kernel refuses hybrid with general kernels and with key padding."""
+    from poslsh import attention
+    from poslsh.attention.dispatch import BACKENDS, resolve_spec
+    from poslsh.kernels import power_law
+
+    assert "hybrid" in BACKENDS["triton"].methods
+    torch.manual_seed(5)
+    slopes = [0.5, 0.25, 0.125, 0.0625]
+    parts = sample_partitions(29, slopes, 3, generator=torch.Generator().manual_seed(5))
+    q = torch.randn(1, 4, 23, 16, requires_grad=True)
+    k = torch.randn(1, 2, 29, 16, requires_grad=True)
+    v = torch.randn(1, 2, 29, 16, requires_grad=True)
+    kw = dict(method="hybrid", partitions=parts, hybrid_eps=0.3, return_lse=True)
+    out, lse = attention(q, k, v, backend="triton", **kw)
+    ref, ref_lse = attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+    assert rel(out, ref) <= 1e-5 and rel(lse, ref_lse) <= 1e-5
+    lsh = attention(q, k, v, method="lsh", partitions=parts, backend="triton")
+    assert rel(lsh, ref) > 1e-3  # the near field matters in this case
+    window = resolve_spec(q, k, v, method="hybrid", partitions=parts, hybrid_eps=0.3).window
+    lsh_tiles = tl_mod.tile_counts(parts, 23, True, 16, 16)
+    hyb_tiles = tl_mod.tile_counts(parts, 23, True, 16, 16, window=window)
+    assert hyb_tiles["interior"] == lsh_tiles["interior"] and hyb_tiles["boundary"] >= lsh_tiles["boundary"]
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    q2 = torch.randn(1, 2, 16, 16)
+    pad = torch.ones(1, 16, dtype=torch.bool)
+    refused = [resolve_spec(q2, q2, q2, method="hybrid", kernel=power_law(0.7), samples=2),
+               resolve_spec(q2, q2, q2, method="hybrid", samples=2, key_padding_mask=pad)]
+    for spec in refused:
+        assert not BACKENDS["triton"].accepts(q2, spec)
+    assert BACKENDS["triton"].accepts(q2, resolve_spec(q2, q2, q2, method="hybrid", samples=2))

@@ -1,4 +1,5 @@
-"""FlexAttention backend ("flex"): exact ALiBi, the per-head window, and the positional-LSH estimator.
+"""FlexAttention backend ("flex"): exact ALiBi, the per-head window, the positional-LSH estimator and the
+hybrid of the last two.
 
 Each method is a ``score_mod`` (the weight as an additive log term) plus a ``BlockMask`` built
 directly from per-query-block key ranges (never ``create_block_mask``, which evaluates the mask over
@@ -8,7 +9,10 @@ all Nq x Nk positions):
 * window: the same score, keys |p - j| <= w_h only; blocks entirely inside the band are "full";
 * lsh:    score + log(c_pj), c_pj = #{t : p, j share a block}/r from the grid scalars (W, U) or the
   per-position block bounds (cut scheme); key blocks in the union of the query block's blocks are
-  visited, those inside every block of every row are "full" (no mask_mod evaluation).
+  visited, those inside every block of every row are "full" (no mask_mod evaluation);
+* hybrid: score - m_h |p - j| for |p - j| <= w_h, score + log(c_pj) beyond (ALiBi slopes only); key
+  blocks in the union of the band's and the blocks' ranges are visited, the band's "full" blocks
+  (every pair near) stay full.
 
 For every (head, query block) the kept key blocks are one interval [lo, hi) with a "full" sub-interval
 [flo, fhi); both ends are non-decreasing in the query block, so the transposed (key block -> query
@@ -218,6 +222,7 @@ def _mods(spec: AttentionSpec, device: torch.device, nq: int, nk: int):
     parts = spec.partitions
     r = parts.num_samples
     log_r = math.log(r)
+    win = spec.window.to(device) if spec.method == "hybrid" else None
     if parts.scheme == "grid":
         W, U = normalize_grid(parts.widths.to(device), parts.offsets.to(device), nk)
 
@@ -239,15 +244,28 @@ def _mods(spec: AttentionSpec, device: torch.device, nq: int, nk: int):
                 c = hit.to(torch.float32) if c is None else c + hit.to(torch.float32)
             return c
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + torch.log(count(h, q_idx + qoff, kv_idx)) - log_r
+    if spec.method == "lsh":
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + torch.log(count(h, q_idx + qoff, kv_idx)) - log_r
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        p = q_idx + qoff
-        keep = count(h, p, kv_idx) > 0
-        if causal:
-            keep = keep & (kv_idx <= p)
-        return keep & pad_ok(b, kv_idx)
+        def mask_mod(b, h, q_idx, kv_idx):
+            p = q_idx + qoff
+            keep = count(h, p, kv_idx) > 0
+            if causal:
+                keep = keep & (kv_idx <= p)
+            return keep & pad_ok(b, kv_idx)
+    else:  # hybrid: exact ALiBi weights in the band |p - j| <= w_h, collision means beyond
+        def score_mod(score, b, h, q_idx, kv_idx):
+            d = (q_idx + qoff - kv_idx).abs()
+            far = torch.log(count(h, q_idx + qoff, kv_idx)) - log_r
+            return score + torch.where(d <= win[h], -slopes[h] * d.to(torch.float32), far)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            p = q_idx + qoff
+            keep = ((p - kv_idx).abs() <= win[h]) | (count(h, p, kv_idx) > 0)
+            if causal:
+                keep = keep & (kv_idx <= p)
+            return keep & pad_ok(b, kv_idx)
 
     return score_mod, mask_mod
 
@@ -257,16 +275,26 @@ def _ranges(spec: AttentionSpec, nq: int, nk: int, block: int, device: torch.dev
     last = torch.clamp(first + block - 1, max=spec.q_offset + nq - 1)
     if spec.method == "lsh":
         return lsh_block_ranges(spec, nq, nk, block)
+    if spec.method == "hybrid":  # keys: union of the blocks' and the band's; full: the band's
+        lo, hi, _, _ = lsh_block_ranges(spec, nq, nk, block)
+        blo, bhi, bflo, bfhi = _band_ranges(spec.window.to(device), first, last, spec.causal, nk)
+        return torch.minimum(lo, blo), torch.maximum(hi, bhi), bflo, bfhi
     if spec.method == "exact":
         lo = torch.zeros_like(first)
         if spec.causal:
             return lo[None], (last + 1)[None], lo[None], (first + 1)[None]
         n = torch.full_like(first, nk)
         return lo[None], n[None], lo[None], n[None]
-    w = spec.window.to(device)[:, None]
+    return _band_ranges(spec.window.to(device), first, last, spec.causal, nk)
+
+
+def _band_ranges(window: Tensor, first: Tensor, last: Tensor, causal: bool, nk: int):
+    """Keys of the band |p - j| <= w_h for query blocks [first, last]: all [lo, hi), every row's
+    [flo, fhi); int64 [H, nqb]."""
+    w = window[:, None]
     lo = (first - w).clamp(min=0)
     flo = last - w
-    if spec.causal:
+    if causal:
         return lo, (last + 1).expand_as(lo), flo, (first + 1).expand_as(lo)
     return lo, (last + w + 1).clamp(max=nk), flo, (first + w + 1).clamp(max=nk)
 
@@ -283,7 +311,8 @@ def flex_mods(spec: AttentionSpec, nq: int, nk: int, device: torch.device, block
 
 def flex_attention_spec(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, block: int = DEFAULT_BLOCK,
                         mods: tuple[Callable, "BlockMask"] | None = None) -> tuple[Tensor, Tensor]:
-    """Run ``spec`` (exact / window / lsh) through FlexAttention: (out [B, H, Nq, D], lse [B, H, Nq] fp32).
+    """Run ``spec`` (exact / window / lsh / hybrid) through FlexAttention: (out [B, H, Nq, D],
+    lse [B, H, Nq] fp32).
 
     ``mods`` = ``flex_mods(spec, ...)`` reuses a prebuilt score_mod and block mask."""
     nq, nk = q.shape[2], k.shape[2]
@@ -309,7 +338,7 @@ def supports_flex(q: Tensor, spec: AttentionSpec) -> bool:
     "fused" backend, so it is never chosen there; tests call ``flex_attention_spec`` directly."""
     if not flex_available or q.device.type != "cuda":
         return False
-    if spec.method not in ("exact", "window", "lsh") or getattr(spec, "kernels", None) is not None:
+    if spec.method not in ("exact", "window", "lsh", "hybrid") or getattr(spec, "kernels", None) is not None:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
@@ -322,7 +351,8 @@ def _register() -> None:
     except ImportError:  # pragma: no cover
         return
     # Below the Triton kernel, above the torch backends: the fallback for shapes Triton does not cover.
-    register_backend("flex", flex_attention_spec, supports_flex, priority=50)
+    register_backend("flex", flex_attention_spec, supports_flex, priority=50,
+                     methods=("exact", "window", "lsh", "hybrid"))
 
 
 if flex_available:

@@ -29,6 +29,13 @@ Backward is FlashAttention-2 style: recompute P from the LSE; delta = rowsum(dO 
 per key tile for dK, dV (looping over the query heads of its KV group, so grouped KV needs no
 atomics) over the queries whose blocks reach the tile (membership is symmetric: j is in i's
 block iff i is in j's block), and one kernel per query tile for dQ.
+
+Method "hybrid" (``HYBRID: tl.constexpr``; the LSH kernels compile exactly as without it): pairs with
+|i - j| <= w_h get the exact ALiBi weight e^{-m_h |i - j|}, added to the logits as -m_h |i - j|, and
+c_ij only beyond, so a pair in the near field is kept even when no sample puts it in i's block. Each
+tile's range is the union of the blocks and the near field [i - w_h, i] (causal) or
+[i - w_h, i + w_h]; interior tiles stay plain except for the near-field term (c_ij = 1 there). The
+slope and w_h come per head (``SLOPE2``, ``WIN``); general positional kernels are not supported.
 """
 
 from __future__ import annotations
@@ -156,9 +163,17 @@ def _counts(rows_pos, cols_pos, hR, W, U, S, E, Nk, R: tl.constexpr, CUT: tl.con
 
 
 @triton.jit
+def _head_near(SLOPE2, WIN, h):
+    """Hybrid: head h's slope times log2(e) and near-field half-width w_h, as scalars."""
+    one = tl.arange(0, 1)  # one-element loads reduced to scalars (the interpreter's scalars are (1,))
+    return tl.sum(tl.load(SLOPE2 + h + one), 0), tl.sum(tl.load(WIN + h + one), 0)
+
+
+@triton.jit
 def _near_field(qk, diff, slope2, wh):
     """Hybrid near field: pairs with |i - j| <= w_h (``diff`` = i - j) get the exact ALiBi weight,
-    added to the base-2 logits as -m_h log2(e) |i - j| (``slope2``), in place of the collision mean.
+    added to the base-2 logits as -m_h log2(e) |i - j| (``slope2``); the caller then uses weight 1
+    for them instead of the collision mean (interior tiles: 1 everywhere, since c_ij = 1 there).
     Returns (near, qk)."""
     dist = tl.abs(diff)
     near = dist <= wh
@@ -181,12 +196,13 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, 
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if HYBRID:
+            near, qk = _near_field(qk, q_pos[:, None] - offs_n[None, :], slope2, wh)
         if BOUNDARY:
             cols_c = tl.minimum(offs_n, Nk - 1)
             cnt = _counts(q_pos_c, cols_c, hR, W, U, S, E, Nk, R, CUT, CAUSAL, True, FDIV)
             hit = cnt > 0
             if HYBRID:
-                near, qk = _near_field(qk, q_pos[:, None] - offs_n[None, :], slope2, wh)
                 hit = hit | near
             valid = hit & (offs_n[None, :] < Nk)
             if CAUSAL:
@@ -207,14 +223,14 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER,
+def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER, SLOPE2, WIN,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
                 B, H, Nq, Nk, q_offset, group, qk_scale, inv_r,
                 R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                FDIV: tl.constexpr):
+                FDIV: tl.constexpr, HYBRID: tl.constexpr):
     pid = tl.program_id(0)
     n_mt = tl.cdiv(Nq, BLOCK_M)
     tile = pid % n_mt
@@ -239,6 +255,12 @@ def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER,
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
 
     lo, hi, in_lo, in_hi = _ranges(pa, pb, hR, W, U, S, E, Nk, R, CUT, FDIV)
+    slope2 = 0.0  # slope * log2(e) and w_h: used only when HYBRID
+    wh = 0
+    if HYBRID:  # add the near field [pa - w_h, pb + w_h] to the union of the blocks
+        slope2, wh = _head_near(SLOPE2, WIN, h)
+        lo = tl.minimum(lo, tl.maximum(pa - wh, 0))
+        hi = tl.maximum(hi, tl.minimum(pb + wh + 1, Nk))
     if CAUSAL:
         hi = tl.minimum(hi, pb + 1)
         in_hi = tl.minimum(in_hi, pa + 1)
@@ -255,14 +277,14 @@ def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, a, e1,
-                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r,
-                                 BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV)
+                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                                 BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV, HYBRID)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bnd, c,
-                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r,
-                                 BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, False, PREC, FDIV)
+                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                                 BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, False, PREC, FDIV, HYBRID)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, s3, d,
-                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r,
-                                 BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV)
+                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                                 BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV, HYBRID)
 
     out = acc / l_i[:, None]
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -273,10 +295,10 @@ def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER,
 
 @triton.jit
 def _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                  start, stop, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, inv_r,
+                  start, stop, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, inv_r, slope2, wh,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                   R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
-                  PREC: tl.constexpr, FDIV: tl.constexpr):
+                  PREC: tl.constexpr, FDIV: tl.constexpr, HYBRID: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     for m0 in range(start, stop, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -292,15 +314,23 @@ def _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn
             lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634
             delta = tl.load(delta_base + offs_m)
         qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+        if HYBRID:
+            near, qkT = _near_field(qkT, (offs_m + q_offset)[None, :] - k_pos[:, None], slope2, wh)
         pT = tl.math.exp2(qkT - lse2[None, :])
         if BOUNDARY:
             q_pos = offs_m + q_offset
             q_pos_c = tl.minimum(q_pos, Nk - 1)
             cnt = _counts(k_pos_c, q_pos_c, hR, W, U, S, E, Nk, R, CUT, CAUSAL, False, FDIV)
-            valid = (cnt > 0) & (offs_m[None, :] < Nq) & (k_pos[:, None] < Nk)
+            hit = cnt > 0
+            if HYBRID:
+                hit = hit | near
+            valid = hit & (offs_m[None, :] < Nq) & (k_pos[:, None] < Nk)
             if CAUSAL:
                 valid = valid & (k_pos[:, None] <= q_pos[None, :])
-            pT = tl.where(valid, pT * (cnt.to(tl.float32) * inv_r), 0.0)
+            wgt = cnt.to(tl.float32) * inv_r
+            if HYBRID:
+                wgt = tl.where(near, 1.0, wgt)
+            pT = tl.where(valid, pT * wgt, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
@@ -309,7 +339,7 @@ def _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER, SLOPE2, WIN,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -317,7 +347,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER,
                      R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                FDIV: tl.constexpr):
+                     FDIV: tl.constexpr, HYBRID: tl.constexpr):
     pid = tl.program_id(0)
     n_nt = tl.cdiv(Nk, BLOCK_N)
     tile = pid % n_nt
@@ -344,6 +374,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER,
         h = hk * group + g
         hR = h * R
         lo, hi, in_lo, in_hi = _ranges(pa, pb, hR, W, U, S, E, Nk, R, CUT, FDIV)
+        slope2 = 0.0  # slope * log2(e) and w_h: used only when HYBRID
+        wh = 0
+        if HYBRID:  # add the queries whose near field reaches the tile: [pa - w_h, pb + w_h]
+            slope2, wh = _head_near(SLOPE2, WIN, h)
+            lo = tl.minimum(lo, pa - wh)
+            hi = tl.maximum(hi, pb + wh + 1)
         if CAUSAL:
             lo = tl.maximum(lo, pa)
             in_lo = tl.maximum(in_lo, pb)
@@ -363,13 +399,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER,
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
         dk, dv = _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
                                a, e1, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, inv_r,
-                               BLOCK_M, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV)
+                               slope2, wh, BLOCK_M, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV,
+                               HYBRID)
         dk, dv = _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
                                bnd, c, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, inv_r,
-                               BLOCK_M, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, False, PREC, FDIV)
+                               slope2, wh, BLOCK_M, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, False, PREC, FDIV,
+                               HYBRID)
         dk, dv = _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
                                s3, d, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, inv_r,
-                               BLOCK_M, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV)
+                               slope2, wh, BLOCK_M, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV,
+                               HYBRID)
 
     dk = dk * scale
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
@@ -380,10 +419,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER,
 
 @triton.jit
 def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start, stop,
-                q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r,
+                q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
-                PREC: tl.constexpr, FDIV: tl.constexpr):
+                PREC: tl.constexpr, FDIV: tl.constexpr, HYBRID: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -393,14 +432,22 @@ def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, st
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if HYBRID:
+            near, qk = _near_field(qk, q_pos[:, None] - offs_n[None, :], slope2, wh)
         p = tl.math.exp2(qk - lse2[:, None])
         if BOUNDARY:
             cols_c = tl.minimum(offs_n, Nk - 1)
             cnt = _counts(q_pos_c, cols_c, hR, W, U, S, E, Nk, R, CUT, CAUSAL, True, FDIV)
-            valid = (cnt > 0) & (offs_n[None, :] < Nk)
+            hit = cnt > 0
+            if HYBRID:
+                hit = hit | near
+            valid = hit & (offs_n[None, :] < Nk)
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= q_pos[:, None])
-            p = tl.where(valid, p * (cnt.to(tl.float32) * inv_r), 0.0)
+            wgt = cnt.to(tl.float32) * inv_r
+            if HYBRID:
+                wgt = tl.where(near, 1.0, wgt)
+            p = tl.where(valid, p * wgt, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -408,7 +455,7 @@ def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, st
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER, SLOPE2, WIN,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                    stride_dqb, stride_dqh, stride_dqn,
@@ -416,7 +463,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER,
                    R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                FDIV: tl.constexpr):
+                   FDIV: tl.constexpr, HYBRID: tl.constexpr):
     pid = tl.program_id(0)
     n_mt = tl.cdiv(Nq, BLOCK_M)
     tile = pid % n_mt
@@ -445,6 +492,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER,
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     lo, hi, in_lo, in_hi = _ranges(pa, pb, hR, W, U, S, E, Nk, R, CUT, FDIV)
+    slope2 = 0.0  # slope * log2(e) and w_h: used only when HYBRID
+    wh = 0
+    if HYBRID:  # add the near field [pa - w_h, pb + w_h] to the union of the blocks
+        slope2, wh = _head_near(SLOPE2, WIN, h)
+        lo = tl.minimum(lo, tl.maximum(pa - wh, 0))
+        hi = tl.maximum(hi, tl.minimum(pb + wh + 1, Nk))
     if CAUSAL:
         hi = tl.minimum(hi, pb + 1)
         in_hi = tl.minimum(in_hi, pa + 1)
@@ -459,14 +512,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, a, e1,
-                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r,
-                     BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV)
+                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                     BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV, HYBRID)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bnd, c,
-                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r,
-                     BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, False, PREC, FDIV)
+                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                     BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, False, PREC, FDIV, HYBRID)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, s3, d,
-                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r,
-                     BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV)
+                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                     BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV, HYBRID)
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + offs_m[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -496,10 +549,11 @@ def _interpreting() -> bool:
 
 
 def tile_counts(partitions: Any, nq: int, causal: bool, block_m: int, block_n: int,
-                q_offset: int | None = None) -> dict[str, int]:
+                q_offset: int | None = None, window: Tensor | None = None) -> dict[str, int]:
     """Key tiles the forward kernel visits, summed over heads and query tiles (batch 1).
 
-    Mirrors ``_fwd_kernel``'s ranges; used for the FLOP count of the benchmark's floor.
+    Mirrors ``_fwd_kernel``'s ranges; used for the FLOP count of the benchmark's floor. ``window``
+    (int [H]): the hybrid's near-field half-widths, which widen the ranges.
 
     Returns:
         {"boundary": tiles with per-element counts, "interior": fast-path tiles,
@@ -521,6 +575,10 @@ def tile_counts(partitions: Any, nq: int, causal: bool, block_m: int, block_n: i
         s, e = partitions.block_bounds()
         lo, in_lo = s[..., pa].amin(1), s[..., pb].amax(1)
         hi, in_hi = e[..., pb].amax(1), e[..., pa].amin(1)
+    if window is not None:
+        wh = window.to(device=dev, dtype=torch.int64)[:, None]
+        lo = torch.minimum(lo, (pa - wh).clamp(min=0))
+        hi = torch.maximum(hi, (pb + wh + 1).clamp(max=n))
     if causal:
         hi = torch.minimum(hi, pb + 1)
         in_hi = torch.minimum(in_hi, pa + 1)
@@ -538,7 +596,8 @@ class _Layout:
     """What the kernels need to know about the blocks: grid scalars or per-position bounds."""
 
     def __init__(self, widths: Tensor | None, offsets: Tensor | None, starts: Tensor | None,
-                 ends: Tensor | None, n: int, num_heads: int, device: torch.device):
+                 ends: Tensor | None, n: int, num_heads: int, device: torch.device,
+                 slopes: Tensor | None = None, window: Tensor | None = None):
         if starts is not None:
             assert ends is not None
             self.cut = True
@@ -559,6 +618,21 @@ class _Layout:
             self.r = self.W.shape[1]
             self.S = self.E = torch.zeros(1, dtype=torch.int32, device=device)
             work = self.W.float().mean(dim=1)
+        # Hybrid (both given): exact ALiBi weights for |i - j| <= window[h]; slopes pre-multiplied by
+        # log2(e) for the base-2 logits. None (LSH) compiles the kernels without the near field.
+        self.hybrid = window is not None
+        if (slopes is None) != (window is None):
+            raise ValueError("the hybrid near field needs both slopes and window (or neither)")
+        self.slope2 = self.win = None
+        if self.hybrid:
+            if slopes.shape != (num_heads,) or window.shape != (num_heads,):
+                raise ValueError(f"slopes and window must be [H={num_heads}], got {tuple(slopes.shape)}, "
+                                 f"{tuple(window.shape)}")
+            if not bool(torch.isfinite(slopes).all()) or bool((slopes < 0).any()) or bool((window < 0).any()):
+                raise ValueError("slopes must be finite and >= 0, window >= 0")
+            self.slope2 = (slopes.to(device=device, dtype=torch.float64) * LOG2E).to(torch.float32).contiguous()
+            self.win = window.to(device=device, dtype=torch.int64).clamp(max=n).to(torch.int32).contiguous()
+            work = torch.maximum(work, self.win.float().to(work.device))  # the near field is visited too
         self.order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
         self.work = work
 
@@ -593,12 +667,13 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, lay: _Layout, causal: bool, scale: flo
             continue
         grid = (triton.cdiv(Nq, bm) * B * order.numel(),)
         _fwd_kernel[grid](
-            q, k, v, o, lse, lay.W, lay.U, lay.S, lay.E, order,
+            q, k, v, o, lse, lay.W, lay.U, lay.S, lay.E, order, lay.slope2, lay.win,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, 1.0 / lay.r,
             R=lay.r, CUT=lay.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=2 * Nk < 2**24, num_warps=nw, num_stages=ns)
+            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=2 * Nk < 2**24, HYBRID=lay.hybrid,
+            num_warps=nw, num_stages=ns)
     return o, lse
 
 
@@ -615,16 +690,16 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, la
     bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
     bd = max(16, triton.next_power_of_2(D))
     common = dict(R=lay.r, CUT=lay.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn,
-                  PREC=_prec(q.dtype), FDIV=2 * Nk < 2**24, num_warps=cfg["bwd_num_warps"],
-                  num_stages=cfg["bwd_num_stages"])
+                  PREC=_prec(q.dtype), FDIV=2 * Nk < 2**24, HYBRID=lay.hybrid,
+                  num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
     _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * Hkv,)](
-        q, k, v, do, lse, delta, dk, dv, lay.W, lay.U, lay.S, lay.E, lay.kv_order(group),
+        q, k, v, do, lse, delta, dk, dv, lay.W, lay.U, lay.S, lay.E, lay.kv_order(group), lay.slope2, lay.win,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, 1.0 / lay.r, scale, **common)
     _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * H,)](
-        q, k, v, do, lse, delta, dq, lay.W, lay.U, lay.S, lay.E, lay.order,
+        q, k, v, do, lse, delta, dq, lay.W, lay.U, lay.S, lay.E, lay.order, lay.slope2, lay.win,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
@@ -669,6 +744,8 @@ def lsh_attention_triton(
     scale: float | None = None,
     q_offset: int | None = None,
     config: dict[str, int] | None = None,
+    slopes: Tensor | None = None,
+    window: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Positional-LSH attention (fused estimator) with the Triton kernel; differentiable in q, k, v.
 
@@ -682,10 +759,12 @@ def lsh_attention_triton(
         scale: logit scale, default 1/sqrt(D).
         q_offset: key position of query row 0, default Nk - Nq.
         config: override tile sizes (see ``default_config``).
+        slopes, window: the hybrid estimator (method "hybrid"), both [H] or both None: pairs with
+            |i - j| <= window[h] get the exact ALiBi weight exp(-slopes[h] |i - j|) instead of c_ij.
 
     Returns:
         (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] float32, natural log of
-        sum_j c_ij exp(scale q_i . k_j)).
+        sum_j c_ij exp(scale q_i . k_j), c_ij the method's weight).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -697,7 +776,7 @@ def lsh_attention_triton(
         q_offset = Nk - Nq
     if q_offset < 0 or q_offset + Nq > Nk:
         raise ValueError(f"queries at positions {q_offset}..{q_offset + Nq - 1} exceed Nk = {Nk}")
-    lay = _Layout(widths, offsets, starts, ends, Nk, H, q.device)
+    lay = _Layout(widths, offsets, starts, ends, Nk, H, q.device, slopes, window)
     cfg = dict(default_config(q.dtype, D, q.device.type))
     if config:
         cfg.update(config)
@@ -708,14 +787,14 @@ def lsh_attention_triton(
 
 def lsh_attention_triton_fn(q: Tensor, k: Tensor, v: Tensor, partitions: Any, *, causal: bool = True,
                             scale: float | None = None, q_offset: int | None = None,
-                            config: dict[str, int] | None = None) -> tuple[Tensor, Tensor]:
+                            config: dict[str, int] | None = None, slopes: Tensor | None = None,
+                            window: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same as ``lsh_attention_triton`` taking a ``Partitions`` (grid: scalars; cut: block bounds)."""
+    near = dict(causal=causal, scale=scale, q_offset=q_offset, config=config, slopes=slopes, window=window)
     if partitions.scheme == "grid":
-        return lsh_attention_triton(q, k, v, partitions.widths, partitions.offsets, causal=causal,
-                                    scale=scale, q_offset=q_offset, config=config)
+        return lsh_attention_triton(q, k, v, partitions.widths, partitions.offsets, **near)
     s, e = partitions.block_bounds()
-    return lsh_attention_triton(q, k, v, starts=s, ends=e, causal=causal, scale=scale,
-                                q_offset=q_offset, config=config)
+    return lsh_attention_triton(q, k, v, starts=s, ends=e, **near)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,22 +803,26 @@ def lsh_attention_triton_fn(q: Tensor, k: Tensor, v: Tensor, partitions: Any, *,
 
 
 def triton_backend(q: Tensor, k: Tensor, v: Tensor, spec: Any) -> tuple[Tensor, Tensor]:
-    """``fn(q, k, v, spec)`` for the dispatcher: method "lsh" with the spec's partitions."""
+    """``fn(q, k, v, spec)`` for the dispatcher: method "lsh" or "hybrid" (ALiBi slopes, near-field
+    half-widths ``spec.window``) with the spec's partitions."""
+    kw = dict(causal=spec.causal, scale=spec.scale, q_offset=spec.q_offset)
+    if spec.method == "hybrid":
+        kw.update(slopes=spec.slopes, window=spec.window)
     d, dv = q.shape[-1], v.shape[-1]
     if dv != d:  # one head dim in the kernel: zero-pad (q.k unchanged) and slice the output
         m = max(d, dv)
         pad = lambda x: torch.nn.functional.pad(x, (0, m - x.shape[-1]))  # noqa: E731
-        out, lse = lsh_attention_triton_fn(pad(q), pad(k), pad(v), spec.partitions, causal=spec.causal,
-                                           scale=spec.scale, q_offset=spec.q_offset)
+        out, lse = lsh_attention_triton_fn(pad(q), pad(k), pad(v), spec.partitions, **kw)
         return out[..., :dv], lse
-    return lsh_attention_triton_fn(q, k, v, spec.partitions, causal=spec.causal, scale=spec.scale,
-                                   q_offset=spec.q_offset)
+    return lsh_attention_triton_fn(q, k, v, spec.partitions, **kw)
 
 
 def supports_triton(q: Tensor, spec: Any) -> bool:
-    """lsh, no key padding mask, fp16/bf16/fp32 on CUDA (or anywhere under TRITON_INTERPRET=1),
-    power-of-two-padded head dims 16..256, Dv == D."""
-    if spec.method != "lsh" or spec.key_padding_mask is not None or spec.partitions is None:
+    """lsh (any kernel's partitions) or hybrid (ALiBi slopes only: the near field is e^{-m|i-j|}), no key
+    padding mask, fp16/bf16/fp32 on CUDA (or anywhere under TRITON_INTERPRET=1), head dims 16..256."""
+    if spec.method not in ("lsh", "hybrid") or spec.key_padding_mask is not None or spec.partitions is None:
+        return False
+    if spec.method == "hybrid" and (getattr(spec, "kernels", None) is not None or spec.window is None):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
@@ -752,11 +835,12 @@ def _register() -> None:
     from .dispatch import register_backend
 
     # The estimator's weights are collision counts, whatever kernel the partitions were drawn for,
-    # so the kernel also serves general positional kernels (method "lsh"). Under TRITON_INTERPRET=1
+    # so the kernel also serves general positional kernels (method "lsh"; "hybrid" only with ALiBi
+    # slopes, which supports_triton checks: its near field is e^{-m|i-j|}). Under TRITON_INTERPRET=1
     # the kernel runs on the CPU only to be tested: it then ranks below every torch backend, so
     # "auto" never routes CPU work through the (slow) interpreter; backend="triton" still reaches it.
     register_backend("triton", triton_backend, supports_triton, priority=-10 if _interpreting() else 100,
-                     kernels=True)
+                     methods=("lsh", "hybrid"), kernels=True)
 
 
 _register()
