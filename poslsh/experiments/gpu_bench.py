@@ -585,7 +585,9 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_xlabel("n (tokens)")
         ax.set_ylabel("median time (ms)")
-        ax.set_title(f"{pas}: B=1, H=32, D=128, bf16, causal")
+        shape = res["shape"]
+        ax.set_title(f"{pas}: B={shape['B']}, H={shape['H']}, D={shape['D']}, {shape['dtype']}, "
+                     f"{'causal' if shape['causal'] else 'bidirectional'}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
