@@ -43,8 +43,22 @@ def _cpu_scaling(doc: dict[str, Any]) -> str:
     return head + "\n" + table
 
 
+def _gpu_hybrid_check(doc: dict[str, Any]) -> str:
+    res = doc["results"]
+    checks = [[c["backend"], "causal" if c["causal"] else "bidirectional",
+               ", ".join(fmt(e) for e in c["rel_err_out_then_grads"]) if "rel_err_out_then_grads" in c else c["error"]]
+              for c in res["checks"]]
+    times = [[t["method"], t.get("hybrid_eps", "–"), t["r"], fmt(t["fwd_ms"])] for t in res["timings"]]
+    return ("Hybrid on the GPU: float32 output (then dq, dk, dv for Triton) against the float64 reference, "
+            "n = 1500, 8 heads over 4 KV heads, r = 8\n\n"
+            + markdown_table(["backend", "mask", "relative error"], checks)
+            + f"\n\nTriton forward, n = {res['timings'][0]['n']}, H = 32, D = 128, bf16, causal, same partitions\n\n"
+            + markdown_table(["method", "hybrid_eps", "r", "ms"], times))
+
+
 # (file in bench/results, renderer); a block whose file is absent is left out.
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("gpu_hybrid_check.json", _gpu_hybrid_check),
     ("cpu_scaling.json", _cpu_scaling),
 ]
 
@@ -71,6 +85,7 @@ TITLES = {
     "gpu_bench_triton_scaling.json": "GPU: the Triton kernel up to n = 1M (near-linear growth)",
     "gpu_bench_fwd_bwd_256k.json": "GPU: forward+backward against exact ALiBi at n = 256K",
     "pareto_cpu/pareto.json": "Beyond the paper: correlated sampling, hybrid, heavy-tailed kernels (CPU)",
+    "gpu_hybrid_check.json": "GPU: the hybrid method's first check (correct; not yet fast)",
 }
 
 
