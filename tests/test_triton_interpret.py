@@ -59,6 +59,19 @@ def rel(a, b):
         return float(a.abs().max()) * 1e-1
     return float((a - b).norm() / b.norm())
 
+def assert_matches(out, lse, ro, rl, inputs, ref_inputs, backward):
+    """Kernel output, LSE and (if backward) q/k/v gradients within 1e-5 of the float64 reference."""
+    assert lse.dtype == torch.float32 and lse.shape == out.shape[:3]
+    assert rel(out, ro) <= 1e-5, rel(out, ro)
+    assert rel(lse, rl) <= 1e-5, rel(lse, rl)
+    if backward:
+        do = torch.randn_like(out)
+        g = torch.autograd.grad(out, inputs, do)
+        rg = torch.autograd.grad(ro, ref_inputs, do.double())
+        for name, a, b in zip("qkv", g, rg):
+            assert rel(a, b) <= 1e-5, (name, rel(a, b))
+
+
 
 def run_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes=None, backward=True, seed=0):
     torch.manual_seed(seed)
@@ -71,15 +84,7 @@ def run_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes=None, backward=True
     qd, kd, vd = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
     ro, rl = reference(qd, kd, vd, parts, causal, 1 / math.sqrt(D), Nk - Nq)
     assert out.shape == (B, H, Nq, D) and out.dtype == q.dtype
-    assert lse.shape == (B, H, Nq) and lse.dtype == torch.float32
-    assert rel(out, ro) <= 1e-5, rel(out, ro)
-    assert rel(lse, rl) <= 1e-5, rel(lse, rl)
-    if backward:
-        do = torch.randn_like(out)
-        g = torch.autograd.grad(out, (q, k, v), do)
-        rg = torch.autograd.grad(ro, (qd, kd, vd), do.double())
-        for name, a, b in zip("qkv", g, rg):
-            assert rel(a, b) <= 1e-5, (name, rel(a, b))
+    assert_matches(out, lse, ro, rl, (q, k, v), (qd, kd, vd), backward)
     return parts
 
 
@@ -212,15 +217,8 @@ def run_hybrid_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes, window, bac
     out, lse = lsh_attention_triton_fn(q, k, v, parts, causal=causal, slopes=slopes, window=window)
     qd, kd, vd = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
     ro, rl = hybrid_reference(qd, kd, vd, parts, slopes, window, causal)
-    assert out.shape == (B, H, Nq, D) and lse.shape == (B, H, Nq) and lse.dtype == torch.float32
-    assert rel(out, ro) <= 1e-5, rel(out, ro)
-    assert rel(lse, rl) <= 1e-5, rel(lse, rl)
-    if backward:
-        do = torch.randn_like(out)
-        g = torch.autograd.grad(out, (q, k, v), do)
-        rg = torch.autograd.grad(ro, (qd, kd, vd), do.double())
-        for name, a, b in zip("qkv", g, rg):
-            assert rel(a, b) <= 1e-5, (name, rel(a, b))
+    assert out.shape == (B, H, Nq, D)
+    assert_matches(out, lse, ro, rl, (q, k, v), (qd, kd, vd), backward)
 
 
 @pytest.mark.parametrize(
