@@ -1,4 +1,5 @@
-"""The ``poslsh`` command: one subcommand per experiment, and ``demo`` running them all into one report.
+"""The ``poslsh`` command: one subcommand per experiment, and ``demo`` running them all into one report
+(with the committed GPU results of ``COMMITTED`` re-plotted from their JSON).
 
 Each experiment's ``Config`` dataclass fields become its flags (``--samples 1 2 4`` for a tuple field,
 ``--no-causal`` for a bool that defaults to True).
@@ -23,6 +24,13 @@ EXPERIMENTS: dict[str, tuple[str, bool]] = {
     "bench": ("gpu_bench", False),
     "lm-validation": ("lm_validation", False),
 }
+
+
+# Results measured elsewhere (on a GPU) and committed: ``poslsh demo`` redraws their plots from the JSON
+# alone (no GPU needed) into its report. Subcommand -> file in ``RESULTS_DIR``; the module provides
+# ``replot(doc, out_dir)`` besides ``summarize``.
+COMMITTED: dict[str, str] = {"lm-validation": "lm-validation.json"}
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
 def _module(name: str):
@@ -64,6 +72,22 @@ def _config_from_args(config_cls: type, args: argparse.Namespace):
     return config_cls(**values)
 
 
+def committed_sections(out_dir: Path, results_dir: Path = RESULTS_DIR) -> list[str]:
+    """Report sections of the committed results found in ``results_dir``, their PNGs redrawn into out_dir."""
+    from .experiments.common import load_results
+
+    sections = []
+    for name, filename in COMMITTED.items():
+        path = results_dir / filename
+        if path.exists() and _available(name):
+            mod = _module(name)
+            doc = load_results(path)
+            mod.replot(doc, out_dir)
+            sections.append(mod.summarize(doc, out_dir) + f"\n\n<sub>Committed result `{path.name}`, "
+                            f"command `{doc['environment']['command']}`; plots redrawn from it.</sub>")
+    return sections
+
+
 def _write_report(out_dir: Path, sections: list[str], title: str) -> Path:
     from .experiments.common import environment
 
@@ -82,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run every CPU-sized experiment into one report folder")
     demo.add_argument("--out", type=Path, default=Path("reports/demo"))
     demo.add_argument("--only", nargs="+", choices=[k for k, (_, d) in EXPERIMENTS.items() if d],
-                      help="run only these experiments")
+                      help="run only these experiments (and leave out the committed GPU results)")
 
     for name in EXPERIMENTS:
         if not _available(name):
@@ -115,6 +139,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             results = mod.run(mod.Config(), args.out)
             sections.append(mod.summarize(results, args.out))
             print(f"[poslsh demo] {name} done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        if not args.only:
+            sections += committed_sections(args.out)
         report = _write_report(args.out, sections, "poslsh demo report")
         print(f"report: {report}")
         return 0

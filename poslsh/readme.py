@@ -68,9 +68,11 @@ def _extra_sections() -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
     import importlib
 
     found = []
-    for module, filenames in (("gpu_bench", ("gpu_bench.json", "gpu_bench_triton_scaling.json",
-                                             "gpu_bench_fwd_bwd_256k.json")),
-                              ("lm_validation", ("lm-validation.json",)), ("pareto", ("pareto_cpu/pareto.json",))):
+    for module, filenames in (("gpu_bench", ("gpu_bench_256k_v3.json", "gpu_bench_triton_scaling_v3.json", "gpu_bench.json",
+                                             "gpu_bench_triton_scaling.json", "gpu_bench_fwd_bwd_256k.json")),
+                              ("lm_validation", ("lm-validation.json",)),
+                              ("pareto", ("pareto_h200_256k/pareto.json", "pareto_h200/pareto.json",
+                                          "pareto_h200_heavy/pareto.json", "pareto_cpu/pareto.json"))):
         try:
             mod = importlib.import_module(f"poslsh.experiments.{module}")
         except ModuleNotFoundError:
@@ -81,11 +83,25 @@ def _extra_sections() -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
 
 
 TITLES = {
-    "gpu_bench.json": "GPU benchmark: every column side by side, n = 4K to 256K",
-    "gpu_bench_triton_scaling.json": "GPU: the Triton kernel up to n = 1M (near-linear growth)",
-    "gpu_bench_fwd_bwd_256k.json": "GPU: forward+backward against exact ALiBi at n = 256K",
+    "gpu_bench_256k_v3.json": "GPU, kernel v3 (the current kernel): every column side by side at n = 256K "
+                              "(the run stopped at its time limit before the Flex forward+backward phase)",
+    "gpu_bench_triton_scaling_v3.json": "GPU, kernel v3: growth from 16K to 256K (the run stopped at its time "
+                                        "limit before n = 1M; kernel v2's run to 1M is below)",
+    "gpu_bench.json": "GPU benchmark, kernel v2 (the previous kernel): every column side by side, n = 4K to 256K",
+    "gpu_bench_triton_scaling.json": "GPU, kernel v2: the Triton kernel up to n = 1M (near-linear growth)",
+    "gpu_bench_fwd_bwd_256k.json": "GPU, kernel v2: forward+backward against exact ALiBi at n = 256K",
+    "lm-validation.json": "Language-model validation (H200): an ALiBi LM trained here, perplexity per method, r "
+                          "and context",
+    "pareto_h200_256k/pareto.json": "Beyond the paper on the GPU: accuracy vs time at n = 256K (H200)",
+    "pareto_h200/pareto.json": "Beyond the paper on the GPU: accuracy vs time at n = 64K (H200; this run's 256K "
+                               "panel spent its time budget on the float32 reference of every row and was rerun "
+                               "above on the last 8192 rows)",
+    "pareto_h200_heavy/pareto.json": "Beyond the paper on the GPU: a heavy-tailed kernel at n = 64K (H200; this "
+                                     "run's ALiBi panel failed on a block-mask size bug, fixed and rerun above)",
     "pareto_cpu/pareto.json": "Beyond the paper: correlated sampling, hybrid, heavy-tailed kernels (CPU)",
-    "gpu_hybrid_check.json": "GPU: the hybrid method's first check (correct; not yet fast)",
+    "gpu_hybrid_check.json": "GPU: the hybrid method's first check (correct; its slow hybrid times below were "
+                             "the host recomputing the near-field widths on every call, cached since: see the "
+                             "Pareto results for its speed)",
 }
 
 

@@ -55,3 +55,15 @@ def test_eval_hf_missing_model_is_a_clean_error(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("hello")
     assert main(["eval-hf", "--model", str(tmp_path / "nope"), "--text", str(text), "--context", "8"]) == 2
+
+
+@pytest.mark.parametrize("method", ["hybrid:8", "lsh:8:grid:qmc"])
+def test_eval_hf_refuses_methods_the_patch_does_not_compute(tmp_path, method, capsys):
+    """The LM's method grammar is wider than the transformers patch: refused before any loading."""
+    from poslsh.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    assert main(["eval-hf", "--model", str(tmp_path / "nope"), "--text", str(text), "--context", "8",
+                 "--methods", "exact", method]) == 2
+    assert f"method {method!r} is not available for transformers models" in capsys.readouterr().err

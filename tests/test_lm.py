@@ -75,9 +75,15 @@ def test_parse_method_grammar():
     assert parse_method("window:0.01") == MethodSpec("window", window_eps=0.01)
     assert parse_method("lsh") == MethodSpec("lsh", samples=8, scheme="grid")
     assert parse_method("lsh:16:cut").label == "lsh:16:cut"
-    for bad in ("lsh:0", "lsh:4:hex", "window:2", "fast", "exact:1", "lsh:x"):
+    assert parse_method("lsh:8:grid:qmc") == MethodSpec("lsh", samples=8, sampling="qmc")
+    assert parse_method("lsh:8:grid:iid").label == "lsh:8:grid"  # iid is the default, left out of labels
+    assert parse_method("hybrid").label == "hybrid:8:grid" and parse_method("hybrid:4:grid:qmc").random
+    for bad in ("lsh:0", "lsh:4:hex", "window:2", "fast", "exact:1", "lsh:x", "lsh:8:grid:sobol",
+                "hybrid:8:grid:qmc:1", "window:0.1:grid"):
         with pytest.raises(ValueError, match="bad method"):
             parse_method(bad)
+    with pytest.raises(ValueError, match="needs the grid scheme"):
+        parse_method("lsh:8:cut:qmc")
 
 
 def _tiny_model(seed: int = 0) -> ALiBiLM:
@@ -108,6 +114,22 @@ def test_lsh_model_partitions_fixed_and_prefix_consistent(scheme):
     assert (other - full).abs().max() > 1e-4  # another seed, other partitions
     exact = _tiny_model().set_attention("exact")(idx)
     assert (full - exact).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_hybrid_and_qmc_methods_in_the_model():
+    """hybrid (exact near field) is far closer to exact than plain LSH; qmc partitions are fixed per seed and
+    differ from iid ones; the cut scheme refuses correlated sampling."""
+    m = _tiny_model(2)
+    idx = torch.randint(0, 259, (1, 80))
+    exact = m(idx)
+    err = lambda **kw: float((m.set_attention(**kw)(idx) - exact).norm() / exact.norm())  # noqa: E731
+    assert err(method="hybrid", samples=4, sampling="qmc") < err(method="lsh", samples=4, sampling="qmc") / 5
+    qmc = m.set_attention("lsh", samples=4, sampling="qmc", seed=1)(idx)
+    assert torch.equal(qmc, m(idx)) and not torch.equal(qmc, m.set_attention("lsh", samples=4, seed=1)(idx))
+    assert m.set_attention("exact").attention_options["sampling"] == "iid"
+    with pytest.raises(ValueError, match="sampling"):
+        m.set_attention("lsh", scheme="cut", sampling="qmc")
 
 
 def test_lr_schedule():
@@ -142,6 +164,16 @@ def test_perplexity_windows_align_predictions_with_targets():
         perplexity(oracle, tokens[:50], 64, device="cpu")
 
 
+def test_first_target_makes_every_context_score_the_same_tokens():
+    targets = {}
+    for n in (16, 64, 128):
+        starts, stride = sliding_windows(1000, n, 0.5, max_scored=128, first_target=128)
+        targets[n] = [s + n + 1 - stride + i for s in starts for i in range(stride)]
+    assert targets[16] == targets[64] == targets[128] == list(range(128, 256))
+    with pytest.raises(ValueError, match="first_target"):
+        sliding_windows(1000, 128, 0.5, first_target=32)  # too little text before it for context 128
+
+
 @torch.no_grad()
 def test_layer_errors_fall_with_samples_and_window_is_tiny():
     m = _tiny_model(1)
@@ -173,6 +205,15 @@ def test_tiny_training_lowers_the_loss_and_checkpoints(tmp_path):
     idx = torch.randint(0, 259, (1, 20))
     with torch.no_grad():
         assert torch.equal(model(idx), res["model"](idx))
+
+
+def test_time_budget_ends_training_in_time(tmp_path):
+    corpus = build_corpus(None, max_bytes=2**19, heldout_fraction=0.05)
+    cfg = TrainConfig(d_model=16, n_layers=1, n_heads=2, context=16, batch_size=4, steps=10**6, warmup=5,
+                      eval_every=50, eval_windows=4, device="cpu", time_budget_s=2.0)
+    res = train(cfg, tmp_path, corpus=corpus)
+    assert 50 < res["steps"] < 10**6 and res["train_seconds"] < 2.0 + 1.0
+    assert res["history"][-1]["step"] == res["steps"] and "heldout_loss" in res["history"][-1]
 
 
 def test_lm_cli_train_and_eval(tmp_path, capsys):

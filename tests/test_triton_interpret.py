@@ -73,14 +73,14 @@ def assert_matches(out, lse, ro, rl, inputs, ref_inputs, backward):
 
 
 
-def run_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes=None, backward=True, seed=0):
+def run_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes=None, backward=True, seed=0, config=None):
     torch.manual_seed(seed)
     slopes = alibi_slopes(H) if slopes is None else torch.as_tensor(slopes, dtype=torch.float64)
     parts = sample_partitions(Nk, slopes, r, scheme=scheme, generator=torch.Generator().manual_seed(seed))
     q = torch.randn(B, H, Nq, D, requires_grad=backward)
     k = torch.randn(B, Hkv, Nk, D, requires_grad=backward)
     v = torch.randn(B, Hkv, Nk, D, requires_grad=backward)
-    out, lse = lsh_attention_triton_fn(q, k, v, parts, causal=causal)
+    out, lse = lsh_attention_triton_fn(q, k, v, parts, causal=causal, config=config)
     qd, kd, vd = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
     ro, rl = reference(qd, kd, vd, parts, causal, 1 / math.sqrt(D), Nk - Nq)
     assert out.shape == (B, H, Nq, D) and out.dtype == q.dtype
@@ -99,6 +99,15 @@ def run_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes=None, backward=True
 )
 def test_forward_backward_matches_float64(B, H, Hkv, Nq, Nk, D, r, causal, scheme):
     run_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme)
+
+
+@pytest.mark.parametrize("causal,scheme", [(True, "grid"), (False, "grid"), (True, "cut")])
+def test_integer_position_path(causal, scheme):
+    """Sequences of 2^23 positions or more compare positions as integers (float32 would round them);
+    the same kernels with that path forced, against float64, LSH and hybrid."""
+    config = {"float_positions": False}
+    run_case(1, 4, 2, 33, 40, 16, 4, causal, scheme, config=config)
+    run_hybrid_case(1, 2, 2, 40, 40, 16, 3, causal, scheme, [0.3, 0.1], [5, 20], both_fields=False, config=config)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -197,7 +206,7 @@ def hybrid_reference(q, k, v, parts, slopes, window, causal):
 
 
 def run_hybrid_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes, window, backward=True, seed=0,
-                    both_fields=True):
+                    both_fields=True, config=None):
     torch.manual_seed(seed)
     slopes = torch.as_tensor(slopes, dtype=torch.float64)
     window = torch.as_tensor(window, dtype=torch.int64)
@@ -214,7 +223,7 @@ def run_hybrid_case(B, H, Hkv, Nq, Nk, D, r, causal, scheme, slopes, window, bac
     q = torch.randn(B, H, Nq, D, requires_grad=backward)
     k = torch.randn(B, Hkv, Nk, D, requires_grad=backward)
     v = torch.randn(B, Hkv, Nk, D, requires_grad=backward)
-    out, lse = lsh_attention_triton_fn(q, k, v, parts, causal=causal, slopes=slopes, window=window)
+    out, lse = lsh_attention_triton_fn(q, k, v, parts, causal=causal, slopes=slopes, window=window, config=config)
     qd, kd, vd = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
     ro, rl = hybrid_reference(qd, kd, vd, parts, slopes, window, causal)
     assert out.shape == (B, H, Nq, D)
@@ -247,6 +256,21 @@ def test_hybrid_interior_tiles(causal):
     tiles = tl_mod.tile_counts(parts, 48, causal, 16, 16, window=torch.tensor(window))
     assert tiles["interior"] > 0 and tiles["boundary"] > 0
     run_hybrid_case(1, 3, 3, 48, 48, 16, 1, causal, "grid", slopes, window, backward=causal, both_fields=False)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_hybrid_near_field_plain_tiles(causal):
+    """Near fields several tiles wide: tiles within w_h of every row skip the counts (their weight is
+    the exact e^{-m |i - j|} whatever the samples say), which is what keeps the hybrid near a
+    window's cost. tile_counts mirrors the kernel's ranges: with the near field there must be plain
+    tiles where plain LSH (r = 4, narrow blocks) has none, and the result must still be exact."""
+    # w_h = 46, 30 (14 mod 16) and 47 put the near field's edges on tile edges: off by one either way is caught
+    slopes, window = [0.5, 0.25, 0.1], [46, 30, 47]
+    parts = sample_partitions(100, slopes, 4, generator=torch.Generator().manual_seed(3))
+    lsh_tiles = tl_mod.tile_counts(parts, 100, causal, 16, 16)
+    tiles = tl_mod.tile_counts(parts, 100, causal, 16, 16, window=torch.tensor(window))
+    assert lsh_tiles["interior"] == 0 and tiles["interior"] >= 10 and tiles["boundary"] > 0
+    run_hybrid_case(1, 3, 3, 100, 100, 16, 4, causal, "grid", slopes, window, both_fields=False)
 
 
 def test_hybrid_dispatch_and_refusals():

@@ -321,7 +321,10 @@ def flex_attention_spec(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bl
         mods = flex_mods(spec, nq, nk, q.device, block, with_q_blocks=need_q)
     score_mod, bm = mods
     fn = _flex_fn(q.device)
-    with warnings.catch_warnings():
+    # q, k, v already carry the compute dtype, so autocast (e.g. a bf16 model evaluation) has nothing to do
+    # here; switched off, because autocast around compiled flex_attention has been fragile across torch
+    # versions (mixed-dtype validation, the higher-order op's autocast dispatch).
+    with warnings.catch_warnings(), torch.autocast(q.device.type, enabled=False):
         warnings.simplefilter("ignore")
         out, lse = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=spec.scale,
                       enable_gqa=q.shape[1] != k.shape[1], return_lse=True)

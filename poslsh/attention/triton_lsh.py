@@ -22,8 +22,9 @@ tile's blocks over the r samples, in three stretches:
 * right boundary tiles (the causal diagonal, or the block ends when bidirectional).
 
 Tiles outside the union are never touched. Online softmax in base 2, fp32 accumulation, LSE out.
-The weights enter multiplicatively, p_ij = c_ij * exp(s_ij - m_i), so no log is evaluated per
-element. Programs are ordered so that heads with the widest blocks (the most work) start first.
+The weights enter multiplicatively as raw counts, p_ij = (r c_ij) * exp(s_ij - m_i), so no log or
+division is evaluated per element (the common factor r cancels in the output and is taken out of
+the LSE). Programs are ordered so that heads with the widest blocks (the most work) start first.
 
 Backward is FlashAttention-2 style: recompute P from the LSE; delta = rowsum(dO * O); one kernel
 per key tile for dK, dV (looping over the query heads of its KV group, so grouped KV needs no
@@ -34,8 +35,10 @@ Method "hybrid" (``HYBRID: tl.constexpr``; the LSH kernels compile exactly as wi
 |i - j| <= w_h get the exact ALiBi weight e^{-m_h |i - j|}, added to the logits as -m_h |i - j|, and
 c_ij only beyond, so a pair in the near field is kept even when no sample puts it in i's block. Each
 tile's range is the union of the blocks and the near field [i - w_h, i] (causal) or
-[i - w_h, i + w_h]; interior tiles stay plain except for the near-field term (c_ij = 1 there). The
-slope and w_h come per head (``SLOPE2``, ``WIN``); general positional kernels are not supported.
+[i - w_h, i + w_h]; interior tiles stay plain except for the near-field term (c_ij = 1 there), and so do tiles within
+w_h of every row (their weights are exact whatever the counts): the near field costs a window's
+work, not r compares per element. The slope and w_h come per head (``SLOPE2``, ``WIN``); general
+positional kernels are not supported.
 """
 
 from __future__ import annotations
@@ -135,30 +138,51 @@ def _ranges(pa, pb, hR, W, U, S, E, Nk, R: tl.constexpr, CUT: tl.constexpr, FDIV
 
 
 @triton.jit
+def _pos(x, FDIV: tl.constexpr):
+    """Positions for comparisons: float32 when exact (FDIV). Integer compares of positions derived from
+    the loop index cost two instructions each (LLVM widens the index to 64 bits); float, one."""
+    if FDIV:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _counts(rows_pos, cols_pos, hR, W, U, S, E, Nk, R: tl.constexpr, CUT: tl.constexpr,
             CAUSAL: tl.constexpr, ROWS_ARE_QUERIES: tl.constexpr, FDIV: tl.constexpr):
-    """Collision counts between query positions and key positions as an int32 tile.
+    """Collision counts r c_ij (0..r) between query and key positions as a float32 tile.
 
     ``rows_pos`` indexes dim 0 and ``cols_pos`` dim 1; the query side is dim 0 when
-    ROWS_ARE_QUERIES, else dim 1. Positions must already be clipped to [0, Nk)."""
+    ROWS_ARE_QUERIES, else dim 1. Positions must already be clipped to [0, Nk).
+
+    This is the kernel's hot spot (r compares per element of every boundary tile). With FDIV
+    (positions < 2^23, exact in float32) positions and block bounds are compared as floats and
+    counted in float32: compare-and-add then runs on the FP32 pipe, twice as wide as the INT32
+    pipe on Hopper, and the count needs no conversion before it weights p."""
     if ROWS_ARE_QUERIES:
         qpos = rows_pos
+        kpos = cols_pos
     else:
         qpos = cols_pos
-    cnt = tl.zeros([rows_pos.shape[0], cols_pos.shape[0]], dtype=tl.int32)
+        kpos = rows_pos
+    kpos = _pos(kpos, FDIV)
+    cnt = tl.zeros([rows_pos.shape[0], cols_pos.shape[0]], dtype=tl.float32)
     for t in tl.static_range(R):
         s, e = _bounds(qpos, hR, t, W, U, S, E, Nk, CUT, FDIV)
+        s = _pos(s, FDIV)
+        e = _pos(e, FDIV)
         if ROWS_ARE_QUERIES:
-            if CAUSAL:
-                hit = cols_pos[None, :] >= s[:, None]
-            else:
-                hit = (cols_pos[None, :] >= s[:, None]) & (cols_pos[None, :] < e[:, None])
+            kk = kpos[None, :]
+            s = s[:, None]
+            e = e[:, None]
         else:
-            if CAUSAL:
-                hit = rows_pos[:, None] >= s[None, :]
-            else:
-                hit = (rows_pos[:, None] >= s[None, :]) & (rows_pos[:, None] < e[None, :])
-        cnt += hit.to(tl.int32)
+            kk = kpos[:, None]
+            s = s[None, :]
+            e = e[None, :]
+        if CAUSAL:  # e > query position >= key position: only the start matters
+            hit = kk >= s
+        else:
+            hit = (kk >= s) & (kk < e)
+        cnt = tl.where(hit, cnt + 1.0, cnt)
     return cnt
 
 
@@ -170,11 +194,27 @@ def _head_near(SLOPE2, WIN, h):
 
 
 @triton.jit
+def _plain_range(in_lo, in_hi, pa, pb, wh, Nk, HYBRID: tl.constexpr):
+    """Positions [in_lo, in_hi) whose tiles need no per-element counts, for a tile of positions
+    [pa, pb] on the other side: the intersection of the tile's blocks over the samples (c_ij = 1),
+    and with HYBRID also the keys within w_h of every row, [pb - w_h, pa + w_h] (their weight is
+    the exact e^{-m |i - j|} whatever the counts; the near-field term is added per element).
+    When both are non-empty they share the tile's middle, so their union is one interval."""
+    if HYBRID:
+        near_lo = tl.maximum(pb - wh, 0)
+        near_hi = tl.minimum(pa + wh + 1, Nk)
+        both = in_lo < in_hi
+        in_lo, in_hi = (tl.where(near_lo < near_hi, tl.where(both, tl.minimum(in_lo, near_lo), near_lo), in_lo),
+                        tl.where(near_lo < near_hi, tl.where(both, tl.maximum(in_hi, near_hi), near_hi), in_hi))
+    return in_lo, in_hi
+
+
+@triton.jit
 def _near_field(qk, diff, slope2, wh):
     """Hybrid near field: pairs with |i - j| <= w_h (``diff`` = i - j) get the exact ALiBi weight,
-    added to the base-2 logits as -m_h log2(e) |i - j| (``slope2``); the caller then uses weight 1
-    for them instead of the collision mean (interior tiles: 1 everywhere, since c_ij = 1 there).
-    Returns (near, qk)."""
+    added to the logits as -slope2 |i - j| (``slope2``: m_h log2(e) in the units of ``qk``); the
+    caller then gives them the weight of a full collision, r, instead of the count (interior
+    tiles: r everywhere already). Returns (near, qk)."""
     dist = tl.abs(diff)
     near = dist <= wh
     qk = tl.where(near, qk - slope2 * dist.to(tl.float32), qk)
@@ -183,10 +223,14 @@ def _near_field(qk, diff, slope2, wh):
 
 @triton.jit
 def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, stop,
-                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope_raw, wh,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                  R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
                  PREC: tl.constexpr, FDIV: tl.constexpr, HYBRID: tl.constexpr):
+    """Online softmax over key tiles [start, stop) with weights r c_ij: the raw count on boundary
+    tiles, r (as +log2 r in the exponent) on plain tiles. The common factor r cancels in the output
+    and is taken out of the LSE by the caller. ``m_i`` is the running max of the scaled base-2
+    logits; the scale enters in the exponent's FMA (masking and the max work on raw q.k)."""
     offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -195,27 +239,29 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, 
             kv_mask = kv_mask & (offs_n[:, None] < Nk)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if HYBRID:
-            near, qk = _near_field(qk, q_pos[:, None] - offs_n[None, :], slope2, wh)
+            near, qk = _near_field(qk, q_pos[:, None] - offs_n[None, :], slope_raw, wh)
         if BOUNDARY:
             cols_c = tl.minimum(offs_n, Nk - 1)
             cnt = _counts(q_pos_c, cols_c, hR, W, U, S, E, Nk, R, CUT, CAUSAL, True, FDIV)
             hit = cnt > 0
             if HYBRID:
                 hit = hit | near
-            valid = hit & (offs_n[None, :] < Nk)
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= q_pos[:, None])
-            qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        if BOUNDARY:
-            wgt = cnt.to(tl.float32) * inv_r
+            if CAUSAL:  # key <= query position < Nk for every real row
+                hit = hit & (_pos(offs_n, FDIV)[None, :] <= _pos(q_pos, FDIV)[:, None])
+            else:
+                hit = hit & (offs_n[None, :] < Nk)
+            qk = tl.where(hit, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
             if HYBRID:
-                wgt = tl.where(near, 1.0, wgt)
-            p = p * wgt
+                cnt = tl.where(near, R * 1.0, cnt)
+            p = p * cnt
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - (m_new - log2_r)[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
@@ -226,7 +272,7 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, 
 def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER, SLOPE2, WIN,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                B, H, Nq, Nk, q_offset, group, qk_scale, inv_r,
+                B, H, Nq, Nk, q_offset, group, qk_scale, log2_r,
                 R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
@@ -255,12 +301,14 @@ def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER, SLOPE2, WIN,
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
 
     lo, hi, in_lo, in_hi = _ranges(pa, pb, hR, W, U, S, E, Nk, R, CUT, FDIV)
-    slope2 = 0.0  # slope * log2(e) and w_h: used only when HYBRID
+    slope_raw = 0.0  # slope * log2(e) / qk_scale (units of raw q.k) and w_h: used only when HYBRID
     wh = 0
     if HYBRID:  # add the near field [pa - w_h, pb + w_h] to the union of the blocks
         slope2, wh = _head_near(SLOPE2, WIN, h)
+        slope_raw = slope2 / qk_scale
         lo = tl.minimum(lo, tl.maximum(pa - wh, 0))
         hi = tl.maximum(hi, tl.minimum(pb + wh + 1, Nk))
+    in_lo, in_hi = _plain_range(in_lo, in_hi, pa, pb, wh, Nk, HYBRID)
     if CAUSAL:
         hi = tl.minimum(hi, pb + 1)
         in_hi = tl.minimum(in_hi, pa + 1)
@@ -268,7 +316,7 @@ def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER, SLOPE2, WIN,
     d = tl.cdiv(hi, BLOCK_N) * BLOCK_N
     bnd = tl.minimum(tl.maximum(tl.cdiv(in_lo, BLOCK_N) * BLOCK_N, a), d)
     c = tl.maximum(bnd, tl.minimum((in_hi // BLOCK_N) * BLOCK_N, d))
-    # Without interior tiles (the usual case for r >= 2) one boundary loop covers [a, d): one
+    # Without plain tiles (the usual case for LSH with r >= 2) one boundary loop covers [a, d): one
     # software pipeline instead of two short ones.
     e1 = tl.where(c > bnd, bnd, d)
     s3 = tl.where(c > bnd, c, d)
@@ -277,25 +325,26 @@ def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER, SLOPE2, WIN,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, a, e1,
-                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope_raw, wh,
                                  BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV, HYBRID)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bnd, c,
-                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope_raw, wh,
                                  BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, False, PREC, FDIV, HYBRID)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, s3, d,
-                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope_raw, wh,
                                  BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV, HYBRID)
 
     out = acc / l_i[:, None]
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    # l_i sums r c_ij e^{...}: take the factor r out of the LSE.
+    lse = (m_i + tl.math.log2(l_i) - log2_r) * 0.6931471805599453
     tl.store(LSE + (b * H + h).to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
 @triton.jit
 def _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                  start, stop, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, inv_r, slope2, wh,
+                  start, stop, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r, slope2, wh,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                   R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
                   PREC: tl.constexpr, FDIV: tl.constexpr, HYBRID: tl.constexpr):
@@ -316,21 +365,21 @@ def _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn
         qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         if HYBRID:
             near, qkT = _near_field(qkT, (offs_m + q_offset)[None, :] - k_pos[:, None], slope2, wh)
-        pT = tl.math.exp2(qkT - lse2[None, :])
         if BOUNDARY:
+            # P = (count / r) e^{s - lse}. Padded rows and columns need no mask: their q, dO (or k, v)
+            # are zero, so they add nothing, and their dK, dV rows are not stored.
             q_pos = offs_m + q_offset
             q_pos_c = tl.minimum(q_pos, Nk - 1)
             cnt = _counts(k_pos_c, q_pos_c, hR, W, U, S, E, Nk, R, CUT, CAUSAL, False, FDIV)
             hit = cnt > 0
             if HYBRID:
                 hit = hit | near
-            valid = hit & (offs_m[None, :] < Nq) & (k_pos[:, None] < Nk)
+                cnt = tl.where(near, R * 1.0, cnt)
             if CAUSAL:
-                valid = valid & (k_pos[:, None] <= q_pos[None, :])
-            wgt = cnt.to(tl.float32) * inv_r
-            if HYBRID:
-                wgt = tl.where(near, 1.0, wgt)
-            pT = tl.where(valid, pT * wgt, 0.0)
+                hit = hit & (_pos(k_pos, FDIV)[:, None] <= _pos(q_pos, FDIV)[None, :])
+            pT = tl.where(hit, tl.math.exp2(qkT - (lse2 + log2_r)[None, :]) * cnt, 0.0)
+        else:
+            pT = tl.math.exp2(qkT - lse2[None, :])
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
@@ -343,7 +392,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER, SLOPE2,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                     B, H, Hkv, Nq, Nk, q_offset, group, qk_scale, inv_r, scale,
+                     B, H, Hkv, Nq, Nk, q_offset, group, qk_scale, log2_r, scale,
                      R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
@@ -380,6 +429,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER, SLOPE2,
             slope2, wh = _head_near(SLOPE2, WIN, h)
             lo = tl.minimum(lo, pa - wh)
             hi = tl.maximum(hi, pb + wh + 1)
+        in_lo, in_hi = _plain_range(in_lo, in_hi, pa, pb, wh, Nk, HYBRID)
         if CAUSAL:
             lo = tl.maximum(lo, pa)
             in_lo = tl.maximum(in_lo, pb)
@@ -398,15 +448,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER, SLOPE2,
         lse_base = LSE + (b * H + h).to(tl.int64) * Nq
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
         dk, dv = _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                               a, e1, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, inv_r,
+                               a, e1, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
                                slope2, wh, BLOCK_M, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV,
                                HYBRID)
         dk, dv = _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                               bnd, c, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, inv_r,
+                               bnd, c, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
                                slope2, wh, BLOCK_M, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, False, PREC, FDIV,
                                HYBRID)
         dk, dv = _dkdv_stretch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                               s3, d, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, inv_r,
+                               s3, d, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
                                slope2, wh, BLOCK_M, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV,
                                HYBRID)
 
@@ -419,7 +469,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, W, U, S, E, ORDER, SLOPE2,
 
 @triton.jit
 def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, start, stop,
-                q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
                 PREC: tl.constexpr, FDIV: tl.constexpr, HYBRID: tl.constexpr):
@@ -434,20 +484,18 @@ def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, st
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if HYBRID:
             near, qk = _near_field(qk, q_pos[:, None] - offs_n[None, :], slope2, wh)
-        p = tl.math.exp2(qk - lse2[:, None])
-        if BOUNDARY:
+        if BOUNDARY:  # padded key columns are zero in k and v: they add nothing to dQ
             cols_c = tl.minimum(offs_n, Nk - 1)
             cnt = _counts(q_pos_c, cols_c, hR, W, U, S, E, Nk, R, CUT, CAUSAL, True, FDIV)
             hit = cnt > 0
             if HYBRID:
                 hit = hit | near
-            valid = hit & (offs_n[None, :] < Nk)
+                cnt = tl.where(near, R * 1.0, cnt)
             if CAUSAL:
-                valid = valid & (offs_n[None, :] <= q_pos[:, None])
-            wgt = cnt.to(tl.float32) * inv_r
-            if HYBRID:
-                wgt = tl.where(near, 1.0, wgt)
-            p = tl.where(valid, p * wgt, 0.0)
+                hit = hit & (_pos(offs_n, FDIV)[None, :] <= _pos(q_pos, FDIV)[:, None])
+            p = tl.where(hit, tl.math.exp2(qk - (lse2 + log2_r)[:, None]) * cnt, 0.0)
+        else:
+            p = tl.math.exp2(qk - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -459,7 +507,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER, SLOPE2, WIN,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                    stride_dqb, stride_dqh, stride_dqn,
-                   B, H, Nq, Nk, q_offset, group, qk_scale, inv_r, scale,
+                   B, H, Nq, Nk, q_offset, group, qk_scale, log2_r, scale,
                    R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
@@ -498,6 +546,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER, SLOPE2, WIN,
         slope2, wh = _head_near(SLOPE2, WIN, h)
         lo = tl.minimum(lo, tl.maximum(pa - wh, 0))
         hi = tl.maximum(hi, tl.minimum(pb + wh + 1, Nk))
+    in_lo, in_hi = _plain_range(in_lo, in_hi, pa, pb, wh, Nk, HYBRID)
     if CAUSAL:
         hi = tl.minimum(hi, pb + 1)
         in_hi = tl.minimum(in_hi, pa + 1)
@@ -512,13 +561,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER, SLOPE2, WIN,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, a, e1,
-                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
                      BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV, HYBRID)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bnd, c,
-                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
                      BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, False, PREC, FDIV, HYBRID)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, s3, d,
-                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, inv_r, slope2, wh,
+                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
                      BLOCK_N, BLOCK_D, HEAD_DIM, R, CUT, CAUSAL, True, PREC, FDIV, HYBRID)
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -556,7 +605,8 @@ def tile_counts(partitions: Any, nq: int, causal: bool, block_m: int, block_n: i
     (int [H]): the hybrid's near-field half-widths, which widen the ranges.
 
     Returns:
-        {"boundary": tiles with per-element counts, "interior": fast-path tiles,
+        {"boundary": tiles with per-element counts, "interior": plain tiles (inside every block, or
+         with ``window`` within w_h of every row),
          "pairs": (boundary + interior) * block_m * block_n}.
     """
     n = partitions.n
@@ -575,10 +625,14 @@ def tile_counts(partitions: Any, nq: int, causal: bool, block_m: int, block_n: i
         s, e = partitions.block_bounds()
         lo, in_lo = s[..., pa].amin(1), s[..., pb].amax(1)
         hi, in_hi = e[..., pb].amax(1), e[..., pa].amin(1)
-    if window is not None:
+    if window is not None:  # hybrid: the near field widens the range and joins the plain tiles
         wh = window.to(device=dev, dtype=torch.int64)[:, None]
         lo = torch.minimum(lo, (pa - wh).clamp(min=0))
         hi = torch.maximum(hi, (pb + wh + 1).clamp(max=n))
+        near_lo, near_hi = (pb - wh).clamp(min=0), (pa + wh + 1).clamp(max=n)
+        near, both = near_lo < near_hi, in_lo < in_hi
+        in_lo = torch.where(near, torch.where(both, torch.minimum(in_lo, near_lo), near_lo), in_lo)
+        in_hi = torch.where(near, torch.where(both, torch.maximum(in_hi, near_hi), near_hi), in_hi)
     if causal:
         hi = torch.minimum(hi, pb + 1)
         in_hi = torch.minimum(in_hi, pa + 1)
@@ -641,6 +695,13 @@ class _Layout:
         return torch.argsort(w, descending=True, stable=True).to(torch.int32)
 
 
+def _float_positions(nk: int, cfg: dict[str, Any]) -> bool:
+    """Positions and block bounds as float32 (block starts by reciprocal, compares on the FP32 pipe)
+    when every position + offset < 2^24 is exact; ``config={"float_positions": False}`` forces the
+    integer path, which longer sequences take (tests run it at small sizes)."""
+    return 2 * nk < 2**24 and bool(cfg.get("float_positions", True))
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -670,9 +731,9 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, lay: _Layout, causal: bool, scale: flo
             q, k, v, o, lse, lay.W, lay.U, lay.S, lay.E, order, lay.slope2, lay.win,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, 1.0 / lay.r,
+            B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(lay.r),
             R=lay.r, CUT=lay.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=2 * Nk < 2**24, HYBRID=lay.hybrid,
+            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, cfg), HYBRID=lay.hybrid,
             num_warps=nw, num_stages=ns)
     return o, lse
 
@@ -690,20 +751,20 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, la
     bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
     bd = max(16, triton.next_power_of_2(D))
     common = dict(R=lay.r, CUT=lay.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn,
-                  PREC=_prec(q.dtype), FDIV=2 * Nk < 2**24, HYBRID=lay.hybrid,
+                  PREC=_prec(q.dtype), FDIV=_float_positions(Nk, cfg), HYBRID=lay.hybrid,
                   num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
     _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * Hkv,)](
         q, k, v, do, lse, delta, dk, dv, lay.W, lay.U, lay.S, lay.E, lay.kv_order(group), lay.slope2, lay.win,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, 1.0 / lay.r, scale, **common)
+        B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(lay.r), scale, **common)
     _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * H,)](
         q, k, v, do, lse, delta, dq, lay.W, lay.U, lay.S, lay.E, lay.order, lay.slope2, lay.win,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        B, H, Nq, Nk, q_offset, group, scale * LOG2E, 1.0 / lay.r, scale, **common)
+        B, H, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(lay.r), scale, **common)
     return dq, dk, dv
 
 
@@ -772,6 +833,9 @@ def lsh_attention_triton(
         raise ValueError(f"bad shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
+    if not (math.isfinite(scale) and scale > 0):
+        # the kernel takes the row max on unscaled q.k and scales it afterwards
+        raise ValueError(f"scale must be finite and > 0 for the Triton kernel, got {scale}")
     if q_offset is None:
         q_offset = Nk - Nq
     if q_offset < 0 or q_offset + Nq > Nk:
@@ -827,6 +891,8 @@ def supports_triton(q: Tensor, spec: Any) -> bool:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if q.device.type != "cuda" and not _interpreting():
+        return False
+    if spec.scale is not None and not (math.isfinite(spec.scale) and spec.scale > 0):
         return False
     return 16 <= q.shape[-1] <= 256 and spec.partitions.n < 2**30
 

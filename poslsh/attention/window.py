@@ -8,6 +8,7 @@ query (2 w_h + 1 bidirectional), so near-linear in n. Every report puts LSH besi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -71,13 +72,22 @@ def hybrid_widths(slopes: Tensor, eps: float, samples: int, n: int, kernels=None
     Returns:
         int64 CPU tensor [H], each in [0, n - 1].
     """
+    # O(n) per head on the host (~0.1 s at n = 256K, H = 32): cached, since the same widths are asked
+    # for at every call of a layer (without the cache the hybrid's host time exceeded its GPU time).
+    per_head = tuple(kernels) if kernels is not None else tuple(float(m) for m in slopes.detach().cpu().tolist())
+    return torch.tensor(_hybrid_widths(per_head, kernels is not None, float(eps), int(samples), int(n)),
+                        dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _hybrid_widths(per_head: tuple, are_kernels: bool, eps: float, samples: int, n: int) -> tuple[int, ...]:
     out = []
     d = torch.arange(n, dtype=torch.float64)
-    for h in range(slopes.numel()):
-        if kernels is None and float(slopes[h]) == 0:
+    for head in per_head:
+        if not are_kernels and head == 0:
             out.append(n - 1)
             continue
-        f = kernels[h].values(n) if kernels is not None else torch.exp(-float(slopes[h]) * d)
+        f = head.values(n) if are_kernels else torch.exp(-head * d)
         # Suffix sums over k > w, for every w = 0..n-1 at once: O(n) per head.
         t0 = f.flip(0).cumsum(0).flip(0) - f  # sum_{k > w} f(k)
         t1 = (d * f).flip(0).cumsum(0).flip(0) - d * f  # sum_{k > w} k f(k)
@@ -85,7 +95,7 @@ def hybrid_widths(slopes: Tensor, eps: float, samples: int, n: int, kernels=None
         var = (second - t0 ** 2).clamp(min=0) / samples
         ok = (var <= (eps * float(f.sum())) ** 2).nonzero()
         out.append(int(ok[0]) if ok.numel() else n - 1)
-    return torch.tensor(out, dtype=torch.int64)
+    return tuple(out)
 
 
 class BandRule:

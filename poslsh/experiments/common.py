@@ -64,11 +64,16 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_results(path: str | Path, config: Any, results: dict[str, Any]) -> dict[str, Any]:
-    """Write ``{"environment", "config", "results"}`` as JSON and return that document."""
+    """Write ``{"environment", "config", "results"}`` as JSON and return that document.
+
+    The file is replaced atomically (written beside, then renamed), so a run killed while saving
+    leaves the previous complete file, never a truncated one."""
     doc = {"environment": environment(), "config": config_to_dict(config), "results": results}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+    os.replace(tmp, path)
     return doc
 
 

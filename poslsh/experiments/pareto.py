@@ -1,35 +1,45 @@
 """Accuracy versus time: exact, truncated window, positional LSH (each sampling mode) and the hybrid
 estimator, for ALiBi and for a heavy-tailed kernel; plus the error-versus-r slope of each sampling
-mode. The CPU version of the Pareto study of issue 6; the same code runs on a GPU
-(``--device cuda --backend auto --n 65536 --reference-dtype float32``).
+mode. The Pareto study of issue 6, on the CPU (the defaults) or on a GPU, e.g.
 
-Three parts, one JSON:
+    poslsh pareto --device cuda --backend auto --n 65536 262144 --heads 32 --head-dim 128 \\
+        --dtype bfloat16 --reference-dtype float32 --heavy-n 65536 --threads 0 \\
+        --no-convergence --no-plots --budget-s 180 --out OUT
+    poslsh pareto --replot OUT/pareto.json --out OUT     # the PNGs (and report) from a saved JSON
+
+Three parts, one JSON (``out/pareto.json``, rewritten after every point, ``"partial": true`` until
+the run ends, so an interrupted run still leaves a loadable file):
 
 * ``convergence``: error of B-hat (max norm, spectral norm; ``poslsh.masks``, dense) and of the
   attention output against r, per sampling mode ("iid", "stratified", "qmc"), n = ``conv_n``,
-  the Press slopes, float64; the fitted log-log slope over r >= ``fit_from`` of the geometric mean
-  over heads and seeds (iid: -0.5 expected).
-* ``alibi``: relative output error ||O-hat - O|| / ||O|| (all heads together, against exact
-  attention in ``reference_dtype``) and time of one forward call, for exact, window(eps),
-  lsh(sampling, r) and hybrid(sampling, eps, r) at n = ``n``, Press slopes of ``heads`` heads,
-  ``head_dim``, ``dtype``, causal. Time: process CPU time on the CPU (one thread by default: on
-  a shared machine wall time measures the neighbours), CUDA-event time on a GPU; the median of
-  ``repeats`` calls after a warm-up, partitions drawn once outside the timed call (they are shared
-  by every layer of a model and cost microseconds). LSH and hybrid errors are averaged over
-  ``seeds`` independent partition draws (time from the first).
+  the Press slopes, float64, on the CPU; the fitted log-log slope over r >= ``fit_from`` of the
+  geometric mean over heads and seeds (iid: -0.5 expected).
+* ``alibi``: one panel per n in ``n``: relative output error ||O-hat - O|| / ||O|| (all heads
+  together, against exact attention in ``reference_dtype`` on the same inputs) and time of one
+  forward call, for exact, window(eps), hybrid(sampling, eps, r) and lsh(sampling, r), Press slopes
+  of ``heads`` heads, ``head_dim``, ``dtype``, causal; q ~ ``query_scale`` N(0, 1), k, v ~ N(0, 1).
+  Time on the CPU: process CPU time (one thread by default: on a shared machine wall time measures
+  the neighbours), the median of ``repeats`` calls. On a GPU: the benchmark's rule
+  (``gpu_bench``: ``triton.testing.do_bench`` median over ``rep_ms``; calls slower than 0.2 s: the
+  median of 3 CUDA-event-timed calls). What a model builds once and shares across layers is built
+  outside the timed call: the partitions, and FlexAttention's block mask. LSH and hybrid errors are
+  averaged over ``seeds`` independent partition draws (time from the first).
 * ``heavy``: the same at n = ``heavy_n`` with f(d) = (1 + d)^(-``heavy_p``) on every head
   (``poslsh.kernels.power_law``): the row mass grows like sqrt(n), so the window must keep w with
   (1 + w)^-p <= eps, i.e. w = eps^(-1/p) - 1 (1e-2 -> 9999 at p = 1/2).
 
-Cost beside time: ``pairs``, the (query, key) pairs with a nonzero weight per query (window:
-min(p, w) + 1; lsh: the union of the r blocks; hybrid: the union of band and blocks).
+``budget_s`` bounds the run's wall time: once it is spent, every point not yet started is recorded
+as skipped. Cost beside time: ``pairs``, the (query, key) pairs with a nonzero weight per query
+(window: min(p, w) + 1; lsh: the union of the r blocks; hybrid: the union of band and blocks).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +49,10 @@ import torch
 from torch import Tensor
 
 from ..alibi import alibi_slopes
-from ..attention.dispatch import resolve_spec, select_backend
+from ..attention.dispatch import Backend, resolve_spec, select_backend
 from ..hashing import sample_partitions
 from ..kernels import power_law
-from .common import fmt, markdown_table, progress, pyplot, save_results, torch_threads
+from .common import fmt, load_results, markdown_table, progress, pyplot, save_results, torch_threads
 
 NAME = "pareto"
 PLOT = "pareto.png"
@@ -54,7 +64,7 @@ SAMPLINGS = ("iid", "stratified", "qmc")
 class Config:
     """What to measure. Defaults take about a minute on one CPU thread."""
 
-    n: int = 4096
+    n: tuple[int, ...] = (4096,)  # one ALiBi panel per length
     heads: int = 8
     head_dim: int = 64
     dtype: str = "float32"
@@ -62,13 +72,18 @@ class Config:
     device: str = "cpu"
     backend: str = "fused"  # falls back to "auto" for a method the backend does not accept
     causal: bool = True
+    query_scale: float = 2.0  # q ~ query_scale N(0, 1): peaked rows, as in the design brief's anchors
+    # Errors over the last error_rows query rows only (0: every row). Each method still runs on all n
+    # rows (its time is the full call's); only the reference is cut: exact float32 attention of all
+    # rows took 114 s at n = 256K on an H200, of the last 8192 rows ~1/32 of that.
+    error_rows: int = 0
     window_eps: tuple[float, ...] = (0.3, 0.1, 3e-2, 1e-2, 1e-3, 1e-4)
     samples: tuple[int, ...] = (4, 8, 16, 32)
     samplings: tuple[str, ...] = SAMPLINGS
     hybrid_eps: tuple[float, ...] = (0.3, 0.1, 3e-2, 1e-2)
     hybrid_samples: tuple[int, ...] = (8,)
     hybrid_sampling: str = "qmc"
-    heavy_n: int = 2048
+    heavy_n: int = 2048  # 0: no heavy-tail panel
     heavy_heads: int = 4
     heavy_p: float = 0.5
     heavy_window_eps: tuple[float, ...] = (0.3, 0.1, 0.05, 3e-2, 2e-2)
@@ -76,59 +91,107 @@ class Config:
     # LSH far field cannot meet any such target below ~1 (its variance grows with n), so the heavy
     # panel sets the near field directly: these half-widths.
     heavy_hybrid_near: tuple[int, ...] = (16, 64, 256)
+    convergence: bool = True  # the error-vs-r part (CPU-sized whatever the device)
     conv_n: int = 256
     conv_samples: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
     conv_seeds: int = 3
     fit_from: int = 8
     seeds: int = 2
-    repeats: int = 1  # timed calls per point (median); the first also gives the error
+    repeats: int = 1  # CPU: timed calls per point (median)
+    warmup_ms: int = 25  # GPU: do_bench warm-up and measuring time per point
+    rep_ms: int = 100
+    budget_s: float = 0.0  # wall-time budget of the run; points not started by then are skipped (0: none)
+    plots: bool = True  # write the PNGs (a GPU run can leave them to --replot)
     threads: int = 1  # torch CPU threads (0: leave as is)
     seed: int = 0
+    replot: str = ""  # a saved pareto.json: only redraw its PNGs into --out (every other field is ignored)
+
+
+# ----------------------------------------------------------------------------- the run's bookkeeping
+
+
+class _Log:
+    """The run's clock and budget, its progress lines (stderr), and its JSON, rewritten after every
+    point (``save_results`` replaces the file atomically) so that a killed run leaves a loadable file."""
+
+    def __init__(self, config: Config, path: Path, results: dict[str, Any]) -> None:
+        self.config, self.path, self.results = config, path, results
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def over_budget(self) -> bool:
+        return self.config.budget_s > 0 and self.elapsed() > self.config.budget_s
+
+    def say(self, text: str) -> None:
+        print(f"[{NAME} {self.elapsed():6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def save(self) -> dict[str, Any]:
+        self.results["seconds"] = self.elapsed()
+        return save_results(self.path, self.config, self.results)  # atomic: written beside, then renamed
+
+
+def _seed(*parts: Any) -> int:
+    """A generator seed from values, the same in every process (``hash`` of a str is salted per
+    process, so it would make the partition draws irreproducible)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") % 2**62
 
 
 # ----------------------------------------------------------------------------- measuring
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    """(result, seconds) of one call: CUDA events on a GPU, process CPU time on the CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        return out, start.elapsed_time(end) / 1e3
-    t0 = time.process_time()
-    out = fn()
-    return out, time.process_time() - t0
+def _forward(backend: Backend, spec, nq: int, nk: int, device: torch.device) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """The call to time: (q, k, v) -> out [1, H, nq, D]. FlexAttention's block mask is built here, once:
+    like the partitions it depends only on positions and is shared by every layer (at 256K its index
+    tensors are ~0.5 GB each, which would otherwise be rebuilt inside every timed call)."""
+    if backend.name == "flex":
+        from ..attention.flex import flex_attention_spec, flex_mods
+
+        mods = flex_mods(spec, nq, nk, device, with_q_blocks=False)
+        return lambda q, k, v: flex_attention_spec(q, k, v, spec, mods=mods)[0]
+    return lambda q, k, v: backend(q, k, v, spec)[0]
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[Any, float]:
-    """(result of the first call, median seconds of ``repeats`` calls); on a GPU one untimed warm-up
-    first (compilation, autotuning), on the CPU none (nothing to compile; time is the scarce thing)."""
-    if device.type == "cuda":
-        fn()
-    runs = [_timed(fn, device) for _ in range(max(1, repeats))]
-    return runs[0][0], statistics.median(t for _, t in runs)
+def _measure(forward: Callable[[Tensor, Tensor, Tensor], Tensor], q: Tensor, k: Tensor, v: Tensor,
+             config: Config) -> tuple[Tensor, float, str]:
+    """(output of the last call, seconds per call, how it was timed); see the module docstring."""
+    last: dict[str, Tensor] = {}
+
+    def call() -> None:
+        last["out"] = forward(q, k, v)
+
+    if q.device.type == "cuda":
+        from .gpu_bench import _time  # the benchmark's timing rule: one definition for both studies
+
+        ms, how = _time(call, config.warmup_ms, config.rep_ms)
+        return last["out"], ms / 1e3, how
+    runs = []
+    for _ in range(max(1, config.repeats)):
+        t0 = time.process_time()
+        call()
+        runs.append(time.process_time() - t0)
+    return last["out"], statistics.median(runs), f"process CPU time, median of {len(runs)}"
 
 
 def pairs_per_query(spec, nk: int) -> float:
-    """Mean number of keys with nonzero weight per query (causal or bidirectional)."""
-    p = torch.arange(spec.q_offset, nk)
+    """Mean number of keys with nonzero weight per query (causal or bidirectional), computed on the
+    partitions' device (at 256K and r = 32 the block bounds take seconds on a CPU)."""
+    dev = spec.partitions.device if spec.partitions is not None else torch.device("cpu")
+    p = torch.arange(spec.q_offset, nk, device=dev)
     if spec.method == "exact":
         return float((p + 1).double().mean()) if spec.causal else float(nk)
-    lo = torch.full((spec.num_heads, p.numel()), nk, dtype=torch.int64)
+    lo = torch.full((spec.num_heads, p.numel()), nk, dtype=torch.int64, device=dev)
     hi = torch.zeros_like(lo)
     if spec.method in ("lsh", "hybrid"):
         from ..masks import select_head
 
-        parts = spec.partitions.to("cpu")
         for h in range(spec.num_heads):  # one head's [r, n] bounds at a time: [H, r, n] is GBs at 256K
-            start, end = select_head(parts, h).block_bounds()
+            start, end = select_head(spec.partitions, h).block_bounds()
             lo[h] = start[0].amin(0)[spec.q_offset:]
             hi[h] = end[0].amax(0)[spec.q_offset:]
     if spec.method in ("window", "hybrid"):
-        w = spec.window[:, None]
+        w = spec.window.to(dev)[:, None]
         lo = torch.minimum(lo, (p[None] - w).clamp(min=0))
         hi = torch.maximum(hi, (p[None] + w + 1).clamp(max=nk))
     if spec.causal:
@@ -136,67 +199,123 @@ def pairs_per_query(spec, nk: int) -> float:
     return float((hi - lo).double().mean())
 
 
-def _inputs(n: int, heads: int, d: int, dtype: torch.dtype, device: torch.device, seed: int):
-    """q, k, v ~ N(0, 1) [1, H, n, D], drawn on ``device`` (at 256K tokens a CPU float64 copy would
-    take GBs) in float32, or float64 when that is the dtype."""
+def _inputs(n: int, heads: int, d: int, dtype: torch.dtype, device: torch.device, seed: int,
+            query_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """q ~ query_scale N(0, 1), k, v ~ N(0, 1), each [1, H, n, D] in ``dtype``, drawn on ``device``
+    (at 256K tokens a CPU copy would take GBs) in float32, or float64 when that is the dtype."""
     g = torch.Generator(device=device).manual_seed(seed)
     draw = torch.float64 if dtype == torch.float64 else torch.float32
-    return tuple(torch.randn(1, heads, n, d, generator=g, dtype=draw, device=device).to(dtype) for _ in range(3))
+    q, k, v = (torch.randn(1, heads, n, d, generator=g, dtype=draw, device=device) for _ in range(3))
+    return (q * query_scale).to(dtype), k.to(dtype), v.to(dtype)
 
 
 def _rel(out: Tensor, exact: Tensor) -> float:
-    out, exact = out.double(), exact.double()
-    return float((out - exact).norm() / exact.norm())
+    """||out - exact|| / ||exact||, in the wider of the two dtypes (float32 at least)."""
+    dt = torch.promote_types(torch.promote_types(out.dtype, exact.dtype), torch.float32)
+    return float((out.to(dt) - exact.to(dt)).norm() / exact.to(dt).norm())
 
 
-def _panel(config: Config, n: int, heads: int, *, slopes: Tensor | None, kernel, window_eps, desc: str,
-           seed: int, near: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Every method's (error, time, pairs) at one size, for ALiBi (slopes) or a kernel. Hybrid points
-    use ``hybrid_eps`` (the API's target), or, with ``near``, these near-field half-widths."""
-    device = torch.device(config.device)
-    dtype, ref_dtype = getattr(torch, config.dtype), getattr(torch, config.reference_dtype)
-    q, k, v = _inputs(n, heads, config.head_dim, dtype, device, seed)
-    pos = dict(slopes=slopes) if kernel is None else dict(kernel=kernel)
-    qr, kr, vr = (t.to(ref_dtype) for t in (q, k, v))
-    ref_spec = resolve_spec(qr, kr, vr, causal=config.causal, method="exact", **pos)
-    with torch.no_grad():
-        exact = select_backend(qr, ref_spec, "auto")(qr, kr, vr, ref_spec)[0]
-
+def _jobs(config: Config, window_eps: tuple[float, ...], near: tuple[int, ...] | None) -> list[tuple[str, dict]]:
+    """A panel's points, most informative first (a budget cuts the tail): exact, the windows, the
+    hybrid, then LSH by increasing r. Hybrid points use ``hybrid_eps`` (the API's target), or, with
+    ``near``, these near-field half-widths."""
     jobs: list[tuple[str, dict[str, Any]]] = [("exact", {})]
     jobs += [("window", {"window_eps": e}) for e in window_eps]
-    jobs += [("lsh", {"sampling": s, "samples": r}) for s in config.samplings for r in config.samples]
-    if near is None:
-        jobs += [("hybrid", {"sampling": config.hybrid_sampling, "samples": r, "hybrid_eps": e})
-                 for r in config.hybrid_samples for e in config.hybrid_eps]
-    else:
-        jobs += [("hybrid", {"sampling": config.hybrid_sampling, "samples": r, "near": w})
-                 for r in config.hybrid_samples for w in near]
-    points = []
-    for method, opts in progress(jobs, desc=desc):
-        draws = config.seeds if method in ("lsh", "hybrid") else 1
-        errs, seconds, pairs, backend = [], None, [], None
-        for draw in range(draws):
-            gen = torch.Generator().manual_seed(hash((config.seed, seed, method, tuple(opts.items()), draw)) % 2**62)
-            kw = {key: val for key, val in opts.items() if key != "near"}
-            spec = resolve_spec(q, k, v, causal=config.causal, method=method, generator=gen, **pos, **kw)
-            try:
-                chosen = select_backend(q, spec, config.backend)
-            except ValueError:  # e.g. hybrid on a GPU kernel that does not implement it
-                chosen = select_backend(q, spec, "auto")
-            if method == "hybrid" and near is not None:  # explicit near-field widths (heavy panel)
-                spec = dataclasses.replace(spec, window=torch.full((heads,), int(opts["near"])))
-            with torch.no_grad():
-                run = lambda: chosen(q, k, v, spec)[0]  # noqa: E731
-                if draw == 0:
-                    out, seconds = _median_time(run, config.repeats, device)
-                else:
-                    out = run()
-            errs.append(_rel(out, exact))
-            pairs.append(pairs_per_query(spec, n))
-            backend = chosen.name
-        points.append({"method": method, **opts, "error": sum(errs) / len(errs), "errors": errs,
-                       "seconds": seconds, "pairs": sum(pairs) / len(pairs), "backend": backend})
-    return {"n": n, "heads": heads, "kernel": None if kernel is None else kernel.name, "points": points}
+    for r in config.hybrid_samples:
+        jobs += ([("hybrid", {"sampling": config.hybrid_sampling, "samples": r, "hybrid_eps": e})
+                  for e in config.hybrid_eps] if near is None else
+                 [("hybrid", {"sampling": config.hybrid_sampling, "samples": r, "near": w}) for w in near])
+    jobs += [("lsh", {"sampling": s, "samples": r}) for r in config.samples for s in config.samplings]
+    return jobs
+
+
+def _panel(config: Config, log: _Log, panel: dict[str, Any], jobs: list[tuple[str, dict]], *,
+           slopes: Tensor | None, kernel, seed: int) -> None:
+    """Measure ``jobs`` into ``panel["points"]`` (n and heads from the panel) for ALiBi (slopes) or a
+    kernel, saving the JSON after each point. Once the time budget is spent the points not started
+    are recorded as skipped. A point that raises is recorded as failed and the rest go on: on a
+    one-shot GPU run one broken backend must not lose the other measurements."""
+    n, heads, points = panel["n"], panel["heads"], panel["points"]
+    name = f"{'alibi' if kernel is None else 'heavy'} n={n}"
+    if log.over_budget():
+        points += [{"method": m, **opts, "skipped": "time budget"} for m, opts in jobs]
+        log.say(f"{name}: skipped (time budget)")
+        log.save()
+        return
+    device = torch.device(config.device)
+    dtype, ref_dtype = getattr(torch, config.dtype), getattr(torch, config.reference_dtype)
+    q, k, v = _inputs(n, heads, config.head_dim, dtype, device, seed, config.query_scale)
+    pos = dict(slopes=slopes) if kernel is None else dict(kernel=kernel)
+    try:
+        exact = _reference(config, log, panel, q, k, v, pos, ref_dtype)
+    except Exception as err:  # noqa: BLE001 - recorded; the next panel still runs
+        panel["failed"] = repr(err)[:400]
+        points += [{"method": m, **opts, "skipped": "reference failed"} for m, opts in jobs]
+        log.say(f"{name}: reference failed: {panel['failed']}")
+        log.save()
+        return
+    for i, (method, opts) in enumerate(jobs):
+        if log.over_budget():
+            points += [{"method": m, **o, "skipped": "time budget"} for m, o in jobs[i:]]
+            log.say(f"{name}: time budget spent, {len(jobs) - i} point(s) skipped")
+            log.save()
+            return
+        try:
+            point = _point(config, method, opts, q, k, v, exact, pos, seed)
+        except Exception as err:  # noqa: BLE001 - recorded, see the docstring
+            point = {"method": method, **opts, "failed": repr(err)[:400]}
+        points.append(point)
+        log.say(f"{name}: {_label(point)}: " + (point.get("failed") or
+                f"error {fmt(point['error'])}, {fmt(point['seconds'] * 1e3)} ms ({point['backend']})"))
+        log.save()
+
+
+def _reference(config: Config, log: _Log, panel: dict[str, Any], q: Tensor, k: Tensor, v: Tensor, pos: dict,
+               ref_dtype: torch.dtype) -> Tensor:
+    """Exact attention in ``ref_dtype`` on the same (rounded) inputs, once per panel: [1, H, n, D]."""
+    qr, kr, vr = (t.to(ref_dtype) for t in (q, k, v))
+    if config.error_rows:
+        qr = qr[:, :, -config.error_rows:]  # the last rows: queries sit at the last key positions
+    spec = resolve_spec(qr, kr, vr, causal=config.causal, method="exact", **pos)
+    backend = select_backend(qr, spec, "auto")
+    t0 = time.perf_counter()
+    exact = _forward(backend, spec, qr.shape[2], panel["n"], q.device)(qr, kr, vr)
+    if q.device.type == "cuda":
+        torch.cuda.synchronize()
+    panel["reference"] = {"backend": backend.name, "dtype": str(ref_dtype).removeprefix("torch."),
+                          "wall_seconds": time.perf_counter() - t0}
+    log.say(f"n={panel['n']}: reference ({backend.name}, {panel['reference']['dtype']}) in "
+            f"{panel['reference']['wall_seconds']:.1f} s")
+    return exact
+
+
+def _point(config: Config, method: str, opts: dict[str, Any], q: Tensor, k: Tensor, v: Tensor, exact: Tensor,
+           pos: dict, seed: int) -> dict[str, Any]:
+    """One method's error (mean over the partition draws), time (first draw) and keys per query."""
+    n, heads = q.shape[2], q.shape[1]
+    draws = config.seeds if method in ("lsh", "hybrid") else 1
+    errs, pairs, seconds, how, backend = [], [], 0.0, "", ""
+    for draw in range(draws):
+        gen = torch.Generator().manual_seed(_seed(config.seed, seed, method, sorted(opts.items()), draw))
+        kw = {key: val for key, val in opts.items() if key != "near"}
+        spec = resolve_spec(q, k, v, causal=config.causal, method=method, generator=gen, **pos, **kw)
+        if "near" in opts:  # explicit near-field half-widths (heavy panel)
+            spec = dataclasses.replace(spec, window=torch.full((heads,), int(opts["near"])))
+        try:
+            chosen = select_backend(q, spec, config.backend)
+        except ValueError:  # e.g. a method or kernel the named backend does not implement
+            chosen = select_backend(q, spec, "auto")
+        forward = _forward(chosen, spec, n, n, q.device)
+        if draw == 0:
+            out, seconds, how = _measure(forward, q, k, v, config)
+        else:
+            out = forward(q, k, v)
+        errs.append(_rel(out[:, :, -exact.shape[2]:], exact))
+        del out
+        pairs.append(pairs_per_query(spec, n))
+        backend = chosen.name
+    return {"method": method, **opts, "error": sum(errs) / len(errs), "errors": errs, "seconds": seconds,
+            "timing": how, "pairs": sum(pairs) / len(pairs), "backend": backend}
 
 
 def _fit(xs: list[float], ys: list[float]) -> float:
@@ -221,7 +340,7 @@ def convergence(config: Config) -> dict[str, Any]:
             exact = fused_attention(q, k, v, resolve_spec(q, k, v, slopes=slopes, causal=config.causal,
                                                           method="exact"))[0]
             for i, r in enumerate(rs):
-                gen = torch.Generator().manual_seed(hash((config.seed, sampling, seed, r)) % 2**62)
+                gen = torch.Generator().manual_seed(_seed(config.seed, sampling, seed, r))
                 parts = sample_partitions(n, slopes, r, sampling=sampling, generator=gen)
                 errs = mask_errors(parts, "dense")
                 est = fused_attention(q, k, v, resolve_spec(q, k, v, causal=config.causal, partitions=parts))[0]
@@ -243,34 +362,66 @@ def convergence(config: Config) -> dict[str, Any]:
 
 
 def run(config: Config, out_dir: str | Path) -> dict:
-    """Measure, write ``out_dir/pareto.json`` and the PNGs, return the saved document."""
-    with torch_threads(config.threads):
-        return _run(config, out_dir)
-
-
-def _run(config: Config, out_dir: str | Path) -> dict:
+    """Measure, write ``out_dir/pareto.json`` (and the PNGs unless ``plots`` is off), return the saved
+    document; with ``replot``, only redraw that JSON's PNGs into ``out_dir`` and return it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    results: dict[str, Any] = {}
-    results["convergence"] = convergence(config) if config.conv_samples else None
-    results["alibi"] = _panel(config, config.n, config.heads, slopes=alibi_slopes(config.heads), kernel=None,
-                              window_eps=config.window_eps, desc=f"{NAME} alibi", seed=1)
-    results["heavy"] = None
-    if config.heavy_n > 0:
-        results["heavy"] = _panel(config, config.heavy_n, config.heavy_heads, slopes=None,
-                                  kernel=power_law(config.heavy_p), window_eps=config.heavy_window_eps,
-                                  desc=f"{NAME} heavy", seed=2, near=config.heavy_hybrid_near)
-    for key in ("alibi", "heavy"):
-        if results[key] is not None:
-            results[key]["frontier"] = frontier_gaps(results[key]["points"])
-    results["seconds"] = time.perf_counter() - started
-    doc = save_results(out_dir / f"{NAME}.json", config, results)
-    _plot(doc, out_dir)
+    if config.replot:
+        if not Path(config.replot).is_file():
+            raise ValueError(f"replot must name a saved {NAME}.json, got {config.replot!r} (no such file)")
+        doc = load_results(config.replot)
+        replot(doc, out_dir)
+        return doc
+    if not config.n or any(n < 2 for n in config.n):
+        raise ValueError(f"n must be one or more lengths >= 2, got {config.n!r}")
+    with torch_threads(config.threads), torch.no_grad():
+        doc = _run(config, out_dir)
+    if config.plots:
+        replot(doc, out_dir)
     return doc
 
 
+def _run(config: Config, out_dir: Path) -> dict:
+    results: dict[str, Any] = {"partial": True, "convergence": None, "alibi": [], "heavy": None, "seconds": 0.0}
+    log = _Log(config, out_dir / f"{NAME}.json", results)
+    log.save()
+    if config.convergence:
+        results["convergence"] = convergence(config)
+        log.say("convergence done")
+    for i, n in enumerate(config.n):
+        panel = {"n": n, "heads": config.heads, "kernel": None, "points": []}
+        results["alibi"].append(panel)
+        _panel(config, log, panel, _jobs(config, config.window_eps, None), slopes=alibi_slopes(config.heads),
+               kernel=None, seed=1 + i)
+    if config.heavy_n > 0:
+        kernel = power_law(config.heavy_p)
+        results["heavy"] = {"n": config.heavy_n, "heads": config.heavy_heads, "kernel": kernel.name, "points": []}
+        _panel(config, log, results["heavy"], _jobs(config, config.heavy_window_eps, config.heavy_hybrid_near),
+               slopes=None, kernel=kernel, seed=2 + len(config.n))
+    results["partial"] = False
+    log.say("done")
+    return log.save()
+
+
 # ----------------------------------------------------------------------------- analysis
+
+
+def alibi_panels(res: dict) -> list[dict]:
+    """The ALiBi panels, one per length (a JSON written before ``n`` became a tuple holds one panel,
+    not a list: bench/results/pareto_cpu/pareto.json)."""
+    panels = res.get("alibi") or []
+    return panels if isinstance(panels, list) else [panels]
+
+
+def _panels(res: dict) -> list[tuple[str, dict]]:
+    """(title, panel) for every panel in report order."""
+    out = [("ALiBi", p) for p in alibi_panels(res)]
+    return out + ([("heavy-tailed kernel", res["heavy"])] if res.get("heavy") else [])
+
+
+def measured(points: list[dict]) -> list[dict]:
+    """The points that were measured (not skipped by the budget, not failed)."""
+    return [p for p in points if "error" in p]
 
 
 def _label(p: dict) -> str:
@@ -294,7 +445,7 @@ def baseline_error_at(points: list[dict], budget: float, cost: str = "seconds") 
     Args:
         cost: "seconds" or "pairs" (keys per query, the hardware-independent cost).
     """
-    base = sorted((p[cost], p["error"]) for p in points if p["method"] in ("window", "exact"))
+    base = sorted((p[cost], p["error"]) for p in measured(points) if p["method"] in ("window", "exact"))
     if not base or budget < base[0][0]:
         return None
     env: list[tuple[float, float]] = []
@@ -309,10 +460,10 @@ def baseline_error_at(points: list[dict], budget: float, cost: str = "seconds") 
 
 
 def frontier_gaps(points: list[dict]) -> list[dict]:
-    """For each LSH / hybrid point: the best baseline error available at no more time (and at no
-    more keys per query), and the ratios (<= 1: the point is at least as accurate as the baseline)."""
+    """For each measured LSH / hybrid point: the best baseline error available at no more time (and at
+    no more keys per query), and the ratios (<= 1: the point is at least as accurate as the baseline)."""
     rows = []
-    for p in points:
+    for p in measured(points):
         if p["method"] not in ("lsh", "hybrid"):
             continue
         row = {"label": _label(p), "error": p["error"], "seconds": p["seconds"], "pairs": p["pairs"]}
@@ -327,57 +478,33 @@ def frontier_gaps(points: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- plots, summary
 
 
-def _plot(doc: dict, out_dir: Path) -> None:
+def replot(doc: dict, out_dir: str | Path) -> list[Path]:
+    """Draw the saved document's PNGs into out_dir and return their paths: ``pareto.png`` (one panel
+    per panel with measured points) and, with a convergence part, ``pareto_convergence.png``."""
     plt = pyplot()
-    res = doc["results"]
-    panels = [k for k in ("alibi", "heavy") if res.get(k)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
-    styles = {"window": ("s-", "k"), "exact": ("*", "r")}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    res, cfg, env = doc["results"], doc["config"], doc["environment"]
+    panels = [(title, p) for title, p in _panels(res) if measured(p["points"])]
     colors = {"iid": "tab:blue", "stratified": "tab:orange", "qmc": "tab:green"}
-    for ax, key in zip(axes[0], panels):
-        pts = res[key]["points"]
-        floor = min([p["error"] for p in pts if p["error"] > 0] + [1e-6]) / 3
-        for method in ("window", "exact"):
-            sel = sorted((p for p in pts if p["method"] == method), key=lambda p: p["seconds"])
-            if sel:
-                marker, color = styles[method]
-                ax.plot([p["seconds"] for p in sel], [max(p["error"], floor) for p in sel], marker, color=color,
-                        label=method if method == "window" else "exact (its own rounding error)", ms=7)
-                if method == "window":
-                    for p in sel:
-                        ax.annotate(f"{p['window_eps']:g}", (p["seconds"], max(p["error"], floor)), fontsize=7,
-                                    xytext=(3, 3), textcoords="offset points")
-        for sampling in SAMPLINGS:
-            sel = sorted((p for p in pts if p["method"] == "lsh" and p["sampling"] == sampling),
-                         key=lambda p: p["samples"])
-            if sel:
-                ax.plot([p["seconds"] for p in sel], [p["error"] for p in sel], "o--", color=colors[sampling],
-                        label=f"lsh {sampling} (r={sel[0]['samples']}..{sel[-1]['samples']})", ms=4)
-        for r in sorted({p["samples"] for p in pts if p["method"] == "hybrid"}):
-            sel = sorted((p for p in pts if p["method"] == "hybrid" and p["samples"] == r),
-                         key=lambda p: p["seconds"])
-            key_ = "hybrid_eps" if "hybrid_eps" in sel[0] else "near"
-            values = sorted(p[key_] for p in sel)
-            ax.plot([p["seconds"] for p in sel], [p["error"] for p in sel], "^-", ms=6,
-                    label=f"hybrid {sel[0]['sampling']} r={r} ({key_} {values[0]:g}..{values[-1]:g})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.grid(True, which="major", alpha=0.3)
-        ax.set_xlabel("time of one forward call [s]")
-        ax.set_ylabel(r"$\|\hat O - O\| / \|O\|$")
-        title = "ALiBi, Press slopes" if key == "alibi" else f"heavy tail: {res[key]['kernel']}"
-        ax.set_title(f"{title}, n={res[key]['n']}, H={res[key]['heads']}", fontsize=10)
-        ax.legend(fontsize=7)
-    cfg = doc["config"]
-    fig.suptitle(f"Error vs time ({cfg['device']}, backend {cfg['backend']}, {cfg['dtype']}, "
-                 f"{cfg['threads']} thread(s), D={cfg['head_dim']})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out_dir / PLOT, dpi=110)
-    plt.close(fig)
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
+        for ax, (title, panel) in zip(axes[0], panels):
+            _plot_panel(ax, panel, colors)
+            what = "Press slopes" if panel["kernel"] is None else panel["kernel"]
+            ax.set_title(f"{title}, {what}, n={panel['n']}, H={panel['heads']}", fontsize=10)
+        where = f"{env.get('cpu_threads', cfg['threads'])} thread(s), " if env.get("device", "cpu") == "cpu" else ""
+        fig.suptitle(f"Error vs time ({env.get('device', cfg['device'])}, backend {cfg['backend']}, {cfg['dtype']}, "
+                     f"{where}D={cfg['head_dim']}){' - partial run' if res.get('partial') else ''}", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(out_dir / PLOT, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / PLOT)
 
     conv = res.get("convergence")
     if not conv:
-        return
+        return written
     metrics = ("max", "spectral", "attention")
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, metric in zip(axes, metrics):
@@ -399,57 +526,156 @@ def _plot(doc: dict, out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / PLOT_CONV, dpi=110)
     plt.close(fig)
+    return written + [out_dir / PLOT_CONV]
+
+
+def _plot_panel(ax, panel: dict, colors: dict[str, str]) -> None:
+    """One panel's measured points: error vs time, log-log."""
+    pts = measured(panel["points"])
+    floor = min([p["error"] for p in pts if p["error"] > 0] + [1e-6]) / 3
+    styles = {"window": ("s-", "k"), "exact": ("*", "r")}
+    for method in ("window", "exact"):
+        sel = sorted((p for p in pts if p["method"] == method), key=lambda p: p["seconds"])
+        if sel:
+            marker, color = styles[method]
+            ax.plot([p["seconds"] for p in sel], [max(p["error"], floor) for p in sel], marker, color=color,
+                    label=method if method == "window" else "exact (its own rounding error)", ms=7)
+            if method == "window":
+                for p in sel:
+                    ax.annotate(f"{p['window_eps']:g}", (p["seconds"], max(p["error"], floor)), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+    for sampling in SAMPLINGS:
+        sel = sorted((p for p in pts if p["method"] == "lsh" and p["sampling"] == sampling), key=lambda p: p["samples"])
+        if sel:
+            ax.plot([p["seconds"] for p in sel], [p["error"] for p in sel], "o--", color=colors[sampling],
+                    label=f"lsh {sampling} (r={sel[0]['samples']}..{sel[-1]['samples']})", ms=4)
+    for r in sorted({p["samples"] for p in pts if p["method"] == "hybrid"}):
+        sel = sorted((p for p in pts if p["method"] == "hybrid" and p["samples"] == r), key=lambda p: p["seconds"])
+        key = "hybrid_eps" if "hybrid_eps" in sel[0] else "near"
+        values = sorted(p[key] for p in sel)
+        ax.plot([p["seconds"] for p in sel], [p["error"] for p in sel], "^-", ms=6,
+                label=f"hybrid {sel[0]['sampling']} r={r} ({key} {values[0]:g}..{values[-1]:g})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel("time of one forward call [s]")
+    ax.set_ylabel(r"$\|\hat O - O\| / \|O\|$")
+    ax.legend(fontsize=7)
 
 
 def summarize(results: dict, out_dir: str | Path) -> str:
     """Markdown: the figures, the slope table, the Pareto tables, and what they show."""
     res, cfg = results["results"], results["config"]
+    device = results["environment"].get("device", cfg["device"])
+    threads = results["environment"].get("cpu_threads", cfg["threads"])  # as the run had them (--threads 0: torch's)
+    how = [f"backend {cfg['backend']}", cfg["dtype"]] + ([f"{threads} thread(s)"] if device == "cpu" else [])
     lines = [f"## Accuracy vs time: window, LSH (sampling modes), hybrid ({NAME})", "",
-             f"Ran in {res['seconds']:.1f} s on {cfg['device']} (backend {cfg['backend']}, {cfg['dtype']}, "
-             f"{cfg['threads']} thread(s)); errors against exact attention in {cfg['reference_dtype']}.", ""]
+             f"Ran in {res['seconds']:.1f} s on {device} ({', '.join(how)}); errors against exact attention "
+             f"in {cfg['reference_dtype']}"
+             + (f" over the last {cfg['error_rows']} query rows" if cfg.get("error_rows") else "")
+             + f", q ~ {cfg.get('query_scale', 1.0):g} N(0, 1)."
+             + (" **Partial run** (interrupted, or points skipped or failed)." if _incomplete(res) else ""), ""]
     if res.get("convergence"):
         lines += [f"![error vs r by sampling mode]({PLOT_CONV})", ""] + _slope_table(res, cfg)
     lines += [f"![error vs time]({PLOT})", ""]
-    for key, title in (("alibi", "ALiBi"), ("heavy", "heavy-tailed kernel")):
-        panel = res.get(key)
-        if not panel:
-            continue
+    for title, panel in _panels(res):
         lines += [f"### {title}: n = {panel['n']}, {panel['heads']} heads"
                   + (f", {panel['kernel']}" if panel["kernel"] else ""), ""]
-        rows = [[_label(p), p["error"], p["seconds"] * 1e3, p["pairs"], p["backend"]] for p in panel["points"]]
+        if panel.get("reference"):
+            ref = panel["reference"]
+            lines += [f"Reference: exact attention, {ref['backend']} backend, {ref['dtype']}, "
+                      f"{ref['wall_seconds']:.1f} s.", ""]
+        if panel.get("failed"):
+            lines += [f"The reference failed: `{panel['failed']}`", ""]
+        rows = [[_label(p), p["error"], p["seconds"] * 1e3, p["pairs"], p["backend"]]
+                for p in measured(panel["points"])]
+        rows += [[_label(p), "–", "–", "–", p.get("skipped") or "failed: " + p["failed"][:80]]
+                 for p in panel["points"] if "error" not in p]
         lines += [markdown_table(["method", "rel. error", "time [ms]", "keys/query", "backend"], rows), ""]
         lines += [_verdict(panel), ""]
-    if cfg["device"] == "cpu":
+    if device == "cpu":
         lines += ["Caveat on CPU times: at this size one forward call is dominated by the fused engine's "
                   "per-tile Python overhead, and the machine may be shared, so single-call times move by "
                   "tens of percent (``--repeats`` takes a median); keys per query is the hardware-independent "
                   "cost. A win \"at equal time\" that is not also a win at equal keys per query is an "
                   "artifact of the CPU engine (e.g. the window's tiles compute T x (T + w) scores for T x w "
                   "useful ones), not of the method; the GPU run decides.", ""]
-    lines += [_discussion(res), ""]
+    lines += [_discussion(res, cfg), ""]
     return "\n".join(lines)
 
 
+def _incomplete(res: dict) -> bool:
+    return bool(res.get("partial")) or any("error" not in p for _, panel in _panels(res) for p in panel["points"])
+
+
+def _exact_error(panel: dict) -> float | None:
+    """Exact attention's own error in the run's dtype against the reference: the rounding floor."""
+    return next((p["error"] for p in measured(panel["points"]) if p["method"] == "exact"), None)
+
+
+def _comparison(panel: dict, cost: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(compared, wins, ties) among the panel's LSH and hybrid points at equal ``cost`` ("seconds" or
+    "pairs"): compared, those with a baseline at that cost (``frontier_gaps`` rows); wins, those at
+    least as accurate as it; ties, those matching it only where the baseline is at the rounding floor
+    (within 2x exact attention's own error): there both are limited by the dtype, not the method."""
+    floor = _exact_error(panel)
+    gaps = [g for g in frontier_gaps(panel["points"]) if g[f"ratio_{cost}"] is not None]
+    matched = [g for g in gaps if g[f"ratio_{cost}"] <= 1]
+    ties = [g for g in matched if floor is not None and g[f"baseline_error_{cost}"] <= 2 * floor]
+    return gaps, [g for g in matched if g not in ties], ties
+
+
 def _verdict(panel: dict) -> str:
-    """Whether any LSH or hybrid point matches the window baseline at equal time and at equal keys."""
+    """Whether any LSH or hybrid point matches the window baseline at equal time and at equal keys
+    (see ``_comparison``), the closest one, and notes on backends and unmeasured points."""
+    pts = measured(panel["points"])
+    if not any(p["method"] == "window" for p in pts) or not any(p["method"] in ("lsh", "hybrid") for p in pts):
+        return " ".join(["No comparison: the window or the LSH and hybrid points were not measured."] + _missing(panel))
     text = []
+    floor = _exact_error(panel)
     for cost, what in (("seconds", "time"), ("pairs", "keys per query")):
-        gaps = [g for g in panel["frontier"] if g[f"ratio_{cost}"] is not None]
-        wins = [g for g in gaps if g[f"ratio_{cost}"] <= 1]
-        unmatched = len(panel["frontier"]) - len(gaps)
+        gaps, wins, ties = _comparison(panel, cost)
+        unmatched = len(frontier_gaps(panel["points"])) - len(gaps)
         if wins:
             text.append(f"**At equal {what}: " + ", ".join(g["label"] for g in wins)
                         + f" {'is' if len(wins) == 1 else 'are'} at least as accurate as the window "
                         "baseline (interpolated between measured windows and exact) at that cost.**")
         else:
             text.append(f"**At equal {what}: no LSH or hybrid point is as accurate as the window baseline.**")
+        if ties:
+            text.append(", ".join(g["label"] for g in ties) + f" only {'ties' if len(ties) == 1 else 'tie'} it at "
+                        f"the rounding floor (exact attention's own error {fmt(floor)}).")
         if gaps:
             best = min(gaps, key=lambda g: g[f"ratio_{cost}"])
             text.append(f"Closest: {best['label']} (error {fmt(best['error'])}) vs the baseline's "
                         f"{fmt(best[f'baseline_error_{cost}'])}: ratio {best[f'ratio_{cost}']:.2g}.")
         if unmatched:
             text.append(f"({unmatched} point(s) cost less than the cheapest window measured: not compared.)")
+    text += _engines(panel) + _missing(panel)
     return " ".join(text)
+
+
+def _engines(panel: dict) -> list[str]:
+    """A note when the baseline and the challengers were timed on different backends."""
+    pts = measured(panel["points"])
+    base = sorted({p["backend"] for p in pts if p["method"] in ("window", "exact")})
+    other = sorted({p["backend"] for p in pts if p["method"] in ("lsh", "hybrid")})
+    if not base or not other or base == other:
+        return []
+    return [f"(Times come from different backends: window and exact on {', '.join(base)}, LSH and hybrid on "
+            f"{', '.join(other)}; keys per query is the backend-independent comparison.)"]
+
+
+def _missing(panel: dict) -> list[str]:
+    """A note on planned points that were not measured, with why."""
+    reasons: dict[str, int] = {}
+    for p in panel["points"]:
+        if "error" not in p:
+            why = p.get("skipped") or "failed"
+            reasons[why] = reasons.get(why, 0) + 1
+    if not reasons:
+        return []
+    return ["(Not measured: " + ", ".join(f"{k} point(s): {why}" for why, k in reasons.items()) + ".)"]
 
 
 def _slope_table(res: dict, cfg: dict) -> list[str]:
@@ -463,28 +689,40 @@ def _slope_table(res: dict, cfg: dict) -> list[str]:
 
 
 def readme_section(doc: dict) -> str:
-    """The README's view: slopes per sampling mode, the verdict per panel, and why."""
+    """The README's view of one saved run (CPU or GPU): slopes per sampling mode, the verdict per
+    panel, and why."""
     res, cfg = doc["results"], doc["config"]
-    lines = [f"Variance-reduced sampling, hybrid and window on {cfg['device']} ({cfg['backend']} backend, "
-             f"{cfg['dtype']}); plots in bench/results/pareto_cpu/.", ""] + _slope_table(res, cfg)
-    for key, title in (("alibi", "ALiBi"), ("heavy", "heavy-tailed kernel")):
-        panel = res.get(key)
-        if panel:
-            lines += [f"*{title}, n = {panel['n']}:* " + _verdict(panel), ""]
-    return "\n".join(lines + [_discussion(res)])
+    device = doc["environment"].get("device", cfg["device"])
+    plots = f"`{PLOT}`" + (f", `{PLOT_CONV}`" if res.get("convergence") else "")
+    lines = [f"Variance-reduced sampling, hybrid and window on {device} ({cfg['backend']} backend, "
+             f"{cfg['dtype']}); plots ({plots}) beside the JSON named below."
+             + (" **Partial run** (interrupted, or points skipped or failed)." if _incomplete(res) else ""), ""]
+    lines += _slope_table(res, cfg)
+    for title, panel in _panels(res):
+        lines += [f"*{title}, n = {panel['n']}:* " + _verdict(panel), ""]
+    return "\n".join(lines + [_discussion(res, cfg)])
 
 
-def _discussion(res: dict) -> str:
-    """The honest paragraph: why the window wins for ALiBi, and what changes for heavy tails."""
-    parts = ["Why: the window's error falls exponentially in its width (dropped mass e^{-m w}) while "
-             "LSH's falls like a power of r. The hybrid is unbiased but its far field is a rare event: a "
-             "block reaching past w occurs with probability ~q^w and then adds ~1/r of the row's weight, "
-             "so its RMS error is ~sqrt(q^w / r), not q^w: to match a window of error eps it needs "
-             "q^w ~ r eps^2, about twice the window's width, plus the LSH blocks."]
+def _discussion(res: dict, cfg: dict) -> str:
+    """The honest paragraph: why the window stays ahead for ALiBi (where it does), the rounding floor
+    of a 16-bit run, and what changes for heavy tails."""
+    won = any(_comparison(p, "seconds")[1] for p in alibi_panels(res))
+    parts = [("Where the window stays ahead, why" if won else "Why") + ": the window's error falls exponentially "
+             "in its width (dropped mass e^{-m w}) while LSH's falls like a power of r. The hybrid is unbiased but "
+             "its far field is a rare event: a block reaching past w occurs with probability ~q^w and then adds "
+             "~1/r of the row's weight, so its RMS error is ~sqrt(q^w / r), not q^w: to match a window of error "
+             "eps it needs q^w ~ r eps^2, about twice the window's width, plus the LSH blocks."]
+    if cfg["dtype"] in ("bfloat16", "float16"):
+        floors = [(p["n"], e) for p in alibi_panels(res) if (e := _exact_error(p)) is not None]
+        if floors:
+            parts.append(f"Floor: in {cfg['dtype']}, exact attention itself is "
+                         + ", ".join(f"{fmt(e)} (n = {n})" for n, e in floors)
+                         + f" from the {cfg['reference_dtype']} reference, so errors near that measure rounding, "
+                         "not the method.")
     heavy = res.get("heavy")
     if heavy:
-        win = [p for p in heavy["points"] if p["method"] == "window"]
-        lsh = [p for p in heavy["points"] if p["method"] in ("lsh", "hybrid")]
+        win = [p for p in measured(heavy["points"]) if p["method"] == "window"]
+        lsh = [p for p in measured(heavy["points"]) if p["method"] in ("lsh", "hybrid")]
         if win and lsh:
             parts.append(f"Heavy tail ({heavy['kernel']}): the window needs w = eps^(-1/p) - 1 keys "
                          f"(largest measured {max(p['pairs'] for p in win):.0f} keys/query for error "

@@ -48,6 +48,17 @@ def _load(path: Path, dtype_name: str, device: str):
     return model.to(device).eval(), tokenizer
 
 
+def _hf_method(text: str):
+    """``parse_method`` restricted to what ``patch_model`` computes: exact, window, lsh with iid samples."""
+    from ..lm.evaluate import parse_method
+
+    spec = parse_method(text)
+    if spec.method not in ("exact", "window", "lsh") or spec.sampling != "iid":
+        raise ValueError(f"method {text!r} is not available for transformers models: use native, exact, "
+                         "window[:EPS] or lsh[:R[:grid|cut]]")
+    return spec
+
+
 def evaluate_hf(model_path: Path, text_path: Path, contexts: list[int], methods: list[str], *, seeds: list[int],
                 dtype: str = "float32", device: str = "auto", batch_size: int = 1, max_scored: int = 32768,
                 score_fraction: float = 0.5, log=print) -> dict[str, Any]:
@@ -61,16 +72,16 @@ def evaluate_hf(model_path: Path, text_path: Path, contexts: list[int], methods:
     import torch
     import transformers
 
-    from ..lm.evaluate import parse_method, perplexity
+    from ..lm.evaluate import perplexity
     from .hf import model_family, patch_model, unpatch_model
 
+    specs = [None if m == "native" else _hf_method(m) for m in methods]  # bad methods fail before loading
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model, tokenizer = _load(model_path, dtype, str(dev))
     family = model_family(model)
     ids = np.asarray(tokenizer(text_path.read_text(encoding="utf-8"))["input_ids"], dtype=np.int64)
     log(f"{model_path}: {family}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
         f"{ids.size} tokens of text")
-    specs = [None if m == "native" else parse_method(m) for m in methods]
     forward = lambda x: model(x, use_cache=False).logits  # noqa: E731
     rows = []
     for n in contexts:

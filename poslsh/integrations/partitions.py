@@ -3,8 +3,9 @@
 ``LayerPartitions(slopes, samples, scheme, seed, layer).get(n)`` returns the partitions of positions
 0..n-1; those of n are the restriction of those of any m > n, whatever was asked first:
 
-* grid: the widths and offsets of each head and sample are drawn once from (seed, layer); the
-  block of position i is floor((i + U) / W) for every length.
+* grid: the widths and offsets of each head and sample are drawn once from (seed, layer) (jointly
+  iid, stratified or lattice: ``sampling``); the block of position i is floor((i + U) / W) for every
+  length.
 * cut: every gap is cut independently with probability 1 - e^{-m}; the cuts among positions
   [c*C, (c+1)*C) (C = ``CUT_CHUNK``) are drawn from their own generator seeded by (seed, layer, c),
   so the cuts of a prefix never depend on how long a sequence was requested.
@@ -38,15 +39,19 @@ class LayerPartitions:
     cached decoding and full recomputation agree.
     """
 
-    def __init__(self, slopes: Tensor, samples: int, scheme: str, seed: int, layer: int) -> None:
+    def __init__(self, slopes: Tensor, samples: int, scheme: str, seed: int, layer: int,
+                 sampling: str = "iid") -> None:
+        if scheme != "grid" and sampling != "iid":
+            raise ValueError(f"sampling={sampling!r} needs scheme='grid' (the cut scheme's samples are independent), "
+                             f"got scheme={scheme!r}")
         self.slopes, self.samples, self.scheme, self.seed, self.layer = slopes, samples, scheme, seed, layer
         self._grid: tuple[Tensor, Tensor] | None = None
         self._chunks: list[tuple[Tensor, Tensor]] = []  # per chunk: (row ids, positions) of its cuts
         self._cache: dict[tuple[int, str], Partitions] = {}
         if scheme == "grid":
             g = torch.Generator().manual_seed(seed_for(seed, layer, "grid"))
-            p = sample_partitions(1, slopes, samples, scheme="grid", generator=g)
-            self._grid = (p.widths, p.offsets)
+            p = sample_partitions(1, slopes, samples, scheme="grid", generator=g, sampling=sampling)
+            self._grid = (p.widths, p.offsets)  # (W, U) do not depend on the length
 
     def _cut_chunk(self, c: int) -> tuple[Tensor, Tensor]:
         while len(self._chunks) <= c:

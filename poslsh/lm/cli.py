@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--checkpoint", type=Path, required=True)
     ev.add_argument("--context", type=int, nargs="+", required=True)
     ev.add_argument("--methods", nargs="+", default=["exact", "window", "lsh:8"],
-                    help="exact | window[:EPS] | lsh[:R[:grid|cut]]")
+                    help="exact | window[:EPS] | lsh[:R[:grid|cut[:iid|stratified|qmc]]] | "
+                         "hybrid[:R[:SCHEME[:SAMPLING]]]")
     ev.add_argument("--seeds", type=int, nargs="+", default=[0])
     ev.add_argument("--text", type=Path, help="score this file instead of the checkpoint's held-out set")
     ev.add_argument("--max-scored", type=int, default=65536)
@@ -66,21 +67,23 @@ def heldout_tokens(meta: dict[str, Any]):
 
 
 def evaluate_checkpoint(model, tokens, contexts: list[int], methods: list[str], seeds: list[int], *,
-                        device, batch_size: int = 1, max_scored: int = 65536, log=None) -> list[dict[str, Any]]:
+                        device, batch_size: int = 1, max_scored: int = 65536, first_target: int | None = None,
+                        log=None) -> list[dict[str, Any]]:
     """Perplexity rows {"context", "method", "loss", "ppl", "bits_per_token", "time_per_token"} per method.
 
-    "lsh" rows average ``seeds`` (each a different set of fixed partitions).
+    Rows of methods that draw partitions ("lsh", "hybrid") average ``seeds`` (each a different set of
+    fixed partitions). ``first_target``: see ``poslsh.lm.evaluate.perplexity``.
     """
     import torch
 
     from .evaluate import parse_method, perplexity
     from .train import autocast_for
 
+    specs = [parse_method(text) for text in methods]  # a bad method fails before any work
     rows = []
     for n in contexts:
-        for text in methods:
-            spec = parse_method(text)
-            runs = seeds if spec.method == "lsh" else seeds[:1]
+        for spec in specs:
+            runs = seeds if spec.random else seeds[:1]
             res = []
             for seed in runs:
                 model.set_attention(**spec.options(seed))
@@ -89,7 +92,8 @@ def evaluate_checkpoint(model, tokens, contexts: list[int], methods: list[str], 
                     with autocast_for(torch.device(device)):
                         return model(x)
 
-                res.append(perplexity(forward, tokens, n, device=device, batch_size=batch_size, max_scored=max_scored))
+                res.append(perplexity(forward, tokens, n, device=device, batch_size=batch_size, max_scored=max_scored,
+                                      first_target=first_target))
             loss = sum(r["loss"] for r in res) / len(res)
             row = {"context": n, "method": spec.label, "loss": loss, "ppl": math.exp(loss),
                    "bits_per_token": loss / math.log(2),

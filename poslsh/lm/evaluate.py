@@ -1,11 +1,17 @@
 """Held-out perplexity of the ALiBi LM per attention method, time per token, and per-layer error.
 
-Method strings (shared with ``poslsh eval-hf``): ``exact``, ``window`` or ``window:EPS``,
-``lsh:R`` or ``lsh:R:SCHEME`` (R samples, SCHEME grid|cut; plain ``lsh`` means R = 8, grid).
+Method strings (shared with ``poslsh eval-hf``, which takes the first three forms): ``exact``,
+``window`` or ``window:EPS``, ``lsh:R`` or ``lsh:R:SCHEME`` (R samples, SCHEME grid|cut; plain ``lsh``
+means R = 8, grid), ``lsh:R:grid:SAMPLING`` (SAMPLING iid|stratified|qmc: correlated samples, grid
+only), and ``hybrid[:R[:SCHEME[:SAMPLING]]]`` (exact weights in a near band, LSH beyond; the band is
+set by ``poslsh.attention``'s default ``hybrid_eps``).
 
 Perplexity at context N: windows of N + 1 tokens slide over the held-out stream with stride
 S = ceil(score_fraction * N); each window scores only its last S predictions, so every scored token
-sees at least N - S tokens of context and each token is scored once.
+sees at least N - S tokens of context and each token is scored once. ``first_target`` places the
+windows so that the scored tokens start at that stream position: with one ``first_target`` (at least
+the largest context) and a scored count that every stride divides, every context scores the very same
+tokens, and losses at different contexts differ only by the context, not by the text.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..hashing import SAMPLINGS, SCHEMES
 from .model import ALiBiLM
 
 __all__ = ["MethodSpec", "parse_method", "sliding_windows", "perplexity", "layer_errors", "synchronize"]
@@ -32,40 +39,58 @@ class MethodSpec:
     samples: int = 8
     scheme: str = "grid"
     window_eps: float = 1e-3
+    sampling: str = "iid"
+
+    @property
+    def random(self) -> bool:
+        """Whether the method draws partitions (so its results depend on the seed)."""
+        return self.method in ("lsh", "hybrid")
 
     @property
     def label(self) -> str:
-        if self.method == "lsh":
-            return f"lsh:{self.samples}:{self.scheme}"
+        if self.random:
+            tail = f":{self.sampling}" if self.sampling != "iid" else ""  # iid labels as before sampling existed
+            return f"{self.method}:{self.samples}:{self.scheme}{tail}"
         if self.method == "window":
             return f"window:{self.window_eps:g}"
         return self.method
 
     def options(self, seed: int = 0) -> dict[str, Any]:
+        """Keyword arguments of ``ALiBiLM.set_attention``."""
         return {"method": self.method, "samples": self.samples, "scheme": self.scheme, "seed": seed,
-                "window_eps": self.window_eps}
+                "window_eps": self.window_eps, "sampling": self.sampling}
+
+
+GRAMMAR = "exact, window[:EPS], lsh[:R[:grid|cut[:iid|stratified|qmc]]] or hybrid[:R[:grid|cut[:SAMPLING]]]"
 
 
 def parse_method(text: str) -> MethodSpec:
-    """'exact' | 'window[:EPS]' | 'lsh[:R[:SCHEME]]' -> MethodSpec (ValueError with the grammar otherwise)."""
-    parts = text.strip().split(":")
+    """A method string (module docstring) -> MethodSpec; ValueError naming the grammar otherwise."""
+    spec = _parse(text.strip().split(":"))
+    if spec is None:
+        raise ValueError(f"bad method {text!r}: use {GRAMMAR}")
+    if spec.scheme == "cut" and spec.sampling != "iid":
+        raise ValueError(f"bad method {text!r}: sampling {spec.sampling!r} needs the grid scheme "
+                         "(the cut scheme draws its samples independently)")
+    return spec
+
+
+def _parse(parts: list[str]) -> MethodSpec | None:
     try:
         if parts[0] == "exact" and len(parts) == 1:
             return MethodSpec("exact")
         if parts[0] == "window" and len(parts) <= 2:
             eps = float(parts[1]) if len(parts) == 2 else 1e-3
-            if not 0 < eps < 1:
-                raise ValueError
-            return MethodSpec("window", window_eps=eps)
-        if parts[0] == "lsh" and len(parts) <= 3:
+            return MethodSpec("window", window_eps=eps) if 0 < eps < 1 else None
+        if parts[0] in ("lsh", "hybrid") and len(parts) <= 4:
             r = int(parts[1]) if len(parts) >= 2 else 8
-            scheme = parts[2] if len(parts) == 3 else "grid"
-            if r < 1 or scheme not in ("grid", "cut"):
-                raise ValueError
-            return MethodSpec("lsh", samples=r, scheme=scheme)
-    except ValueError:
+            scheme = parts[2] if len(parts) >= 3 else "grid"
+            sampling = parts[3] if len(parts) == 4 else "iid"
+            if r >= 1 and scheme in SCHEMES and sampling in SAMPLINGS:
+                return MethodSpec(parts[0], samples=r, scheme=scheme, sampling=sampling)
+    except ValueError:  # a number that does not parse
         pass
-    raise ValueError(f"bad method {text!r}: use exact, window[:EPS] or lsh[:R[:grid|cut]]")
+    return None
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -74,32 +99,49 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def sliding_windows(num_tokens: int, context: int, score_fraction: float = 0.5,
-                    max_scored: int | None = None) -> tuple[list[int], int]:
-    """Start offsets of the (context + 1)-token windows and the number S scored per window."""
+                    max_scored: int | None = None, first_target: int | None = None) -> tuple[list[int], int]:
+    """Start offsets of the (context + 1)-token windows and the number S scored per window.
+
+    ``first_target``: place the windows so that the first scored token is at that stream position
+    (default: the first window starts at 0).
+    """
     if num_tokens < context + 1:
         raise ValueError(f"the text has {num_tokens} tokens, fewer than one window of context {context} + 1")
     stride = max(1, math.ceil(score_fraction * context))
-    starts = list(range(0, num_tokens - context, stride))
+    first = 0
+    if first_target is not None:
+        # A window starting at s scores the targets s + context + 1 - stride .. s + context.
+        first = first_target - (context + 1 - stride)
+        if first < 0 or first + context >= num_tokens:
+            raise ValueError(f"first_target={first_target} does not fit context {context} in {num_tokens} tokens "
+                             f"(needs {context + 1 - stride} tokens before it and {stride} from it on)")
+    starts = list(range(first, num_tokens - context, stride))
     if max_scored is not None:
         starts = starts[:max(1, math.ceil(max_scored / stride))]
     return starts, stride
 
 
 def perplexity(forward: Callable[[Tensor], Tensor], tokens: np.ndarray, context: int, *, device: torch.device | str,
-               batch_size: int = 1, score_fraction: float = 0.5, max_scored: int | None = 65536) -> dict[str, Any]:
+               batch_size: int = 1, score_fraction: float = 0.5, max_scored: int | None = 65536,
+               first_target: int | None = None, warmup: bool = True) -> dict[str, Any]:
     """Sliding-window perplexity of ``forward`` (idx int64 [B, N] -> logits [B, N, V]) on a token stream.
+
+    ``warmup``: run the first batch once untimed, so that compilation (FlexAttention, Triton) and
+    lazily built partitions are not counted in the time per token.
 
     Returns:
         {"context", "loss" (nats/token), "ppl", "bits_per_token", "scored_tokens", "windows",
         "seconds" (forward time), "time_per_token" (forward seconds per processed token),
         "tokens_per_second"}.
     """
-    starts, stride = sliding_windows(tokens.size, context, score_fraction, max_scored)
+    starts, stride = sliding_windows(tokens.size, context, score_fraction, max_scored, first_target)
     nll, scored, seconds = 0.0, 0, 0.0
     with torch.no_grad():
         for i in range(0, len(starts), batch_size):
             batch = np.stack([tokens[s:s + context + 1].astype(np.int64) for s in starts[i:i + batch_size]])
             w = torch.from_numpy(batch).to(device)
+            if warmup and i == 0:
+                forward(w[:, :-1])
             synchronize(device)
             t0 = time.perf_counter()
             logits = forward(w[:, :-1])
@@ -117,19 +159,22 @@ def perplexity(forward: Callable[[Tensor], Tensor], tokens: np.ndarray, context:
 
 
 @torch.no_grad()
-def layer_errors(model: ALiBiLM, idx: Tensor, specs: list[MethodSpec], seeds: list[int] | tuple[int, ...] = (0,)
-                 ) -> dict[str, list[float]]:
+def layer_errors(model: ALiBiLM, idx: Tensor, specs: list[MethodSpec], seeds: list[int] | tuple[int, ...] = (0,),
+                 backend: str = "auto", deadline: float | None = None) -> dict[str, list[float]]:
     """Per-layer relative error of the attention output (before the output projection) against exact.
 
     Every layer is fed the *exact* model's input to that layer, so the error is the layer's own, not
     accumulated through depth: ||O_method - O_exact||_F / ||O_exact||_F over the batch, averaged over
-    ``seeds`` for "lsh".
+    ``seeds`` for the methods that draw partitions.
 
     Args:
         idx: int64 [B, N] tokens.
+        backend: attention backend for every call, the exact reference included (e.g. "fused": no
+            compilation per shape, and float32 throughout).
+        deadline: a ``time.perf_counter()`` value; specs not started by then are left out.
 
     Returns:
-        {spec.label: [error of layer 0, ..., error of layer L-1]}.
+        {spec.label: [error of layer 0, ..., error of layer L-1]} for the specs that ran, in order.
     """
     model.eval()
     options = dict(model.attention_options)
@@ -141,16 +186,18 @@ def layer_errors(model: ALiBiLM, idx: Tensor, specs: list[MethodSpec], seeds: li
         hooks.append(attn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])))
         hooks.append(attn.out_proj.register_forward_pre_hook(lambda m, a, i=i: outputs.__setitem__(i, a[0])))
     try:
-        model.set_attention("exact")
+        model.set_attention("exact", backend=backend)
         model(idx, sdpa=False)
         exact = [o.float() for o in outputs]
         result: dict[str, list[float]] = {}
         n = idx.shape[1]
         for spec in specs:
+            if deadline is not None and time.perf_counter() > deadline:
+                break
             errs = np.zeros(len(attns))
-            runs = seeds if spec.method == "lsh" else seeds[:1]
+            runs = seeds if spec.random else seeds[:1]
             for seed in runs:
-                model.set_attention(**spec.options(seed))
+                model.set_attention(**spec.options(seed), backend=backend)
                 for i, attn in enumerate(attns):
                     parts = model.layer_partitions(i, n, idx.device)
                     attn(inputs[i], partitions=parts)

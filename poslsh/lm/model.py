@@ -2,11 +2,11 @@
 
 Pre-LayerNorm blocks (attention, then a GELU MLP), no positional embeddings (ALiBi carries position),
 tied input/output embeddings. Attention runs through ``poslsh.attention`` with the method set by
-``set_attention`` ("exact", "window" or "lsh"), or, for fast training of the exact model on a GPU,
+``set_attention`` ("exact", "window", "lsh" or "hybrid"), or, for fast training of the exact model on a GPU,
 through ``torch.nn.functional.scaled_dot_product_attention`` with the ALiBi bias as a dense mask
 (``LMConfig.train_attention = "sdpa"``); both compute the same function of the same weights.
 
-With "lsh" in eval mode the partitions of layer l are fixed and drawn from (seed, l), the same for
+With "lsh" or "hybrid" in eval mode the partitions of layer l are fixed and drawn from (seed, l), the same for
 every sequence length (``poslsh.integrations.partitions.LayerPartitions``).
 """
 
@@ -52,32 +52,41 @@ class Block(nn.Module):
         self.fc = nn.Linear(e, config.mlp_ratio * e)
         self.proj = nn.Linear(config.mlp_ratio * e, e)
         self.dropout = nn.Dropout(config.dropout)
+        self._bias: tuple[tuple, Tensor] | None = None  # the last SDPA bias: ((n, device, dtype), [H, n, n])
 
     def forward(self, x: Tensor, partitions=None, sdpa: bool = False) -> Tensor:
         h = self.ln1(x)
-        a = _sdpa_alibi(self.attn, h) if sdpa else self.attn(h, partitions=partitions)
+        a = self._sdpa_alibi(h) if sdpa else self.attn(h, partitions=partitions)
         x = x + self.dropout(a)
         return x + self.dropout(self.proj(F.gelu(self.fc(self.ln2(x)))))
 
+    def _sdpa_alibi(self, x: Tensor) -> Tensor:
+        """Exact causal ALiBi attention of ``self.attn``'s projections through SDPA with a dense bias.
 
-def _sdpa_alibi(attn: ALiBiAttention, x: Tensor) -> Tensor:
-    """Exact causal ALiBi attention of ``attn``'s projections through SDPA with a dense bias.
+        x [B, N, E] -> [B, N, E]; memory O(H N^2) for the bias, meant for training contexts (<= 4K).
+        """
+        attn = self.attn
+        b, n, _ = x.shape
+        h, d = attn.num_heads, attn.head_dim
+        q = attn.q_proj(x).view(b, n, h, d).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, attn.num_kv_heads, d).transpose(1, 2)
+        v = attn.v_proj(x).view(b, n, attn.num_kv_heads, d).transpose(1, 2)
+        if attn.num_kv_heads != h:
+            k, v = (t.repeat_interleave(h // attn.num_kv_heads, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._alibi_bias(n, x.device, q.dtype))
+        return attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
-    x [B, N, E] -> [B, N, E]; memory O(H N^2) for the bias, meant for training contexts (<= 4K).
-    """
-    b, n, _ = x.shape
-    h, d = attn.num_heads, attn.head_dim
-    q = attn.q_proj(x).view(b, n, h, d).transpose(1, 2)
-    k = attn.k_proj(x).view(b, n, attn.num_kv_heads, d).transpose(1, 2)
-    v = attn.v_proj(x).view(b, n, attn.num_kv_heads, d).transpose(1, 2)
-    if attn.num_kv_heads != h:
-        k, v = (t.repeat_interleave(h // attn.num_kv_heads, dim=1) for t in (k, v))
-    pos = torch.arange(n, device=x.device)
-    dist = (pos[:, None] - pos[None, :]).to(torch.float32)
-    slopes = attn.slopes.to(device=x.device, dtype=torch.float32)
-    bias = (-slopes[:, None, None] * dist).masked_fill(dist < 0, float("-inf")).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+    def _alibi_bias(self, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Causal ALiBi bias [H, n, n] (-m_h (i - j), -inf above the diagonal), kept for the next call:
+        building it copies the CPU slopes to the device, which on CUDA waits for the whole queue."""
+        key = (n, device, dtype)
+        if self._bias is None or self._bias[0] != key:
+            pos = torch.arange(n, device=device)
+            dist = (pos[:, None] - pos[None, :]).to(torch.float32)
+            slopes = self.attn.slopes.to(device=device, dtype=torch.float32)
+            bias = (-slopes[:, None, None] * dist).masked_fill(dist < 0, float("-inf")).to(dtype)
+            self._bias = (key, bias)
+        return self._bias[1]
 
 
 class ALiBiLM(nn.Module):
@@ -114,22 +123,23 @@ class ALiBiLM(nn.Module):
         return [blk.attn for blk in self.blocks]
 
     def set_attention(self, method: str = "exact", samples: int = 8, scheme: str = "grid", seed: int = 0,
-                      window_eps: float = 1e-3, backend: str = "auto") -> "ALiBiLM":
-        """Switch every layer to ``method``; "lsh" partitions are fixed per layer from (seed, layer)."""
+                      window_eps: float = 1e-3, backend: str = "auto", sampling: str = "iid") -> "ALiBiLM":
+        """Switch every layer to ``method`` ("exact", "window", "lsh" or "hybrid"); the partitions of
+        "lsh" and "hybrid" are fixed per layer from (seed, layer), drawn with ``sampling``."""
         for attn in self.attention_modules():
             attn.method, attn.samples, attn.scheme = method, samples, scheme
-            attn.window_eps, attn.backend = window_eps, backend
+            attn.window_eps, attn.backend, attn.sampling = window_eps, backend, sampling
         self._partitions = None
-        if method == "lsh":
+        if method in ("lsh", "hybrid"):
             slopes = self.blocks[0].attn.slopes
-            self._partitions = [LayerPartitions(slopes, samples, scheme, seed, layer)
+            self._partitions = [LayerPartitions(slopes, samples, scheme, seed, layer, sampling=sampling)
                                 for layer in range(len(self.blocks))]
         self.attention_options = dict(method=method, samples=samples, scheme=scheme, seed=seed,
-                                      window_eps=window_eps, backend=backend)
+                                      window_eps=window_eps, backend=backend, sampling=sampling)
         return self
 
     def layer_partitions(self, layer: int, n: int, device: torch.device | str = "cpu"):
-        """The fixed eval partitions of ``layer`` for n positions (None unless the method is "lsh")."""
+        """The fixed eval partitions of ``layer`` for n positions (None unless the method is "lsh" or "hybrid")."""
         return None if self._partitions is None else self._partitions[layer].get(n, device)
 
     def forward(self, idx: Tensor, sdpa: bool | None = None) -> Tensor:

@@ -3,8 +3,10 @@
 AdamW (weight decay on matrices only), linear warmup then cosine decay to ``min_lr_ratio * lr``,
 gradient clipping, bf16 autocast on CUDA, a held-out loss every ``eval_every`` steps on fixed
 held-out windows, a checkpoint (safetensors + config.json) at every evaluation, a loss-curve PNG and
-a tqdm bar. ``time_budget_s`` fits the number of steps to a wall-clock budget: after a few steps the
-step time is measured and ``steps`` is lowered (never raised) so the cosine schedule ends in time.
+a tqdm bar. ``time_budget_s`` fits the number of steps to a wall-clock budget: the step time is
+measured (device synchronised) over steps 10..50 and again at every held-out evaluation (which then
+counts the evaluations and checkpoints too), and ``steps`` is lowered (never raised) so the cosine
+schedule ends in time; should the estimate still be short, training stops at the budget.
 """
 
 from __future__ import annotations
@@ -126,6 +128,27 @@ def plot_curve(history: list[dict], unigram_nats: float, path: Path) -> Path:
     return path
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds_per_step(device: torch.device, mark: tuple[float, int], done: int) -> float:
+    """Mean wall time per step since ``mark`` = (time, steps done then), once the device has caught up."""
+    _synchronize(device)
+    return (time.perf_counter() - mark[0]) / (done - mark[1])
+
+
+def _fit(total: int, done: int, per_step: float, seconds_left: float, say: Any) -> int:
+    """The step count that ends the schedule within ``seconds_left`` (never more than ``total``), with 3 %
+    to spare: step times drift, and the hard stop at the budget would cut the cosine decay short."""
+    fit = done + max(1, int(0.97 * seconds_left / per_step))
+    if fit < total:
+        say(f"time budget: {per_step * 1e3:.1f} ms/step, {fit} steps instead of {total}")
+        return fit
+    return total
+
+
 def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None,
           log: Any = None) -> dict[str, Any]:
     """Train from scratch; write the checkpoint, ``history.json`` and ``loss.png`` into out_dir.
@@ -160,7 +183,8 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
     train_tokens = torch.from_numpy(corpus.train.astype(np.int32)).to(device)
     windows = heldout_windows(corpus.heldout, config.context + 1, config.eval_windows)
     sdpa_eval = config.train_attention == "sdpa"
-    gen = torch.Generator().manual_seed(config.seed)
+    # Offsets drawn where the tokens are: a CPU tensor copied to CUDA would wait for the queue every step.
+    gen = torch.Generator(device=device).manual_seed(config.seed)
     arange = torch.arange(config.context + 1, device=device)
 
     meta = {"train": asdict(config), "corpus": corpus.stats(), "unigram": unigram}
@@ -168,18 +192,23 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
     history: list[dict] = [{"step": 0, "heldout_loss": initial, "elapsed": 0.0}]
     say(f"step 0: held-out loss {initial:.4f}")
     total = config.steps
+    budget = config.time_budget_s
     start = time.perf_counter()
-    timed_from = None
+    mark: tuple[float, int] | None = None  # (time, steps done) where the step timing starts
     bar = progress(range(config.steps), desc="lm train", total=config.steps)
-    step = 0
+    done = 0
     model.train()
     for step in bar:
         if step >= total:
             break
+        if budget > 0 and time.perf_counter() - start > budget:
+            say(f"time budget {budget:.0f} s reached after {step} of {total} steps: stopping")
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, config, total)
-        offsets = torch.randint(0, train_tokens.numel() - config.context - 1, (config.batch_size,), generator=gen)
-        batch = train_tokens[offsets.to(device)[:, None] + arange].long()
+        offsets = torch.randint(0, train_tokens.numel() - config.context - 1, (config.batch_size,), generator=gen,
+                                device=device)
+        batch = train_tokens[offsets[:, None] + arange].long()
         with autocast_for(device):
             logits = step_fn(batch[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
@@ -187,32 +216,38 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
-        if step % 10 == 0 or step == total - 1:
-            entry = {"step": step + 1, "train_loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
+        done = step + 1
+        if step % 10 == 0 or done == total:
+            entry = {"step": done, "train_loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"],
                      "elapsed": time.perf_counter() - start}
             history.append(entry)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{entry['train_loss']:.3f}")
-        if config.time_budget_s > 0 and step == 9:
-            timed_from = (time.perf_counter(), step)
-        if config.time_budget_s > 0 and timed_from is not None and step == timed_from[1] + 20:
-            per_step = (time.perf_counter() - timed_from[0]) / 20
-            evals = max(1, total // max(1, config.eval_every))
-            eval_cost = evals * per_step * max(1, len(windows) // config.batch_size) / 3
-            fit = int((config.time_budget_s - (time.perf_counter() - start) - eval_cost) / per_step) + step
-            if fit < total:
-                total = max(step + 1, fit)
-                say(f"time budget {config.time_budget_s:.0f} s at {per_step * 1e3:.1f} ms/step: {total} steps")
-        if (step + 1) % config.eval_every == 0 or step + 1 == total:
+        evaluate = done % config.eval_every == 0 or done == total
+        if budget > 0 and done == 10:  # the first steps pay for allocation and kernel selection
+            _synchronize(device)
+            mark = (time.perf_counter(), done)
+        if budget > 0 and mark is not None and done == mark[1] + 40:
+            # A held-out evaluation costs about a third of a step per batch of windows (forward only).
+            per_step = _seconds_per_step(device, mark, done)
+            per_step *= 1 + max(1, len(windows) // config.batch_size) / (3 * config.eval_every)
+            total = _fit(total, done, per_step, budget - (time.perf_counter() - start), say)
+        if evaluate:
             held = batch_loss(model, windows, config.batch_size, device, sdpa=sdpa_eval)
-            history.append({"step": step + 1, "heldout_loss": held, "elapsed": time.perf_counter() - start})
-            say(f"step {step + 1}/{total}: train {float(loss.detach()):.4f}, held-out {held:.4f} nats "
-                f"({held / math.log(2):.3f} bits/byte)")
-            save_checkpoint(model, out, {**meta, "steps_done": step + 1})
+            history.append({"step": done, "heldout_loss": held, "elapsed": time.perf_counter() - start})
+            say(f"step {done}/{total}: train {float(loss.detach()):.4f}, held-out {held:.4f} nats "
+                f"({held / math.log(2):.3f} bits/byte), {time.perf_counter() - start:.0f} s")
+            save_checkpoint(model, out, {**meta, "steps_done": done})
+            if budget > 0 and mark is not None and done > mark[1] + 40 and done < total:
+                # Re-measured over everything since the mark (evaluations and checkpoints included).
+                per_step = _seconds_per_step(device, mark, done)
+                total = _fit(total, done, per_step, budget - (time.perf_counter() - start), say)
     seconds = time.perf_counter() - start
-    final = history[-1]["heldout_loss"] if "heldout_loss" in history[-1] else \
-        batch_loss(model, windows, config.batch_size, device, sdpa=sdpa_eval)
-    steps_done = min(step + 1, total)
+    if "heldout_loss" not in history[-1]:  # stopped by the budget between evaluations
+        history.append({"step": done, "heldout_loss": batch_loss(model, windows, config.batch_size, device,
+                                                                 sdpa=sdpa_eval), "elapsed": seconds})
+    final = history[-1]["heldout_loss"]
+    steps_done = done
     summary = {"heldout_loss": final, "heldout_bits_per_byte": final / math.log(2), "initial_heldout_loss": initial,
                "unigram": unigram, "corpus": corpus.stats(), "parameters": model.num_parameters(),
                "steps": steps_done, "train_seconds": seconds,

@@ -1,0 +1,116 @@
+"""Compile the Triton kernels for an H100/H200 (sm_90a) on any machine, no GPU needed, and report
+registers, spills and the instruction mix of each loop (the per-tile cost of the key/query loops).
+
+Kernel work on a lent GPU is short on time; this shows before any device call what a change does
+to the machine code (e.g. integer compares on the INT32 pipe versus float compares on the FP32
+pipe). It specialises arguments as the runtime would for the benchmark shape (B = 1, H = 32,
+N = 262144, D = 128, contiguous bf16): ints equal to 1 become constants, pointers and multiples
+of 16 get 16-byte divisibility (without that, loads would not vectorise and the report would lie).
+
+    python bench/sass_report.py [--kernel fwd|dq|dkdv] [--r 8] [--block-m 64 --block-n 16]
+                                [--warps 4 --stages 3] [--bidirectional] [--cut] [--hybrid] [--sass FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from poslsh.attention import triton_lsh as T  # noqa: E402
+
+KERNELS = {"fwd": T._fwd_kernel, "dq": T._bwd_dq_kernel, "dkdv": T._bwd_dkdv_kernel}
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
+            "DV": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "SLOPE2": "*fp32", "W": "*i32", "U": "*i32",
+            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32"}
+FLOATS = {"qk_scale", "log2_r", "scale"}
+SHAPE = dict(B=1, group=1, H=32, Hkv=32, Nq=262144, Nk=262144, q_offset=0)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_kernel(fn, constexprs: dict, warps: int, stages: int):
+    sig, attrs, const = {}, {}, dict(constexprs)
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif SHAPE.get(name) == 1:
+            sig[name], const[name] = "constexpr", 1
+        else:
+            sig[name] = POINTERS.get(name) or ("fp32" if name in FLOATS else "i32")
+            if name in POINTERS or name.startswith("stride") or SHAPE.get(name, 1) % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs={k: v for k, v in const.items() if k in fn.arg_names}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def ptxas_info(ptx: str) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        Path(path).write_text(ptx)
+        err = subprocess.run([str(BIN / "ptxas"), "--gpu-name", "sm_90a", "-v", path, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True).stderr
+    return ", ".join(re.findall(r"Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads", err))
+
+
+def sass(cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        Path(path).write_bytes(cubin)
+        return subprocess.run([str(BIN / "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+
+
+def loops(text: str) -> list[tuple[int, collections.Counter]]:
+    """(instructions, opcode counts) of each loop: the code between a backward branch and its target."""
+    code = [(int(m.group(1), 16), m.group(2)) for line in text.splitlines()
+            if (m := re.search(r"/\*([0-9a-f]{4,5})\*/\s+(.*?);", line))]
+    out = []
+    for addr, ins in code:
+        target = re.search(r"BRA (0x[0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < addr:
+            body = [t for a, t in code if int(target.group(1), 16) <= a <= addr]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+            out.append((len(body), ops))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernel", choices=sorted(KERNELS), default="fwd")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--block-m", type=int, default=64)
+    p.add_argument("--block-n", type=int, default=16)
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--bidirectional", action="store_true")
+    p.add_argument("--cut", action="store_true")
+    p.add_argument("--hybrid", action="store_true")
+    p.add_argument("--integer-positions", action="store_true", help="the FDIV=False path (n >= 2^23)")
+    p.add_argument("--sass", type=Path, help="also write the whole SASS here")
+    args = p.parse_args(argv)
+    const = dict(R=args.r, CUT=args.cut, CAUSAL=not args.bidirectional, HEAD_DIM=128, BLOCK_D=128,
+                 BLOCK_M=args.block_m, BLOCK_N=args.block_n, PREC="tf32", FDIV=not args.integer_positions,
+                 HYBRID=args.hybrid)
+    kernel = compile_kernel(KERNELS[args.kernel], const, args.warps, args.stages)
+    text = sass(kernel.asm["cubin"])
+    if args.sass:
+        args.sass.write_text(text)
+    print(f"{args.kernel} {const} warps={args.warps} stages={args.stages}: {ptxas_info(kernel.asm['ptx'])}")
+    for i, (n, ops) in enumerate(loops(text)):
+        print(f"  loop {i}: {n} instructions per iteration per thread: "
+              + ", ".join(f"{op} {k}" for op, k in ops.most_common(14)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
