@@ -499,6 +499,8 @@ def _plot_context(table: dict, cfg: Config, path: Path) -> Path:
 def _plot_time(table: dict, cfg: Config, path: Path) -> Path:
     """Bits per byte against time per token, one panel per context: the accuracy/time plane on the LM."""
     plt = pyplot()
+    from matplotlib import ticker
+
     contexts = sorted({c for c, _ in table})
     cols = min(2, len(contexts))
     rows = math.ceil(len(contexts) / cols)
@@ -523,6 +525,10 @@ def _plot_time(table: dict, cfg: Config, path: Path) -> Path:
                 p = table[(n, m)]
                 ax.plot([p["time_per_token"] * 1e6], [p["bits_per_token"]], marker, color="C3", ms=7, label=m)
         ax.set_xscale("log")
+        # a span of less than a decade gets matplotlib's minor labels, which overlap: plain numbers instead
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
+        ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
+        ax.tick_params(axis="x", which="both", labelsize=7)
         ax.set_title(f"context {n}", fontsize=9)
         ax.set_xlabel("forward time per token (us)")
         ax.set_ylabel("held-out bits / byte")
