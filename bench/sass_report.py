@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import subprocess
@@ -27,6 +28,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("bench/sass_report.py compiles for the GPU: run it without TRITON_INTERPRET")
 
 from poslsh.attention import triton_lsh as T  # noqa: E402
 
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hybrid", action="store_true")
     p.add_argument("--integer-positions", action="store_true", help="the FDIV=False path (n >= 2^23)")
     p.add_argument("--sass", type=Path, help="also write the whole SASS here")
+    p.add_argument("--json", action="store_true", help="print {ptxas, loops: [{instructions, ops}]} as JSON")
     args = p.parse_args(argv)
     const = dict(R=args.r, CUT=args.cut, CAUSAL=not args.bidirectional, HEAD_DIM=128, BLOCK_D=128,
                  BLOCK_M=args.block_m, BLOCK_N=args.block_n, PREC="tf32", FDIV=not args.integer_positions,
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     text = sass(kernel.asm["cubin"])
     if args.sass:
         args.sass.write_text(text)
+    if args.json:
+        print(json.dumps({"ptxas": ptxas_info(kernel.asm["ptx"]),
+                          "loops": [{"instructions": n, "ops": dict(ops)} for n, ops in loops(text)]}))
+        return 0
     print(f"{args.kernel} {const} warps={args.warps} stages={args.stages}: {ptxas_info(kernel.asm['ptx'])}")
     for i, (n, ops) in enumerate(loops(text)):
         print(f"  loop {i}: {n} instructions per iteration per thread: "
