@@ -587,8 +587,9 @@ def default_config(dtype: torch.dtype, head_dim: int, device_type: str = "cuda")
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2,
                     BWD_BLOCK_M=32, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=2)
-    # 16-bit, measured on an H200 at n = 256K, r = 8, D = 128 (bench/NOTES.md): 64 x 32 tiles waste
-    # the fewest pairs at the block edges (64 x 16: 6.05 ms, 64 x 32: 6.74, 128 x 64: 12.2 ms forward).
+    # 16-bit, measured on an H200 at n = 256K, r = 8, D = 128 (kernel v3 sweep, bench/NOTES.md): the
+    # per-element work dominates, so 16-key tiles, which compute the fewest pairs past the block
+    # edges, are fastest forward (3 stages); the backward prefers 64 x 32.
     return dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=3,
                 BWD_BLOCK_M=64, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=2)
 
