@@ -222,6 +222,50 @@ def _near_field(qk, diff, slope2, wh):
 
 
 @triton.jit
+def _query_tile(pid, ORDER, B, Nq, Nk, q_offset, BLOCK_M: tl.constexpr):
+    """Program ``pid`` of a query-tile grid (heads in ``ORDER``, widest first; then batch; then tiles):
+    batch b, head h, rows offs_m [BLOCK_M], their key positions (and clipped to [0, Nk)), and the
+    first and last real positions pa, pb."""
+    n_mt = tl.cdiv(Nq, BLOCK_M)
+    rest = pid // n_mt
+    h = tl.sum(tl.load(ORDER + rest // B + tl.arange(0, 1)), 0)
+    m0 = (pid % n_mt) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q_pos = offs_m + q_offset
+    pa = m0 + q_offset
+    pb = tl.minimum(m0 + BLOCK_M, Nq) - 1 + q_offset
+    return rest % B, h, offs_m, q_pos, tl.minimum(q_pos, Nk - 1), pa, pb
+
+
+@triton.jit
+def _key_stretches(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, Nk, R: tl.constexpr, CUT: tl.constexpr,
+                   CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, FDIV: tl.constexpr, HYBRID: tl.constexpr):
+    """The key tiles a query tile of positions [pa, pb] visits (forward and dQ), as three stretches:
+    boundary [a, e1), plain [bnd, c), boundary [s3, d); and head h's hybrid slope2, w_h (0 unless HYBRID).
+
+    Without plain tiles (the usual case for LSH with r >= 2) one boundary stretch covers [a, d): one
+    software pipeline instead of two short ones."""
+    lo, hi, in_lo, in_hi = _ranges(pa, pb, hR, W, U, S, E, Nk, R, CUT, FDIV)
+    slope2 = 0.0
+    wh = 0
+    if HYBRID:  # add the near field [pa - w_h, pb + w_h] to the union of the blocks
+        slope2, wh = _head_near(SLOPE2, WIN, h)
+        lo = tl.minimum(lo, tl.maximum(pa - wh, 0))
+        hi = tl.maximum(hi, tl.minimum(pb + wh + 1, Nk))
+    in_lo, in_hi = _plain_range(in_lo, in_hi, pa, pb, wh, Nk, HYBRID)
+    if CAUSAL:
+        hi = tl.minimum(hi, pb + 1)
+        in_hi = tl.minimum(in_hi, pa + 1)
+    a = (lo // BLOCK_N) * BLOCK_N
+    d = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+    bnd = tl.minimum(tl.maximum(tl.cdiv(in_lo, BLOCK_N) * BLOCK_N, a), d)
+    c = tl.maximum(bnd, tl.minimum((in_hi // BLOCK_N) * BLOCK_N, d))
+    e1 = tl.where(c > bnd, bnd, d)
+    s3 = tl.where(c > bnd, c, d)
+    return a, e1, bnd, c, s3, d, slope2, wh
+
+
+@triton.jit
 def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, stop,
                  q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope_raw, wh,
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -277,22 +321,10 @@ def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER, SLOPE2, WIN,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                 FDIV: tl.constexpr, HYBRID: tl.constexpr):
-    pid = tl.program_id(0)
-    n_mt = tl.cdiv(Nq, BLOCK_M)
-    tile = pid % n_mt
-    rest = pid // n_mt
-    b = rest % B
-    h = tl.sum(tl.load(ORDER + rest // B + tl.arange(0, 1)), 0)
+    b, h, offs_m, q_pos, q_pos_c, pa, pb = _query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M)
     hk = h // group
     hR = h * R
-
-    m0 = tile * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_pos = offs_m + q_offset
-    q_pos_c = tl.minimum(q_pos, Nk - 1)
-    pa = m0 + q_offset
-    pb = tl.minimum(m0 + BLOCK_M, Nq) - 1 + q_offset
 
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -300,26 +332,9 @@ def _fwd_kernel(Q, K, V, O, LSE, W, U, S, E, ORDER, SLOPE2, WIN,
     q_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
 
-    lo, hi, in_lo, in_hi = _ranges(pa, pb, hR, W, U, S, E, Nk, R, CUT, FDIV)
-    slope_raw = 0.0  # slope * log2(e) / qk_scale (units of raw q.k) and w_h: used only when HYBRID
-    wh = 0
-    if HYBRID:  # add the near field [pa - w_h, pb + w_h] to the union of the blocks
-        slope2, wh = _head_near(SLOPE2, WIN, h)
-        slope_raw = slope2 / qk_scale
-        lo = tl.minimum(lo, tl.maximum(pa - wh, 0))
-        hi = tl.maximum(hi, tl.minimum(pb + wh + 1, Nk))
-    in_lo, in_hi = _plain_range(in_lo, in_hi, pa, pb, wh, Nk, HYBRID)
-    if CAUSAL:
-        hi = tl.minimum(hi, pb + 1)
-        in_hi = tl.minimum(in_hi, pa + 1)
-    a = (lo // BLOCK_N) * BLOCK_N
-    d = tl.cdiv(hi, BLOCK_N) * BLOCK_N
-    bnd = tl.minimum(tl.maximum(tl.cdiv(in_lo, BLOCK_N) * BLOCK_N, a), d)
-    c = tl.maximum(bnd, tl.minimum((in_hi // BLOCK_N) * BLOCK_N, d))
-    # Without plain tiles (the usual case for LSH with r >= 2) one boundary loop covers [a, d): one
-    # software pipeline instead of two short ones.
-    e1 = tl.where(c > bnd, bnd, d)
-    s3 = tl.where(c > bnd, c, d)
+    a, e1, bnd, c, s3, d, slope2, wh = _key_stretches(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, Nk, R, CUT,
+                                                      CAUSAL, BLOCK_N, FDIV, HYBRID)
+    slope_raw = slope2 / qk_scale  # the near-field slope in units of raw q.k (the forward scales late)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -512,22 +527,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER, SLOPE2, WIN,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
                    FDIV: tl.constexpr, HYBRID: tl.constexpr):
-    pid = tl.program_id(0)
-    n_mt = tl.cdiv(Nq, BLOCK_M)
-    tile = pid % n_mt
-    rest = pid // n_mt
-    b = rest % B
-    h = tl.sum(tl.load(ORDER + rest // B + tl.arange(0, 1)), 0)
+    b, h, offs_m, q_pos, q_pos_c, pa, pb = _query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M)
     hk = h // group
     hR = h * R
-
-    m0 = tile * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_pos = offs_m + q_offset
-    q_pos_c = tl.minimum(q_pos, Nk - 1)
-    pa = m0 + q_offset
-    pb = tl.minimum(m0 + BLOCK_M, Nq) - 1 + q_offset
     row_ok = offs_m < Nq
     q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -539,25 +542,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, W, U, S, E, ORDER, SLOPE2, WIN,
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
-    lo, hi, in_lo, in_hi = _ranges(pa, pb, hR, W, U, S, E, Nk, R, CUT, FDIV)
-    slope2 = 0.0  # slope * log2(e) and w_h: used only when HYBRID
-    wh = 0
-    if HYBRID:  # add the near field [pa - w_h, pb + w_h] to the union of the blocks
-        slope2, wh = _head_near(SLOPE2, WIN, h)
-        lo = tl.minimum(lo, tl.maximum(pa - wh, 0))
-        hi = tl.maximum(hi, tl.minimum(pb + wh + 1, Nk))
-    in_lo, in_hi = _plain_range(in_lo, in_hi, pa, pb, wh, Nk, HYBRID)
-    if CAUSAL:
-        hi = tl.minimum(hi, pb + 1)
-        in_hi = tl.minimum(in_hi, pa + 1)
-    a = (lo // BLOCK_N) * BLOCK_N
-    d = tl.cdiv(hi, BLOCK_N) * BLOCK_N
-    bnd = tl.minimum(tl.maximum(tl.cdiv(in_lo, BLOCK_N) * BLOCK_N, a), d)
-    c = tl.maximum(bnd, tl.minimum((in_hi // BLOCK_N) * BLOCK_N, d))
-    # Without interior tiles (the usual case for r >= 2) one boundary loop covers [a, d): one
-    # software pipeline instead of two short ones.
-    e1 = tl.where(c > bnd, bnd, d)
-    s3 = tl.where(c > bnd, c, d)
+    a, e1, bnd, c, s3, d, slope2, wh = _key_stretches(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, Nk, R, CUT,
+                                                      CAUSAL, BLOCK_N, FDIV, HYBRID)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, a, e1,
