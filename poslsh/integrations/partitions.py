@@ -79,17 +79,8 @@ class LayerPartitions:
             rows = torch.cat([r for r, _ in chunks])
             pos = torch.cat([p for _, p in chunks])
             keep = pos < n
-            rows, pos = rows[keep], pos[keep]
-            order = torch.argsort(rows * (n + 1) + pos)
-            rows, pos = rows[order], pos[order]
-            pointers = torch.zeros(self.slopes.numel() * self.samples + 1, dtype=torch.int64)
-            pointers[1:] = torch.bincount(rows, minlength=self.slopes.numel() * self.samples).cumsum(0)
-            parts = Partitions(n, self.slopes, "cut", cut_positions=pos, cut_pointers=pointers)
-        parts = parts.to(device)
-        if len(self._cache) > 64:
-            self._cache.clear()
-        self._cache[key] = parts
-        return parts
+            parts = self._cut(n, rows[keep], pos[keep])
+        return self._remember(key, parts.to(device))
 
     def window(self, start: int, n: int, device: torch.device | str = "cpu") -> Partitions:
         """Partitions of positions start..start+n-1, re-indexed to 0..n-1 (for a cache whose first
@@ -107,12 +98,19 @@ class LayerPartitions:
             full = self.get(start + n)
             rows = torch.repeat_interleave(torch.arange(full.cut_pointers.numel() - 1), full.cut_pointers.diff())
             keep = full.cut_positions > start
-            rows, pos = rows[keep], full.cut_positions[keep] - start
-            pointers = torch.zeros_like(full.cut_pointers)
-            pointers[1:] = torch.bincount(rows, minlength=pointers.numel() - 1).cumsum(0)
-            parts = Partitions(n, self.slopes, "cut", cut_positions=pos, cut_pointers=pointers)
-        parts = parts.to(device)
-        if len(self._cache) > 64:
+            parts = self._cut(n, rows[keep], full.cut_positions[keep] - start)
+        return self._remember(key, parts.to(device))
+
+    def _cut(self, n: int, rows: Tensor, pos: Tensor) -> Partitions:
+        """Cut-scheme partitions of n positions from cuts given as (head * samples + sample, position)."""
+        order = torch.argsort(rows * (n + 1) + pos)
+        rows, pos = rows[order], pos[order]
+        pointers = torch.zeros(self.slopes.numel() * self.samples + 1, dtype=torch.int64)
+        pointers[1:] = torch.bincount(rows, minlength=self.slopes.numel() * self.samples).cumsum(0)
+        return Partitions(n, self.slopes, "cut", cut_positions=pos, cut_pointers=pointers)
+
+    def _remember(self, key: tuple, parts: Partitions) -> Partitions:
+        if len(self._cache) > 64:  # a bounded cache: decoding asks for every length once
             self._cache.clear()
         self._cache[key] = parts
         return parts
