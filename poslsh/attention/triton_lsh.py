@@ -699,29 +699,15 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, lay: _Layout, causal: bool, scale: flo
     Hkv, Nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    # Heads with narrow blocks (mean width <= SMALL_W) may run with smaller tiles in a second launch:
-    # with 128-row tiles they would compute ~2x the pairs they need.
-    thr = cfg.get("SMALL_W", 0)
-    launches = [(lay.order, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])]
-    if thr > 0:
-        w_sorted = lay.work[lay.order.long()]
-        big = lay.order[w_sorted > thr]
-        small = lay.order[w_sorted <= thr]
-        launches = [(big, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"]),
-                    (small, cfg["SMALL_BLOCK_M"], cfg["SMALL_BLOCK_N"], cfg["small_num_warps"],
-                     cfg["small_num_stages"])]
-    for order, bm, bn, nw, ns in launches:
-        if order.numel() == 0:
-            continue
-        grid = (triton.cdiv(Nq, bm) * B * order.numel(),)
-        _fwd_kernel[grid](
-            q, k, v, o, lse, lay.W, lay.U, lay.S, lay.E, order, lay.slope2, lay.win,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(lay.r),
-            R=lay.r, CUT=lay.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, cfg), HYBRID=lay.hybrid,
-            num_warps=nw, num_stages=ns)
+    bm = cfg["BLOCK_M"]
+    _fwd_kernel[(triton.cdiv(Nq, bm) * B * H,)](
+        q, k, v, o, lse, lay.W, lay.U, lay.S, lay.E, lay.order, lay.slope2, lay.win,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(lay.r),
+        R=lay.r, CUT=lay.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), FDIV=_float_positions(Nk, cfg),
+        HYBRID=lay.hybrid, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, lse
 
 
