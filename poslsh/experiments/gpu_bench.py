@@ -14,7 +14,6 @@ Results are saved after every measurement (a crash keeps what was measured). Nee
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from .common import fmt, load_results, markdown_table, pyplot, save_results
+from .common import fmt, gpu_time, load_results, markdown_table, pyplot, save_results
 
 NAME = "bench"
 
@@ -66,28 +65,6 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------------
-
-
-def _time(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float, str]:
-    from triton.testing import do_bench
-
-    fn()  # compile / warm
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est = (time.perf_counter() - t0) * 1e3
-    if est > 200:
-        times = []
-        for _ in range(3):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times), "median of 3 event-timed calls"
-    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")), "do_bench median"
 
 
 def _peak_gb(fn: Callable[[], Any]) -> float:
@@ -180,8 +157,8 @@ def _variants(H: int, D: int, causal: bool, slopes: torch.Tensor, config: Config
     for name, over in fwd.items():
         cfg = dict(base, **over)
         try:
-            ms, _ = _time(lambda: lsh_attention_triton_fn(q, k, v, parts, causal=causal, config=cfg), 25, 100)
-            ms2, _ = _time(lambda: lsh_attention_triton_fn(q, k, v, parts, causal=causal, config=cfg), 25, 100)
+            ms, _ = gpu_time(lambda: lsh_attention_triton_fn(q, k, v, parts, causal=causal, config=cfg), 25, 100)
+            ms2, _ = gpu_time(lambda: lsh_attention_triton_fn(q, k, v, parts, causal=causal, config=cfg), 25, 100)
             tc = tile_counts(parts, n, causal, cfg["BLOCK_M"], cfg["BLOCK_N"])
             out.append({"pass": "fwd", "config": name, "ms": ms, "ms_again": ms2, "pairs": tc["pairs"],
                         "tflops": 4 * D * tc["pairs"] / ms / 1e9})
@@ -195,7 +172,7 @@ def _variants(H: int, D: int, causal: bool, slopes: torch.Tensor, config: Config
     for name, over in bwd.items():
         cfg = dict(base, **over)
         try:
-            ms, _ = _time(lambda: torch.autograd.grad(
+            ms, _ = gpu_time(lambda: torch.autograd.grad(
                 lsh_attention_triton_fn(qg, kg, vg, parts, causal=causal, config=cfg)[0], (qg, kg, vg), do), 10, 100)
             out.append({"pass": "fwd+bwd", "config": name, "ms": ms})
         except Exception as err:
@@ -280,7 +257,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
             out: torch.Tensor | None = None, ref: torch.Tensor | None = None, extra: dict | None = None) -> None:
         row: dict[str, Any] = {"n": n, "column": col, "r": r, "pass": pas}
         try:
-            ms, how = _time(fn, config.warmup_ms, config.rep_ms)
+            ms, how = gpu_time(fn, config.warmup_ms, config.rep_ms)
             row.update(ms=ms, timing=how, peak_extra_gb=_peak_gb(fn))
             if pairs:
                 row["pairs"] = pairs

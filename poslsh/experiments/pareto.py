@@ -52,7 +52,7 @@ from ..alibi import alibi_slopes
 from ..attention.dispatch import Backend, resolve_spec, select_backend
 from ..hashing import sample_partitions
 from ..kernels import power_law
-from .common import fmt, load_results, markdown_table, progress, pyplot, save_results, torch_threads
+from .common import fmt, gpu_time, load_results, markdown_table, progress, pyplot, save_results, torch_threads
 
 NAME = "pareto"
 PLOT = "pareto.png"
@@ -162,9 +162,7 @@ def _measure(forward: Callable[[Tensor, Tensor, Tensor], Tensor], q: Tensor, k: 
         last["out"] = forward(q, k, v)
 
     if q.device.type == "cuda":
-        from .gpu_bench import _time  # the benchmark's timing rule: one definition for both studies
-
-        ms, how = _time(call, config.warmup_ms, config.rep_ms)
+        ms, how = gpu_time(call, config.warmup_ms, config.rep_ms)
         return last["out"], ms / 1e3, how
     runs = []
     for _ in range(max(1, config.repeats)):
