@@ -8,7 +8,8 @@ N = 262144, D = 128, contiguous bf16): ints equal to 1 become constants, pointer
 of 16 get 16-byte divisibility (without that, loads would not vectorise and the report would lie).
 
     python bench/sass_report.py [--kernel fwd|dq|dkdv] [--r 8] [--block-m 64 --block-n 16]
-                                [--warps 4 --stages 3] [--bidirectional] [--cut] [--hybrid] [--sass FILE]
+                                [--warps 4 --stages 3] [--bidirectional] [--cut] [--method M] [--padding] [--split]
+                                [--sass FILE]
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("bench/sass_report.py compiles for the GPU: run it without TRITON_INTERPRET")
 
-from poslsh.attention import triton_lsh as T  # noqa: E402
+from poslsh.attention.triton.backward import _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
+from poslsh.attention.triton.forward import _fwd_kernel  # noqa: E402
+from poslsh.attention.triton.launch import METHOD_IDS  # noqa: E402
 
-KERNELS = {"fwd": T._fwd_kernel, "dq": T._bwd_dq_kernel, "dkdv": T._bwd_dkdv_kernel}
+KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
             "DV": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "SLOPE2": "*fp32", "W": "*i32", "U": "*i32",
-            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32"}
+            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32", "KPM": "*i8", "DQA": "*fp32"}
 FLOATS = {"qk_scale", "log2_r", "scale"}
-SHAPE = dict(B=1, group=1, H=32, Hkv=32, Nq=262144, Nk=262144, q_offset=0)
+SHAPE = dict(B=1, group=1, H=32, Hkv=32, Nq=262144, Nk=262144, q_offset=0, stride_os=0, stride_kpmb=0,
+             split_tiles=0)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -97,14 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--cut", action="store_true")
-    p.add_argument("--hybrid", action="store_true")
+    p.add_argument("--method", choices=sorted(METHOD_IDS), default="lsh")
+    p.add_argument("--padding", action="store_true", help="with a key padding mask")
+    p.add_argument("--split", action="store_true", help="the split-key (decoding) forward")
+    p.add_argument("--lazy", action="store_true", help="lazy accumulator rescaling")
+    p.add_argument("--fused", action="store_true", help="dkdv: the one-kernel backward (dQ by atomics)")
     p.add_argument("--integer-positions", action="store_true", help="the FDIV=False path (n >= 2^23)")
     p.add_argument("--sass", type=Path, help="also write the whole SASS here")
     p.add_argument("--json", action="store_true", help="print {ptxas, loops: [{instructions, ops}]} as JSON")
     args = p.parse_args(argv)
-    const = dict(R=args.r, CUT=args.cut, CAUSAL=not args.bidirectional, HEAD_DIM=128, BLOCK_D=128,
-                 BLOCK_M=args.block_m, BLOCK_N=args.block_n, PREC="tf32", FDIV=not args.integer_positions,
-                 HYBRID=args.hybrid)
+    alibi = args.method in ("exact", "window")
+    const = dict(METHOD=METHOD_IDS[args.method], R=1 if alibi else args.r, CUT=args.cut and not alibi,
+                 CAUSAL=not args.bidirectional, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=args.block_m,
+                 BLOCK_N=args.block_n, PREC="tf32", FDIV=not args.integer_positions, HAS_KPM=args.padding)
+    if args.kernel == "fwd":
+        const.update(SPLIT=args.split, LAZY=args.lazy)
+    if args.kernel == "dkdv":
+        const["FUSED_DQ"] = args.fused
     kernel = compile_kernel(KERNELS[args.kernel], const, args.warps, args.stages)
     text = sass(kernel.asm["cubin"])
     if args.sass:

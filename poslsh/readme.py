@@ -43,22 +43,8 @@ def _cpu_scaling(doc: dict[str, Any]) -> str:
     return head + "\n" + table
 
 
-def _gpu_hybrid_check(doc: dict[str, Any]) -> str:
-    res = doc["results"]
-    checks = [[c["backend"], "causal" if c["causal"] else "bidirectional",
-               ", ".join(fmt(e) for e in c["rel_err_out_then_grads"]) if "rel_err_out_then_grads" in c else c["error"]]
-              for c in res["checks"]]
-    times = [[t["method"], t.get("hybrid_eps", "–"), t["r"], fmt(t["fwd_ms"])] for t in res["timings"]]
-    return ("Hybrid on the GPU: float32 output (then dq, dk, dv for Triton) against the float64 reference, "
-            "n = 1500, 8 heads over 4 KV heads, r = 8\n\n"
-            + markdown_table(["backend", "mask", "relative error"], checks)
-            + f"\n\nTriton forward, n = {res['timings'][0]['n']}, H = 32, D = 128, bf16, causal, same partitions\n\n"
-            + markdown_table(["method", "hybrid_eps", "r", "ms"], times))
-
-
 # (file in bench/results, renderer); a block whose file is absent is left out.
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-    ("gpu_hybrid_check.json", _gpu_hybrid_check),
     ("cpu_scaling.json", _cpu_scaling),
 ]
 
@@ -68,8 +54,7 @@ def _extra_sections() -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
     import importlib
 
     found = []
-    for module, filenames in (("gpu_bench", ("gpu_bench_256k_v3.json", "gpu_bench_triton_scaling_v3.json", "gpu_bench.json",
-                                             "gpu_bench_triton_scaling.json", "gpu_bench_fwd_bwd_256k.json")),
+    for module, filenames in (("gpu_bench", ("gpu_bench/gpu_bench.json",)),
                               ("lm_validation", ("lm-validation.json",)),
                               ("pareto", ("pareto_h200_256k/pareto.json", "pareto_h200/pareto.json",
                                           "pareto_h200_heavy/pareto.json", "pareto_cpu/pareto.json"))):
@@ -83,13 +68,7 @@ def _extra_sections() -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
 
 
 TITLES = {
-    "gpu_bench_256k_v3.json": "GPU, kernel v3 (the current kernel): every column side by side at n = 256K "
-                              "(the run stopped at its time limit before the Flex forward+backward phase)",
-    "gpu_bench_triton_scaling_v3.json": "GPU, kernel v3: growth from 16K to 256K (the run stopped at its time "
-                                        "limit before n = 1M; kernel v2's run to 1M is below)",
-    "gpu_bench.json": "GPU benchmark, kernel v2 (the previous kernel): every column side by side, n = 4K to 256K",
-    "gpu_bench_triton_scaling.json": "GPU, kernel v2: the Triton kernel up to n = 1M (near-linear growth)",
-    "gpu_bench_fwd_bwd_256k.json": "GPU, kernel v2: forward+backward against exact ALiBi at n = 256K",
+    "gpu_bench/gpu_bench.json": "GPU: every method on its backends, forward, forward + backward and decoding",
     "lm-validation.json": "Language-model validation (H200): an ALiBi LM trained here, perplexity per method, r "
                           "and context",
     "pareto_h200_256k/pareto.json": "Beyond the paper on the GPU: accuracy vs time at n = 256K (H200)",
@@ -99,9 +78,6 @@ TITLES = {
     "pareto_h200_heavy/pareto.json": "Beyond the paper on the GPU: a heavy-tailed kernel at n = 64K (H200; this "
                                      "run's ALiBi panel failed on a block-mask size bug, fixed and rerun above)",
     "pareto_cpu/pareto.json": "Beyond the paper: correlated sampling, hybrid, heavy-tailed kernels (CPU)",
-    "gpu_hybrid_check.json": "GPU: the hybrid method's first check (correct; its slow hybrid times below were "
-                             "the host recomputing the near-field widths on every call, cached since: see the "
-                             "Pareto results for its speed)",
 }
 
 

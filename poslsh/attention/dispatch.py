@@ -19,7 +19,7 @@ kernels, are what every backend did before "hybrid" and kernels existed, so a ba
 without them is never handed a call it would silently compute as something else; ``supports`` is
 only asked once the capabilities match.
 
-GPU backends register themselves from ``poslsh.attention.triton_lsh`` and
+GPU backends register themselves from ``poslsh.attention.triton`` and
 ``poslsh.attention.flex`` with one call, e.g.
 ``register_backend("triton", fn, supports, priority=100)``; those modules are imported lazily on the
 first dispatch, and their absence (or a missing triton) is not an error.
@@ -75,7 +75,7 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 # Modules that register optional (GPU) backends when imported; tried once, on first dispatch.
-OPTIONAL_BACKEND_MODULES = ("poslsh.attention.triton_lsh", "poslsh.attention.flex")
+OPTIONAL_BACKEND_MODULES = ("poslsh.attention.triton", "poslsh.attention.flex")
 _optional_loaded = False
 
 

@@ -1,0 +1,41 @@
+"""The Triton kernels: exact ALiBi, the per-head window, positional LSH and the hybrid, forward and
+backward, one kernel family (``poslsh.attention(..., backend="triton")``).
+
+    jit.py       device helpers: key ranges of a tile, block bounds, collision counts, ALiBi frame
+    forward.py   the forward kernel (all methods; split-key decoding) and the partials' merge
+    backward.py  dK/dV and dQ kernels (all methods)
+    launch.py    host side: cached per-method plans, tile configs (tuned.json), launches, autograd
+
+The definition every kernel is held to is ``poslsh.attention.reference`` (dense, float64); the tests
+run these kernels under TRITON_INTERPRET=1 on the CPU against it.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from .compat import patch_interpreter
+
+    patch_interpreter()
+
+from .launch import default_config, interpreting, plan_for, supports_triton, tile_counts, triton_attention  # noqa: E402
+
+__all__ = ["triton_attention", "supports_triton", "default_config", "plan_for", "interpreting", "tile_counts"]
+
+
+def _backend(q, k, v, spec):
+    return triton_attention(q, k, v, spec)
+
+
+def _register() -> None:
+    from ..dispatch import register_backend
+
+    # Under TRITON_INTERPRET=1 the kernels run on the CPU only to be tested: they then rank below every
+    # torch backend, so "auto" never routes CPU work through the (slow) interpreter; backend="triton"
+    # still reaches them.
+    register_backend("triton", _backend, supports_triton, priority=-10 if interpreting() else 100,
+                     methods=("exact", "window", "lsh", "hybrid"), kernels=True)
+
+
+_register()

@@ -1,0 +1,212 @@
+"""The forward kernel (every method) and the merge of split-key partial results.
+
+One program per (query tile of BLOCK_M rows, batch, head) walks the key tiles of its range (``jit``)
+in three stretches: boundary tiles test every element (causality, the band, collision counts), plain
+tiles none. Online softmax in base 2, fp32 accumulation, LSE out.
+
+ALiBi (exact, window) enters in the row frame of the tile's first position pa: for j <= i,
+scale q.k - m (i - j) = [scale q.k + m (j - pa)] - m (i - pa), and the bracket is one FMA per element
+with a per-column vector; the per-row term is a constant of the row, so it leaves the softmax and is
+subtracted from the LSE at the end. Bidirectional tiles add -2 m (j - i)+ for keys right of the row.
+The frame keeps logits near the diagonal small (|m (i - pa)| <= m BLOCK_M), so fp32 keeps them exact.
+
+LSH and hybrid weights enter multiplicatively as raw counts, p_ij = (r c_ij) exp(s_ij - m_i), so no
+log or division is evaluated per element (r cancels in the output and leaves through the LSE).
+
+Decoding (few query rows against a long cache) splits each program's key range over SPLIT programs
+(grid axis 1) that write normalised partial outputs and LSEs; ``_merge_kernel`` combines them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, lsh_counts, method_ranges, near_field, query_tile, \
+    stretches
+
+EMPTY_LSE = -1.0e30  # the library's lse of a row that sees no key (core.EMPTY_LSE)
+
+
+@triton.jit
+def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, start, stop,
+                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                 METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
+                 BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, LAZY: tl.constexpr):
+    """Online softmax over the key tiles [start, stop). ``m_i`` is the running max of the base-2
+    logits (ALiBi: in the row frame of pa; LSH: of the scaled q.k, the scale entering in the exp2 FMA)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = tl.arange(0, BLOCK_N)
+    # A 64-bit tile pointer advanced per tile, 32-bit offsets inside the tile: position x stride may
+    # pass 2^31 elements (a [B, N, H, D] view of a long sequence), BLOCK_N x stride does not.
+    k_tile = k_base + start.to(tl.int64) * stride_kn
+    v_tile = v_base + start.to(tl.int64) * stride_vn
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + rows
+        kv_mask = offs_d[None, :] < HEAD_DIM
+        if BOUNDARY:
+            kv_mask = kv_mask & (offs_n[:, None] < Nk)
+        k = tl.load(k_tile + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_tile + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_tile += BLOCK_N * stride_kn
+        v_tile += BLOCK_N * stride_vn
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if HAS_KPM:
+            keep = tl.load(kpm_base + offs_n, mask=offs_n < Nk, other=0) != 0
+        if METHOD == EXACT or METHOD == WINDOW:
+            x = qk * qk_scale + (slope2 * (offs_n - pa).to(tl.float32))[None, :]
+            if not CAUSAL:
+                x = x - (2.0 * slope2) * tl.maximum(fdiff(offs_n[None, :], q_pos[:, None], FDIV), 0.0)
+            if BOUNDARY:
+                if CAUSAL:
+                    hit = as_pos(offs_n, FDIV)[None, :] <= as_pos(q_pos, FDIV)[:, None]
+                else:
+                    hit = (offs_n < Nk)[None, :]
+                if METHOD == WINDOW:
+                    hit = hit & (tl.abs(fdiff(q_pos[:, None], offs_n[None, :], FDIV)) <= wh)
+                x = tl.where(hit, x, float("-inf"))
+            if HAS_KPM:
+                x = tl.where(keep[None, :], x, float("-inf"))
+            row_max = tl.max(x, 1)
+        else:  # max on the raw q.k, scaled afterwards: the scale enters in the exp2 FMA below
+            if METHOD == HYBRID:
+                near, qk = near_field(qk, q_pos[:, None] - offs_n[None, :], slope2 / qk_scale, wh)
+            if HAS_KPM:
+                qk = tl.where(keep[None, :], qk, float("-inf"))
+            if BOUNDARY:
+                cols_c = tl.minimum(offs_n, Nk - 1)
+                cnt = lsh_counts(q_pos_c, cols_c, hR, W, U, S, E, Nk, R, CUT, CAUSAL, True, FDIV)
+                hit = cnt > 0
+                if METHOD == HYBRID:
+                    hit = hit | near
+                    cnt = tl.where(near, R * 1.0, cnt)
+                if CAUSAL:  # key <= query position < Nk for every real row
+                    hit = hit & (as_pos(offs_n, FDIV)[None, :] <= as_pos(q_pos, FDIV)[:, None])
+                else:
+                    hit = hit & (offs_n[None, :] < Nk)
+                qk = tl.where(hit, qk, float("-inf"))
+            row_max = tl.max(qk, 1) * qk_scale
+        m_new = tl.maximum(m_i, row_max)
+        if LAZY:
+            # Rescale the accumulator only when some row's max grew by more than 2^8 (FlashAttention-3's
+            # trick): p <= 2^8 stays exact in fp32 and bf16, and most tiles skip D / BLOCK_N multiplies
+            # per element. The decision is one per program (a CTA-wide max), so the branch is uniform.
+            if tl.max(m_new - m_i, 0) > 8.0:
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+        else:
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        if METHOD == EXACT or METHOD == WINDOW:
+            p = tl.math.exp2(x - m_i[:, None])
+        elif BOUNDARY:
+            p = tl.math.exp2(qk * qk_scale - m_i[:, None]) * cnt
+        else:
+            p = tl.math.exp2(qk * qk_scale - (m_i - log2_r)[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        acc = acc + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_os, stride_ob, stride_oh, stride_on, stride_kpmb,
+                B, H, Nq, Nk, q_offset, group, qk_scale, log2_r, split_tiles,
+                METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, SPLIT: tl.constexpr,
+                LAZY: tl.constexpr):
+    b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M)
+    hk = h // group
+    hR = h * R
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qn
+    rows_m = tl.arange(0, BLOCK_M)
+    q = tl.load(q_base + rows_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    kpm_base = KPM + b.to(tl.int64) * stride_kpmb
+
+    lo, hi, in_lo, in_hi, slope2, wh = method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, Nk, METHOD, R, CUT,
+                                                     FDIV)
+    if CAUSAL:
+        hi = tl.minimum(hi, pb + 1)
+        in_hi = tl.minimum(in_hi, pa + 1)
+    a, e1, bnd, c, s3, d = stretches(lo, hi, in_lo, in_hi, BLOCK_N)
+    if SPLIT:  # this program's share of the key range: split_tiles tiles from a + split * split_tiles
+        ws = a + tl.program_id(1) * split_tiles * BLOCK_N
+        we = ws + split_tiles * BLOCK_N
+        a, e1 = tl.maximum(a, ws), tl.minimum(e1, we)
+        bnd, c = tl.maximum(bnd, ws), tl.minimum(c, we)
+        s3, d = tl.maximum(s3, ws), tl.minimum(d, we)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, a, e1,
+                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                                 METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
+    acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, bnd, c,
+                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                                 METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
+    acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, s3, d,
+                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                                 METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
+
+    if METHOD == EXACT or METHOD == WINDOW:
+        m_i = m_i - slope2 * (q_pos - pa).to(tl.float32)  # out of the row frame of pa
+    else:
+        m_i = m_i - log2_r  # l_i sums r c_ij e^{...}: take the factor r out of the LSE
+    o_base = O + tl.program_id(1).to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob \
+        + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_on
+    lse_ptr = LSE + (tl.program_id(1) * B * H + b * H + h).to(tl.int64) * Nq + offs_m
+    if HAS_KPM or SPLIT:  # a row may see no key: output 0, lse EMPTY_LSE
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, EMPTY_LSE)
+    else:
+        out = acc / l_i[:, None]
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(o_base + rows_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(lse_ptr, lse, mask=offs_m < Nq)
+
+
+@triton.jit
+def _merge_kernel(PO, PL, O, LSE, SPLITS, BH, H, Nq, stride_ps, stride_ob, stride_oh, stride_on,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Combine SPLITS partial (out, lse) of rows [BH * Nq] (fp32, [SPLITS, BH, Nq, BLOCK_D] contiguous)
+    by softmax over their LSEs into O (the caller's strides) and LSE [BH, Nq]."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = rows < BH * Nq
+    m = tl.full([BLOCK_R], EMPTY_LSE, dtype=tl.float32)
+    den = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    pl = PL + rows
+    po = PO + rows[:, None].to(tl.int64) * BLOCK_D + offs_d[None, :]
+    for _ in range(0, SPLITS):
+        lse = tl.load(pl, mask=ok, other=EMPTY_LSE)
+        o = tl.load(po, mask=ok[:, None], other=0.0)
+        pl += BH * Nq
+        po += stride_ps
+        m_new = tl.maximum(m, lse)
+        a = tl.exp(m - m_new)
+        w = tl.exp(lse - m_new)
+        acc = acc * a[:, None] + o * w[:, None]
+        den = den * a + w
+        m = m_new
+    out = acc / den[:, None]
+    lse = tl.where(m <= EMPTY_LSE * 0.5, EMPTY_LSE, m + tl.log(den))
+    bh = rows // Nq
+    i = rows % Nq
+    ptr = O + (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh + i.to(tl.int64) * stride_on
+    tl.store(ptr[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(LSE + rows, lse, mask=ok)

@@ -1,0 +1,439 @@
+"""Host side of the Triton kernels: what a call needs on the device (``Plan``, cached per method and
+partitions), tile configurations, launches, split-key decoding, and the autograd Function.
+
+``triton_attention(q, k, v, spec)`` runs a resolved ``AttentionSpec`` (``poslsh.attention.resolve_spec``)
+and is what the dispatcher's "triton" backend calls; benchmarks call it to time the kernels without
+the dispatcher's validation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import triton
+
+from ..core import AttentionSpec
+from ..flex import normalize_grid
+from .backward import _bwd_dkdv_kernel, _bwd_dq_kernel
+from .forward import _fwd_kernel, _merge_kernel
+
+__all__ = ["triton_attention", "default_config", "supports_triton", "interpreting", "Plan", "plan_for", "tile_counts",
+           "set_tuned", "write_tuned"]
+
+LOG2E = 1.4426950408889634
+METHOD_IDS = {"exact": 0, "window": 1, "lsh": 2, "hybrid": 3}
+TUNED_PATH = Path(__file__).with_name("tuned.json")
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan: the method's per-head device arrays, built once per (method, slopes, widths, partitions, n)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Plan:
+    """What the kernels need to know besides q, k, v.
+
+    Attributes:
+        method: kernel method id (``METHOD_IDS``); r: samples (1 for exact/window); cut: per-position
+            block bounds instead of grid scalars.
+        W, U: int32 [H, r] grid widths/offsets (normalised to n); S, E: int32 [H, r, n] block bounds (cut).
+        slope2: float32 [H], slope * log2(e) (exact, window, hybrid); win: int32 [H] half-widths w_h
+            (window, hybrid's near field).
+        order: int32 [H], heads by decreasing work (so the widest start first); work: float [H].
+        reach: host int, the most keys one query can see in any head (decides split-key decoding).
+    """
+
+    method: int
+    r: int
+    cut: bool
+    W: Tensor
+    U: Tensor
+    S: Tensor
+    E: Tensor
+    slope2: Tensor
+    win: Tensor
+    order: Tensor
+    work: Tensor
+    reach_fn: Any = None
+    _reach: int | None = None
+
+    @property
+    def reach(self) -> int:
+        if self._reach is None:
+            self._reach = int(self.reach_fn())
+        return self._reach
+
+    def kv_order(self, group: int) -> Tensor:
+        w = self.work.reshape(-1, group).sum(1)
+        return torch.argsort(w, descending=True, stable=True).to(torch.int32)
+
+
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+
+
+def _build_plan(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
+    h = spec.num_heads
+    dummy_i = torch.zeros(1, dtype=torch.int32, device=device)
+    method = METHOD_IDS[spec.method]
+    slope2 = (spec.slopes.to(torch.float64) * LOG2E).to(device=device, dtype=torch.float32)
+    win = torch.zeros(h, dtype=torch.int32, device=device)
+    if spec.window is not None:
+        win = spec.window.clamp(max=nk).to(device=device, dtype=torch.int32)
+    parts = spec.partitions
+    if spec.method in ("exact", "window"):
+        widths = spec.window.clamp(max=nk) if spec.window is not None else torch.full((h,), nk)
+        work = widths.to(torch.float32)
+        reach = int(widths.max()) * (1 if spec.causal else 2) + 1
+        return Plan(method, 1, False, dummy_i, dummy_i, dummy_i, dummy_i, slope2, win,
+                    torch.argsort(work, descending=True, stable=True).to(device=device, dtype=torch.int32),
+                    work.to(device), _reach=reach)
+    if parts.scheme == "grid":
+        W, U = normalize_grid(parts.widths.to(device), parts.offsets.to(device), nk)
+        S = E = dummy_i
+        work = W.float().mean(dim=1)
+        reach_fn = lambda: int(W.max()) * (1 if spec.causal else 2)  # noqa: E731 - one host sync, on demand
+    else:
+        start, end = parts.to(device).block_bounds()
+        S, E = start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+        W = U = dummy_i
+        work = (E - S).float().mean(dim=(1, 2))
+        reach_fn = lambda: int((E - S).max()) * (1 if spec.causal else 2)  # noqa: E731
+    r = parts.num_samples
+    if spec.method == "hybrid":
+        work = torch.maximum(work, win.float())  # the near field is visited too
+        lsh_reach = reach_fn
+        reach_fn = lambda: max(lsh_reach(), int(spec.window.max()) * (1 if spec.causal else 2))  # noqa: E731
+    order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+    return Plan(method, r, parts.scheme == "cut", W, U, S, E, slope2, win, order, work, reach_fn)
+
+
+def _tensor_key(t: Tensor | None):
+    return None if t is None else (id(t), t._version)
+
+
+def plan_for(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
+    """The cached ``Plan`` of a spec: a model's layers and decode steps reuse it (no host -> device
+    copies of slopes and widths per call). Keyed by content (slopes, widths, method, causality) and
+    by the identity and version of the partitions' tensors, so a changed input is never served stale."""
+    parts = spec.partitions
+    pkey = None
+    if parts is not None:
+        pkey = (parts.scheme, _tensor_key(parts.widths), _tensor_key(parts.offsets),
+                _tensor_key(parts.cut_positions), _tensor_key(parts.cut_pointers))
+    key = (spec.method, spec.causal, nk, str(device), tuple(spec.slopes.tolist()),
+           None if spec.window is None else tuple(spec.window.tolist()), pkey)
+    hit = _PLANS.get(key)
+    if hit is not None and (hit[0] is None or hit[0]() is parts):
+        _PLANS.move_to_end(key)
+        return hit[1]
+    plan = _build_plan(spec, nk, device)
+    _PLANS[key] = (None if parts is None else weakref.ref(parts), plan)
+    while len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------------
+
+# Decoding: fewer query rows than this run with BLOCK_M = 16 and a split key range.
+DECODE_ROWS = 16
+
+
+def _load_tuned() -> dict:
+    try:
+        return json.loads(TUNED_PATH.read_text()).get("configs", {})
+    except (OSError, ValueError):
+        return {}
+
+
+_TUNED = _load_tuned()
+
+
+def set_tuned(configs: dict[str, dict]) -> None:
+    """Make ``configs`` (keys "method/prefill|decode/dtype/dD") this process's defaults (the benchmark
+    does so after its sweep)."""
+    _TUNED.update({k: dict(v) for k, v in configs.items()})
+
+
+def write_tuned(path: Path, configs: dict[str, dict], provenance: dict) -> None:
+    """Write the measured table in the format ``tuned.json`` is read in."""
+    Path(path).write_text(json.dumps({"provenance": provenance, "configs": configs}, indent=1, sort_keys=True) + "\n")
+
+
+def default_config(method: str, dtype: torch.dtype, head_dim: int, device_type: str = "cuda",
+                   decode: bool = False) -> dict[str, int]:
+    """Tile sizes and launch parameters: the measured table ``tuned.json`` (written by ``poslsh bench``
+    on an H200) where it has the case, else these defaults."""
+    if device_type != "cuda":  # the interpreter: small tiles give many boundary/interior cases
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1,
+                    BWD_BLOCK_M=16, BWD_BLOCK_N=16, bwd_num_warps=4, bwd_num_stages=1)
+    key = f"{method}/{'decode' if decode else 'prefill'}/{str(dtype).removeprefix('torch.')}/d{head_dim}"
+    if key in _TUNED:
+        return dict(_TUNED[key])
+    if decode:
+        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2,
+                    BWD_BLOCK_M=16, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2,
+                    BWD_BLOCK_M=32, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=2)
+    if method in ("lsh", "hybrid"):
+        # per-element counts dominate: 16-key tiles compute the fewest pairs past the block edges
+        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=3,
+                    BWD_BLOCK_M=64, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=2)
+    if method == "exact":
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3,
+                    BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3,
+                BWD_BLOCK_M=64, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=2)
+
+
+def _float_positions(nk: int, cfg: dict[str, Any]) -> bool:
+    """Positions and block bounds as float32 (block starts by reciprocal, compares on the FP32 pipe)
+    when every position + offset < 2^24 is exact; ``config={"float_positions": False}`` forces the
+    integer path, which longer sequences take (tests run it at small sizes)."""
+    return 2 * nk < 2**24 and bool(cfg.get("float_positions", True))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _splits(plan: Plan, b: int, h: int, nq: int, cfg: dict, device: torch.device) -> tuple[int, int]:
+    """(splits, key tiles per split) for the forward: split the key range only when the query tiles
+    alone cannot fill the GPU (decoding, short chunks against a long cache)."""
+    if "splits" in cfg:
+        want = int(cfg["splits"])
+    elif nq > DECODE_ROWS:
+        return 1, 0
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        programs = triton.cdiv(nq, cfg["BLOCK_M"]) * b * h
+        want = triton.cdiv(2 * sms, programs)
+    tiles = triton.cdiv(plan.reach + cfg["BLOCK_M"], cfg["BLOCK_N"]) + 1
+    want = max(1, min(want, tiles // 2, 128))
+    if want == 1:
+        return 1, 0
+    per = triton.cdiv(tiles, want)
+    return triton.cdiv(tiles, per), per
+
+
+# --------------------------------------------------------------------------------------------------
+# Launches
+# --------------------------------------------------------------------------------------------------
+
+
+def _kpm_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
+    if kpm is None:
+        return torch.zeros(1, dtype=torch.int8, device=device), 0
+    k8 = kpm.to(device=device, dtype=torch.int8).contiguous()
+    return k8, k8.stride(0)
+
+
+def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
+         q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    bd = max(16, triton.next_power_of_2(D))
+    kpm8, kpm_stride = _kpm_arg(kpm, q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    splits, per = _splits(plan, B, H, Nq, cfg, q.device)
+    if splits > 1:  # normalised fp32 partials [splits, B, H, Nq, BLOCK_D], merged below
+        po = torch.empty(splits, B, H, Nq, bd, dtype=torch.float32, device=q.device)
+        pl = torch.empty(splits, B, H, Nq, dtype=torch.float32, device=q.device)
+        out, out_lse, so = po, pl, po.stride()
+    else:
+        out, out_lse, so = o, lse, (0,) + o.stride()[:3]
+    bm = cfg["BLOCK_M"]
+    _fwd_kernel[(triton.cdiv(Nq, bm) * B * H, splits)](
+        q, k, v, out, out_lse, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), so[0], so[1], so[2], so[3], kpm_stride,
+        B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), per,
+        METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
+        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), FDIV=_float_positions(Nk, cfg),
+        HAS_KPM=kpm is not None, SPLIT=splits > 1, LAZY=bool(cfg.get("lazy", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if splits > 1:
+        rows = B * H * Nq
+        block_r = 16
+        _merge_kernel[(triton.cdiv(rows, block_r),)](
+            po, pl, o, lse, splits, B * H, H, Nq, po.stride(0), o.stride(0), o.stride(1), o.stride(2),
+            HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=block_r, num_warps=4)
+    return o, lse
+
+
+def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kpm: Tensor | None, plan: Plan,
+         causal: bool, scale: float, q_offset: int, cfg: dict) -> tuple[Tensor, Tensor, Tensor]:
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = (do.float() * o.float()).sum(-1).contiguous()  # [B, H, Nq]
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    kpm8, kpm_stride = _kpm_arg(kpm, q.device)
+    bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
+    bd = max(16, triton.next_power_of_2(D))
+    fused = bool(cfg.get("bwd_fused", False))
+    # fused: one kernel, dQ accumulated with fp32 atomics (P and the counts computed once, not twice)
+    dq_acc = torch.zeros(B, H, Nq, bd, dtype=torch.float32, device=q.device) if fused else dk
+    common = dict(METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
+                  BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, cfg),
+                  HAS_KPM=kpm is not None, num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
+    _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * Hkv,)](
+        q, k, v, do, lse, delta, dk, dv, dq_acc, kpm8, plan.W, plan.U, plan.S, plan.E, plan.kv_order(group),
+        plan.slope2, plan.win,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kpm_stride,
+        B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused, **common)
+    if fused:
+        return (dq_acc[..., :D] * scale).to(q.dtype), dk, dv
+    dq = torch.empty_like(q)
+    _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * H,)](
+        q, k, v, do, lse, delta, dq, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
+        B, H, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, **common)
+    return dq, dk, dv
+
+
+def tile_counts(spec: AttentionSpec, nq: int, block_m: int, block_n: int) -> dict[str, int]:
+    """Key tiles the forward kernel visits for a spec, summed over heads and query tiles (batch 1):
+    the same ranges as ``jit.method_ranges`` and ``jit.stretches``, in torch (the benchmark's FLOP
+    count of what the kernel computes; tests check the plain/boundary split it predicts).
+
+    Returns:
+        {"boundary": tiles with per-element tests, "interior": plain tiles, "pairs": all tiles' pairs}.
+    """
+    n, qoff, h = nq + spec.q_offset, spec.q_offset, spec.num_heads
+    dev = spec.partitions.device if spec.partitions is not None else torch.device("cpu")
+    m0 = torch.arange(0, nq, block_m, device=dev)
+    pa = (m0 + qoff)[None, :].expand(h, -1)
+    pb = (torch.clamp(m0 + block_m, max=nq) - 1 + qoff)[None, :].expand(h, -1)
+    if spec.method in ("lsh", "hybrid"):
+        parts = spec.partitions
+        if parts.scheme == "grid":
+            w, u = (x.to(torch.int64)[..., None] for x in normalize_grid(parts.widths, parts.offsets, n))
+            sa = torch.div(pa[:, None] + u, w, rounding_mode="floor") * w - u
+            sb = torch.div(pb[:, None] + u, w, rounding_mode="floor") * w - u
+            lo, in_lo = sa.clamp(min=0).amin(1), sb.clamp(min=0).amax(1)
+            hi, in_hi = (sb + w).clamp(max=n).amax(1), (sa + w).clamp(max=n).amin(1)
+        else:
+            st, en = parts.block_bounds()
+            idx_a, idx_b = pa[:, None].expand(-1, st.shape[1], -1), pb[:, None].expand(-1, st.shape[1], -1)
+            lo, in_lo = st.gather(2, idx_a).amin(1), st.gather(2, idx_b).amax(1)
+            hi, in_hi = en.gather(2, idx_b).amax(1), en.gather(2, idx_a).amin(1)
+    if spec.method != "lsh":
+        wh = (spec.window if spec.window is not None else torch.full((h,), n))[:, None].to(dev, torch.int64)
+        blo, bhi = (pa - wh).clamp(min=0), (pb + wh + 1).clamp(max=n)
+        bin_lo, bin_hi = (pb - wh).clamp(min=0), (pa + wh + 1).clamp(max=n)
+        if spec.method == "hybrid":  # the near field widens the range and joins the plain tiles
+            lo, hi = torch.minimum(lo, blo), torch.maximum(hi, bhi)
+            near, both = bin_lo < bin_hi, in_lo < in_hi
+            in_lo = torch.where(near, torch.where(both, torch.minimum(in_lo, bin_lo), bin_lo), in_lo)
+            in_hi = torch.where(near, torch.where(both, torch.maximum(in_hi, bin_hi), bin_hi), in_hi)
+        else:
+            lo, hi, in_lo, in_hi = blo, bhi, bin_lo, bin_hi
+    if spec.causal:
+        hi = torch.minimum(hi, pb + 1)
+        in_hi = torch.minimum(in_hi, pa + 1)
+    bn = block_n
+    a = torch.div(lo, bn, rounding_mode="floor") * bn
+    d = torch.maximum(-torch.div(-hi, bn, rounding_mode="floor") * bn, a)
+    bnd = torch.minimum(torch.maximum(-torch.div(-in_lo, bn, rounding_mode="floor") * bn, a), d)
+    c = torch.maximum(bnd, torch.minimum(torch.div(in_hi, bn, rounding_mode="floor") * bn, d))
+    interior = int(((c - bnd) // bn).sum())
+    boundary = int(((bnd - a) // bn).sum() + ((d - c) // bn).sum())
+    return {"boundary": boundary, "interior": interior, "pairs": (boundary + interior) * block_m * block_n}
+
+
+def _last_contig(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class TritonAttention(torch.autograd.Function):
+    """autograd.Function over the kernels: forward returns (out, lse); lse is not differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool,
+                scale: float, q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
+        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+        o, lse = _fwd(q, k, v, kpm, plan, causal, scale, q_offset, cfg)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.kpm, ctx.plan, ctx.causal, ctx.scale, ctx.q_offset, ctx.cfg = kpm, plan, causal, scale, q_offset, cfg
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor, dlse: Tensor | None):  # noqa: ARG004 - lse is non-differentiable
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, ctx.kpm, ctx.plan, ctx.causal, ctx.scale, ctx.q_offset, ctx.cfg)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
+                     config: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Run a resolved spec with the Triton kernels; differentiable in q, k, v.
+
+    Args:
+        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv] (fp16, bf16 or fp32, one dtype;
+            Dv != D is zero-padded to one head dim).
+        spec: from ``poslsh.attention.resolve_spec`` (queries at spec.q_offset .. q_offset + Nq - 1).
+        config: overrides of ``default_config`` (tile sizes, warps, stages; ``splits`` forces the
+            split-key forward; ``float_positions=False`` the integer position path).
+
+    Returns:
+        (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, the natural log of
+        sum_j w_ij exp(scale q_i . k_j), w the method's weight).
+    """
+    B, H, Nq, D = q.shape
+    Nk, dv_dim = k.shape[2], v.shape[-1]
+    if dv_dim != D:  # one head dim in the kernels: zero-pad (q.k unchanged) and slice the output
+        m = max(D, dv_dim)
+        pad = lambda x: torch.nn.functional.pad(x, (0, m - x.shape[-1]))  # noqa: E731
+        out, lse = triton_attention(pad(q), pad(k), pad(v), spec, config)
+        return out[..., :dv_dim], lse
+    decode = Nq <= DECODE_ROWS
+    cfg = default_config(spec.method, q.dtype, D, q.device.type, decode)
+    if config:
+        cfg.update(config)
+    plan = plan_for(spec, Nk, q.device)
+    return TritonAttention.apply(q, k, v, spec.key_padding_mask, plan, spec.causal, float(spec.scale),
+                                 int(spec.q_offset), cfg)
+
+
+def supports_triton(q: Tensor, spec: AttentionSpec) -> bool:
+    """Every method (lsh with any kernel's partitions; exact, window and hybrid with ALiBi slopes),
+    key padding, fp16/bf16/fp32 on CUDA (or anywhere under TRITON_INTERPRET=1), head dims up to 256,
+    positive finite scale, fewer than 2^30 keys."""
+    if spec.method != "lsh" and spec.kernels is not None:
+        return False
+    if spec.method in ("lsh", "hybrid") and spec.partitions is None:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if q.device.type != "cuda" and not interpreting():
+        return False
+    if not (math.isfinite(spec.scale) and spec.scale > 0):
+        return False
+    return q.shape[-1] <= 256 and spec.q_offset + q.shape[2] < 2**30
+
