@@ -21,6 +21,7 @@ what was measured). Derived numbers (floors, fractions, targets) are computed fr
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ METHOD_ORDER = ("exact", "window", "hybrid", "lsh")
 
 @dataclass
 class Config:
-    phases: tuple[str, ...] = ("checks", "offsets", "sweep", "forward", "backward", "decode")
+    phases: tuple[str, ...] = ("checks", "offsets", "sweep", "forward", "decode", "backward")
     ns: tuple[int, ...] = (4096, 16384, 65536, 262144, 1048576)
     decode_ns: tuple[int, ...] = (16384, 65536, 262144, 1048576)
     heads: int = 32
@@ -62,6 +63,7 @@ class Config:
     exact_max_n: int = 262144  # exact ALiBi and dense SDPA beyond this: seconds per call; skipped
     flex_ns: tuple[int, ...] = (16384, 65536, 262144)  # Flex compiles once per shape: its n are fewer
     backward_ns: tuple[int, ...] = (16384, 65536, 262144)
+    exact_max_n_backward: int = 65536
     sweep_n: int = 262144  # window, hybrid and LSH tile sweeps; exact at sweep_exact_n
     sweep_exact_n: int = 65536
     columns: tuple[str, ...] = ()  # only these (keys of COLUMNS); empty: all
@@ -170,8 +172,11 @@ def build(cfg: Config, call: Call):
 
 
 def _warm_one(args) -> str:
-    cfg, call = args
+    cfg, call, tuned = args
     try:
+        from ..attention.triton import launch
+
+        launch.set_tuned(tuned)
         fn, _, _ = build(cfg, call)
         fn()
         torch.cuda.synchronize()
@@ -184,6 +189,16 @@ def _warm_one(args) -> str:
         torch.cuda.empty_cache()
 
 
+def _warm_size(call: Call) -> Call:
+    """The same kernels at a smaller size: Triton specialises on the shapes' divisibility and on values
+    equal to 1, not on the lengths, so 16K (decoding: 64K, where the key range is split as at 1M)
+    compiles what 1M needs; FlexAttention compiles per shape and keeps its n."""
+    if COLUMNS[call.column][1] != "triton":
+        return call
+    n = min(call.n, 65536 if call.nq == 1 else 16384)
+    return dataclasses.replace(call, n=n, nq=1 if call.nq == 1 else n)
+
+
 def warm(cfg: Config, calls: list[Call], log: Callable[[str], None]) -> None:
     """Run every call once in ``cfg.warm_workers`` spawned processes, so that their compiles (Triton,
     Inductor) land in the on-disk caches in parallel before the main process times them."""
@@ -191,12 +206,15 @@ def warm(cfg: Config, calls: list[Call], log: Callable[[str], None]) -> None:
         return
     import multiprocessing as mp
 
+    from ..attention.triton import launch
+
     t0 = time.time()
     ctx = mp.get_context("spawn")
     # Largest first, so the memory-heavy calls do not all overlap at the end.
-    order = sorted(set(calls), key=lambda c: -(c.n * (2 if c.pas == "fwd+bwd" else 1)))
+    order = sorted({_warm_size(c) for c in calls}, key=lambda c: -(c.n * (2 if c.pas == "fwd+bwd" else 1)))
+    tuned = dict(launch._TUNED)
     with ctx.Pool(min(cfg.warm_workers, len(order)), maxtasksperchild=8) as pool:
-        errors = [e for e in pool.imap_unordered(_warm_one, [(cfg, c) for c in order]) if e]
+        errors = [e for e in pool.imap_unordered(_warm_one, [(cfg, c, tuned) for c in order]) if e]
     log(f"warmed {len(order)} calls in {time.time() - t0:.0f} s ({len(errors)} failed: {errors[:3]})")
 
 
@@ -229,73 +247,84 @@ def _poison() -> None:
     del x
 
 
-def gpu_checks(log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every method's kernels against the float64 reference on the GPU: fp32 (bound 1e-5; fp32 dots in
-    IEEE mode) and bf16 (bound: twice the error of exact bf16 attention with the same weights, SDPA with
-    a dense bias), forward and gradients, across the standard cases."""
+CHECK_CASES = [  # B, H, Hkv, Nq, Nk, D, causal, dtype, padding, config
+    (2, 8, 4, 1000, 1000, 128, True, "float32", False, {}),
+    (1, 8, 2, 777, 1025, 64, False, "float32", False, {}),
+    (2, 8, 8, 600, 900, 128, True, "float32", True, {}),
+    (1, 8, 8, 1, 3001, 128, True, "float32", False, {}),
+    (2, 8, 4, 1000, 1000, 128, True, "bfloat16", False, {}),
+    (1, 8, 1, 1500, 1500, 96, True, "bfloat16", False, {}),
+    (1, 8, 4, 1000, 1000, 128, True, "float32", False, {"bwd_fused": True}),
+    (1, 8, 4, 1000, 1000, 128, True, "bfloat16", True, {"bwd_fused": True}),
+]
+
+
+def check_one(args) -> dict[str, Any]:
+    """One method and case against the float64 reference on the GPU: fp32 (bound 1e-5; fp32 dots in
+    IEEE mode) or bf16 (bound: twice the error of exact bf16 attention with the same weights, SDPA with a
+    dense bias), output, LSE and gradients, outputs poisoned first."""
     from ..alibi import alibi_slopes
     from ..attention import resolve_spec
     from ..attention.reference import dense_log_weights, reference_attention
     from ..attention.triton.launch import triton_attention
 
-    rows = []
-    cases = [  # B, H, Hkv, Nq, Nk, D, causal, dtype, padding, config
-        (2, 8, 4, 1000, 1000, 128, True, torch.float32, False, {}),
-        (1, 8, 2, 777, 1025, 64, False, torch.float32, False, {}),
-        (2, 8, 8, 600, 900, 128, True, torch.float32, True, {}),
-        (1, 8, 8, 1, 3001, 128, True, torch.float32, False, {}),
-        (2, 8, 4, 1000, 1000, 128, True, torch.bfloat16, False, {}),
-        (1, 8, 1, 1500, 1500, 96, True, torch.bfloat16, False, {}),
-        (1, 8, 4, 1000, 1000, 128, True, torch.float32, False, {"bwd_fused": True}),
-        (1, 8, 4, 1000, 1000, 128, True, torch.bfloat16, True, {"bwd_fused": True}),
-    ]
-    for method in METHOD_ORDER:
-        for B, H, Hkv, Nq, Nk, D, causal, dt, padded, over in cases:
-            torch.manual_seed(Nq + Nk + D)
-            q = (2 * torch.randn(B, H, Nq, D, device="cuda")).to(dt).requires_grad_()
-            k = torch.randn(B, Hkv, Nk, D, device="cuda").to(dt).requires_grad_()
-            v = torch.randn(B, Hkv, Nk, D, device="cuda").to(dt).requires_grad_()
-            kpm = None
-            if padded:
-                kpm = torch.rand(B, Nk, device="cuda") > 0.2
-                kpm[0, : Nk // 3] = False
-            spec = resolve_spec(q, k, v, method=method, causal=causal, samples=8, window_eps=1e-3, hybrid_eps=5e-2,
-                                key_padding_mask=kpm, slopes=alibi_slopes(H),
-                                generator=torch.Generator().manual_seed(Nk))
-            _poison()
-            try:
-                o, lse = triton_attention(q, k, v, spec, over)
-                do = torch.randn_like(o)
-                grads = torch.autograd.grad(o, (q, k, v), do) if Nq > 1 else ()
-            except Exception as err:
-                rows.append({"method": method, "case": str((B, H, Hkv, Nq, Nk, D, causal, str(dt), padded, over)),
-                             "error": repr(err)[:300], "ok": False})
-                log(f"check {method} FAILED {rows[-1]['error']}")
-                continue
-            qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-            ro, rl = reference_attention(qd, kd, vd, spec)
-            errs = {"out": _rel(o, ro), "lse": _rel(lse.masked_fill(lse < -1e29, 0), rl.masked_fill(rl < -1e29, 0))}
-            if grads:
-                rg = torch.autograd.grad(ro, (qd, kd, vd), do.double())
-                errs.update({f"d{n}": _rel(a, b) for n, a, b in zip("qkv", grads, rg)})
-            bound = 1e-5
-            if dt != torch.float32:  # the yardstick: exact attention in bf16 with the same weights
-                g = H // Hkv
-                bias = dense_log_weights(spec, Nq, Nk, q.device)[None].expand(B, -1, -1, -1)
-                if kpm is not None:
-                    bias = bias.masked_fill(~kpm[:, None, None, :], float("-inf"))
-                yard = torch.nn.functional.scaled_dot_product_attention(
-                    q.detach(), k.detach().repeat_interleave(g, 1), v.detach().repeat_interleave(g, 1),
-                    attn_mask=bias.to(dt))
-                live = torch.isfinite(ro).all(-1, keepdim=True) & (ro.abs().sum(-1, keepdim=True) > 0)
-                bound = 2 * _rel(yard * live, ro * live)
-            finite = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(x).all()) for x in grads)
-            ok = finite and errs["out"] <= bound and errs["lse"] <= max(bound, 1e-5) and all(
-                errs[x] <= (bound if dt == torch.float32 else 2 * bound) for x in ("dq", "dk", "dv") if x in errs)
-            rows.append({"method": method, "case": str((B, H, Hkv, Nq, Nk, D, causal, str(dt), padded, over)),
-                         "rel_err": errs, "bound": bound, "finite": finite, "ok": ok})
-            log(f"check {method} {rows[-1]['case']}: {'ok' if ok else 'FAILED'} "
-                + " ".join(f"{a}={b:.2e}" for a, b in errs.items()) + f" (bound {bound:.1e})")
+    method, (B, H, Hkv, Nq, Nk, D, causal, dtype, padded, over) = args
+    dt = getattr(torch, dtype)
+    case = str((B, H, Hkv, Nq, Nk, D, causal, dtype, padded, over))
+    torch.manual_seed(Nq + Nk + D)
+    q = (2 * torch.randn(B, H, Nq, D, device="cuda")).to(dt).requires_grad_()
+    k = torch.randn(B, Hkv, Nk, D, device="cuda").to(dt).requires_grad_()
+    v = torch.randn(B, Hkv, Nk, D, device="cuda").to(dt).requires_grad_()
+    kpm = None
+    if padded:
+        kpm = torch.rand(B, Nk, device="cuda") > 0.2
+        kpm[0, : Nk // 3] = False
+    spec = resolve_spec(q, k, v, method=method, causal=causal, samples=8, window_eps=1e-3, hybrid_eps=5e-2,
+                        key_padding_mask=kpm, slopes=alibi_slopes(H), generator=torch.Generator().manual_seed(Nk))
+    _poison()
+    try:
+        o, lse = triton_attention(q, k, v, spec, over)
+        do = torch.randn_like(o)
+        grads = torch.autograd.grad(o, (q, k, v), do) if Nq > 1 else ()
+    except Exception as err:
+        return {"method": method, "case": case, "error": repr(err)[:300], "ok": False}
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = reference_attention(qd, kd, vd, spec)
+    errs = {"out": _rel(o, ro), "lse": _rel(lse.masked_fill(lse < -1e29, 0), rl.masked_fill(rl < -1e29, 0))}
+    if grads:
+        rg = torch.autograd.grad(ro, (qd, kd, vd), do.double())
+        errs.update({f"d{n}": _rel(a, b) for n, a, b in zip("qkv", grads, rg)})
+    bound = 1e-5
+    if dt != torch.float32:  # the yardstick: exact attention in bf16 with the same weights
+        g = H // Hkv
+        bias = dense_log_weights(spec, Nq, Nk, q.device)[None].expand(B, -1, -1, -1)
+        if kpm is not None:
+            bias = bias.masked_fill(~kpm[:, None, None, :], float("-inf"))
+        yard = torch.nn.functional.scaled_dot_product_attention(
+            q.detach(), k.detach().repeat_interleave(g, 1), v.detach().repeat_interleave(g, 1), attn_mask=bias.to(dt))
+        live = (ro.abs().sum(-1, keepdim=True) > 0).to(ro.dtype)  # rows that see a key
+        bound = 2 * _rel(yard.nan_to_num() * live, ro * live)
+    finite = bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(x).all()) for x in grads)
+    ok = finite and errs["out"] <= bound and errs["lse"] <= max(bound, 1e-5) and all(
+        errs[x] <= (bound if dt == torch.float32 else 2 * bound) for x in ("dq", "dk", "dv") if x in errs)
+    return {"method": method, "case": case, "rel_err": errs, "bound": bound, "finite": finite, "ok": ok}
+
+
+def gpu_checks(workers: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every method's kernels on every ``CHECK_CASES`` case (``check_one``), in parallel processes (the
+    compiles dominate), results in order."""
+    jobs = [(m, c) for m in METHOD_ORDER for c in CHECK_CASES]
+    if workers > 0:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            rows = pool.map(check_one, jobs)
+    else:
+        rows = [check_one(j) for j in jobs]
+    for r in rows:
+        log(f"check {r['method']} {r['case']}: " + ("ok " if r["ok"] else "FAILED ")
+            + (" ".join(f"{a}={b:.2e}" for a, b in r["rel_err"].items()) + f" (bound {r['bound']:.1e})"
+               if "rel_err" in r else r.get("error", "")))
     return rows
 
 
@@ -391,7 +420,7 @@ def forward_calls(cfg: Config, pas: str) -> list[Call]:
         for col, (method, backend, _) in COLUMNS.items():
             if not _want(cfg, col):
                 continue
-            if method in ("exact", "none") and n > cfg.exact_max_n:
+            if method in ("exact", "none") and n > (cfg.exact_max_n if pas == "fwd" else cfg.exact_max_n_backward):
                 continue
             if backend == "flex" and n not in cfg.flex_ns:
                 continue
@@ -466,7 +495,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
         log(f"ceilings {res['ceilings']}")
     save()
     if "checks" in config.phases:
-        res["checks"] = gpu_checks(log)
+        res["checks"] = gpu_checks(config.warm_workers, log)
         save()
     if "offsets" in config.phases and not late():
         res["offsets"] = offsets_check(config, log)
@@ -523,7 +552,14 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
         log(f"tuned {res['tuned']}")
         save()
 
-    for phase, pas in (("forward", "fwd"), ("backward", "fwd+bwd")):
+    for phase, pas in (("forward", "fwd"), ("decode", None), ("backward", "fwd+bwd")):
+        if phase == "decode":
+            if "decode" in config.phases and not late():
+                calls = decode_calls(config)
+                warm(config, calls, log)
+                for call in calls:
+                    measure(call)
+            continue
         if phase not in config.phases or late():
             continue
         calls = forward_calls(config, pas)
@@ -540,12 +576,6 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
             for call in [c for c in calls if c.n == n]:
                 measure(call, ref if COLUMNS[call.column][0] != "none" else None)
             del ref
-
-    if "decode" in config.phases and not late():
-        calls = decode_calls(config)
-        warm(config, calls, log)
-        for call in calls:
-            measure(call)
 
     derive(res, config)
     res["wall_s"] = time.time() - t_start
