@@ -33,13 +33,13 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("bench/sass_report.py compiles for the GPU: run it without TRITON_INTERPRET")
 
 from poslsh.attention.triton.backward import _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
-from poslsh.attention.triton.forward import _fwd_kernel  # noqa: E402
+from poslsh.attention.triton.forward import _fwd_kernel, _merge_kernel  # noqa: E402
 from poslsh.attention.triton.launch import METHOD_IDS  # noqa: E402
 
-KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
+KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "merge": _merge_kernel}
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
             "DV": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "SLOPE2": "*fp32", "W": "*i32", "U": "*i32",
-            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32", "KPM": "*i8", "DQA": "*fp32"}
+            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32", "KPM": "*i8", "DQA": "*fp32", "PO": "*fp32", "PL": "*fp32"}
 FLOATS = {"qk_scale", "log2_r", "scale"}
 SHAPE = dict(B=1, group=1, H=32, Hkv=32, Nq=262144, Nk=262144, q_offset=0, stride_os=0, stride_kpmb=0,
              split_tiles=0)
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     const = dict(METHOD=METHOD_IDS[args.method], R=1 if alibi else args.r, CUT=args.cut and not alibi,
                  CAUSAL=not args.bidirectional, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=args.block_m,
                  BLOCK_N=args.block_n, PREC="tf32", FDIV=not args.integer_positions, HAS_KPM=args.padding)
-    if args.kernel == "fwd":
+    if args.kernel == "merge":
+        const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16)
+    elif args.kernel == "fwd":
         const.update(SPLIT=args.split, LAZY=args.lazy)
     if args.kernel == "dkdv":
         const["FUSED_DQ"] = args.fused

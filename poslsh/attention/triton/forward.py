@@ -25,7 +25,7 @@ import triton.language as tl
 from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, lsh_counts, method_ranges, near_field, query_tile, \
     stretches
 
-EMPTY_LSE = -1.0e30  # the library's lse of a row that sees no key (core.EMPTY_LSE)
+EMPTY_LSE = tl.constexpr(-1.0e30)  # the library's lse of a row that sees no key (core.EMPTY_LSE)
 
 
 @triton.jit

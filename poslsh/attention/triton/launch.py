@@ -306,6 +306,11 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kp
         B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused, **common)
     if fused:
         return (dq_acc[..., :D] * scale).to(q.dtype), dk, dv
+    # The dQ kernel has its own tiles (defaults: the dK/dV kernel's): its MMAs have M = query rows, so a
+    # 128-row tile takes Hopper's warpgroup MMA where the dK/dV kernel wants a 64-key M.
+    bm, bn = cfg.get("DQ_BLOCK_M", bm), cfg.get("DQ_BLOCK_N", bn)
+    common.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.get("dq_num_warps", cfg["bwd_num_warps"]),
+                  num_stages=cfg.get("dq_num_stages", cfg["bwd_num_stages"]))
     dq = torch.empty_like(q)
     _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * H,)](
         q, k, v, do, lse, delta, dq, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win,
