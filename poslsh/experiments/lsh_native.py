@@ -880,16 +880,34 @@ def _panels(count: int, cols: int = 2, size=(5.2, 3.8)):
     return plt, fig, list(axes.flat)[:count]
 
 
-def _plain_log_axes(ax, x_contexts: bool = False) -> None:
-    """Log axes with plain numbers (matplotlib's 4.9x10^0 style is unreadable on a narrow range); x_contexts:
-    ticks at the powers of two labelled 1K, 4K, ..."""
+def _axes(ax, x: str, y: str = "held-out bits / byte", title: str = "", xscale: str = "log2", ylog: bool = True,
+          legend: int = 6) -> None:
+    """Labels, grid, legend and log scales with plain numbers (matplotlib's 4.9x10^0 style is unreadable on a
+    narrow range). ``xscale``: "log2" (samples), "contexts" (log2, ticks labelled 1K, 4K, ...), "log" (times,
+    every tick labelled) or "linear"."""
     from matplotlib import ticker
 
-    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
-    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
-    ax.tick_params(axis="y", which="both", labelsize=6)
-    if x_contexts:
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: _k(int(round(x)))))
+    plain = ticker.FormatStrFormatter("%.4g")
+    if ylog:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="both", labelsize=6)
+    if xscale in ("log2", "contexts"):
+        ax.set_xscale("log", base=2)
+    if xscale == "contexts":
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _k(int(round(v)))))
+    if xscale == "log":  # a span of less than a decade gets only minor ticks: label them too
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
+        ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
+        ax.tick_params(axis="x", which="both", labelsize=6)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, fontsize=legend)
 
 
 def _finish(plt, fig, path: Path, title: str) -> Path:
@@ -922,14 +940,7 @@ def _plot_r(table: dict, res: dict, cfg: Config, path: Path) -> Path:
             if own:
                 ax.plot([max(cfg.samples) * 1.5], [own["bits_per_token"]], "s", ms=5, color=colors[arm["name"]],
                         alpha=0.6)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        _plain_log_axes(ax)
-        ax.set_xlabel("LSH samples r at evaluation (squares at the right: window)")
-        ax.set_ylabel("held-out bits / byte")
-        ax.set_title(f"context {_k(n)}", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        _legend(ax, fontsize=6)
+        _axes(ax, "LSH samples r at evaluation (squares at the right: window)", title=f"context {_k(n)}")
     return _finish(plt, fig, path, "Held-out bits per byte against the LSH samples r used at evaluation, per "
                                    "training arm")
 
@@ -952,13 +963,8 @@ def _plot_context(table: dict, res: dict, cfg: Config, path: Path) -> Path:
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=4, color=f"C{i}", label=m)
         ax.axvline(cfg.train_context, color="gray", ls="--", lw=1, label="training context")
-        ax.set_xscale("log", base=2)
-        _plain_log_axes(ax, x_contexts=True)
-        ax.set_xlabel("evaluation context (tokens; the same scored tokens at every context)")
-        ax.set_ylabel("held-out bits / byte")
-        ax.set_title(f"trained {arm['name']}", fontsize=9)
-        ax.grid(alpha=0.3)
-        _legend(ax, fontsize=6)
+        _axes(ax, "evaluation context (tokens; the same scored tokens at every context)", xscale="contexts",
+              title=f"trained {arm['name']}")
     return _finish(plt, fig, path, "Held-out bits per byte against the evaluation context (extrapolation beyond "
                                    "the training context), per training arm and evaluation method")
 
@@ -966,8 +972,6 @@ def _plot_context(table: dict, res: dict, cfg: Config, path: Path) -> Path:
 def _plot_time(table: dict, res: dict, cfg: Config, path: Path) -> Path:
     """Bits per byte against attention time per token, one panel per context: each arm's LSH points (r
     labelled, sorted by time), its exact and window points."""
-    from matplotlib import ticker
-
     times = _times(res.get("timings", []))
     contexts = sorted({n for _, n, _ in table})
     plt, fig, axes = _panels(len(contexts))
@@ -989,25 +993,15 @@ def _plot_time(table: dict, res: dict, cfg: Config, path: Path) -> Path:
                     ax.plot([times[(n, m)]], [row["bits_per_token"]], marker, ms=8, color=c, alpha=0.7)
                     ax.annotate(m.split(":")[0], (times[(n, m)], row["bits_per_token"]), fontsize=6,
                                 xytext=(3, -8), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        _plain_log_axes(ax)
-        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
-        ax.xaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
-        ax.tick_params(axis="x", which="both", labelsize=6)
-        ax.set_xlabel("attention time per token, all layers (us)")
-        ax.set_ylabel("held-out bits / byte")
-        ax.set_title(f"context {_k(n)} (star: exact, square: window)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        _legend(ax, fontsize=6)
+        _axes(ax, "attention time per token, all layers (us)", xscale="log",
+              title=f"context {_k(n)} (star: exact, square: window)")
     return _finish(plt, fig, path, "Held-out bits per byte against attention time per token, per training arm "
                                    "and evaluation method")
 
 
 def _plot_training(res: dict, path: Path) -> Path:
     """Held-out bits per byte against training step, per arm (the fine-tuned arm continues after (a))."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    plt, fig, (ax,) = _panels(1, size=(6.5, 4.2))
     colors = _arm_colors(res)
     base = next((a for a in _trained(res) if a["kind"] == "baseline"), None)
     for arm in _trained(res):
@@ -1019,48 +1013,28 @@ def _plot_training(res: dict, path: Path) -> Path:
                     label=f"{arm['name']} ({arm['train_attention']}, eval with it)")
     if res.get("unigram"):
         ax.axhline(res["unigram"]["bits_per_token"], color="gray", ls="--", lw=1, label="unigram baseline")
-    ax.set_yscale("log")
-    _plain_log_axes(ax)
-    ax.set_xlabel("optimizer step (the fine-tuned arm after (a)'s)")
-    ax.set_ylabel("held-out bits / byte")
-    ax.set_title("Held-out bits per byte during training, each arm measured with its training attention",
-                 fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    _legend(ax, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _axes(ax, "optimizer step (the fine-tuned arm after (a)'s)", xscale="linear", legend=7)
+    return _finish(plt, fig, path, "Held-out bits per byte during training, each arm measured with its training "
+                                   "attention")
 
 
 def _plot_layers(res: dict, cfg: Config, path: Path) -> Path:
     """Per-layer attention-output error (mean over layers, bars: min and max) against r, per arm."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    plt, fig, (ax,) = _panels(1, size=(6.5, 4.2))
     colors = _arm_colors(res)
     for name, entry in (res.get("layer_errors") or {}).items():
         errs = entry.get("errors") or {}
         pts = sorted((r, errs[f"lsh:{r}:grid"]) for r in cfg.samples if f"lsh:{r}:grid" in errs)
         if pts:
-            rs = [r for r, _ in pts]
             mean = np.array([np.mean(e) for _, e in pts])
             lo, hi = mean - [min(e) for _, e in pts], [max(e) for _, e in pts] - mean
-            ax.errorbar(rs, mean, yerr=[lo, hi], fmt="o-", ms=4, capsize=2, color=colors.get(name),
+            ax.errorbar([r for r, _ in pts], mean, yerr=[lo, hi], fmt="o-", ms=4, capsize=2, color=colors.get(name),
                         label=f"trained {name}")
         if window_label(cfg) in errs:
             ax.axhline(max(float(np.mean(errs[window_label(cfg)])), 1e-9), color=colors.get(name), ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("LSH samples r at evaluation")
-    ax.set_ylabel("relative attention-output error vs exact")
-    ax.set_title("Per-layer attention error against exact ALiBi (mean over layers, bars min-max; dotted: window)",
-                 fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    _legend(ax, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _axes(ax, "LSH samples r at evaluation", "relative attention-output error vs exact", legend=7)
+    return _finish(plt, fig, path, "Per-layer attention error against exact ALiBi (mean over layers, bars min-max; "
+                                   "dotted: window)")
 
 
 # ---------------------------------------------------------------------------- report
