@@ -658,15 +658,15 @@ _WORKER = ("import json, sys; from poslsh.experiments.lsh_native import warm_ker
 
 def _start_precompile(cfg: Config, device: torch.device, log) -> list[tuple[subprocess.Popen, Path]]:
     """On CUDA with ``precompile_workers`` > 0: start that many processes running ``warm_kernels`` on the
-    specs (the costliest, high r, the cut scheme and the backward, dealt out first). Returns
-    [(process, the file its lines go to)]."""
+    specs, dealt out in turn. Returns [(process, the file its lines go to)]."""
     if device.type != "cuda" or cfg.precompile_workers <= 0:
         return []
     return _spawn_workers(precompile_specs(cfg), cfg.precompile_workers, str(device), log)
 
 
 def _spawn_workers(specs: list[dict], count: int, device: str, log) -> list[tuple[subprocess.Popen, Path]]:
-    specs = sorted(specs, key=lambda s: -s["r"] * (3 if s["scheme"] == "cut" else 1) * (3 if s["backward"] else 1))
+    # The training kernels first (an LSH arm starts ~100 s in, evaluation later), then the costliest.
+    specs = sorted(specs, key=lambda s: (not s["backward"], -s["r"] * (3 if s["scheme"] == "cut" else 1)))
     shares: list[list[dict]] = [[] for _ in range(min(count, len(specs)))]
     for i, spec in enumerate(specs):
         shares[i % len(shares)].append(spec)
