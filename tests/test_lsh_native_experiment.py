@@ -192,9 +192,10 @@ def test_jobs_put_the_verdict_first_and_batches_share_one_kernel():
     batches = {n: ln.eval_batch(n, cfg) for n in cfg.contexts}
     assert batches == {1024: 8, 4096: 4, 16384: 2, 65536: 2}  # never 1, never a multiple of 16
     specs = ln.precompile_specs(cfg)
-    eval_keys = {(s["r"], s["scheme"], s["hybrid"]) for s in specs if not s["backward"]}
-    assert eval_keys == {(r, sc, False) for r in cfg.samples for sc in ("grid", "cut")} | {(8, "grid", True)}
-    assert {(s["r"], s["batch"]) for s in specs if s["backward"]} == {(4, 32), (1, 32), (8, 32)}
+    eval_keys = {(s["method"], s["r"], s["scheme"]) for s in specs if not s["backward"]}
+    assert eval_keys == ({("lsh", r, sc) for r in cfg.samples for sc in ("grid", "cut")}
+                         | {("hybrid", 8, "grid"), ("exact", 1, "-"), ("window", 1, "-")})
+    assert {(s["method"], s["r"], s["batch"]) for s in specs if s["backward"]} == {("lsh", r, 32) for r in (4, 1, 8)}
 
 
 def test_config_errors_name_the_field():
@@ -214,13 +215,15 @@ def test_precompile_worker_compiles_and_reports(tmp_path, monkeypatch):
     launches the kernel of every spec (forward, and backward for a training spec) and reports each."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    specs = [dict(heads=2, head_dim=16, n=40, r=2, scheme=s, hybrid=h, batch=2, backward=b)
-             for s, h, b in (("grid", False, True), ("cut", False, False), ("grid", True, False))]
+    specs = [dict(heads=2, head_dim=16, n=40, method=m, r=r, scheme=s, window_eps=1e-3, batch=2, backward=b)
+             for m, r, s, b in (("lsh", 2, "grid", True), ("lsh", 2, "cut", False), ("hybrid", 2, "grid", False),
+                                ("window", 1, "-", False))]
     workers = ln._spawn_workers(specs, 2, "cpu", lambda s: None)
     for proc, _ in workers:
         proc.wait(timeout=120)
-    assert ln._precompiled(workers) == {("triton", 2, "cut", False), ("triton", 2, "grid", True)}
+    assert ln._precompiled(workers) == {("triton", "lsh", 2, "cut"), ("triton", "hybrid", 2, "grid"),
+                                        ("triton", "window", 1, "-")}
     report = ln._finish_precompile(workers, lambda s: None)
-    assert report["unfinished"] == 0 and len(report["kernels"]) == 3
+    assert report["unfinished"] == 0 and len(report["kernels"]) == 4
     assert all("seconds" in k for k in report["kernels"]), report
     assert not any(path.exists() for _, path in workers)

@@ -1,4 +1,4 @@
-"""LSH-native training through the Triton kernel (the GPU path), run by Triton's interpreter on the CPU:
+"""LSH-native training through the Triton kernels (the GPU path), run by Triton's interpreter on the CPU:
 one training step of the LM with backend "triton" gives the loss and gradients of the torch "fused"
 backend, with the step's fresh partitions, the model's non-contiguous q/k/v views and its output grads.
 
@@ -17,10 +17,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-if "poslsh.attention.triton_lsh" in sys.modules:
-    importlib.reload(sys.modules["poslsh.attention.triton_lsh"])
-else:
-    importlib.import_module("poslsh.attention.triton_lsh")
+for name in ("jit", "forward", "backward", "launch", ""):  # (re)imported so that their kernels are interpreted
+    name = "poslsh.attention.triton" + (f".{name}" if name else "")
+    importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
 
 from poslsh.lm.model import ALiBiLM, LMConfig  # noqa: E402
 

@@ -24,18 +24,19 @@ Training gets what the deadline leaves once ``eval_reserve_s`` is set aside. The
   ``samples`` (grid); every context scores the same ``scored_tokens`` tokens, so columns compare, and the
   extrapolation ratio is bits at a context over bits at ``train_context``;
 * attention time per token per method and context: one ``poslsh.attention`` call of the model's shape
-  (its eval batch, heads, head dim, dtype, "auto" dispatch: FlexAttention for exact and window, the Triton
-  kernel for LSH on CUDA) times the number of layers, divided by the tokens;
+  (its eval batch, heads, head dim, dtype, "auto" dispatch: the Triton kernels on CUDA) times the number
+  of layers, divided by the tokens;
 * per-layer relative attention-output error against exact at ``error_context`` (each layer fed the exact
   model's input; float32, the "fused" backend);
 * for arm (a) also the rows lm-validation's H200 run skipped (r = 2, 4, 16 of both schemes, qmc, hybrid):
   ``fill_schemes`` and ``fill_methods`` (lm-validation.json stays as it was committed: these rows are of
   this run's exact-ALiBi model).
 
-Compile cost: the Triton kernel specializes on r, the scheme, the dtype and on integer arguments equal to
-1 or divisible by 16, so the eval batch of every context avoids both (``eval_batch``) and each (r, scheme)
-compiles once for all arms and contexts; on CUDA, ``precompile_workers`` processes compile the kernels the
-run will need into Triton's disk cache while the arms train. The JSON records each row's wall seconds.
+Compile cost: on CUDA every method runs through the Triton kernels ("auto"), which specialize on the
+method, r, the scheme, the dtype and on integer arguments equal to 1 or divisible by 16, so the eval batch
+of every context avoids both (``eval_batch``) and each (method, r, scheme) compiles once for all arms and
+contexts; ``precompile_workers`` processes compile the kernels the run will need into Triton's disk cache
+while the arms train. The JSON records each row's wall seconds.
 
 Outputs in ``--out``: ``lsh-native.json`` (rewritten atomically after every arm and row with
 ``"partial": true`` until the end) and the PNGs of ``PLOTS``; model weights go to ``--checkpoint-dir``
@@ -489,26 +490,26 @@ def _store(results: dict, job: tuple, entry: dict) -> None:
         results["rows" if job[0] == "row" else "timings"].append(entry)
 
 
-# Compile seconds of a kernel's first launch, read off the lm-validation H200 log (a row's wall time at
-# its first context minus its time at a context that reused the kernel): the Triton kernel unrolls its
-# per-sample loops, about 0.4 s per sample (grid) and 1.2 s (cut, which loads block bounds); a
-# FlexAttention compile (per method and shape) a few seconds. A compiled row costs at most ~2 s.
-FLEX_COMPILE_S = 6.0
+# Compile seconds of a kernel's first launch, read off the lm-validation H200 log of the previous LSH kernel
+# (a row's wall time at its first context minus its time at a context that reused the kernel): the kernel
+# unrolls its per-sample loops, about 0.4 s per sample (grid) and 1.2 s (cut, which loads block bounds).
+# Exact and window (one sample's worth of code) take the r = 1 figure. A compiled row costs at most ~2 s.
 ROW_S = 2.0
 
 
 def _kernel(job: tuple, device: torch.device) -> tuple:
-    """What a row or timing job compiles on its first launch on CUDA: the Triton kernel of (r, scheme,
-    hybrid), shared by every context (``eval_batch``), or FlexAttention's per (method, context); () else."""
+    """What a row or timing job compiles on its first launch on CUDA: the Triton kernel of (method, r,
+    scheme), one for every context and arm (``eval_batch``); () elsewhere."""
     from ..lm.evaluate import parse_method
 
     if device.type != "cuda" or job[0] == "errors":
         return ()
-    n, method = job[-2], job[-1]
-    spec = parse_method(method)
-    if spec.random:
-        return ("triton", spec.samples, spec.scheme, spec.method == "hybrid")
-    return ("flex", spec.method, n)
+    spec = parse_method(job[-1])
+    return _kernel_key(spec.method, spec.samples if spec.random else 1, spec.scheme if spec.random else "-")
+
+
+def _kernel_key(method: str, r: int, scheme: str) -> tuple:
+    return ("triton", method, r, scheme)
 
 
 def _expected_seconds(job: tuple, key: tuple, compiled: set, precompiled: set, error_share: float) -> float:
@@ -516,14 +517,14 @@ def _expected_seconds(job: tuple, key: tuple, compiled: set, precompiled: set, e
     and not in Triton's disk cache yet (``precompiled``); the per-layer errors take their share."""
     if job[0] == "errors":
         return error_share
-    if not key or key in compiled:
-        return ROW_S if key else 0.0
-    if key[0] == "flex":
-        return ROW_S + FLEX_COMPILE_S
-    _, r, scheme, hybrid = key
+    if not key:
+        return 0.0
+    if key in compiled:
+        return ROW_S
     if key in precompiled:
         return ROW_S + 1.0
-    return ROW_S + (1.0 + (1.2 if scheme == "cut" else 0.4) * r) * (1.5 if hybrid else 1.0)
+    _, method, r, scheme = key
+    return ROW_S + (1.0 + (1.2 if scheme == "cut" else 0.4) * r) * (1.5 if method == "hybrid" else 1.0)
 
 
 def _row(model, heldout: np.ndarray, arm: str, n: int, method: str, cfg: Config, device: torch.device,
@@ -597,20 +598,19 @@ def _layer_errors(model, heldout: np.ndarray, arm: str, cfg: Config, device: tor
 # ---------------------------------------------------------------------------- Triton kernels compiled ahead
 def precompile_specs(cfg: Config) -> list[dict[str, Any]]:
     """The Triton kernels the run will launch, as ``warm_kernels`` specs: the training kernels (forward and
-    backward at the training batch) of every LSH arm, then the eval forwards of every r and scheme (and the
-    hybrid), at a batch of the eval batches' class (2: not 1, not a multiple of 16)."""
+    backward at the training batch) of every LSH arm, and the eval forwards of every method (exact, window,
+    each r and scheme, the hybrid) at a batch of the eval batches' class (2: not 1, not a multiple of 16)."""
     from ..lm.evaluate import parse_method
 
     shape = dict(heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads, n=cfg.train_context)
-    specs = []
-    for text in (*cfg.native, cfg.finetune, *cfg.optional_native):
-        if text:
-            s = parse_method(text)
-            specs.append(dict(shape, r=s.samples, scheme=s.scheme, hybrid=s.method == "hybrid",
-                              batch=cfg.batch_size, backward=True))
-    for m in main_methods(cfg)[2:] + fill_methods(cfg):
-        s = parse_method(m)
-        specs.append(dict(shape, r=s.samples, scheme=s.scheme, hybrid=s.method == "hybrid", batch=2, backward=False))
+
+    def spec(text: str, batch: int, backward: bool) -> dict[str, Any]:
+        s = parse_method(text)
+        return dict(shape, method=s.method, r=s.samples if s.random else 1, scheme=s.scheme if s.random else "-",
+                    window_eps=s.window_eps, batch=batch, backward=backward)
+
+    specs = [spec(m, cfg.batch_size, True) for m in (*cfg.native, cfg.finetune, *cfg.optional_native) if m]
+    specs += [spec(m, 2, False) for m in main_methods(cfg) + fill_methods(cfg)]
     unique = {json.dumps(s, sort_keys=True): s for s in specs}  # qmc and iid share a kernel
     return list(unique.values())
 
@@ -634,10 +634,12 @@ def warm_kernels(specs: list[dict[str, Any]], device: str = "cuda", report=None)
             # [B, N, H, D] viewed as [B, H, N, D], as the model's projections are: the same strides' class.
             q, k, v = (torch.randn(b, n, h, d, device=dev, dtype=dtype).transpose(1, 2).requires_grad_(spec["backward"])
                        for _ in range(3))
-            parts = sample_partitions(n, alibi_slopes(h), spec["r"], scheme=spec["scheme"],
-                                      generator=torch.Generator().manual_seed(0), device=dev)
+            parts = None
+            if spec["method"] in ("lsh", "hybrid"):
+                parts = sample_partitions(n, alibi_slopes(h), spec["r"], scheme=spec["scheme"],
+                                          generator=torch.Generator().manual_seed(0), device=dev)
             with torch.set_grad_enabled(spec["backward"]):
-                out = attention(q, k, v, method="hybrid" if spec["hybrid"] else "lsh", partitions=parts,
+                out = attention(q, k, v, method=spec["method"], partitions=parts, window_eps=spec["window_eps"],
                                 backend="triton")
                 if spec["backward"]:
                     out.float().sum().backward()
@@ -695,7 +697,7 @@ def _reports(workers: list[tuple[subprocess.Popen, Path]] | None) -> list[dict]:
 
 def _precompiled(workers: list | None) -> set[tuple]:
     """Keys (``_kernel``) of the eval kernels that are in Triton's disk cache by now."""
-    return {("triton", r["spec"]["r"], r["spec"]["scheme"], r["spec"]["hybrid"]) for r in _reports(workers)
+    return {_kernel_key(r["spec"]["method"], r["spec"]["r"], r["spec"]["scheme"]) for r in _reports(workers)
             if "seconds" in r and not r["spec"]["backward"]}
 
 
