@@ -89,7 +89,7 @@ KEEPS_EXTRAPOLATION = 1.05
 class Config:
     """Defaults: the H200 run. ``tiny=True`` replaces the sizes by a CPU-sized run (``TINY``).
 
-    The model (12.7 M parameters: 4 layers of width 512, 8 heads of dimension 64, which the Triton and Flex
+    The model (12.7 M parameters: 4 layers of width 512, 8 heads of dimension 64, which the Triton
     kernels take) is smaller than lm-validation's 19 M so that ~90 s of training gives each arm enough
     steps. Budgets and ``deadline_s`` are seconds, 0 = no limit; ``max_steps`` bounds arm (a), whose
     training budget sets the step count. ``scored_tokens`` must be a multiple of every context's stride
