@@ -23,13 +23,14 @@ EXPERIMENTS: dict[str, tuple[str, bool]] = {
     "pareto": ("pareto", True),
     "bench": ("gpu_bench", False),
     "lm-validation": ("lm_validation", False),
+    "lsh-native": ("lsh_native", False),
 }
 
 
 # Results measured elsewhere (on a GPU) and committed: ``poslsh demo`` redraws their plots from the JSON
 # alone (no GPU needed) into its report. Subcommand -> file in ``RESULTS_DIR``; the module provides
 # ``replot(doc, out_dir)`` besides ``summarize``.
-COMMITTED: dict[str, str] = {"lm-validation": "lm-validation.json"}
+COMMITTED: dict[str, str] = {"lm-validation": "lm-validation.json", "lsh-native": "lsh-native.json"}
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 

@@ -4,7 +4,8 @@
 ``method="lsh"`` the partitions are
 
 * training: freshly sampled at every forward (from torch's global CPU RNG, so ``torch.manual_seed``
-  makes a run reproducible), which keeps the estimator unbiased across steps;
+  makes a run reproducible, or from a seed schedule: ``set_partition_schedule``), which keeps the
+  estimator unbiased across steps;
 * eval: drawn once per sequence length from ``torch.Generator().manual_seed(seed)`` (seed 0 when
   ``seed`` is None) and cached, so evaluation is deterministic and repeatable; with the grid scheme
   the partitions of a shorter length are a prefix of those of a longer one.
@@ -13,6 +14,8 @@ An explicit ``partitions`` argument to ``forward`` overrides both.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -86,11 +89,32 @@ class ALiBiAttention(nn.Module):
         draw = lambda gen: sample_partitions(n, self.slopes, self.samples, scheme=self.scheme,  # noqa: E731
                                              sampling=self.sampling, generator=gen, device=device)
         if self.training:
-            return draw(None)
+            return draw(self._scheduled_generator())
         key = (n, str(device))
         if key not in self._eval_partitions:
             self._eval_partitions[key] = draw(torch.Generator().manual_seed(0 if self.seed is None else self.seed))
         return self._eval_partitions[key]
+
+    # -- Training partitions from a seed schedule (issue 14): reproducible without torch's global RNG. --
+    partition_schedule: Callable[[int], int] | None = None
+    partition_step: int = 0
+
+    def set_partition_schedule(self, schedule: Callable[[int], int] | None, step: int = 0) -> "ALiBiAttention":
+        """Draw the partitions of training forward number ``partition_step`` from
+        ``torch.Generator().manual_seed(schedule(partition_step))`` instead of torch's global RNG.
+
+        ``partition_step`` starts at ``step`` and advances by one after every training forward; set it
+        to follow an optimizer step or to replay one (``poslsh.lm`` seeds layer l at step s from
+        (seed, l, s)). ``schedule=None`` restores the global RNG. Eval mode is unaffected."""
+        self.partition_schedule, self.partition_step = schedule, step
+        return self
+
+    def _scheduled_generator(self) -> torch.Generator | None:
+        if self.partition_schedule is None:
+            return None
+        gen = torch.Generator().manual_seed(self.partition_schedule(self.partition_step))
+        self.partition_step += 1
+        return gen
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None,
                 partitions: Partitions | None = None) -> Tensor:

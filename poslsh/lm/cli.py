@@ -1,6 +1,7 @@
 """``poslsh lm train`` and ``poslsh lm eval``: train the small ALiBi LM, then score it per attention method.
 
     poslsh lm train --out runs/lm --steps 6000 --context 1024 --time-budget-s 840
+    poslsh lm train --out runs/lm-lsh4 --attention lsh:4:grid --time-budget-s 300    # positional-LSH native
     poslsh lm eval --checkpoint runs/lm --context 1024 4096 --methods exact window lsh:8 lsh:8:cut
 """
 
@@ -22,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="train on local text (default: this interpreter's .py files)")
     tr.add_argument("--out", type=Path, required=True, help="checkpoint folder")
     _add_config_flags(tr, TrainConfig)
+    tr.add_argument("--attention", dest="train_attention", default=argparse.SUPPRESS,
+                    help="the same as --train-attention: sdpa | exact | window[:EPS] | lsh:R[:grid|cut[:SAMPLING]] | "
+                         "hybrid[...] (LSH trains with fresh partitions every step)")
     tr.set_defaults(handler=_train)
 
     ev = sub.add_parser("eval", help="held-out perplexity and time per token per attention method")

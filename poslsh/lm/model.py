@@ -7,7 +7,10 @@ through ``torch.nn.functional.scaled_dot_product_attention`` with the ALiBi bias
 (``LMConfig.train_attention = "sdpa"``); both compute the same function of the same weights.
 
 With "lsh" or "hybrid" in eval mode the partitions of layer l are fixed and drawn from (seed, l), the same for
-every sequence length (``poslsh.integrations.partitions.LayerPartitions``).
+every sequence length (``poslsh.integrations.partitions.LayerPartitions``). In training mode they are fresh at
+every forward: drawn from torch's global RNG, or, after ``set_partition_schedule(seed)`` (what the trainer
+does), layer l's partitions at step s from ``seed_for(seed, "train", l, s)`` (``TrainingPartitionSeeds``), so a
+positional-LSH-native run is reproducible from its seed alone.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..integrations.partitions import LayerPartitions
+from ..integrations.partitions import LayerPartitions, seed_for
 from ..nn import ALiBiAttention
 
-__all__ = ["LMConfig", "ALiBiLM", "Block", "load_checkpoint", "save_checkpoint"]
+__all__ = ["LMConfig", "ALiBiLM", "Block", "TrainingPartitionSeeds", "load_checkpoint", "save_checkpoint"]
 
 
 @dataclass
@@ -38,6 +41,19 @@ class LMConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     train_attention: str = "sdpa"  # "sdpa" (dense ALiBi mask, training only) or "poslsh"
+
+
+@dataclass(frozen=True)
+class TrainingPartitionSeeds:
+    """The seed schedule of one layer's training partitions (``ALiBiAttention.set_partition_schedule``):
+    step s -> ``seed_for(seed, "train", layer, s)``. torch's CPU generator keeps the low 32 bits of a
+    seed, so two (layer, step) pairs of a run share partitions with probability ~ pairs^2 / 2^33."""
+
+    seed: int
+    layer: int
+
+    def __call__(self, step: int) -> int:
+        return seed_for(self.seed, "train", self.layer, step)
 
 
 class Block(nn.Module):
@@ -136,6 +152,13 @@ class ALiBiLM(nn.Module):
                                 for layer in range(len(self.blocks))]
         self.attention_options = dict(method=method, samples=samples, scheme=scheme, seed=seed,
                                       window_eps=window_eps, backend=backend, sampling=sampling)
+        return self
+
+    def set_partition_schedule(self, seed: int | None, step: int = 0) -> "ALiBiLM":
+        """Training-mode partitions of layer l at step s from ``TrainingPartitionSeeds(seed, l)(s)``,
+        counting steps from ``step`` (one per training forward); None: torch's global RNG again."""
+        for layer, attn in enumerate(self.attention_modules()):
+            attn.set_partition_schedule(None if seed is None else TrainingPartitionSeeds(seed, layer), step)
         return self
 
     def layer_partitions(self, layer: int, n: int, device: torch.device | str = "cpu"):

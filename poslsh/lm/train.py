@@ -7,6 +7,14 @@ a tqdm bar. ``time_budget_s`` fits the number of steps to a wall-clock budget: t
 measured (device synchronised) over steps 10..50 and again at every held-out evaluation (which then
 counts the evaluations and checkpoints too), and ``steps`` is lowered (never raised) so the cosine
 schedule ends in time; should the estimate still be short, training stops at the budget.
+
+``train_attention`` picks the attention the model trains with: "sdpa" (exact ALiBi through SDPA with a
+dense bias, the default) or a method string of ``poslsh.lm.evaluate.parse_method``: "exact", "window[:EPS]",
+"lsh:R[:grid|cut[:iid|stratified|qmc]]" or "hybrid[...]". The positional-LSH methods train *natively*:
+fresh partitions at every optimizer step, per layer and head, drawn from ``seed_for(partition_seed,
+"train", layer, step)`` (``ALiBiLM.set_partition_schedule``), so a run is reproducible from its seeds;
+its held-out loss is measured with the same method and fixed partitions (as every evaluation).
+``init_checkpoint`` starts from a trained model's weights (fine-tuning, e.g. an exact-ALiBi model with LSH).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import torch
 
 from ..experiments.common import progress, pyplot
 from .data import ByteTokenizer, Corpus, build_corpus, unigram_baseline
-from .model import ALiBiLM, LMConfig, save_checkpoint
+from .evaluate import MethodSpec, parse_method
+from .model import ALiBiLM, LMConfig, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "train", "resolve_device", "heldout_windows", "batch_loss", "autocast_for", "lr_at"]
 
@@ -51,8 +60,20 @@ class TrainConfig:
     roots: tuple[str, ...] = ()
     device: str = "auto"
     time_budget_s: float = 0.0
-    train_attention: str = "sdpa"
+    train_attention: str = "sdpa"  # "sdpa" or a method string (module docstring)
+    partition_seed: int | None = None  # seed of the training (and eval) partitions; None: ``seed``
+    init_checkpoint: str = ""  # start from this checkpoint folder's weights (same model shape)
     compile: bool = False
+
+
+def train_method(config: TrainConfig) -> MethodSpec:
+    """The attention ``config`` trains with ("sdpa" is exact ALiBi); ValueError naming the field otherwise."""
+    if config.train_attention == "sdpa":
+        return MethodSpec("exact")
+    try:
+        return parse_method(config.train_attention)
+    except ValueError as err:
+        raise ValueError(f"train_attention must be 'sdpa' or a method string: {err}") from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,6 +120,17 @@ def batch_loss(model: ALiBiLM, windows: np.ndarray, batch_size: int, device: tor
         count += w.shape[0]
     model.train(was_training)
     return total / count
+
+
+def _load_weights(model: ALiBiLM, path: str | Path) -> None:
+    """Copy a checkpoint's weights into ``model``; ValueError when the shapes differ."""
+    init, _ = load_checkpoint(path)
+    if init.config.d_model != model.config.d_model or init.config.n_layers != model.config.n_layers or \
+            init.config.n_heads != model.config.n_heads:
+        raise ValueError(f"init_checkpoint {path} has d_model={init.config.d_model}, n_layers={init.config.n_layers}, "
+                         f"n_heads={init.config.n_heads}; the config asks for {model.config.d_model}, "
+                         f"{model.config.n_layers}, {model.config.n_heads}")
+    model.load_state_dict(init.state_dict())
 
 
 def _optimizer(model: ALiBiLM, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -160,10 +192,12 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
         log: callable taking a string for progress lines (default: silent).
 
     Returns:
-        {"model": ALiBiLM (eval mode), "history", "heldout_loss", "initial_heldout_loss", "unigram",
-        "corpus", "parameters", "steps", "train_seconds", "tokens_per_second", "device"}.
+        {"model": ALiBiLM (eval mode, attention set to the training method), "history", "heldout_loss",
+        "initial_heldout_loss", "unigram", "corpus", "parameters", "steps", "tokens" (steps * batch_size *
+        context), "train_attention" (the method's label), "train_seconds", "tokens_per_second", "device"}.
     """
     say = log or (lambda s: None)
+    spec = train_method(config)  # a bad method fails before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -175,20 +209,25 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
     unigram = unigram_baseline(corpus.train, corpus.heldout)
     say(f"corpus: {corpus.stats()}; unigram baseline {unigram['bits_per_token']:.3f} bits/byte")
 
+    sdpa = config.train_attention == "sdpa"
     model = ALiBiLM(LMConfig(vocab_size=ByteTokenizer.vocab_size, d_model=config.d_model, n_layers=config.n_layers,
-                             n_heads=config.n_heads, train_attention=config.train_attention)).to(device)
-    say(f"model: {model.num_parameters() / 1e6:.2f} M parameters on {device}")
+                             n_heads=config.n_heads, train_attention="sdpa" if sdpa else "poslsh")).to(device)
+    if config.init_checkpoint:
+        _load_weights(model, config.init_checkpoint)
+    partition_seed = config.seed if config.partition_seed is None else config.partition_seed
+    model.set_attention(**spec.options(partition_seed))  # eval partitions: fixed from the same seed
+    say(f"model: {model.num_parameters() / 1e6:.2f} M parameters on {device}, training attention {spec.label}"
+        + (f" (from {config.init_checkpoint})" if config.init_checkpoint else ""))
     step_fn = torch.compile(model) if config.compile else model
     opt = _optimizer(model, config, device)
     train_tokens = torch.from_numpy(corpus.train.astype(np.int32)).to(device)
     windows = heldout_windows(corpus.heldout, config.context + 1, config.eval_windows)
-    sdpa_eval = config.train_attention == "sdpa"
     # Offsets drawn where the tokens are: a CPU tensor copied to CUDA would wait for the queue every step.
     gen = torch.Generator(device=device).manual_seed(config.seed)
     arange = torch.arange(config.context + 1, device=device)
 
     meta = {"train": asdict(config), "corpus": corpus.stats(), "unigram": unigram}
-    initial = batch_loss(model, windows, config.batch_size, device, sdpa=sdpa_eval)
+    initial = batch_loss(model, windows, config.batch_size, device, sdpa=sdpa)
     history: list[dict] = [{"step": 0, "heldout_loss": initial, "elapsed": 0.0}]
     say(f"step 0: held-out loss {initial:.4f}")
     total = config.steps
@@ -206,6 +245,8 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, config, total)
+        if spec.random:  # fresh partitions, seeded by (partition_seed, layer, step)
+            model.set_partition_schedule(partition_seed, step)
         offsets = torch.randint(0, train_tokens.numel() - config.context - 1, (config.batch_size,), generator=gen,
                                 device=device)
         batch = train_tokens[offsets[:, None] + arange].long()
@@ -233,7 +274,7 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
             per_step *= 1 + max(1, len(windows) // config.batch_size) / (3 * config.eval_every)
             total = _fit(total, done, per_step, budget - (time.perf_counter() - start), say)
         if evaluate:
-            held = batch_loss(model, windows, config.batch_size, device, sdpa=sdpa_eval)
+            held = batch_loss(model, windows, config.batch_size, device, sdpa=sdpa)
             history.append({"step": done, "heldout_loss": held, "elapsed": time.perf_counter() - start})
             say(f"step {done}/{total}: train {float(loss.detach()):.4f}, held-out {held:.4f} nats "
                 f"({held / math.log(2):.3f} bits/byte), {time.perf_counter() - start:.0f} s")
@@ -245,12 +286,13 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
     seconds = time.perf_counter() - start
     if "heldout_loss" not in history[-1]:  # stopped by the budget between evaluations
         history.append({"step": done, "heldout_loss": batch_loss(model, windows, config.batch_size, device,
-                                                                 sdpa=sdpa_eval), "elapsed": seconds})
+                                                                 sdpa=sdpa), "elapsed": seconds})
     final = history[-1]["heldout_loss"]
     steps_done = done
     summary = {"heldout_loss": final, "heldout_bits_per_byte": final / math.log(2), "initial_heldout_loss": initial,
                "unigram": unigram, "corpus": corpus.stats(), "parameters": model.num_parameters(),
-               "steps": steps_done, "train_seconds": seconds,
+               "steps": steps_done, "tokens": steps_done * config.batch_size * config.context,
+               "train_attention": spec.label, "train_seconds": seconds,
                "tokens_per_second": steps_done * config.batch_size * config.context / seconds, "device": str(device)}
     save_checkpoint(model, out, {**meta, "steps_done": steps_done, "summary": summary})
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
