@@ -41,6 +41,7 @@ from ..hashing import SAMPLINGS, SCHEMES, Partitions, sample_partitions
 from .core import METHODS, AttentionSpec
 from .fused import fused_attention, supports_fused
 from .reference import reference_attention, supports_reference
+from .speed import measured_order
 from .split import split_attention, supports_split
 from .window import hybrid_widths, kernel_window_sizes, window_sizes
 
@@ -119,10 +120,12 @@ def available_backends() -> list[str]:
 
 def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto") -> Backend:
     """The backend that will run: the named one (checked to support the call) or, for "auto", the
-    highest-priority backend that supports it."""
+    fastest measured one that supports it (``speed.measured_order``), else the highest-priority one."""
     _load_optional_backends()
     if backend == "auto":
-        for name in available_backends():
+        measured = [b for b in measured_order(q.device, spec.method, q.shape[2], spec.q_offset + q.shape[2])
+                    if b in BACKENDS]
+        for name in measured + available_backends():
             if BACKENDS[name].accepts(q, spec):
                 return BACKENDS[name]
         raise RuntimeError("no registered attention backend supports this call")  # reference always does

@@ -685,6 +685,23 @@ def derive(res: dict[str, Any], config: Config) -> None:
     res["targets"] = t
 
 
+def speed_table(doc: dict[str, Any]) -> dict[str, Any]:
+    """The ``poslsh.attention.speed`` table of one run: per method and regime ("prefill": as many queries
+    as keys; "decode": one query), each backend's forward ms at each n, through the public call."""
+    res = doc["results"]
+    device = doc["environment"]["device"]
+    table: dict[str, dict] = {}
+    for r in res["rows"]:
+        method, backend, _ = COLUMNS.get(r["column"], ("none", "", ""))
+        if method == "none" or r.get("config") or r.get("direct") or r["pass"] != "fwd" or "ms" not in r:
+            continue
+        regime = "decode" if r["nq"] == 1 else "prefill" if r["nq"] == r["n"] else None
+        if regime:
+            table.setdefault(method, {}).setdefault(regime, {}).setdefault(str(r["n"]), {})[backend] = r["ms"]
+    return {"devices": {device: table}, "provenance": {"date": doc["environment"]["date"][:10],
+                                                     "command": doc["environment"]["command"]}}
+
+
 def summarize(results: dict[str, Any], out_dir: Path) -> str:
     """Markdown: checks, the tables per pass and decoding, targets, the plots."""
     res = results.get("results", results)

@@ -1,0 +1,50 @@
+"""Which backend is fastest for a call, as measured on a GPU: ``backend="auto"`` consults this before
+the registry's fixed priorities.
+
+``speed_table.json`` (beside this file) is written from a benchmark's JSON by
+``poslsh.experiments.gpu_bench.speed_table`` and shipped with the package: per device name, method and
+regime ("prefill", or "decode" for at most ``DECODE_ROWS`` query rows), the median forward ms of each
+backend at each measured length. A call takes the entry at the measured length nearest its key length
+(in log scale). Devices, methods or regimes the table lacks fall back to the priorities.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+__all__ = ["measured_order", "TABLE_PATH", "DECODE_ROWS"]
+
+TABLE_PATH = Path(__file__).with_name("speed_table.json")
+DECODE_ROWS = 16
+
+
+def _load() -> dict:
+    try:
+        return json.loads(TABLE_PATH.read_text()).get("devices", {})
+    except (OSError, ValueError):
+        return {}
+
+
+_TABLE = _load()
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def measured_order(device: torch.device, method: str, nq: int, nk: int) -> list[str]:
+    """Backend names by measured speed for this call (fastest first); empty when nothing was measured."""
+    if device.type != "cuda" or not _TABLE:
+        return []
+    by_method = _TABLE.get(_device_name(device.index if device.index is not None else torch.cuda.current_device()))
+    entries = ((by_method or {}).get(method) or {}).get("decode" if nq <= DECODE_ROWS else "prefill")
+    if not entries:
+        return []
+    n = min(entries, key=lambda s: abs(math.log(int(s)) - math.log(max(nk, 1))))
+    return sorted(entries[n], key=entries[n].get)

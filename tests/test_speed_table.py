@@ -1,0 +1,21 @@
+"""``backend="auto"`` follows the measured speed table: nearest length in log scale, per regime."""
+
+import torch
+
+from poslsh.attention import speed
+
+
+def test_measured_order(monkeypatch):
+    table = {"GPU X": {"window": {"prefill": {"16384": {"flex": 2.0, "triton": 1.0},
+                                              "262144": {"flex": 9.0, "triton": 12.0}},
+                                  "decode": {"65536": {"triton": 0.02, "flex": 1.7}}}}}
+    monkeypatch.setattr(speed, "_TABLE", table)
+    monkeypatch.setattr(speed, "_device_name", lambda index: "GPU X")
+    cuda = torch.device("cuda", 0)
+    assert speed.measured_order(cuda, "window", 20000, 20000) == ["triton", "flex"]
+    assert speed.measured_order(cuda, "window", 200000, 200000) == ["flex", "triton"]  # nearest: 256K
+    assert speed.measured_order(cuda, "window", 1, 4096) == ["triton", "flex"]  # decode regime
+    assert speed.measured_order(cuda, "exact", 100, 100) == []  # not measured: priorities decide
+    assert speed.measured_order(torch.device("cpu"), "window", 100, 100) == []
+    monkeypatch.setattr(speed, "_device_name", lambda index: "GPU Y")
+    assert speed.measured_order(cuda, "window", 100, 100) == []
