@@ -109,7 +109,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--integer-positions", action="store_true", help="the FDIV=False path (n >= 2^23)")
     p.add_argument("--sass", type=Path, help="also write the whole SASS here")
     p.add_argument("--json", action="store_true", help="print {ptxas, loops: [{instructions, ops}]} as JSON")
+    p.add_argument("--every-variant", action="store_true",
+                   help="compile every method's forward with padding and split keys, the merge, and every "
+                        "method's backward with padding (fused and not); print {variant: ptxas} as JSON")
     args = p.parse_args(argv)
+    if args.every_variant:
+        out = {}
+        for method in sorted(METHOD_IDS):
+            alibi = method in ("exact", "window")
+            base = dict(METHOD=METHOD_IDS[method], R=1 if alibi else 4, CUT=False, CAUSAL=True, HEAD_DIM=128,
+                        BLOCK_D=128, PREC="tf32", FDIV=True, HAS_KPM=True)
+            fwd = dict(base, BLOCK_M=16, BLOCK_N=64, SPLIT=True, LAZY=False)
+            out[f"fwd {method} padded split"] = ptxas_info(compile_kernel(_fwd_kernel, fwd, 4, 2).asm["ptx"])
+            for fused in (False, True):
+                bwd = dict(base, BLOCK_M=32, BLOCK_N=64, FUSED_DQ=fused)
+                out[f"dkdv {method} padded fused={fused}"] = ptxas_info(
+                    compile_kernel(_bwd_dkdv_kernel, bwd, 4, 2).asm["ptx"])
+            dq = dict(base, BLOCK_M=128, BLOCK_N=64)
+            out[f"dq {method} padded"] = ptxas_info(compile_kernel(_bwd_dq_kernel, dq, 8, 2).asm["ptx"])
+        out["merge"] = ptxas_info(compile_kernel(_merge_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16), 4, 1)
+                                  .asm["ptx"])
+        print(json.dumps(out))
+        return 0
     alibi = args.method in ("exact", "window")
     const = dict(METHOD=METHOD_IDS[args.method], R=1 if alibi else args.r, CUT=args.cut and not alibi,
                  CAUSAL=not args.bidirectional, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=args.block_m,
