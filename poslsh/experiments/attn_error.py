@@ -33,6 +33,7 @@ from torch import Tensor
 from ..alibi import alibi_slopes
 from ..attention.dispatch import resolve_spec
 from ..attention.fused import fused_attention
+from ..attention.ranges import Support, nonzero_pairs, split_pairs
 from ..hashing import Partitions, sample_partitions
 from .common import fmt, markdown_table, progress, pyplot, save_results, torch_threads
 
@@ -74,25 +75,13 @@ def _seed(*key: Any) -> int:
 
 def lsh_pairs(parts: Partitions, causal: bool) -> tuple[Tensor, Tensor]:
     """Pairs evaluated per head by LSH: (fused: union of blocks, split: sum of blocks), float64 [H]."""
-    start, end = parts.block_bounds()  # [H, r, n]
-    pos = torch.arange(parts.n)
-    if causal:
-        union = (pos - start.amin(1) + 1).sum(-1)
-        total = (pos - start + 1).sum((-1, -2))
-    else:
-        union = (end.amax(1) - start.amin(1)).sum(-1)
-        total = (end - start).sum((-1, -2))
-    return union.double(), total.double()
+    support = Support("lsh", causal, partitions=parts)
+    return nonzero_pairs(support, parts.n, parts.n).double(), split_pairs(support, parts.n, parts.n).double()
 
 
 def window_pairs(n: int, width: Tensor, causal: bool) -> Tensor:
     """Pairs evaluated by a window of half-width w: [len(width)] for every w in ``width``."""
-    pos = torch.arange(n)
-    left = torch.minimum(pos[None, :], width[:, None]).sum(-1)
-    if causal:
-        return (left + n).double()
-    right = torch.minimum((n - 1 - pos)[None, :], width[:, None]).sum(-1)
-    return (left + right + n).double()
+    return nonzero_pairs(Support("window", causal, window=width), n, n).double()
 
 
 def matched_widths(n: int, pairs: Tensor, causal: bool) -> Tensor:

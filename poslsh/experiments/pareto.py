@@ -50,6 +50,7 @@ from torch import Tensor
 
 from ..alibi import alibi_slopes
 from ..attention.dispatch import Backend, resolve_spec, select_backend
+from ..attention.ranges import nonzero_pairs
 from ..hashing import sample_partitions
 from ..kernels import power_law
 from .common import fmt, gpu_time, load_results, markdown_table, progress, pyplot, save_results, torch_threads
@@ -174,27 +175,9 @@ def _measure(forward: Callable[[Tensor, Tensor, Tensor], Tensor], q: Tensor, k: 
 
 def pairs_per_query(spec, nk: int) -> float:
     """Mean number of keys with nonzero weight per query (causal or bidirectional), computed on the
-    partitions' device (at 256K and r = 32 the block bounds take seconds on a CPU)."""
-    dev = spec.partitions.device if spec.partitions is not None else torch.device("cpu")
-    p = torch.arange(spec.q_offset, nk, device=dev)
-    if spec.method == "exact":
-        return float((p + 1).double().mean()) if spec.causal else float(nk)
-    lo = torch.full((spec.num_heads, p.numel()), nk, dtype=torch.int64, device=dev)
-    hi = torch.zeros_like(lo)
-    if spec.method in ("lsh", "hybrid"):
-        from ..masks import select_head
-
-        for h in range(spec.num_heads):  # one head's [r, n] bounds at a time: [H, r, n] is GBs at 256K
-            start, end = select_head(spec.partitions, h).block_bounds()
-            lo[h] = start[0].amin(0)[spec.q_offset:]
-            hi[h] = end[0].amax(0)[spec.q_offset:]
-    if spec.method in ("window", "hybrid"):
-        w = spec.window.to(dev)[:, None]
-        lo = torch.minimum(lo, (p[None] - w).clamp(min=0))
-        hi = torch.maximum(hi, (p[None] + w + 1).clamp(max=nk))
-    if spec.causal:
-        hi = p[None] + 1
-    return float((hi - lo).double().mean())
+    partitions' device (``attention.ranges.nonzero_pairs``)."""
+    nq = nk - spec.q_offset
+    return float(nonzero_pairs(spec, nq, nk).sum()) / (spec.num_heads * nq)
 
 
 def _inputs(n: int, heads: int, d: int, dtype: torch.dtype, device: torch.device, seed: int,
