@@ -171,3 +171,132 @@ def test_hybrid_mods_split_at_the_window():
         d = (torch.arange(N)[:, None] - torch.arange(N)[None, :]).abs()
         seam = (d[None] == HYBRID_WINDOW[:, None, None] + 1) & keep
         assert seam.any()  # pairs just beyond the window, weighted by the collision mean
+
+
+# --------------------------------------------------------------------------------------------------
+# The composed mods and the cache of (score_mod, BlockMask)
+# --------------------------------------------------------------------------------------------------
+
+import importlib  # noqa: E402
+
+flex_mod = importlib.import_module("poslsh.attention.flex")  # poslsh.attention is also the function
+
+
+@pytest.fixture
+def fresh_cache():
+    flex_mod.clear_cache()
+    yield
+    flex_mod.clear_cache()
+
+
+def _lsh_spec(q, partitions=None, **kw):
+    return resolve_spec(q, q, q, method="lsh", samples=3, partitions=partitions,
+                        generator=torch.Generator().manual_seed(5), **kw)
+
+
+def _check_against_reference(q, spec):
+    out, lse = flex_attention_spec(q, q, q, spec, block=16)
+    ref = dataclasses.replace(spec, key_padding_mask=spec.key_padding_mask)
+    ro, rl = reference_attention(q.double(), q.double(), q.double(), ref)
+    assert rel(out, ro) <= 1e-5
+
+
+def test_cache_reuses_mods_for_equal_content(fresh_cache, monkeypatch):
+    """A second spec with equal content (new slope tensors, the same partitions: a model's next layer)
+    reuses the entry: no device copies, no new block mask; an entry with the transposed lists also
+    serves a call without them."""
+    q = torch.randn(1, 4, 40, 16)
+    spec = _lsh_spec(q)
+    built = []
+    monkeypatch.setattr(flex_mod, "_device_tensors", lambda *a, _f=flex_mod._device_tensors: built.append(1) or _f(*a))
+    mods = flex_mod.flex_mods(spec, 40, 40, q.device, 16, with_q_blocks=True)
+    again = _lsh_spec(q, partitions=spec.partitions)
+    assert again.slopes is not spec.slopes
+    assert flex_mod.flex_mods(again, 40, 40, q.device, 16, with_q_blocks=True) is mods
+    assert flex_mod.flex_mods(again, 40, 40, q.device, 16, with_q_blocks=False) is mods
+    assert len(built) == 1
+    # different content: other lengths, block, method options
+    assert flex_mod.flex_mods(again, 40, 40, q.device, 8) is not mods
+    assert flex_mod.flex_mods(dataclasses.replace(again, causal=False), 40, 40, q.device, 16) is not mods
+
+
+def test_cache_never_returns_a_stale_mask(fresh_cache):
+    """In-place changes of partitions, key padding mask, slopes or window, or other partitions, rebuild
+    the entry; each result is checked against the reference of what the spec now says."""
+    torch.manual_seed(6)
+    q = torch.randn(2, 4, 40, 16)
+    kpm = torch.ones(2, 40, dtype=torch.bool)
+    spec = _lsh_spec(q, key_padding_mask=kpm)
+    _check_against_reference(q, spec)
+    first = flex_mod.flex_mods(spec, 40, 40, q.device, 16, with_q_blocks=False)
+    spec.partitions.widths.add_(3)  # in place: same tensor, new _version
+    assert flex_mod.flex_mods(spec, 40, 40, q.device, 16, with_q_blocks=False) is not first
+    _check_against_reference(q, spec)
+    kpm[1, 20:] = False
+    _check_against_reference(q, spec)
+    kpm2 = kpm.clone()
+    kpm2[0, 30:] = False  # another mask tensor
+    _check_against_reference(q, dataclasses.replace(spec, key_padding_mask=kpm2))
+    other = _lsh_spec(q, key_padding_mask=kpm, partitions=None)
+    other = dataclasses.replace(other, partitions=sample_like(spec.partitions))
+    _check_against_reference(q, other)
+    # exact / window / hybrid: slopes and windows are keyed by value
+    wspec = resolve_spec(q, q, q, method="window", slopes=alibi_slopes(4) * 0.3, window_eps=0.1)
+    _check_against_reference(q, wspec)
+    wspec.slopes.mul_(2.0)
+    _check_against_reference(q, wspec)
+    _check_against_reference(q, dataclasses.replace(wspec, window=wspec.window // 2))
+    hspec = with_hybrid_window(resolve_spec(q, q, q, method="hybrid", slopes=HYBRID_SLOPES, samples=2,
+                                            generator=torch.Generator().manual_seed(7)))
+    _check_against_reference(q, hspec)
+    hspec.window.sub_(1).clamp_(min=0)
+    _check_against_reference(q, hspec)
+
+
+def sample_like(parts):
+    from poslsh import sample_partitions
+
+    return sample_partitions(parts.n, parts.slopes, parts.num_samples, generator=torch.Generator().manual_seed(99))
+
+
+def test_cache_is_bounded(fresh_cache, monkeypatch):
+    q = torch.randn(1, 2, 24, 16)
+    spec = resolve_spec(q, q, q, method="exact")
+    monkeypatch.setattr(flex_mod, "CACHE_ENTRIES", 3)
+    for n in range(4, 12):
+        flex_mod.flex_mods(spec, n, n, q.device, 4)
+    assert len(flex_mod._cache) == 3
+    monkeypatch.setattr(flex_mod, "CACHE_BYTES", 1)  # every entry is over: only the newest stays
+    flex_mod.flex_mods(spec, 20, 20, q.device, 4)
+    assert len(flex_mod._cache) == 1
+    assert flex_mod.flex_mods(spec, 20, 20, q.device, 4, cache=False) is not flex_mod.flex_mods(spec, 20, 20, q.device, 4)
+
+
+def test_mods_compose_from_small_parts():
+    """The method mods are the small ones combined: e.g. the hybrid's mask is band | collisions, & causal."""
+    torch.manual_seed(8)
+    H, N = 4, 30
+    q = torch.randn(1, H, N, 16)
+    spec = with_hybrid_window(resolve_spec(q, q, q, slopes=HYBRID_SLOPES, causal=True, method="hybrid", samples=2,
+                                           generator=torch.Generator().manual_seed(8)))
+    t = flex_mod._device_tensors(spec, q.device, N)
+    counts = flex_mod.grid_counts(t["widths"], t["offsets"], 0, True)
+    band, collide, causal = flex_mod.band_mask(t["window"], 0), flex_mod.collision_mask(counts), flex_mod.causal_mask(0)
+    _, mask_mod = _mods(spec, q.device, N, N)
+    b, hh, ii, jj = (x.reshape(-1) for x in torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(H),
+                                                           torch.arange(N), torch.arange(N), indexing="ij"))
+    assert torch.equal(mask_mod(b, hh, ii, jj), (band(b, hh, ii, jj) | collide(b, hh, ii, jj)) & causal(b, hh, ii, jj))
+    kpm = torch.rand(1, N) > 0.3
+    pad = flex_mod.padding_mask(kpm)
+    _, mask_kpm = _mods(dataclasses.replace(spec, key_padding_mask=kpm), q.device, N, N)
+    assert torch.equal(mask_kpm(b, hh, ii, jj), mask_mod(b, hh, ii, jj) & pad(b, hh, ii, jj))
+
+
+def test_autocast_is_switched_off_inside():
+    torch.manual_seed(9)
+    q = torch.randn(1, 2, 20, 16)
+    spec = resolve_spec(q, q, q, method="exact")
+    plain, _ = flex_attention_spec(q, q, q, spec, block=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under, _ = flex_attention_spec(q, q, q, spec, block=8)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)

@@ -1,23 +1,27 @@
 """FlexAttention backend ("flex"): exact ALiBi, the per-head window, the positional-LSH estimator and the
-hybrid of the last two.
+hybrid of the last two, each composed from small score and mask mods (as attention-gym does):
 
-Each method is a ``score_mod`` (the weight as an additive log term) plus a ``BlockMask`` built
-directly from per-query-block key ranges (never ``create_block_mask``, which evaluates the mask over
-all Nq x Nk positions):
+=========  =====================================================  ==================================
+method     score_mod                                              mask_mod
+=========  =====================================================  ==================================
+exact      ``alibi_score``: score - m_h (p - j) (|p - j| two-sided)  (``causal_mask``)
+window     ``alibi_score``                                        ``band_mask`` (& ``causal_mask``)
+lsh        ``lsh_score``: score + log c_pj, c_pj from the counts  ``collision_mask`` (& causal)
+hybrid     ``where_score(band_mask, alibi_score, lsh_score)``     ``band_mask | collision_mask`` (& causal)
+=========  =====================================================  ==================================
 
-* exact:  score - m_h (p - j)  (|p - j| bidirectional); causal blocks below the diagonal are "full";
-* window: the same score, keys |p - j| <= w_h only; blocks entirely inside the band are "full";
-* lsh:    score + log(c_pj), c_pj = #{t : p, j share a block}/r from the grid scalars (W, U) or the
-  per-position block bounds (cut scheme); key blocks in the union of the query block's blocks are
-  visited, those inside every block of every row are "full" (no mask_mod evaluation);
-* hybrid: score - m_h |p - j| for |p - j| <= w_h, score + log(c_pj) beyond (ALiBi slopes only); key
-  blocks in the union of the band's and the blocks' ranges are visited, the band's "full" blocks
-  (every pair near) stay full.
+with ``padding_mask`` and-ed in when a key padding mask is given; the collision counts
+#{t : p, j share a block} come from the grid scalars (W, U) (``grid_counts``) or the per-position block
+bounds (``cut_counts``). Query row i sits at key position p = q_offset + i.
 
-For every (head, query block) the kept key blocks are one interval [lo, hi) with a "full" sub-interval
-[flo, fhi); both ends are non-decreasing in the query block, so the transposed (key block -> query
-blocks) structure that the backward pass needs is computed by ``searchsorted`` instead of through a
-dense [query blocks x key blocks] matrix.
+The ``BlockMask`` is built directly from the per-query-block key ranges of ``poslsh.attention.ranges``
+(never ``create_block_mask``, which evaluates the mask over all Nq x Nk positions): key blocks in the
+range are visited, those in its full part (every row sees every key, weighted by score_mod alone) skip
+mask_mod. Both ends of the ranges are non-decreasing in the query block, so the transposed (key block
+-> query blocks) structure the backward pass needs is found by ``searchsorted``.
+
+Mods and masks are cached (``flex_mods``): a model's layers and its decoding steps at one length reuse
+them instead of rebuilding the block mask and copying slopes to the device on every call.
 
 On CUDA the call goes through ``torch.compile(flex_attention)``; on the CPU flex_attention runs in
 eager mode (unfused, O(Nq Nk) memory: for tests only).
@@ -27,18 +31,21 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .core import EMPTY_LSE, AttentionSpec
+from .ranges import TileRanges, key_ranges, key_tiles, normalize_grid
 
-__all__ = ["flex_attention_spec", "flex_mods", "supports_flex", "lsh_block_ranges", "range_block_mask", "flex_available",
-           "normalize_grid"]
+__all__ = ["flex_attention_spec", "flex_mods", "supports_flex", "range_block_mask", "flex_available",
+           "alibi_score", "lsh_score", "where_score", "band_mask", "causal_mask", "padding_mask",
+           "collision_mask", "grid_counts", "cut_counts", "clear_cache", "normalize_grid"]
 
 try:
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, and_masks, flex_attention, noop_mask, or_masks
 
     flex_available = True
 except ImportError:  # pragma: no cover - torch without FlexAttention
@@ -69,21 +76,164 @@ def _flex_fn(device: torch.device) -> Callable:
     return _compiled
 
 
-def normalize_grid(widths: Tensor, offsets: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Grid (W, U) int [H, r] -> int32 [H, r] giving the same blocks on positions 0..n-1.
+# --------------------------------------------------------------------------------------------------
+# Mods. score_mod(score, b, h, q_idx, kv_idx) -> score; mask_mod and counts (b, h, q_idx, kv_idx).
+# Captured tensors must already be on the device.
+# --------------------------------------------------------------------------------------------------
 
-    A width above n has at most one boundary inside [0, n), at c = W - U; it is re-expressed with
-    width n (offset n - c, or 0 when c >= n), so that p + U fits in int32 (slope-0 heads store
-    W = 2^62).
-    """
-    w = widths.to(torch.int64)
-    u = offsets.to(torch.int64)
-    big = w > n
-    c = w - u
-    u2 = torch.where(c >= n, torch.zeros_like(u), n - c)
-    w = torch.where(big, torch.full_like(w, n), w)
-    u = torch.where(big, u2, u)
-    return w.to(torch.int32).contiguous(), u.to(torch.int32).contiguous()
+
+def alibi_score(slopes: Tensor, q_offset: int, two_sided: bool) -> Callable:
+    """score - m_h (p - j), or - m_h |p - j| when ``two_sided``; ``slopes`` float32 [H]."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        d = (q_idx + q_offset - kv_idx).to(torch.float32)
+        return score - slopes[h] * (d.abs() if two_sided else d)
+
+    return score_mod
+
+
+def lsh_score(counts: Callable, samples: int, q_offset: int) -> Callable:
+    """score + log(c_pj), c_pj = counts / r (the positional-LSH estimator's weight)."""
+    log_r = math.log(samples)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + torch.log(counts(b, h, q_idx, kv_idx)) - log_r
+
+    return score_mod
+
+
+def where_score(mask_mod: Callable, inside: Callable, outside: Callable) -> Callable:
+    """``inside``'s score where ``mask_mod`` holds, ``outside``'s elsewhere (e.g. the hybrid's near field)."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(mask_mod(b, h, q_idx, kv_idx), inside(score, b, h, q_idx, kv_idx),
+                           outside(score, b, h, q_idx, kv_idx))
+
+    return score_mod
+
+
+def band_mask(window: Tensor, q_offset: int) -> Callable:
+    """|p - j| <= w_h; ``window`` int [H]."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx + q_offset - kv_idx).abs() <= window[h]
+
+    return mask_mod
+
+
+def causal_mask(q_offset: int) -> Callable:
+    """j <= p."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + q_offset
+
+    return mask_mod
+
+
+def padding_mask(key_padding_mask: Tensor) -> Callable:
+    """Key j of batch b is kept; ``key_padding_mask`` bool [B, Nk] (True = keep)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return key_padding_mask[b, kv_idx]
+
+    return mask_mod
+
+
+def collision_mask(counts: Callable) -> Callable:
+    """Some sample puts p and j in one block (c_pj > 0)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return counts(b, h, q_idx, kv_idx) > 0
+
+    return mask_mod
+
+
+def grid_counts(widths: Tensor, offsets: Tensor, q_offset: int, causal: bool) -> Callable:
+    """#{t : j in p's block} as float32, from grid scalars int32 [H, r] (``normalize_grid``). Causal
+    counts only j >= s_t(p) (the block's end lies past p, so keys j <= p need no end test)."""
+    samples = widths.shape[1]
+
+    def counts(b, h, q_idx, kv_idx):
+        p = q_idx + q_offset
+        c = None
+        for t in range(samples):
+            w, u = widths[h, t], offsets[h, t]
+            s = ((p + u) // w) * w - u
+            hit = (kv_idx >= s) if causal else ((kv_idx >= s) & (kv_idx < s + w))
+            c = hit.to(torch.float32) if c is None else c + hit.to(torch.float32)
+        return c
+
+    return counts
+
+
+def cut_counts(starts: Tensor, ends: Tensor, q_offset: int, causal: bool) -> Callable:
+    """As ``grid_counts`` from per-position block bounds int32 [H, r, Nk] (``Partitions.block_bounds()``)."""
+    samples = starts.shape[1]
+
+    def counts(b, h, q_idx, kv_idx):
+        p = q_idx + q_offset
+        c = None
+        for t in range(samples):
+            hit = (kv_idx >= starts[h, t, p]) if causal else ((kv_idx >= starts[h, t, p]) & (kv_idx < ends[h, t, p]))
+            c = hit.to(torch.float32) if c is None else c + hit.to(torch.float32)
+        return c
+
+    return counts
+
+
+def _plain_batch(mask_mod: Callable) -> Callable:
+    """torch's and_masks / or_masks / noop_mask build on ``b.new_ones``; FlexAttention passes b as a
+    tensor, a direct call may pass an int: accept both."""
+    def wrapped(b, h, q_idx, kv_idx):
+        return mask_mod(b if isinstance(b, Tensor) else torch.as_tensor(b, device=q_idx.device), h, q_idx, kv_idx)
+
+    return wrapped
+
+
+def _device_tensors(spec: AttentionSpec, device: torch.device, nk: int) -> dict[str, Tensor]:
+    """What the mods capture, copied to ``device`` once (per cache entry, not per call)."""
+    out = {}
+    if spec.method != "lsh":
+        out["slopes"] = spec.slopes.to(device=device, dtype=torch.float32)
+    if spec.window is not None and spec.method in ("window", "hybrid"):
+        out["window"] = spec.window.to(device)
+    parts = spec.partitions
+    if spec.method in ("lsh", "hybrid"):
+        if parts.scheme == "grid":
+            out["widths"], out["offsets"] = normalize_grid(parts.widths.to(device), parts.offsets.to(device), nk)
+        else:
+            out["starts"], out["ends"] = (x.to(device=device, dtype=torch.int32) for x in parts.block_bounds())
+    if spec.key_padding_mask is not None:
+        out["key_padding_mask"] = spec.key_padding_mask.to(device)
+    return out
+
+
+def _compose(spec: AttentionSpec, t: dict[str, Tensor]) -> tuple[Callable, Callable]:
+    """(score_mod, mask_mod) of the spec's method from the small mods above."""
+    qoff = spec.q_offset
+    if spec.method in ("lsh", "hybrid"):
+        counts = (grid_counts(t["widths"], t["offsets"], qoff, spec.causal) if "widths" in t
+                  else cut_counts(t["starts"], t["ends"], qoff, spec.causal))
+        lsh = lsh_score(counts, spec.partitions.num_samples, qoff)
+    if spec.method == "exact":
+        score_mod, masks = alibi_score(t["slopes"], qoff, two_sided=not spec.causal), []
+    elif spec.method == "window":
+        score_mod, masks = alibi_score(t["slopes"], qoff, two_sided=not spec.causal), [band_mask(t["window"], qoff)]
+    elif spec.method == "lsh":
+        score_mod, masks = lsh, [collision_mask(counts)]
+    else:  # hybrid: exact ALiBi weights in the band |p - j| <= w_h, collision means beyond
+        near = band_mask(t["window"], qoff)
+        score_mod = where_score(near, alibi_score(t["slopes"], qoff, two_sided=True), lsh)
+        masks = [or_masks(near, collision_mask(counts))]
+    if spec.causal:
+        masks.append(causal_mask(qoff))
+    if "key_padding_mask" in t:
+        masks.append(padding_mask(t["key_padding_mask"]))
+    if len(masks) == 1 and spec.method != "hybrid":
+        return score_mod, masks[0]
+    return score_mod, _plain_batch(and_masks(*masks) if masks else noop_mask)
+
+
+def _mods(spec: AttentionSpec, device: torch.device, nq: int, nk: int) -> tuple[Callable, Callable]:
+    """(score_mod, mask_mod) for the spec's method, built fresh (``flex_mods`` caches them)."""
+    return _compose(spec, _device_tensors(spec, device, nk))
+
+
+_ranges = key_ranges  # (spec, nq, nk, block, device) -> TileRanges; the name tests/test_flex.py uses
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +264,7 @@ def _pieces(lo: Tensor, flo: Tensor, fhi: Tensor, hi: Tensor, num_cols: int) -> 
 def range_block_mask(lo: Tensor, hi: Tensor, flo: Tensor, fhi: Tensor, nq: int, nk: int,
                      mask_mod: Callable, block: int = DEFAULT_BLOCK, all_partial: bool = False,
                      with_q_blocks: bool = True) -> "BlockMask":
-    """A BlockMask from key *position* ranges per (head, query block).
+    """A BlockMask from key *position* ranges per (head, query block) (``ranges.key_ranges``).
 
     Args:
         lo, hi: int64 [H, nqb]: keys of query block b lie in [lo, hi) (positions).
@@ -126,25 +276,18 @@ def range_block_mask(lo: Tensor, hi: Tensor, flo: Tensor, fhi: Tensor, nq: int, 
     All four bounds must be non-decreasing along the query-block axis.
     """
     nqb, nkb = -(-nq // block), -(-nk // block)
-    lo_b = torch.div(lo, block, rounding_mode="floor").clamp(0, nkb)
-    hi_b = (-torch.div(-hi, block, rounding_mode="floor")).clamp(0, nkb)
-    hi_b = torch.maximum(hi_b, lo_b)
-    if all_partial:
-        flo_b = fhi_b = hi_b
-    else:
-        flo_b = (-torch.div(-flo, block, rounding_mode="floor"))
-        fhi_b = torch.div(fhi, block, rounding_mode="floor")
-        # A key block past nk is ragged: leave it partial.
-        fhi_b = torch.minimum(fhi_b, torch.full_like(fhi_b, nk // block))
-        flo_b = torch.minimum(torch.maximum(flo_b, lo_b), hi_b)
-        fhi_b = torch.minimum(torch.maximum(fhi_b, flo_b), hi_b)
+    lo, hi = lo.clamp(0, nk), hi.clamp(0, nk)
+    if all_partial:  # an empty full part
+        flo = fhi = hi
+    # A key block past nk is ragged: fhi <= nk leaves it partial.
+    lo_b, hi_b, flo_b, fhi_b = key_tiles(TileRanges(lo, hi, flo, fhi.clamp(max=nk)), block)
     kv = _pieces(lo_b, flo_b, fhi_b, hi_b, nkb)
     if not with_q_blocks:
         return BlockMask(seq_lengths=(nq, nk), kv_num_blocks=kv[0], kv_indices=kv[1], full_kv_num_blocks=kv[2],
                          full_kv_indices=kv[3], q_num_blocks=None, q_indices=None, full_q_num_blocks=None,
                          full_q_indices=None, BLOCK_SIZE=(block, block), mask_mod=mask_mod)
     # Transpose: query blocks whose interval holds key block c form an interval as well.
-    c = torch.arange(nkb, device=lo.device).expand(lo.shape[0], nkb).contiguous()
+    c = torch.arange(nkb, device=lo.device).expand(lo_b.shape[0], nkb).contiguous()
     q_lo = torch.searchsorted(hi_b.contiguous(), c, right=True)
     q_hi = torch.searchsorted(lo_b.contiguous(), c, right=True)
     q_hi = torch.maximum(q_hi, q_lo)
@@ -158,32 +301,72 @@ def range_block_mask(lo: Tensor, hi: Tensor, flo: Tensor, fhi: Tensor, nq: int, 
                      full_q_indices=qs[3], BLOCK_SIZE=(block, block), mask_mod=mask_mod)
 
 
-def lsh_block_ranges(spec: AttentionSpec, nq: int, nk: int, block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per (head, query block): union [lo, hi) and intersection [flo, fhi) of the rows' blocks, as
-    key positions (int64 [H, nqb]), causal clipping included."""
+# --------------------------------------------------------------------------------------------------
+# The cache: (score_mod, BlockMask) per (spec content, shape, device, block)
+# --------------------------------------------------------------------------------------------------
+
+# Bounded twice: entries, and bytes of the tensors they hold (a 256K-token window mask with the
+# transposed lists is ~2 GB); the newest entry is always kept.
+CACHE_ENTRIES = 32
+CACHE_BYTES = 4 << 30
+_cache: OrderedDict[tuple, tuple[tuple, tuple[Callable, "BlockMask"], int]] = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Drop every cached score_mod and block mask."""
+    _cache.clear()
+
+
+def _cache_key(spec: AttentionSpec, nq: int, nk: int, device: torch.device, block: int,
+               with_q_blocks: bool) -> tuple[tuple, tuple]:
+    """(key, held): the key from the spec's content (values of slopes and window, which are small CPU
+    tensors) and its large tensors by identity and version (partitions, key padding mask: no copy, no
+    device sync; an in-place change bumps ``_version``). ``held`` keeps those tensors alive with the
+    entry, so their ids cannot be reused by other tensors while it exists. The scale is not part of it:
+    it is passed to flex_attention, not captured by the mods."""
     parts = spec.partitions
-    dev = parts.device
-    first = torch.arange(0, nq, block, device=dev) + spec.q_offset
-    last = torch.clamp(first + block - 1, max=spec.q_offset + nq - 1)
-    if parts.scheme == "grid":
-        w = parts.widths.to(dev)[..., None]
-        u = parts.offsets.to(dev)[..., None]
-        sa = torch.div(first + u, w, rounding_mode="floor") * w - u
-        sb = torch.div(last + u, w, rounding_mode="floor") * w - u
-        lo = sa.clamp(min=0).amin(1)
-        in_lo = sb.clamp(min=0).amax(1)
-        hi = (sb + w).clamp(max=nk).amax(1)
-        in_hi = (sa + w).clamp(max=nk).amin(1)
-    else:
-        s, e = parts.block_bounds()
-        lo = s[..., first].amin(1)
-        in_lo = s[..., last].amax(1)
-        hi = e[..., last].amax(1)
-        in_hi = e[..., first].amin(1)
-    if spec.causal:
-        hi = torch.minimum(hi, last + 1)
-        in_hi = torch.minimum(in_hi, first + 1)
-    return lo, hi, in_lo, in_hi
+    held = () if parts is None else tuple(x for x in (parts.widths, parts.offsets, parts.cut_positions,
+                                                      parts.cut_pointers) if x is not None)
+    if spec.key_padding_mask is not None:
+        held += (spec.key_padding_mask,)
+    key = (spec.method, spec.causal, spec.q_offset, nq, nk, device, block,
+           tuple(spec.slopes.tolist()), None if spec.window is None else tuple(spec.window.tolist()),
+           None if parts is None else (parts.scheme, parts.n), tuple((id(x), x._version) for x in held),
+           with_q_blocks)
+    return key, held
+
+
+def _nbytes(tensors) -> int:
+    return sum(x.numel() * x.element_size() for x in tensors if isinstance(x, Tensor))
+
+
+def flex_mods(spec: AttentionSpec, nq: int, nk: int, device: torch.device, block: int = DEFAULT_BLOCK,
+              with_q_blocks: bool = True, cache: bool = True) -> tuple[Callable, "BlockMask"]:
+    """(score_mod, block_mask) for ``spec`` at these lengths, cached (``cache=False``: built fresh).
+
+    An entry built with the transposed lists (``with_q_blocks``) also serves calls without them."""
+    device = torch.device(device)
+    key, held = _cache_key(spec, nq, nk, device, block, with_q_blocks)
+    if cache:
+        for k in (key[:-1] + (True,), key) if not with_q_blocks else (key,):
+            hit = _cache.get(k)
+            if hit is not None:
+                _cache.move_to_end(k)
+                return hit[1]
+    tensors = _device_tensors(spec, device, nk)
+    score_mod, mask_mod = _compose(spec, tensors)
+    lo, hi, flo, fhi = key_ranges(spec, nq, nk, block, device)
+    bm = range_block_mask(lo, hi, flo, fhi, nq, nk, mask_mod, block,
+                          all_partial=spec.key_padding_mask is not None, with_q_blocks=with_q_blocks)
+    mods = (score_mod, bm)
+    if cache:
+        fields = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, bm.q_num_blocks,
+                  bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+        _cache[key] = (held, mods, _nbytes(fields) + _nbytes(tensors.values()))
+        total = sum(e[2] for e in _cache.values())
+        while len(_cache) > 1 and (len(_cache) > CACHE_ENTRIES or total > CACHE_BYTES):
+            total -= _cache.popitem(last=False)[1][2]
+    return mods
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,159 +374,48 @@ def lsh_block_ranges(spec: AttentionSpec, nq: int, nk: int, block: int) -> tuple
 # --------------------------------------------------------------------------------------------------
 
 
-def _mods(spec: AttentionSpec, device: torch.device, nq: int, nk: int):
-    """(score_mod, mask_mod, ranges) for the spec's method; ranges = (lo, hi, flo, fhi) [H or 1, nqb]."""
-    qoff = spec.q_offset
-    causal = spec.causal
-    kpm = spec.key_padding_mask
-    slopes = spec.slopes.to(device=device, dtype=torch.float32)
-
-    def pad_ok(b, kv_idx):
-        return kpm[b, kv_idx] if kpm is not None else True
-
-    if spec.method in ("exact", "window"):
-        def score_mod(score, b, h, q_idx, kv_idx):
-            d = (q_idx + qoff - kv_idx).to(torch.float32)
-            return score - slopes[h] * (d if causal else d.abs())
-
-        if spec.method == "window":
-            win = spec.window.to(device)
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                d = q_idx + qoff - kv_idx
-                keep = (d.abs() <= win[h]) & (d >= 0) if causal else (d.abs() <= win[h])
-                return keep & pad_ok(b, kv_idx)
-        else:
-            def mask_mod(b, h, q_idx, kv_idx):
-                keep = (q_idx + qoff >= kv_idx) if causal else (q_idx >= 0)
-                return keep & pad_ok(b, kv_idx)
-        return score_mod, mask_mod
-
-    parts = spec.partitions
-    r = parts.num_samples
-    log_r = math.log(r)
-    win = spec.window.to(device) if spec.method == "hybrid" else None
-    if parts.scheme == "grid":
-        W, U = normalize_grid(parts.widths.to(device), parts.offsets.to(device), nk)
-
-        def count(h, p, j):
-            c = None
-            for t in range(r):
-                w, u = W[h, t], U[h, t]
-                s = ((p + u) // w) * w - u
-                hit = (j >= s) if causal else ((j >= s) & (j < s + w))
-                c = hit.to(torch.float32) if c is None else c + hit.to(torch.float32)
-            return c
-    else:
-        S, E = (x.to(device=device, dtype=torch.int32) for x in parts.block_bounds())
-
-        def count(h, p, j):
-            c = None
-            for t in range(r):
-                hit = (j >= S[h, t, p]) if causal else ((j >= S[h, t, p]) & (j < E[h, t, p]))
-                c = hit.to(torch.float32) if c is None else c + hit.to(torch.float32)
-            return c
-
-    if spec.method == "lsh":
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + torch.log(count(h, q_idx + qoff, kv_idx)) - log_r
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            p = q_idx + qoff
-            keep = count(h, p, kv_idx) > 0
-            if causal:
-                keep = keep & (kv_idx <= p)
-            return keep & pad_ok(b, kv_idx)
-    else:  # hybrid: exact ALiBi weights in the band |p - j| <= w_h, collision means beyond
-        def score_mod(score, b, h, q_idx, kv_idx):
-            d = (q_idx + qoff - kv_idx).abs()
-            far = torch.log(count(h, q_idx + qoff, kv_idx)) - log_r
-            return score + torch.where(d <= win[h], -slopes[h] * d.to(torch.float32), far)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            p = q_idx + qoff
-            keep = ((p - kv_idx).abs() <= win[h]) | (count(h, p, kv_idx) > 0)
-            if causal:
-                keep = keep & (kv_idx <= p)
-            return keep & pad_ok(b, kv_idx)
-
-    return score_mod, mask_mod
-
-
-def _ranges(spec: AttentionSpec, nq: int, nk: int, block: int, device: torch.device):
-    first = torch.arange(0, nq, block, device=device) + spec.q_offset
-    last = torch.clamp(first + block - 1, max=spec.q_offset + nq - 1)
-    if spec.method == "lsh":
-        return lsh_block_ranges(spec, nq, nk, block)
-    if spec.method == "hybrid":  # keys: union of the blocks' and the band's; full: the band's
-        lo, hi, _, _ = lsh_block_ranges(spec, nq, nk, block)
-        blo, bhi, bflo, bfhi = _band_ranges(spec.window.to(device), first, last, spec.causal, nk)
-        return torch.minimum(lo, blo), torch.maximum(hi, bhi), bflo, bfhi
-    if spec.method == "exact":
-        lo = torch.zeros_like(first)
-        if spec.causal:
-            return lo[None], (last + 1)[None], lo[None], (first + 1)[None]
-        n = torch.full_like(first, nk)
-        return lo[None], n[None], lo[None], n[None]
-    return _band_ranges(spec.window.to(device), first, last, spec.causal, nk)
-
-
-def _band_ranges(window: Tensor, first: Tensor, last: Tensor, causal: bool, nk: int):
-    """Keys of the band |p - j| <= w_h for query blocks [first, last]: all [lo, hi), every row's
-    [flo, fhi); int64 [H, nqb]."""
-    w = window[:, None]
-    lo = (first - w).clamp(min=0)
-    flo = last - w
-    if causal:
-        return lo, (last + 1).expand_as(lo), flo, (first + 1).expand_as(lo)
-    return lo, (last + w + 1).clamp(max=nk), flo, (first + w + 1).clamp(max=nk)
-
-
-def flex_mods(spec: AttentionSpec, nq: int, nk: int, device: torch.device, block: int = DEFAULT_BLOCK,
-              with_q_blocks: bool = True) -> tuple[Callable, "BlockMask"]:
-    """(score_mod, block_mask) for ``spec``: build once per length and reuse across layers/calls."""
-    score_mod, mask_mod = _mods(spec, device, nq, nk)
-    lo, hi, flo, fhi = _ranges(spec, nq, nk, block, device)
-    bm = range_block_mask(lo, hi, flo, fhi, nq, nk, mask_mod, block,
-                          all_partial=spec.key_padding_mask is not None, with_q_blocks=with_q_blocks)
-    return score_mod, bm
-
-
 def flex_attention_spec(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, block: int = DEFAULT_BLOCK,
                         mods: tuple[Callable, "BlockMask"] | None = None) -> tuple[Tensor, Tensor]:
     """Run ``spec`` (exact / window / lsh / hybrid) through FlexAttention: (out [B, H, Nq, D],
     lse [B, H, Nq] fp32).
 
-    ``mods`` = ``flex_mods(spec, ...)`` reuses a prebuilt score_mod and block mask."""
+    ``mods`` = ``flex_mods(spec, ...)`` passes a prebuilt score_mod and block mask; by default they
+    come from ``flex_mods``' cache."""
     nq, nk = q.shape[2], k.shape[2]
     if mods is None:
-        need_q = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        need_q = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         mods = flex_mods(spec, nq, nk, q.device, block, with_q_blocks=need_q)
     score_mod, bm = mods
+    device_type = q.device.type
     fn = _flex_fn(q.device)
-    # q, k, v already carry the compute dtype, so autocast (e.g. a bf16 model evaluation) has nothing to do
-    # here; switched off, because autocast around compiled flex_attention has been fragile across torch
-    # versions (mixed-dtype validation, the higher-order op's autocast dispatch).
-    with warnings.catch_warnings(), torch.autocast(q.device.type, enabled=False):
-        warnings.simplefilter("ignore")
-        out, lse = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=spec.scale,
+    call = lambda: fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=spec.scale,  # noqa: E731
                       enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if torch.is_autocast_enabled(device_type):
+            # q, k, v already carry the compute dtype, so autocast (e.g. a bf16 model evaluation) has
+            # nothing to do here; switched off, because autocast around compiled flex_attention has been
+            # fragile across torch versions (mixed-dtype validation, the higher-order op's autocast
+            # dispatch). Entered only when on: the context costs ~5 us per call.
+            with torch.autocast(device_type, enabled=False):
+                out, lse = call()
+        else:
+            out, lse = call()
     lse = lse.float()
-    # Rows that see no key (all padded): flex gives lse = -inf; the library's convention is EMPTY_LSE.
-    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, EMPTY_LSE), lse)
+    if spec.key_padding_mask is not None:
+        # Rows that see no key (all padded; no other row is empty): flex gives lse = -inf, the
+        # library's convention is EMPTY_LSE.
+        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, EMPTY_LSE), lse)
     return out, lse
 
 
 def supports_flex(q: Tensor, spec: AttentionSpec) -> bool:
-    """CUDA only (compiled FlexAttention); fp16/bf16/fp32; D >= 16.
+    """CUDA only (compiled FlexAttention); fp16/bf16/fp32; D >= 16. (Methods and kernels are checked by
+    the registry from the declared capabilities.)
 
     On the CPU flex_attention runs eagerly and materialises all Nq x Nk scores, slower than the
     "fused" backend, so it is never chosen there; tests call ``flex_attention_spec`` directly."""
-    if not flex_available or q.device.type != "cuda":
-        return False
-    if spec.method not in ("exact", "window", "lsh", "hybrid") or getattr(spec, "kernels", None) is not None:
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     return q.shape[-1] >= 16
 
