@@ -154,19 +154,17 @@ def test_computed_tiles_exact_causal_by_hand():
                                                                         "pairs": 16 * 256}
 
 
+@pytest.mark.parametrize("method,scheme", CASES)
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("scheme", ["grid", "cut"])
-def test_computed_tiles_match_the_triton_walk(causal, scheme):
-    """The Triton kernel's own host-side count (``tile_counts``) walks the same tiles for lsh and hybrid."""
-    tl_mod = pytest.importorskip("poslsh.attention.triton_lsh")
-    slopes = alibi_slopes(8) * 0.5
+def test_computed_tiles_match_the_triton_walk(method, scheme, causal):
+    """The Triton kernels' host-side count (``triton.launch.tile_counts``) walks the same tiles."""
+    pytest.importorskip("triton")
+    from poslsh.attention.triton import launch
+
     for nq, nk in ((100, 100), (23, 90)):
-        parts = sample_partitions(nk, slopes, 4, scheme=scheme, generator=torch.Generator().manual_seed(nq))
-        window = torch.tensor([0, 1, 3, 5, 9, 17, 40, 200])
-        for win in (None, window):
-            support = Support("lsh" if win is None else "hybrid", causal, nk - nq, win, parts)
-            assert computed_tiles(support, nq, nk, 16, 16) == tl_mod.tile_counts(parts, nq, causal, 16, 16,
-                                                                                 window=win)
+        spec = make_spec(method, scheme, causal, nq, nk, seed=nq)
+        for bm, bn in ((16, 16), (8, 32)):
+            assert computed_tiles(spec, nq, nk, bm, bn) == launch.tile_counts(spec, nq, bm, bn)
 
 
 def test_committed_attn_error_pair_counts_regenerate():
