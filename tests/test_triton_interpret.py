@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton")
 
 from poslsh import alibi_slopes, attention, sample_partitions  # noqa: E402
 from poslsh.attention import EMPTY_LSE, resolve_spec  # noqa: E402
+from poslsh.attention.ranges import computed_tiles  # noqa: E402
 from poslsh.attention.reference import reference_attention  # noqa: E402
 
 
@@ -248,20 +249,20 @@ def test_general_kernel_partitions_and_refusals():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_plain_tiles_where_predicted(causal):
-    """``tile_counts`` mirrors the kernel's ranges: exact and window have plain tiles (every pair
+    """``ranges.computed_tiles`` mirrors the kernel's ranges: exact and window have plain tiles (every pair
     kept, no per-element test), the hybrid's near field adds plain tiles where plain LSH (r = 4, narrow
     blocks) has none; edges on and off the tile grid (w = 46, 30 = 14 mod 16, 47). The results are
     exact against the reference (``run``), so a plain tile that should have been tested would show."""
     slopes, widths = [0.5, 0.25, 0.1], [46, 30, 47]
     spec, _, _ = run("hybrid", causal, 1, 3, 3, 100, 100, 16, r=4, slopes=slopes, widths=widths)
     lsh = dataclasses.replace(spec, method="lsh", window=None)
-    assert launch.tile_counts(lsh, 100, 16, 16)["interior"] == 0
-    tiles = launch.tile_counts(spec, 100, 16, 16)
+    assert computed_tiles(lsh, 100, 100, 16, 16)["interior"] == 0
+    tiles = computed_tiles(spec, 100, 100, 16, 16)
     assert tiles["interior"] >= 10 and tiles["boundary"] > 0
     spec, _, _ = run("window", causal, 1, 3, 3, 100, 100, 16, slopes=slopes, widths=widths, backward=False)
-    assert launch.tile_counts(spec, 100, 16, 16)["interior"] >= 10
+    assert computed_tiles(spec, 100, 100, 16, 16)["interior"] >= 10
     spec, _, _ = run("exact", causal, 1, 1, 1, 100, 100, 16, slopes=[0.1], backward=False)
-    tiles = launch.tile_counts(spec, 100, 16, 16)
+    tiles = computed_tiles(spec, 100, 100, 16, 16)
     assert tiles["boundary"] == 7 and tiles["interior"] == (21 if causal else 42)
 
 

@@ -225,8 +225,8 @@ def warm(cfg: Config, calls: list[Call], log: Callable[[str], None]) -> None:
 
 
 def method_pairs(spec, n: int, nq: int, heads: int = 1) -> int:
-    """(query, key) pairs with nonzero weight summed over heads (batch 1): the kernels' ranges with
-    1 x 1 tiles; SDPA (spec None): the causal triangle of ``heads`` heads."""
+    """(query, key) pairs with nonzero weight summed over heads (batch 1); SDPA (spec None): the causal
+    triangle of ``heads`` heads."""
     if spec is None:
         return heads * nq * (2 * n - nq + 1) // 2
     from ..attention.triton.launch import tile_counts

@@ -19,9 +19,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
     patch_interpreter()
 
-from .launch import default_config, interpreting, plan_for, supports_triton, tile_counts, triton_attention  # noqa: E402
+from .launch import default_config, interpreting, plan_for, supports_triton, triton_attention  # noqa: E402
 
-__all__ = ["triton_attention", "supports_triton", "default_config", "plan_for", "interpreting", "tile_counts"]
+__all__ = ["triton_attention", "supports_triton", "default_config", "plan_for", "interpreting"]
 
 
 def _backend(q, k, v, spec):

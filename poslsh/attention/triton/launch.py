@@ -22,12 +22,12 @@ from torch import Tensor
 import triton
 
 from ..core import AttentionSpec
-from ..flex import normalize_grid
+from ..ranges import normalize_grid
 from .backward import _bwd_dkdv_kernel, _bwd_dq_kernel
 from .forward import _fwd_kernel, _merge_kernel
 
-__all__ = ["triton_attention", "default_config", "supports_triton", "interpreting", "Plan", "plan_for", "tile_counts",
-           "set_tuned", "write_tuned"]
+__all__ = ["triton_attention", "default_config", "supports_triton", "interpreting", "Plan", "plan_for", "set_tuned",
+           "write_tuned"]
 
 LOG2E = 1.4426950408889634
 METHOD_IDS = {"exact": 0, "window": 1, "lsh": 2, "hybrid": 3}
@@ -319,56 +319,6 @@ def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kp
         dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
         B, H, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, **common)
     return dq, dk, dv
-
-
-def tile_counts(spec: AttentionSpec, nq: int, block_m: int, block_n: int) -> dict[str, int]:
-    """Key tiles the forward kernel visits for a spec, summed over heads and query tiles (batch 1):
-    the same ranges as ``jit.method_ranges`` and ``jit.stretches``, in torch (the benchmark's FLOP
-    count of what the kernel computes; tests check the plain/boundary split it predicts).
-
-    Returns:
-        {"boundary": tiles with per-element tests, "interior": plain tiles, "pairs": all tiles' pairs}.
-    """
-    n, qoff, h = nq + spec.q_offset, spec.q_offset, spec.num_heads
-    dev = spec.partitions.device if spec.partitions is not None else torch.device("cpu")
-    m0 = torch.arange(0, nq, block_m, device=dev)
-    pa = (m0 + qoff)[None, :].expand(h, -1)
-    pb = (torch.clamp(m0 + block_m, max=nq) - 1 + qoff)[None, :].expand(h, -1)
-    if spec.method in ("lsh", "hybrid"):
-        parts = spec.partitions
-        if parts.scheme == "grid":
-            w, u = (x.to(torch.int64)[..., None] for x in normalize_grid(parts.widths, parts.offsets, n))
-            sa = torch.div(pa[:, None] + u, w, rounding_mode="floor") * w - u
-            sb = torch.div(pb[:, None] + u, w, rounding_mode="floor") * w - u
-            lo, in_lo = sa.clamp(min=0).amin(1), sb.clamp(min=0).amax(1)
-            hi, in_hi = (sb + w).clamp(max=n).amax(1), (sa + w).clamp(max=n).amin(1)
-        else:
-            st, en = parts.block_bounds()
-            idx_a, idx_b = pa[:, None].expand(-1, st.shape[1], -1), pb[:, None].expand(-1, st.shape[1], -1)
-            lo, in_lo = st.gather(2, idx_a).amin(1), st.gather(2, idx_b).amax(1)
-            hi, in_hi = en.gather(2, idx_b).amax(1), en.gather(2, idx_a).amin(1)
-    if spec.method != "lsh":
-        wh = (spec.window if spec.window is not None else torch.full((h,), n))[:, None].to(dev, torch.int64)
-        blo, bhi = (pa - wh).clamp(min=0), (pb + wh + 1).clamp(max=n)
-        bin_lo, bin_hi = (pb - wh).clamp(min=0), (pa + wh + 1).clamp(max=n)
-        if spec.method == "hybrid":  # the near field widens the range and joins the plain tiles
-            lo, hi = torch.minimum(lo, blo), torch.maximum(hi, bhi)
-            near, both = bin_lo < bin_hi, in_lo < in_hi
-            in_lo = torch.where(near, torch.where(both, torch.minimum(in_lo, bin_lo), bin_lo), in_lo)
-            in_hi = torch.where(near, torch.where(both, torch.maximum(in_hi, bin_hi), bin_hi), in_hi)
-        else:
-            lo, hi, in_lo, in_hi = blo, bhi, bin_lo, bin_hi
-    if spec.causal:
-        hi = torch.minimum(hi, pb + 1)
-        in_hi = torch.minimum(in_hi, pa + 1)
-    bn = block_n
-    a = torch.div(lo, bn, rounding_mode="floor") * bn
-    d = torch.maximum(-torch.div(-hi, bn, rounding_mode="floor") * bn, a)
-    bnd = torch.minimum(torch.maximum(-torch.div(-in_lo, bn, rounding_mode="floor") * bn, a), d)
-    c = torch.maximum(bnd, torch.minimum(torch.div(in_hi, bn, rounding_mode="floor") * bn, d))
-    interior = int(((c - bnd) // bn).sum())
-    boundary = int(((bnd - a) // bn).sum() + ((d - c) // bn).sum())
-    return {"boundary": boundary, "interior": interior, "pairs": (boundary + interior) * block_m * block_n}
 
 
 def _last_contig(x: Tensor) -> Tensor:
