@@ -29,6 +29,7 @@ any device, float64, the reference), "sdpa" (PyTorch's flash kernel, CUDA fp16/b
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -271,7 +272,9 @@ class FlexPrimitive(Primitive):
 
         length = q.shape[2]
         bm = create_block_mask(lambda b, h, i, j: j <= i, None, None, length, length, device=q.device) if causal else None
-        out, lse = _flex_fn(q.device)(q, k, v, block_mask=bm, return_lse=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out, lse = _flex_fn(q.device)(q, k, v, block_mask=bm, return_lse=True)
         return out, lse.float() if q.dtype != torch.float64 else lse
 
     def document(self, q: Tensor, k: Tensor, v: Tensor, spec) -> tuple[Tensor, Tensor]:
@@ -318,7 +321,9 @@ def flex_document(q: Tensor, k: Tensor, v: Tensor, spec) -> tuple[Tensor, Tensor
     need_q = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     bm = range_block_mask(lo, hi, flo, fhi, nq, nk, mask_mod, DEFAULT_BLOCK, all_partial=kpm is not None,
                           with_q_blocks=need_q)
-    with torch.autocast(q.device.type, enabled=False):
+    # Autocast off as in the flex backend; the eager CPU path warns that it is unfused (tests only).
+    with warnings.catch_warnings(), torch.autocast(q.device.type, enabled=False):
+        warnings.simplefilter("ignore")
         out, lse = _flex_fn(q.device)(q, k, v, block_mask=bm, scale=spec.scale, enable_gqa=q.shape[1] != k.shape[1],
                                       return_lse=True)
     lse = lse if q.dtype == torch.float64 else lse.float()

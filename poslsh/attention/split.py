@@ -25,7 +25,7 @@ How the blocks reach a dense primitive ``prim(q, k, v, causal)`` (equal lengths,
 Every query row of a (head, sample) lies in exactly one block, so each of the H r "slots" has one
 partial result per row: a run's output (used in place) or a row of the *rest* buffer (gathered and
 masked blocks). The merge reads each slot once: ``merge_slots`` in torch, or one Triton kernel on
-CUDA (``split_merge_triton``) that reads the run outputs in place through a table of pointers.
+CUDA (``split_merge``) that reads the run outputs in place through a table of pointers.
 
 A primitive with a document mask (``FlexPrimitive``) is used differently: one call per sample over
 the whole sequence, the block-diagonal mask of that sample doing everything above.
@@ -51,9 +51,9 @@ from torch import Tensor
 from ..hashing import Partitions
 from .core import EMPTY_LSE, AttentionSpec, compute_dtype, merge_partials, softmax_with_lse
 from .primitives import Primitive, check_result, recompute_backward, resolve_primitive
+from .split_merge import merge_slots
 
-__all__ = ["split_attention", "supports_split", "SplitPlan", "plan_split", "merge_slots", "split_bytes",
-           "sample_partition"]
+__all__ = ["split_attention", "supports_split", "SplitPlan", "plan_split", "split_bytes", "sample_partition"]
 
 # Elements of one [B, blocks, rows, P] score tile of the masked path.
 TILE_BUDGET = 1 << 22
@@ -167,17 +167,7 @@ def _grid_blocks(parts: Partitions, nk: int, qo: int, dirty_pos: Tensor | None):
     b_lo = -torch.div(-(qo + u), w, rounding_mode="floor")  # full blocks made of queries only: [b_lo, b_hi)
     b_hi = torch.maximum(torch.div(nk + u, w, rounding_mode="floor"), b_lo)
     if dirty_pos is not None and dirty_pos.numel():
-        # Keep the longer of the clean prefix and the clean suffix of the run (left or right padding
-        # leaves one of them long); every other block is listed with the rest.
-        a, z = b_lo * w - u, b_hi * w - u
-        i1 = torch.searchsorted(dirty_pos, a)
-        j1 = torch.where(i1 < dirty_pos.numel(), dirty_pos[i1.clamp(max=dirty_pos.numel() - 1)], nk + w)
-        c1 = torch.minimum(b_hi, torch.maximum(torch.div(j1 + u, w, rounding_mode="floor"), b_lo))
-        i2 = torch.searchsorted(dirty_pos, z) - 1
-        j2 = torch.where(i2 >= 0, dirty_pos[i2.clamp(min=0)], -1 - w)
-        c0 = torch.maximum(b_lo, torch.minimum(torch.div(j2 + u, w, rounding_mode="floor") + 1, b_hi))
-        prefix = (c1 - b_lo) >= (b_hi - c0)
-        b_lo, b_hi = torch.where(prefix, b_lo, c0), torch.where(prefix, c1, b_hi)
+        b_lo, b_hi = _longest_clean_runs(b_lo, b_hi, w, u, dirty_pos)
     empty = b_hi <= b_lo
     b_lo = torch.where(empty, last + 1, b_lo)
     b_hi = torch.where(empty, last + 1, b_hi)
@@ -188,6 +178,23 @@ def _grid_blocks(parts: Partitions, nk: int, qo: int, dirty_pos: Tensor | None):
     starts = (ids * w[slot] - u[slot]).clamp(min=0)
     ends = ((ids + 1) * w[slot] - u[slot]).clamp(max=nk)
     return (b_lo, b_hi, w, u), (slot, starts, ends)
+
+
+def _longest_clean_runs(b_lo: Tensor, b_hi: Tensor, w: Tensor, u: Tensor, dirty_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """Per slot, the longest stretch of blocks in [b_lo, b_hi) that holds no dirty position (a key
+    padded in some batch row): the stretches lie between consecutive dirty positions."""
+    lo, hi = b_lo.clone(), b_hi.clone()
+    starts, ends = b_lo * w - u, b_hi * w - u
+    i1, i2 = torch.searchsorted(dirty_pos, starts), torch.searchsorted(dirty_pos, ends)
+    for s in range(w.numel()):
+        if i2[s] == i1[s] or b_hi[s] <= b_lo[s]:
+            continue  # no dirty position inside: keep the whole run
+        pts = torch.cat([starts[s:s + 1] - 1, dirty_pos[i1[s]:i2[s]], ends[s:s + 1]])
+        c0 = -torch.div(-(pts[:-1] + 1 + u[s]), w[s], rounding_mode="floor")  # first block after a dirty position
+        c1 = torch.div(pts[1:] + u[s], w[s], rounding_mode="floor")  # block holding the next one
+        j = int((c1 - c0).argmax())
+        lo[s], hi[s] = c0[j], torch.maximum(c1[j], c0[j])
+    return lo, hi
 
 
 def _cut_blocks(parts: Partitions, nk: int, qo: int):
@@ -421,60 +428,6 @@ def run_calls(inp: _Inputs, plan: SplitPlan):
 
 
 # --------------------------------------------------------------------------------------------------
-# Merging the slots
-# --------------------------------------------------------------------------------------------------
-
-
-def merge_slots(plan: SplitPlan, run_out, rest, b: int, dv: int, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """out = sum over the r slots of each (head, row) of softmax(L) O, lse = logsumexp(L) - log r
-    (torch ops; ``split_merge_triton`` is the one-kernel CUDA version of the same).
-
-    Returns (out [B, H, Nq, Dv] in ``out_dtype``, lse [B, H, Nq] in the rest buffer's lse dtype).
-    """
-    rest_o, rest_l = rest
-    h_, r, nq = plan.heads, plan.samples, plan.nq
-    dev, ldt = rest_l.device, rest_l.dtype
-    runs = {(run.h, run.t): (run, o) for run, o in zip(plan.runs, run_out)}
-
-    def slot_parts(h: int, t: int):
-        """(rows slice, o, lse) pieces of slot (h, t) covering rows 0..Nq-1."""
-        a, ln, off = plan.run_row[h][t], plan.run_len[h][t], plan.rest_off[h][t]
-        pieces = [(slice(0, a), rest_o[:, off:off + a], rest_l[:, off:off + a])]
-        if ln:
-            run, (o, lse) = runs[(h, t)]
-            pieces.append((slice(a, a + ln), o, lse))
-        pieces.append((slice(a + ln, nq), rest_o[:, off + a:off + nq - ln], rest_l[:, off + a:off + nq - ln]))
-        return pieces
-
-    lse_all = torch.empty(r, b, h_, nq, dtype=ldt, device=dev)
-    for h in range(h_):
-        for t in range(r):
-            for rows, _, lse in slot_parts(h, t):
-                lse_all[t, :, h, rows] = lse.reshape(b, -1)
-    m = lse_all.amax(0)
-    total = m + torch.log(torch.exp(lse_all - m).sum(0))
-    w = torch.exp(lse_all - total)
-    acc = torch.zeros(b, h_, nq, dv, dtype=ldt, device=dev)
-    for h in range(h_):
-        for t in range(r):
-            for rows, o, _ in slot_parts(h, t):
-                n = rows.stop - rows.start
-                if n:
-                    acc[:, h, rows].view(o.shape).addcmul_(o, w[t, :, h, rows].reshape(*o.shape[:-1], 1))
-    lse = torch.where(m <= EMPTY_LSE / 2, torch.full_like(total, EMPTY_LSE), total - math.log(r))
-    return acc.to(out_dtype), lse
-
-
-def _merge(plan, run_out, rest, b, dv, out_dtype):
-    if rest[0].is_cuda and rest[1].dtype == torch.float32:
-        from .split_merge_triton import merge_slots_triton, triton_merge_available
-
-        if triton_merge_available():
-            return merge_slots_triton(plan, run_out, rest, b, dv, out_dtype)
-    return merge_slots(plan, run_out, rest, b, dv, out_dtype)
-
-
-# --------------------------------------------------------------------------------------------------
 # Forward, backward, entry point
 # --------------------------------------------------------------------------------------------------
 
@@ -482,7 +435,7 @@ def _merge(plan, run_out, rest, b, dv, out_dtype):
 def _forward(inp: _Inputs, plan: SplitPlan) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         run_out, rest = run_calls(inp, plan)
-        return _merge(plan, run_out, rest, inp.q.shape[0], inp.v.shape[-1], inp.q.dtype)
+        return merge_slots(plan, run_out, rest, inp.q.shape[0], inp.v.shape[-1], inp.q.dtype)
 
 
 def _backward(inp: _Inputs, plan: SplitPlan, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None):
