@@ -244,3 +244,18 @@ def test_split_bytes_floor():
         b = split_bytes(1, 32, 1 << 18, 128, r, lse_itemsize=0)
         assert b["split_fwd"] / b["fused_fwd"] == pytest.approx((5 * r + 1) / 4, rel=1e-12)
         assert b["split_fwd_bwd"] > b["split_fwd"]
+
+
+def test_flash_calls_are_chunked_to_the_cuda_grid_limit(monkeypatch):
+    """The flash kernels put batch and heads in CUDA grid dims (<= 65535); a run of narrow blocks has
+    more blocks than that at long n. With the limit lowered to 3, every SDPA call is split into chunks
+    and the results (forward and gradients) are unchanged."""
+    q, k, v = qkv(b=2, nq=29, grad=True)
+    parts = sample_partitions(29, SLOPES, 3, generator=torch.Generator().manual_seed(6))
+    results = []
+    for limit in (prim_mod.FLASH_GRID_LIMIT, 3):
+        monkeypatch.setattr(prim_mod, "FLASH_GRID_LIMIT", limit)
+        out, lse = poslsh.attention(q, k, v, partitions=parts, backend="split", primitive="sdpa", return_lse=True)
+        results.append((out, lse, *torch.autograd.grad((out.sum() + lse.sum()), (q, k, v))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-13, rtol=0)

@@ -158,6 +158,25 @@ def _pad_last(x: Tensor, size: int) -> Tensor:
     return x if x.shape[-1] == size else torch.nn.functional.pad(x, (0, size - x.shape[-1]))
 
 
+# CUDA grids are at most 65535 in y and z; the flash kernels put the batch and the heads there, and
+# a run of narrow blocks is a "head" per block (n / W of them: 87K at n = 256K, W = 3).
+FLASH_GRID_LIMIT = 65535
+
+
+def _chunked(fn, *tensors: Tensor):
+    """fn over chunks of dims 0 and 1 of at most FLASH_GRID_LIMIT each, results concatenated back (a
+    copy, only when a dim is over the limit)."""
+    limit = FLASH_GRID_LIMIT
+    b, h = tensors[0].shape[:2]
+    if b <= limit and h <= limit:
+        return fn(*tensors)
+    rows = []
+    for b0 in range(0, b, limit):
+        cols = [fn(*(t[b0:b0 + limit, h0:h0 + limit] for t in tensors)) for h0 in range(0, h, limit)]
+        rows.append([torch.cat(parts, 1) for parts in zip(*cols)])
+    return tuple(torch.cat(parts, 0) for parts in zip(*rows))
+
+
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """The flash kernel behind ``F.scaled_dot_product_attention``, returning its log-sum-exp.
 
@@ -167,15 +186,18 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
     function and ``flash_backward`` are the only places that touch them. Head dims are zero-padded to
     a common size (q.k unchanged; the scale is passed explicitly) and the output sliced back.
     """
-    d, dv = q.shape[-1], v.shape[-1]
+    dv = v.shape[-1]
     size = _flash_head_dim(q, v)
-    qp, kp, vp = _pad_last(q, size), _pad_last(k, size), _pad_last(v, size)
-    if q.device.type == "cuda":
-        res = torch.ops.aten._scaled_dot_product_flash_attention(qp, kp, vp, 0.0, causal, False, scale=scale)
-    else:
-        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kp, vp, 0.0, causal, scale=scale)
-    out, lse = res[0], res[1]
-    return (out if dv == size else out[..., :dv]), lse
+
+    def run(q, k, v):
+        qp, kp, vp = _pad_last(q, size), _pad_last(k, size), _pad_last(v, size)
+        if q.device.type == "cuda":
+            res = torch.ops.aten._scaled_dot_product_flash_attention(qp, kp, vp, 0.0, causal, False, scale=scale)
+        else:
+            res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, kp, vp, 0.0, causal, scale=scale)
+        return (res[0] if dv == size else res[0][..., :dv]), res[1]
+
+    return _chunked(run, q, k, v)
 
 
 def flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
@@ -184,18 +206,21 @@ def flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     d, dv = q.shape[-1], v.shape[-1]
     size = _flash_head_dim(q, v)
     pad = lambda x: _pad_last(x, size)  # noqa: E731
-    lse = lse.contiguous()  # the kernels index lse as a dense [B', H', L] array
-    if q.device.type == "cuda":
-        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
-        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            pad(dout), pad(q), pad(k), pad(v), pad(out), lse, None, None, q.shape[2], k.shape[2], 0.0, causal,
-            seed, offset, scale=scale)
-    else:
-        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            pad(dout), pad(q), pad(k), pad(v), pad(out), lse, 0.0, causal, scale=scale)
-    dq, dk, dvv = grads[0], grads[1], grads[2]
-    return dq[..., :d], dk[..., :d], dvv[..., :dv]
+
+    def run(dout, q, k, v, out, lse):
+        lse = lse.contiguous()  # the kernels index lse as a dense [B', H', L] array
+        if q.device.type == "cuda":
+            seed = torch.zeros(2, dtype=torch.uint64, device=q.device)  # no dropout: never read
+            offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                pad(dout), pad(q), pad(k), pad(v), pad(out), lse, None, None, q.shape[2], k.shape[2], 0.0, causal,
+                seed, offset, scale=scale)
+        else:
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                pad(dout), pad(q), pad(k), pad(v), pad(out), lse, 0.0, causal, scale=scale)
+        return grads[0][..., :d], grads[1][..., :d], grads[2][..., :dv]
+
+    return _chunked(run, dout, q, k, v, out, lse)
 
 
 class SDPAPrimitive(Primitive):
