@@ -39,6 +39,7 @@ import torch
 
 import poslsh
 from poslsh.attention import resolve_spec
+from poslsh.attention.primitives import Primitive, resolve_primitive
 from poslsh.attention.split import plan_split, split_bytes
 from poslsh.experiments.common import save_results
 
@@ -67,11 +68,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-n", type=int, default=None,
+                   help="where the forward time goes at this n, for block primitives (default: 262144 if in "
+                        "--ns, else the largest n; 0: off)")
     return p.parse_args(argv)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
 
 
 def poison(device: torch.device) -> None:
@@ -189,6 +194,64 @@ def load_old_split(rev: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+class TimedPrimitive(Primitive):
+    """A primitive with every forward call timed (CUDA events, or the wall clock on the CPU) and keyed
+    by its block length."""
+
+    def __init__(self, inner: Primitive) -> None:
+        super().__init__(None, inner.name)
+        self.inner, self.calls = inner, []
+
+    def supports(self, q):
+        return self.inner.supports(q)
+
+    def backward(self, *args, **kw):
+        return self.inner.backward(*args, **kw)
+
+    def __call__(self, q, k, v, causal):
+        cuda = q.device.type == "cuda"
+        a = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+        if cuda:
+            a.record()
+        res = self.inner(q, k, v, causal)
+        if cuda:
+            b = torch.cuda.Event(enable_timing=True)
+            b.record()
+        else:
+            b = time.perf_counter()
+        self.calls.append((q.shape[2], q.shape[0] * q.shape[1], a, b))
+        return res
+
+    def summary(self) -> dict[str, Any]:
+        """Milliseconds, calls and blocks of the primitive calls per block-length class."""
+        classes: dict[str, dict[str, float]] = {}
+        for length, blocks, a, b in self.calls:
+            ms = a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+            key = next(f"L<={c}" for c in (8, 32, 128, 512, 2048, 1 << 62) if length <= c).replace(str(1 << 62), "inf")
+            c = classes.setdefault(key, {"ms": 0.0, "calls": 0, "blocks": 0, "rows": 0})
+            c["ms"] += ms
+            c["calls"] += 1
+            c["blocks"] += blocks
+            c["rows"] += blocks * length
+        return classes
+
+
+def profile(prim_name: str, q, k, v, parts, device: torch.device) -> dict[str, Any]:
+    """One forward with the primitive calls timed: per block-length class and in total, beside the
+    whole call (the difference is planning, gathers and the merge)."""
+    prim = TimedPrimitive(resolve_primitive(prim_name))
+    poslsh.attention(q, k, v, partitions=parts, backend="split", primitive=prim)  # warm
+    prim.calls.clear()
+    sync(device)
+    t0 = time.perf_counter()
+    poslsh.attention(q, k, v, partitions=parts, backend="split", primitive=prim)
+    sync(device)
+    total = (time.perf_counter() - t0) * 1e3
+    classes = prim.summary()
+    return {"primitive": prim_name, "total_ms": total, "primitive_ms": sum(c["ms"] for c in classes.values()),
+            "by_block_length": classes}
 
 
 def loglog_slope(points: list[tuple[int, float]]) -> float | None:
@@ -311,6 +374,21 @@ def main(argv: list[str] | None = None) -> dict:
         row["elapsed_s"] = elapsed()
         print(f"[time] {row}", flush=True)
         res["rows"].append(row)
+        save()
+    res["profile"] = []
+    for p in args.primitives:
+        n = args.profile_n if args.profile_n is not None else (262144 if 262144 in args.ns else max(args.ns))
+        if not n or p == "flex":
+            continue
+        if elapsed() + 10 > args.budget_s:
+            res["profile"].append({"primitive": p, "n": n, "skipped": f"time budget ({args.budget_s:.0f} s)"})
+            continue
+        try:
+            q, k, v, parts = setup(n)
+            res["profile"].append({"n": n, **profile(p, q, k, v, parts, device)})
+        except Exception as err:
+            res["profile"].append({"primitive": p, "n": n, "error": error_text(err)})
+        print(f"[profile] {res['profile'][-1]}", flush=True)
         save()
     res["total_s"] = elapsed()
     save()

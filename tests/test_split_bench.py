@@ -40,6 +40,9 @@ def test_split_bench_runs_on_cpu(tmp_path):
         assert res["per_n"][str(n)]["fwd_over_fused"]["split_sdpa"] > 0
     assert rows[(64, "split_sdpa", "fwd")]["primitive_calls"] >= 1
     assert any(k.startswith("fwd/split_sdpa") for k in res["derived"]["loglog_slope"])
+    prof = {p["primitive"]: p for p in res["profile"]}
+    assert prof["sdpa"]["n"] == 128 and 0 < prof["sdpa"]["primitive_ms"] <= prof["sdpa"]["total_ms"]
+    assert sum(c["calls"] for c in prof["sdpa"]["by_block_length"].values()) == rows[(128, "split_sdpa", "fwd")]["primitive_calls"]
 
 
 def test_split_bench_time_budget_skips_and_still_writes(tmp_path):
