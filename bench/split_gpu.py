@@ -137,7 +137,7 @@ def check_primitive(prim: str, device: torch.device, dtype: torch.dtype, samples
             out, lse = poslsh.attention(*ins, backend="split", primitive=prim, **kw)
             ref, ref_lse = poslsh.attention(*ref_ins, backend="reference", **kw)
             finite = bool(torch.isfinite(out).all() and torch.isfinite(lse).all())
-            row.update(rel_err_out=rel(out, ref), max_err_lse=float((lse.double() - ref_lse).abs().max()))
+            row.update(rel_err_out=rel(out, ref), max_err_lse=float((lse.detach().double() - ref_lse.detach()).abs().max()))
             errs = [row["rel_err_out"]]
             if backward:
                 loss = lambda o, l_: (o.double() * do.double()).sum() + (l_.double() * dl.double()).sum()  # noqa: E731
