@@ -89,6 +89,8 @@ _FIELDS = 12
 
 if _have_triton:
 
+    # Builtins only (tl.full, not tl.zeros, a @triton.jit helper): the interpreter tests reload this
+    # module after triton was imported uninterpreted, and jit helpers decorated then cannot be called.
     @triton.jit
     def _merge_kernel(TABLE, REST_O, REST_L, OUT, LSE, Nq, H, rest_rows,
                       stride_ob, stride_oh, stride_on, stride_lb, stride_lh, log_r,
@@ -102,8 +104,8 @@ if _have_triton:
         row_ok = i < Nq
         d_ok = d < DV
         m = tl.full([BLOCK_I], float("-inf"), tl.float32)
-        den = tl.zeros([BLOCK_I], tl.float32)
-        acc = tl.zeros([BLOCK_I, BLOCK_D], tl.float32)
+        den = tl.full([BLOCK_I], 0.0, tl.float32)
+        acc = tl.full([BLOCK_I, BLOCK_D], 0.0, tl.float32)
         for t in tl.static_range(R):
             base = TABLE + (h * R + t) * 12
             o_ptr = tl.load(base + 0).to(tl.pointer_type(OUT.dtype.element_ty))
