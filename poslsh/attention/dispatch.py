@@ -9,7 +9,8 @@ and window sizes into one frozen ``AttentionSpec``, and calls a backend ``fn(q, 
 name        priority what
 =========== ======== ==================================================================
 fused       20       tiled one pass; LSH by collision counts, exact/window banded
-split       10       LSH only: r passes of block-local attention merged by their LSEs
+split       10       LSH only: r passes of block-local attention on a pluggable primitive
+                     (``primitive=``: sdpa / flex / torch / callable), merged by their LSEs
 reference   0        dense O(Nq * Nk) definition, any dtype
 =========== ======== ==================================================================
 
