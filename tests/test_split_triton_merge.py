@@ -3,7 +3,8 @@ Triton's interpreter on the CPU and held to the torch merge on the same partial 
 read in place through the pointer table (strided views, several blocks per run, batch > 1), the
 rest buffer, empty rows, and the one-run-per-slot layout of the document (Flex) plan.
 
-TRITON_INTERPRET must be set before the kernel is decorated, so the module is reloaded here.
+TRITON_INTERPRET must be set before the kernel is decorated (on its first use), so it is set here at
+import and the module reloaded (dropping a kernel decorated earlier in the session).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ merge_mod = importlib.reload(importlib.import_module("poslsh.attention.split_mer
 
 
 def test_kernel_really_interpreted():
-    assert type(merge_mod._merge_kernel).__name__ == "InterpretedFunction"
+    assert type(merge_mod._merge_kernel()).__name__ == "InterpretedFunction"
 
 
 def partials(scheme, causal, document=False, dtype=torch.float32):

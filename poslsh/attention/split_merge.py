@@ -13,6 +13,8 @@ writing out and lse once: r + 1 tensor passes instead of ~5 r for the torch vers
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 
 import torch
@@ -69,32 +71,27 @@ def merge_slots_torch(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dty
     return acc.to(out_dtype), lse
 
 
-try:
-    import triton
-    import triton.language as tl
-
-    _have_triton = True
-except ImportError:  # pragma: no cover - triton absent
-    _have_triton = False
-
-
 def triton_merge_available() -> bool:
-    return _have_triton
+    return importlib.util.find_spec("triton") is not None
 
 
 # Columns of the slot table: run output address and strides (elements), run lse address and
 # strides, the run's first row, its row count and block width, and the slot's rest-buffer offset.
 _O_PTR, _L_PTR, _ROW, _LEN, _W, _OSB, _OSK, _OSR, _LSB, _LSK, _LSR, _OFF = range(12)
-_FIELDS = 12
 
-if _have_triton:
 
-    # Builtins only (tl.full, not tl.zeros, a @triton.jit helper): the interpreter tests reload this
-    # module after triton was imported uninterpreted, and jit helpers decorated then cannot be called.
+@functools.cache
+def _merge_kernel():
+    """The kernel, defined on first use: importing triton stays lazy (a module importing it at load
+    time would decorate triton's own helpers before a test can ask for the interpreter)."""
+    import triton
+    import triton.language as tl
+
+    # Builtins only (tl.full, not tl.zeros, itself a @triton.jit helper): under TRITON_INTERPRET, jit
+    # helpers that triton decorated before the variable was set cannot be called.
     @triton.jit
-    def _merge_kernel(TABLE, REST_O, REST_L, OUT, LSE, Nq, H, rest_rows,
-                      stride_ob, stride_oh, stride_on, stride_lb, stride_lh, log_r,
-                      R: tl.constexpr, DV: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+    def kernel(TABLE, REST_O, REST_L, OUT, LSE, Nq, H, rest_rows, stride_ob, stride_oh, stride_on, stride_lb,
+               stride_lh, log_r, R: tl.constexpr, DV: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_i = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -143,6 +140,8 @@ if _have_triton:
                  mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE + b * stride_lb + h * stride_lh + i, lse_out, mask=row_ok)
 
+    return kernel
+
 
 def _last_contig(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -157,6 +156,8 @@ def merge_slots_triton(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dt
     dev = rest_l.device
     out = torch.empty(b, h_, nq, dv, dtype=out_dtype, device=dev)
     lse = torch.empty(b, h_, nq, dtype=torch.float32, device=dev)
+    if rest_o.shape[1] == 0:  # no rest rows: a dummy row, never read, so the kernel gets a real pointer
+        rest_o, rest_l = rest_o.new_zeros(b, 1, dv), rest_l.new_full((b, 1), EMPTY_LSE)
     if rest_o.dtype != out_dtype or rest_l.dtype != torch.float32:
         raise TypeError(f"merge_slots_triton: rest buffer must be ({out_dtype}, float32), got "
                         f"({rest_o.dtype}, {rest_l.dtype})")
@@ -174,10 +175,10 @@ def merge_slots_triton(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dt
         row[_OSB], row[_OSK], row[_OSR] = o.stride(0), o.stride(1), o.stride(2)
         row[_LSB], row[_LSK], row[_LSR] = l.stride(0), l.stride(1), l.stride(2)
     table_t = torch.tensor(table, dtype=torch.int64).to(dev)
-    grid = (triton.cdiv(nq, block_i), b * h_)
-    _merge_kernel[grid](table_t, rest_o, rest_l, out, lse, nq, h_, plan.rest_rows,
+    grid = (-(-nq // block_i), b * h_)
+    _merge_kernel()[grid](table_t, rest_o, rest_l, out, lse, nq, h_, plan.rest_rows,
                         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), math.log(r),
-                        R=r, DV=dv, BLOCK_I=block_i, BLOCK_D=max(16, triton.next_power_of_2(dv)))
+                        R=r, DV=dv, BLOCK_I=block_i, BLOCK_D=max(16, 1 << (dv - 1).bit_length()))
     del keep
     return out, lse
 
@@ -185,7 +186,7 @@ def merge_slots_triton(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dt
 def merge_slots(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``merge_slots_triton`` on CUDA (float32 lse, 16/32-bit out) when Triton is there, else
     ``merge_slots_torch``."""
-    if (_have_triton and rest[1].is_cuda and rest[1].dtype == torch.float32
+    if (rest[1].is_cuda and triton_merge_available() and rest[1].dtype == torch.float32
             and out_dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return merge_slots_triton(plan, run_out, rest, b, dv, out_dtype)
     return merge_slots_torch(plan, run_out, rest, b, dv, out_dtype)
