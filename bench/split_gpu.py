@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     out_path = args.out / f"{NAME}.json"
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    res: dict[str, Any] = {"command": "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
+    res: dict[str, Any] = {"load_average_start": list(os.getloadavg()), "command": "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else argv)),
                            "checks": [], "rows": [], "per_n": {}, "derived": {}}
 
     def save() -> None:
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[profile] {res['profile'][-1]}", flush=True)
         save()
     res["total_s"] = elapsed()
+    res["load_average_end"] = list(os.getloadavg())
     save()
     return res
 
