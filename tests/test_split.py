@@ -225,6 +225,15 @@ def test_flex_document_primitive_forward(scheme, causal):
         compare(q, k, v, parts, causal, padding(2, 29), "flex")
 
 
+def test_flex_as_a_block_primitive():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = qkv(b=2, h=3, hkv=3, nq=13, nk=13, d=4, dv=4)
+    for causal in (True, False):
+        got = prim_mod.FlexPrimitive()(q, k, v, causal)
+        for a, b in zip(got, torch_attention(q, k, v, causal)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_sdpa_backward_handles_the_lse_gradient_alone():
     """A loss through lse only (dout = 0): the SDPA primitive's second flash-backward call."""
     q, k, v = qkv(grad=True)

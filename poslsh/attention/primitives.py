@@ -58,7 +58,8 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tens
     Returns:
         (out [B', H', L, Dv] in q's dtype, lse [B', H', L] in the compute dtype), differentiable in
         q, k, v (lse included). Rows are processed in chunks so the scores stay under
-        ``TORCH_TILE_BUDGET`` elements (one block may span the whole sequence).
+        ``TORCH_TILE_BUDGET`` elements (``TORCH_TILE_BUDGET_CUDA`` on CUDA): one block may span the
+        whole sequence.
     """
     cdt = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -274,12 +275,10 @@ class FlexPrimitive(Primitive):
     Unlike a dense kernel it needs neither views nor gathers, handles every block length in one
     launch (narrow blocks share 128-row tiles instead of each filling one) and compiles once per
     sequence length on CUDA (the mask reads the sample's (W, U) or block-start tables, so new
-    partitions do not recompile). As a block primitive (``prim(q, k, v, causal)``) it runs plain
-    flex_attention, which the split backend does not use. CPU: eager (tests), forward only (torch's
-    FlexAttention has no CPU backward).
+    partitions do not recompile). The split backend uses a primitive's ``document`` method, when it has
+    one, instead of block calls; as a block primitive (``prim(q, k, v, causal)``) it runs plain
+    flex_attention. CPU: eager (tests), forward only (torch's FlexAttention has no CPU backward).
     """
-
-    document = True
 
     def __init__(self) -> None:
         super().__init__(None, "flex")
