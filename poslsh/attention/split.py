@@ -24,8 +24,8 @@ How the blocks reach a dense primitive ``prim(q, k, v, causal)`` (equal lengths,
 
 Every query row of a (head, sample) lies in exactly one block, so each of the H r "slots" has one
 partial result per row: a run's output (used in place) or a row of the *rest* buffer (gathered and
-masked blocks). The merge reads each slot once: ``merge_slots`` in torch, or one Triton kernel on
-CUDA (``split_merge``) that reads the run outputs in place through a table of pointers.
+masked blocks). The merge (``split_merge``) reads each slot once: in torch ops, or on CUDA one
+Triton kernel that reads the run outputs in place through a table of their addresses.
 
 A primitive with a document mask (``FlexPrimitive``) is used differently: one call per sample over
 the whole sequence, the block-diagonal mask of that sample doing everything above.
@@ -34,6 +34,10 @@ Gradients: ``SplitAttention`` (autograd.Function) saves q, k, v and the merged (
 backward hands each call the merged out and lse of its rows (``Primitive.backward``: the flash
 kernel's own backward for "sdpa", autograd through a recomputed call otherwise) and accumulates
 dq, dk, dv into full-size buffers through the same views and indices.
+
+The bytes this form must move (r passes each reading q, k, v and writing an output, then a merge
+reading the r outputs back: (5 r + 1) / 4 times the fused kernel's q, k, v in and o out) are
+``split_bytes``; the benchmark divides them by the measured copy bandwidth.
 
 Not supported: method "hybrid" (its near field needs exact ALiBi weights, i.e. a biased kernel,
 which is what the split form exists to avoid; the fused, Triton and Flex backends run it).
