@@ -50,6 +50,8 @@ class AttentionSpec:
         kernels: None for ALiBi, else H ``poslsh.kernels.Kernel``: the positional weight is
             f_h(|p - j|) instead of e^{-m_h |p - j|} (exact, window, hybrid near field; LSH through
             partitions drawn for these kernels).
+        primitive: for the "split" backend, the block attention it runs: None (its default), a name
+            in ``primitives.PRIMITIVES`` or a callable ``fn(q, k, v, causal) -> (out, lse)``.
     """
 
     slopes: Tensor
@@ -61,6 +63,7 @@ class AttentionSpec:
     window: Tensor | None = None
     key_padding_mask: Tensor | None = None
     kernels: tuple | None = None
+    primitive: object = None
 
     @property
     def num_heads(self) -> int:

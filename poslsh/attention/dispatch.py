@@ -9,7 +9,8 @@ and window sizes into one frozen ``AttentionSpec``, and calls a backend ``fn(q, 
 name        priority what
 =========== ======== ==================================================================
 fused       20       tiled one pass; LSH by collision counts, exact/window banded
-split       10       LSH only: r passes of block-local attention merged by their LSEs
+split       10       LSH only: r passes of block-local attention on a pluggable primitive
+                     (``primitive=``: sdpa / flex / torch / callable), merged by their LSEs
 reference   0        dense O(Nq * Nk) definition, any dtype
 =========== ======== ==================================================================
 
@@ -27,6 +28,7 @@ first dispatch, and their absence (or a missing triton) is not an error.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import warnings
@@ -40,6 +42,7 @@ from ..alibi import alibi_slopes, check_slopes
 from ..hashing import SAMPLINGS, SCHEMES, Partitions, sample_partitions
 from .core import METHODS, AttentionSpec
 from .fused import fused_attention, supports_fused
+from .primitives import resolve_primitive
 from .reference import reference_attention, supports_reference
 from .speed import measured_order
 from .split import split_attention, supports_split
@@ -268,7 +271,7 @@ def attention(
     method: str = "lsh", samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
     generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
     key_padding_mask: Tensor | None = None, return_lse: bool = False, backend: str = "auto",
-    sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None,
+    sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None, primitive=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """ALiBi attention: exact, truncated to a per-head window, or estimated by positional LSH.
 
@@ -298,6 +301,9 @@ def attention(
             weights f(|p - j|) for exact/window/hybrid, partitions drawn for f for lsh/hybrid.
             Torch backends only (fused, reference; split for lsh).
         backend: "auto" or a name in ``available_backends()``.
+        primitive: backend "split" only: the attention it runs inside the blocks, "sdpa", "flex",
+            "torch" or a callable ``fn(q, k, v, causal) -> (out, lse)`` (``poslsh.attention.primitives``);
+            None picks "sdpa" on CUDA for fp16/bf16, else "torch".
 
     Returns:
         out [B, H, Nq, Dv] in q's dtype, or (out, lse) with lse [B, H, Nq] float32 (float64 for
@@ -310,6 +316,10 @@ def attention(
     spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method=method, samples=samples, scheme=scheme,
                         partitions=partitions, generator=generator, window_eps=window_eps, scale=scale,
                         key_padding_mask=key_padding_mask, sampling=sampling, hybrid_eps=hybrid_eps, kernel=kernel)
+    if primitive is not None:
+        if backend != "split":
+            raise ValueError(f"primitive= is an option of backend='split', got backend={backend!r}")
+        spec = dataclasses.replace(spec, primitive=resolve_primitive(primitive))
     out, lse = select_backend(q, spec, backend)(q, k, v, spec)
     return (out, lse) if return_lse else out
 

@@ -1,0 +1,192 @@
+"""Merging the split backend's partial results: for every (head, query row), the r partials of its
+r samples (one per slot, see ``split.SplitPlan``) combined by softmax over their log-sum-exps,
+
+    out = sum_t exp(L_t - M) O_t / sum_t exp(L_t - M),    lse = M + log sum_t exp(L_t - M) - log r,
+
+with the run outputs read where the primitive left them (no copies) and every other row from the
+rest buffer. Two implementations of the same function: ``merge_slots_torch`` (any device and dtype,
+two passes: the LSEs, then the weighted sum in the compute dtype) and ``merge_slots_triton`` (CUDA:
+one kernel reading each partial once through a table of the run outputs' addresses and strides,
+writing out and lse once: r + 1 tensor passes instead of ~5 r for the torch version).
+``merge_slots`` picks the kernel on CUDA when Triton is importable.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+
+import torch
+from torch import Tensor
+
+from .core import EMPTY_LSE
+
+__all__ = ["merge_slots", "merge_slots_torch", "merge_slots_triton", "triton_merge_available"]
+
+
+def _slot_pieces(plan, runs: dict, rest, h: int, t: int):
+    """(rows slice, o, lse) pieces of slot (h, t), covering rows 0..Nq-1 in order."""
+    rest_o, rest_l = rest
+    nq = plan.nq
+    a, ln, off = plan.run_row[h][t], plan.run_len[h][t], plan.rest_off[h][t]
+    pieces = [(slice(0, a), rest_o[:, off:off + a], rest_l[:, off:off + a])]
+    if ln:
+        o, lse = runs[(h, t)]
+        pieces.append((slice(a, a + ln), o, lse))
+    pieces.append((slice(a + ln, nq), rest_o[:, off + a:off + nq - ln], rest_l[:, off + a:off + nq - ln]))
+    return [p for p in pieces if p[0].stop > p[0].start]
+
+
+def merge_slots_torch(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The merge in torch ops.
+
+    Args:
+        plan: ``SplitPlan`` (heads, samples, nq, runs, run_row, run_len, rest_off).
+        run_out: per run of ``plan.runs``, (o [B, nb, W, Dv], lse [B, nb, W]).
+        rest: (o [B, rest_rows, Dv], lse [B, rest_rows]).
+
+    Returns:
+        (out [B, H, Nq, Dv] in ``out_dtype``, lse [B, H, Nq] in the rest lse's dtype); rows empty in
+        every slot get 0 and EMPTY_LSE.
+    """
+    rest_l = rest[1]
+    h_, r, nq = plan.heads, plan.samples, plan.nq
+    dev, ldt = rest_l.device, rest_l.dtype
+    runs = {(run.h, run.t): o for run, o in zip(plan.runs, run_out)}
+    lse_all = torch.empty(r, b, h_, nq, dtype=ldt, device=dev)
+    for h in range(h_):
+        for t in range(r):
+            for rows, _, lse in _slot_pieces(plan, runs, rest, h, t):
+                lse_all[t, :, h, rows] = lse.reshape(b, -1)
+    m = lse_all.amax(0)
+    total = m + torch.log(torch.exp(lse_all - m).sum(0))
+    w = torch.exp(lse_all - total)
+    acc = torch.zeros(b, h_, nq, dv, dtype=ldt, device=dev)
+    for h in range(h_):
+        for t in range(r):
+            for rows, o, _ in _slot_pieces(plan, runs, rest, h, t):
+                acc[:, h, rows].view(o.shape).addcmul_(o, w[t, :, h, rows].reshape(*o.shape[:-1], 1))
+    lse = torch.where(m <= EMPTY_LSE / 2, torch.full_like(total, EMPTY_LSE), total - math.log(r))
+    return acc.to(out_dtype), lse
+
+
+def triton_merge_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+# Columns of the slot table: run output address and strides (elements), run lse address and
+# strides, the run's first row, its row count and block width, and the slot's rest-buffer offset.
+_O_PTR, _L_PTR, _ROW, _LEN, _W, _OSB, _OSK, _OSR, _LSB, _LSK, _LSR, _OFF = range(12)
+
+
+@functools.cache
+def _merge_kernel():
+    """The kernel, defined on first use: importing triton stays lazy (a module importing it at load
+    time would decorate triton's own helpers before a test can ask for the interpreter)."""
+    import triton
+    import triton.language as tl
+
+    # Builtins only (tl.full, not tl.zeros, itself a @triton.jit helper): under TRITON_INTERPRET, jit
+    # helpers that triton decorated before the variable was set cannot be called.
+    @triton.jit
+    def kernel(TABLE, REST_O, REST_L, OUT, LSE, Nq, H, rest_rows, stride_ob, stride_oh, stride_on, stride_lb,
+               stride_lh, log_r, R: tl.constexpr, DV: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_i = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = bh % H
+        i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        d = tl.arange(0, BLOCK_D)
+        row_ok = i < Nq
+        d_ok = d < DV
+        m = tl.full([BLOCK_I], float("-inf"), tl.float32)
+        den = tl.full([BLOCK_I], 0.0, tl.float32)
+        acc = tl.full([BLOCK_I, BLOCK_D], 0.0, tl.float32)
+        for t in tl.static_range(R):
+            base = TABLE + (h * R + t) * 12
+            o_ptr = tl.load(base + 0).to(tl.pointer_type(OUT.dtype.element_ty))
+            l_ptr = tl.load(base + 1).to(tl.pointer_type(tl.float32))
+            a = tl.load(base + 2)
+            ln = tl.load(base + 3)
+            w = tl.load(base + 4)
+            in_run = row_ok & (i >= a) & (i < a + ln)
+            rel = tl.where(in_run, i - a, 0)
+            blk = rel // w
+            row = rel - blk * w
+            o_off = b * tl.load(base + 5) + blk * tl.load(base + 6) + row * tl.load(base + 7)
+            l_off = b * tl.load(base + 8) + blk * tl.load(base + 9) + row * tl.load(base + 10)
+            rest_ok = row_ok & ~in_run
+            rest = tl.load(base + 11) + tl.where(i < a, i, i - ln)
+            rest = tl.where(rest_ok, rest, 0) + b * rest_rows
+            o_run = tl.load(o_ptr + o_off[:, None] + d[None, :], mask=in_run[:, None] & d_ok[None, :], other=0.0)
+            o_rest = tl.load(REST_O + rest[:, None] * DV + d[None, :], mask=rest_ok[:, None] & d_ok[None, :], other=0.0)
+            o = tl.where(in_run[:, None], o_run.to(tl.float32), o_rest.to(tl.float32))
+            l_run = tl.load(l_ptr + l_off, mask=in_run, other=-1e30)
+            l_rest = tl.load(REST_L + rest, mask=rest_ok, other=-1e30)
+            lse = tl.where(in_run, l_run, l_rest)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp(m - m_new)
+            beta = tl.exp(lse - m_new)
+            acc = acc * alpha[:, None] + o * beta[:, None]
+            den = den * alpha + beta
+            m = m_new
+        out = acc / den[:, None]
+        empty = m <= -5e29
+        lse_out = tl.where(empty, -1e30, m + tl.log(den) - log_r)
+        out = tl.where(empty[:, None], 0.0, out)
+        o_base = OUT + b * stride_ob + h * stride_oh
+        tl.store(o_base + i[:, None].to(tl.int64) * stride_on + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + b * stride_lb + h * stride_lh + i, lse_out, mask=row_ok)
+
+    return kernel
+
+
+def _last_contig(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def merge_slots_triton(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dtype,
+                       block_i: int = 64) -> tuple[Tensor, Tensor]:
+    """``merge_slots_torch`` as one Triton kernel (float32 lse; out in float16/bfloat16/float32).
+    The run outputs must stay alive until it returns (the table holds their addresses only)."""
+    rest_o, rest_l = _last_contig(rest[0]).contiguous(), rest[1].contiguous()
+    h_, r, nq = plan.heads, plan.samples, plan.nq
+    dev = rest_l.device
+    out = torch.empty(b, h_, nq, dv, dtype=out_dtype, device=dev)
+    lse = torch.empty(b, h_, nq, dtype=torch.float32, device=dev)
+    if rest_o.shape[1] == 0:  # no rest rows: a dummy row, never read, so the kernel gets a real pointer
+        rest_o, rest_l = rest_o.new_zeros(b, 1, dv), rest_l.new_full((b, 1), EMPTY_LSE)
+    if rest_o.dtype != out_dtype or rest_l.dtype != torch.float32:
+        raise TypeError(f"merge_slots_triton: rest buffer must be ({out_dtype}, float32), got "
+                        f"({rest_o.dtype}, {rest_l.dtype})")
+    table = [[rest_o.data_ptr(), rest_l.data_ptr(), 0, 0, 1, 0, 0, 0, 0, 0, 0, plan.rest_off[h][t]]
+             for h in range(h_) for t in range(r)]
+    keep = []
+    for run, (o, l) in zip(plan.runs, run_out):
+        o, l = _last_contig(o), l.float()
+        if o.dtype != out_dtype:
+            o = o.to(out_dtype)
+        keep.append((o, l))
+        row = table[run.h * r + run.t]
+        row[_O_PTR], row[_L_PTR] = o.data_ptr(), l.data_ptr()
+        row[_ROW], row[_LEN], row[_W] = plan.run_row[run.h][run.t], plan.run_len[run.h][run.t], run.width
+        row[_OSB], row[_OSK], row[_OSR] = o.stride(0), o.stride(1), o.stride(2)
+        row[_LSB], row[_LSK], row[_LSR] = l.stride(0), l.stride(1), l.stride(2)
+    table_t = torch.tensor(table, dtype=torch.int64).to(dev)
+    grid = (-(-nq // block_i), b * h_)
+    _merge_kernel()[grid](table_t, rest_o, rest_l, out, lse, nq, h_, plan.rest_rows,
+                        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), math.log(r),
+                        R=r, DV=dv, BLOCK_I=block_i, BLOCK_D=max(16, 1 << (dv - 1).bit_length()))
+    del keep
+    return out, lse
+
+
+def merge_slots(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``merge_slots_triton`` on CUDA (float32 lse, 16/32-bit out) when Triton is there, else
+    ``merge_slots_torch``."""
+    if (rest[1].is_cuda and triton_merge_available() and rest[1].dtype == torch.float32
+            and out_dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return merge_slots_triton(plan, run_out, rest, b, dv, out_dtype)
+    return merge_slots_torch(plan, run_out, rest, b, dv, out_dtype)

@@ -1,0 +1,80 @@
+"""The split backend's one-kernel merge (``split_merge.merge_slots_triton``, used on CUDA) run by
+Triton's interpreter on the CPU and held to the torch merge on the same partial results: run outputs
+read in place through the pointer table (strided views, several blocks per run, batch > 1), the
+rest buffer, empty rows, and the one-run-per-slot layout of the document (Flex) plan.
+
+TRITON_INTERPRET must be set before the kernel is decorated (on its first use), so it is set here at
+import and the module reloaded (dropping a kernel decorated earlier in the session).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from poslsh.attention import resolve_spec  # noqa: E402
+from poslsh.attention.primitives import resolve_primitive  # noqa: E402
+from poslsh.attention.split import _Inputs, document_plan, plan_split, run_calls  # noqa: E402
+
+merge_mod = importlib.reload(importlib.import_module("poslsh.attention.split_merge"))
+
+
+def test_kernel_really_interpreted():
+    assert type(merge_mod._merge_kernel()).__name__ == "InterpretedFunction"
+
+
+def partials(scheme, causal, document=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 37, 16, generator=g).to(dtype)
+    k = torch.randn(2, 2, 40, 16, generator=g).to(dtype)
+    v = torch.randn(2, 2, 40, 8, generator=g).to(dtype)
+    kpm = torch.ones(2, 40, dtype=torch.bool)
+    kpm[0, :6] = False  # left padding: rows 0..2 of batch 0 see no key at all
+    kpm[1, 30:35] = False
+    spec = resolve_spec(q, k, v, slopes=[0.9, 0.3, 0.05, 0.0], samples=5, scheme=scheme, causal=causal,
+                        key_padding_mask=kpm, generator=g)
+    inp = _Inputs(q, k, v, spec, resolve_primitive("torch"))
+    plan = document_plan(spec, 37, 2) if document else plan_split(spec, 37, 40, 2, q.device)
+    if document:  # stand-in for the per-sample Flex calls: dense per-sample outputs of the right layout
+        run_out = [(torch.randn(2, 1, 37, 8, generator=g).to(dtype), torch.randn(2, 1, 37, generator=g))
+                   for _ in plan.runs]
+        rest = (torch.zeros(2, 0, 8, dtype=dtype), torch.zeros(2, 0))
+    else:
+        run_out, rest = run_calls(inp, plan)
+    return plan, run_out, rest
+
+
+@pytest.mark.parametrize("scheme,causal", list(itertools.product(["grid", "cut"], [True, False])))
+def test_triton_merge_equals_torch_merge(scheme, causal):
+    plan, run_out, rest = partials(scheme, causal)
+    assert scheme == "cut" or any(run.nb > 1 for run in plan.runs)
+    want = merge_mod.merge_slots_torch(plan, run_out, rest, 2, 8, torch.float32)
+    got = merge_mod.merge_slots_triton(plan, run_out, rest, 2, 8, torch.float32, block_i=16)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-6)
+    if causal:  # rows 0..2 of batch 0 (positions 3..5) see only padded keys
+        assert (got[1][0, :, :3] == -1e30).all() and (got[0][0, :, :3] == 0).all()
+
+
+def test_triton_merge_document_layout_and_half_outputs():
+    plan, run_out, rest = partials("grid", True, document=True)
+    want = merge_mod.merge_slots_torch(plan, run_out, rest, 2, 8, torch.float32)
+    got = merge_mod.merge_slots_triton(plan, run_out, rest, 2, 8, torch.float32, block_i=16)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+    half = [(o.half(), lse) for o, lse in run_out]
+    got16 = merge_mod.merge_slots_triton(plan, half, (rest[0].half(), rest[1]), 2, 8, torch.float16, block_i=16)
+    torch.testing.assert_close(got16[0].float(), want[0], atol=2e-3, rtol=2e-3)
+
+
+def test_merge_dispatch_uses_torch_on_cpu(monkeypatch):
+    plan, run_out, rest = partials("grid", True)
+    monkeypatch.setattr(merge_mod, "merge_slots_triton", lambda *a, **k: pytest.fail("triton merge on the CPU"))
+    merge_mod.merge_slots(plan, run_out, rest, 2, 8, torch.float32)
