@@ -321,7 +321,8 @@ def flex_document(q: Tensor, k: Tensor, v: Tensor, spec) -> tuple[Tensor, Tensor
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, float64 for float64 inputs); rows
         whose block keys are all padded get 0 and EMPTY_LSE.
     """
-    from .flex import DEFAULT_BLOCK, _flex_fn, lsh_block_ranges, normalize_grid, range_block_mask
+    from .flex import DEFAULT_BLOCK, _flex_fn, range_block_mask
+    from .ranges import key_ranges, normalize_grid
 
     parts = spec.partitions
     nq, nk = q.shape[2], k.shape[2]
@@ -344,7 +345,7 @@ def flex_document(q: Tensor, k: Tensor, v: Tensor, spec) -> tuple[Tensor, Tensor
         keep = (kv_idx >= s) & ((kv_idx <= p) if causal else (kv_idx < e))
         return keep & kpm[b, kv_idx] if kpm is not None else keep
 
-    lo, hi, flo, fhi = lsh_block_ranges(spec, nq, nk, DEFAULT_BLOCK)
+    lo, hi, flo, fhi = key_ranges(spec, nq, nk, DEFAULT_BLOCK, q.device)
     need_q = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     bm = range_block_mask(lo, hi, flo, fhi, nq, nk, mask_mod, DEFAULT_BLOCK, all_partial=kpm is not None,
                           with_q_blocks=need_q)

@@ -163,7 +163,7 @@ def sample_partition(parts: Partitions, t: int) -> Partitions:
 def _grid_blocks(parts: Partitions, nk: int, qo: int, dirty_pos: Tensor | None):
     """Grid scheme: per slot the run (first block id, end block id, width, offset) and the other
     query blocks as flat tensors (slot, start, end)."""
-    from .flex import normalize_grid
+    from .ranges import normalize_grid
 
     w, u = (x.to("cpu", torch.int64).reshape(-1) for x in normalize_grid(parts.widths, parts.offsets, nk))
     first = torch.div(qo + u, w, rounding_mode="floor")  # block of the first query

@@ -22,6 +22,7 @@ what was measured). Derived numbers (floors, fractions, targets) are computed fr
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,11 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "hybrid_triton": ("hybrid", "triton", "hybrid (Triton)"),
     "lsh_triton": ("lsh", "triton", "LSH (Triton)"),
     "lsh_flex": ("lsh", "flex", "LSH (Flex)"),
+    # the paper's form: r block-local attentions on a kernel without bias, merged by LSE
+    "split_sdpa": ("lsh", "split", "LSH as r short attentions (SDPA flash)"),
+    "split_flex": ("lsh", "split", "LSH as r short attentions (Flex, no score_mod)"),
 }
+PRIMITIVES = {"split_sdpa": "sdpa", "split_flex": "flex"}
 LABELS = {c: v[2] for c, v in COLUMNS.items()}
 METHOD_ORDER = ("exact", "window", "hybrid", "lsh")
 
@@ -158,6 +163,8 @@ def build(cfg: Config, call: Call):
         elif overrides:
             fwd = lambda: triton_attention(q, k, v, spec, overrides)[0]  # noqa: E731
         else:
+            if call.column in PRIMITIVES:
+                kw["primitive"] = PRIMITIVES[call.column]
             fwd = lambda: attention(q, k, v, backend=backend, **kw)  # noqa: E731
     if grad:
         do = torch.randn_like(q)
@@ -229,9 +236,9 @@ def method_pairs(spec, n: int, nq: int, heads: int = 1) -> int:
     triangle of ``heads`` heads."""
     if spec is None:
         return heads * nq * (2 * n - nq + 1) // 2
-    from ..attention.triton.launch import tile_counts
+    from ..attention.ranges import nonzero_pairs
 
-    return tile_counts(spec, nq, 1, 1)["pairs"]
+    return int(nonzero_pairs(spec, nq, n).sum())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +429,7 @@ def forward_calls(cfg: Config, pas: str) -> list[Call]:
                 continue
             if method in ("exact", "none") and n > (cfg.exact_max_n if pas == "fwd" else cfg.exact_max_n_backward):
                 continue
-            if backend == "flex" and n not in cfg.flex_ns:
+            if (backend == "flex" or col == "split_flex") and n not in cfg.flex_ns:
                 continue
             calls.append(Call(col, n, n, pas))
             if pas == "fwd" and backend in ("triton", "flex") and n in cfg.flex_ns:
@@ -434,7 +441,7 @@ def decode_calls(cfg: Config) -> list[Call]:
     calls = []
     for n in cfg.decode_ns:
         for col, (method, backend, _) in COLUMNS.items():
-            if not _want(cfg, col) or backend == "flex" and col not in ("window_flex", "exact_flex"):
+            if not _want(cfg, col) or backend in ("flex", "split") and col not in ("window_flex", "exact_flex"):
                 continue
             calls.append(Call(col, n, 1, "fwd"))
             if backend == "triton":
@@ -630,7 +637,7 @@ def derive(res: dict[str, Any], config: Config) -> None:
         sdpa_rate[pas] = max(rates) if rates else None
     res["ceilings"]["sdpa_fwd_TFLOPs"], res["ceilings"]["sdpa_fwd_bwd_TFLOPs"] = sdpa_rate["fwd"], sdpa_rate["fwd+bwd"]
     for r in rows:
-        if "ms" not in r:
+        if "ms" not in r or "pairs" not in r:
             continue
         per_pair = 4 * D if r["pass"] == "fwd" else 14 * D
         r["tflops"] = per_pair * r["pairs"] / r["ms"] / 1e9
@@ -697,7 +704,8 @@ def speed_table(doc: dict[str, Any]) -> dict[str, Any]:
             continue
         regime = "decode" if r["nq"] == 1 else "prefill" if r["nq"] == r["n"] else None
         if regime:
-            table.setdefault(method, {}).setdefault(regime, {}).setdefault(str(r["n"]), {})[backend] = r["ms"]
+            entry = table.setdefault(method, {}).setdefault(regime, {}).setdefault(str(r["n"]), {})
+            entry[backend] = min(r["ms"], entry.get(backend, math.inf))  # split: its fastest primitive
     return {"devices": {device: table}, "provenance": {"date": doc["environment"]["date"][:10],
                                                      "command": doc["environment"]["command"]}}
 
@@ -784,7 +792,8 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     rows = [r for r in res["rows"] if not r.get("config")]
     plt = pyplot()
     colors = {"sdpa": "tab:gray", "exact_triton": "tab:blue", "exact_flex": "tab:blue", "window_triton": "tab:green",
-              "window_flex": "tab:green", "hybrid_triton": "tab:orange", "lsh_triton": "tab:red", "lsh_flex": "tab:red"}
+              "window_flex": "tab:green", "hybrid_triton": "tab:orange", "lsh_triton": "tab:red", "lsh_flex": "tab:red",
+              "split_sdpa": "tab:purple", "split_flex": "tab:purple"}
     shape = res["shape"]
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
@@ -794,7 +803,8 @@ def make_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
             pts = sorted((r["n"], r["ms"]) for r in rows if r["column"] == col and r["pass"] == pas
                          and not r.get("direct") and "ms" in r and ((r["nq"] == 1) if nq1 else (r["nq"] == r["n"])))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if col.endswith("flex") else "-", marker="o",
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if col.endswith("flex") else "-",
+                        marker="s" if col.startswith("split") else "o",
                         ms=3, color=colors[col], label=LABELS[col])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
