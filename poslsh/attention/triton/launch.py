@@ -280,13 +280,19 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     return o, lse
 
 
-def _bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, kpm: Tensor | None, plan: Plan,
-         causal: bool, scale: float, q_offset: int, cfg: dict) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+         kpm: Tensor | None, plan: Plan, causal: bool, scale: float, q_offset: int,
+         cfg: dict) -> tuple[Tensor, Tensor, Tensor]:
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = H // Hkv
     do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = (do.float() * o.float()).sum(-1).contiguous()  # [B, H, Nq]
+    # dS = P (dP - delta) with delta = rowsum(dO * O); a gradient of the LSE adds P * dLSE, i.e.
+    # delta - dLSE (the merges of partial results by LSE, ring and split forms, need it).
+    delta = (do.float() * o.float()).sum(-1)  # [B, H, Nq]
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     kpm8, kpm_stride = _kpm_arg(kpm, q.device)
     bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
@@ -326,7 +332,7 @@ def _last_contig(x: Tensor) -> Tensor:
 
 
 class TritonAttention(torch.autograd.Function):
-    """autograd.Function over the kernels: forward returns (out, lse); lse is not differentiable."""
+    """autograd.Function over the kernels: forward returns (out, lse), both differentiable."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool,
@@ -335,13 +341,15 @@ class TritonAttention(torch.autograd.Function):
         o, lse = _fwd(q, k, v, kpm, plan, causal, scale, q_offset, cfg)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.kpm, ctx.plan, ctx.causal, ctx.scale, ctx.q_offset, ctx.cfg = kpm, plan, causal, scale, q_offset, cfg
-        ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
-    def backward(ctx: Any, do: Tensor, dlse: Tensor | None):  # noqa: ARG004 - lse is non-differentiable
+    def backward(ctx: Any, do: Tensor | None, dlse: Tensor | None):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, ctx.kpm, ctx.plan, ctx.causal, ctx.scale, ctx.q_offset, ctx.cfg)
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = _bwd(do, dlse, q, k, v, o, lse, ctx.kpm, ctx.plan, ctx.causal, ctx.scale, ctx.q_offset,
+                          ctx.cfg)
         return dq, dk, dv, None, None, None, None, None, None
 
 
