@@ -110,7 +110,7 @@ def test_lsh_matches_dense_estimator(backend, scheme, causal, nq):
     q, k, v = make_qkv(nq=nq, dv=3)
     kpm = padding(2, 29)
     parts = sample_partitions(29, SLOPES, 6, scheme=scheme, generator=torch.Generator().manual_seed(3))
-    out, lse = poslsh.attention(q, k, v, partitions=parts, causal=causal, key_padding_mask=kpm,
+    out, lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm,
                                 return_lse=True, backend=backend)
     ref_out, ref_lse = oracle(q, k, v, bhat_rows(parts, nq, causal), kpm=kpm)
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
@@ -126,12 +126,12 @@ def test_split_equals_fused_with_tiling(scheme, causal, monkeypatch):
     q, k, v = make_qkv(nq=300, nk=333, d=4, seed=5)
     kpm = padding(2, 333, seed=6)
     parts = sample_partitions(333, slopes, 5, scheme=scheme, generator=torch.Generator().manual_seed(7))
-    base = poslsh.attention(q, k, v, partitions=parts, causal=causal, key_padding_mask=kpm, backend="fused")
+    base = poslsh.attention(q, k, v, method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm, backend="fused")
     monkeypatch.setattr(split_mod, "TILE_BUDGET", 2000)
     monkeypatch.setattr(tiled_mod, "TILE_BUDGET", 2000)
-    fused, fused_lse = poslsh.attention(q, k, v, partitions=parts, causal=causal, key_padding_mask=kpm,
+    fused, fused_lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm,
                                         backend="fused", return_lse=True)
-    split, split_lse = poslsh.attention(q, k, v, partitions=parts, causal=causal, key_padding_mask=kpm,
+    split, split_lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm,
                                         backend="split", return_lse=True)
     torch.testing.assert_close(split, fused, atol=1e-12, rtol=0)
     torch.testing.assert_close(split_lse, fused_lse, atol=1e-11, rtol=0)
@@ -163,9 +163,9 @@ def test_auto_picks_a_torch_backend_on_cpu():
     for method in ("exact", "window", "lsh"):
         spec = dispatch.resolve_spec(q, k, v, method=method)
         assert dispatch.select_backend(q, spec).name == "fused"
-    out = poslsh.attention(q, k, v, generator=torch.Generator().manual_seed(0))
+    out = poslsh.attention(q, k, v, method="lsh", generator=torch.Generator().manual_seed(0))
     parts = sample_partitions(29, poslsh.alibi_slopes(4), 8, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, poslsh.attention(q, k, v, partitions=parts, backend="reference"),
+    torch.testing.assert_close(out, poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="reference"),
                                atol=1e-12, rtol=0)
 
 
@@ -201,7 +201,7 @@ def test_convergence_in_samples(scheme):
         exact = poslsh.attention(q, k, v, slopes=slopes, method="exact", backend="fused")
         for r in errs:
             g = torch.Generator().manual_seed(1000 + seed)
-            est = poslsh.attention(q, k, v, slopes=slopes, samples=r, scheme=scheme, generator=g, backend="fused")
+            est = poslsh.attention(q, k, v, slopes=slopes, method="lsh", samples=r, scheme=scheme, generator=g, backend="fused")
             errs[r].append(float((est - exact).norm() / exact.norm()))
     e16, e256 = sum(errs[16]) / 6, sum(errs[256]) / 6
     assert e256 <= e16 / 3, (e16, e256)

@@ -35,19 +35,27 @@ BAD = [
     (Q, K, V, {"slopes": [0.5, 0.25]}, ValueError, r"slopes must have one value per query head \(4\)"),
     (Q, K, V, {"slopes": [0.5, float("nan"), 0.1, 0.1]}, ValueError, r"slopes must be finite"),
     (Q, K, V, {"slopes": [0.5, -0.1, 0.1, 0.1]}, ValueError, r"slopes must be >= 0"),
-    (Q, K, V, {"samples": 0}, ValueError, r"samples must be an int >= 1"),
-    (Q, K, V, {"scheme": "hex"}, ValueError, r"scheme must be one of"),
-    (Q, K, V, {"partitions": parts(n=12)}, ValueError, r"partitions must cover the Nk=10 key positions"),
-    (Q, K, V, {"partitions": parts(heads=2)}, ValueError, r"partitions must have one set per query head \(4\)"),
-    (Q, K, V, {"partitions": parts(), "slopes": [0.1] * 4}, ValueError, r"partitions were drawn for slopes"),
+    (Q, K, V, {"method": "lsh", "samples": 0}, ValueError, r"samples must be an int >= 1"),
+    (Q, K, V, {"method": "lsh", "scheme": "hex"}, ValueError, r"scheme must be one of"),
+    (Q, K, V, {"method": "lsh", "partitions": parts(n=12)}, ValueError, r"partitions must cover the Nk=10 key positions"),
+    (Q, K, V, {"method": "lsh", "partitions": parts(heads=2)}, ValueError, r"partitions must have one set per query head \(4\)"),
+    (Q, K, V, {"method": "lsh", "partitions": parts(), "slopes": [0.1] * 4}, ValueError, r"partitions were drawn for slopes"),
     (Q, K, V, {"partitions": parts(), "method": "exact"}, ValueError, r"partitions are only used by method='lsh'"),
-    (Q, K, V, {"partitions": "grid"}, TypeError, r"partitions must be a poslsh.Partitions"),
+    (Q, K, V, {"method": "lsh", "partitions": "grid"}, TypeError, r"partitions must be a poslsh.Partitions"),
     (Q, K, V, {"method": "window", "window_eps": 1.5}, ValueError, r"window_eps must be in \(0, 1\)"),
     (Q, K, V, {"scale": float("inf")}, ValueError, r"scale must be a finite number"),
     (Q, K, V, {"key_padding_mask": torch.ones(1, 10)}, TypeError, r"key_padding_mask must be a bool tensor"),
     (Q, K, V, {"key_padding_mask": torch.ones(1, 8, dtype=torch.bool)}, ValueError,
      r"key_padding_mask must have shape \[B, Nk\] = \(1, 10\)"),
     (Q, K, V, {"causal": "yes"}, TypeError, r"causal must be a bool"),
+    # Another library's keyword names the poslsh argument to use.
+    (Q, K, V, {"softmax_scale": 0.5}, TypeError, r"no argument 'softmax_scale': use scale="),
+    (Q, K, V, {"attn_mask": torch.ones(8, 10, dtype=torch.bool)}, TypeError, r"'attn_mask': use key_padding_mask="),
+    (Q, K, V, {"dropout_p": 0.1}, TypeError, r"'dropout_p': use nothing: poslsh.attention applies no dropout"),
+    (Q, K, V, {"alibi_slopes": [0.5] * 4}, TypeError, r"'alibi_slopes': use slopes=.*poslsh.flash_attn_func"),
+    (Q, K, V, {"window_size": (4, 0)}, TypeError, r"'window_size': use method='window'.*poslsh.flash_attn_func"),
+    (Q, K, V, {"is_causal": True, "causal": True}, TypeError, r"pass is_causal .* or causal .*, not both"),
+    (Q, K, V, {"samplez": 3}, TypeError, r"unexpected keyword argument 'samplez'"),
 ]
 
 
@@ -68,3 +76,29 @@ def test_mixed_devices_on_meta():
         poslsh.attention(Q, K.to("meta"), V)
     with pytest.raises(ValueError, match=r"key_padding_mask must be on q's device"):
         poslsh.attention(Q, K, V, key_padding_mask=torch.ones(1, K.shape[2], dtype=torch.bool, device="meta"))
+
+
+def test_is_causal_is_sdpa_name_and_causal_its_alias():
+    """is_causal (SDPA's name) and causal compute the same; the default is causal; method defaults to exact."""
+    exact_causal = poslsh.attention(Q, K, V, method="exact")
+    assert torch.equal(poslsh.attention(Q, K, V), exact_causal)
+    assert torch.equal(poslsh.attention(Q, K, V, is_causal=True), exact_causal)
+    assert torch.equal(poslsh.attention(Q, K, V, is_causal=False), poslsh.attention(Q, K, V, causal=False))
+    assert not torch.equal(poslsh.attention(Q, K, V, is_causal=False), exact_causal)
+
+
+def test_flash_layout_warns_and_sdpa_layout_does_not():
+    """[B, N, H, D] tensors read as [B, H, N, D]: 64 "heads" of 8 "positions" warn with the fix named;
+    SDPA-layout calls (decoding, short prompts with few heads, a prompt as long as the head count) do not."""
+    import warnings
+
+    from poslsh.attention.dispatch import LayoutWarning
+
+    q, k, v = qkv(h=64, hkv=64, nq=8, nk=8)
+    with pytest.warns(LayoutWarning, match=r"transpose\(1, 2\).*poslsh.flash_attn_func"):
+        poslsh.attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayoutWarning)
+        for shape in (dict(h=32, hkv=8, nq=1, nk=300), dict(h=32, hkv=32, nq=1, nk=300),
+                      dict(h=8, hkv=8, nq=4, nk=4), dict(h=16, hkv=16, nq=16, nk=16), dict(h=4, hkv=4, nq=1, nk=1)):
+            poslsh.attention(*qkv(**shape))

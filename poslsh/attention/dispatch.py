@@ -49,7 +49,7 @@ from .split import split_attention, supports_split
 from .window import hybrid_widths, kernel_window_sizes, window_sizes
 
 __all__ = ["attention", "AttentionSpec", "Backend", "BACKENDS", "register_backend", "available_backends",
-           "resolve_spec", "select_backend"]
+           "resolve_spec", "select_backend", "LayoutWarning"]
 
 BackendFn = Callable[[Tensor, Tensor, Tensor, AttentionSpec], "tuple[Tensor, Tensor]"]
 SupportsFn = Callable[[Tensor, AttentionSpec], bool]
@@ -173,7 +173,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def resolve_spec(
-    q: Tensor, k: Tensor, v: Tensor, *, slopes=None, causal: bool = True, method: str = "lsh",
+    q: Tensor, k: Tensor, v: Tensor, *, slopes=None, causal: bool = True, method: str = "exact",
     samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
     generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
     key_padding_mask: Tensor | None = None, sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None,
@@ -266,31 +266,80 @@ def resolve_spec(
                          partitions=partitions, window=window, key_padding_mask=key_padding_mask, kernels=kernels)
 
 
+class LayoutWarning(UserWarning):
+    """q, k, v look like FlashAttention's [B, N, H, D] layout rather than poslsh's [B, H, N, D]."""
+
+
+# Another library's keyword -> what to pass to poslsh.attention instead (a TypeError says so).
+FOREIGN_KEYWORDS = {
+    "softmax_scale": "scale= (FlashAttention's softmax_scale)",
+    "attn_mask": "key_padding_mask= (bool [B, Nk], True = keep); arbitrary additive or boolean masks are not "
+                 "supported",
+    "dropout_p": "nothing: poslsh.attention applies no dropout (it is meant for inference and for training "
+                 "without attention dropout)",
+    "alibi_slopes": "slopes= ([H]; or poslsh.flash_attn_func for FlashAttention's [B, N, H, D] layout and "
+                    "[B, H] slopes)",
+    "window_size": "method='window', window_eps=... (per-head widths from the slopes), or poslsh.flash_attn_func "
+                   "for FlashAttention's window_size=(left, right)",
+}
+
+
+def _check_keywords(unsupported: dict) -> None:
+    for name in unsupported:
+        if name in FOREIGN_KEYWORDS:
+            raise TypeError(f"poslsh.attention has no argument {name!r}: use {FOREIGN_KEYWORDS[name]}")
+        raise TypeError(f"poslsh.attention() got an unexpected keyword argument {name!r}")
+
+
+def _warn_if_flash_layout(q: Tensor, k: Tensor) -> None:
+    """Warn when k has at least twice as many "heads" as "positions" and 8..256 positions: what
+    FlashAttention's [B, N, H, D] tensors look like when read as [B, H, N, D] (N read as heads, a head
+    count read as the length). Decoding (Nq = 1, long Nk) never triggers it; a short prompt on a model
+    with many KV heads can: filter ``LayoutWarning`` then."""
+    if isinstance(k, Tensor) and k.ndim == 4 and 8 <= k.shape[2] <= 256 and k.shape[1] >= 2 * k.shape[2]:
+        warnings.warn(f"poslsh.attention takes [B, heads, N, D] (SDPA's layout); k {tuple(k.shape)} has "
+                      f"{k.shape[1]} heads and {k.shape[2]} positions. If the tensors are [B, N, heads, D] "
+                      "(FlashAttention's layout), pass q.transpose(1, 2) etc. or call poslsh.flash_attn_func.",
+                      LayoutWarning, stacklevel=3)
+
+
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | list[float] | None = None, causal: bool = True,
-    method: str = "lsh", samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | list[float] | None = None, is_causal: bool | None = None,
+    method: str = "exact", samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
     generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
     key_padding_mask: Tensor | None = None, return_lse: bool = False, backend: str = "auto",
-    sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None, primitive=None,
+    sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None, primitive=None, causal: bool | None = None,
+    **unsupported,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """ALiBi attention: exact, truncated to a per-head window, or estimated by positional LSH.
+
+    SDPA's layout and keyword names (``is_causal``, ``scale``); FlashAttention's layout and keywords
+    are ``poslsh.flash_attn_func``. Another library's keyword (``softmax_scale``, ``attn_mask``,
+    ``dropout_p``, ``alibi_slopes``, ``window_size``) raises a TypeError naming the argument to use.
 
     Args:
         q: [B, H, Nq, D] queries; row i sits at key position Nk - Nq + i (so Nq = 1 is decoding).
         k: [B, Hkv, Nk, D] keys, H divisible by Hkv (grouped / multi-query KV).
         v: [B, Hkv, Nk, Dv] values. q, k, v share dtype (fp16, bf16, fp32, fp64) and device.
         slopes: ALiBi slopes [H], >= 0; default ``alibi_slopes(H)`` (or the partitions' slopes).
-        causal: keys j <= p only; otherwise the bias -m |p - j| is two-sided.
-        method: "exact"; "window" (weights kept for |p - j| <= ceil(ln(1/window_eps)/m_h));
-            "lsh" (weights c_pj = fraction of the r samples in which p and j share a block);
-            "hybrid" (exact for |p - j| <= w_h, c_pj beyond).
-        samples: r, for "lsh" when ``partitions`` is None.
-        scheme: "grid" or "cut", for "lsh" when ``partitions`` is None.
-        partitions: ``Partitions`` over the Nk key positions with H heads (shared across the batch).
+        is_causal: keys j <= p only; otherwise the bias -m |p - j| is two-sided. Default True
+            (unlike SDPA's False: ALiBi models are decoders). ``causal`` is the same argument under
+            poslsh's older name; pass one of the two.
+        method: "exact" (the default: no approximation unless asked); "window" (weights kept for
+            |p - j| <= ceil(ln(1/window_eps)/m_h)); "lsh" (weights c_pj = fraction of the r samples in
+            which p and j share a block); "hybrid" (exact for |p - j| <= w_h, c_pj beyond).
+        samples: r, for "lsh"/"hybrid" when ``partitions`` is None.
+        scheme: "grid" or "cut", for "lsh"/"hybrid" when ``partitions`` is None.
+        partitions: ``Partitions`` over the Nk key positions with H heads (shared across the batch),
+            for method "lsh" or "hybrid".
         generator: CPU generator for sampling partitions.
         window_eps: truncation level for "window".
         scale: multiplier of q . k; default 1/sqrt(D).
-        key_padding_mask: bool [B, Nk], True = keep.
+        key_padding_mask: bool [B, Nk], True = keep. Padding removes keys but does not move the
+            queries: row i stays at position Nk - Nq + i, so with right-padded keys and Nq < Nk the
+            queries sit after the padding. FlashAttention's varlen functions put a sequence's queries
+            at the end of its *valid* keys instead: for that alignment pass the packed sequences to
+            ``poslsh.flash_attn_varlen_func`` (or left-pad, where both conventions agree).
         return_lse: also return the log-sum-exp of the weighted scores.
         sampling: "iid", "stratified" or "qmc": joint law of the r sampled partitions of a head
             (each keeps its exact law; grid only), for "lsh"/"hybrid" when ``partitions`` is None.
@@ -310,7 +359,16 @@ def attention(
         float64 inputs): the natural-log LSE of scale * q.k + log W, W the method's weight
         (e^{-m|p-j|} for exact/window, c_pj for lsh). A row that sees no key (all padded) gives
         out 0 and lse ``EMPTY_LSE`` = -1e30.
+
+    Warns:
+        ``LayoutWarning`` when k looks like [B, N, H, D] (at least twice as many heads as positions,
+        8 to 256 positions).
     """
+    _check_keywords(unsupported)
+    if is_causal is not None and causal is not None:
+        raise TypeError("pass is_causal (SDPA's name) or causal (its alias), not both")
+    causal = True if is_causal is None and causal is None else (causal if is_causal is None else is_causal)
+    _warn_if_flash_layout(q, k)
     if backend != "auto" and backend not in available_backends():  # before any partition is sampled
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method=method, samples=samples, scheme=scheme,

@@ -132,7 +132,7 @@ def _run(config: Config, out_dir: str | Path) -> dict:
             for r in samples:
                 gen = torch.Generator().manual_seed(_seed(config.seed, scale, seed, scheme, r))
                 parts = sample_partitions(n, slopes, r, scheme=scheme, generator=gen)
-                spec = resolve_spec(q, k, v, causal=config.causal, partitions=parts)
+                spec = resolve_spec(q, k, v, causal=config.causal, method="lsh", partitions=parts)
                 est = fused_attention(q, k, v, spec)[0]
                 union, total = lsh_pairs(parts, config.causal)
                 width = matched_widths(n, union, config.causal)

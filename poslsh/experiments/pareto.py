@@ -324,7 +324,7 @@ def convergence(config: Config) -> dict[str, Any]:
                 gen = torch.Generator().manual_seed(_seed(config.seed, sampling, seed, r))
                 parts = sample_partitions(n, slopes, r, sampling=sampling, generator=gen)
                 errs = mask_errors(parts, "dense")
-                est = fused_attention(q, k, v, resolve_spec(q, k, v, causal=config.causal, partitions=parts))[0]
+                est = fused_attention(q, k, v, resolve_spec(q, k, v, causal=config.causal, method="lsh", partitions=parts))[0]
                 att = (est - exact).norm(dim=(-1, -2))[0] / exact.norm(dim=(-1, -2))[0]
                 for head in range(h):
                     logs["max"][head][i] += math.log(float(errs["max"][head])) / config.conv_seeds
