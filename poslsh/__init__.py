@@ -3,7 +3,8 @@
 from .alibi import alibi_bias, alibi_kernel, alibi_slopes
 from .hashing import Partitions, sample_partitions
 from .attention import attention  # the function; the subpackage stays importable as poslsh.attention.<module>
+from .flash import flash_attn_func, flash_attn_varlen_func
 from . import kernels, masks, nn, theory
 
 __version__ = "0.1.0"
-__all__ = ["alibi_slopes", "alibi_kernel", "alibi_bias", "Partitions", "sample_partitions", "attention", "nn", "kernels", "masks", "theory"]
+__all__ = ["alibi_slopes", "alibi_kernel", "alibi_bias", "Partitions", "sample_partitions", "attention", "flash_attn_func", "flash_attn_varlen_func", "nn", "kernels", "masks", "theory"]
