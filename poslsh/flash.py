@@ -38,13 +38,12 @@ keeps query i at Nk - Nq + i whatever the padding (see its docstring).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .attention.dispatch import attention, resolve_spec, select_backend
+from .attention.dispatch import attention, attention_with_widths
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -183,12 +182,10 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
 def _call(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, causal: bool, scale: float | None, widths: Tensor | None,
           backend: str, options: dict) -> Tensor:
     """One poslsh call on [B, H, N, D] tensors sharing ``slopes``; explicit ``widths`` run the "window"
-    method with those half-widths instead of the ones ``window_eps`` would give."""
+    method with those half-widths."""
     if widths is None:
         return attention(q, k, v, slopes=slopes, is_causal=causal, scale=scale, backend=backend, **options)
-    spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method="window", scale=scale)
-    spec = dataclasses.replace(spec, window=widths)
-    return select_backend(q, spec, backend)(q, k, v, spec)[0]
+    return attention_with_widths(q, k, v, widths, slopes=slopes, causal=causal, scale=scale, backend=backend)
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

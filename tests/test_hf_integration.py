@@ -9,7 +9,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+import functools  # noqa: E402
+import warnings  # noqa: E402
+
 from poslsh.attention import attention  # noqa: E402
+from poslsh.attention.dispatch import attention_with_widths  # noqa: E402
 from poslsh.integrations import hf, partitions  # noqa: E402
 from poslsh.integrations.hf import cache_report, patch_model, unpatch_model  # noqa: E402
 
@@ -95,13 +99,18 @@ def test_lsh_padded_rows_equal_unpadded_rows(model, scheme):
     assert (batch[2, :-5] - right[0]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("method,scheme", [("lsh", "grid"), ("lsh", "cut"), ("window", "grid")])
+@pytest.mark.parametrize("method,scheme,sampling", [("lsh", "grid", "iid"), ("lsh", "cut", "iid"),
+                                                     ("window", "grid", "iid"), ("lsh", "grid", "qmc"),
+                                                     ("hybrid", "grid", "stratified")])
 @torch.no_grad()
-def test_greedy_generation_with_cache_equals_without(model, method, scheme):
+def test_greedy_generation_with_cache_equals_without(model, method, scheme, sampling):
+    """Cached decoding attends like recomputation for every method and sampling mode (the hybrid's
+    near-field widths are fixed per patch, not recomputed from the number of cached keys)."""
     ids, mask = _padded_batch(10)
     ids, mask = ids[:2], mask[:2]  # one unpadded and one left-padded prompt
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    with patch_model(model, method=method, samples=4, scheme=scheme, seed=7, window_eps=0.05):
+    with patch_model(model, method=method, samples=4, scheme=scheme, seed=7, window_eps=0.05, sampling=sampling,
+                     hybrid_eps=0.2):
         cached = model.generate(ids, attention_mask=mask, use_cache=True, **kw)
         full = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
     assert torch.equal(cached, full)
@@ -152,14 +161,14 @@ def test_cut_chunks_keep_the_cut_law(monkeypatch):
     assert (cut_rate - p).abs().max() < 5 * sigma, cut_rate
 
 
-@pytest.mark.parametrize("method,scheme", [("lsh", "grid"), ("lsh", "cut"), ("window", "grid")])
+@pytest.mark.parametrize("method,scheme", [("lsh", "grid"), ("lsh", "cut"), ("window", "grid"), ("hybrid", "grid")])
 def test_unreachable_keys_do_not_change_future_outputs(method, scheme):
     """Masking every key that cache_report calls unreachable leaves all later queries unchanged, and
     the report is tight: the first reachable key is seen by the query at position T."""
     torch.manual_seed(0)
     model = transformers.BloomForCausalLM(_config("bloom")).eval()
     big_t, n, d = 40, 64, 8
-    with patch_model(model, method=method, samples=4, scheme=scheme, seed=2, window_eps=0.01) as patch:
+    with patch_model(model, method=method, samples=4, scheme=scheme, seed=2, window_eps=0.01, hybrid_eps=0.3) as patch:
         starts = patch.reachable_starts(big_t)  # [L, H]
         report = cache_report(model, big_t)
         layer = 1
@@ -167,20 +176,28 @@ def test_unreachable_keys_do_not_change_future_outputs(method, scheme):
         h = patch.slopes.numel()
         q, k, v = torch.randn(1, h, n - big_t, d), torch.randn(1, h, n, d), torch.randn(1, h, n, d)
         kw = dict(slopes=patch.slopes, method=method, partitions=parts, window_eps=0.01, backend="reference")
-        full = attention(q.double(), k.double(), v.double(), **kw)
+        attend = attention
+        if method == "hybrid":  # the patch's fixed near-field widths
+            assert patch.widths.min() < big_t  # a head whose reach is set by its blocks and near field
+            attend = functools.partial(attention_with_widths, widths=patch.widths)
+            kw.pop("window_eps")
+        full = attend(q.double(), k.double(), v.double(), **kw)
         # Drop the unreachable keys of head h by masking them for that head only: run head by head.
         for head in range(h):
             s = int(starts[layer, head])
             sub = dict(kw, slopes=patch.slopes[head:head + 1])
+            if method == "hybrid":
+                attend = functools.partial(attention_with_widths, widths=patch.widths[head:head + 1])
             if parts is not None:
                 sub["partitions"] = hf.Partitions(n, parts.slopes[head:head + 1], "grid",
                                                   parts.widths[head:head + 1], parts.offsets[head:head + 1]) \
                     if scheme == "grid" else _cut_head(parts, head)
             kpm = torch.arange(n)[None] >= s
-            pruned = attention(q[:, head:head + 1].double(), k[:, head:head + 1].double(),
+            pruned = attend(q[:, head:head + 1].double(), k[:, head:head + 1].double(),
                                v[:, head:head + 1].double(), key_padding_mask=kpm, **sub)
             assert torch.allclose(pruned, full[:, head:head + 1], atol=1e-12), (head, s)
-            if method == "lsh" and s > 0:
+            near = big_t - int(patch.widths[head]) if method == "hybrid" else big_t  # the hybrid's near field reach
+            if method in ("lsh", "hybrid") and 0 < s < near:  # set by the blocks
                 # Tight: in some sample, key s shares the block of position T.
                 ids = parts.block_ids()[head]
                 assert bool((ids[:, s] == ids[:, big_t]).any())
@@ -211,7 +228,7 @@ def test_rejects_unsupported_models():
     assert not hasattr(bloom, "_poslsh_patch")
 
 
-@pytest.mark.parametrize("method,scheme", [("lsh", "grid"), ("lsh", "cut"), ("window", "grid")])
+@pytest.mark.parametrize("method,scheme", [("lsh", "grid"), ("lsh", "cut"), ("window", "grid"), ("hybrid", "grid")])
 @torch.no_grad()
 @pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
 def test_eviction_keeps_generation_identical_and_frees_memory(method, scheme):
@@ -223,10 +240,10 @@ def test_eviction_keeps_generation_identical_and_frees_memory(method, scheme):
     ids, mask = ids[:2], mask[:2]
     kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0)
     steep = [0.9, 0.6, 0.4, 0.3]
-    with patch_model(model, method=method, samples=4, scheme=scheme, seed=1, slopes=steep, window_eps=0.01) as patch:
+    opts = dict(method=method, samples=4, scheme=scheme, seed=1, slopes=steep, window_eps=0.01, hybrid_eps=0.1)
+    with patch_model(model, **opts) as patch:
         full = model.generate(ids, attention_mask=mask, use_cache=False, **kw)
-    with patch_model(model, method=method, samples=4, scheme=scheme, seed=1, slopes=steep, window_eps=0.01,
-                     evict=True) as patch:
+    with patch_model(model, **opts, evict=True) as patch:
         try:
             cache = transformers.DynamicCache(config=model.config)
         except (TypeError, AttributeError):  # transformers 4.x
@@ -251,3 +268,101 @@ def test_static_cache_is_refused():
             cache = transformers.StaticCache(config=model.config, max_batch_size=3, max_cache_len=32)
         with pytest.raises(NotImplementedError, match="DynamicCache"):
             model(ids, past_key_values=cache, use_cache=True)
+
+
+@torch.no_grad()
+def test_eviction_that_cannot_act_warns_once():
+    """evict=True with method exact warns at patch time; a forward without a DynamicCache (MPT's
+    default use_cache=False) warns once, not per layer or call."""
+    torch.manual_seed(0)
+    model = transformers.MptForCausalLM(_config("mpt")).eval()
+    assert model.config.use_cache is False  # MPT's default: eviction has nothing to act on
+    ids, _ = _padded_batch(6)
+    with pytest.warns(UserWarning, match=r"evict=True has no effect with method='exact'"):
+        patch_model(model, method="exact", evict=True)
+    with patch_model(model, method="lsh", samples=2, evict=True):
+        with pytest.warns(UserWarning, match=r"evict=True has no effect: this forward ran without a transformers "
+                                             r"DynamicCache \(use_cache=False, MPT's default"):
+            model(ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(ids)  # said once
+
+
+@pytest.mark.parametrize("method", ["hybrid", "lsh"])
+@torch.no_grad()
+def test_every_method_and_sampling_mode_runs_and_converges(model, method):
+    """hybrid and correlated sampling reach transformers models: more samples, closer to exact; the
+    hybrid at a tiny hybrid_eps is exact (its near field covers the sequence)."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB, (2, 40), generator=g)
+    with patch_model(model, method="exact"):
+        exact = model(ids).logits
+    err = lambda **kw: ((model(ids).logits - exact).norm() / exact.norm()).item()  # noqa: E731
+    with patch_model(model, method=method, samples=2, sampling="qmc", seed=1, hybrid_eps=0.5):
+        few = err()
+    with patch_model(model, method=method, samples=64, sampling="qmc", seed=1, hybrid_eps=0.5):
+        many = err()
+    assert many < few / 2 and few > 1e-3, (few, many)
+    if method == "hybrid":
+        with patch_model(model, method="hybrid", samples=2, hybrid_eps=1e-9):
+            assert err() < 1e-5
+    with pytest.raises(ValueError, match=r"sampling 'qmc' needs the grid scheme"):
+        patch_model(model, method=method, scheme="cut", sampling="qmc")
+    with pytest.raises(ValueError, match=r"hybrid_eps must be a number > 0"):
+        patch_model(model, method=method, hybrid_eps=0)
+
+
+def _falcon(tmp_path, attn_implementation: str):
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(_config("falcon")).save_pretrained(tmp_path)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation=attn_implementation).float().eval()
+
+
+@torch.no_grad()
+def test_falcon_eager_is_warned_and_patched_like_sdpa(tmp_path):
+    """The patch reproduces Falcon's SDPA path (one ALiBi bias) for an eager Falcon too, and says so."""
+    eager, sdpa = _falcon(tmp_path, "eager"), _falcon(tmp_path, "sdpa")
+    ids, mask = _padded_batch()
+    ref = sdpa(ids, attention_mask=mask).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(sdpa, method="exact").unpatch()  # no warning for SDPA
+    with pytest.warns(UserWarning, match=r"attn_implementation='eager'.*adds the ALiBi bias twice"):
+        patch = patch_model(eager, method="exact")
+    with patch:
+        out = eager(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert (out - ref)[keep].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@torch.no_grad()
+def test_falcon_beyond_256_positions(tmp_path, monkeypatch, attn_implementation):
+    """Past 256 positions Falcon's own bias rounds m_h * j to bfloat16; with that rounding removed (the
+    model's slopes are powers of two, so only the products round), the patched exact model equals
+    Falcon's SDPA path at every one of 300 positions, from an eager or an SDPA model."""
+    from transformers.models.falcon import modeling_falcon
+
+    own = modeling_falcon.build_alibi_tensor
+    ids = torch.randint(1, VOCAB, (1, 300), generator=torch.Generator().manual_seed(2))
+    sdpa = _falcon(tmp_path / "sdpa", "sdpa")
+    rounded = sdpa(ids).logits
+
+    def unrounded(attention_mask, num_heads, dtype):
+        slopes = own(torch.ones(1, 2, dtype=torch.long), num_heads, torch.float32)[:, 0, 1]  # bf16(m_h)
+        positions = ((attention_mask.cumsum(-1) - 1) * attention_mask)[:, None, :].float()
+        return (slopes[None, :, None] * positions).reshape(-1, 1, attention_mask.shape[-1]).to(dtype)
+
+    monkeypatch.setattr(modeling_falcon, "build_alibi_tensor", unrounded)
+    ref = sdpa(ids).logits
+    assert (ref[0, :256] - rounded[0, :256]).abs().max() < 1e-5  # below 256 the rounding changes nothing
+    assert (ref[0, 256:] - rounded[0, 256:]).abs().max() > 1e-4  # beyond it, it does: the test can see it
+    model = sdpa if attn_implementation == "sdpa" else _falcon(tmp_path / "eager", "eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch = patch_model(model, method="exact")
+    with patch:
+        out = model(ids).logits
+    assert (out - ref).abs().max() < 1e-4

@@ -79,7 +79,7 @@ def test_parse_method_grammar():
     assert parse_method("lsh:8:grid:iid").label == "lsh:8:grid"  # iid is the default, left out of labels
     assert parse_method("hybrid").label == "hybrid:8:grid" and parse_method("hybrid:4:grid:qmc").random
     for bad in ("lsh:0", "lsh:4:hex", "window:2", "fast", "exact:1", "lsh:x", "lsh:8:grid:sobol",
-                "hybrid:8:grid:qmc:1", "window:0.1:grid"):
+                "hybrid:8:grid:qmc:0.1:3", "hybrid:8:grid:qmc:0", "window:0.1:grid"):
         with pytest.raises(ValueError, match="bad method"):
             parse_method(bad)
     with pytest.raises(ValueError, match="needs the grid scheme"):

@@ -382,6 +382,28 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+def attention_with_widths(q: Tensor, k: Tensor, v: Tensor, widths, *, method: str = "window",
+                          backend: str = "auto", **kwargs) -> Tensor:
+    """``attention`` with given per-head half-widths for "window" (or the near field of "hybrid")
+    instead of the ones ``window_eps`` (``hybrid_eps``) would give: ``flash_attn_func``'s
+    ``window_size``, and the transformers patch, whose hybrid widths must not depend on the length.
+
+    Args:
+        widths: H ints >= 0 (capped at Nk - 1); other arguments as ``resolve_spec`` takes them.
+
+    Returns:
+        out [B, H, Nq, Dv].
+    """
+    if method not in ("window", "hybrid"):
+        raise ValueError(f"widths are for method 'window' or 'hybrid', got method={method!r}")
+    w = torch.as_tensor(widths).detach().to("cpu").reshape(-1)
+    if w.dtype.is_floating_point or w.numel() != q.shape[1] or (w < 0).any():
+        raise ValueError(f"widths must be {q.shape[1]} ints >= 0 (one per query head), got {w.tolist()}")
+    spec = resolve_spec(q, k, v, method=method, **kwargs)
+    spec = dataclasses.replace(spec, window=w.to(torch.int64).clamp(max=k.shape[2] - 1))
+    return select_backend(q, spec, backend)(q, k, v, spec)[0]
+
+
 register_backend("fused", fused_attention, supports_fused, priority=20, methods=METHODS, kernels=True)
 register_backend("split", split_attention, supports_split, priority=10, methods=("lsh",), kernels=True)
 register_backend("reference", reference_attention, supports_reference, priority=0, methods=METHODS, kernels=True)

@@ -6,6 +6,10 @@
     with patch_model(model, method="lsh", samples=8, scheme="grid", seed=0):
         out = model.generate(**inputs, max_new_tokens=50)
 
+Every method and option of ``poslsh.attention`` is accepted ("exact", the default, "window",
+"lsh", "hybrid"; ``sampling`` iid/stratified/qmc, ``window_eps``, ``hybrid_eps``), validated once
+as a ``poslsh.method.MethodSpec``.
+
 How it works. ``patch_model`` replaces the ``forward`` of every attention module (as an instance
 attribute, so ``unpatch_model`` simply deletes it) by one that uses the module's own projection
 weights and the model's own KV cache, but computes attention with ``poslsh.attention``. The 2-D
@@ -24,21 +28,34 @@ it to ``q.k * softmax_scale``; Falcon adds ``bf16(m_h) * j`` *before* the ``1/sq
 its effective slope is ``bf16(m_h) / sqrt(d)``. Falcon also rounds every product ``m_h * j`` to
 bfloat16; we keep the bias linear (it is ALiBi), so "exact" matches Falcon to float32 precision
 only while those products are exact in bfloat16 (slopes that are powers of two, positions < 256),
-and differs by that rounding otherwise.
+and differs by that rounding otherwise (a test holds the patch to Falcon with an unrounded bias
+beyond 256 positions).
 
-Partitions are fixed per layer and head, drawn from ``seed``: the grid scheme is two integers per
+Falcon, eager versus SDPA (transformers 5.24 as read and tested here). The SDPA path (the default
+``attn_implementation``) folds ``alibi / sqrt(d)`` into the attention mask and adds that mask to
+``q.k / sqrt(d)``: one bias of slope ``bf16(m_h) / sqrt(d)``. The eager path (``attn_implementation=
+"eager"``, and the SDPA class itself when called with ``output_attentions=True``) computes
+``(q.k + alibi) / sqrt(d)`` and then adds the same mask, which already holds ``alibi / sqrt(d)``: every
+slope counts twice, an upstream bug. The patch reproduces the SDPA path whatever the implementation
+(one bias, the model's documented ALiBi), so patching an eager Falcon changes its logits, and
+``patch_model`` warns when it patches one.
+
+Partitions are fixed per layer and head, drawn from ``seed`` (with ``sampling``), and so are the
+hybrid's near-field widths (computed once for long sequences, ``HYBRID_WIDTH_N``, then capped at
+the length), so they never depend on how many keys a call holds: the grid scheme is two integers per
 head and sample (valid for every length); the cut scheme is drawn in chunks of ``CUT_CHUNK``
 positions, each from its own seeded generator, so the cuts of a prefix never depend on how long a
 sequence was asked for first. Hence cached decoding attends with the same partitions as
 recomputing the full sequence, and a batch attends like its rows one at a time.
 
-KV cache. With "lsh" or "window" a cached key becomes unreachable once no future query can see it:
-a query at position i >= T sees key j < T in sample t iff j lies in the block of T, so the reachable
-keys are j >= min_t start_t(T) (window: j >= T - w_h). ``cache_report`` counts them for any length;
+KV cache. With "lsh", "hybrid" or "window" a cached key becomes unreachable once no future query can
+see it: a query at position i >= T sees key j < T in sample t iff j lies in the block of T, so the
+reachable keys are j >= min_t start_t(T) (window: j >= T - w_h; hybrid: the smaller of the two). ``cache_report`` counts them for any length;
 ``patch_model(..., evict=True)`` drops, after every forward, the prefix of each layer's
 ``DynamicCache`` layer that is unreachable for all heads and rows, and tells transformers the logical
 length (stored + evicted) so masks and positions stay right. ``PoslshPatch.cache_memory(cache)``
-reports what was freed. Eviction is rectangular (a [B, Hkv, N, D] cache cannot drop keys of one head
+reports what was freed; ``evict=True`` warns once when it cannot act (method "exact", no cache:
+``use_cache=False``, MPT's default, or a cache other than ``DynamicCache``). Eviction is rectangular (a [B, Hkv, N, D] cache cannot drop keys of one head
 only), so the head with the smallest slope sets how much goes; ``cache_report`` also gives the
 per-head figure a ragged cache could reach.
 
@@ -55,6 +72,7 @@ from __future__ import annotations
 import inspect
 import math
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,10 +81,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hashing import Partitions
+from ..method import MethodSpec
 from .partitions import CUT_CHUNK, LayerPartitions
 
 __all__ = ["patch_model", "unpatch_model", "PoslshPatch", "cache_report", "model_family", "model_slopes",
-           "CUT_CHUNK", "SUPPORTED_FAMILIES"]
+           "CUT_CHUNK", "SUPPORTED_FAMILIES", "HYBRID_WIDTH_N"]
 
 SUPPORTED_FAMILIES = ("bloom", "mpt", "falcon")
 MIN_TRANSFORMERS = (4, 54)  # 4.51 still returned (output, cache, weights) from attention; 4.54 is tested
@@ -76,6 +95,11 @@ _ATTN_CLASSES = {
     "falcon": ("FalconAttention", "FalconFlashAttention2"),
 }
 _CACHE_NAMES = ("layer_past", "cache", "past_key_values", "past_key_value")
+# The hybrid's near-field widths are computed once at this length (the widths of ALiBi heads have
+# converged long before: the far-field variance lives within ~1/m of the query) and used at every
+# length, capped at Nk - 1; a head that reaches the cap here (slope 0 or tiny) stays exact at any length.
+HYBRID_WIDTH_N = 1 << 16
+UNBOUNDED = 1 << 62
 
 
 def _operator():
@@ -141,13 +165,14 @@ def model_slopes(model: nn.Module) -> tuple[Tensor, float]:
 
 @dataclass
 class _Options:
-    method: str
-    samples: int
-    scheme: str
+    spec: MethodSpec
     seed: int
-    window_eps: float
     backend: str
     evict: bool = False
+
+    @property
+    def method(self) -> str:
+        return self.spec.method
 
 
 @dataclass(eq=False)
@@ -167,7 +192,7 @@ class PoslshPatch:
     Attributes:
         model: the patched model.
         family: "bloom", "mpt" or "falcon".
-        options: method, samples, scheme, seed, window_eps, backend.
+        options: ``spec`` (the ``MethodSpec``), ``seed``, ``backend``, ``evict``.
         slopes: effective ALiBi slopes float64 [H]; scale: the logit scale.
         layers: per attention module, its index, head counts and fixed partitions.
     """
@@ -181,6 +206,13 @@ class PoslshPatch:
     attention_mask: Tensor | None = None
     _hook: Any = None
     active: bool = True
+    widths: Tensor | None = None  # hybrid: fixed near-field half-widths [H] (UNBOUNDED = every key)
+    _warned: set = field(default_factory=set)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
 
     def __enter__(self) -> "PoslshPatch":
         return self
@@ -202,7 +234,8 @@ class PoslshPatch:
         self.active = False
 
     def partitions(self, layer: int, n: int, device: torch.device | str = "cpu") -> Partitions | None:
-        """The partitions layer ``layer`` uses for a sequence of n positions (None unless method="lsh")."""
+        """The partitions layer ``layer`` uses for a sequence of n positions (None unless the method is
+        "lsh" or "hybrid")."""
         parts = self.layers[layer].parts
         return None if parts is None else parts.get(n, device)
 
@@ -217,7 +250,13 @@ class PoslshPatch:
         Returns:
             [B, H, Nq, D]; rows of padding queries are 0.
         """
-        layer = self._cache_layer(cache, info) if self.options.evict and self.options.method != "exact" else None
+        layer = None
+        if self.options.evict and self.options.method != "exact":
+            layer = self._cache_layer(cache, info)
+            if layer is None:
+                self._warn_once("no-cache", "evict=True has no effect: this forward ran without a transformers "
+                                "DynamicCache (use_cache=False, MPT's default: pass use_cache=True; static, "
+                                "sliding and quantized caches are not evicted)")
         evicted = getattr(layer, "_poslsh_evicted", 0) if layer is not None else 0
         nq, nk = q.shape[-2], k.shape[-2]
         mask = self.attention_mask
@@ -276,9 +315,15 @@ class PoslshPatch:
                               for b in range(q.shape[0])])
         o = self.options
         parts = None if info.parts is None else info.parts.window(start, k.shape[-2], q.device)
-        return _operator()(q, k, v, slopes=self.slopes, causal=True, method=o.method, samples=o.samples,
-                           scheme=o.scheme, partitions=parts, window_eps=o.window_eps, scale=self.scale,
-                           backend=o.backend)
+        common = dict(slopes=self.slopes, causal=True, scale=self.scale, backend=o.backend)
+        if o.method == "hybrid":  # fixed widths: cached decoding and recomputation agree
+            from ..attention.dispatch import attention_with_widths
+
+            return attention_with_widths(q, k, v, self.widths, method="hybrid", partitions=parts, **common)
+        kw = o.spec.attention_kwargs()
+        if parts is not None:
+            kw = {"method": kw["method"], "partitions": parts}
+        return _operator()(q, k, v, **kw, **common)
 
     # ------------------------------------------------------------------ eviction
     def _cache_layer(self, cache: Any, info: _LayerInfo) -> Any:
@@ -294,11 +339,24 @@ class PoslshPatch:
 
     def _reach_start(self, info: _LayerInfo, t: int) -> int:
         """First position (among kept tokens) any query at position >= t can see, over all heads."""
-        if self.options.method == "lsh":
-            return int(info.parts.block_starts_at(t).min())
-        from ..attention import window_sizes
+        return int(self._layer_starts(info, t).min())
 
-        return max(0, t - int(window_sizes(self.slopes, self.options.window_eps, t + 1).max()))
+    def _layer_starts(self, info: _LayerInfo, t: int) -> Tensor:
+        """Per head, the first key position a query at position >= t can see: int64 [H]."""
+        o = self.options
+        h = self.slopes.numel()
+        if o.method == "exact":
+            return torch.zeros(h, dtype=torch.int64)
+        starts = torch.full((h,), t, dtype=torch.int64)
+        if o.method in ("lsh", "hybrid"):
+            starts = info.parts.block_starts_at(t).amin(-1)
+        if o.method == "window":
+            from ..attention import window_sizes
+
+            starts = (t - window_sizes(self.slopes, o.spec.window_eps, t + 1)).clamp(min=0)
+        if o.method == "hybrid":
+            starts = torch.minimum(starts, (t - self.widths.clamp(max=t)).clamp(min=0))
+        return starts
 
     def _evict(self, info: _LayerInfo, layer: Any, keep: Tensor | None, offsets: Tensor, nk: int) -> None:
         """Drop the stored prefix that no future query of any row and head can reach."""
@@ -348,22 +406,13 @@ class PoslshPatch:
 
         A future query i >= T sees key j < T in sample t iff j and i share a block; blocks are
         contiguous, so iff j lies in the block of position T: j >= start_t(T). Over the r samples the
-        reachable keys are j >= min_t start_t(T). Window attention: j >= T - w_h. Exact: 0.
+        reachable keys are j >= min_t start_t(T). Window attention: j >= T - w_h; hybrid: the smaller
+        of the two. Exact: 0.
 
         Returns:
             int64 [L, H] (L attention layers).
         """
-        o = self.options
-        h = self.slopes.numel()
-        if o.method == "exact":
-            return torch.zeros(len(self.layers), h, dtype=torch.int64)
-        if o.method == "window":
-            from ..attention import window_sizes
-
-            w = window_sizes(self.slopes, o.window_eps, length + 1)  # what a query at position >= T keeps
-            start = (length - w).clamp(min=0)
-            return start.expand(len(self.layers), h).clone()
-        return torch.stack([info.parts.block_starts_at(length).amin(-1) for info in self.layers])
+        return torch.stack([self._layer_starts(info, length) for info in self.layers])
 
 
 def cache_report(patch: PoslshPatch | nn.Module, length: int, batch_size: int = 1,
@@ -508,38 +557,42 @@ def _mask_hook(patch: PoslshPatch, base: nn.Module):
     return base.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def patch_model(model: nn.Module, method: str = "lsh", samples: int = 8, scheme: str = "grid", seed: int = 0,
+def patch_model(model: nn.Module, method: str = "exact", samples: int = 8, scheme: str = "grid", seed: int = 0,
                 window_eps: float = 1e-3, backend: str = "auto", evict: bool = False,
-                slopes: Tensor | list[float] | None = None) -> PoslshPatch:
+                slopes: Tensor | list[float] | None = None, sampling: str = "iid",
+                hybrid_eps: float = 1e-2) -> PoslshPatch:
     """Switch a loaded BLOOM, MPT or Falcon(alibi) model's attention to ``poslsh.attention``.
 
     Args:
         model: a transformers model of a supported family (``...ForCausalLM`` or the base model).
-        method: "exact", "window" or "lsh".
-        samples: r, the number of LSH partitions per head (method "lsh").
+        method: "exact" (the default), "window", "lsh" or "hybrid", as ``poslsh.attention`` takes them.
+        samples: r, the number of LSH partitions per head ("lsh", "hybrid").
         scheme: "grid" or "cut".
         seed: partitions of layer l are drawn from (seed, l); the same seed gives the same partitions
             for every sequence length, batch layout and cache use.
         window_eps: dropped-weight bound of the window baseline.
         backend: passed to ``poslsh.attention``.
-        evict: with "lsh" or "window" and a transformers ``DynamicCache``, drop from the cache every key
-            that no future query can reach (the prefix common to all heads and rows of a layer) after
-            each forward; ``PoslshPatch.cache_memory(cache)`` reports what was freed.
+        evict: with "lsh", "hybrid" or "window" and a transformers ``DynamicCache``, drop from the cache
+            every key that no future query can reach (the prefix common to all heads and rows of a
+            layer) after each forward; ``PoslshPatch.cache_memory(cache)`` reports what was freed.
+            Warns once when it cannot act (method "exact", or a forward without such a cache).
         slopes: replace the model's own ALiBi slopes [H] (for studies; "exact" then no longer
             reproduces the model).
+        sampling: "iid", "stratified" or "qmc": joint law of a head's r partitions (grid only).
+        hybrid_eps: the hybrid near field's target error (sets its widths, fixed per head).
 
     Returns:
         A ``PoslshPatch``: call ``.unpatch()`` or use it as a context manager. Patching an already
         patched model replaces the previous patch.
+
+    Warns:
+        when an eager Falcon is patched (its own eager attention applies the ALiBi bias twice; the
+        patch applies it once, as Falcon's SDPA path does: see the module docstring).
     """
     _check_transformers()
     family = model_family(model)
-    if method not in ("exact", "window", "lsh"):
-        raise ValueError(f"method must be 'exact', 'window' or 'lsh', got {method!r}")
-    if scheme not in ("grid", "cut"):
-        raise ValueError(f"scheme must be 'grid' or 'cut', got {scheme!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    spec = MethodSpec(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
+                      hybrid_eps=hybrid_eps)  # every option checked here, once
     unpatch_model(model)
     own, scale = model_slopes(model)
     if slopes is None:
@@ -550,8 +603,20 @@ def patch_model(model: nn.Module, method: str = "lsh", samples: int = 8, scheme:
         slopes = check_slopes(slopes)
         if slopes.numel() != own.numel():
             raise ValueError(f"slopes must have one value per head ({own.numel()}), got {slopes.numel()}")
-    options = _Options(method, samples, scheme, int(seed), float(window_eps), backend, bool(evict))
+    if family == "falcon" and getattr(model.config, "_attn_implementation", None) == "eager":
+        warnings.warn("patching a Falcon model loaded with attn_implementation='eager': transformers' eager Falcon "
+                      "attention adds the ALiBi bias twice, the patch adds it once as Falcon's SDPA path does, so "
+                      "the patched logits differ from this model's own (use attn_implementation='sdpa' to compare)",
+                      stacklevel=2)
+    if evict and spec.method == "exact":
+        warnings.warn("evict=True has no effect with method='exact': every cached key stays reachable", stacklevel=2)
+    options = _Options(spec, int(seed), backend, bool(evict))
     patch = PoslshPatch(model, family, options, slopes, scale)
+    if spec.method == "hybrid":
+        from ..attention.window import hybrid_widths
+
+        w = hybrid_widths(slopes, spec.hybrid_eps, spec.samples, HYBRID_WIDTH_N)
+        patch.widths = torch.where(w >= HYBRID_WIDTH_N - 1, UNBOUNDED, w)
     modules = [m for m in model.modules() if type(m).__name__ in _ATTN_CLASSES[family]]
     if not modules:
         raise ValueError(f"no {family} attention module found in {type(model).__name__}")
@@ -562,7 +627,8 @@ def patch_model(model: nn.Module, method: str = "lsh", samples: int = 8, scheme:
             kv_heads = module.num_kv_heads
         else:
             kv_heads = heads
-        parts = LayerPartitions(slopes, samples, scheme, options.seed, index) if method == "lsh" else None
+        parts = (LayerPartitions(slopes, spec.samples, spec.scheme, options.seed, index, sampling=spec.sampling)
+                 if spec.random else None)
         info = _LayerInfo(module, index, heads, kv_heads, module.head_dim, parts)
         patch.layers.append(info)
     for info in patch.layers:

@@ -1,10 +1,8 @@
 """Held-out perplexity of the ALiBi LM per attention method, time per token, and per-layer error.
 
-Method strings (shared with ``poslsh eval-hf``, which takes the first three forms): ``exact``,
-``window`` or ``window:EPS``, ``lsh:R`` or ``lsh:R:SCHEME`` (R samples, SCHEME grid|cut; plain ``lsh``
-means R = 8, grid), ``lsh:R:grid:SAMPLING`` (SAMPLING iid|stratified|qmc: correlated samples, grid
-only), and ``hybrid[:R[:SCHEME[:SAMPLING]]]`` (exact weights in a near band, LSH beyond; the band is
-set by ``poslsh.attention``'s default ``hybrid_eps``).
+Methods are ``poslsh.method.MethodSpec`` (text forms ``exact``, ``window:EPS``, ``lsh:R:SCHEME:SAMPLING``,
+``hybrid:R:SCHEME:SAMPLING:EPS``: see ``poslsh.method``), shared with ``poslsh eval-hf`` and the
+transformers patch.
 
 Perplexity at context N: windows of N + 1 tokens slide over the held-out stream with stride
 S = ceil(score_fraction * N); each window scores only its last S predictions, so every scored token
@@ -18,79 +16,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..hashing import SAMPLINGS, SCHEMES
+from ..method import MethodSpec, parse_method  # the one method description; re-exported here
 from .model import ALiBiLM
 
 __all__ = ["MethodSpec", "parse_method", "sliding_windows", "perplexity", "layer_errors", "synchronize"]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One attention configuration to evaluate."""
-
-    method: str
-    samples: int = 8
-    scheme: str = "grid"
-    window_eps: float = 1e-3
-    sampling: str = "iid"
-
-    @property
-    def random(self) -> bool:
-        """Whether the method draws partitions (so its results depend on the seed)."""
-        return self.method in ("lsh", "hybrid")
-
-    @property
-    def label(self) -> str:
-        if self.random:
-            tail = f":{self.sampling}" if self.sampling != "iid" else ""  # iid labels as before sampling existed
-            return f"{self.method}:{self.samples}:{self.scheme}{tail}"
-        if self.method == "window":
-            return f"window:{self.window_eps:g}"
-        return self.method
-
-    def options(self, seed: int = 0) -> dict[str, Any]:
-        """Keyword arguments of ``ALiBiLM.set_attention``."""
-        return {"method": self.method, "samples": self.samples, "scheme": self.scheme, "seed": seed,
-                "window_eps": self.window_eps, "sampling": self.sampling}
-
-
-GRAMMAR = "exact, window[:EPS], lsh[:R[:grid|cut[:iid|stratified|qmc]]] or hybrid[:R[:grid|cut[:SAMPLING]]]"
-
-
-def parse_method(text: str) -> MethodSpec:
-    """A method string (module docstring) -> MethodSpec; ValueError naming the grammar otherwise."""
-    spec = _parse(text.strip().split(":"))
-    if spec is None:
-        raise ValueError(f"bad method {text!r}: use {GRAMMAR}")
-    if spec.scheme == "cut" and spec.sampling != "iid":
-        raise ValueError(f"bad method {text!r}: sampling {spec.sampling!r} needs the grid scheme "
-                         "(the cut scheme draws its samples independently)")
-    return spec
-
-
-def _parse(parts: list[str]) -> MethodSpec | None:
-    try:
-        if parts[0] == "exact" and len(parts) == 1:
-            return MethodSpec("exact")
-        if parts[0] == "window" and len(parts) <= 2:
-            eps = float(parts[1]) if len(parts) == 2 else 1e-3
-            return MethodSpec("window", window_eps=eps) if 0 < eps < 1 else None
-        if parts[0] in ("lsh", "hybrid") and len(parts) <= 4:
-            r = int(parts[1]) if len(parts) >= 2 else 8
-            scheme = parts[2] if len(parts) >= 3 else "grid"
-            sampling = parts[3] if len(parts) == 4 else "iid"
-            if r >= 1 and scheme in SCHEMES and sampling in SAMPLINGS:
-                return MethodSpec(parts[0], samples=r, scheme=scheme, sampling=sampling)
-    except ValueError:  # a number that does not parse
-        pass
-    return None
 
 
 def synchronize(device: torch.device | str) -> None:

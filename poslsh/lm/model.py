@@ -139,19 +139,22 @@ class ALiBiLM(nn.Module):
         return [blk.attn for blk in self.blocks]
 
     def set_attention(self, method: str = "exact", samples: int = 8, scheme: str = "grid", seed: int = 0,
-                      window_eps: float = 1e-3, backend: str = "auto", sampling: str = "iid") -> "ALiBiLM":
+                      window_eps: float = 1e-3, backend: str = "auto", sampling: str = "iid",
+                      hybrid_eps: float = 1e-2) -> "ALiBiLM":
         """Switch every layer to ``method`` ("exact", "window", "lsh" or "hybrid"); the partitions of
-        "lsh" and "hybrid" are fixed per layer from (seed, layer), drawn with ``sampling``."""
+        "lsh" and "hybrid" are fixed per layer from (seed, layer), drawn with ``sampling``;
+        ``hybrid_eps`` sets the hybrid's near field."""
         for attn in self.attention_modules():
             attn.method, attn.samples, attn.scheme = method, samples, scheme
-            attn.window_eps, attn.backend, attn.sampling = window_eps, backend, sampling
+            attn.window_eps, attn.backend, attn.sampling, attn.hybrid_eps = window_eps, backend, sampling, hybrid_eps
         self._partitions = None
         if method in ("lsh", "hybrid"):
             slopes = self.blocks[0].attn.slopes
             self._partitions = [LayerPartitions(slopes, samples, scheme, seed, layer, sampling=sampling)
                                 for layer in range(len(self.blocks))]
         self.attention_options = dict(method=method, samples=samples, scheme=scheme, seed=seed,
-                                      window_eps=window_eps, backend=backend, sampling=sampling)
+                                      window_eps=window_eps, backend=backend, sampling=sampling,
+                                      hybrid_eps=hybrid_eps)
         return self
 
     def set_partition_schedule(self, seed: int | None, step: int = 0) -> "ALiBiLM":
