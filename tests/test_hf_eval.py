@@ -49,21 +49,53 @@ def test_eval_hf_reports_each_method(checkpoint, tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().out
 
 
-def test_eval_hf_missing_model_is_a_clean_error(tmp_path):
+def test_eval_hf_takes_every_method_and_sampling_mode(checkpoint, tmp_path):
+    """hybrid (with its eps) and correlated sampling reach transformers models through eval-hf; the
+    hybrid with a near field covering the context is exact."""
     from poslsh.cli import main
 
-    text = tmp_path / "t.txt"
-    text.write_text("hello")
-    assert main(["eval-hf", "--model", str(tmp_path / "nope"), "--text", str(text), "--context", "8"]) == 2
+    model_dir, text = checkpoint
+    out = tmp_path / "out"
+    assert main(["eval-hf", "--model", str(model_dir), "--text", str(text), "--context", "32", "--methods", "exact",
+                 "hybrid:2:grid:qmc", "hybrid:2:grid:iid:1e-9", "lsh:4:grid:stratified", "--max-scored", "64",
+                 "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "eval-hf.json").read_text())["results"]["rows"]}
+    assert set(rows) == {"exact", "hybrid:2:grid:qmc", "hybrid:2:grid:iid:1e-09", "lsh:4:grid:stratified"}
+    assert rows["hybrid:2:grid:iid:1e-09"]["ppl"] == pytest.approx(rows["exact"]["ppl"], rel=1e-5)
+    assert abs(rows["lsh:4:grid:stratified"]["ppl"] / rows["exact"]["ppl"] - 1) > 1e-4
 
 
-@pytest.mark.parametrize("method", ["hybrid:8", "lsh:8:grid:qmc"])
-def test_eval_hf_refuses_methods_the_patch_does_not_compute(tmp_path, method, capsys):
-    """The LM's method grammar is wider than the transformers patch: refused before any loading."""
+def _run(capsys, *argv):
     from poslsh.cli import main
 
-    text = tmp_path / "t.txt"
-    text.write_text("hello")
-    assert main(["eval-hf", "--model", str(tmp_path / "nope"), "--text", str(text), "--context", "8",
-                 "--methods", "exact", method]) == 2
-    assert f"method {method!r} is not available for transformers models" in capsys.readouterr().err
+    rc = main(["eval-hf", *map(str, argv)])
+    return rc, capsys.readouterr().err
+
+
+def test_eval_hf_checks_its_inputs_first(checkpoint, tmp_path, capsys):
+    """Each missing requirement is one line and exit status 2, before any model is loaded or scored
+    (local files only: a missing folder never turns into a model hub request)."""
+    model_dir, text = checkpoint
+    short = tmp_path / "short.txt"
+    short.write_text("hello world")
+    cases = [
+        (("--model", tmp_path / "nope", "--text", text, "--context", 8), r"--model \S*nope does not exist"),
+        (("--model", text, "--text", text, "--context", 8), r"--model \S*text.txt is not a folder"),
+        (("--model", tmp_path, "--text", text, "--context", 8), r"has no config.json: not a saved transformers"),
+        (("--model", model_dir, "--text", tmp_path / "none.txt", "--context", 8), r"--text \S*none.txt does not exist"),
+        (("--model", model_dir, "--text", short, "--context", 64),
+         r"short.txt has \d+ tokens, fewer than one window of context 64 \+ 1: give a longer --text"),
+        (("--model", model_dir, "--text", text, "--context", 8, "--methods", "exact", "lsh:8:cut:qmc"),
+         r"bad method 'lsh:8:cut:qmc': sampling 'qmc' needs the grid scheme"),
+        (("--model", model_dir, "--text", text, "--context", 8, "--device", "cuda:0"),
+         r"--device cuda:0 needs CUDA, and torch \S+ sees no CUDA device"),
+    ]
+    import re
+
+    for argv, pattern in cases:
+        if "cuda" in pattern and torch.cuda.is_available():
+            continue
+        rc, err = _run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("poslsh eval-hf: error: "), (argv, err)
+        assert re.search(pattern, lines[0]), (pattern, lines[0])

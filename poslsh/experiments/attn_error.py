@@ -25,7 +25,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -53,19 +53,34 @@ except ImportError:  # pragma: no cover - depends on what is installed
 
 @dataclass
 class Config:
-    """What to measure. Defaults take ~20 s on a 2-core CPU."""
+    """What to measure. Defaults take ~20 s on a 2-core CPU.
+
+    Attributes:
+        n: Sequence length.
+        heads: Attention heads, with Press slopes.
+        head_dim: Head dimension D.
+        samples: Numbers of partitions r.
+        logit_scales: Multipliers of q (larger: more peaked attention rows).
+        schemes: Positional LSH schemes to compare.
+        seeds: Independent draws of inputs and partitions per point.
+        causal: Causal attention (--no-causal: bidirectional).
+        delta: Failure probability of the theoretical bound.
+        plot_heads: Head indices shown in the per-head figure.
+        threads: Torch CPU threads; 0 keeps torch's default (small operations run fastest on one thread).
+        seed: Base seed of every draw.
+    """
 
     n: int = 256
     heads: int = 8
     head_dim: int = 32
     samples: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     logit_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
-    schemes: tuple[str, ...] = ("grid", "cut")
+    schemes: tuple[Literal["grid", "cut"], ...] = ("grid", "cut")
     seeds: int = 2
     causal: bool = True
-    delta: float = 0.1  # failure probability of the theoretical bound
-    plot_heads: tuple[int, ...] = (0, 2, 4, 7)  # head indices shown in the per-head figure
-    threads: int = 1  # torch CPU threads (0: leave as is); small ops run fastest on one thread
+    delta: float = 0.1
+    plot_heads: tuple[int, ...] = (0, 2, 4, 7)
+    threads: int = 1
     seed: int = 0
 
 

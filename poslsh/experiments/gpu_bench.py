@@ -55,6 +55,34 @@ METHOD_ORDER = ("exact", "window", "hybrid", "lsh")
 
 @dataclass
 class Config:
+    """What to benchmark (the flags of ``poslsh bench``).
+
+    Attributes:
+        phases: Phases to run, each one of checks, offsets, sweep, forward, decode, backward.
+        ns: Sequence lengths n of the forward phase.
+        decode_ns: KV-cache lengths of the decode phase.
+        heads: Query heads H.
+        dim: Head dimension D.
+        causal: Causal attention (--no-causal: bidirectional).
+        window_eps: Truncation level of the window columns.
+        hybrid_eps: Near-field target of the hybrid column.
+        samples: Partitions r of the LSH and hybrid columns.
+        query_scale: Queries are query_scale times N(0, 1), as in the design anchors.
+        exact_max_n: Longest n for exact ALiBi and dense SDPA (seconds per call beyond).
+        flex_ns: Lengths for the FlexAttention columns (Flex compiles once per shape).
+        backward_ns: Lengths of the backward phase.
+        exact_max_n_backward: Longest n for exact ALiBi in the backward phase.
+        sweep_n: Length of the tile sweeps of window, hybrid and LSH.
+        sweep_exact_n: Length of the tile sweep of exact ALiBi.
+        columns: Only these columns, each one of sdpa, exact_triton, exact_flex, window_triton, window_flex, hybrid_triton, lsh_triton, lsh_flex (none: all).
+        warm_workers: Processes that compile the timed kernels in parallel first (0: none).
+        budget_s: Nothing new starts after this many seconds (0: no limit).
+        warmup_ms: Warm-up time per measurement in milliseconds.
+        rep_ms: Measuring time per measurement in milliseconds.
+        seed: Seed of inputs and partitions.
+        device: Device: cuda, or cpu for a dry run at tiny sizes (Triton under TRITON_INTERPRET=1, for tests).
+    """
+
     phases: tuple[str, ...] = ("checks", "offsets", "sweep", "forward", "decode", "backward")
     ns: tuple[int, ...] = (4096, 16384, 65536, 262144, 1048576)
     decode_ns: tuple[int, ...] = (16384, 65536, 262144, 1048576)

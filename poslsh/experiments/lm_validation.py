@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -67,6 +67,40 @@ class Config:
     Budgets and ``deadline_s`` are seconds, 0 = no limit. ``steps`` is an upper bound: the training
     budget sets the count. ``scored_tokens`` must be a multiple of every context's stride
     ceil(context / 2), so that every context scores the same tokens.
+
+    Attributes:
+        tiny: Replace the sizes left at their defaults by a CPU-sized run of seconds.
+        d_model: Model width.
+        n_layers: Transformer layers.
+        n_heads: Attention heads, with Press slopes.
+        train_context: Training context in tokens (bytes).
+        batch_size: Training batch size in sequences.
+        steps: Most training steps (the training budget usually sets the count).
+        lr: Peak learning rate.
+        warmup: Learning-rate warm-up steps.
+        eval_every: Steps between held-out evaluations.
+        train_budget_s: Training budget in seconds (0: no limit).
+        max_bytes: Most bytes of corpus read.
+        heldout_fraction: Fraction of the corpus's files held out.
+        contexts: Evaluation contexts in tokens.
+        samples: Partitions r of the LSH rows.
+        schemes: Positional LSH schemes of the LSH rows.
+        extra_methods: More methods to evaluate, as method strings (e.g. lsh:8:grid:qmc).
+        window_eps: Truncation level of the window rows.
+        seeds: Partition seeds averaged per LSH row.
+        scored_tokens: Held-out tokens scored at every context (a multiple of every context's stride).
+        eval_batch_tokens: Tokens per evaluation batch.
+        eval_budget_s: Evaluation budget in seconds (0: no limit).
+        error_context: Context of the per-layer attention errors.
+        error_batch: Sequences of the per-layer attention errors.
+        error_seeds: Partition seeds averaged for the per-layer errors.
+        error_budget_s: Budget of the per-layer errors in seconds (0: no limit).
+        deadline_s: Wall-time deadline of the whole run in seconds (0: none).
+        seed: Seed of training and evaluation.
+        device: Device, e.g. auto, cpu or cuda.
+        checkpoint: Evaluate this checkpoint folder instead of training (empty: train).
+        checkpoint_dir: Where training writes the weights (empty: OUT_checkpoint).
+        replot: Redraw the PNGs of this saved JSON into --out; nothing else runs (empty: a normal run).
     """
 
     tiny: bool = False
@@ -84,7 +118,7 @@ class Config:
     heldout_fraction: float = 0.05
     contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)
     samples: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    schemes: tuple[str, ...] = ("grid", "cut")
+    schemes: tuple[Literal["grid", "cut"], ...] = ("grid", "cut")
     extra_methods: tuple[str, ...] = ("lsh:8:grid:qmc", "hybrid:8:grid:qmc")
     window_eps: float = 1e-3
     seeds: tuple[int, ...] = (0,)
@@ -98,9 +132,9 @@ class Config:
     deadline_s: float = 500.0
     seed: int = 0
     device: str = "auto"
-    checkpoint: str = ""  # evaluate this checkpoint folder instead of training
-    checkpoint_dir: str = ""  # where training writes the weights (default: <out>_checkpoint)
-    replot: str = ""  # redraw the PNGs of this saved JSON into --out; nothing else runs
+    checkpoint: str = ""
+    checkpoint_dir: str = ""
+    replot: str = ""
 
 
 # What --tiny changes, in the fields left at their defaults (so ``--tiny --contexts 64`` keeps 64).

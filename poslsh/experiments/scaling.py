@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -32,20 +32,36 @@ METHODS = ("exact", "window", "lsh-split", "lsh-fused")
 
 @dataclass
 class Config:
-    """What to time. Defaults take ~20 s on a 2-core CPU."""
+    """What to time. Defaults take ~20 s on a 2-core CPU.
+
+    Attributes:
+        lengths: Sequence lengths n to time.
+        exact_max: Longest length for exact attention (it is quadratic).
+        heads: Attention heads, with Press slopes.
+        head_dim: Head dimension D.
+        samples: Partitions r for LSH.
+        scheme: Positional LSH scheme.
+        window_eps: Truncation level of the window method.
+        causal: Causal attention (--no-causal: bidirectional).
+        methods: Methods to time.
+        repeats: Timed calls per point (the best is kept).
+        threads: Torch CPU threads; 0 keeps torch's default (1 is the steadiest on a shared machine).
+        fit_from: Growth exponents are fitted on lengths at least this long.
+        seed: Seed of inputs and partitions.
+    """
 
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
-    exact_max: int = 4096  # exact attention is quadratic: only up to this length
+    exact_max: int = 4096
     heads: int = 4
     head_dim: int = 64
     samples: int = 8
-    scheme: str = "grid"
+    scheme: Literal["grid", "cut"] = "grid"
     window_eps: float = 1e-3
     causal: bool = True
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[Literal["exact", "window", "lsh-split", "lsh-fused"], ...] = METHODS
     repeats: int = 1
-    threads: int = 1  # torch CPU threads (0: leave as is); 1 is steadiest on a shared machine
-    fit_from: int = 4096  # growth exponents are fitted on lengths >= this (see summarize)
+    threads: int = 1
+    fit_from: int = 4096
     seed: int = 0
 
 

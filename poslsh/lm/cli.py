@@ -15,41 +15,57 @@ from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..cli import _add_config_flags  # the experiments' dataclass -> flags convention
+    from ..cli import _add_config_flags, add_threads_flag  # the experiments' dataclass -> flags convention
+    from ..method import GRAMMAR
     from .train import TrainConfig
 
-    lm = subparsers.add_parser("lm", help="train and evaluate the small ALiBi language model (poslsh.lm)")
-    sub = lm.add_subparsers(dest="lm_command", required=True)
-    tr = sub.add_parser("train", help="train on local text (default: this interpreter's .py files)")
-    tr.add_argument("--out", type=Path, required=True, help="checkpoint folder")
+    text = "Train and evaluate the small ALiBi language model of poslsh.lm."
+    lm = subparsers.add_parser("lm", help=text, description=text)
+    sub = lm.add_subparsers(dest="lm_command", required=True, metavar="COMMAND")
+    text = "Train the model on local text (default: this interpreter's Python files) into a checkpoint folder."
+    tr = sub.add_parser("train", help=text, description=text)
+    tr.add_argument("--out", type=Path, required=True, metavar="DIR", help="Checkpoint folder to write.")
     _add_config_flags(tr, TrainConfig)
-    tr.add_argument("--attention", dest="train_attention", default=argparse.SUPPRESS,
-                    help="the same as --train-attention: sdpa | exact | window[:EPS] | lsh:R[:grid|cut[:SAMPLING]] | "
-                         "hybrid[...] (LSH trains with fresh partitions every step)")
+    tr.add_argument("--attention", dest="train_attention", default=argparse.SUPPRESS, metavar="METHOD",
+                    help="The same as --train-attention: sdpa or a method string (LSH trains with fresh partitions "
+                         "every step).")
+    add_threads_flag(tr)
     tr.set_defaults(handler=_train)
 
-    ev = sub.add_parser("eval", help="held-out perplexity and time per token per attention method")
-    ev.add_argument("--checkpoint", type=Path, required=True)
-    ev.add_argument("--context", type=int, nargs="+", required=True)
-    ev.add_argument("--methods", nargs="+", default=["exact", "window", "lsh:8"],
-                    help="exact | window[:EPS] | lsh[:R[:grid|cut[:iid|stratified|qmc]]] | "
-                         "hybrid[:R[:SCHEME[:SAMPLING]]]")
-    ev.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ev.add_argument("--text", type=Path, help="score this file instead of the checkpoint's held-out set")
-    ev.add_argument("--max-scored", type=int, default=65536)
-    ev.add_argument("--batch-size", type=int, default=1)
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--out", type=Path, help="JSON folder (default: the checkpoint folder)")
+    text = "Measure held-out bits per byte and time per token of a checkpoint per attention method."
+    ev = sub.add_parser("eval", help=text, description=text)
+    ev.add_argument("--checkpoint", type=Path, required=True, metavar="DIR",
+                    help="Checkpoint folder written by poslsh lm train.")
+    ev.add_argument("--context", type=int, nargs="+", required=True, metavar="N",
+                    help="Context lengths in tokens (bytes), one set of rows each.")
+    ev.add_argument("--methods", nargs="+", default=["exact", "window", "lsh:8"], metavar="METHOD",
+                    help=f"Attention methods, each one of {GRAMMAR}. Default: exact window lsh:8.")
+    ev.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                    help="Partition seeds; rows of lsh and hybrid average them. Default: 0.")
+    ev.add_argument("--text", type=Path, metavar="FILE",
+                    help="Score this UTF-8 file instead of the checkpoint's held-out set.")
+    ev.add_argument("--max-scored", type=int, default=65536, metavar="N",
+                    help="Stop after this many scored tokens per row. Default: 65536.")
+    ev.add_argument("--batch-size", type=int, default=1, metavar="N", help="Windows per forward call. Default: 1.")
+    ev.add_argument("--device", default="auto", help="Device, e.g. auto, cpu or cuda. Default: auto.")
+    ev.add_argument("--out", type=Path, metavar="DIR",
+                    help="Folder for lm-eval.json. Default: the checkpoint folder.")
+    add_threads_flag(ev)
     ev.set_defaults(handler=_eval)
 
 
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from ..cli import require_cuda, require_file, require_package
     from .train import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     values["roots"] = tuple(values["roots"])
+    require_cuda(values["device"], f"--device {values['device']}")
+    require_package("safetensors", "poslsh lm train (its checkpoint)", "hf")
+    for root in values["roots"]:
+        require_file(Path(root), "--roots folder", folder=True)
     result = train(TrainConfig(**values), args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"held-out {result['heldout_bits_per_byte']:.3f} bits/byte "
           f"(unigram {result['unigram']['bits_per_token']:.3f}) after {result['steps']} steps, "
@@ -80,6 +96,7 @@ def evaluate_checkpoint(model, tokens, contexts: list[int], methods: list[str], 
     """
     import torch
 
+    from ..experiments.common import progress
     from .evaluate import parse_method, perplexity
     from .train import autocast_for
 
@@ -96,8 +113,10 @@ def evaluate_checkpoint(model, tokens, contexts: list[int], methods: list[str], 
                     with autocast_for(torch.device(device)):
                         return model(x)
 
+                ticker = (lambda it, total, label=f"lm eval {n} {spec.label}": progress(it, label, total)) if log \
+                    else None
                 res.append(perplexity(forward, tokens, n, device=device, batch_size=batch_size, max_scored=max_scored,
-                                      first_target=first_target))
+                                      first_target=first_target, progress=ticker))
             loss = sum(r["loss"] for r in res) / len(res)
             row = {"context": n, "method": spec.label, "loss": loss, "ppl": math.exp(loss),
                    "bits_per_token": loss / math.log(2),
@@ -117,16 +136,26 @@ def _eval(args: argparse.Namespace) -> int:
     from .model import load_checkpoint
     from .train import resolve_device
 
+    from ..cli import require_cuda, require_file, require_package
+    from ..method import parse_method
+
+    for text in args.methods:  # a bad method fails before any work
+        parse_method(text)
+    require_cuda(args.device, f"--device {args.device}")
+    require_package("safetensors", "poslsh lm eval (the checkpoint)", "hf")
+    require_file(args.checkpoint / "config.json", "--checkpoint: the checkpoint file")
+    require_file(args.checkpoint / "model.safetensors", "--checkpoint: the checkpoint file")
+    if args.text:
+        require_file(args.text, "--text")
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, device)
     tokens = read_text_tokens(args.text) if args.text else heldout_tokens(meta)
+    if tokens.size < max(args.context) + 1:
+        raise ValueError(f"the text has {tokens.size} tokens, fewer than one window of context {max(args.context)} "
+                         "+ 1: give a longer --text or shorter --context")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        rows = evaluate_checkpoint(model, tokens, args.context, args.methods, args.seeds, device=device,
-                                   batch_size=args.batch_size, max_scored=args.max_scored, log=log)
-    except ValueError as err:
-        print(f"poslsh lm eval: {err}", file=sys.stderr)
-        return 2
+    rows = evaluate_checkpoint(model, tokens, args.context, args.methods, args.seeds, device=device,
+                               batch_size=args.batch_size, max_scored=args.max_scored, log=log)
     unigram = meta.get("unigram")
     out = args.out or args.checkpoint
     config = {"checkpoint": str(args.checkpoint), "context": args.context, "methods": args.methods,

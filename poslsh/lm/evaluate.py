@@ -58,11 +58,13 @@ def sliding_windows(num_tokens: int, context: int, score_fraction: float = 0.5,
 
 def perplexity(forward: Callable[[Tensor], Tensor], tokens: np.ndarray, context: int, *, device: torch.device | str,
                batch_size: int = 1, score_fraction: float = 0.5, max_scored: int | None = 65536,
-               first_target: int | None = None, warmup: bool = True) -> dict[str, Any]:
+               first_target: int | None = None, warmup: bool = True,
+               progress: Callable[[Any, int], Any] | None = None) -> dict[str, Any]:
     """Sliding-window perplexity of ``forward`` (idx int64 [B, N] -> logits [B, N, V]) on a token stream.
 
     ``warmup``: run the first batch once untimed, so that compilation (FlexAttention, Triton) and
-    lazily built partitions are not counted in the time per token.
+    lazily built partitions are not counted in the time per token. ``progress(iterable, total)``
+    wraps the loop over batches (e.g. ``experiments.common.progress``, for lines on stderr).
 
     Returns:
         {"context", "loss" (nats/token), "ppl", "bits_per_token", "scored_tokens", "windows",
@@ -72,7 +74,8 @@ def perplexity(forward: Callable[[Tensor], Tensor], tokens: np.ndarray, context:
     starts, stride = sliding_windows(tokens.size, context, score_fraction, max_scored, first_target)
     nll, scored, seconds = 0.0, 0, 0.0
     with torch.no_grad():
-        for i in range(0, len(starts), batch_size):
+        batches = range(0, len(starts), batch_size)
+        for i in (progress(batches, len(batches)) if progress else batches):
             batch = np.stack([tokens[s:s + context + 1].astype(np.int64) for s in starts[i:i + batch_size]])
             w = torch.from_numpy(batch).to(device)
             if warmup and i == 0:

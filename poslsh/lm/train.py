@@ -39,7 +39,33 @@ __all__ = ["TrainConfig", "train", "resolve_device", "heldout_windows", "batch_l
 
 @dataclass
 class TrainConfig:
-    """Model, data and optimisation settings (defaults: the H200 run of the validation experiment)."""
+    """Model, data and optimisation settings (defaults: the H200 run of the validation experiment).
+
+    Attributes:
+        d_model: Model width.
+        n_layers: Transformer layers.
+        n_heads: Attention heads, with Press slopes.
+        context: Training context in tokens (bytes).
+        batch_size: Batch size in sequences.
+        steps: Training steps (fewer when the time budget runs out).
+        lr: Peak learning rate (cosine decay after the warm-up).
+        min_lr_ratio: Final learning rate as a fraction of the peak.
+        warmup: Learning-rate warm-up steps.
+        weight_decay: AdamW weight decay.
+        grad_clip: Gradient-norm clip.
+        eval_every: Steps between held-out evaluations (and checkpoints).
+        eval_windows: Held-out windows per evaluation.
+        seed: Seed of initialisation and batches.
+        max_bytes: Most bytes of corpus read.
+        heldout_fraction: Fraction of the corpus's files held out.
+        roots: Folders of text to train on (none: this interpreter's Python files).
+        device: Device, e.g. auto, cpu or cuda.
+        time_budget_s: Training budget in seconds (0: no limit).
+        train_attention: Attention while training: sdpa (exact ALiBi through a dense mask, fast) or a method string such as exact, window:EPS or lsh:R:SCHEME:SAMPLING (LSH draws fresh partitions every step).
+        partition_seed: Seed of the training and evaluation partitions (None: seed).
+        init_checkpoint: Start from this checkpoint folder's weights, of the same model shape (empty: from scratch).
+        compile: Compile the model with torch.compile.
+    """
 
     d_model: int = 512
     n_layers: int = 8
@@ -60,9 +86,9 @@ class TrainConfig:
     roots: tuple[str, ...] = ()
     device: str = "auto"
     time_budget_s: float = 0.0
-    train_attention: str = "sdpa"  # "sdpa" or a method string (module docstring)
-    partition_seed: int | None = None  # seed of the training (and eval) partitions; None: ``seed``
-    init_checkpoint: str = ""  # start from this checkpoint folder's weights (same model shape)
+    train_attention: str = "sdpa"
+    partition_seed: int | None = None
+    init_checkpoint: str = ""
     compile: bool = False
 
 
