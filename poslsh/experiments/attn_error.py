@@ -35,7 +35,7 @@ from ..attention.dispatch import resolve_spec
 from ..attention.fused import fused_attention
 from ..attention.ranges import Support, nonzero_pairs, split_pairs
 from ..hashing import Partitions, sample_partitions
-from .common import fmt, markdown_table, progress, pyplot, save_results, torch_threads
+from .common import fmt, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
 
 NAME = "attn-error"
 PLOT = "attn_error_vs_r.png"
@@ -68,6 +68,7 @@ class Config:
         plot_heads: Head indices shown in the per-head figure.
         threads: Torch CPU threads; 0 keeps torch's default (small operations run fastest on one thread).
         seed: Base seed of every draw.
+        replot: A saved attn-error.json: only redraw its PNGs into --out (every other flag is ignored).
     """
 
     n: int = 256
@@ -82,6 +83,7 @@ class Config:
     plot_heads: tuple[int, ...] = (0, 2, 4, 7)
     threads: int = 1
     seed: int = 0
+    replot: str = ""
 
 
 def _seed(*key: Any) -> int:
@@ -112,7 +114,10 @@ def _rel(est: Tensor, exact: Tensor) -> Tensor:
 
 
 def run(config: Config, out_dir: str | Path) -> dict:
-    """Measure, write ``out_dir/attn-error.json`` and the PNGs, return the saved document."""
+    """Measure, write ``out_dir/attn-error.json`` and the PNGs, return the saved document (with
+    ``replot``: only redraw that JSON's PNGs)."""
+    if config.replot:
+        return replot_saved(config.replot, NAME, out_dir, replot)
     with torch_threads(config.threads):
         return _run(config, out_dir)
 
@@ -187,6 +192,13 @@ def _run(config: Config, out_dir: str | Path) -> dict:
     doc = save_results(out_dir / f"{NAME}.json", config, results)
     _plot(doc, out_dir, config)
     return doc
+
+
+def replot(doc: dict, out_dir: str | Path) -> None:
+    """The PNGs of a saved document, drawn into out_dir."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items() if k in known})
+    _plot(doc, Path(out_dir), config)
 
 
 def _plot(doc: dict, out_dir: Path, config: Config) -> None:

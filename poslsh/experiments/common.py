@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["environment", "save_results", "load_results", "progress", "markdown_table", "pyplot",
+__all__ = ["environment", "save_results", "load_results", "replot_saved", "progress", "markdown_table", "pyplot",
            "fmt", "config_to_dict", "torch_threads"]
 
 
@@ -81,6 +81,18 @@ def save_results(path: str | Path, config: Any, results: dict[str, Any]) -> dict
 
 def load_results(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def replot_saved(path: str, name: str, out_dir: str | Path, draw: Callable[[dict, Path], Any]) -> dict[str, Any]:
+    """An experiment's ``--replot PATH``: load a saved result, redraw its PNGs into out_dir with
+    ``draw(doc, out_dir)``, return the document (nothing is measured)."""
+    if not Path(path).is_file():
+        raise ValueError(f"replot must name a saved {name}.json, got {path!r} (no such file)")
+    doc = load_results(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    draw(doc, out)
+    return doc
 
 
 def _jsonable(x: Any) -> Any:

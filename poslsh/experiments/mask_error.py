@@ -22,7 +22,7 @@ import torch
 from .. import theory
 from ..hashing import Partitions, sample_partitions
 from ..masks import mask_errors
-from .common import markdown_table, progress, pyplot, save_results
+from .common import markdown_table, progress, pyplot, replot_saved, save_results
 
 NAME = "mask-error"
 
@@ -43,6 +43,7 @@ class Config:
         seed: Base seed of every draw.
         method: How the errors are computed: dense n x n matrices, structured (no n x n matrix), or auto (dense up to n = 512).
         rtol: Relative Lanczos residual of the structured spectral norm (1e-2 puts the value within about 0.3 percent).
+        replot: A saved mask-error.json: only redraw its PNGs into --out (every other flag is ignored).
     """
 
     lengths: tuple[int, ...] = (256, 4096)
@@ -54,6 +55,7 @@ class Config:
     seed: int = 0
     method: Literal["auto", "dense", "structured"] = "auto"
     rtol: float = 1e-2
+    replot: str = ""
 
 
 def _prefix(parts: Partitions, r: int) -> Partitions:
@@ -80,7 +82,10 @@ def _seed(*key: Any) -> int:
 
 
 def run(config: Config, out_dir: str | Path) -> dict:
-    """Measure, write ``out_dir/mask-error.json`` and the PNGs, and return the saved document."""
+    """Measure, write ``out_dir/mask-error.json`` and the PNGs, and return the saved document (with
+    ``replot``: only redraw that JSON's PNGs)."""
+    if config.replot:
+        return replot_saved(config.replot, NAME, out_dir, replot)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not config.samples or min(config.samples) < 1:
@@ -167,6 +172,11 @@ def _slope_label(m: float) -> str:
     if m > 0 and abs(math.log2(m) - round(math.log2(m))) < 1e-12 and m < 1:
         return f"m = 1/{round(1 / m)}"
     return f"m = {m:g}"
+
+
+def replot(doc: dict, out_dir: str | Path) -> None:
+    """The PNGs of a saved document, drawn into out_dir."""
+    _plot(doc, Path(out_dir))
 
 
 def _plot(doc: dict, out_dir: Path) -> None:

@@ -53,7 +53,7 @@ from ..attention.dispatch import Backend, resolve_spec, select_backend
 from ..attention.ranges import nonzero_pairs
 from ..hashing import sample_partitions
 from ..kernels import power_law
-from .common import fmt, gpu_time, load_results, markdown_table, progress, pyplot, save_results, torch_threads
+from .common import fmt, gpu_time, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
 
 NAME = "pareto"
 PLOT = "pareto.png"
@@ -386,11 +386,7 @@ def run(config: Config, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.replot:
-        if not Path(config.replot).is_file():
-            raise ValueError(f"replot must name a saved {NAME}.json, got {config.replot!r} (no such file)")
-        doc = load_results(config.replot)
-        replot(doc, out_dir)
-        return doc
+        return replot_saved(config.replot, NAME, out_dir, replot)
     if not config.n or any(n < 2 for n in config.n):
         raise ValueError(f"n must be one or more lengths >= 2, got {config.n!r}")
     with torch_threads(config.threads), torch.no_grad():
@@ -513,9 +509,11 @@ def replot(doc: dict, out_dir: str | Path) -> list[Path]:
             _plot_panel(ax, panel, colors)
             what = "Press slopes" if panel["kernel"] is None else panel["kernel"]
             ax.set_title(f"{title}, {what}, n={panel['n']}, H={panel['heads']}", fontsize=10)
-        where = f"{env.get('cpu_threads', cfg['threads'])} thread(s), " if env.get("device", "cpu") == "cpu" else ""
-        fig.suptitle(f"Error vs time ({env.get('device', cfg['device'])}, backend {cfg['backend']}, {cfg['dtype']}, "
-                     f"{where}D={cfg['head_dim']}){' - partial run' if res.get('partial') else ''}", fontsize=11)
+        where = (f"{env.get('cpu_threads', cfg['threads'])} thread(s), single-call CPU times: noisy, " if
+                 env.get("device", "cpu") == "cpu" else "")
+        fig.suptitle(f"Relative output error against the time of one forward call\n({env.get('device', cfg['device'])}, "
+                     f"backend {cfg['backend']}, {cfg['dtype']}, {where}D={cfg['head_dim']})"
+                     f"{' - partial run' if res.get('partial') else ''}", fontsize=11)
         fig.tight_layout()
         fig.savefig(out_dir / PLOT, dpi=110)
         plt.close(fig)
@@ -549,36 +547,48 @@ def replot(doc: dict, out_dir: str | Path) -> list[Path]:
 
 
 def _plot_panel(ax, panel: dict, colors: dict[str, str]) -> None:
-    """One panel's measured points: error vs time, log-log."""
+    """One panel's measured points: error vs time, log-log. Every line runs in order of its x (time),
+    every point is labelled with its parameter (window eps, LSH r, hybrid eps or near-field width),
+    and the window is drawn wide and underneath, so a hybrid curve on top of it stays visible."""
     pts = measured(panel["points"])
     floor = min([p["error"] for p in pts if p["error"] > 0] + [1e-6]) / 3
-    styles = {"window": ("s-", "k"), "exact": ("*", "r")}
-    for method in ("window", "exact"):
-        sel = sorted((p for p in pts if p["method"] == method), key=lambda p: p["seconds"])
-        if sel:
-            marker, color = styles[method]
-            ax.plot([p["seconds"] for p in sel], [max(p["error"], floor) for p in sel], marker, color=color,
-                    label=method if method == "window" else "exact (its own rounding error)", ms=7)
-            if method == "window":
-                for p in sel:
-                    ax.annotate(f"{p['window_eps']:g}", (p["seconds"], max(p["error"], floor)), fontsize=7,
-                                xytext=(3, 3), textcoords="offset points")
+    by_time = lambda sel: sorted(sel, key=lambda p: p["seconds"])  # noqa: E731
+
+    def line(sel, style, color, label, tag, offset=(3, 3), **kw):
+        sel = by_time(sel)
+        xs, ys = [p["seconds"] for p in sel], [max(p["error"], floor) for p in sel]
+        ax.plot(xs, ys, style, color=color, label=label, **kw)
+        for p, x, y in zip(sel, xs, ys):
+            if tag is not None:
+                ax.annotate(tag(p), (x, y), fontsize=6, xytext=offset, textcoords="offset points", color=color,
+                            ha="left" if offset[0] >= 0 else "right")
+
+    window = [p for p in pts if p["method"] == "window"]
+    if window:
+        line(window, "s-", "0.25", "window (eps labelled)", lambda p: f"{p['window_eps']:g}", lw=3.5, ms=7,
+             alpha=0.55, zorder=1)
+    exact = [p for p in pts if p["method"] == "exact"]
+    if exact:
+        ax.plot([p["seconds"] for p in exact], [max(p["error"], floor) for p in exact], "*", color="r", ms=10,
+                label="exact (its own rounding error)", zorder=3)
+    labelled = False  # the sampling modes share their r: label the first mode's points only
     for sampling in SAMPLINGS:
-        sel = sorted((p for p in pts if p["method"] == "lsh" and p["sampling"] == sampling), key=lambda p: p["samples"])
+        sel = [p for p in pts if p["method"] == "lsh" and p["sampling"] == sampling]
         if sel:
-            ax.plot([p["seconds"] for p in sel], [p["error"] for p in sel], "o--", color=colors[sampling],
-                    label=f"lsh {sampling} (r={sel[0]['samples']}..{sel[-1]['samples']})", ms=4)
+            line(sel, "o--", colors[sampling], f"lsh {sampling}" + ("" if labelled else " (r labelled)"),
+                 None if labelled else (lambda p: f"r={p['samples']}"), ms=4, lw=1, zorder=2)
+            labelled = True
     for r in sorted({p["samples"] for p in pts if p["method"] == "hybrid"}):
-        sel = sorted((p for p in pts if p["method"] == "hybrid" and p["samples"] == r), key=lambda p: p["seconds"])
+        sel = [p for p in pts if p["method"] == "hybrid" and p["samples"] == r]
         key = "hybrid_eps" if "hybrid_eps" in sel[0] else "near"
-        values = sorted(p[key] for p in sel)
-        ax.plot([p["seconds"] for p in sel], [p["error"] for p in sel], "^-", ms=6,
-                label=f"hybrid {sel[0]['sampling']} r={r} ({key} {values[0]:g}..{values[-1]:g})")
+        line(sel, "^-", "tab:purple", f"hybrid {sel[0]['sampling']} r={r} ({'eps' if key == 'hybrid_eps' else 'near'}"
+             " labelled)", (lambda p: f"{p['hybrid_eps']:g}") if key == "hybrid_eps" else (lambda p: f"near {p['near']}"),
+             offset=(-4, -8), ms=6, lw=1.2, zorder=4)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel("time of one forward call [s]")
-    ax.set_ylabel(r"$\|\hat O - O\| / \|O\|$")
+    ax.set_ylabel(r"relative output error $\|\hat O - O\| / \|O\|$")
     ax.legend(fontsize=7)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from ..alibi import alibi_slopes
 from ..attention import attention
-from .common import fmt, markdown_table, progress, pyplot, save_results, torch_threads
+from .common import fmt, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
 
 NAME = "scaling"
 PLOT = "scaling.png"
@@ -48,6 +48,7 @@ class Config:
         threads: Torch CPU threads; 0 keeps torch's default (1 is the steadiest on a shared machine).
         fit_from: Growth exponents are fitted on lengths at least this long.
         seed: Seed of inputs and partitions.
+        replot: A saved scaling.json: only redraw its PNG into --out (every other flag is ignored).
     """
 
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
@@ -63,6 +64,7 @@ class Config:
     threads: int = 1
     fit_from: int = 4096
     seed: int = 0
+    replot: str = ""
 
 
 def _status_kib(field: str) -> int | None:
@@ -125,7 +127,10 @@ def run_method(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
 
 def run(config: Config, out_dir: str | Path) -> dict:
-    """Time every method at every length, write ``out_dir/scaling.json`` and the PNG."""
+    """Time every method at every length, write ``out_dir/scaling.json`` and the PNG (with ``replot``:
+    only redraw that JSON's PNG)."""
+    if config.replot:
+        return replot_saved(config.replot, NAME, out_dir, replot)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unknown = set(config.methods) - set(METHODS)
@@ -176,6 +181,11 @@ def _exponents(rows: list[dict], fit_from: int = 0) -> dict[str, dict[str, float
                        "wall_time": slope([(r["n"], r["seconds"]) for r in mine]),
                        "memory": slope([(r["n"], r["peak_rss_delta"]) for r in mine])}
     return out
+
+
+def replot(doc: dict, out_dir: str | Path) -> None:
+    """The PNG of a saved document, drawn into out_dir."""
+    _plot(doc, Path(out_dir))
 
 
 def _plot(doc: dict, out_dir: Path) -> None:

@@ -168,16 +168,19 @@ def _optimizer(model: ALiBiLM, config: TrainConfig, device: torch.device) -> tor
 
 
 def plot_curve(history: list[dict], unigram_nats: float, path: Path) -> Path:
-    """Train and held-out loss (nats/token) against step, with the unigram baseline."""
+    """Train and held-out loss against step, with the unigram baseline, in bits per byte (the history
+    stores nats per token; tokens are bytes), the unit of every LM table and plot."""
     plt = pyplot()
+    bits = 1 / math.log(2)
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [h["step"] for h in history if "train_loss" in h]
-    ax.plot(steps, [h["train_loss"] for h in history if "train_loss" in h], lw=0.8, label="train (batch)")
+    ax.plot(steps, [h["train_loss"] * bits for h in history if "train_loss" in h], lw=0.8, label="train (batch)")
     ev = [h for h in history if "heldout_loss" in h]
-    ax.plot([h["step"] for h in ev], [h["heldout_loss"] for h in ev], "o-", label="held-out")
-    ax.axhline(unigram_nats, color="gray", ls="--", label="unigram baseline")
+    ax.plot([h["step"] for h in ev], [h["heldout_loss"] * bits for h in ev], "o-", label="held-out")
+    ax.axhline(unigram_nats * bits, color="gray", ls="--", label="unigram baseline")
+    ax.set_title("Training curve: loss in bits per byte against step", fontsize=10)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / byte)")
+    ax.set_ylabel("loss (bits per byte)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
