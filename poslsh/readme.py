@@ -1,16 +1,20 @@
-"""Regenerate the README's results section from the committed JSON in bench/results/.
+"""Generate the README's results block and ``docs/RESULTS.md`` from the committed JSON in bench/results/.
 
-    python3 -m poslsh.readme            # rewrite README.md between the generated markers
-    python3 -m poslsh.readme --check    # exit 1 if README.md is out of date (a test runs this)
+    python3 -m poslsh.readme            # rewrite both
+    python3 -m poslsh.readme --check    # exit 1 if either is out of date (a test runs this)
 
-Numbers in the README come only from here, so they cannot drift from the measurements.
+Numbers in the README and in docs/RESULTS.md come only from here, so they cannot drift from the
+measurements. Each section of RESULTS.md is a function of one JSON document: to add a result, add a
+``Section`` to ``SECTIONS`` (its file, a plain-language heading and a renderer ``doc -> Markdown``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,101 +22,222 @@ from .experiments.common import fmt, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+RESULTS_MD = ROOT / "docs" / "RESULTS.md"
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 
+Doc = dict[str, Any]
 
-def _provenance(doc: dict[str, Any], path: Path) -> str:
+
+def _link(path: Path, page: Path) -> str:
+    """``path`` as a link target from the folder of ``page``."""
+    return Path("../" * len(page.parent.relative_to(ROOT).parts) + str(path.relative_to(ROOT))).as_posix()
+
+
+def _provenance(doc: Doc, path: Path, page: Path) -> str:
     env = doc["environment"]
-    where = env.get("device", "?")
-    return (f"<sub>From [`{path.relative_to(ROOT)}`]({path.relative_to(ROOT)}): {env['date'][:10]}, {where}, "
+    return (f"<sub>From [`{path.relative_to(ROOT)}`]({_link(path, page)}): {env['date'][:10]}, {env.get('device', '?')}, "
             f"torch {env['torch']}, triton {env.get('triton')}, command `{env['command']}`.</sub>")
 
 
-def _cpu_scaling(doc: dict[str, Any]) -> str:
+# ----------------------------------------------------------------------------- the README's table
+
+
+def _pareto_points(doc: Doc) -> list[dict]:
+    from .experiments.pareto import alibi_panels, measured
+
+    return measured(alibi_panels(doc["results"])[0]["points"])
+
+
+def _pick(points: list[dict], method: str, **match) -> dict | None:
+    return next((p for p in points if p["method"] == method and all(p.get(k) == v for k, v in match.items())), None)
+
+
+# The README's rows: (label, method, parameters) of the 256K Pareto run; absent points are left out.
+README_ROWS = [
+    ("exact ALiBi", "exact", {}),
+    ("window, eps = 1e-3", "window", {"window_eps": 1e-3}),
+    ("window, eps = 1e-2", "window", {"window_eps": 1e-2}),
+    ("hybrid, r = 8, hybrid_eps = 1e-2", "hybrid", {"samples": 8, "hybrid_eps": 1e-2}),
+    ("hybrid, r = 8, hybrid_eps = 0.1", "hybrid", {"samples": 8, "hybrid_eps": 0.1}),
+    ("LSH, r = 8 (the paper's estimator)", "lsh", {"samples": 8, "sampling": "iid"}),
+    ("LSH, r = 32, qmc sampling", "lsh", {"samples": 32, "sampling": "qmc"}),
+]
+
+
+def readme_table(doc: Doc) -> str:
+    """One table that answers how fast, how accurate, compared with what: the 256K H200 Pareto run."""
+    cfg, env = doc["config"], doc["environment"]
+    pts = _pareto_points(doc)
+    exact = _pick(pts, "exact")
+    rows = []
+    for label, method, match in README_ROWS:
+        p = _pick(pts, method, **match)
+        if p is None:
+            continue
+        speedup = "1×" if p is exact else (f"{exact['seconds'] / p['seconds']:.0f}×" if exact else "–")
+        rows.append([label, p["backend"], f"{p['seconds'] * 1e3:.3g}", speedup, fmt(p["error"]),
+                     f"{p['pairs']:.0f}"])
+    n = alibi_panels_n(doc)
+    head = (f"One forward call at n = {n // 1024}K tokens on an {env.get('device', '?')} ({cfg['heads']} heads, "
+            f"D = {cfg['head_dim']}, {cfg['dtype']}, causal, Press slopes); error relative to exact attention in "
+            f"{cfg['reference_dtype']}"
+            + (f" over the last {cfg['error_rows']} rows" if cfg.get("error_rows") else "") + ". Exact attention's "
+            f"own error is the {cfg['dtype']} rounding floor.\n\n")
+    return head + markdown_table(["method", "kernel", "time [ms]", "faster than exact", "relative error",
+                                  "keys per query"], rows)
+
+
+def alibi_panels_n(doc: Doc) -> int:
+    from .experiments.pareto import alibi_panels
+
+    return alibi_panels(doc["results"])[0]["n"]
+
+
+README_TABLE = "pareto_h200_256k/pareto.json"
+
+
+def readme_block() -> str:
+    path = RESULTS / README_TABLE
+    doc = json.loads(path.read_text())
+    return readme_table(doc) + "\n\n" + _provenance(doc, path, README)
+
+
+# ----------------------------------------------------------------------------- RESULTS.md sections
+
+
+def _experiment(module: str) -> Callable[[Doc], str]:
+    def render(doc: Doc) -> str:
+        import importlib
+
+        return importlib.import_module(f"poslsh.experiments.{module}").readme_section(doc)
+
+    return render
+
+
+def cpu_scaling(doc: Doc) -> str:
     cfg = doc["config"]
     small, large = cfg["lengths"]
     rows = []
     for run in doc["results"]["runs"]:
         rows.append([run["backend"], run["scheme"], fmt(run["cpu_seconds"][str(small)]), fmt(run["cpu_seconds"][str(large)]),
                      fmt(run["ratio"]), fmt(run["wall_ratio"]), f"{run['peak_rss_bytes'] / 2**20:.0f} MiB"])
-    head = (f"### CPU scaling (issue target: time ratio ≤ 12, peak memory < 2 GB)\n\n"
-            f"LSH forward, H = {cfg['heads']}, D = {cfg['head_dim']}, {cfg['dtype']}, r = {cfg['samples']}, causal, "
-            f"{cfg['threads']} torch thread; CPU seconds, best of {cfg['repeats']} (linear growth is 8×, quadratic 64×).\n")
-    table = markdown_table(["backend", "scheme", f"n={small} (s)", f"n={large} (s)", "CPU-time ratio",
-                            "wall-time ratio", f"peak RSS at {large}"], rows)
-    return head + "\n" + table
+    head = (f"LSH forward, H = {cfg['heads']}, D = {cfg['head_dim']}, {cfg['dtype']}, r = {cfg['samples']}, causal, "
+            f"{cfg['threads']} torch thread; CPU seconds, best of {cfg['repeats']}. From n = {small} to {large} "
+            f"(8× longer) linear growth is 8× and quadratic 64×; the aim was a ratio of at most 12 and under 2 GB "
+            "of memory.\n")
+    return head + "\n" + markdown_table(["backend", "scheme", f"n={small} (s)", f"n={large} (s)", "CPU-time ratio",
+                                         "wall-time ratio", f"peak RSS at {large}"], rows)
 
 
-# (file in bench/results, renderer); a block whose file is absent is left out.
-SECTIONS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
-    ("cpu_scaling.json", _cpu_scaling),
+def mask_error(doc: Doc) -> str:
+    """Fitted rate of the mean mask's error against r, per scheme, length and slope."""
+    from .experiments import mask_error as me
+
+    cfg = doc["config"]
+    rows = []
+    for n in cfg["lengths"]:
+        for slope in cfg["slopes"]:
+            for scheme in cfg["schemes"]:
+                rs, mx, _, _ = me._series(doc, n, slope, scheme, "max")
+                _, sp, _, _ = me._series(doc, n, slope, scheme, "spectral")
+                rows.append([n, me._slope_label(slope).removeprefix("m = "), scheme, fmt(mx[-1]), fmt(me._exponent(rs, mx)),
+                             fmt(sp[-1]), fmt(me._exponent(rs, sp))])
+    return (f"The mean of r sampled block masks against the ALiBi kernel B, medians over {cfg['seeds']} seeds; "
+            f"\"rate\" is the fitted exponent of the error against r (a 1/sqrt(r) law is -0.5). Errors at "
+            f"r = {max(cfg['samples'])}.\n\n"
+            + markdown_table(["n", "slope", "scheme", "max error", "max rate", "spectral error", "spectral rate"], rows))
+
+
+def attn_error(doc: Doc) -> str:
+    cfg = doc["config"]
+    return (f"Attention output error of positional LSH against exact ALiBi versus r (n = {cfg['n']}, {cfg['heads']} "
+            f"heads, D = {cfg['head_dim']}), per scheme and logit scale, beside the window given the same number of "
+            "(query, key) pairs (dashed). Both schemes follow the 1/sqrt(r) law; the window at equal pairs is more "
+            "accurate almost everywhere.")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One block of docs/RESULTS.md: a JSON file under bench/results, its heading, its renderer."""
+
+    path: str
+    heading: str
+    render: Callable[[Doc], str]
+    images: tuple[str, ...] = ()  # PNGs under bench/results shown after the block
+
+
+SECTIONS: list[Section] = [
+    Section("gpu_bench/gpu_bench.json", "How fast: every method on its GPU backends, forward, backward and decoding",
+            _experiment("gpu_bench"), ("gpu_bench/gpu_bench_time.png", "gpu_bench/gpu_bench_decode.png")),
+    Section("pareto_h200_256k/pareto.json", "How accurate for the time: error against time at 256K tokens on the GPU",
+            _experiment("pareto"), ("pareto_h200_256k/pareto.png",)),
+    Section("lm-validation.json", "A language model trained here: bits per byte per method, r and context",
+            _experiment("lm_validation")),
+    Section("pareto_h200/pareto.json", "Error against time at 64K tokens on the GPU (its 256K panel was rerun above)",
+            _experiment("pareto"), ("pareto_h200/pareto.png",)),
+    Section("pareto_h200_heavy/pareto.json", "A heavy-tailed kernel at 64K tokens on the GPU", _experiment("pareto"),
+            ("pareto_h200_heavy/pareto.png",)),
+    Section("mask-error/mask-error.json", "The paper's first claim: the mean of r masks approaches the ALiBi kernel",
+            mask_error, ("mask-error/mask_error_spectral.png",)),
+    Section("attn-error/attn-error.json", "The paper's second claim: attention output error against r", attn_error,
+            ("attn-error/attn_error_vs_r.png",)),
+    Section("pareto_cpu/pareto.json", "On the CPU: correlated sampling, the hybrid and a heavy-tailed kernel",
+            _experiment("pareto"), ("pareto_cpu/pareto.png", "pareto_cpu/pareto_convergence.png")),
+    Section("cpu_scaling.json", "On the CPU: time and memory against the context", cpu_scaling),
 ]
 
+RESULTS_HEAD = """# Results
 
-def _extra_sections() -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
-    """Experiments that render their own README block: ``readme_section(doc) -> str``."""
-    import importlib
+Every number on this page is generated by `python3 -m poslsh.readme` from the JSON committed in
+[`bench/results/`](../bench/results/) (a test fails when this page and the JSON disagree); each section
+names the file and the command that produced it. The README keeps the one table that answers "how
+fast, how accurate, compared with what"; the rest is here, the GPU first.
+"""
 
-    found = []
-    for module, filenames in (("gpu_bench", ("gpu_bench/gpu_bench.json",)),
-                              ("lm_validation", ("lm-validation.json",)),
-                              ("pareto", ("pareto_h200_256k/pareto.json", "pareto_h200/pareto.json",
-                                          "pareto_h200_heavy/pareto.json", "pareto_cpu/pareto.json"))):
-        try:
-            mod = importlib.import_module(f"poslsh.experiments.{module}")
-        except ModuleNotFoundError:
+
+def render_results() -> str:
+    parts = [RESULTS_HEAD]
+    for section in SECTIONS:
+        path = RESULTS / section.path
+        if not path.exists():
             continue
-        if hasattr(mod, "readme_section"):
-            found += [(filename, mod.readme_section) for filename in filenames]
-    return found
-
-
-TITLES = {
-    "gpu_bench/gpu_bench.json": "GPU: every method on its backends, forward, forward + backward and decoding",
-    "lm-validation.json": "Language-model validation (H200): an ALiBi LM trained here, perplexity per method, r "
-                          "and context",
-    "pareto_h200_256k/pareto.json": "Beyond the paper on the GPU: accuracy vs time at n = 256K (H200)",
-    "pareto_h200/pareto.json": "Beyond the paper on the GPU: accuracy vs time at n = 64K (H200; this run's 256K "
-                               "panel spent its time budget on the float32 reference of every row and was rerun "
-                               "above on the last 8192 rows)",
-    "pareto_h200_heavy/pareto.json": "Beyond the paper on the GPU: a heavy-tailed kernel at n = 64K (H200; this "
-                                     "run's ALiBi panel failed on a block-mask size bug, fixed and rerun above)",
-    "pareto_cpu/pareto.json": "Beyond the paper: correlated sampling, hybrid, heavy-tailed kernels (CPU)",
-}
-
-
-def render() -> str:
-    parts = []
-    for filename, renderer in _extra_sections() + SECTIONS:
-        path = RESULTS / filename
-        if path.exists():
-            doc = json.loads(path.read_text())
-            title = f"### {TITLES[filename]}\n\n" if filename in TITLES else ""
-            parts.append(title + renderer(doc) + "\n\n" + _provenance(doc, path))
-    return "\n\n".join(parts)
+        doc = json.loads(path.read_text())
+        images = "".join(f"\n\n![{section.heading}]({_link(RESULTS / img, RESULTS_MD)})" for img in section.images
+                         if (RESULTS / img).exists())
+        parts.append(f"## {section.heading}\n\n" + section.render(doc) + images + "\n\n"
+                     + _provenance(doc, path, RESULTS_MD))
+    return "\n\n".join(parts) + "\n"
 
 
 def updated(readme: str) -> str:
+    """The README with its generated block (between the markers) rewritten."""
     if START not in readme or END not in readme:
         raise ValueError(f"README.md lacks the markers {START} ... {END}")
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{render()}\n{END}{tail}"
+    return f"{head}{START}\n{readme_block()}\n{END}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    p = argparse.ArgumentParser(description="Regenerate the README's results block and docs/RESULTS.md from the "
+                                            "committed JSON.")
+    p.add_argument("--check", action="store_true", help="Only check that both are up to date.")
     args = p.parse_args(argv)
-    path = ROOT / "README.md"
-    current = path.read_text()
+    current = README.read_text()
     new = updated(current)
+    results = render_results()
     if args.check:
-        if new != current:
-            print("README.md is out of date: run python3 -m poslsh.readme", file=sys.stderr)
+        stale = [name for name, ok in (("README.md", new == current),
+                                       ("docs/RESULTS.md", RESULTS_MD.exists() and RESULTS_MD.read_text() == results))
+                 if not ok]
+        if stale:
+            print(f"{', '.join(stale)} out of date: run python3 -m poslsh.readme", file=sys.stderr)
             return 1
         return 0
-    path.write_text(new)
+    README.write_text(new)
+    RESULTS_MD.parent.mkdir(exist_ok=True)
+    RESULTS_MD.write_text(results)
     return 0
 
 

@@ -1,4 +1,7 @@
-"""The README's results are generated from the committed JSON, never typed by hand."""
+"""The README and docs/RESULTS.md are generated from the committed JSON, never typed by hand; the README's
+commands are the ones CI runs, and its first example runs as written."""
+
+import re
 
 from poslsh import readme
 
@@ -6,6 +9,29 @@ from poslsh import readme
 def test_readme_results_match_committed_json():
     current = (readme.ROOT / "README.md").read_text()
     assert readme.updated(current) == current, "README.md is out of date: run python3 -m poslsh.readme"
+
+
+def test_results_page_matches_committed_json():
+    assert readme.RESULTS_MD.read_text() == readme.render_results(), \
+        "docs/RESULTS.md is out of date: run python3 -m poslsh.readme"
+    assert readme.main(["--check"]) == 0
+
+
+def test_results_speak_plain_words():
+    """No issue numbers, no raw target keys, one unit (bits per byte) for language models."""
+    for path in (readme.README, readme.RESULTS_MD):
+        text = path.read_text()
+        assert not re.search(r"\bissues?\s*#?\d|#\d", text, re.I), path
+        assert "fwd_256K" not in text and "floor_fraction" not in text and "nats" not in text, path
+    headings = re.findall(r"^## (.*)$", readme.RESULTS_MD.read_text(), re.M)
+    assert len(headings) == len(readme.SECTIONS) and all("json" not in h for h in headings)
+
+
+def test_every_results_link_resolves():
+    for path in (readme.README, readme.RESULTS_MD):
+        for target in re.findall(r"\]\(([^)#]+)\)", path.read_text()):
+            if not target.startswith("http"):
+                assert (path.parent / target).exists(), (path.name, target)
 
 
 def _readme_commands() -> list[str]:
@@ -34,11 +60,21 @@ def test_ci_runs_the_readme_test_command_exactly():
 
 
 def test_readme_usage_example_runs():
-    """The README's first Python example is executed as written (shapes and dtypes checked)."""
-    import re
+    """The README's first Python example is executed as written (shapes, dtypes, and what it claims:
+    the window is closer to exact than LSH, the FlashAttention call agrees with poslsh.attention)."""
+    import torch
+
+    import poslsh
 
     text = (readme.ROOT / "README.md").read_text()
     scope: dict = {}
     exec(re.findall(r"```python\n(.*?)```", text, re.S)[0], scope)
-    assert scope["out"].shape == scope["q"].shape and scope["lse"].shape == scope["q"].shape[:3]
-    assert (scope["out"] - scope["ref"]).norm() > 0 and (scope["win"] - scope["ref"]).norm() < (scope["out"] - scope["ref"]).norm()
+    q, ref, win, out, hyb, fa = (scope[k] for k in ("q", "ref", "win", "out", "hyb", "fa"))
+    assert out.shape == q.shape and scope["lse"].shape == q.shape[:3] and fa.shape == q.transpose(1, 2).shape
+    assert 0 < (win - ref).norm() < (hyb - ref).norm() < (out - ref).norm()
+    widths = torch.tensor([64, 64, 128, 128, 256, 256, 512, 512])
+    from poslsh.attention.dispatch import attention_with_widths
+
+    k, v = scope["k"], scope["v"]
+    torch.testing.assert_close(fa.transpose(1, 2), attention_with_widths(q, k, v, widths, slopes=poslsh.alibi_slopes(8)))
+    assert isinstance(scope["layer"], poslsh.nn.ALiBiAttention)

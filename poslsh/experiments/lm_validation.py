@@ -665,10 +665,11 @@ def _training_line(res: dict[str, Any], cfg: Config) -> str:
             f"{fmt(res['unigram']['bits_per_token'])} for the unigram baseline.")
 
 
-def _rows_table(res: dict[str, Any], cfg: Config) -> str:
+def _rows_table(res: dict[str, Any], cfg: Config, measured_only: bool = False) -> str:
     table = _table(res["rows"])
     contexts = sorted({r["context"] for r in res["rows"]})
-    order = [m for m in methods(cfg) if any(r["method"] == m for r in res["rows"])]
+    order = [m for m in methods(cfg) if any(r["method"] == m and ("loss" in r or not measured_only)
+                                            for r in res["rows"])]
     status = {(r["context"], r["method"]): ("skipped" if "skipped" in r else "failed") for r in res["rows"]
               if "loss" not in r}
     def cell(n: int, m: str) -> str:
@@ -700,9 +701,14 @@ def _section(doc: dict[str, Any], image_dir: str, full: bool) -> str:
         parts.append(f"\nHeld-out bits per byte and, in brackets, forward time per token in microseconds ({how}). "
                      f"Every context scores the same {scored} held-out tokens (from position "
                      f"{res.get('scored_from')}), so the columns compare:\n")
-        parts.append(_rows_table(res, cfg))
+        parts.append(_rows_table(res, cfg, measured_only=not full))
         undone = [r for r in res["rows"] if "loss" not in r]
-        if undone:
+        never = [m for m in methods(cfg) if not any(r["method"] == m and "loss" in r for r in res["rows"])]
+        if undone and not full:
+            reasons = sorted({r.get("skipped") or "failed" for r in undone})
+            parts.append(f"\nNot measured ({', '.join(reasons)}): {len(undone)} of {len(res['rows'])} planned rows"
+                         + (f", among them every row of {', '.join(never)}" if never else "") + ".")
+        elif undone:
             parts.append(f"\n{len(undone)} of {len(res['rows'])} rows did not run: "
                          + ", ".join(f"{r['context']} {r['method']} ({r.get('skipped') or r.get('error')})"
                                      for r in undone[:8]) + (" ..." if len(undone) > 8 else ""))
@@ -735,6 +741,7 @@ def summarize(results: dict[str, Any], out_dir: str | Path) -> str:
     return f"## {NAME}: an ALiBi language model with positional-LSH attention\n\n" + _section(results, "", full=True)
 
 
-def readme_section(doc: dict[str, Any]) -> str:
-    """The README block for bench/results/lm-validation.json (PNGs in ``PLOT_DIR``)."""
-    return _section(doc, PLOT_DIR + "/", full=False)
+def readme_section(doc: dict[str, Any], image_dir: str = "../" + PLOT_DIR + "/") -> str:
+    """The block of docs/RESULTS.md for bench/results/lm-validation.json (PNGs in ``PLOT_DIR``, linked
+    through ``image_dir``): methods that were never measured are named, not tabled."""
+    return _section(doc, image_dir, full=False)
