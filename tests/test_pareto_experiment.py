@@ -201,7 +201,7 @@ def test_replot_of_a_gpu_run(tmp_path):
 
 
 def test_readme_renders_the_gpu_json_under_its_title(tmp_path, monkeypatch):
-    """Once bench/results/pareto_h200/pareto.json is committed, the README gains its section."""
+    """Once bench/results/pareto_h200/pareto.json is committed, docs/RESULTS.md gains its section."""
     from poslsh import readme
 
     doc = _gpu_like_doc()
@@ -211,9 +211,11 @@ def test_readme_renders_the_gpu_json_under_its_title(tmp_path, monkeypatch):
     (tmp_path / "bench" / "results" / "pareto_h200" / "pareto.json").write_text(json.dumps(doc))
     monkeypatch.setattr(readme, "ROOT", tmp_path)
     monkeypatch.setattr(readme, "RESULTS", tmp_path / "bench" / "results")
-    text = readme.render()
-    assert f"### {readme.TITLES['pareto_h200/pareto.json']}\n\n{pareto.readme_section(doc)}" in text
-    assert "bench/results/pareto_h200/pareto.json" in text
+    monkeypatch.setattr(readme, "RESULTS_MD", tmp_path / "docs" / "RESULTS.md")
+    text = readme.render_results()
+    heading = next(s.heading for s in readme.SECTIONS if s.path == "pareto_h200/pareto.json")
+    assert f"## {heading}\n\n{pareto.readme_section(doc)}" in text
+    assert "](../bench/results/pareto_h200/pareto.json)" in text
 
 
 @pytest.mark.parametrize("method", ["exact", "window"])
