@@ -77,7 +77,7 @@ def test_cuda_is_checked_before_any_work(tmp_path, capsys):
     _one_line_error(capsys, ["pareto", "--device", "cuda", "--out", str(out)],
                     r"^poslsh pareto: error: --device cuda needs CUDA, and torch \S+ sees no CUDA device$")
     assert not out.exists()
-    _one_line_error(capsys, ["bench", "--out", str(out)], r"^poslsh bench: error: poslsh bench needs CUDA")
+    _one_line_error(capsys, ["bench", "--out", str(out)], r"^poslsh bench: error: --device cuda needs CUDA")
     _one_line_error(capsys, ["lm", "train", "--out", str(out), "--device", "cuda"], r"--device cuda needs CUDA")
 
 
