@@ -94,6 +94,45 @@ class Config:
     steps. Budgets and ``deadline_s`` are seconds, 0 = no limit; ``max_steps`` bounds arm (a), whose
     training budget sets the step count. ``scored_tokens`` must be a multiple of every context's stride
     ceil(context / 2).
+
+    Attributes:
+        tiny: Replace the sizes left at their defaults by a CPU-sized run of seconds.
+        d_model: Model width.
+        n_layers: Transformer layers.
+        n_heads: Attention heads, with Press slopes.
+        train_context: Training context in tokens (bytes).
+        batch_size: Training batch size in sequences.
+        max_steps: Most steps of the exact arm (its training budget usually sets the count).
+        lr: Peak learning rate.
+        warmup: Learning-rate warm-up steps.
+        eval_every: Steps between held-out evaluations.
+        train_budget_s: Training budget of the exact arm in seconds (it sets every arm's token budget).
+        slower_arm_factor: An arm slower than the exact one may take this many times its time.
+        native: Methods the positional-LSH-native arms train with, as method strings.
+        finetune: Method the fine-tuned arm trains with, from the exact arm's weights.
+        finetune_fraction: Fine-tuning steps as a fraction of the exact arm's steps.
+        finetune_lr_ratio: Fine-tuning learning rate as a fraction of the peak.
+        optional_native: Native arms trained only when the deadline leaves room.
+        max_bytes: Most bytes of corpus read.
+        heldout_fraction: Fraction of the corpus's files held out.
+        contexts: Evaluation contexts in tokens.
+        samples: Partitions r of the LSH evaluations.
+        window_eps: Truncation level of the window evaluations.
+        fill_schemes: Schemes of the exact arm's extra rows (those lm-validation skipped).
+        fill_methods: Extra methods evaluated on the exact arm, as method strings.
+        verdict_max_r: Largest r the verdict counts.
+        scored_tokens: Held-out tokens scored at every context (a multiple of every context's stride).
+        eval_batch_tokens: Tokens per evaluation batch.
+        eval_reserve_s: Seconds kept for evaluation before the deadline.
+        error_context: Context of the per-layer attention errors.
+        error_batch: Sequences of the per-layer attention errors.
+        error_budget_s: Budget of the per-layer errors in seconds (0: no limit).
+        precompile_workers: Processes that compile the Triton kernels while the arms train (0: none).
+        deadline_s: Wall-time deadline of the whole run in seconds (0: none).
+        seed: Seed of training and evaluation.
+        device: Device, e.g. auto, cpu or cuda.
+        checkpoint_dir: Where the arms' weights go (empty: OUT_checkpoint).
+        replot: Redraw the PNGs of this saved JSON into --out; nothing else runs (empty: a normal run).
     """
 
     tiny: bool = False
@@ -131,8 +170,8 @@ class Config:
     deadline_s: float = 515.0
     seed: int = 0
     device: str = "auto"
-    checkpoint_dir: str = ""  # where the arms' weights go (default: <out>_checkpoint)
-    replot: str = ""  # redraw the PNGs of this saved JSON into --out; nothing else runs
+    checkpoint_dir: str = ""
+    replot: str = ""
 
 
 # What --tiny changes, in the fields left at their defaults (so ``--tiny --contexts 64`` keeps 64).
