@@ -72,18 +72,26 @@ def _check_length(n: int, name: str = "n") -> int:
     return n
 
 
-def alibi_bias(n: int, slope: float, causal: bool = False, dtype: torch.dtype = torch.float64,
+def alibi_bias(n: int, slope: float | Tensor | list[float], causal: bool = False, dtype: torch.dtype = torch.float64,
                device: torch.device | str | None = None) -> Tensor:
-    """Additive ALiBi bias -slope * |i - j| as a dense [n, n] matrix (-inf above the diagonal if causal)."""
+    """Additive ALiBi bias -slope * |i - j| as a dense matrix, -inf above the diagonal if causal.
+
+    Args:
+        slope: one slope (a number or a 0-d tensor) -> [n, n]; several (a sequence or a 1-D tensor of
+            H slopes, e.g. ``alibi_slopes(H)``) -> [H, n, n], one matrix per head.
+    """
     _check_length(n)
-    s = float(check_slopes(slope, "slope")[0])
+    many = isinstance(slope, (list, tuple)) or getattr(slope, "ndim", 0) >= 1
+    s = check_slopes(slope, "slope").to(device)
     pos = torch.arange(n, device=device, dtype=torch.float64)
-    bias = -s * (pos[:, None] - pos[None, :]).abs()
+    bias = -s[:, None, None] * (pos[:, None] - pos[None, :]).abs()
     if causal:
         bias = bias.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
-    return bias.to(dtype)
+    return (bias if many else bias[0]).to(dtype)
 
 
-def alibi_kernel(n: int, slope: float, causal: bool = False, device: torch.device | str | None = None) -> Tensor:
-    """The dense ALiBi kernel B_ij = exp(-slope |i - j|), float64 [n, n]; zero above the diagonal if causal."""
+def alibi_kernel(n: int, slope: float | Tensor | list[float], causal: bool = False,
+                 device: torch.device | str | None = None) -> Tensor:
+    """The dense ALiBi kernel B_ij = exp(-slope |i - j|), float64 [n, n] (or [H, n, n] for H slopes, as
+    ``alibi_bias``); zero above the diagonal if causal."""
     return alibi_bias(n, slope, causal=causal, device=device).exp()

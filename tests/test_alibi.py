@@ -74,3 +74,16 @@ def test_slopes_bad_input(bad, exc, match):
 def test_kernel_bad_input(n, slope, exc, match):
     with pytest.raises(exc, match=match):
         alibi_kernel(n, slope)
+
+
+def test_bias_of_several_slopes_is_one_matrix_per_head():
+    """alibi_bias(200, alibi_slopes(8)) used to use the first slope only, silently."""
+    slopes = alibi_slopes(8)
+    many = alibi_bias(200, slopes, causal=True)
+    assert many.shape == (8, 200, 200)
+    for h, m in enumerate(slopes.tolist()):
+        torch.testing.assert_close(many[h], alibi_bias(200, m, causal=True), rtol=0, atol=0)
+    assert alibi_bias(5, [0.5]).shape == (1, 5, 5) and alibi_bias(5, torch.tensor(0.5)).shape == (5, 5)
+    torch.testing.assert_close(alibi_kernel(7, [0.5, 0.1])[1], alibi_kernel(7, 0.1))
+    with pytest.raises(ValueError, match=r"slope must be 1-D with one slope per head"):
+        alibi_bias(5, torch.ones(2, 3))
