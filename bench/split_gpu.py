@@ -132,7 +132,7 @@ def check_primitive(prim: str, device: torch.device, dtype: torch.dtype, samples
                                              generator=torch.Generator().manual_seed(1), device=device)
             do = torch.randn(b, h, nq, d, generator=g).to(device)
             dl = torch.randn(b, h, nq, generator=g).to(device)
-            kw = dict(partitions=parts, causal=causal, key_padding_mask=kpm, return_lse=True)
+            kw = dict(method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm, return_lse=True)
             ins = [t.detach().requires_grad_(backward) for t in (q, k, v)]
             ref_ins = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
             poison(device)
@@ -244,11 +244,11 @@ def profile(prim_name: str, q, k, v, parts, device: torch.device) -> dict[str, A
     """One forward with the primitive calls timed: per block-length class and in total, beside the
     whole call (the difference is planning, gathers and the merge)."""
     prim = TimedPrimitive(resolve_primitive(prim_name))
-    poslsh.attention(q, k, v, partitions=parts, backend="split", primitive=prim)  # warm
+    poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive=prim)  # warm
     prim.calls.clear()
     sync(device)
     t0 = time.perf_counter()
-    poslsh.attention(q, k, v, partitions=parts, backend="split", primitive=prim)
+    poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive=prim)
     sync(device)
     total = (time.perf_counter() - t0) * 1e3
     classes = prim.summary()
@@ -332,13 +332,14 @@ def main(argv: list[str] | None = None) -> dict:
         q, k, v, parts = setup(n)
         ins = [t.detach().requires_grad_(grad) for t in (q, k, v)]
         if col == "fused":
-            fwd = lambda: poslsh.attention(*ins, partitions=parts, backend=fused_backend)  # noqa: E731
+            fwd = lambda: poslsh.attention(*ins, method="lsh", partitions=parts, backend=fused_backend)  # noqa: E731
         elif col == "split_old":
-            spec = resolve_spec(*ins, partitions=parts)
+            spec = resolve_spec(*ins, method="lsh", partitions=parts)
             fwd = lambda: old.split_attention(*ins, spec)[0]  # noqa: E731
         else:
             p = col.removeprefix("split_")
-            fwd = lambda: poslsh.attention(*ins, partitions=parts, backend="split", primitive=p)  # noqa: E731
+            fwd = lambda: poslsh.attention(*ins, method="lsh", partitions=parts, backend="split",  # noqa: E731
+                                           primitive=p)
         if not grad:
             return fwd
         do = torch.randn(q.shape, device=device, dtype=dtype)
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
                 last_ms[(pas, col)] = (n, ms)
                 if col.startswith("split_") and col != "split_old":
                     q, k, v, parts = setup(n)
-                    spec = resolve_spec(q, k, v, partitions=parts)
+                    spec = resolve_spec(q, k, v, method="lsh", partitions=parts)
                     row["primitive_calls"] = (args.samples if col == "split_flex"
                                               else plan_split(spec, n, n, k.shape[1], device).num_calls)
             except Exception as err:

@@ -41,7 +41,7 @@ def padding(b, nk, seed=1):
 
 def compare(q, k, v, parts, causal, kpm=None, prim="torch", scale=None):
     """split against reference (float64 oracle) and fused: out and lse within 1e-12."""
-    kw = dict(partitions=parts, causal=causal, key_padding_mask=kpm, return_lse=True, scale=scale)
+    kw = dict(method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm, return_lse=True, scale=scale)
     ref, ref_lse = poslsh.attention(q, k, v, backend="reference", **kw)
     fused, fused_lse = poslsh.attention(q, k, v, backend="fused", **kw)
     out, lse = poslsh.attention(q, k, v, backend="split", primitive=prim, **kw)
@@ -86,7 +86,8 @@ def test_longer_sequence_left_and_right_padding_and_chunked_tiles(scheme, monkey
     for causal, prim in itertools.product([True, False], PRIMS):
         compare(q, k, v, parts, causal, kpm, prim)
     # The runs skip the padded ends but keep the clean middle: most rows still go through views.
-    plan = plan_split(resolve_spec(q, k, v, partitions=parts, key_padding_mask=kpm), 280, 300, 1, q.device)
+    spec = resolve_spec(q, k, v, method="lsh", partitions=parts, key_padding_mask=kpm)
+    plan = plan_split(spec, 280, 300, 1, q.device)
     if scheme == "grid":
         assert sum(run.rows for run in plan.runs) > 0.4 * 280 * 16
 
@@ -99,7 +100,8 @@ def test_empty_rows_give_zero_and_empty_lse():
     kpm[0] = False
     kpm[1, :5] = False
     for prim in PRIMS:
-        out, lse = poslsh.attention(q, k, v, slopes=SLOPES, key_padding_mask=kpm, return_lse=True, backend="split",
+        out, lse = poslsh.attention(q, k, v, method="lsh", slopes=SLOPES, key_padding_mask=kpm, return_lse=True,
+                                    backend="split",
                                     primitive=prim)
         assert torch.isfinite(out).all() and (out[0] == 0).all() and (lse[0] == EMPTY_LSE).all()
         assert (lse[1, :, :5] == EMPTY_LSE).all() and (lse[1, :, 5:] > EMPTY_LSE / 2).all()
@@ -116,7 +118,8 @@ def test_gradients_equal_reference(prim, scheme, causal):
     grads = []
     for backend in ("reference", "split"):
         kw = dict(primitive=prim) if backend == "split" else {}
-        out, lse = poslsh.attention(q, k, v, partitions=parts, causal=causal, key_padding_mask=kpm, scale=0.6,
+        out, lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm,
+                                    scale=0.6,
                                     return_lse=True, backend=backend, **kw)
         g = torch.Generator().manual_seed(8)
         loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() \
@@ -131,7 +134,8 @@ def test_gradcheck(prim):
     q, k, v = qkv(b=1, h=2, hkv=1, nq=7, nk=9, d=3, dv=3, grad=True)
     parts = sample_partitions(9, [0.7, 0.1], 3, generator=torch.Generator().manual_seed(1))
     for causal in (True, False):
-        fn = lambda q, k, v: poslsh.attention(q, k, v, partitions=parts, causal=causal, backend="split",  # noqa: E731
+        fn = lambda q, k, v: poslsh.attention(q, k, v, method="lsh", partitions=parts, causal=causal,  # noqa: E731
+                                              backend="split",
                                               primitive=prim, return_lse=True)
         assert torch.autograd.gradcheck(fn, (q, k, v))
 
@@ -152,10 +156,10 @@ def test_user_callable_is_called_once_per_width_group_not_per_block():
         q, k, v = qkv(b=1, nq=n, nk=n, d=4, dv=4, seed=n)
         parts = sample_partitions(n, slopes, 4, generator=torch.Generator().manual_seed(0))
         calls.clear()
-        out = poslsh.attention(q, k, v, partitions=parts, backend="split", primitive=counting)
-        ref = poslsh.attention(q, k, v, partitions=parts, backend="fused")
+        out = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive=counting)
+        ref = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="fused")
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
-        spec = resolve_spec(q, k, v, partitions=parts)
+        spec = resolve_spec(q, k, v, method="lsh", partitions=parts)
         plan = plan_split(spec, n, n, 2, q.device)
         assert len(calls) == plan.num_calls
         blocks = sum(run.nb for run in plan.runs)
@@ -170,23 +174,24 @@ def test_user_callable_is_called_once_per_width_group_not_per_block():
 def test_primitive_errors():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"primitive must be one of \['flex', 'sdpa', 'torch'\]"):
-        poslsh.attention(q, k, v, backend="split", primitive="flash3")
+        poslsh.attention(q, k, v, method="lsh", backend="split", primitive="flash3")
     with pytest.raises(TypeError, match="primitive must be a name in .* or a callable"):
-        poslsh.attention(q, k, v, backend="split", primitive=42)
+        poslsh.attention(q, k, v, method="lsh", backend="split", primitive=42)
     with pytest.raises(ValueError, match="primitive= is an option of backend='split', got backend='fused'"):
-        poslsh.attention(q, k, v, backend="fused", primitive="torch")
+        poslsh.attention(q, k, v, method="lsh", backend="fused", primitive="torch")
     bad_out = lambda q, k, v, c: (torch_attention(q, k, v, c)[0][..., :1], torch_attention(q, k, v, c)[1])  # noqa: E731
     with pytest.raises(ValueError, match=r"returned out of shape .* expected .*\[B', H', L, Dv\]"):
-        poslsh.attention(q, k, v, backend="split", primitive=bad_out)
+        poslsh.attention(q, k, v, method="lsh", backend="split", primitive=bad_out)
     bad_lse = lambda q, k, v, c: (torch_attention(q, k, v, c)[0], torch_attention(q, k, v, c)[1][..., None])  # noqa: E731
     with pytest.raises(ValueError, match=r"returned lse of shape .* expected"):
-        poslsh.attention(q, k, v, backend="split", primitive=bad_lse)
+        poslsh.attention(q, k, v, method="lsh", backend="split", primitive=bad_lse)
     with pytest.raises(TypeError, match="must return a pair of tensors"):
-        poslsh.attention(q, k, v, backend="split", primitive=lambda q, k, v, c: torch_attention(q, k, v, c)[0])
+        poslsh.attention(q, k, v, method="lsh", backend="split",
+                         primitive=lambda q, k, v, c: torch_attention(q, k, v, c)[0])
     # An lse without gradient cannot be merged differentiably: a clear error at backward, not a wrong gradient.
     detached = lambda q, k, v, c: (lambda o, lse: (o, lse.detach()))(*torch_attention(q, k, v, c))  # noqa: E731
     qg, kg, vg = qkv(grad=True)
-    out = poslsh.attention(qg, kg, vg, backend="split", primitive=detached)
+    out = poslsh.attention(qg, kg, vg, method="lsh", backend="split", primitive=detached)
     with pytest.raises(TypeError, match="lse carries no gradient"):
         out.sum().backward()
     with pytest.raises(ValueError, match="does not support this call"):
@@ -206,9 +211,9 @@ def test_primitive_subclass_with_its_own_backward_is_used():
     q, k, v = qkv(grad=True)
     parts = sample_partitions(29, SLOPES, 3, generator=torch.Generator().manual_seed(2))
     prim = Counted(torch_attention, "counted")
-    out = poslsh.attention(q, k, v, partitions=parts, backend="split", primitive=prim)
+    out = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive=prim)
     out.sum().backward()
-    spec = resolve_spec(q, k, v, partitions=parts)
+    spec = resolve_spec(q, k, v, method="lsh", partitions=parts)
     assert len(seen) == sum(s.kind != "masked" for s in plan_split(spec, 21, 29, 2, q.device).sets) \
         + len(plan_split(spec, 21, 29, 2, q.device).runs)
 
@@ -240,7 +245,7 @@ def test_sdpa_backward_handles_the_lse_gradient_alone():
     parts = sample_partitions(29, SLOPES, 3, generator=torch.Generator().manual_seed(4))
     grads = []
     for backend, kw in (("reference", {}), ("split", {"primitive": "sdpa"})):
-        _, lse = poslsh.attention(q, k, v, partitions=parts, return_lse=True, backend=backend, **kw)
+        _, lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, return_lse=True, backend=backend, **kw)
         grads.append(torch.autograd.grad(lse.sum(), (q, k, v), allow_unused=True))
     for a, b in zip(*grads):
         torch.testing.assert_close(b, torch.zeros_like(b) if a is None else a, atol=1e-12, rtol=0)
@@ -264,7 +269,8 @@ def test_flash_calls_are_chunked_to_the_cuda_grid_limit(monkeypatch):
     results = []
     for limit in (prim_mod.FLASH_GRID_LIMIT, 3):
         monkeypatch.setattr(prim_mod, "FLASH_GRID_LIMIT", limit)
-        out, lse = poslsh.attention(q, k, v, partitions=parts, backend="split", primitive="sdpa", return_lse=True)
+        out, lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive="sdpa",
+                                    return_lse=True)
         results.append((out, lse, *torch.autograd.grad((out.sum() + lse.sum()), (q, k, v))))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=1e-13, rtol=0)

@@ -39,7 +39,7 @@ def partials(scheme, causal, document=False, dtype=torch.float32):
     kpm = torch.ones(2, 40, dtype=torch.bool)
     kpm[0, :6] = False  # left padding: rows 0..2 of batch 0 see no key at all
     kpm[1, 30:35] = False
-    spec = resolve_spec(q, k, v, slopes=[0.9, 0.3, 0.05, 0.0], samples=5, scheme=scheme, causal=causal,
+    spec = resolve_spec(q, k, v, method="lsh", slopes=[0.9, 0.3, 0.05, 0.0], samples=5, scheme=scheme, causal=causal,
                         key_padding_mask=kpm, generator=g)
     inp = _Inputs(q, k, v, spec, resolve_primitive("torch"))
     plan = document_plan(spec, 37, 2) if document else plan_split(spec, 37, 40, 2, q.device)
