@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from .checks import describe
 
 __all__ = ["alibi_slopes", "alibi_kernel", "alibi_bias", "check_slopes"]
 
@@ -39,14 +42,32 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes, dtype=torch.float64)
 
 
-def check_slopes(slopes: Tensor | float | list, name: str = "slopes") -> Tensor:
+# Every backend computes scores in float32 (or wider): a slope beyond float32's range would turn into
+# inf there and give inf * 0 = NaN on the diagonal.
+MAX_SLOPE = torch.finfo(torch.float32).max
+
+
+def check_slopes(slopes: Tensor | float | list, name: str = "slopes", *, allow_grad: bool = False) -> Tensor:
     """Validate slopes and return them as a 1-D float64 CPU tensor [H].
 
-    Slopes must be finite and >= 0 (0 means no positional decay: one block).
+    Slopes must be real (not bool or complex), finite, >= 0 (0 means no positional decay: one block)
+    and at most float32's largest value. A tensor that requires grad is refused unless
+    ``allow_grad`` (then the result stays attached to it, so gradients reach the caller's slopes).
     """
     if isinstance(slopes, Tensor):
-        s = slopes.detach().to("cpu", torch.float64)
+        if slopes.dtype == torch.bool or slopes.is_complex():
+            raise TypeError(f"{name} must be real numbers, got dtype {slopes.dtype}")
+        if slopes.requires_grad and not allow_grad:
+            raise ValueError(f"{name} require grad, but this function does not differentiate them; pass "
+                             f"{name}.detach()")
+        s = slopes.to("cpu", torch.float64) if slopes.requires_grad else slopes.detach().to("cpu", torch.float64)
     else:
+        dtype = getattr(slopes, "dtype", None)  # numpy arrays and scalars
+        if isinstance(dtype, np.dtype) and dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be real numbers, got dtype {dtype}")
+        for x in slopes if isinstance(slopes, (list, tuple)) else [slopes]:
+            if isinstance(x, (bool, np.bool_, complex, np.complexfloating)):
+                raise TypeError(f"{name} must be real numbers, got {describe(x)}")
         try:
             s = torch.as_tensor(slopes, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as err:
@@ -61,6 +82,9 @@ def check_slopes(slopes: Tensor | float | list, name: str = "slopes") -> Tensor:
         raise ValueError(f"{name} must be finite, got {s.tolist()}")
     if (s < 0).any():
         raise ValueError(f"{name} must be >= 0, got {s.tolist()}")
+    if (s > MAX_SLOPE).any():
+        raise ValueError(f"{name} must be at most {MAX_SLOPE:.4g} (float32's largest value: kernels compute in "
+                         f"float32), got {s.tolist()}")
     return s
 
 

@@ -73,18 +73,7 @@ def select_head(partitions: Partitions, head: int) -> Partitions:
     _check_partitions(partitions)
     if not 0 <= head < partitions.num_heads:
         raise ValueError(f"head must be in [0, {partitions.num_heads}), got {head}")
-    slopes = partitions.slopes[head : head + 1]
-    extra = {}
-    kernels = getattr(partitions, "kernels", None)  # general-kernel partitions carry their kernels
-    if kernels is not None:
-        extra["kernels"] = kernels[head : head + 1]
-    if partitions.scheme == "grid":
-        return Partitions(partitions.n, slopes, "grid", widths=partitions.widths[head : head + 1],
-                          offsets=partitions.offsets[head : head + 1], **extra)
-    r = partitions.num_samples
-    ptr = partitions.cut_pointers[head * r : (head + 1) * r + 1]
-    return Partitions(partitions.n, slopes, "cut", cut_positions=partitions.cut_positions[ptr[0] : ptr[-1]],
-                      cut_pointers=ptr - ptr[0], **extra)
+    return partitions.head(head)
 
 
 def count_matrix(partitions: Partitions) -> Tensor:

@@ -7,23 +7,30 @@
   makes a run reproducible, or from a seed schedule: ``set_partition_schedule``), which keeps the
   estimator unbiased across steps;
 * eval: drawn once per sequence length from ``torch.Generator().manual_seed(seed)`` (seed 0 when
-  ``seed`` is None) and cached, so evaluation is deterministic and repeatable; with the grid scheme
-  the partitions of a shorter length are a prefix of those of a longer one.
+  ``seed`` is None) and cached for the ``EVAL_CACHE_SIZE`` most recently used lengths (a length
+  evicted and asked for again is drawn again, identically), so evaluation is deterministic and
+  repeatable; with the grid scheme the partitions of a shorter length are a prefix of those of a
+  longer one.
+
+The configuration is checked when the module is built (numbers may be numpy scalars or 0-d
+tensors), so a bad ``window_eps`` fails at construction, not at the first forward.
 
 An explicit ``partitions`` argument to ``forward`` overrides both.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .alibi import alibi_slopes
-from .attention import attention
+from .attention import attention, available_backends
 from .attention.core import METHODS
-from .hashing import SCHEMES, Partitions, sample_partitions
+from .checks import as_bool, as_float, as_int
+from .hashing import Partitions, check_scheme, sample_partitions
 
 __all__ = ["ALiBiAttention"]
 
@@ -48,22 +55,29 @@ class ALiBiAttention(nn.Module):
         seed: seed of the fixed eval-mode partitions (0 if None).
     """
 
+    EVAL_CACHE_SIZE = 4  # sequence lengths whose eval partitions are kept (least recently used dropped)
+
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, method: str = "lsh",
                  samples: int = 8, scheme: str = "grid", window_eps: float = 1e-3, causal: bool = True,
                  bias: bool = False, backend: str = "auto", seed: int | None = None, sampling: str = "iid",
                  hybrid_eps: float = 1e-2) -> None:
         super().__init__()
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        embed_dim, num_heads = as_int(embed_dim, "embed_dim", minimum=1), as_int(num_heads, "num_heads", minimum=1)
+        num_kv_heads = num_heads if num_kv_heads is None else as_int(num_kv_heads, "num_kv_heads", minimum=1)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
+        check_scheme(scheme, sampling)
+        samples = as_int(samples, "samples", minimum=1)
+        window_eps = as_float(window_eps, "window_eps", above=0, below=1)
+        hybrid_eps = as_float(hybrid_eps, "hybrid_eps", above=0)
+        causal, bias = as_bool(causal, "causal"), as_bool(bias, "bias")
+        seed = None if seed is None else as_int(seed, "seed")
+        if backend != "auto" and backend not in available_backends():
+            raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.method, self.samples, self.scheme, self.window_eps = method, samples, scheme, window_eps
@@ -75,7 +89,7 @@ class ALiBiAttention(nn.Module):
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
         # A plain CPU float64 attribute, not a buffer: module.half() must not round the slopes.
         self.slopes = alibi_slopes(num_heads)
-        self._eval_partitions: dict[tuple[int, str], Partitions] = {}
+        self._eval_partitions: OrderedDict[tuple[int, str], Partitions] = OrderedDict()
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
@@ -90,10 +104,14 @@ class ALiBiAttention(nn.Module):
                                              sampling=self.sampling, generator=gen, device=device)
         if self.training:
             return draw(self._scheduled_generator())
-        key = (n, str(device))
-        if key not in self._eval_partitions:
-            self._eval_partitions[key] = draw(torch.Generator().manual_seed(0 if self.seed is None else self.seed))
-        return self._eval_partitions[key]
+        key, cache = (n, str(device)), self._eval_partitions
+        if key in cache:
+            cache.move_to_end(key)
+        else:
+            cache[key] = draw(torch.Generator().manual_seed(0 if self.seed is None else self.seed))
+            while len(cache) > self.EVAL_CACHE_SIZE:
+                cache.popitem(last=False)
+        return cache[key]
 
     # -- Training partitions from a seed schedule (issue 14): reproducible without torch's global RNG. --
     partition_schedule: Callable[[int], int] | None = None

@@ -128,7 +128,7 @@ def test_split_equals_fused_with_tiling(scheme, causal, monkeypatch):
     parts = sample_partitions(333, slopes, 5, scheme=scheme, generator=torch.Generator().manual_seed(7))
     base = poslsh.attention(q, k, v, method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm, backend="fused")
     monkeypatch.setattr(split_mod, "TILE_BUDGET", 2000)
-    monkeypatch.setattr(tiled_mod, "TILE_BUDGET", 2000)
+    monkeypatch.setattr(tiled_mod, "TILE_BYTES", 16000)  # 2000 float64 scores per tile
     fused, fused_lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm,
                                         backend="fused", return_lse=True)
     split, split_lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm,

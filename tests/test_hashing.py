@@ -96,7 +96,9 @@ def wrong_offset_range(n: int, slopes, r: int, gen: torch.Generator) -> Partitio
     right = sample_partitions(n, slopes, r, scheme="grid", generator=gen)
     u = torch.rand(right.widths.shape, generator=gen, dtype=torch.float64)
     offsets = torch.floor(u * (right.widths + 1)).long()
-    return _grid_from(right.widths, offsets, n, slopes)
+    # Offset W gives the blocks of offset 0; Partitions stores offsets in 0..W-1, so wrap it: the same
+    # wrong law (offset 0 twice as likely as each other one).
+    return _grid_from(right.widths, torch.remainder(offsets, right.widths), n, slopes)
 
 
 @pytest.mark.parametrize("scheme", ["grid", "cut"])

@@ -8,6 +8,10 @@ Conventions (all backends, so their results can be compared and merged):
 * A row with no admissible key (every key it may see is padded out) returns output 0 and
   ``lse = EMPTY_LSE`` (-1e30): finite, so ``exp(lse)`` is 0 and differences of LSEs never form
   ``inf - inf``; merging by softmax over LSEs then gives such a partial result weight 0.
+* A NaN or infinite key or value reaches exactly the rows whose weight on it is non-zero (as SDPA):
+  the scores of excluded pairs are replaced, not added to (``-inf + NaN`` would stay NaN), and an
+  excluded value is never multiplied by its zero probability (``0 * NaN`` is NaN). ``attend`` takes
+  this careful path only when the call holds a non-finite key or value (``has_nonfinite``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from torch import Tensor
 
 from ..hashing import Partitions
 
-__all__ = ["AttentionSpec", "EMPTY_LSE", "METHODS", "compute_dtype", "softmax_with_lse", "merge_partials"]
+__all__ = ["AttentionSpec", "EMPTY_LSE", "METHODS", "compute_dtype", "softmax_with_lse", "merge_partials", "attend",
+           "has_nonfinite"]
 
 METHODS = ("exact", "window", "lsh", "hybrid")
 
@@ -36,7 +41,9 @@ class AttentionSpec:
     Attributes:
         slopes: ALiBi slopes, float64 CPU tensor [H] (one per query head); with ``kernels``, each
             head's ALiBi slope or NaN for a non-exponential kernel (so a backend that ignores
-            ``kernels`` produces NaN rather than silently wrong numbers).
+            ``kernels`` produces NaN rather than silently wrong numbers). For "exact" and "window" it
+            may require grad (trainable slopes, attached to the caller's tensor): only backends
+            registered with ``slope_grad=True`` accept such a call.
         causal: whether query position p may only see keys j <= p.
         method: "exact", "window", "lsh" or "hybrid" (exact weights for |p - j| <= window[h],
             the positional-LSH collision mean of ``partitions`` beyond).
@@ -75,16 +82,35 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def softmax_with_lse(scores: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def has_nonfinite(*tensors: Tensor) -> bool:
+    """Whether any of the tensors may hold a NaN or an infinity: one sum and host sync each, no
+    temporary of the tensor's size. (A sum that overflows sends a finite call down the careful
+    path, which is exact too, only slower.)"""
+    return any(not bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def softmax_with_lse(scores: Tensor, v: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """softmax(scores) @ v and logsumexp(scores), safe for rows that are entirely -inf.
 
     Args:
         scores: [..., M, L] logits with -inf for excluded keys.
         v: [..., L, Dv] values (broadcastable batch dims), same dtype as scores.
+        keep: optional bool, broadcastable to [..., M, L]: the pairs with non-zero weight. Pairs
+            outside it are excluded whatever their score (a NaN score of an unseen key stays unseen),
+            and a non-finite value reaches exactly the rows that keep it. None: scores are already
+            -inf where excluded and every value is finite where excluded (the fast path).
 
     Returns:
         (out [..., M, Dv], lse [..., M]); an all -inf row gives out 0 and lse EMPTY_LSE.
     """
+    poisoned = None
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+        # A kept NaN or +inf score makes its row NaN (as SDPA). The row is computed as empty and set to
+        # NaN afterwards, so its gradient is 0 rather than NaN: a NaN that autograd would otherwise
+        # spread to every key through 0 * NaN in the backward of p @ v.
+        poisoned = (scores.isnan() | (scores == math.inf)).any(-1, keepdim=True)
+        scores = scores.masked_fill(poisoned, float("-inf"))
     # The max shift cancels in both results, so it carries no gradient; detaching it avoids
     # differentiating through amax (and NaN from -inf maxima).
     m = scores.detach().amax(-1, keepdim=True)
@@ -93,9 +119,58 @@ def softmax_with_lse(scores: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     den = p.sum(-1, keepdim=True)
     empty = den == 0
     den = torch.where(empty, torch.ones_like(den), den)
-    out = torch.matmul(p, v) / den
+    bad = None if keep is None else ~torch.isfinite(v)
+    if bad is None or not bool(bad.any()):
+        out = torch.matmul(p, v) / den
+    else:  # finite values through the matmul; the non-finite ones added back to the rows that keep them
+        out = torch.matmul(p, v.masked_fill(bad, 0.0)) / den + _reached_nonfinite(keep, v)
     lse = torch.where(empty, torch.full_like(den, EMPTY_LSE), m + torch.log(den))
+    if poisoned is not None:
+        out, lse = out.masked_fill(poisoned, math.nan), lse.masked_fill(poisoned, math.nan)
     return out, lse.squeeze(-1)
+
+
+def _reached_nonfinite(keep: Tensor, v: Tensor) -> Tensor:
+    """What the non-finite values add to each row that keeps them: [..., M, Dv], 0 where none is kept,
+    +-inf where only +inf (or only -inf) is kept, NaN where a NaN or both infinities are. Counted by a
+    0/1 matmul, so an excluded NaN never meets a zero weight. (The inf's weight is taken as positive:
+    a kept value of inf whose probability underflowed to 0 gives inf, not 0 * inf.)"""
+    flags = torch.cat([v.isnan(), v == math.inf, v == -math.inf], -1).to(v.dtype)  # [..., L, 3 Dv]
+    nan, pos, neg = (torch.matmul(keep.to(v.dtype), flags) > 0).chunk(3, -1)
+    out = torch.zeros_like(pos, dtype=v.dtype)
+    out = out.masked_fill(pos, math.inf).masked_fill(neg, -math.inf)
+    return out.masked_fill(nan | (pos & neg), math.nan)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, log_weight: Tensor, key_keep: Tensor | None = None,
+           careful: bool = False) -> tuple[Tensor, Tensor]:
+    """softmax(scale q k^T + log_weight) v over the kept keys, and its LSE.
+
+    Args:
+        q: [..., M, D]; k: [..., L, D]; v: [..., L, Dv] (compute dtype, broadcastable batch dims).
+        log_weight: broadcastable to [..., M, L]: log W, -inf where the weight is 0.
+        key_keep: bool broadcastable to [..., M, L] (False = key padded out), or None.
+        careful: the call holds a non-finite key or value (``has_nonfinite``, checked once per
+            call by the caller): keep them to the rows that weigh them, forward and backward. A
+            loss over the rows that do not see them gets the gradient it would get with the
+            poisoned entries replaced by any finite number: non-finite keys are multiplied without
+            a gradient (so an excluding row's dq stays finite) and poisoned rows pass back 0.
+
+    Returns:
+        (out [..., M, Dv], lse [..., M]) as ``softmax_with_lse``.
+    """
+    if not careful:
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale + log_weight
+        if key_keep is not None:
+            s = s.masked_fill(~key_keep, float("-inf"))
+        return softmax_with_lse(s, v)
+    finite_k = torch.isfinite(k).all(-1, keepdim=True)  # [..., L, 1]
+    s = torch.matmul(q, k.masked_fill(~finite_k, 0.0).transpose(-1, -2)) * scale
+    s = torch.where(finite_k.transpose(-1, -2), s, torch.matmul(q.detach(), k.detach().transpose(-1, -2)) * scale)
+    keep = torch.isfinite(log_weight)
+    if key_keep is not None:
+        keep = keep & key_keep
+    return softmax_with_lse(s + log_weight, v, keep)
 
 
 def merge_partials(parts, num: int | None = None) -> tuple[Tensor, Tensor]:

@@ -14,11 +14,13 @@ split       10       LSH only: r passes of block-local attention on a pluggable 
 reference   0        dense O(Nq * Nk) definition, any dtype
 =========== ======== ==================================================================
 
-Capabilities: a backend also declares the ``methods`` it computes and whether it honours
-``spec.kernels`` (general positional kernels). The defaults, ("exact", "window", "lsh") and no
-kernels, are what every backend did before "hybrid" and kernels existed, so a backend registered
-without them is never handed a call it would silently compute as something else; ``supports`` is
-only asked once the capabilities match.
+Capabilities: a backend also declares the ``methods`` it computes, whether it honours
+``spec.kernels`` (general positional kernels) and whether it differentiates slopes that require
+grad (``slope_grad``: trainable ALiBi slopes for exact and window; reference and fused do). The
+defaults, ("exact", "window", "lsh"), no kernels and no slope gradients, are what every backend
+did before "hybrid" and kernels existed, so a backend registered without them is never handed a
+call it would silently compute as something else (or silently detach); ``supports`` is only asked
+once the capabilities match.
 
 GPU backends register themselves from ``poslsh.attention.triton`` and
 ``poslsh.attention.flex`` with one call, e.g.
@@ -39,7 +41,8 @@ import torch
 from torch import Tensor
 
 from ..alibi import alibi_slopes, check_slopes
-from ..hashing import SAMPLINGS, SCHEMES, Partitions, sample_partitions
+from ..checks import as_bool, as_float, as_int, check_generator
+from ..hashing import Partitions, check_scheme, sample_partitions
 from .core import METHODS, AttentionSpec
 from .fused import fused_attention, supports_fused
 from .primitives import resolve_primitive
@@ -65,10 +68,13 @@ class Backend:
     priority: int = 0
     methods: tuple[str, ...] = ("exact", "window", "lsh")
     kernels: bool = False
+    slope_grad: bool = False
 
     def accepts(self, q: Tensor, spec: AttentionSpec) -> bool:
-        """Declared capabilities first (method, kernels), then the backend's own ``supports``."""
+        """Declared capabilities first (method, kernels, slope gradients), then its own ``supports``."""
         if spec.method not in self.methods or (spec.kernels is not None and not self.kernels):
+            return False
+        if spec.slopes.requires_grad and not self.slope_grad:
             return False
         return self.supports(q, spec)
 
@@ -85,14 +91,14 @@ _optional_loaded = False
 
 def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = None, *,
                      priority: int = 0, methods: tuple[str, ...] = ("exact", "window", "lsh"),
-                     kernels: bool = False) -> Backend:
+                     kernels: bool = False, slope_grad: bool = False) -> Backend:
     """Add (or replace) a backend. ``supports`` defaults to "always"; "auto" tries higher
     ``priority`` first (torch backends use 0..20, so GPU kernels should use e.g. 100).
-    ``methods`` and ``kernels`` declare what it computes (see module docstring)."""
+    ``methods``, ``kernels`` and ``slope_grad`` declare what it computes (see module docstring)."""
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
     backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
-                      tuple(methods), bool(kernels))
+                      tuple(methods), bool(kernels), bool(slope_grad))
     BACKENDS[name] = backend
     return backend
 
@@ -136,8 +142,9 @@ def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto") -> Bac
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     chosen = BACKENDS[backend]
     if not chosen.accepts(q, spec):
+        grad = ", slopes that require grad" if spec.slopes.requires_grad and not chosen.slope_grad else ""
         raise ValueError(f"backend {backend!r} does not support this call (method={spec.method!r}, "
-                         f"dtype={q.dtype}, device={q.device})")
+                         f"dtype={q.dtype}, device={q.device}{grad})")
     return chosen
 
 
@@ -185,8 +192,8 @@ def resolve_spec(
     nk = k.shape[2]
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = as_bool(causal, "causal")
+    generator = check_generator(generator)
     if partitions is not None:  # checked before the slopes, which may default to the partitions'
         if method not in ("lsh", "hybrid"):
             raise ValueError(f"partitions are only used by method='lsh' or 'hybrid', got method={method!r}")
@@ -213,13 +220,13 @@ def resolve_spec(
     else:
         if slopes is None:
             slopes = partitions.slopes if isinstance(partitions, Partitions) else alibi_slopes(h)
-        s = check_slopes(slopes, "slopes")
+        if method in ("lsh", "hybrid") and isinstance(slopes, Tensor) and slopes.requires_grad:
+            raise ValueError(f"slopes require grad, but method={method!r} samples its partitions from them, which "
+                             "no gradient passes through; pass slopes.detach(), or use method 'exact' or 'window'")
+        s = check_slopes(slopes, "slopes", allow_grad=True)  # exact / window: trainable slopes
         if s.numel() != h:
             raise ValueError(f"slopes must have one value per query head ({h}), got {s.numel()}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    scale = 1.0 / math.sqrt(d) if scale is None else as_float(scale, "scale")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must be a bool tensor (True = keep), got "
@@ -231,18 +238,13 @@ def resolve_spec(
             raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
     window = None
     if method == "window":
-        if isinstance(window_eps, bool) or not isinstance(window_eps, (int, float)) or not 0 < window_eps < 1:
-            raise ValueError(f"window_eps must be in (0, 1), got {window_eps!r}")
-        window = (window_sizes(s, float(window_eps), nk) if kernels is None
-                  else kernel_window_sizes(kernels, float(window_eps), nk))
+        window_eps = as_float(window_eps, "window_eps", above=0, below=1)
+        window = (window_sizes(s, window_eps, nk) if kernels is None
+                  else kernel_window_sizes(kernels, window_eps, nk))
     if method in ("lsh", "hybrid"):
         if partitions is None:
-            if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-                raise ValueError(f"samples must be an int >= 1, got {samples!r}")
-            if scheme not in SCHEMES:
-                raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-            if sampling not in SAMPLINGS:
-                raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+            samples = as_int(samples, "samples", minimum=1)
+            check_scheme(scheme, sampling, kernels is not None)
             partitions = sample_partitions(nk, None if kernels is not None else s, samples, scheme=scheme,
                                            generator=generator, device=q.device, sampling=sampling,
                                            kernel=kernels)
@@ -259,9 +261,7 @@ def resolve_spec(
             if partitions.device != q.device:
                 partitions = partitions.to(q.device)
     if method == "hybrid":
-        if isinstance(hybrid_eps, bool) or not isinstance(hybrid_eps, (int, float)) or not hybrid_eps > 0:
-            raise ValueError(f"hybrid_eps must be a number > 0, got {hybrid_eps!r}")
-        window = hybrid_widths(s, float(hybrid_eps), partitions.num_samples, nk, kernels)
+        window = hybrid_widths(s, as_float(hybrid_eps, "hybrid_eps", above=0), partitions.num_samples, nk, kernels)
     return AttentionSpec(slopes=s, causal=causal, method=method, scale=float(scale), q_offset=nk - nq,
                          partitions=partitions, window=window, key_padding_mask=key_padding_mask, kernels=kernels)
 
@@ -404,6 +404,8 @@ def attention_with_widths(q: Tensor, k: Tensor, v: Tensor, widths, *, method: st
     return select_backend(q, spec, backend)(q, k, v, spec)[0]
 
 
-register_backend("fused", fused_attention, supports_fused, priority=20, methods=METHODS, kernels=True)
+register_backend("fused", fused_attention, supports_fused, priority=20, methods=METHODS, kernels=True,
+                 slope_grad=True)
 register_backend("split", split_attention, supports_split, priority=10, methods=("lsh",), kernels=True)
-register_backend("reference", reference_attention, supports_reference, priority=0, methods=METHODS, kernels=True)
+register_backend("reference", reference_attention, supports_reference, priority=0, methods=METHODS, kernels=True,
+                 slope_grad=True)

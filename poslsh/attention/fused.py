@@ -3,9 +3,9 @@ tiled pass with banded ALiBi weights for "window" and "exact".
 
 For LSH, query p and key j get weight c_pj = #{t : j in block_t(p)} / r, i.e. score + log c_pj.
 Blocks are contiguous, so j is in p's block of sample t iff start_t(p) <= j < end_t(p)
-(``Partitions.block_bounds``), and a tile of queries [p0, p1] needs only the keys in
+(``Partitions.bounds_at``), and a tile of queries [p0, p1] needs only the keys in
 [min_t start_t(p0), max_t end_t(p1)) (starts and ends are non-decreasing in p): the union of the
-blocks, not the sum of their sizes. Memory is O(B * tile * union) per step.
+blocks, not the sum of their sizes. Memory per step is bounded by ``tiled.TILE_BYTES``.
 
 "hybrid" (``HybridRule``): the band rule's exact weights for |p - j| <= w_h and the collision rule's
 weights beyond; the tile's key range is the union of the band's and the blocks' ranges.
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..hashing import Partitions
+from . import tiled
 from .core import AttentionSpec
 from .tiled import tiled_attention
 from .window import BandRule, band_rules
@@ -23,30 +25,53 @@ from .window import BandRule, band_rules
 __all__ = ["CollisionRule", "HybridRule", "collision_rules", "fused_attention", "supports_fused"]
 
 class CollisionRule:
-    """Weights c_pj = #{t : start_t(p) <= j < end_t(p)} / r for one head (and j <= p when causal)."""
+    """Weights c_pj = #{t : start_t(p) <= j < end_t(p)} / r for one head (and j <= p when causal).
 
-    def __init__(self, start: Tensor, end: Tensor, causal: bool) -> None:
-        """start, end: int64 [r, n], the bounds of each position's block in each sample."""
-        self.start, self.end, self.causal = start, end, causal
-        self.r, self.n = start.shape
-        pos = torch.arange(self.n, device=start.device)
+    The block bounds of the tile's query rows are computed per tile (``Partitions.bounds_at``: from
+    (W, U) for grid, by binary search in the cut table for cut), never for all n positions: with
+    many samples an [r, n] table per head, let alone [H, r, n], would not fit (r = 10^6 at n = 512
+    and H = 8 is 33 GB). A tile's rows need r bounds each (``row_bytes``), which the engine's tile
+    size accounts for.
+    """
+
+    def __init__(self, parts: Partitions, causal: bool) -> None:
+        """parts: the partitions of this head alone (``Partitions.head``)."""
+        self.parts, self.causal = parts, causal
+        self.r, self.n = parts.num_samples, parts.n
+        self.table = parts.cut_table() if parts.scheme == "cut" else None
+        self.row_bytes = 8 * self.r  # one int64 per sample and row, for each of a few temporaries
+        # The typical union of a query's blocks (sets the tile size): the mean over evenly spaced
+        # positions, as many as one budget of bounds holds.
+        count = max(1, min(self.n, (tiled.TILE_BYTES // 8) // self.r))
+        pos = torch.linspace(0, self.n - 1, count, device=parts.device).round().long()
+        start, end = self.bounds(pos)
         reach = pos - start.amin(0)  # keys left of p in the union, per p
         if not causal:
             reach = reach + end.amax(0) - pos
         self.span = float(reach.double().mean()) + 1.0
 
+    def bounds(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Block bounds of positions pos [P] in every sample: int64 [r, P] each."""
+        start, end = self.parts.bounds_at(pos, self.table)
+        return start[0], end[0]
+
     def tile_ranges(self, firsts: Tensor, lasts: Tensor) -> tuple[list[int], list[int]]:
-        lo = self.start[:, firsts].amin(0)
-        hi = lasts + 1 if self.causal else self.end[:, lasts].amax(0)
-        return lo.tolist(), hi.tolist()
+        los, his = [], []
+        step = max(1, (tiled.TILE_BYTES // 8) // self.r)  # tiles per batch of bounds, within the budget
+        for i in range(0, firsts.numel(), step):
+            f, last = firsts[i:i + step], lasts[i:i + step]
+            los += self.bounds(f)[0].amin(0).tolist()
+            his += (last + 1).tolist() if self.causal else self.bounds(last)[1].amax(0).tolist()
+        return los, his
 
     def log_weight(self, pos_q: Tensor, pos_k: Tensor, dtype: torch.dtype) -> Tensor:
         # count(p, j) is a step function of j: +1 at each start_t(p), -1 at each end_t(p). Scatter
         # the r steps of every row and take a cumulative sum: O(T * (L + r)), not O(T * L * r).
         # pos_k is a contiguous range [lo, hi); steps outside it are clipped to its ends.
         lo, num_k = int(pos_k[0]), pos_k.numel()
-        s = (self.start[:, pos_q] - lo).clamp(0, num_k).T  # [T, r]
-        e = (self.end[:, pos_q] - lo).clamp(0, num_k).T
+        start, end = self.bounds(pos_q)
+        s = (start - lo).clamp(0, num_k).T  # [T, r]
+        e = (end - lo).clamp(0, num_k).T
         steps = torch.zeros(pos_q.numel(), num_k + 1, dtype=dtype, device=pos_q.device)
         steps.scatter_add_(1, s, torch.ones_like(s, dtype=dtype))
         steps.scatter_add_(1, e, torch.full_like(e, -1, dtype=dtype))
@@ -64,6 +89,7 @@ class HybridRule:
     def __init__(self, band: BandRule, far: CollisionRule) -> None:
         self.band, self.far = band, far
         self.span = max(band.span, far.span)
+        self.row_bytes = far.row_bytes
 
     def tile_ranges(self, firsts: Tensor, lasts: Tensor) -> tuple[list[int], list[int]]:
         (blo, bhi), (flo, fhi) = self.band.tile_ranges(firsts, lasts), self.far.tile_ranges(firsts, lasts)
@@ -74,9 +100,9 @@ class HybridRule:
         return torch.where(near, self.band.log_weight(pos_q, pos_k, dtype), self.far.log_weight(pos_q, pos_k, dtype))
 
 
-def collision_rules(spec: AttentionSpec) -> list[CollisionRule]:
-    start, end = spec.partitions.block_bounds()  # [H, r, n] each
-    return [CollisionRule(start[h], end[h], spec.causal) for h in range(spec.num_heads)]
+def collision_rules(spec: AttentionSpec):
+    """One ``CollisionRule`` per head, built when the engine reaches the head (a generator)."""
+    return (CollisionRule(spec.partitions.head(h), spec.causal) for h in range(spec.num_heads))
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
@@ -91,7 +117,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
     if spec.method == "lsh":
         rules = collision_rules(spec)
     elif spec.method == "hybrid":
-        rules = [HybridRule(b, c) for b, c in zip(band_rules(spec, k.shape[2]), collision_rules(spec))]
+        rules = (HybridRule(b, c) for b, c in zip(band_rules(spec, k.shape[2]), collision_rules(spec)))
     else:
         rules = band_rules(spec, k.shape[2])
     return tiled_attention(q, k, v, spec, rules)

@@ -9,8 +9,9 @@ Row i (key position p = q_offset + i) of head h is softmax_j(scale * q_i . k_j +
 
 (with ``spec.kernels``, f_h(|p - j|) replaces e^{-m_h |p - j|})
 
-and W = 0 for j > p when causal or when key j is padded out. Everything is built densely so each
-fast backend can be held to it.
+and W = 0 for j > p when causal or when key j is padded out; the sum runs over W > 0 only, so a
+NaN or infinite key or value reaches exactly the rows that weigh it. Everything is built densely
+so each fast backend can be held to it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .core import AttentionSpec, compute_dtype, softmax_with_lse
+from .core import AttentionSpec, attend, compute_dtype, has_nonfinite
 
 __all__ = ["dense_log_weights", "reference_attention", "supports_reference"]
 
@@ -66,11 +67,10 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) ->
     # Grouped KV: view the query heads as [Hkv, G] and broadcast K/V over G instead of repeating them.
     qg = q.to(cdt).reshape(b, hkv, g, nq, -1)
     kk, vv = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]
-    scores = torch.matmul(qg, kk.transpose(-1, -2)) * spec.scale  # [B, Hkv, G, Nq, Nk]
-    scores = scores + dense_log_weights(spec, nq, nk, q.device).to(cdt).reshape(hkv, g, nq, nk)
-    if spec.key_padding_mask is not None:
-        scores = scores.masked_fill(~spec.key_padding_mask[:, None, None, None, :], float("-inf"))
-    out, lse = softmax_with_lse(scores, vv)
+    logw = dense_log_weights(spec, nq, nk, q.device).to(cdt).reshape(hkv, g, nq, nk)
+    kpm = spec.key_padding_mask
+    keep = None if kpm is None else kpm[:, None, None, None, :]
+    out, lse = attend(qg, kk, vv, spec.scale, logw, keep, careful=has_nonfinite(kk, vv))  # [B, Hkv, G, Nq, *]
     return out.reshape(b, h, nq, -1).to(q.dtype), lse.reshape(b, h, nq)
 
 

@@ -4,9 +4,12 @@ Every method is "softmax over keys with positional weights W_h[p, j]" where, for
 consecutive query positions, the keys with W > 0 lie in one contiguous range (the whole prefix for
 exact, a band for window, the union of the r blocks for LSH). A ``PositionRule`` says what that range
 is for a tile and what log W is inside it; the engine loops over heads and query tiles, computes
-the [B, T, L] scores of the tile against its key range only, and applies the shared safe softmax.
-Memory is O(B * T * L) per step (plus what autograd saves), never O(Nq * Nk) unless the rule's
-range is the whole sequence (exact).
+the [B, T, C] scores of the tile against its key range, C keys at a time, and merges the chunks by
+their log-sum-exps (online softmax, ``core.merge_partials``). T and C are chosen so that one score
+tile is at most ``TILE_BYTES`` whatever Nq and Nk are (``tile_shape``): the key range of a tile is
+the whole prefix for exact attention, so with Nq << Nk (chunked prefill, a prompt continued
+against a cache) the key axis must be tiled too. Memory is O(TILE_BYTES) per step, plus what
+autograd saves when gradients are needed.
 
 Heads are looped over because their ranges differ by orders of magnitude (Press slopes span
 2^-8 .. 2^-1/2): a common range would cost every head the widest head's work.
@@ -20,18 +23,19 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .core import AttentionSpec, compute_dtype, softmax_with_lse
+from .core import AttentionSpec, attend, compute_dtype, has_nonfinite, merge_partials
 
-__all__ = ["PositionRule", "tiled_attention", "tile_size"]
+__all__ = ["PositionRule", "tiled_attention", "tile_shape", "TILE_BYTES"]
 
-# Elements of one [B, T, L] score tile; a handful of such temporaries live at once (~100 MB in fp32).
-TILE_BUDGET = 1 << 22
+# Bytes of one [B, T, C] score tile (and the bound on any one per-tile temporary); a handful live at once.
+TILE_BYTES = 16 << 20
 
 
 class PositionRule(Protocol):
     """Positional weights of one head, as seen by the tiled engine."""
 
     span: float  # typical number of keys one query needs (sets the tile size)
+    row_bytes: int  # bytes of the rule's own per-query-row temporaries (0 if none), bounded with the tile
 
     def tile_ranges(self, firsts: Tensor, lasts: Tensor) -> tuple[list[int], list[int]]:
         """Key range [lo, hi) covering every key with W > 0 for each tile of query positions.
@@ -47,23 +51,35 @@ class PositionRule(Protocol):
         ...
 
 
-def tile_size(span: float, batch: int, max_len: int, budget: int = TILE_BUDGET) -> int:
-    """Query-tile length: about the rule's span (so a tile wastes at most ~2x the useful work),
-    a power of two in [64, 1024], shrunk until B * T * (T + span) fits ``budget``."""
+def tile_shape(span: float, batch: int, num_queries: int, row_bytes: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(T, C): query-tile length and key-chunk length for one head.
+
+    T is about the rule's span (so a tile wastes at most ~2x the useful work), a power of two in
+    [64, 1024] and at most Nq, shrunk until a square B x T x T tile and the rule's T rows of
+    temporaries each fit ``TILE_BYTES``; C fills the budget: B * T * (C + 1) elements of ``dtype``
+    (the +1 for the collision rule's step tensor).
+    """
+    budget = max(1, TILE_BYTES // dtype.itemsize)  # elements
     t = 1 << max(6, min(10, round(math.log2(max(span, 1.0)))))
-    while t > 1 and batch * t * (t + min(span, max_len)) > budget:
+    t = max(1, min(t, num_queries))
+    while t > 1 and (batch * t * t > budget or t * row_bytes > TILE_BYTES):
         t //= 2
-    return max(1, min(t, max_len))
+    return t, max(1, budget // (batch * t) - 1)
 
 
-def tiled_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
-                    rules: list[PositionRule]) -> tuple[Tensor, Tensor]:
-    """Attention with per-head positional weights, one query tile at a time.
+def position_dtype(n: int) -> torch.dtype:
+    """Positions as int32 while they fit: a [T, C] position difference then takes a float32 score's bytes."""
+    return torch.int32 if n < 2**31 else torch.int64
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, rules) -> tuple[Tensor, Tensor]:
+    """Attention with per-head positional weights, one query tile and key chunk at a time.
 
     Args:
         q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv].
         spec: the resolved call (scale, q_offset, key_padding_mask are used here).
-        rules: one ``PositionRule`` per query head.
+        rules: one ``PositionRule`` per query head, in head order (an iterable: a rule is built
+            only when its head is reached, so per-head state is never held for all heads at once).
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] in the compute dtype).
@@ -74,25 +90,31 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
     out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
     # Upcasting whole tensors costs O(N * D), linear; it keeps fp16/bf16 logits of 1e4 finite.
     q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    careful = has_nonfinite(k, v)  # once per call: non-finite keys/values take attend's careful path
     kpm = spec.key_padding_mask
-    dev = q.device
+    dev, pdt = q.device, position_dtype(nk)
     outs, lses = [], []
-    for head in range(h):
-        rule, kv = rules[head], head // group  # grouped KV: index the shared head, never repeat it
-        t = tile_size(rule.span, b, nq)
+    for head, rule in enumerate(rules):
+        kv = head // group  # grouped KV: index the shared head, never repeat it
+        t, c = tile_shape(rule.span, b, nq, rule.row_bytes, cdt)
         firsts = torch.arange(spec.q_offset, nk, t, device=dev)
         lasts = (firsts + t - 1).clamp(max=nk - 1)
         los, his = rule.tile_ranges(firsts, lasts)
         head_out, head_lse = [], []
         for i, (lo, hi) in enumerate(zip(los, his)):
             t0, t1 = i * t, min(nq, (i + 1) * t)
-            pos_q = torch.arange(spec.q_offset + t0, spec.q_offset + t1, device=dev)
-            pos_k = torch.arange(lo, hi, device=dev)
-            s = torch.matmul(q[:, head, t0:t1], k[:, kv, lo:hi].transpose(-1, -2)) * spec.scale
-            s = s + rule.log_weight(pos_q, pos_k, cdt)
-            if kpm is not None:
-                s = s.masked_fill(~kpm[:, None, lo:hi], float("-inf"))
-            o, lse = softmax_with_lse(s, v[:, kv, lo:hi])
+            pos_q = torch.arange(spec.q_offset + t0, spec.q_offset + t1, device=dev, dtype=pdt)
+
+            def chunk(c0: int, c1: int) -> tuple[Tensor, Tensor]:  # keys [c0, c1) of this query tile
+                pos_k = torch.arange(c0, c1, device=dev, dtype=pdt)
+                keep = None if kpm is None else kpm[:, None, c0:c1]
+                return attend(q[:, head, t0:t1], k[:, kv, c0:c1], v[:, kv, c0:c1], spec.scale,
+                              rule.log_weight(pos_q, pos_k, cdt), keep, careful)
+
+            if hi - lo <= c:
+                o, lse = chunk(lo, hi)
+            else:  # Nq << Nk or a very wide rule: online softmax over key chunks
+                o, lse = merge_partials(chunk(c0, min(hi, c0 + c)) for c0 in range(lo, hi, c))
             head_out.append(o)
             head_lse.append(lse)
         outs.append(torch.cat(head_out, dim=1))

@@ -100,9 +100,12 @@ def _hybrid_widths(per_head: tuple, are_kernels: bool, eps: float, samples: int,
 
 class BandRule:
     """Weights f(|p - j|) for |p - j| <= w (and j <= p when causal), zero elsewhere; f = e^{-m d}
-    (ALiBi) unless a ``kernel`` is given."""
+    (ALiBi) unless a ``kernel`` is given. ``slope`` is a float, or a 0-d tensor that requires grad
+    (trainable slopes: the log-weights then carry its gradient)."""
 
-    def __init__(self, slope: float, width: int, causal: bool, n: int, kernel=None) -> None:
+    row_bytes = 0
+
+    def __init__(self, slope: float | Tensor, width: int, causal: bool, n: int, kernel=None) -> None:
         self.slope, self.width, self.causal, self.n, self.kernel = slope, width, causal, n, kernel
         self.span = float(min(n, width + 1 if causal else 2 * width + 1))
         self._log_table: Tensor | None = None  # kernel: log f(d), d = 0..min(w, n-1), built on first use
@@ -123,7 +126,8 @@ class BandRule:
     def log_weight(self, pos_q: Tensor, pos_k: Tensor, dtype: torch.dtype) -> Tensor:
         if self.kernel is None:
             diff = (pos_q[:, None] - pos_k[None, :]).to(dtype)
-            logw = diff.abs() * (-self.slope)
+            slope = self.slope.to(diff.device, dtype) if isinstance(self.slope, Tensor) else self.slope
+            logw = diff.abs() * (-slope)
         else:
             diff = pos_q[:, None] - pos_k[None, :]
             logw = self._kernel_log_weight(diff.abs(), dtype)  # beyond w: masked below
@@ -138,5 +142,5 @@ def band_rules(spec: AttentionSpec, n: int) -> list[BandRule]:
     (everything) for "exact"."""
     widths = spec.window.tolist() if spec.window is not None else [n - 1] * spec.num_heads
     kernels = spec.kernels if spec.kernels is not None else [None] * spec.num_heads
-    return [BandRule(float(m), int(w), spec.causal, n, kern)
-            for m, w, kern in zip(spec.slopes.tolist(), widths, kernels)]
+    slopes = list(spec.slopes) if spec.slopes.requires_grad else spec.slopes.tolist()  # 0-d tensors keep the graph
+    return [BandRule(m, int(w), spec.causal, n, kern) for m, w, kern in zip(slopes, widths, kernels)]
