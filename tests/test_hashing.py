@@ -218,6 +218,12 @@ def test_block_structure(scheme):
     # start/end are exactly where the block id changes.
     assert (ids.gather(-1, start) == ids).all() and (ids.gather(-1, end - 1) == ids).all()
     assert (torch.where(start > 0, ids.gather(-1, (start - 1).clamp(min=0)), -1) != ids).all()
+    # Bounds of some positions only (any order, repeats), and one head alone, agree with the full scan.
+    some = torch.tensor([49, 0, 17, 17, 3])
+    s2, e2 = parts.bounds_at(some, parts.cut_table() if scheme == "cut" else None)
+    assert s2.dtype == torch.int64 and torch.equal(s2, start[..., some]) and torch.equal(e2, end[..., some])
+    for h in range(5):
+        assert torch.equal(parts.head(h).block_ids()[0], ids[h])
     assert torch.equal(parts.max_block_size(), parts.block_sizes().amax(-1))
     masks = parts.dense_masks()
     assert masks.dtype == torch.bool and masks.shape == (5, 7, 50, 50)

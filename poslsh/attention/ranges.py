@@ -17,9 +17,9 @@ Both come from block bounds at the tile's first and last rows: block starts and 
 non-decreasing in the position, so the union of the rows' blocks is [min_t s_t(pa), max_t e_t(pb)) and
 their intersection [max_t s_t(pb), min_t e_t(pa)). Grid partitions give them from the two scalars
 (W, U) per head and sample, never forming [H, r, n]; cut partitions by a binary search in the cut
-lists (asked for a quarter of the positions or more, by the one scan of ``block_bounds()``, and the
-per-row summaries one head at a time). Membership is symmetric (j is in p's block iff p is in j's), so the query rows that reach a
-key tile (the backward pass's dK/dV loop) come from the same bounds (``query_ranges``).
+lists (both ``Partitions.bounds_at``), and the per-row summaries one head at a time. Membership is
+symmetric (j is in p's block iff p is in j's), so the query rows that reach a key tile (the backward
+pass's dK/dV loop) come from the same bounds (``query_ranges``).
 
 Bounds are key positions 0..Nk; query row i sits at position q_offset + i (q_offset = Nk - Nq, so a
 decoding query is the last position). Outputs are int64 [H, T] (exact: [1, T], the same for every
@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..hashing import Partitions
+from ..hashing import Partitions, normalize_grid
 from ..masks import select_head
 
 __all__ = ["Support", "TileRanges", "normalize_grid", "block_bounds_at", "key_ranges", "query_ranges",
@@ -80,54 +80,10 @@ class TileRanges(NamedTuple):
     fhi: Tensor
 
 
-def normalize_grid(widths: Tensor, offsets: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Grid (W, U) int [H, r] -> int32 [H, r] giving the same blocks on positions 0..n-1.
-
-    A width above n has at most one boundary inside [0, n), at c = W - U; it is re-expressed with
-    width n (offset n - c, or 0 when c >= n), so that p + U fits in int32 (slope-0 heads store
-    W = 2^62).
-    """
-    w = widths.to(torch.int64)
-    u = offsets.to(torch.int64)
-    big = w > n
-    c = w - u
-    u2 = torch.where(c >= n, torch.zeros_like(u), n - c)
-    w = torch.where(big, torch.full_like(w, n), w)
-    u = torch.where(big, u2, u)
-    return w.to(torch.int32).contiguous(), u.to(torch.int32).contiguous()
-
-
 def block_bounds_at(partitions: Partitions, positions: Tensor) -> tuple[Tensor, Tensor]:
     """Start and one-past-end of the block holding each of ``positions`` (int [P], in 0..n-1), per head
-    and sample: [H, r, P] each, equal to ``partitions.block_bounds()[..., positions]`` without forming
-    [H, r, n] (grid: from (W, U); cut: a binary search in each (head, sample)'s cuts). int64, or int32
-    for grid partitions of n < 2^30 (``normalize_grid``: int32 division is ~4x faster on a CPU)."""
-    n, dev = partitions.n, partitions.device
-    pos = positions.to(device=dev, dtype=torch.int64)
-    if partitions.scheme == "grid":
-        if n < 2**30:  # p + U < 2n fits int32 once widths above n are re-expressed
-            w, u = normalize_grid(partitions.widths, partitions.offsets, n)
-            pos = pos.to(torch.int32)
-        else:
-            w, u = partitions.widths, partitions.offsets
-        w, u = w[..., None], u[..., None]
-        s0 = torch.div(pos + u, w, rounding_mode="floor") * w - u
-        return s0.clamp(min=0), (s0 + w).clamp(max=n)
-    h, r = partitions.num_heads, partitions.num_samples
-    if 4 * pos.numel() >= n:  # about as many positions as there are: the O(H r n) scan is cheaper
-        start, end = partitions.block_bounds()
-        return start[..., pos], end[..., pos]
-    ptr = partitions.cut_pointers.to(torch.int64)
-    cuts = partitions.cut_positions.to(torch.int64)
-    rows = torch.arange(h * r, device=dev)
-    # One sorted list of (row, cut) keys: row * (n + 1) + cut; a query (row, p) finds the first cut > p.
-    keys = torch.repeat_interleave(rows, ptr.diff(), output_size=cuts.numel()) * (n + 1) + cuts
-    i = torch.searchsorted(keys, rows[:, None] * (n + 1) + pos[None, :], right=True)  # [H r, P]
-    before = torch.cat([cuts.new_zeros(1), cuts])[i]  # cuts[i - 1]
-    after = torch.cat([cuts, cuts.new_full((1,), n)])[i]  # cuts[i]
-    start = torch.where(i > ptr[:-1, None], before, 0)
-    end = torch.where(i < ptr[1:, None], after, n)
-    return start.reshape(h, r, -1), end.reshape(h, r, -1)
+    and sample: int64 [H, r, P] each, without forming [H, r, n] (``Partitions.bounds_at``)."""
+    return partitions.bounds_at(positions)
 
 
 def _num_heads(spec) -> int:
