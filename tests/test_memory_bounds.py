@@ -127,7 +127,8 @@ def test_many_samples_allocate_no_heads_x_samples_x_n(scheme, samples):
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, h, n, 4, generator=g) for _ in range(3))
     t0 = time.perf_counter()
-    nbytes, op, out = largest_allocation(lambda: poslsh.attention(q, k, v, partitions=parts, backend="fused"))
+    nbytes, op, out = largest_allocation(lambda: poslsh.attention(q, k, v, method="lsh", partitions=parts,
+                                                                    backend="fused"))
     elapsed = time.perf_counter() - t0
     assert torch.isfinite(out).all()
     assert nbytes <= max(TILE_BYTES, own), f"largest allocation {nbytes / MiB:.1f} MiB by {op}"
@@ -142,8 +143,8 @@ def test_many_samples_fused_matches_reference():
         parts = sample_partitions(n, slopes, r, scheme=scheme, generator=torch.Generator().manual_seed(5))
         g = torch.Generator().manual_seed(6)
         q, k, v = (torch.randn(1, h, n, 4, generator=g, dtype=torch.float64) for _ in range(3))
-        out = poslsh.attention(q, k, v, partitions=parts, backend="fused", causal=False)
-        ref = poslsh.attention(q, k, v, partitions=parts, backend="reference", causal=False)
+        out = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="fused", causal=False)
+        ref = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="reference", causal=False)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -162,5 +163,5 @@ def test_request_that_cannot_fit_names_samples_before_any_work(scheme):
         sample_partitions(512, alibi_slopes(8), 10**13, scheme=scheme)
     q = torch.randn(1, 8, 16, 4)
     with pytest.raises(MemoryError, match=r"samples=10+ "):
-        poslsh.attention(q, q, q, samples=10**13)
+        poslsh.attention(q, q, q, method="lsh", samples=10**13)
     assert time.perf_counter() - t0 < 1.0

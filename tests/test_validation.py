@@ -50,12 +50,12 @@ def test_sample_partitions_takes_numpy_integers():
 
 BAD = [
     # (kwargs, exception, message)
-    ({"samples": 2.5}, TypeError, r"^samples must be an int, got float 2\.5"),
-    ({"samples": True}, TypeError, r"^samples must be an int, got bool"),
-    ({"samples": np.float64(3.0)}, TypeError, r"^samples must be an int, got numpy\.float64"),
-    ({"samples": torch.tensor([3])}, TypeError, r"^samples must be an int, got a tensor of shape \(1,\)"),
-    ({"samples": 0}, ValueError, r"^samples must be >= 1, got 0"),
-    ({"samples": np.int64(-1)}, ValueError, r"^samples must be >= 1, got -1"),
+    ({"method": "lsh", "samples": 2.5}, TypeError, r"^samples must be an int, got float 2\.5"),
+    ({"method": "lsh", "samples": True}, TypeError, r"^samples must be an int, got bool"),
+    ({"method": "lsh", "samples": np.float64(3.0)}, TypeError, r"^samples must be an int, got numpy\.float64"),
+    ({"method": "lsh", "samples": torch.tensor([3])}, TypeError, r"^samples must be an int, got a tensor of shape \(1,\)"),
+    ({"method": "lsh", "samples": 0}, ValueError, r"^samples must be >= 1, got 0"),
+    ({"method": "lsh", "samples": np.int64(-1)}, ValueError, r"^samples must be >= 1, got -1"),
     ({"causal": 1}, TypeError, r"^causal must be a bool, got int 1"),
     ({"causal": "yes"}, TypeError, r"^causal must be a bool, got str 'yes'"),
     ({"causal": np.int64(1)}, TypeError, r"^causal must be a bool, got numpy\.int64"),
@@ -82,7 +82,7 @@ BAD = [
     ({"slopes": np.array([0.5, 0.1], dtype=np.complex128)}, TypeError,
      r"^slopes must be real numbers, got dtype complex128"),
     ({"slopes": [1e39, 0.1]}, ValueError, r"^slopes must be at most 3\.4\d*e\+38"),
-    ({"slopes": torch.tensor([0.5, 0.1], requires_grad=True)}, ValueError,
+    ({"slopes": torch.tensor([0.5, 0.1], requires_grad=True), "method": "lsh"}, ValueError,
      r"^slopes require grad, but method='lsh' samples its partitions from them"),
     ({"slopes": torch.tensor([0.5, 0.1], requires_grad=True), "method": "hybrid"}, ValueError,
      r"^slopes require grad, but method='hybrid' samples its partitions from them"),
@@ -244,8 +244,8 @@ def test_good_hand_built_partitions_and_sampled_ones_pass():
 @pytest.mark.parametrize("kwargs,exc,match", [
     ({"method": "window", "window_eps": 2.0}, ValueError, r"^window_eps must be in \(0, 1\), got 2\.0"),
     ({"method": "hybrid", "hybrid_eps": -1.0}, ValueError, r"^hybrid_eps must be > 0"),
-    ({"samples": 0}, ValueError, r"^samples must be >= 1"),
-    ({"samples": 2.5}, TypeError, r"^samples must be an int"),
+    ({"method": "lsh", "samples": 0}, ValueError, r"^samples must be >= 1"),
+    ({"method": "lsh", "samples": 2.5}, TypeError, r"^samples must be an int"),
     ({"sampling": "sobol"}, ValueError, r"^sampling must be one of"),
     ({"causal": "yes"}, TypeError, r"^causal must be a bool"),
     ({"backend": "cuda-magic"}, ValueError, r"^backend must be 'auto' or one of"),
