@@ -384,8 +384,6 @@ NONFINITE = [(where, value) for where in ("k", "v") for value in (math.nan, math
 KNOWN_LEAKS = {
     ("triton", "v"): "P @ V multiplies 0 by the NaN/inf value of an excluded key in the same key tile: under "
                      "TRITON_INTERPRET=1 (16 x 16 tiles) a bad value at key 11 poisons query rows 0-15",
-    ("triton", "k"): "rows that see a NaN/+inf score get out NaN (right) but lse EMPTY_LSE instead of NaN, so "
-                     "an LSE merge (split-key decoding) would drop the NaN partial as an empty one",
     ("flex", "v"): "eager FlexAttention on the CPU computes the dense P @ V: a bad value poisons every row "
                    "(the compiled GPU kernel: within a key block, like Triton)",
     ("split", "v"): "block attention multiplies the zero probability of a padded key in the query's block by "

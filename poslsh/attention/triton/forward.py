@@ -169,7 +169,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN,
         + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_on
     lse_ptr = LSE + (tl.program_id(1) * B * H + b * H + h).to(tl.int64) * Nq + offs_m
     if HAS_KPM or SPLIT:  # a row may see no key: output 0, lse EMPTY_LSE
-        seen = l_i > 0
+        seen = l_i != 0  # NaN (a NaN/inf key in the row) is not "no key": its lse stays NaN for LSE merges
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, EMPTY_LSE)
     else:
