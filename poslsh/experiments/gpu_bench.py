@@ -768,16 +768,41 @@ def summarize(results: dict[str, Any], out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def readme_section(doc: dict[str, Any]) -> str:
-    """The compact view of one run: forward and fwd+bwd ms per column and n, errors, decoding, targets."""
+def combine(docs: list[dict[str, Any]], passes: list[tuple[str, ...]]) -> dict[str, Any]:
+    """One document from several runs of the benchmark (a short lease split into calls): from each run
+    the rows of its ``passes`` entry ("fwd", "decode", "fwd+bwd"), and the first run's checks, sweep and
+    ceilings; then ``derive`` over the union (the targets compare rows of different runs only where one
+    run lacks a pass, e.g. fwd+bwd over fwd). The environments go to ``runs``."""
+    out = {"environment": docs[0]["environment"], "config": docs[0]["config"], "runs": [], "results": {}}
+    res = dict(docs[0]["results"], rows=[], notes=list(docs[0]["results"].get("notes", [])))
+    for doc, take in zip(docs, passes):
+        for r in doc["results"]["rows"]:
+            kind = "decode" if r["nq"] == 1 else r["pass"]
+            if kind in take and not r.get("config"):
+                res["rows"].append(dict(r, run=len(out["runs"])))
+        out["runs"].append({"command": doc["environment"]["command"], "date": doc["environment"]["date"],
+                            "passes": list(take)})
+    derive(res, Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in docs[0]["config"].items()
+                          if k in {f.name for f in dataclasses.fields(Config)}}))
+    out["results"] = res
+    return out
+
+
+PARTS = ("fwd", "errors", "fwd+bwd", "decode", "aims")
+
+
+def readme_section(doc: dict[str, Any], parts: tuple[str, ...] = PARTS) -> str:
+    """The compact view of a run (or ``combine``'s union): forward and fwd+bwd ms per column and n,
+    errors, decoding, the aims; ``parts`` picks some."""
     res = doc["results"] if "results" in doc else doc
     rows = [r for r in res["rows"] if not r.get("config")]
     kib = lambda n: f"{n // 1024}K" if n < 1 << 20 else f"{n >> 20}M"  # noqa: E731
     shape = res["shape"]
+    which = parts
     parts = [f"B=1, H={shape['H']}, D={shape['D']}, {shape['dtype']}, "
              f"{'causal' if shape['causal'] else 'bidirectional'}, Press slopes; median ms through "
              "`poslsh.attention` (speedup over exact ALiBi in FlexAttention, same run)"]
-    for pas in ("fwd", "fwd+bwd"):
+    for pas in [p for p in ("fwd", "fwd+bwd") if p in which]:
         ns = sorted({r["n"] for r in rows if r["pass"] == pas and r["nq"] == r["n"]})
         cols = [c for c in COLUMNS if any(find(rows, c, n, pas) for n in ns)]
         if not cols:
@@ -794,21 +819,21 @@ def readme_section(doc: dict[str, Any]) -> str:
                      + markdown_table(["n"] + [LABELS[c] for c in cols], body))
     ns = sorted({r["n"] for r in rows if "rel_err_vs_exact" in r})
     cols = [c for c in COLUMNS if any(find(rows, c, n) and "rel_err_vs_exact" in find(rows, c, n) for n in ns)]
-    if cols:
+    if cols and "errors" in which:
         parts.append("**relative output error against exact ALiBi, same inputs**\n\n" + markdown_table(
             ["n"] + [LABELS[c] for c in cols],
             [[kib(n)] + [fmt(find(rows, c, n)["rel_err_vs_exact"]) if find(rows, c, n) and "rel_err_vs_exact"
                          in find(rows, c, n) else "–" for c in cols] for n in ns]))
     dns = sorted({r["n"] for r in rows if r["nq"] == 1})
     dcols = [c for c in COLUMNS if any(find(rows, c, n, nq=1) for n in dns)]
-    if dcols:
+    if dcols and "decode" in which:
         parts.append("**decoding: one query against a KV cache, µs per call (wall clock per call through the "
                      "public API in parentheses)**\n\n" + markdown_table(
                          ["cached keys"] + [LABELS[c] for c in dcols],
                          [[kib(n)] + ["–" if not (r := find(rows, c, n, nq=1)) else
                                       f"{fmt(r['ms'] * 1e3)} ({fmt(r.get('wall_us'))})" for c in dcols] for n in dns]))
-    if res.get("targets"):
-        parts.append("**aims, as this run measured them**\n\n" + markdown_table(
+    if res.get("targets") and "aims" in which:
+        parts.append("**aims, as measured**\n\n" + markdown_table(
             ["aim", "measured", "wanted", "met"],
             [[k, fmt(v["value"]), v["wanted"], "yes" if v["met"] else "**no**"] for k, v in res["targets"].items()]))
     return "\n\n".join(parts)

@@ -717,6 +717,43 @@ def _slope_table(res: dict, cfg: dict) -> list[str]:
             markdown_table(["sampling", "max norm", "spectral norm", "attention output"], rows), ""]
 
 
+def against_flex(lib_doc: dict, flex_doc: dict, levels: tuple[float, ...] = (2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1,
+                                                                           0.2, 0.5)) -> list[dict]:
+    """At each error level: the library's fastest point of at most that error (every method on the backend
+    ``auto`` picked, ``lib_doc``) against the fastest FlexAttention point of at most that error
+    (``flex_doc``: the same study with backend flex), same n and inputs. Only configurations measured in
+    both runs take part (a level where Flex lacks the library's configuration is no comparison). Rows
+    {level, lib, flex, speedup}; None where one side has no such point."""
+    common = ({_label(p) for p in measured(alibi_panels(lib_doc["results"])[0]["points"])}
+              & {_label(p) for p in measured(alibi_panels(flex_doc["results"])[0]["points"])})
+
+    def best(doc: dict, level: float) -> dict | None:
+        pts = [p for p in measured(alibi_panels(doc["results"])[0]["points"])
+               if p["error"] <= level and _label(p) in common]
+        return min(pts, key=lambda p: p["seconds"]) if pts else None
+
+    rows = []
+    for level in levels:
+        a, b = best(lib_doc, level), best(flex_doc, level)
+        rows.append({"level": level, "lib": a, "flex": b,
+                     "speedup": b["seconds"] / a["seconds"] if a and b else None})
+    return rows
+
+
+def against_flex_section(lib_doc: dict, flex_doc: dict) -> str:
+    """Markdown for ``against_flex``: the table and the aim (at least 3x at every level), as measured."""
+    rows = against_flex(lib_doc, flex_doc)
+    cell = lambda p: "–" if p is None else f"{_label(p)} ({p['backend']}): {fmt(p['seconds'] * 1e3)} ms, error {fmt(p['error'])}"  # noqa: E731
+    table = markdown_table(["error at most", "fastest here", "fastest FlexAttention", "speedup"],
+                           [[fmt(r["level"]), cell(r["lib"]), cell(r["flex"]), fmt(r["speedup"])] for r in rows])
+    ratios = [r["speedup"] for r in rows if r["speedup"] is not None]
+    n = alibi_panels(lib_doc["results"])[0]["n"]
+    verdict = (f"At n = {n // 1024}K the library's fastest method is {fmt(min(ratios))}× to {fmt(max(ratios))}× "
+               "faster than the best FlexAttention configuration of equal or lower error (the aim was at least 3× "
+               f"at every level: {'met' if min(ratios) >= 3 else '**not met**'})." if ratios else "No level had a point on both sides.")
+    return verdict + "\n\n" + table
+
+
 def readme_section(doc: dict) -> str:
     """The README's view of one saved run (CPU or GPU): slopes per sampling mode, the verdict per
     panel, and why."""
