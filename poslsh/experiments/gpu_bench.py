@@ -21,6 +21,7 @@ what was measured). Derived numbers (floors, fractions, targets) are computed fr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -794,14 +795,18 @@ PARTS = ("fwd", "errors", "fwd+bwd", "decode", "aims")
 def readme_section(doc: dict[str, Any], parts: tuple[str, ...] = PARTS) -> str:
     """The compact view of a run (or ``combine``'s union): forward and fwd+bwd ms per column and n,
     errors, decoding, the aims; ``parts`` picks some."""
-    res = doc["results"] if "results" in doc else doc
+    res = copy.deepcopy(doc["results"] if "results" in doc else doc)
+    if "config" in doc:  # a run cut short by an error saved its rows before deriving: derive here
+        derive(res, Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()
+                              if k in {f.name for f in dataclasses.fields(Config)}}))
     rows = [r for r in res["rows"] if not r.get("config")]
     kib = lambda n: f"{n // 1024}K" if n < 1 << 20 else f"{n >> 20}M"  # noqa: E731
     shape = res["shape"]
     which = parts
     parts = [f"B=1, H={shape['H']}, D={shape['D']}, {shape['dtype']}, "
-             f"{'causal' if shape['causal'] else 'bidirectional'}, Press slopes; median ms through "
-             "`poslsh.attention` (speedup over exact ALiBi in FlexAttention, same run)"]
+             f"{'causal' if shape['causal'] else 'bidirectional'}, Press slopes"
+             + ("; median ms through `poslsh.attention` (speedup over exact ALiBi in FlexAttention, same run)"
+                if {"fwd", "fwd+bwd"} & set(which) else "")]
     for pas in [p for p in ("fwd", "fwd+bwd") if p in which]:
         ns = sorted({r["n"] for r in rows if r["pass"] == pas and r["nq"] == r["n"]})
         cols = [c for c in COLUMNS if any(find(rows, c, n, pas) for n in ns)]
