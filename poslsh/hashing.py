@@ -73,9 +73,9 @@ def _geometric(shape: tuple[int, ...], slope: Tensor, generator: torch.Generator
     """Failures before a success of probability 1 - e^{-slope}: P(G >= k) = e^{-slope k}, int64.
 
     Inversion: G = floor(-log(u) / slope) with u uniform on (0, 1]. ``slope`` broadcasts against
-    ``shape``; slope 0 gives UNBOUNDED_WIDTH.
+    ``shape``; slope 0 gives UNBOUNDED_WIDTH. Drawn on ``slope``'s device.
     """
-    u = 1.0 - torch.rand(shape, dtype=torch.float64, generator=generator)  # (0, 1]
+    u = 1.0 - torch.rand(shape, dtype=torch.float64, generator=generator, device=slope.device)  # (0, 1]
     g = torch.floor(-torch.log(u) / slope)
     return g.clamp(max=float(UNBOUNDED_WIDTH // 4)).nan_to_num(nan=0.0).to(torch.int64)
 
@@ -346,15 +346,15 @@ def _check_partitions(p: Partitions) -> None:
 
 
 def _sample_grid(n: int, slopes: Tensor, samples: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(W, U) int64 [H, r] on ``slopes``' device, with no host synchronisation (a GPU draw per call
+    stays on the GPU: fresh partitions at every training step or call)."""
     h = slopes.numel()
     m = slopes[:, None]
     width = 1 + _geometric((h, samples), m, generator) + _geometric((h, samples), m, generator)
-    u = torch.rand((h, samples), dtype=torch.float64, generator=generator)
+    u = torch.rand((h, samples), dtype=torch.float64, generator=generator, device=slopes.device)
     offset = torch.minimum(torch.floor(u * width).to(torch.int64), width - 1)
-    flat = slopes == 0
-    width[flat] = UNBOUNDED_WIDTH
-    offset[flat] = 0
-    return width, offset
+    flat = m == 0
+    return torch.where(flat, UNBOUNDED_WIDTH, width), torch.where(flat, 0, offset)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,6 +508,8 @@ def check_fits(n: int, slopes: Tensor, samples: int, scheme: str, device=None) -
     """Refuse, naming ``samples``, a request whose partitions cannot fit in memory (before any work:
     otherwise the allocator fails mid-way with a raw error)."""
     need, kept = sampling_bytes(n, slopes, samples, scheme)
+    if max(need, kept) < 1 << 28:  # small requests fit: no memory query (a driver call per draw)
+        return
     places = [(torch.device("cpu"), need)]
     if device is not None and torch.device(device).type != "cpu":
         places.append((torch.device(device), kept))
@@ -539,7 +541,8 @@ def sample_partitions(
         samples: r, the number of partitions per head, >= 1.
         scheme: "grid" (equal-width blocks, random width and offset) or "cut" (independent cuts).
         generator: a CPU ``torch.Generator``; the same seed gives the same partitions.
-        device: where the returned index tensors live (sampling always runs on the CPU).
+        device: where the returned index tensors live; grid iid partitions without a ``generator`` are
+            drawn there (no host round trip on a GPU), everything else on the CPU and moved.
         sampling: "iid" (independent samples), "stratified" or "qmc" (the r samples of a head are
             negatively correlated, each keeping its exact law; grid only, see module docstring).
         kernel: a ``poslsh.kernels.Kernel`` or one per head (grid only): partitions for
@@ -570,7 +573,10 @@ def sample_partitions(
     check_fits(n, s, samples, scheme, device)
     if scheme == "grid":
         if kernels is None and sampling == "iid":  # the original sampler: same seed, same partitions
-            widths, offsets = _sample_grid(n, s, samples, generator)
+            # Without a (CPU) generator, draw where the partitions go: on a GPU that is a few kernels and
+            # no host round trip; with one, on the CPU as always, so a seed gives the same partitions.
+            here = device if generator is None and device is not None else "cpu"
+            widths, offsets = _sample_grid(n, s.to(here), samples, generator)
         else:
             from .kernels import alibi
 
