@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -72,6 +73,36 @@ def test_triton_merge_document_layout_and_half_outputs():
     half = [(o.half(), lse) for o, lse in run_out]
     got16 = merge_mod.merge_slots_triton(plan, half, (rest[0].half(), rest[1]), 2, 8, torch.float16, block_i=16)
     torch.testing.assert_close(got16[0].float(), want[0], atol=2e-3, rtol=2e-3)
+
+
+def test_triton_merge_offsets_past_2_31_elements():
+    """out [2, 4, 37, 8] as a view whose head stride s is just under 2^30 elements: head 3 starts
+    3 s > 2^31 elements after head 0, as heads 16..31 of out [1, 32, 2^20, 128] do (head stride
+    2^27). In int32 that offset wrapped (on the H200, split attention at n = 2^20 died with an
+    illegal memory access). Head 0 sits 2^32 - 3 s elements into the buffer, so the wrapped offset of
+    head 3 lands inside it (a wrong value here, not a crash); of the 8 GiB of virtual memory only
+    the written rows are touched."""
+    plan, run_out, rest = partials("grid", True, dtype=torch.float16)
+    want = merge_mod.merge_slots_torch(plan, run_out, rest, 2, 8, torch.float16)
+    s = 2**30 - 2**20
+    base = 2**32 - 3 * s
+    store = torch.empty(base + 3 * s + 2 * 37 * 8, dtype=torch.float16)
+    out = store.as_strided((2, 4, 37, 8), (37 * 8, s, 8, 1), base)
+    out.fill_(math.nan)
+    lse = torch.empty(2, 4, 37)
+    merge_mod.merge_slots_into(plan, run_out, rest, out, lse, block_i=16)
+    torch.testing.assert_close(out, want[0], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(lse, want[1], atol=1e-5, rtol=1e-6)
+
+
+def test_merge_into_checks_its_buffers():
+    plan, run_out, rest = partials("grid", True)
+    out = torch.empty(2, 4, 37, 8)
+    with pytest.raises(ValueError, match=r"lse \[B, H, Nq\] float32 with unit last strides"):
+        merge_mod.merge_slots_into(plan, run_out, rest, out, torch.empty(2, 4, 37, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unit last strides"):
+        merge_mod.merge_slots_into(plan, run_out, rest, out.transpose(2, 3).contiguous().transpose(2, 3),
+                                   torch.empty(2, 4, 37))
 
 
 def test_merge_dispatch_uses_torch_on_cpu(monkeypatch):

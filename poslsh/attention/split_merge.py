@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .core import EMPTY_LSE
 
-__all__ = ["merge_slots", "merge_slots_torch", "merge_slots_triton", "triton_merge_available"]
+__all__ = ["merge_slots", "merge_slots_torch", "merge_slots_triton", "merge_slots_into", "triton_merge_available"]
 
 
 def _slot_pieces(plan, runs: dict, rest, h: int, t: int):
@@ -79,6 +79,9 @@ def triton_merge_available() -> bool:
 # strides, the run's first row, its row count and block width, and the slot's rest-buffer offset.
 _O_PTR, _L_PTR, _ROW, _LEN, _W, _OSB, _OSK, _OSR, _LSB, _LSK, _LSR, _OFF = range(12)
 
+# The kernel's one grid axis: CUDA's limit for axis 0.
+GRID_LIMIT = 2**31 - 1
+
 
 @functools.cache
 def _merge_kernel():
@@ -92,10 +95,15 @@ def _merge_kernel():
     @triton.jit
     def kernel(TABLE, REST_O, REST_L, OUT, LSE, Nq, H, rest_rows, stride_ob, stride_oh, stride_on, stride_lb,
                stride_lh, log_r, R: tl.constexpr, DV: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_i = tl.program_id(0)
-        bh = tl.program_id(1)
+        # One flat grid axis, row blocks fastest (CUDA caps grid axes 1 and 2 at 65535, axis 0 at 2^31 - 1).
+        num_i = (Nq + BLOCK_I - 1) // BLOCK_I
+        pid = tl.program_id(0)
+        pid_i = pid % num_i
+        bh = pid // num_i
+        # 64-bit b and h: every offset below is then computed in int64. In int32, h * stride_oh wraps
+        # once H Nq Dv >= 2^31 (n = 2^20, H = 32, Dv = 128: heads 16..31 addressed 4 GiB to 256 MiB before out).
         b = (bh // H).to(tl.int64)
-        h = bh % H
+        h = (bh % H).to(tl.int64)
         i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
         d = tl.arange(0, BLOCK_D)
         row_ok = i < Nq
@@ -149,13 +157,26 @@ def _last_contig(x: Tensor) -> Tensor:
 
 def merge_slots_triton(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dtype,
                        block_i: int = 64) -> tuple[Tensor, Tensor]:
-    """``merge_slots_torch`` as one Triton kernel (float32 lse; out in float16/bfloat16/float32).
-    The run outputs must stay alive until it returns (the table holds their addresses only)."""
+    """``merge_slots_torch`` as one Triton kernel (float32 lse; out in float16/bfloat16/float32)."""
+    dev = rest[1].device
+    out = torch.empty(b, plan.heads, plan.nq, dv, dtype=out_dtype, device=dev)
+    lse = torch.empty(b, plan.heads, plan.nq, dtype=torch.float32, device=dev)
+    merge_slots_into(plan, run_out, rest, out, lse, block_i)
+    return out, lse
+
+
+def merge_slots_into(plan, run_out, rest, out: Tensor, lse: Tensor, block_i: int = 64) -> None:
+    """The Triton merge written into ``out`` [B, H, Nq, Dv] and ``lse`` [B, H, Nq] float32 (any
+    strides with a unit last one: views of larger buffers too; offsets are 64-bit). The run outputs
+    must stay alive until it returns (the table holds their addresses only)."""
+    b, h_, nq, dv = out.shape
+    out_dtype = out.dtype
+    if out.stride(-1) != 1 or lse.stride(-1) != 1 or lse.dtype != torch.float32 or tuple(lse.shape) != (b, h_, nq):
+        raise ValueError(f"merge_slots_into: out [B, H, Nq, Dv] and lse [B, H, Nq] float32 with unit last strides, "
+                         f"got out {tuple(out.shape)} strides {out.stride()}, lse {tuple(lse.shape)} {lse.dtype} "
+                         f"strides {lse.stride()}")
     rest_o, rest_l = _last_contig(rest[0]).contiguous(), rest[1].contiguous()
-    h_, r, nq = plan.heads, plan.samples, plan.nq
-    dev = rest_l.device
-    out = torch.empty(b, h_, nq, dv, dtype=out_dtype, device=dev)
-    lse = torch.empty(b, h_, nq, dtype=torch.float32, device=dev)
+    r = plan.samples
     if rest_o.shape[1] == 0:  # no rest rows: a dummy row, never read, so the kernel gets a real pointer
         rest_o, rest_l = rest_o.new_zeros(b, 1, dv), rest_l.new_full((b, 1), EMPTY_LSE)
     if rest_o.dtype != out_dtype or rest_l.dtype != torch.float32:
@@ -174,13 +195,16 @@ def merge_slots_triton(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dt
         row[_ROW], row[_LEN], row[_W] = plan.run_row[run.h][run.t], plan.run_len[run.h][run.t], run.width
         row[_OSB], row[_OSK], row[_OSR] = o.stride(0), o.stride(1), o.stride(2)
         row[_LSB], row[_LSK], row[_LSR] = l.stride(0), l.stride(1), l.stride(2)
-    table_t = torch.tensor(table, dtype=torch.int64).to(dev)
-    grid = (-(-nq // block_i), b * h_)
-    _merge_kernel()[grid](table_t, rest_o, rest_l, out, lse, nq, h_, plan.rest_rows,
-                        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), math.log(r),
-                        R=r, DV=dv, BLOCK_I=block_i, BLOCK_D=max(16, 1 << (dv - 1).bit_length()))
+    table_t = torch.tensor(table, dtype=torch.int64).to(out.device)
+    programs = -(-nq // block_i) * b * h_
+    if programs > GRID_LIMIT:
+        raise ValueError(f"merge_slots_triton: {programs} programs (Nq / {block_i} x B x H) exceed the CUDA grid's "
+                         f"{GRID_LIMIT}; pass a larger block_i")
+    _merge_kernel()[(programs,)](table_t, rest_o, rest_l, out, lse, nq, h_, plan.rest_rows,
+                                 out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                                 math.log(r), R=r, DV=dv, BLOCK_I=block_i,
+                                 BLOCK_D=max(16, 1 << (dv - 1).bit_length()))
     del keep
-    return out, lse
 
 
 def merge_slots(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
