@@ -274,3 +274,82 @@ def test_flash_calls_are_chunked_to_the_cuda_grid_limit(monkeypatch):
         results.append((out, lse, *torch.autograd.grad((out.sum() + lse.sum()), (q, k, v))))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=1e-13, rtol=0)
+
+
+def test_flash_calls_are_chunked_to_the_32_bit_offset_limit(monkeypatch):
+    """With the offset limit lowered to one head's backward footprint (128 rows x 64 dims), every
+    flash backward call runs one head at a time; results and gradients are unchanged. A limit below
+    one head is refused with an error naming it."""
+    q, k, v = qkv(b=2, nq=29, grad=True)
+    parts = sample_partitions(29, SLOPES, 3, generator=torch.Generator().manual_seed(6))
+    results = []
+    for limit in (prim_mod.FLASH_OFFSET_LIMIT, 128 * 64):
+        monkeypatch.setattr(prim_mod, "FLASH_OFFSET_LIMIT", limit)
+        out, lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive="sdpa",
+                                    return_lse=True)
+        results.append((out, lse, *torch.autograd.grad((out.sum() + lse.sum()), (q, k, v))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=1e-13, rtol=0)
+    monkeypatch.setattr(prim_mod, "FLASH_OFFSET_LIMIT", 128 * 64 - 1)
+    out = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive="sdpa")
+    with pytest.raises(ValueError, match=r"one block of \d+ rows x head dim 5 passes the flash kernel's 32-bit"):
+        out.sum().backward()
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+@pytest.mark.parametrize("shape,head_dim", [
+    ((1, 2**20, 1), None), ((1, 2**20, 1), 128),  # width-1 runs at n = 2^20: 2^20 blocks of one row
+    ((8, 65535, 1), 256),  # batch 8: the lse's b H' L grows with the batch, dq's H' L D does not
+    ((2, 4096, 8192), 128),  # a bucket of 4096 blocks of 8192 rows: its backward passes 2^31 in one call
+    ((70000, 3, 5), None),  # a batch over the grid limit
+])
+def test_flash_chunks_keep_grid_dims_and_32_bit_offsets_in_range(shape, head_dim):
+    """Each chunk of a flash call has batch and heads <= 65535 and keeps the offsets the flash
+    kernels compute in int32 below 2^31 (B' H' L for the lse; H' L D for the backward's dq
+    accumulator; L rounded up to 128, D to 64); the chunks tile the call in order. Zero-stride
+    inputs, so nothing of that size is allocated."""
+    calls = []
+
+    def record(x):
+        calls.append(tuple(x.shape))
+        return (x[:, :, 0, 0].clone(),)
+
+    b, h, length = shape
+    x = torch.arange(b * h, dtype=torch.float64).reshape(b, h, 1, 1).expand(b, h, length, 1)
+    (got,) = prim_mod._chunked(record, x, head_dim=head_dim)
+    assert torch.equal(got, x[:, :, 0, 0])
+    for cb, ch, cl, _ in calls:
+        rows = _round_up(cl, 128)
+        assert cb <= 65535 and ch <= 65535 and cb * ch * rows <= 2**31 - 1
+        if head_dim is not None:
+            assert ch * rows * _round_up(head_dim, 64) <= 2**31 - 1
+    with pytest.raises(ValueError, match=r"one block of 33554432 rows x head dim 128 passes .* 32-bit offsets"):
+        prim_mod.flash_chunks(1, 1, 2**25, 128)
+
+
+def test_plan_at_one_million_positions_stays_in_range():
+    """The plan of the H200 run that crashed (n = 2^20, H = 32, D = 128, r = 8, Press slopes): every
+    index is int64 and inside its tensor, every run's view lies inside q (k, v), the rest buffer has
+    one row per non-run row, and every flash call can be chunked within the limits (forward and
+    backward). Host-side arithmetic only (no attention is run)."""
+    n, h, d = 2**20, 32, 128
+    parts = sample_partitions(n, poslsh.alibi_slopes(h), 8, generator=torch.Generator().manual_seed(0))
+    x = torch.zeros((), dtype=torch.bfloat16).expand(1, h, n, d)  # no storage: only shapes are read
+    spec = resolve_spec(x, x, x, method="lsh", partitions=parts)
+    plan = plan_split(spec, n, n, h, torch.device("cpu"))
+    assert plan.rest_rows == sum(n - plan.run_len[i][t] for i in range(h) for t in range(8))
+    assert max(run.nb for run in plan.runs) > 65535  # width-1 runs: chunked calls
+    for run in plan.runs:
+        assert 0 <= run.start and run.start + run.rows <= n and run.nb * run.width == run.rows
+        for head_dim in (None, d):
+            prim_mod.flash_chunks(1, run.nb, run.width, head_dim)
+    for bs in plan.sets:
+        for t, hi in ((bs.h, h), (bs.kvh, h), (bs.q_row, n), (bs.k_pos, n), (bs.dest, plan.rest_rows)):
+            assert t.dtype == torch.int64 and int(t.max()) < hi
+        assert int(bs.dest.min()) >= -1
+        for head_dim in (None, d):
+            prim_mod.flash_chunks(1, bs.q_row.shape[0], bs.k_pos.shape[1], head_dim)
+

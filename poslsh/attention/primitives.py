@@ -39,7 +39,7 @@ from .core import EMPTY_LSE, compute_dtype
 
 __all__ = ["Primitive", "SDPAPrimitive", "FlexPrimitive", "torch_attention", "resolve_primitive",
            "PRIMITIVES", "default_primitive", "recompute_backward", "flash_forward", "flash_backward",
-           "check_result", "flex_document"]
+           "flash_chunks", "check_result", "flex_document"]
 
 # Elements of one [B', H', rows, L] score tile in ``torch_attention`` (rows are chunked beyond it):
 # cache-sized on the CPU (2^18 was 1.8x faster than 2^24 at n = 8K, H = 8, r = 8, one thread), large
@@ -165,18 +165,44 @@ def _pad_last(x: Tensor, size: int) -> Tensor:
 # CUDA grids are at most 65535 in y and z; the flash kernels put the batch and the heads there, and
 # a run of narrow blocks is a "head" per block (n / W of them: 87K at n = 256K, W = 3).
 FLASH_GRID_LIMIT = 65535
+# The flash kernels compute some element offsets in 32-bit ints (FlashAttention-2's kernels, which
+# PyTorch vendors): the lse's (b H' + h) L in the forward and backward (L rounded up to 128 rows in
+# the backward), and the backward's dq accumulator's L H' D (D rounded up to 32 or 64). Calls are
+# chunked so that B' H' L and H' L D stay below this (with L rounded to 128 and D to 64).
+FLASH_OFFSET_LIMIT = 2**31 - 1
 
 
-def _chunked(fn, *tensors: Tensor):
-    """fn over chunks of dims 0 and 1 of at most FLASH_GRID_LIMIT each, results concatenated back (a
-    copy, only when a dim is over the limit)."""
-    limit = FLASH_GRID_LIMIT
-    b, h = tensors[0].shape[:2]
-    if b <= limit and h <= limit:
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def flash_chunks(b: int, h: int, length: int, head_dim: int | None = None) -> tuple[int, int]:
+    """Chunk sizes (batch, heads) for a flash call on [b, h, length, .] within ``FLASH_GRID_LIMIT``
+    and ``FLASH_OFFSET_LIMIT``; ``head_dim`` (the padded one) for the backward, None for the forward.
+    Raises ValueError if one (batch, head) alone passes the offset limit. The CPU op is chunked the
+    same way (it has neither limit; the chunks only cost a copy), so the CPU tests run this path."""
+    rows = _round_up(max(length, 1), 128)
+    per_head = rows if head_dim is None else rows * _round_up(head_dim, 64)
+    if per_head > FLASH_OFFSET_LIMIT:
+        what = f"{length} rows" if head_dim is None else f"{length} rows x head dim {head_dim}"
+        raise ValueError(f"primitive 'sdpa': one block of {what} passes the flash kernel's 32-bit offsets "
+                         f"(at most {FLASH_OFFSET_LIMIT} elements, rows rounded up to 128 and head dims to 64); "
+                         f"use shorter blocks or primitive='torch'")
+    b_step = min(b, FLASH_GRID_LIMIT, FLASH_OFFSET_LIMIT // rows)
+    h_step = min(h, FLASH_GRID_LIMIT, FLASH_OFFSET_LIMIT // (b_step * rows), FLASH_OFFSET_LIMIT // per_head)
+    return b_step, h_step
+
+
+def _chunked(fn, *tensors: Tensor, head_dim: int | None = None):
+    """fn over chunks of dims 0 and 1 (``flash_chunks``), results concatenated back (a copy, only
+    when there is more than one chunk)."""
+    b, h, length = tensors[0].shape[:3]
+    b_step, h_step = flash_chunks(b, h, length, head_dim)
+    if b_step >= b and h_step >= h:
         return fn(*tensors)
     rows = []
-    for b0 in range(0, b, limit):
-        cols = [fn(*(t[b0:b0 + limit, h0:h0 + limit] for t in tensors)) for h0 in range(0, h, limit)]
+    for b0 in range(0, b, b_step):
+        cols = [fn(*(t[b0:b0 + b_step, h0:h0 + h_step] for t in tensors)) for h0 in range(0, h, h_step)]
         rows.append([torch.cat(parts, 1) for parts in zip(*cols)])
     return tuple(torch.cat(parts, 0) for parts in zip(*rows))
 
@@ -224,7 +250,7 @@ def flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                 pad(dout), pad(q), pad(k), pad(v), pad(out), lse, 0.0, causal, scale=scale)
         return grads[0][..., :d], grads[1][..., :d], grads[2][..., :dv]
 
-    return _chunked(run, dout, q, k, v, out, lse)
+    return _chunked(run, dout, q, k, v, out, lse, head_dim=size)
 
 
 class SDPAPrimitive(Primitive):
