@@ -353,3 +353,43 @@ def test_plan_at_one_million_positions_stays_in_range():
         for head_dim in (None, d):
             prim_mod.flash_chunks(1, bs.q_row.shape[0], bs.k_pos.shape[1], head_dim)
 
+
+@pytest.mark.parametrize("prim", PRIMS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_values_at_padded_keys_stay_there(prim, causal, value):
+    """Padded KV slots often hold garbage: a NaN/inf value (or key) at a padded key changes nothing
+    (the output equals the one with those slots zeroed, all finite). Before the fix the masked path
+    multiplied the padded key's zero probability by its value, poisoning the rows of its block."""
+    q, k, v = qkv(b=2, nq=29, nk=29, d=4, dv=4)
+    kpm = padding(2, 29)
+    parts = sample_partitions(29, SLOPES, 4, generator=torch.Generator().manual_seed(2))
+    kw = dict(method="lsh", partitions=parts, causal=causal, key_padding_mask=kpm, backend="split", primitive=prim,
+              return_lse=True)
+    want = poslsh.attention(q, k, v, **kw)
+    pad = ~kpm[:, None, :, None]
+    bad_k, bad_v = k.masked_fill(pad, value), v.masked_fill(pad, value)
+    got = poslsh.attention(q, bad_k, bad_v, **kw)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_torch_primitive_rows_of_minus_inf_scores_are_empty():
+    """A row whose every score is -inf (a key at +-inf against a query of the opposite sign) is empty:
+    out 0 and lse EMPTY_LSE, so the merge weighs it at 0 (it was 0 / 0 = NaN, which the merge spread
+    to rows whose other samples are finite)."""
+    from poslsh.attention import EMPTY_LSE
+
+    q, k, v = (torch.randn(1, 1, 3, 8, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+               for i in range(3))
+    k[0, 0, 0, 3] = float("inf")
+    q[0, 0, :, 3] = -1.0  # every row's score on key 0 is -inf
+    for causal in (True, False):
+        out, lse = torch_attention(q, k, v, causal)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        if causal:  # row 0 sees key 0 only
+            assert (out[0, 0, 0] == 0).all() and lse[0, 0, 0] == EMPTY_LSE
+        ref_o, ref_l = torch_attention(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], causal)  # key 0 weighs nothing
+        torch.testing.assert_close(out[:, :, 1:], ref_o, atol=1e-12, rtol=0)
+        torch.testing.assert_close(lse[:, :, 1:], ref_l, atol=1e-12, rtol=0)

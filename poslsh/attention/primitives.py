@@ -57,9 +57,9 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tens
 
     Returns:
         (out [B', H', L, Dv] in q's dtype, lse [B', H', L] in the compute dtype), differentiable in
-        q, k, v (lse included). Rows are processed in chunks so the scores stay under
-        ``TORCH_TILE_BUDGET`` elements (``TORCH_TILE_BUDGET_CUDA`` on CUDA): one block may span the
-        whole sequence.
+        q, k, v (lse included); a row whose scores are all -inf (keys at infinity) gives out 0 and lse
+        EMPTY_LSE. Rows are processed in chunks so the scores stay under ``TORCH_TILE_BUDGET``
+        elements (``TORCH_TILE_BUDGET_CUDA`` on CUDA): one block may span the whole sequence.
     """
     cdt = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -76,10 +76,13 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tens
             rows = torch.arange(r0, r1, device=q.device)[:, None]
             s = s.masked_fill(torch.arange(kend, device=q.device)[None, :] > rows, float("-inf"))
         m = s.detach().amax(-1, keepdim=True)  # the shift cancels: no gradient through it
+        m = m.masked_fill(m == float("-inf"), 0.0)  # a row of -inf scores (keys at inf): exp(-inf - 0) = 0
         p = torch.exp(s - m)
         den = p.sum(-1, keepdim=True)
+        empty = den == 0  # such a row is empty (0, EMPTY_LSE), so the merge weighs it at 0 instead of 0/0 = NaN
+        den = den.masked_fill(empty, 1.0)
         outs.append(torch.matmul(p, vc[:, :, :kend]) / den)
-        lses.append((m + torch.log(den)).squeeze(-1))
+        lses.append((m + torch.log(den)).masked_fill(empty, EMPTY_LSE).squeeze(-1))
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
 
 

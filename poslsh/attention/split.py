@@ -332,7 +332,8 @@ def masked_attention(qb: Tensor, kb: Tensor, vb: Tensor, allowed: Tensor, kpm_k:
         allowed: bool [E, M, P]; kpm_k: bool [B, E, P] (keys kept) or None.
 
     Returns:
-        (out [B, E, M, Dv], lse [B, E, M]); rows with no allowed key get 0 and EMPTY_LSE.
+        (out [B, E, M, Dv], lse [B, E, M]); rows with no allowed key get 0 and EMPTY_LSE. A padded
+        key's value never reaches a row (a NaN in padding stays there).
     """
     b, e, mm, _ = qb.shape
     p = kb.shape[2]
@@ -344,7 +345,10 @@ def masked_attention(qb: Tensor, kb: Tensor, vb: Tensor, allowed: Tensor, kpm_k:
         ok = allowed[sl][None]
         if kpm_k is not None:
             ok = ok & kpm_k[:, sl, None, :]
-        o, lse = softmax_with_lse(s.masked_fill(~ok, float("-inf")), vb[:, sl])
+        vt = vb[:, sl]
+        if kpm_k is not None:  # a padded key's value is never weighed: zero it, so a NaN there gives 0 * 0, not 0 * NaN
+            vt = vt.masked_fill(~kpm_k[:, sl, :, None], 0.0)
+        o, lse = softmax_with_lse(s.masked_fill(~ok, float("-inf")), vt)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, 1), torch.cat(lses, 1)
