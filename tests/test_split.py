@@ -260,15 +260,18 @@ def test_split_bytes_floor():
         assert b["split_fwd_bwd"] > b["split_fwd"]
 
 
-def test_flash_calls_are_chunked_to_the_cuda_grid_limit(monkeypatch):
-    """The flash kernels put batch and heads in CUDA grid dims (<= 65535); a run of narrow blocks has
-    more blocks than that at long n. With the limit lowered to 3, every SDPA call is split into chunks
-    and the results (forward and gradients) are unchanged."""
+@pytest.mark.parametrize("name,limit", [("FLASH_GRID_LIMIT", 3), ("FLASH_OFFSET_LIMIT", 128 * 64)])
+def test_flash_calls_are_chunked_to_the_limits(monkeypatch, name, limit):
+    """The flash kernels put batch and heads in CUDA grid dims (<= 65535; a run of narrow blocks has
+    more blocks than that at long n) and compute some offsets in 32 bits. With the grid limit lowered
+    to 3, or the offset limit to one head's backward footprint (128 rows x 64 dims: one head per
+    backward call), every SDPA call is split into chunks and the results (forward and gradients) are
+    unchanged."""
     q, k, v = qkv(b=2, nq=29, grad=True)
     parts = sample_partitions(29, SLOPES, 3, generator=torch.Generator().manual_seed(6))
     results = []
-    for limit in (prim_mod.FLASH_GRID_LIMIT, 3):
-        monkeypatch.setattr(prim_mod, "FLASH_GRID_LIMIT", limit)
+    for lim in (getattr(prim_mod, name), limit):
+        monkeypatch.setattr(prim_mod, name, lim)
         out, lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive="sdpa",
                                     return_lse=True)
         results.append((out, lse, *torch.autograd.grad((out.sum() + lse.sum()), (q, k, v))))
@@ -276,22 +279,10 @@ def test_flash_calls_are_chunked_to_the_cuda_grid_limit(monkeypatch):
         torch.testing.assert_close(b, a, atol=1e-13, rtol=0)
 
 
-def test_flash_calls_are_chunked_to_the_32_bit_offset_limit(monkeypatch):
-    """With the offset limit lowered to one head's backward footprint (128 rows x 64 dims), every
-    flash backward call runs one head at a time; results and gradients are unchanged. A limit below
-    one head is refused with an error naming it."""
+def test_a_block_past_the_32_bit_offset_limit_is_refused(monkeypatch):
     q, k, v = qkv(b=2, nq=29, grad=True)
-    parts = sample_partitions(29, SLOPES, 3, generator=torch.Generator().manual_seed(6))
-    results = []
-    for limit in (prim_mod.FLASH_OFFSET_LIMIT, 128 * 64):
-        monkeypatch.setattr(prim_mod, "FLASH_OFFSET_LIMIT", limit)
-        out, lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive="sdpa",
-                                    return_lse=True)
-        results.append((out, lse, *torch.autograd.grad((out.sum() + lse.sum()), (q, k, v))))
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, atol=1e-13, rtol=0)
     monkeypatch.setattr(prim_mod, "FLASH_OFFSET_LIMIT", 128 * 64 - 1)
-    out = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive="sdpa")
+    out = poslsh.attention(q, k, v, method="lsh", slopes=SLOPES, backend="split", primitive="sdpa")
     with pytest.raises(ValueError, match=r"one block of \d+ rows x head dim 5 passes the flash kernel's 32-bit"):
         out.sum().backward()
 
