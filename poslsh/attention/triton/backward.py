@@ -15,8 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, lsh_counts, method_ranges, near_field, query_tile, \
-    stretches
+from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, load_tile, lsh_counts, method_ranges, near_field, \
+    query_tile, stretches
 
 
 @triton.jit
@@ -93,11 +93,8 @@ def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa
     do_tile = do_base + start.to(tl.int64) * stride_don
     for m0 in range(start, stop, BLOCK_M):
         offs_m = m0 + rows
-        ld_mask = offs_d[None, :] < HEAD_DIM
-        if BOUNDARY:
-            ld_mask = ld_mask & (offs_m[:, None] < Nq)
-        q = tl.load(q_tile + rows[:, None] * stride_qn + offs_d[None, :], mask=ld_mask, other=0.0)
-        do = tl.load(do_tile + rows[:, None] * stride_don + offs_d[None, :], mask=ld_mask, other=0.0)
+        q = load_tile(q_tile, stride_qn, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY)
+        do = load_tile(do_tile, stride_don, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY)
         q_tile += BLOCK_M * stride_qn
         do_tile += BLOCK_M * stride_don
         if BOUNDARY:
@@ -210,11 +207,8 @@ def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, str
     v_tile = v_base + start.to(tl.int64) * stride_vn
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + rows
-        kv_mask = offs_d[None, :] < HEAD_DIM
-        if BOUNDARY:
-            kv_mask = kv_mask & (offs_n[:, None] < Nk)
-        k = tl.load(k_tile + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_tile + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY)
+        v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY)
         k_tile += BLOCK_N * stride_kn
         v_tile += BLOCK_N * stride_vn
         keep = offs_n < Nk

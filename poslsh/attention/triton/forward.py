@@ -22,8 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, lsh_counts, method_ranges, near_field, query_tile, \
-    stretches
+from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, load_tile, lsh_counts, method_ranges, near_field, \
+    query_tile, stretches
 
 EMPTY_LSE = tl.constexpr(-1.0e30)  # the library's lse of a row that sees no key (core.EMPTY_LSE)
 
@@ -38,17 +38,12 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_v
     logits (ALiBi: in the row frame of pa; LSH: of the scaled q.k, the scale entering in the exp2 FMA)."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_N)
-    # A 64-bit tile pointer advanced per tile, 32-bit offsets inside the tile: position x stride may
-    # pass 2^31 elements (a [B, N, H, D] view of a long sequence), BLOCK_N x stride does not.
     k_tile = k_base + start.to(tl.int64) * stride_kn
     v_tile = v_base + start.to(tl.int64) * stride_vn
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + rows
-        kv_mask = offs_d[None, :] < HEAD_DIM
-        if BOUNDARY:
-            kv_mask = kv_mask & (offs_n[:, None] < Nk)
-        k = tl.load(k_tile + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_tile + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY)
+        v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY)
         k_tile += BLOCK_N * stride_kn
         v_tile += BLOCK_N * stride_vn
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)

@@ -224,3 +224,14 @@ def query_tile(pid, ORDER, B, Nq, Nk, q_offset, BLOCK_M: tl.constexpr):
     pa = m0 + q_offset
     pb = tl.minimum(m0 + BLOCK_M, Nq) - 1 + q_offset
     return rest % B, h, m0, offs_m, q_pos, tl.minimum(q_pos, Nk - 1), pa, pb
+
+
+@triton.jit
+def load_tile(tile, stride, rows, offs_d, first, limit, HEAD_DIM: tl.constexpr, BOUNDARY: tl.constexpr):
+    """Rows first + rows of a [*, HEAD_DIM] matrix as a [len(rows), BLOCK_D] tile, zero past HEAD_DIM
+    and (BOUNDARY) past row ``limit``. ``tile`` points at row ``first``: 64-bit tile pointers advanced per
+    tile, 32-bit offsets inside it (position x stride may pass 2^31 elements, a tile x stride does not)."""
+    mask = offs_d[None, :] < HEAD_DIM
+    if BOUNDARY:
+        mask = mask & ((first + rows)[:, None] < limit)
+    return tl.load(tile + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
