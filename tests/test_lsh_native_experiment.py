@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("safetensors")
 
 from poslsh.experiments import lsh_native as ln  # noqa: E402
-from poslsh.experiments.common import load_results  # noqa: E402
+from poslsh.util import load_results  # noqa: E402
 
 # A smaller grid for the runs that test the bookkeeping rather than the numbers.
 SMALL = dict(tiny=True, samples=(1, 4), native=("lsh:4:grid",), optional_native=(), fill_schemes=(), fill_methods=(),

@@ -13,7 +13,7 @@ from poslsh import alibi_slopes
 from poslsh.attention.dispatch import resolve_spec
 from poslsh.attention.reference import dense_log_weights
 from poslsh.experiments import pareto
-from poslsh.experiments.common import load_results
+from poslsh.util import load_results
 
 
 @pytest.mark.parametrize("causal", [True, False])

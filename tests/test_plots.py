@@ -3,6 +3,7 @@ parameters, language-model losses are in bits per byte, and every experiment red
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +11,9 @@ pytest.importorskip("matplotlib")
 
 from poslsh import cli  # noqa: E402
 from poslsh.experiments import lm_validation, pareto  # noqa: E402
-from poslsh.experiments.common import load_results, pyplot  # noqa: E402
+from poslsh.util import load_results, pyplot  # noqa: E402
 
-RESULTS = cli.RESULTS_DIR
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
 @pytest.mark.parametrize("name", ["pareto_cpu", "pareto_h200_256k"])

@@ -39,7 +39,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .common import fmt, load_results, markdown_table, pyplot, replot_saved, save_results
+from ..method import MethodSpec, parse_method, parse_methods
+from ..util import fmt, legend_if_labelled, load_results, markdown_table, pyplot, replot_saved
+from .harness import Run, describe_failure
+from .metrics import loglog_slope
 
 NAME = "lm-validation"
 
@@ -158,19 +161,11 @@ def effective(config: Config) -> Config:
 
 def check(cfg: Config) -> None:
     """ValueError naming the first bad field of an effective config."""
-    from ..hashing import SCHEMES
-    from ..lm.evaluate import parse_method
-
     if not cfg.contexts or any(n < 2 for n in cfg.contexts):
         raise ValueError(f"contexts must be integers >= 2, got {cfg.contexts}")
-    if not cfg.samples or any(r < 1 for r in cfg.samples):
-        raise ValueError(f"samples must be integers >= 1, got {cfg.samples}")
-    if not cfg.schemes or any(s not in SCHEMES for s in cfg.schemes):
-        raise ValueError(f"schemes must be among {SCHEMES}, got {cfg.schemes}")
-    if not 0 < cfg.window_eps < 1:
-        raise ValueError(f"window_eps must be in (0, 1), got {cfg.window_eps}")
-    for text in cfg.extra_methods:
-        parse_method(text)  # its error names the grammar
+    if not cfg.samples or not cfg.schemes:
+        raise ValueError(f"samples and schemes must not be empty, got {cfg.samples} and {cfg.schemes}")
+    method_specs(cfg)  # every method built once: a bad r, scheme, window_eps or extra method fails here
     if not cfg.seeds or not cfg.error_seeds:
         raise ValueError(f"seeds and error_seeds must not be empty, got {cfg.seeds} and {cfg.error_seeds}")
     strides = {n: math.ceil(n / 2) for n in cfg.contexts}
@@ -185,19 +180,22 @@ def check(cfg: Config) -> None:
                          f"{cfg.error_batch}, {cfg.error_context}, {cfg.eval_batch_tokens}")
 
 
+def method_specs(cfg: Config) -> list[MethodSpec]:
+    """Every method of the grid, in table order: exact, the window, LSH per scheme and r, the extra
+    methods (ValueError naming the bad field)."""
+    grid = [MethodSpec("exact"), MethodSpec("window", window_eps=cfg.window_eps)]
+    grid += [MethodSpec("lsh", samples=r, scheme=s) for s in cfg.schemes for r in cfg.samples]
+    return grid + parse_methods(cfg.extra_methods, "extra_methods")
+
+
 def methods(cfg: Config) -> list[str]:
     """Every method label of the grid, in table order."""
-    from ..lm.evaluate import parse_method
-
-    grid = ["exact", f"window:{cfg.window_eps:g}"] + [_lsh_label(r, s) for s in cfg.schemes for r in cfg.samples]
-    return list(dict.fromkeys(grid + [parse_method(m).label for m in cfg.extra_methods]))
+    return list(dict.fromkeys(spec.label for spec in method_specs(cfg)))
 
 
 def _tier(label: str, cfg: Config) -> int:
     """0: exact and window (reference and baseline); 1: LSH at the smallest, middle and largest r (the
     ends and middle of every curve); 2: the other r; 3: the extra methods."""
-    from ..lm.evaluate import parse_method
-
     spec = parse_method(label)
     if not spec.random:
         return 0
@@ -215,23 +213,6 @@ def jobs(cfg: Config, contexts: list[int]) -> list[tuple[int, str]]:
                   key=lambda job: (_tier(job[1], cfg), job[0], order.index(job[1])))
 
 
-class _Clock:
-    """Phase ends as ``time.perf_counter()`` values: a phase's own budget, capped by the run's deadline."""
-
-    def __init__(self, deadline_s: float) -> None:
-        self.start = time.perf_counter()
-        self.deadline = self.start + deadline_s if deadline_s > 0 else math.inf
-
-    def end(self, budget_s: float, reserve_s: float = 0.0) -> float:
-        """When a phase starting now must stop: after ``budget_s`` (0 = none), and ``reserve_s`` before
-        the deadline. math.inf when neither limits it."""
-        own = time.perf_counter() + budget_s if budget_s > 0 else math.inf
-        return min(own, self.deadline - reserve_s)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
 def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     """Train (or load ``checkpoint``), measure, write ``lm-validation.json`` and the PNGs; or, with
     ``replot``, only redraw the PNGs of that JSON. Returns the JSON document."""
@@ -241,11 +222,10 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     cfg = effective(config)
     check(cfg)
-    clock = _Clock(cfg.deadline_s)
-    log = lambda s: print(f"[{NAME} {clock.elapsed():5.0f}s] {s}", flush=True)  # noqa: E731
     results: dict[str, Any] = {"partial": True, "effective_config": dataclasses.asdict(cfg), "timing": {},
                                "rows": [], "layer_errors": None}
-    save = lambda: save_results(out / f"{NAME}.json", config, {**results, "seconds": clock.elapsed()})  # noqa: E731
+    clock = Run(NAME, out / f"{NAME}.json", config, results, deadline_s=cfg.deadline_s)
+    log, save = clock.log, clock.save
 
     model, heldout, device = _train_or_load(cfg, out, clock, results, log)
     save()
@@ -263,7 +243,7 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _train_or_load(cfg: Config, out: Path, clock: _Clock, results: dict, log) -> tuple[Any, np.ndarray, torch.device]:
+def _train_or_load(cfg: Config, out: Path, clock: Run, results: dict, log) -> tuple[Any, np.ndarray, torch.device]:
     """Corpus, then the trained (or loaded) model; fills results' training, history, unigram, corpus."""
     from ..lm.data import build_corpus, unigram_baseline
     from ..lm.model import load_checkpoint
@@ -306,10 +286,10 @@ def _train_or_load(cfg: Config, out: Path, clock: _Clock, results: dict, log) ->
     return model, corpus.heldout, device
 
 
-def _measure_layer_errors(model, heldout: np.ndarray, cfg: Config, device: torch.device, clock: _Clock,
+def _measure_layer_errors(model, heldout: np.ndarray, cfg: Config, device: torch.device, clock: Run,
                           results: dict, log) -> None:
     """Per-layer error of every non-exact method (in tier order) at ``error_context``, float32, "fused"."""
-    from ..lm.evaluate import layer_errors, parse_method
+    from ..lm.evaluate import layer_errors
 
     n = min(cfg.error_context, heldout.size // cfg.error_batch)
     windows = np.stack([heldout[i * n:(i + 1) * n].astype(np.int64) for i in range(cfg.error_batch)])
@@ -323,7 +303,7 @@ def _measure_layer_errors(model, heldout: np.ndarray, cfg: Config, device: torch
         entry["errors"] = layer_errors(model, idx, [parse_method(m) for m in labels], seeds=list(cfg.error_seeds),
                                        backend="fused", deadline=None if end == math.inf else end)
     except Exception as err:  # the perplexity rows still run
-        entry["error"] = _describe(err)
+        entry["error"] = describe_failure(err)
         log(f"per-layer errors failed: {entry['error']}")
     entry["skipped"] = [m for m in labels if m not in entry["errors"]]
     results["layer_errors"] = entry
@@ -333,7 +313,7 @@ def _measure_layer_errors(model, heldout: np.ndarray, cfg: Config, device: torch
         log(f"layer errors skipped (budget): {entry['skipped']}")
 
 
-def _evaluate(model, heldout: np.ndarray, cfg: Config, device: torch.device, clock: _Clock, results: dict,
+def _evaluate(model, heldout: np.ndarray, cfg: Config, device: torch.device, clock: Run, results: dict,
               log, save) -> None:
     """Perplexity rows in ``jobs`` order until the budget ends, saving the JSON after each."""
     from ..lm.cli import evaluate_checkpoint
@@ -353,20 +333,16 @@ def _evaluate(model, heldout: np.ndarray, cfg: Config, device: torch.device, clo
             continue
         batch = max(1, min(16, cfg.eval_batch_tokens // n))  # same batch for every method of a context
         try:
-            results["rows"] += evaluate_checkpoint(model, heldout, [n], [m], list(cfg.seeds), device=device,
-                                                   batch_size=batch, max_scored=cfg.scored_tokens,
+            results["rows"] += evaluate_checkpoint(model, heldout, [n], [parse_method(m)], list(cfg.seeds),
+                                                   device=device, batch_size=batch, max_scored=cfg.scored_tokens,
                                                    first_target=first_target, log=log)
         except Exception as err:  # one failing row (a kernel that fails, out of memory) must not lose the rest
-            results["rows"].append({"context": n, "method": m, "error": _describe(err)})
+            results["rows"].append({"context": n, "method": m, "error": describe_failure(err)})
             log(f"context {n} {m}: failed: {results['rows'][-1]['error']}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         save()
     model.set_attention("exact")
-
-
-def _describe(err: Exception) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -386,12 +362,8 @@ def _lsh_label(r: int, scheme: str) -> str:
 
 
 def _slope(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of log y against log x (y floored at 1e-12); None with fewer than 2 points."""
-    if len(points) < 2:
-        return None
-    x = np.log([p[0] for p in points])
-    y = np.log([max(abs(p[1]), 1e-12) for p in points])
-    return float(np.polyfit(x, y, 1)[0])
+    """The log-log slope of |y| (floored at 1e-12: a gap may be 0 or negative) against x."""
+    return loglog_slope([x for x, _ in points], [max(abs(y), 1e-12) for _, y in points])
 
 
 def _gaps(table: dict, n: int, scheme: str, cfg: Config) -> list[tuple[int, float]]:
@@ -431,12 +403,6 @@ def _drawable(res: dict[str, Any]) -> list[str]:
     return [key for key in PLOTS if present[key]]
 
 
-def _legend(ax, **kwargs) -> None:
-    """A legend when something is labelled (a partial run may have drawn nothing yet)."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**kwargs)
-
-
 def _plot_gap(table: dict, cfg: Config, path: Path) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -468,7 +434,7 @@ def _plot_gap(table: dict, cfg: Config, path: Path) -> Path:
     ax.set_ylabel("|held-out bits per byte - exact's|")
     ax.set_title("Held-out bits-per-byte gap to exact ALiBi against r, per context\n(dotted: the window baseline; the "
                  "contexts' LSH curves lie on top of each other)", fontsize=9)
-    _legend(ax, fontsize=7, ncol=2)
+    legend_if_labelled(ax, fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -501,7 +467,7 @@ def _plot_layers(errs: dict[str, list[float]], context: int, cfg: Config, path: 
     ax.set_xlabel("samples r")
     ax.set_ylabel("relative attention-output error")
     ax.set_title(f"Per-layer error at context {context} (solid grid, dashed cut, dotted window)", fontsize=9)
-    _legend(ax, fontsize=7, ncol=2)
+    legend_if_labelled(ax, fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -534,7 +500,7 @@ def _plot_context(table: dict, cfg: Config, path: Path) -> Path:
     ax.set_ylabel("held-out bits per byte")
     ax.set_title("Held-out bits per byte against the evaluation context (trained at "
                  f"{cfg.train_context})", fontsize=10)
-    _legend(ax, fontsize=8)
+    legend_if_labelled(ax, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -582,7 +548,7 @@ def _plot_time(table: dict, cfg: Config, path: Path) -> Path:
         ax.set_xlabel("forward time per token (us)")
         ax.set_ylabel("held-out bits per byte")
         ax.grid(alpha=0.3, which="both")
-        _legend(ax, fontsize=6)
+        legend_if_labelled(ax, fontsize=6)
     for ax in list(axes.flat)[len(contexts):]:
         ax.set_visible(False)
     fig.suptitle("Held-out bits per byte against forward time per token: exact, window, positional LSH", fontsize=10)

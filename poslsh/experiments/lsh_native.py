@@ -64,8 +64,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import fmt, gpu_time, load_results, markdown_table, pyplot, save_results
-from .lm_validation import _Clock, _describe, _legend
+from ..method import MethodSpec, parse_method, parse_methods
+from ..util import fmt, legend_if_labelled, load_results, markdown_table, pyplot
+from .harness import Run, describe_failure
+from .metrics import gpu_time
 
 NAME = "lsh-native"
 
@@ -201,29 +203,19 @@ def effective(config: Config) -> Config:
 
 def check(cfg: Config) -> None:
     """ValueError naming the first bad field of an effective config."""
-    from ..hashing import SCHEMES
-    from ..lm.evaluate import parse_method
-
     if not cfg.contexts or any(n < 2 for n in cfg.contexts):
         raise ValueError(f"contexts must be integers >= 2, got {cfg.contexts}")
     if cfg.train_context not in cfg.contexts:
         raise ValueError(f"contexts must include train_context={cfg.train_context} (the extrapolation ratio's "
                          f"reference), got {cfg.contexts}")
-    if not cfg.samples or any(r < 1 for r in cfg.samples):
-        raise ValueError(f"samples must be integers >= 1, got {cfg.samples}")
-    if any(s not in SCHEMES for s in cfg.fill_schemes):
-        raise ValueError(f"fill_schemes must be among {SCHEMES}, got {cfg.fill_schemes}")
-    if not 0 < cfg.window_eps < 1:
-        raise ValueError(f"window_eps must be in (0, 1), got {cfg.window_eps}")
-    for name in ("native", "optional_native", "fill_methods"):
-        for text in getattr(cfg, name):
-            try:
-                parse_method(text)
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from None
-    for text in (*cfg.native, *cfg.optional_native, cfg.finetune):
-        if text and not parse_method(text).random:
-            raise ValueError(f"native, optional_native and finetune must be lsh or hybrid methods, got {text!r}")
+    if not cfg.samples:
+        raise ValueError(f"samples must not be empty, got {cfg.samples}")
+    main_methods(cfg), fill_methods(cfg)  # every evaluated method built once: a bad r, scheme or eps fails here
+    trained = (parse_methods(cfg.native, "native") + parse_methods(cfg.optional_native, "optional_native")
+               + parse_methods([cfg.finetune] if cfg.finetune else [], "finetune"))
+    if any(not spec.random for spec in trained):
+        raise ValueError("native, optional_native and finetune must be lsh or hybrid methods, got "
+                         f"{[spec.label for spec in trained if not spec.random]}")
     if cfg.finetune and not 0 < cfg.finetune_fraction <= 1:
         raise ValueError(f"finetune_fraction must be in (0, 1], got {cfg.finetune_fraction}")
     strides = {n: math.ceil(n / 2) for n in cfg.contexts}
@@ -244,8 +236,6 @@ def check(cfg: Config) -> None:
 # ---------------------------------------------------------------------------- the grid of the run
 def arms(cfg: Config) -> list[Arm]:
     """The arms in training order: (a), the native arms (b), the fine-tuned arm (c), the optional ones."""
-    from ..lm.evaluate import parse_method
-
     out = [Arm("exact", "baseline", "sdpa")]
     out += [Arm(parse_method(m).label, "native", m) for m in cfg.native]
     if cfg.finetune:
@@ -260,15 +250,14 @@ def window_label(cfg: Config) -> str:
 
 def main_methods(cfg: Config) -> list[str]:
     """Every arm's evaluation methods, in table order."""
-    return ["exact", window_label(cfg)] + [f"lsh:{r}:grid" for r in cfg.samples]
+    specs = [MethodSpec("exact"), MethodSpec("window", window_eps=cfg.window_eps)]
+    return [spec.label for spec in specs + [MethodSpec("lsh", samples=r) for r in cfg.samples]]
 
 
 def fill_methods(cfg: Config) -> list[str]:
     """Arm (a)'s extra rows (those lm-validation skipped), not already in ``main_methods``."""
-    from ..lm.evaluate import parse_method
-
-    extra = [f"lsh:{r}:{s}" for s in cfg.fill_schemes for r in cfg.samples]
-    extra += [parse_method(m).label for m in cfg.fill_methods]
+    extra = [MethodSpec("lsh", samples=r, scheme=s).label for s in cfg.fill_schemes for r in cfg.samples]
+    extra += [spec.label for spec in parse_methods(cfg.fill_methods, "fill_methods")]
     main = set(main_methods(cfg))
     return [m for m in dict.fromkeys(extra) if m not in main]
 
@@ -354,11 +343,10 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
         return doc
     cfg = effective(config)
     check(cfg)
-    clock = _Clock(cfg.deadline_s)
-    log = lambda s: print(f"[{NAME} {clock.elapsed():5.0f}s] {s}", flush=True)  # noqa: E731
     results: dict[str, Any] = {"partial": True, "effective_config": dataclasses.asdict(cfg), "timing": {},
                                "arms": [], "rows": [], "timings": [], "layer_errors": {}, "precompile": None}
-    save = lambda: save_results(out / f"{NAME}.json", config, {**results, "seconds": clock.elapsed()})  # noqa: E731
+    clock = Run(NAME, out / f"{NAME}.json", config, results, deadline_s=cfg.deadline_s)
+    log, save = clock.log, clock.save
 
     from ..lm.data import build_corpus
     from ..lm.train import resolve_device
@@ -391,7 +379,7 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _train_arms(cfg: Config, corpus, ckpt: Path, device: torch.device, clock: _Clock, results: dict, log,
+def _train_arms(cfg: Config, corpus, ckpt: Path, device: torch.device, clock: Run, results: dict, log,
                 save) -> dict[str, Any]:
     """Train every arm in ``arms`` order within what the deadline leaves before ``eval_reserve_s``; fill
     ``results["arms"]``. Returns {arm name: model in eval mode} for the arms that trained."""
@@ -442,7 +430,7 @@ def _train_arms(cfg: Config, corpus, ckpt: Path, device: torch.device, clock: _C
         try:
             result = train(tc, ckpt / _slug(arm.name), corpus=corpus, log=log)
         except Exception as err:  # one failing arm (a kernel, memory) must not lose the others
-            entry["error"] = _describe(err)
+            entry["error"] = describe_failure(err)
             log(f"arm {arm.name}: failed: {entry['error']}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -468,7 +456,7 @@ def _slug(name: str) -> str:
     return name.replace(":", "_").replace("+", "_then_")
 
 
-def _evaluate(models: dict, heldout: np.ndarray, cfg: Config, device: torch.device, clock: _Clock, results: dict,
+def _evaluate(models: dict, heldout: np.ndarray, cfg: Config, device: torch.device, clock: Run, results: dict,
               log, save, workers: list | None = None) -> None:
     """Every job of ``jobs`` while its expected cost (``_expected_seconds``) fits before the deadline, saving
     the JSON after each; what does not run is recorded with the reason."""
@@ -512,8 +500,8 @@ def _evaluate(models: dict, heldout: np.ndarray, cfg: Config, device: torch.devi
                                                          results["layer_errors"][arm]["errors"].items()))
             compiled.add(key)
         except Exception as err:  # one failing job (a kernel that fails, out of memory) must not lose the rest
-            _store(results, job, {**record, "error": _describe(err), "wall_seconds": time.perf_counter() - t})
-            log(f"{job}: failed: {_describe(err)}")
+            _store(results, job, {**record, "error": describe_failure(err), "wall_seconds": time.perf_counter() - t})
+            log(f"{job}: failed: {describe_failure(err)}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         save()
@@ -539,8 +527,6 @@ ROW_S = 2.0
 def _kernel(job: tuple, device: torch.device) -> tuple:
     """What a row or timing job compiles on its first launch on CUDA: the Triton kernel of (method, r,
     scheme), one for every context and arm (``eval_batch``); () elsewhere."""
-    from ..lm.evaluate import parse_method
-
     if device.type != "cuda" or job[0] == "errors":
         return ()
     spec = parse_method(job[-1])
@@ -573,8 +559,8 @@ def _row(model, heldout: np.ndarray, arm: str, n: int, method: str, cfg: Config,
 
     t = time.perf_counter()
     batch = eval_batch(n, cfg)
-    [row] = evaluate_checkpoint(model, heldout, [n], [method], [cfg.seed], device=device, batch_size=batch,
-                                max_scored=cfg.scored_tokens, first_target=first_target)
+    [row] = evaluate_checkpoint(model, heldout, [n], [parse_method(method)], [cfg.seed], device=device,
+                                batch_size=batch, max_scored=cfg.scored_tokens, first_target=first_target)
     return {"arm": arm, **row, "batch": batch, "wall_seconds": time.perf_counter() - t}
 
 
@@ -585,9 +571,7 @@ def _attention_time(n: int, method: str, cfg: Config, device: torch.device) -> d
     from ..alibi import alibi_slopes
     from ..attention import attention
     from ..attention.dispatch import resolve_spec, select_backend
-    from ..integrations.partitions import LayerPartitions
-    from ..lm.evaluate import parse_method
-
+    from ..layer_partitions import LayerPartitions
     spec = parse_method(method)
     b, h, d = eval_batch(n, cfg), cfg.n_heads, cfg.d_model // cfg.n_heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -598,7 +582,7 @@ def _attention_time(n: int, method: str, cfg: Config, device: torch.device) -> d
     if spec.random:
         parts = LayerPartitions(alibi_slopes(h), spec.samples, spec.scheme, cfg.seed, 0,
                                 sampling=spec.sampling).get(n, device)
-    kw = dict(method=spec.method, partitions=parts, window_eps=spec.window_eps)
+    kw = dict(method=spec.method, partitions=parts, window_eps=spec.window_eps, hybrid_eps=spec.hybrid_eps)
     backend = select_backend(q, resolve_spec(q, k, v, **kw), "auto").name
 
     def call() -> torch.Tensor:
@@ -622,7 +606,7 @@ def _layer_errors(model, heldout: np.ndarray, arm: str, cfg: Config, device: tor
                   end: float) -> dict[str, Any]:
     """Per-layer error of every non-exact main method (and, for arm (a), the fill methods) at
     ``error_context``, float32, "fused" backend, until ``end``."""
-    from ..lm.evaluate import layer_errors, parse_method
+    from ..lm.evaluate import layer_errors
 
     n = min(cfg.error_context, heldout.size // cfg.error_batch)
     windows = np.stack([heldout[i * n:(i + 1) * n].astype(np.int64) for i in range(cfg.error_batch)])
@@ -639,8 +623,6 @@ def precompile_specs(cfg: Config) -> list[dict[str, Any]]:
     """The Triton kernels the run will launch, as ``warm_kernels`` specs: the training kernels (forward and
     backward at the training batch) of every LSH arm, and the eval forwards of every method (exact, window,
     each r and scheme, the hybrid) at a batch of the eval batches' class (2: not 1, not a multiple of 16)."""
-    from ..lm.evaluate import parse_method
-
     shape = dict(heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads, n=cfg.train_context)
 
     def spec(text: str, batch: int, backward: bool) -> dict[str, Any]:
@@ -686,7 +668,7 @@ def warm_kernels(specs: list[dict[str, Any]], device: str = "cuda", report=None)
                 torch.cuda.synchronize()
             done.append({"spec": spec, "seconds": time.perf_counter() - t})
         except Exception as err:  # a kernel that does not compile here will compile (or fail) in the run
-            done.append({"spec": spec, "error": _describe(err)})
+            done.append({"spec": spec, "error": describe_failure(err)})
         if report is not None:
             report(done[-1])
     return done
@@ -948,7 +930,7 @@ def _axes(ax, x: str, y: str = "held-out bits / byte", title: str = "", xscale: 
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    _legend(ax, fontsize=legend)
+    legend_if_labelled(ax, fontsize=legend)
 
 
 def _finish(plt, fig, path: Path, title: str) -> Path:

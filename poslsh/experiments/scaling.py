@@ -23,7 +23,8 @@ import torch
 
 from ..alibi import alibi_slopes
 from ..attention import attention
-from .common import fmt, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
+from ..util import fmt, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
+from .metrics import loglog_slope
 
 NAME = "scaling"
 PLOT = "scaling.png"
@@ -164,13 +165,7 @@ def _exponents(rows: list[dict], fit_from: int = 0) -> dict[str, dict[str, float
     lengths >= fit_from (all its lengths when fewer than two qualify, e.g. exact)."""
 
     def slope(pts: list[tuple[int, float]]) -> float | None:
-        pts = [(n, y) for n, y in pts if y]
-        if len(pts) < 2:
-            return None
-        x = torch.tensor([math.log(n) for n, _ in pts], dtype=torch.float64)
-        y = torch.tensor([math.log(v) for _, v in pts], dtype=torch.float64)
-        x = x - x.mean()
-        return float((x * (y - y.mean())).sum() / (x * x).sum())
+        return loglog_slope([n for n, _ in pts], [y for _, y in pts])
 
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
