@@ -32,7 +32,7 @@ def test_pareto_lines_run_in_x_order_with_labelled_points(name):
 
 def test_language_model_results_are_in_bits_per_byte():
     doc = load_results(RESULTS / "lm-validation.json")
-    text = "\n".join(lm_validation.findings(doc["results"], lm_validation._config(doc["results"])))
+    text = "\n".join(lm_validation.findings(doc["results"], lm_validation.config_of(doc["results"])))
     text += lm_validation.readme_section(doc)
     assert "nats" not in text and "bits per byte" in text
 

@@ -1,364 +1,23 @@
-"""Language-model validation: train an ALiBi LM here, then held-out perplexity and per-layer attention
-error of positional-LSH attention against exact ALiBi and the window baseline, versus r and context.
-
-One command on the GPU (``poslsh lm-validation``; the defaults end within ``deadline_s`` = 500 s plus
-Python's start, under 9 minutes on one H200):
-
-1. corpus (this interpreter's Python sources, split into train and held-out sets by file) and
-   training for at most ``train_budget_s`` seconds at ``train_context`` (bf16 autocast on CUDA);
-2. per-layer relative attention-output error versus r at ``error_context`` (float32 on the "fused"
-   torch backend, which compiles nothing), within ``error_budget_s``;
-3. held-out bits per byte and time per token at ``contexts`` (beyond the training context too:
-   ALiBi's extrapolation) for exact, window (``window_eps``), LSH with r in ``samples`` for each of
-   ``schemes``, and ``extra_methods`` (correlated "qmc" samples, the hybrid), within
-   ``eval_budget_s``. Every context scores the same ``scored_tokens`` held-out tokens, so losses at
-   different contexts differ by the context alone. Rows run in order of importance (``jobs``), so a
-   short budget loses the least useful ones, recorded as skipped.
-
-``deadline_s`` bounds the whole run from its start: training gets what is left after reserving the
-error and evaluation budgets, and nothing new starts after the deadline.
-
-Outputs in ``--out``, all small: ``lm-validation.json``, rewritten after training and after every
-evaluation row with ``"partial": true`` until the end (a killed run still leaves its data; the
-training loss history is in it), and the PNGs of ``PLOTS``. The model weights go to
-``--checkpoint-dir`` (default: the sibling folder ``<out>_checkpoint``), never into ``--out``.
-``--replot JSON`` redraws every PNG from a saved JSON alone (no model, no GPU), e.g. the committed
-run's: ``poslsh lm-validation --replot bench/results/lm-validation.json --out bench/results/lm-validation``.
-``--tiny`` runs the whole pipeline at CPU size in seconds.
-"""
+"""lm-validation, reporting: findings, plots and report sections computed from the JSON document alone
+(so the committed run regenerates them without a model or a GPU)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
 
-from ..method import MethodSpec, parse_method, parse_methods
-from ..util import fmt, legend_if_labelled, load_results, markdown_table, pyplot, replot_saved
-from .harness import Run, describe_failure
-from .metrics import loglog_slope
-
-NAME = "lm-validation"
-
-# Where the committed run's PNGs live (relative to the repository root), linked from the README.
-PLOT_DIR = "bench/results/lm-validation"
-PLOTS = {"gap": "lm_validation_gap.png", "layers": "lm_validation_layers.png",
-         "context": "lm_validation_context.png", "time": "lm_validation_time.png",
-         "training": "lm_validation_training.png"}
-
-# Log axes cannot show a zero loss gap: gaps are drawn at least this large (bits/byte).
-GAP_FLOOR = 1e-9
-LN2 = math.log(2)  # losses are stored in nats per byte; every plot and table shows bits per byte
-# Per-token forward times at contexts up to this are dominated by per-call overhead (kernel launches,
-# Python), not attention: the time plot marks them as noisy.
-NOISY_CONTEXT = 1024
-
-# Seconds kept free before the deadline for what follows the last phase (JSON, plots, report).
-RESERVE_S = 15.0
-
-
-@dataclass
-class Config:
-    """Defaults: the H200 run. ``tiny=True`` replaces the sizes by a CPU-sized run (see ``TINY``).
-
-    The model (19 M parameters: 6 layers of width 512, 8 heads of dimension 64, which the Triton and
-    Flex kernels take) is sized for ``train_budget_s`` on an H200: a few epochs of the 128 MiB corpus
-    in bf16 (the committed run's tokens/s and held-out loss are in bench/results/lm-validation.json).
-
-    Budgets and ``deadline_s`` are seconds, 0 = no limit. ``steps`` is an upper bound: the training
-    budget sets the count. ``scored_tokens`` must be a multiple of every context's stride
-    ceil(context / 2), so that every context scores the same tokens.
-
-    Attributes:
-        tiny: Replace the sizes left at their defaults by a CPU-sized run of seconds.
-        d_model: Model width.
-        n_layers: Transformer layers.
-        n_heads: Attention heads, with Press slopes.
-        train_context: Training context in tokens (bytes).
-        batch_size: Training batch size in sequences.
-        steps: Most training steps (the training budget usually sets the count).
-        lr: Peak learning rate.
-        warmup: Learning-rate warm-up steps.
-        eval_every: Steps between held-out evaluations.
-        train_budget_s: Training budget in seconds (0: no limit).
-        max_bytes: Most bytes of corpus read.
-        heldout_fraction: Fraction of the corpus's files held out.
-        contexts: Evaluation contexts in tokens.
-        samples: Partitions r of the LSH rows.
-        schemes: Positional LSH schemes of the LSH rows.
-        extra_methods: More methods to evaluate, as method strings (e.g. lsh:8:grid:qmc).
-        window_eps: Truncation level of the window rows.
-        seeds: Partition seeds averaged per LSH row.
-        scored_tokens: Held-out tokens scored at every context (a multiple of every context's stride).
-        eval_batch_tokens: Tokens per evaluation batch.
-        eval_budget_s: Evaluation budget in seconds (0: no limit).
-        error_context: Context of the per-layer attention errors.
-        error_batch: Sequences of the per-layer attention errors.
-        error_seeds: Partition seeds averaged for the per-layer errors.
-        error_budget_s: Budget of the per-layer errors in seconds (0: no limit).
-        deadline_s: Wall-time deadline of the whole run in seconds (0: none).
-        seed: Seed of training and evaluation.
-        device: Device, e.g. auto, cpu or cuda.
-        checkpoint: Evaluate this checkpoint folder instead of training (empty: train).
-        checkpoint_dir: Where training writes the weights (empty: OUT_checkpoint).
-        replot: Redraw the PNGs of this saved JSON into --out; nothing else runs (empty: a normal run).
-    """
-
-    tiny: bool = False
-    d_model: int = 512
-    n_layers: int = 6
-    n_heads: int = 8
-    train_context: int = 1024
-    batch_size: int = 32
-    steps: int = 20000
-    lr: float = 1e-3
-    warmup: int = 200
-    eval_every: int = 500
-    train_budget_s: float = 270.0
-    max_bytes: int = 128 * 2**20
-    heldout_fraction: float = 0.05
-    contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)
-    samples: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    schemes: tuple[Literal["grid", "cut"], ...] = ("grid", "cut")
-    extra_methods: tuple[str, ...] = ("lsh:8:grid:qmc", "hybrid:8:grid:qmc")
-    window_eps: float = 1e-3
-    seeds: tuple[int, ...] = (0,)
-    scored_tokens: int = 131072
-    eval_batch_tokens: int = 65536
-    eval_budget_s: float = 150.0
-    error_context: int = 4096
-    error_batch: int = 2
-    error_seeds: tuple[int, ...] = (0, 1)
-    error_budget_s: float = 30.0
-    deadline_s: float = 500.0
-    seed: int = 0
-    device: str = "auto"
-    checkpoint: str = ""
-    checkpoint_dir: str = ""
-    replot: str = ""
-
-
-# What --tiny changes, in the fields left at their defaults (so ``--tiny --contexts 64`` keeps 64).
-TINY = dict(d_model=32, n_layers=2, n_heads=4, train_context=32, batch_size=8, steps=40, lr=3e-3, warmup=5,
-            eval_every=10, train_budget_s=0.0, max_bytes=2**20, contexts=(64, 256), scored_tokens=256,
-            eval_batch_tokens=4096, eval_budget_s=0.0, error_context=128, error_batch=1, error_budget_s=0.0,
-            deadline_s=0.0)
-
-
-def effective(config: Config) -> Config:
-    """The config actually run: with ``tiny`` set, the TINY sizes replace the fields left at their defaults."""
-    if not config.tiny:
-        return config
-    defaults = Config()
-    return dataclasses.replace(config, **{k: v for k, v in TINY.items() if getattr(config, k) == getattr(defaults, k)})
-
-
-def check(cfg: Config) -> None:
-    """ValueError naming the first bad field of an effective config."""
-    if not cfg.contexts or any(n < 2 for n in cfg.contexts):
-        raise ValueError(f"contexts must be integers >= 2, got {cfg.contexts}")
-    if not cfg.samples or not cfg.schemes:
-        raise ValueError(f"samples and schemes must not be empty, got {cfg.samples} and {cfg.schemes}")
-    method_specs(cfg)  # every method built once: a bad r, scheme, window_eps or extra method fails here
-    if not cfg.seeds or not cfg.error_seeds:
-        raise ValueError(f"seeds and error_seeds must not be empty, got {cfg.seeds} and {cfg.error_seeds}")
-    strides = {n: math.ceil(n / 2) for n in cfg.contexts}
-    if cfg.scored_tokens < 1 or any(cfg.scored_tokens % s for s in strides.values()):
-        raise ValueError(f"scored_tokens must be a positive multiple of every context's stride {strides} "
-                         f"(so that every context scores the same tokens), got {cfg.scored_tokens}")
-    for name in ("train_budget_s", "eval_budget_s", "error_budget_s", "deadline_s"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(cfg, name)}")
-    if cfg.error_batch < 1 or cfg.error_context < 2 or cfg.eval_batch_tokens < 1:
-        raise ValueError(f"error_batch >= 1, error_context >= 2 and eval_batch_tokens >= 1 are needed, got "
-                         f"{cfg.error_batch}, {cfg.error_context}, {cfg.eval_batch_tokens}")
-
-
-def method_specs(cfg: Config) -> list[MethodSpec]:
-    """Every method of the grid, in table order: exact, the window, LSH per scheme and r, the extra
-    methods (ValueError naming the bad field)."""
-    grid = [MethodSpec("exact"), MethodSpec("window", window_eps=cfg.window_eps)]
-    grid += [MethodSpec("lsh", samples=r, scheme=s) for s in cfg.schemes for r in cfg.samples]
-    return grid + parse_methods(cfg.extra_methods, "extra_methods")
-
-
-def methods(cfg: Config) -> list[str]:
-    """Every method label of the grid, in table order."""
-    return list(dict.fromkeys(spec.label for spec in method_specs(cfg)))
-
-
-def _tier(label: str, cfg: Config) -> int:
-    """0: exact and window (reference and baseline); 1: LSH at the smallest, middle and largest r (the
-    ends and middle of every curve); 2: the other r; 3: the extra methods."""
-    spec = parse_method(label)
-    if not spec.random:
-        return 0
-    if label not in {_lsh_label(r, s) for s in cfg.schemes for r in cfg.samples}:
-        return 3
-    rs = sorted(cfg.samples)
-    key = {rs[0], rs[-1], 8 if 8 in rs else rs[len(rs) // 2]}
-    return 1 if spec.samples in key else 2
-
-
-def jobs(cfg: Config, contexts: list[int]) -> list[tuple[int, str]]:
-    """(context, method) in evaluation order: by tier (``_tier``), then context, then table order."""
-    order = methods(cfg)
-    return sorted(((n, m) for n in contexts for m in order),
-                  key=lambda job: (_tier(job[1], cfg), job[0], order.index(job[1])))
-
-
-def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
-    """Train (or load ``checkpoint``), measure, write ``lm-validation.json`` and the PNGs; or, with
-    ``replot``, only redraw the PNGs of that JSON. Returns the JSON document."""
-    if config.replot:
-        return replot_saved(config.replot, NAME, out_dir, replot)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = effective(config)
-    check(cfg)
-    results: dict[str, Any] = {"partial": True, "effective_config": dataclasses.asdict(cfg), "timing": {},
-                               "rows": [], "layer_errors": None}
-    clock = Run(NAME, out / f"{NAME}.json", config, results, deadline_s=cfg.deadline_s)
-    log, save = clock.log, clock.save
-
-    model, heldout, device = _train_or_load(cfg, out, clock, results, log)
-    save()
-    t = time.perf_counter()
-    _measure_layer_errors(model, heldout, cfg, device, clock, results, log)
-    results["timing"]["errors_s"] = time.perf_counter() - t
-    save()
-    t = time.perf_counter()
-    _evaluate(model, heldout, cfg, device, clock, results, log, save)
-    results["timing"]["eval_s"] = time.perf_counter() - t
-    results["partial"] = False
-    doc = save()
-    replot(doc, out)
-    log(f"done; timing {', '.join(f'{k} {v:.0f}' for k, v in results['timing'].items())} s")
-    return doc
-
-
-def _train_or_load(cfg: Config, out: Path, clock: Run, results: dict, log) -> tuple[Any, np.ndarray, torch.device]:
-    """Corpus, then the trained (or loaded) model; fills results' training, history, unigram, corpus."""
-    from ..lm.data import build_corpus, unigram_baseline
-    from ..lm.model import load_checkpoint
-    from ..lm.train import TrainConfig, resolve_device, train
-
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    t = time.perf_counter()
-    corpus = build_corpus(None, cfg.max_bytes, cfg.heldout_fraction)
-    results["corpus"] = corpus.stats()
-    results["timing"]["corpus_s"] = time.perf_counter() - t
-    log(f"corpus {corpus.stats()} in {results['timing']['corpus_s']:.1f} s")
-    t = time.perf_counter()
-    if cfg.checkpoint:
-        model, meta = load_checkpoint(cfg.checkpoint, device)
-        results["training"] = meta.get("summary", {})
-        history = Path(cfg.checkpoint) / "history.json"
-        results["history"] = load_results(history) if history.exists() else []
-        results["unigram"] = meta.get("unigram") or unigram_baseline(corpus.train, corpus.heldout)
-        results["checkpoint"] = str(cfg.checkpoint)
-    else:
-        ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.resolve().with_name(out.resolve().name
-                                                                                          + "_checkpoint")
-        # Training gets what the deadline leaves once the later phases' budgets are set aside.
-        end = clock.end(cfg.train_budget_s, reserve_s=cfg.error_budget_s + cfg.eval_budget_s + RESERVE_S)
-        budget = 0.0 if end == math.inf else max(1.0, end - time.perf_counter())
-        tc = TrainConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, context=cfg.train_context,
-                         batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                         eval_every=cfg.eval_every, seed=cfg.seed, max_bytes=cfg.max_bytes,
-                         heldout_fraction=cfg.heldout_fraction, device=str(device), time_budget_s=budget,
-                         eval_windows=16 if cfg.tiny else 64)
-        log(f"training (budget {budget:.0f} s), checkpoint in {ckpt}" if budget else f"training, checkpoint in {ckpt}")
-        result = train(tc, ckpt, corpus=corpus, log=log)
-        model = result.pop("model")
-        results["history"] = result.pop("history")
-        results["training"] = result
-        results["unigram"] = result["unigram"]
-        results["checkpoint"] = str(ckpt)
-    results["timing"]["train_s"] = time.perf_counter() - t
-    return model, corpus.heldout, device
-
-
-def _measure_layer_errors(model, heldout: np.ndarray, cfg: Config, device: torch.device, clock: Run,
-                          results: dict, log) -> None:
-    """Per-layer error of every non-exact method (in tier order) at ``error_context``, float32, "fused"."""
-    from ..lm.evaluate import layer_errors
-
-    n = min(cfg.error_context, heldout.size // cfg.error_batch)
-    windows = np.stack([heldout[i * n:(i + 1) * n].astype(np.int64) for i in range(cfg.error_batch)])
-    idx = torch.from_numpy(windows).to(device)
-    labels = [m for _, m in jobs(cfg, [n]) if m != "exact"]
-    end = clock.end(cfg.error_budget_s, reserve_s=RESERVE_S)
-    entry = {"context": n, "batch": cfg.error_batch, "seeds": list(cfg.error_seeds), "backend": "fused",
-             "errors": {}, "skipped": []}
-    try:
-        # float32 (no autocast): bf16 rounding (~3e-3) would hide the window's error.
-        entry["errors"] = layer_errors(model, idx, [parse_method(m) for m in labels], seeds=list(cfg.error_seeds),
-                                       backend="fused", deadline=None if end == math.inf else end)
-    except Exception as err:  # the perplexity rows still run
-        entry["error"] = describe_failure(err)
-        log(f"per-layer errors failed: {entry['error']}")
-    entry["skipped"] = [m for m in labels if m not in entry["errors"]]
-    results["layer_errors"] = entry
-    for m, errs in entry["errors"].items():
-        log(f"layer errors {m:<18} " + " ".join(f"{e:.2e}" for e in errs))
-    if entry["skipped"]:
-        log(f"layer errors skipped (budget): {entry['skipped']}")
-
-
-def _evaluate(model, heldout: np.ndarray, cfg: Config, device: torch.device, clock: Run, results: dict,
-              log, save) -> None:
-    """Perplexity rows in ``jobs`` order until the budget ends, saving the JSON after each."""
-    from ..lm.cli import evaluate_checkpoint
-
-    contexts = sorted(cfg.contexts)
-    while contexts and heldout.size < contexts[-1] + cfg.scored_tokens:  # the largest sets the first target
-        dropped = contexts.pop()
-        log(f"held-out set ({heldout.size} tokens) too short for context {dropped} and {cfg.scored_tokens} scored")
-    if not contexts:
-        return
-    first_target = contexts[-1]  # every context has its full window before the first scored token
-    results["scored_from"] = first_target
-    end = clock.end(cfg.eval_budget_s, reserve_s=RESERVE_S)
-    for n, m in jobs(cfg, contexts):
-        if time.perf_counter() > end:
-            results["rows"].append({"context": n, "method": m, "skipped": "eval budget"})
-            continue
-        batch = max(1, min(16, cfg.eval_batch_tokens // n))  # same batch for every method of a context
-        try:
-            results["rows"] += evaluate_checkpoint(model, heldout, [n], [parse_method(m)], list(cfg.seeds),
-                                                   device=device, batch_size=batch, max_scored=cfg.scored_tokens,
-                                                   first_target=first_target, log=log)
-        except Exception as err:  # one failing row (a kernel that fails, out of memory) must not lose the rest
-            results["rows"].append({"context": n, "method": m, "error": describe_failure(err)})
-            log(f"context {n} {m}: failed: {results['rows'][-1]['error']}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        save()
-    model.set_attention("exact")
+from ...util import fmt, legend_if_labelled, markdown_table, pyplot
+from ..metrics import loglog_slope
+from .design import (GAP_FLOOR, LN2, NAME, NOISY_CONTEXT, PLOT_DIR, PLOTS, Config, _lsh_label, _tier, config_of,
+                     methods)
 
 
 # ---------------------------------------------------------------------------- analysis
-def _config(res: dict[str, Any]) -> Config:
-    """The effective config stored in a results dict."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["effective_config"].items()
-                     if k in known})
-
-
 def _table(rows: list[dict]) -> dict[tuple[int, str], dict]:
     return {(r["context"], r["method"]): r for r in rows if "loss" in r}
-
-
-def _lsh_label(r: int, scheme: str) -> str:
-    return f"lsh:{r}:{scheme}"
 
 
 def _slope(points: list[tuple[float, float]]) -> float | None:
@@ -381,10 +40,10 @@ def _extras(cfg: Config) -> list[str]:
 
 def replot(doc: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Draw every PNG of ``PLOTS`` that the saved document has data for into out_dir."""
-    from ..lm.train import plot_curve
+    from ...lm.train import plot_curve
 
     res = doc["results"]
-    cfg = _config(res)
+    cfg = config_of(res)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = _table(res["rows"])
@@ -650,7 +309,7 @@ def _rows_table(res: dict[str, Any], cfg: Config, measured_only: bool = False) -
 def _section(doc: dict[str, Any], image_dir: str, full: bool) -> str:
     """Markdown shared by the report (``full``: every layer) and the README (a per-method summary)."""
     res, env = doc["results"], doc["environment"]
-    cfg = _config(res)
+    cfg = config_of(res)
     parts = []
     if res.get("partial"):
         parts.append("**Partial run**: the JSON was saved before the run ended; what follows is what it holds.\n")
