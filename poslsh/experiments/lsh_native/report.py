@@ -453,6 +453,7 @@ def summarize(results: dict[str, Any], out_dir: str | Path) -> str:
             + _section(results, "", full=True))
 
 
-def readme_section(doc: dict[str, Any]) -> str:
-    """The README block for bench/results/lsh-native.json (PNGs in ``PLOT_DIR``)."""
-    return _section(doc, PLOT_DIR + "/", full=False)
+def readme_section(doc: dict[str, Any], image_dir: str = PLOT_DIR + "/") -> str:
+    """The results block for bench/results/lsh-native.json, its PNGs linked under ``image_dir`` (default
+    ``PLOT_DIR``, from the repository root)."""
+    return _section(doc, image_dir, full=False)
