@@ -36,6 +36,7 @@ from ..attention.ranges import Support, nonzero_pairs, split_pairs
 from ..hashing import Partitions, sample_partitions
 from ..seeds import crc32_seed
 from ..util import fmt, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
+from .harness import config_from
 from .metrics import loglog_slope, relative_error
 
 NAME = "attn-error"
@@ -185,9 +186,7 @@ def _run(config: Config, out_dir: str | Path) -> dict:
 
 def replot(doc: dict, out_dir: str | Path) -> None:
     """The PNGs of a saved document, drawn into out_dir."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items() if k in known})
-    _plot(doc, Path(out_dir), config)
+    _plot(doc, Path(out_dir), config_from(doc["config"], Config))
 
 
 def _plot(doc: dict, out_dir: Path, config: Config) -> None:

@@ -10,19 +10,23 @@ the run.
     doc = run.save()                       # {"environment", "config", "results"}, results["seconds"] set
 
 Seeds of the draws come from ``poslsh.seeds``; what is measured (errors, slopes, times, keys per
-query) from ``metrics``.
+query) from ``metrics``. The config helpers below are what the experiments' Configs share: ``--tiny``
+sizes (``effective``), a config back from its JSON document (``config_from``), and budget checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from ..util import save_results
 
-__all__ = ["Run", "describe_failure"]
+__all__ = ["Run", "describe_failure", "effective", "config_from", "check_budgets"]
+
+C = TypeVar("C")
 
 
 class Run:
@@ -71,3 +75,26 @@ class Run:
 def describe_failure(err: BaseException) -> str:
     """A failure as it is recorded in the JSON and the log: ``Type: first line of the message``."""
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
+def effective(config: C, tiny: dict[str, Any]) -> C:
+    """The config actually run: with ``config.tiny`` set, the ``tiny`` sizes replace the fields left at
+    their defaults (so ``--tiny --contexts 64`` keeps 64)."""
+    if not config.tiny:
+        return config
+    defaults = type(config)()
+    return dataclasses.replace(config, **{k: v for k, v in tiny.items() if getattr(config, k) == getattr(defaults, k)})
+
+
+def config_from(stored: dict[str, Any], config_cls: type[C]) -> C:
+    """A Config dataclass from its dict in a JSON document: lists back to tuples, keys the class no
+    longer has left out (a document written by an older version still loads)."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known})
+
+
+def check_budgets(config: Any, names: tuple[str, ...]) -> None:
+    """ValueError naming the first of the budget fields ``names`` (seconds, 0 = no limit) below 0."""
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(config, name)}")

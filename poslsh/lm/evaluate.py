@@ -24,7 +24,7 @@ from torch import Tensor
 from ..method import MethodSpec
 from .model import ALiBiLM
 
-__all__ = ["sliding_windows", "perplexity", "layer_errors", "synchronize"]
+__all__ = ["sliding_windows", "check_common_scoring", "perplexity", "layer_errors", "synchronize"]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -53,6 +53,15 @@ def sliding_windows(num_tokens: int, context: int, score_fraction: float = 0.5,
     if max_scored is not None:
         starts = starts[:max(1, math.ceil(max_scored / stride))]
     return starts, stride
+
+
+def check_common_scoring(scored_tokens: int, contexts, score_fraction: float = 0.5) -> None:
+    """ValueError unless ``scored_tokens`` is a positive multiple of every context's stride, the
+    condition for every context to score the very same tokens (``sliding_windows``' first_target)."""
+    strides = {n: max(1, math.ceil(score_fraction * n)) for n in contexts}
+    if scored_tokens < 1 or any(scored_tokens % s for s in strides.values()):
+        raise ValueError(f"scored_tokens must be a positive multiple of every context's stride {strides} "
+                         f"(so that every context scores the same tokens), got {scored_tokens}")
 
 
 def perplexity(forward: Callable[[Tensor], Tensor], tokens: np.ndarray, context: int, *, device: torch.device | str,

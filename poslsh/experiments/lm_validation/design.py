@@ -3,12 +3,13 @@ grid of methods and the evaluation jobs in order of importance, shared by measur
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
 
+from ...lm.evaluate import check_common_scoring
 from ...method import MethodSpec, parse_method, parse_methods
+from .. import harness
 
 NAME = "lm-validation"
 
@@ -119,10 +120,7 @@ TINY = dict(d_model=32, n_layers=2, n_heads=4, train_context=32, batch_size=8, s
 
 def effective(config: Config) -> Config:
     """The config actually run: with ``tiny`` set, the TINY sizes replace the fields left at their defaults."""
-    if not config.tiny:
-        return config
-    defaults = Config()
-    return dataclasses.replace(config, **{k: v for k, v in TINY.items() if getattr(config, k) == getattr(defaults, k)})
+    return harness.effective(config, TINY)
 
 
 def check(cfg: Config) -> None:
@@ -134,13 +132,8 @@ def check(cfg: Config) -> None:
     method_specs(cfg)  # every method built once: a bad r, scheme, window_eps or extra method fails here
     if not cfg.seeds or not cfg.error_seeds:
         raise ValueError(f"seeds and error_seeds must not be empty, got {cfg.seeds} and {cfg.error_seeds}")
-    strides = {n: math.ceil(n / 2) for n in cfg.contexts}
-    if cfg.scored_tokens < 1 or any(cfg.scored_tokens % s for s in strides.values()):
-        raise ValueError(f"scored_tokens must be a positive multiple of every context's stride {strides} "
-                         f"(so that every context scores the same tokens), got {cfg.scored_tokens}")
-    for name in ("train_budget_s", "eval_budget_s", "error_budget_s", "deadline_s"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(cfg, name)}")
+    check_common_scoring(cfg.scored_tokens, cfg.contexts)
+    harness.check_budgets(cfg, ("train_budget_s", "eval_budget_s", "error_budget_s", "deadline_s"))
     if cfg.error_batch < 1 or cfg.error_context < 2 or cfg.eval_batch_tokens < 1:
         raise ValueError(f"error_batch >= 1, error_context >= 2 and eval_batch_tokens >= 1 are needed, got "
                          f"{cfg.error_batch}, {cfg.error_context}, {cfg.eval_batch_tokens}")
@@ -185,6 +178,4 @@ def jobs(cfg: Config, contexts: list[int]) -> list[tuple[int, str]]:
 
 def config_of(res: dict) -> Config:
     """The effective config stored in a results dict (what the reporting knows of the run)."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["effective_config"].items()
-                     if k in known})
+    return harness.config_from(res["effective_config"], Config)

@@ -3,11 +3,12 @@ grid of arms, methods, contexts and jobs in order of importance, shared by measu
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
+from ...lm.evaluate import check_common_scoring
 from ...method import MethodSpec, parse_method, parse_methods
+from .. import harness
 
 NAME = "lsh-native"
 
@@ -135,10 +136,7 @@ class Arm:
 
 def effective(config: Config) -> Config:
     """The config actually run: with ``tiny`` set, the TINY sizes replace the fields left at their defaults."""
-    if not config.tiny:
-        return config
-    defaults = Config()
-    return dataclasses.replace(config, **{k: v for k, v in TINY.items() if getattr(config, k) == getattr(defaults, k)})
+    return harness.effective(config, TINY)
 
 
 def check(cfg: Config) -> None:
@@ -158,13 +156,8 @@ def check(cfg: Config) -> None:
                          f"{[spec.label for spec in trained if not spec.random]}")
     if cfg.finetune and not 0 < cfg.finetune_fraction <= 1:
         raise ValueError(f"finetune_fraction must be in (0, 1], got {cfg.finetune_fraction}")
-    strides = {n: math.ceil(n / 2) for n in cfg.contexts}
-    if cfg.scored_tokens < 1 or any(cfg.scored_tokens % s for s in strides.values()):
-        raise ValueError(f"scored_tokens must be a positive multiple of every context's stride {strides} "
-                         f"(so that every context scores the same tokens), got {cfg.scored_tokens}")
-    for name in ("train_budget_s", "eval_reserve_s", "error_budget_s", "deadline_s"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(cfg, name)}")
+    check_common_scoring(cfg.scored_tokens, cfg.contexts)
+    harness.check_budgets(cfg, ("train_budget_s", "eval_reserve_s", "error_budget_s", "deadline_s"))
     if cfg.slower_arm_factor < 1:
         raise ValueError(f"slower_arm_factor must be >= 1, got {cfg.slower_arm_factor}")
     if cfg.d_model % cfg.n_heads or cfg.error_batch < 1 or cfg.error_context < 2 or cfg.eval_batch_tokens < 1:
@@ -175,9 +168,7 @@ def check(cfg: Config) -> None:
 
 def config_of(res: dict) -> Config:
     """The effective config stored in a results dict (what the reporting knows of the run)."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["effective_config"].items()
-                     if k in known})
+    return harness.config_from(res["effective_config"], Config)
 
 
 # ---------------------------------------------------------------------------- the grid of the run
