@@ -35,7 +35,8 @@ from ..attention.fused import fused_attention
 from ..attention.ranges import Support, nonzero_pairs, split_pairs
 from ..hashing import Partitions, sample_partitions
 from ..seeds import crc32_seed
-from ..util import fmt, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
+from ..util import (fmt, markdown_table, progress, pyplot, replot_saved, save_figure, save_results,
+                    torch_threads)
 from .harness import config_from
 from .metrics import loglog_slope, relative_error
 
@@ -228,9 +229,7 @@ def _plot(doc: dict, out_dir: Path, config: Config) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False)
     fig.suptitle(f"Attention output error vs r (n={config.n}, D={config.head_dim}, "
                  f"{'causal' if config.causal else 'bidirectional'}); window at LSH-fused's pair count")
-    fig.tight_layout(rect=(0, 0.09, 1, 0.96))
-    fig.savefig(out_dir / PLOT, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / PLOT, dpi=110, rect=(0, 0.09, 1, 0.96))
     if res["have_bound"]:
         _plot_bound(res, out_dir, config, heads, colors)
 
@@ -260,9 +259,7 @@ def _plot_bound(res: dict, out_dir: Path, config: Config, heads: list[int], colo
     axes[0].set_ylabel("relative output error")
     axes[0].legend(fontsize=8, ncol=2)
     fig.suptitle("Uniform bound (poslsh.theory.attention_error_bound) vs measured error", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out_dir / PLOT_BOUND, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / PLOT_BOUND, dpi=110)
 
 
 def _table(res: dict, r_show: list[int]) -> str:

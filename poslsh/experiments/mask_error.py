@@ -22,7 +22,7 @@ from .. import theory
 from ..hashing import Partitions, sample_partitions
 from ..masks import mask_errors
 from ..seeds import crc32_seed
-from ..util import markdown_table, progress, pyplot, replot_saved, save_results
+from ..util import markdown_table, progress, pyplot, replot_saved, save_figure, save_results
 from .metrics import loglog_slope
 
 NAME = "mask-error"
@@ -207,9 +207,7 @@ def _plot(doc: dict, out_dir: Path) -> None:
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
         fig.suptitle(f"{title} vs samples r (shaded: min–max over {cfg['seeds']} seeds)")
-        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-        fig.savefig(out_dir / PLOTS[key], dpi=110)
-        plt.close(fig)
+        save_figure(fig, out_dir / PLOTS[key], dpi=110, rect=(0, 0.06, 1, 0.96))
 
     fig, axes = plt.subplots(len(lengths), len(slopes), figsize=(3.6 * len(slopes), 3.2 * len(lengths)),
                              squeeze=False, sharex=True)
@@ -240,9 +238,7 @@ def _plot(doc: dict, out_dir: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"Block sizes vs samples r (median and min–max over {cfg['seeds']} seeds)")
-    fig.tight_layout(rect=(0, 0.09, 1, 0.96))
-    fig.savefig(out_dir / PLOTS["blocks"], dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / PLOTS["blocks"], dpi=110, rect=(0, 0.09, 1, 0.96))
 
 
 def summarize(results: dict, out_dir: str | Path) -> str:

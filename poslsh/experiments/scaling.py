@@ -23,7 +23,8 @@ import torch
 
 from ..alibi import alibi_slopes
 from ..attention import attention
-from ..util import fmt, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
+from ..util import (fmt, markdown_table, progress, pyplot, replot_saved, save_figure, save_results,
+                    torch_threads)
 from .metrics import loglog_slope
 
 NAME = "scaling"
@@ -210,9 +211,7 @@ def _plot(doc: dict, out_dir: Path) -> None:
     cfg = doc["config"]
     fig.suptitle(f"CPU forward, H={cfg['heads']}, D={cfg['head_dim']}, fp32, r={cfg['samples']} ({cfg['scheme']}), "
                  f"{doc['results']['threads']} thread(s)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out_dir / PLOT, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / PLOT, dpi=110)
 
 
 def summarize(results: dict, out_dir: str | Path) -> str:

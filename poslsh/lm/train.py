@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..method import MethodSpec, parse_method
-from ..util import progress, pyplot
+from ..util import progress, pyplot, save_figure
 from .data import ByteTokenizer, Corpus, build_corpus, unigram_baseline
 from .model import ALiBiLM, LMConfig, load_checkpoint, save_checkpoint
 
@@ -183,10 +183,7 @@ def plot_curve(history: list[dict], unigram_nats: float, path: Path) -> Path:
     ax.set_ylabel("loss (bits per byte)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-__all__ = ["progress", "fmt", "markdown_table", "pyplot", "legend_if_labelled"]
+__all__ = ["progress", "fmt", "markdown_table", "pyplot", "legend_if_labelled", "save_figure"]
 
 
 def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool | None = None,
@@ -93,3 +94,11 @@ def legend_if_labelled(ax, **kwargs) -> None:
     nothing yet, and an empty legend warns)."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(**kwargs)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110, **tight_layout: Any) -> Path:
+    """Lay out (``fig.tight_layout(**tight_layout)``), write the PNG at ``dpi``, close the figure; the path."""
+    fig.tight_layout(**tight_layout)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ...util import fmt, legend_if_labelled, markdown_table, pyplot
+from ...util import fmt, legend_if_labelled, markdown_table, pyplot, save_figure
 from ..metrics import loglog_slope
 from .design import (GAP_FLOOR, LN2, NAME, NOISY_CONTEXT, PLOT_DIR, PLOTS, Config, _lsh_label, _tier, config_of,
                      methods)
@@ -95,10 +95,7 @@ def _plot_gap(table: dict, cfg: Config, path: Path) -> Path:
                  "contexts' LSH curves lie on top of each other)", fontsize=9)
     legend_if_labelled(ax, fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _plot_layers(errs: dict[str, list[float]], context: int, cfg: Config, path: Path) -> Path:
@@ -128,10 +125,7 @@ def _plot_layers(errs: dict[str, list[float]], context: int, cfg: Config, path: 
     ax.set_title(f"Per-layer error at context {context} (solid grid, dashed cut, dotted window)", fontsize=9)
     legend_if_labelled(ax, fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _plot_context(table: dict, cfg: Config, path: Path) -> Path:
@@ -161,10 +155,7 @@ def _plot_context(table: dict, cfg: Config, path: Path) -> Path:
                  f"{cfg.train_context})", fontsize=10)
     legend_if_labelled(ax, fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _plot_time(table: dict, cfg: Config, path: Path) -> Path:
@@ -211,10 +202,7 @@ def _plot_time(table: dict, cfg: Config, path: Path) -> Path:
     for ax in list(axes.flat)[len(contexts):]:
         ax.set_visible(False)
     fig.suptitle("Held-out bits per byte against forward time per token: exact, window, positional LSH", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def findings(res: dict[str, Any], cfg: Config) -> list[str]:

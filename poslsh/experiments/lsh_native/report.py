@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ...util import fmt, legend_if_labelled, markdown_table, pyplot
+from ...util import fmt, legend_if_labelled, markdown_table, pyplot, save_figure
 from .design import (KEEPS_EXTRAPOLATION, NAME, PLOT_DIR, PLOTS, TOLERANCE, Config, _r, config_of, fill_methods,
                      main_methods, verdict_contexts, window_label)
 
@@ -197,10 +197,7 @@ def _axes(ax, x: str, y: str = "held-out bits / byte", title: str = "", xscale: 
 
 def _finish(plt, fig, path: Path, title: str) -> Path:
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _plot_r(table: dict, res: dict, cfg: Config, path: Path) -> Path:
