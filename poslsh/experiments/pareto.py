@@ -318,7 +318,7 @@ def convergence(config: Config) -> dict[str, Any]:
                 parts = sample_partitions(n, slopes, r, sampling=sampling, generator=gen)
                 errs = mask_errors(parts, "dense")
                 est = fused_attention(q, k, v, resolve_spec(q, k, v, causal=config.causal, method="lsh", partitions=parts))[0]
-                att = (est - exact).norm(dim=(-1, -2))[0] / exact.norm(dim=(-1, -2))[0]
+                att = relative_error(est, exact, dim=(-1, -2))[0]  # per head
                 for head in range(h):
                     logs["max"][head][i] += math.log(float(errs["max"][head])) / config.conv_seeds
                     logs["spectral"][head][i] += math.log(float(errs["spectral"][head])) / config.conv_seeds
