@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from poslsh.experiments.common import save_results
+from poslsh.util import save_results
 from poslsh.experiments.scaling import Config, measure, run_method
 
 TARGET_RATIO, TARGET_BYTES = 12.0, 2 * 10**9

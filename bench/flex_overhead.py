@@ -9,7 +9,7 @@ Three calls per method, all with the same q, k, v and (for lsh/hybrid) the same 
 
 Host time is measured with the kernel replaced by a stub that returns preallocated outputs, so the
 numbers are the Python/host part only (the part that differs); ``--real`` also times the real calls
-(eager on the CPU, compiled on CUDA, where the GPU time comes from ``experiments.common.gpu_time``).
+(eager on the CPU, compiled on CUDA, where the GPU time comes from ``experiments.metrics.gpu_time``).
 On the CPU ``supports_flex`` refuses every call (eager Flex is slower than "fused"), so the api row goes
 through a backend registered here, "flex_eager", with the same function and no device check.
 
@@ -106,7 +106,7 @@ def main() -> None:
             if args.real:
                 kernel["fn"] = flex._flex_fn(dev)
                 if dev.type == "cuda":
-                    from poslsh.experiments.common import gpu_time
+                    from poslsh.experiments.metrics import gpu_time
 
                     real = [gpu_time(f, 25, 100)[0] * 1e3 for f in (direct, via_backend, via_api)]
                 else:

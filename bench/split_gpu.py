@@ -10,7 +10,7 @@ and q/k/v gradients of a loss through out and lse, against ``backend="reference"
 same (rounded) inputs and partitions. (ii) timings: ``poslsh.attention(..., backend="split",
 primitive=p)`` per primitive and the fused kernel (``backend="triton"``; ``"fused"`` on the CPU),
 forward and forward+backward, B = 1, Press slopes, causal, partitions sampled once per n; CUDA:
-``experiments.common.gpu_time`` (``triton.testing.do_bench`` median), CPU: best of ``--reps``.
+``experiments.metrics.gpu_time`` (``triton.testing.do_bench`` median), CPU: best of ``--reps``.
 (iii) ``DIR/split_gpu.json``: environment (date, device, versions, command), config, the checks, every
 timing row (or the error that stopped it, or "skipped: time budget"), the measured copy bandwidth
 and per n the bytes and the floor of the split form (``poslsh.attention.split.split_bytes``) and of
@@ -43,7 +43,7 @@ import poslsh
 from poslsh.attention import resolve_spec
 from poslsh.attention.primitives import Primitive, resolve_primitive
 from poslsh.attention.split import plan_split, split_bytes
-from poslsh.experiments.common import save_results
+from poslsh.util import save_results
 
 NAME = "split_gpu"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -164,7 +164,7 @@ def check_primitive(prim: str, device: torch.device, dtype: torch.dtype, samples
 
 def time_ms(fn: Callable[[], Any], device: torch.device, args: argparse.Namespace) -> tuple[float, str]:
     if device.type == "cuda":
-        from poslsh.experiments.common import gpu_time
+        from poslsh.experiments.metrics import gpu_time
 
         return gpu_time(fn, args.warmup_ms, args.rep_ms)
     fn()  # warm

@@ -1,7 +1,7 @@
 """Positional LSH: random hashes of positions 0..n-1 into contiguous buckets with
 P[h(i) = h(j)] = q^|i - j|, q = e^{-m}, one independent hash per head and sample.
 
-Two exact schemes (see ../shared/DESIGN.md):
+Two exact schemes (docs/MATH.md, section 2, has the proofs):
 
 * ``"grid"``: width W = 1 + G1 + G2 with G1, G2 i.i.d. geometric (failures before a success of
   probability 1 - q), offset U uniform on {0..W-1}, h(i) = floor((i + U) / W). Every block has the

@@ -1,7 +1,7 @@
 """General positional kernels f(d), d = |i - j| = 0, 1, 2, ..., for positional LSH.
 
 The grid scheme realises any kernel that is convex and non-increasing on the integers with
-f(0) = 1 (see ../shared/DESIGN.md): draw a width W with
+f(0) = 1 (docs/MATH.md, section 2): draw a width W with
 
     P(W = w) = w (f(w-1) - 2 f(w) + f(w+1)),   w >= 1,      plus   P(W = inf) = f_inf = lim f(d),
 

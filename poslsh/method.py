@@ -1,8 +1,11 @@
 """One description of an attention method and its options, checked once where it is built.
 
-``MethodSpec`` is what the transformers patch, ``poslsh eval-hf``, ``poslsh lm eval`` and the LM
-validation study pass around; ``parse_method`` reads it from text, ``label`` writes it back (the two
-round-trip), and ``attention_kwargs()`` gives the keyword arguments of ``poslsh.attention``.
+``MethodSpec`` is what ``poslsh.nn.ALiBiAttention``, the LM (``ALiBiLM.set_attention``), the
+transformers patch, ``poslsh eval-hf``, ``poslsh lm`` and the LM experiments pass around: each builds
+it once (``as_method`` from a name and options, ``parse_method`` from text) and trusts it afterwards.
+``label`` writes it back as text (the two round-trip), and ``attention_kwargs()`` gives the keyword
+arguments of ``poslsh.attention``, whose own checks of raw arguments use the same rules (``checks``,
+``hashing.check_scheme``).
 
 The text form, one per method (fields after the name may be left off from the right; defaults in
 brackets):
@@ -12,7 +15,7 @@ brackets):
     lsh[:R[:SCHEME[:SAMPLING]]]           R samples [8], SCHEME grid|cut [grid], SAMPLING iid|stratified|qmc [iid]
     hybrid[:R[:SCHEME[:SAMPLING[:EPS]]]]  as lsh, EPS [1e-2]: the near field's target error (hybrid_eps)
 
-Correlated sampling (stratified, qmc) needs the grid scheme. Labels leave out trailing defaults
+Correlated sampling (stratified, qmc) needs the grid scheme (``hashing.check_scheme`` says why). Labels leave out trailing defaults
 (``lsh:8:grid``, ``hybrid:8:grid:qmc``), as the committed results were labelled.
 """
 
@@ -21,23 +24,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .attention.core import METHODS
-from .hashing import SAMPLINGS, SCHEMES
+from .checks import as_float, as_int
+from .hashing import check_scheme
 
-__all__ = ["MethodSpec", "parse_method", "GRAMMAR", "DEFAULT_WINDOW_EPS", "DEFAULT_HYBRID_EPS"]
+__all__ = ["METHODS", "MethodSpec", "as_method", "parse_method", "parse_methods", "GRAMMAR", "DEFAULT_WINDOW_EPS",
+           "DEFAULT_HYBRID_EPS"]
 
+METHODS = ("exact", "window", "lsh", "hybrid")
 DEFAULT_WINDOW_EPS = 1e-3  # poslsh.attention's defaults (a test holds them equal)
 DEFAULT_HYBRID_EPS = 1e-2
 GRAMMAR = "exact, window[:EPS], lsh[:R[:grid|cut[:iid|stratified|qmc]]] or hybrid[:R[:SCHEME[:SAMPLING[:EPS]]]]"
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 @dataclass(frozen=True)
 class MethodSpec:
-    """An attention method and its options; invalid combinations raise ValueError at construction.
+    """An attention method and its options, checked (and numbers coerced: numpy scalars, 0-d tensors)
+    at construction: a wrong type raises TypeError, a bad value or combination ValueError.
 
     Attributes:
         method: "exact", "window", "lsh" or "hybrid".
@@ -58,19 +60,11 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
-            raise ValueError(f"samples must be an int >= 1, got {self.samples!r}")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
-        if self.scheme == "cut" and self.sampling != "iid":
-            raise ValueError(f"sampling {self.sampling!r} needs the grid scheme (the cut scheme draws its samples "
-                             "independently)")
-        if not _number(self.window_eps) or not 0 < self.window_eps < 1:
-            raise ValueError(f"window_eps must be in (0, 1), got {self.window_eps!r}")
-        if not _number(self.hybrid_eps) or not self.hybrid_eps > 0:
-            raise ValueError(f"hybrid_eps must be a number > 0, got {self.hybrid_eps!r}")
+        check_scheme(self.scheme, self.sampling)
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("samples", as_int(self.samples, "samples", minimum=1))
+        set_("window_eps", as_float(self.window_eps, "window_eps", above=0, below=1))
+        set_("hybrid_eps", as_float(self.hybrid_eps, "hybrid_eps", above=0))
 
     @property
     def random(self) -> bool:
@@ -101,10 +95,27 @@ class MethodSpec:
             kw["hybrid_eps"] = self.hybrid_eps
         return kw
 
-    def options(self, seed: int = 0) -> dict[str, Any]:
-        """Keyword arguments of ``ALiBiLM.set_attention``: every option and the partitions' seed."""
-        return {"method": self.method, "samples": self.samples, "scheme": self.scheme, "seed": seed,
-                "window_eps": self.window_eps, "sampling": self.sampling, "hybrid_eps": self.hybrid_eps}
+
+
+OPTIONS = ("samples", "scheme", "sampling", "window_eps", "hybrid_eps")
+
+
+def as_method(method: str | MethodSpec = "exact", **options: Any) -> MethodSpec:
+    """The MethodSpec of a module's or a model's arguments: ``method`` itself when it is one (then no
+    option may be given besides it), else the method named ``method`` with the given ``options``
+    (``samples``, ``scheme``, ``sampling``, ``window_eps``, ``hybrid_eps``; None: the default)."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown method options {sorted(unknown)}; the options are {OPTIONS}")
+    given = {name: value for name, value in options.items() if value is not None}
+    if isinstance(method, MethodSpec):
+        if given:
+            raise TypeError(f"method is a MethodSpec, which holds its options: give {sorted(given)} in it "
+                            "(dataclasses.replace), not beside it")
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a method name {METHODS} or a MethodSpec, got {type(method).__name__}")
+    return MethodSpec(method, **given)
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -126,3 +137,11 @@ def parse_method(text: str) -> MethodSpec:
         return MethodSpec(name, **{key: kind(value) for key, kind, value in zip(keys, kinds, fields)})
     except ValueError as err:
         raise ValueError(f"bad method {text!r}: {err} (use {GRAMMAR})") from None
+
+
+def parse_methods(texts, name: str) -> list[MethodSpec]:
+    """``parse_method`` of each text of a config field; the ValueError names the field."""
+    try:
+        return [parse_method(text) for text in texts]
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None

@@ -1,26 +1,26 @@
 """Drop-in attention module for transformer blocks: projections, heads, grouped KV, ALiBi by method.
 
-``ALiBiAttention`` maps x [B, N, E] to [B, N, E] with ``poslsh.attention`` in the middle. For
-``method="lsh"`` the partitions are
+``ALiBiAttention`` maps x [B, N, E] to [B, N, E] with ``poslsh.attention`` in the middle. Its method
+is a ``poslsh.method.MethodSpec``, given as one or as a name and options, and checked when the module
+is built (numbers may be numpy scalars or 0-d tensors), so a bad ``window_eps`` fails at
+construction, not at the first forward. The default is "exact": nothing is approximated unless asked.
+
+For "lsh" and "hybrid" the partitions are
 
 * training: freshly sampled at every forward (from torch's global CPU RNG, so ``torch.manual_seed``
   makes a run reproducible, or from a seed schedule: ``set_partition_schedule``), which keeps the
   estimator unbiased across steps;
-* eval: drawn once per sequence length from ``torch.Generator().manual_seed(seed)`` (seed 0 when
-  ``seed`` is None) and cached for the ``EVAL_CACHE_SIZE`` most recently used lengths (a length
-  evicted and asked for again is drawn again, identically), so evaluation is deterministic and
-  repeatable; with the grid scheme the partitions of a shorter length are a prefix of those of a
-  longer one.
-
-The configuration is checked when the module is built (numbers may be numpy scalars or 0-d
-tensors), so a bad ``window_eps`` fails at construction, not at the first forward.
+* eval: fixed, ``poslsh.layer_partitions.LayerPartitions(slopes, r, scheme, seed, layer)``: drawn
+  from (seed, layer) alone (seed 0 when ``seed`` is None), the partitions of a shorter length the
+  restriction of those of a longer one, kept for the ``EVAL_CACHE_SIZE`` most recently used lengths
+  (a length evicted and asked for again is drawn again, identically), so evaluation is
+  deterministic and repeatable.
 
 An explicit ``partitions`` argument to ``forward`` overrides both.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -28,39 +28,44 @@ from torch import Tensor, nn
 
 from .alibi import alibi_slopes
 from .attention import attention, available_backends
-from .attention.core import METHODS
-from .checks import as_bool, as_float, as_int
-from .hashing import Partitions, check_scheme, sample_partitions
+from .checks import as_bool, as_int
+from .hashing import Partitions, sample_partitions
+from .layer_partitions import LayerPartitions
+from .method import MethodSpec, as_method
 
 __all__ = ["ALiBiAttention"]
 
 
 class ALiBiAttention(nn.Module):
-    """Multi-head self-attention with ALiBi (exact, windowed, or positional LSH).
+    """Multi-head self-attention with ALiBi (exact, windowed, positional LSH or the hybrid).
 
     Args:
         embed_dim: E, model width; divisible by num_heads (head dim D = E / H).
         num_heads: H, query heads, with Press slopes ``alibi_slopes(H)``.
         num_kv_heads: Hkv, key/value heads (grouped / multi-query attention); H divisible by it.
             Default H.
-        method: "lsh", "hybrid", "window" or "exact".
-        samples: r, partitions per head for "lsh" and "hybrid".
-        scheme: "grid" or "cut".
-        sampling: "iid", "stratified" or "qmc" (correlated samples, each with the exact law; grid only).
-        window_eps: truncation level for "window".
-        hybrid_eps: target error of the near field for "hybrid" (see ``poslsh.attention``).
+        method: "exact" (the default), "window", "lsh" or "hybrid", or a ``MethodSpec`` (then the five
+            options below stay unset: it holds them).
+        samples: r, partitions per head for "lsh" and "hybrid" (default 8).
+        scheme: "grid" (default) or "cut".
+        window_eps: truncation level for "window" (default 1e-3).
         causal: decoder (True) or encoder (False) attention.
         bias: whether the projections have biases.
         backend: passed to ``poslsh.attention``.
         seed: seed of the fixed eval-mode partitions (0 if None).
+        sampling: "iid" (default), "stratified" or "qmc" (correlated samples, each with the exact law;
+            grid only).
+        hybrid_eps: target error of the near field for "hybrid" (default 1e-2; see ``poslsh.attention``).
+        layer: the layer's index in a model: the eval partitions are drawn from (seed, layer).
     """
 
     EVAL_CACHE_SIZE = 4  # sequence lengths whose eval partitions are kept (least recently used dropped)
 
-    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None, method: str = "lsh",
-                 samples: int = 8, scheme: str = "grid", window_eps: float = 1e-3, causal: bool = True,
-                 bias: bool = False, backend: str = "auto", seed: int | None = None, sampling: str = "iid",
-                 hybrid_eps: float = 1e-2) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
+                 method: str | MethodSpec = "exact", samples: int | None = None, scheme: str | None = None,
+                 window_eps: float | None = None, causal: bool = True, bias: bool = False, backend: str = "auto",
+                 seed: int | None = None, sampling: str | None = None, hybrid_eps: float | None = None,
+                 layer: int = 0) -> None:
         super().__init__()
         embed_dim, num_heads = as_int(embed_dim, "embed_dim", minimum=1), as_int(num_heads, "num_heads", minimum=1)
         num_kv_heads = num_heads if num_kv_heads is None else as_int(num_kv_heads, "num_kv_heads", minimum=1)
@@ -68,50 +73,55 @@ class ALiBiAttention(nn.Module):
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        check_scheme(scheme, sampling)
-        samples = as_int(samples, "samples", minimum=1)
-        window_eps = as_float(window_eps, "window_eps", above=0, below=1)
-        hybrid_eps = as_float(hybrid_eps, "hybrid_eps", above=0)
+        spec = as_method(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
+                         hybrid_eps=hybrid_eps)
         causal, bias = as_bool(causal, "causal"), as_bool(bias, "bias")
-        seed = None if seed is None else as_int(seed, "seed")
-        if backend != "auto" and backend not in available_backends():
-            raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.method, self.samples, self.scheme, self.window_eps = method, samples, scheme, window_eps
-        self.causal, self.backend, self.seed = causal, backend, seed
-        self.sampling, self.hybrid_eps = sampling, hybrid_eps
+        self.causal, self.layer = causal, as_int(layer, "layer", minimum=0)
         self.q_proj = nn.Linear(embed_dim, num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
         # A plain CPU float64 attribute, not a buffer: module.half() must not round the slopes.
         self.slopes = alibi_slopes(num_heads)
-        self._eval_partitions: OrderedDict[tuple[int, str], Partitions] = OrderedDict()
+        self.set_method(spec, seed=seed, backend=backend)
+
+    def set_method(self, method: str | MethodSpec, *, seed: int | None = None, backend: str = "auto",
+                   **options) -> "ALiBiAttention":
+        """Switch to another method (a ``MethodSpec``, or a name and options as in the constructor),
+        eval partitions seed and backend; the weights stay."""
+        spec = as_method(method, **options)
+        seed = None if seed is None else as_int(seed, "seed")
+        if backend != "auto" and backend not in available_backends():
+            raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+        self.spec, self.seed, self.backend = spec, seed, backend
+        self.eval_partitions = (LayerPartitions(self.slopes, spec.samples, spec.scheme, 0 if seed is None else seed,
+                                                self.layer, sampling=spec.sampling, cache_size=self.EVAL_CACHE_SIZE)
+                                if spec.random else None)
+        return self
+
+    # The method's fields, read from the spec (change them with ``set_method``).
+    method = property(lambda self: self.spec.method)
+    samples = property(lambda self: self.spec.samples)
+    scheme = property(lambda self: self.spec.scheme)
+    sampling = property(lambda self: self.spec.sampling)
+    window_eps = property(lambda self: self.spec.window_eps)
+    hybrid_eps = property(lambda self: self.spec.hybrid_eps)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"method={self.method!r}, samples={self.samples}, scheme={self.scheme!r}, causal={self.causal}")
+                f"method={self.spec.label!r}, causal={self.causal}")
 
     def partitions_for(self, n: int, device: torch.device) -> Partitions | None:
         """The partitions a forward of length n uses (None unless the method samples them): fresh in
-        training, fixed per (n, device) in eval."""
-        if self.method not in ("lsh", "hybrid"):
+        training, the fixed ``eval_partitions`` in eval."""
+        if not self.spec.random:
             return None
-        draw = lambda gen: sample_partitions(n, self.slopes, self.samples, scheme=self.scheme,  # noqa: E731
-                                             sampling=self.sampling, generator=gen, device=device)
         if self.training:
-            return draw(self._scheduled_generator())
-        key, cache = (n, str(device)), self._eval_partitions
-        if key in cache:
-            cache.move_to_end(key)
-        else:
-            cache[key] = draw(torch.Generator().manual_seed(0 if self.seed is None else self.seed))
-            while len(cache) > self.EVAL_CACHE_SIZE:
-                cache.popitem(last=False)
-        return cache[key]
+            return sample_partitions(n, self.slopes, self.samples, scheme=self.scheme, sampling=self.sampling,
+                                     generator=self._scheduled_generator(), device=device)
+        return self.eval_partitions.get(n, device)
 
     # -- Training partitions from a seed schedule (issue 14): reproducible without torch's global RNG. --
     partition_schedule: Callable[[int], int] | None = None

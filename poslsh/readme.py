@@ -2,6 +2,7 @@
 
     python3 -m poslsh.readme            # rewrite both
     python3 -m poslsh.readme --check    # exit 1 if either is out of date (a test runs this)
+    python3 -m poslsh.readme --root DIR # another checkout (default: the one poslsh runs from, else .)
 
 Numbers in the README and in docs/RESULTS.md come only from here, so they cannot drift from the
 measurements. Each section of RESULTS.md is a function of one JSON document: to add a result, add a
@@ -18,12 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .experiments.common import fmt, markdown_table
+from .util import checkout_root, fmt, markdown_table
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
-RESULTS_MD = ROOT / "docs" / "RESULTS.md"
+def _paths(root: str | Path) -> tuple[Path, Path, Path, Path]:
+    """A checkout's root, its committed results, its README and its results page."""
+    root = Path(root).resolve()
+    return root, root / "bench" / "results", root / "README.md", root / "docs" / "RESULTS.md"
+
+
+# The checkout poslsh runs from (else the current folder); ``--root`` / ``use_root`` names another.
+ROOT, RESULTS, README, RESULTS_MD = _paths(checkout_root() or Path.cwd())
+
+
+def use_root(root: str | Path) -> None:
+    """Read the committed results of, and write the pages of, the checkout at ``root``."""
+    global ROOT, RESULTS, README, RESULTS_MD
+    ROOT, RESULTS, README, RESULTS_MD = _paths(root)
+
+
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 
 Doc = dict[str, Any]
@@ -129,7 +142,7 @@ def readme_summary() -> str:
     split = [v for per in load("split_h200/split_gpu.json")["results"]["per_n"].values()
              for prim, v in per["fwd_over_fused"].items() if prim in ("split_sdpa", "split_flex")]
     ln = load("lsh-native.json")
-    verdict = lsh_native.verdict(ln["results"], lsh_native._config(ln["results"]))[0]
+    verdict = lsh_native.verdict(ln["results"], lsh_native.config_of(ln["results"]))[0]
     k = lambda m: f"{m // 1024}K"  # noqa: E731
     return (f"**In short** (H200, through `poslsh.attention`): forward, the Triton kernels are faster than "
             f"FlexAttention for every method at {k(n)} (window {fwd['window']:.2g}×, LSH {fwd['lsh']:.2g}×, exact "
@@ -255,7 +268,7 @@ def lsh_native(doc: Doc) -> str:
     """The lsh-native section, its plots linked from docs/RESULTS.md's folder."""
     from .experiments import lsh_native as ln
 
-    return ln._section(doc, _link(RESULTS / "lsh-native" / "x", RESULTS_MD)[:-1], full=False)
+    return ln.readme_section(doc, _link(RESULTS / "lsh-native" / "x", RESULTS_MD)[:-1])
 
 
 def against_flex(doc: Doc) -> str:
@@ -335,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Regenerate the README's results block and docs/RESULTS.md from the "
                                             "committed JSON.")
     p.add_argument("--check", action="store_true", help="Only check that both are up to date.")
+    p.add_argument("--root", type=Path, default=None, metavar="DIR",
+                   help="The checkout whose README.md, docs/RESULTS.md and bench/results/ are used. Default: the "
+                        "checkout poslsh runs from, else the current folder.")
     args = p.parse_args(argv)
+    if args.root is not None:
+        use_root(args.root)
     current = README.read_text()
     new = updated(current)
     results = render_results()

@@ -168,8 +168,8 @@ def _second_moment_bound(slope: float) -> float:
     """E|block containing i|^2 <= 2q/(1-q)^2 + ((1+q)/(1-q))^2 for either scheme.
 
     For any position i the block is [i - A, i + C] with P(A >= a, C >= c) = q^(a+c) on the infinite
-    line (both schemes; DESIGN.md), so A and C are independent geometric, E(1 + A + C)^2 =
-    Var(A) + Var(C) + (1 + EA + EC)^2. Clipping to 0..n-1 only shortens blocks.
+    line (both schemes; docs/MATH.md, section 2), so A and C are independent geometric,
+    E(1 + A + C)^2 = Var(A) + Var(C) + (1 + EA + EC)^2. Clipping to 0..n-1 only shortens blocks.
     """
     q = math.exp(-slope)
     p = -math.expm1(-slope)

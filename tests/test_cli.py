@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from poslsh import cli
-from poslsh.experiments.common import progress
+from poslsh.util import progress
 
 
 def _parsers(parser: argparse.ArgumentParser, path=("poslsh",)):
@@ -87,7 +87,7 @@ def test_missing_files_and_packages_are_one_line(tmp_path, capsys, monkeypatch):
     _one_line_error(capsys, ["lm", "eval", "--checkpoint", str(tmp_path), "--context", "8"],
                     r"--checkpoint: the checkpoint file \S*config.json does not exist")
     _one_line_error(capsys, ["lm", "eval", "--checkpoint", str(tmp_path), "--context", "8", "--methods", "lsh:0"],
-                    r"bad method 'lsh:0': samples must be an int >= 1")
+                    r"bad method 'lsh:0': samples must be >= 1, got 0")
     _one_line_error(capsys, ["lm", "train", "--out", str(tmp_path), "--roots", str(tmp_path / "src")],
                     r"--roots folder \S*src does not exist")
     _one_line_error(capsys, ["mask-error", "--threads", "-1", "--out", str(tmp_path)], r"--threads must be >= 0")

@@ -86,7 +86,7 @@ def test_eval_hf_checks_its_inputs_first(checkpoint, tmp_path, capsys):
         (("--model", model_dir, "--text", short, "--context", 64),
          r"short.txt has \d+ tokens, fewer than one window of context 64 \+ 1: give a longer --text"),
         (("--model", model_dir, "--text", text, "--context", 8, "--methods", "exact", "lsh:8:cut:qmc"),
-         r"bad method 'lsh:8:cut:qmc': sampling 'qmc' needs the grid scheme"),
+         r"bad method 'lsh:8:cut:qmc': scheme='cut' supports only sampling='iid'"),
         (("--model", model_dir, "--text", text, "--context", 8, "--device", "cuda:0"),
          r"--device cuda:0 needs CUDA, and torch \S+ sees no CUDA device"),
     ]

@@ -14,7 +14,8 @@ import warnings  # noqa: E402
 
 from poslsh.attention import attention  # noqa: E402
 from poslsh.attention.dispatch import attention_with_widths  # noqa: E402
-from poslsh.integrations import hf, partitions  # noqa: E402
+from poslsh import layer_partitions  # noqa: E402
+from poslsh.integrations import hf  # noqa: E402
 from poslsh.integrations.hf import cache_report, patch_model, unpatch_model  # noqa: E402
 
 VOCAB = 128
@@ -137,7 +138,7 @@ def test_lsh_logits_converge_to_exact(model):
 
 
 def test_cut_partitions_are_consistent_across_lengths_and_chunks(monkeypatch):
-    monkeypatch.setattr(partitions, "CUT_CHUNK", 16)
+    monkeypatch.setattr(layer_partitions, "CUT_CHUNK", 16)
     slopes = torch.tensor([0.5, 0.05], dtype=torch.float64)
     parts = hf.LayerPartitions(slopes, 3, "cut", seed=0, layer=1)
     long = parts.get(70).block_ids()
@@ -151,7 +152,7 @@ def test_cut_partitions_are_consistent_across_lengths_and_chunks(monkeypatch):
 
 def test_cut_chunks_keep_the_cut_law(monkeypatch):
     """Every gap, including those at chunk boundaries, is cut with probability 1 - e^{-m}."""
-    monkeypatch.setattr(partitions, "CUT_CHUNK", 8)
+    monkeypatch.setattr(layer_partitions, "CUT_CHUNK", 8)
     m, r = 0.5, 4000
     parts = hf.LayerPartitions(torch.tensor([m], dtype=torch.float64), r, "cut", seed=1, layer=0).get(25)
     ids = parts.block_ids()[0]  # [r, n]
@@ -307,9 +308,9 @@ def test_every_method_and_sampling_mode_runs_and_converges(model, method):
     if method == "hybrid":
         with patch_model(model, method="hybrid", samples=2, hybrid_eps=1e-9):
             assert err() < 1e-5
-    with pytest.raises(ValueError, match=r"sampling 'qmc' needs the grid scheme"):
+    with pytest.raises(ValueError, match=r"scheme='cut' supports only sampling='iid'"):
         patch_model(model, method=method, scheme="cut", sampling="qmc")
-    with pytest.raises(ValueError, match=r"hybrid_eps must be a number > 0"):
+    with pytest.raises(ValueError, match=r"hybrid_eps must be > 0"):
         patch_model(model, method=method, hybrid_eps=0)
 
 

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("safetensors")
 
 from poslsh.lm.data import ByteTokenizer, build_corpus, default_roots, is_heldout, unigram_baseline  # noqa: E402
-from poslsh.lm.evaluate import MethodSpec, layer_errors, parse_method, perplexity, sliding_windows  # noqa: E402
+from poslsh.lm.evaluate import layer_errors, perplexity, sliding_windows  # noqa: E402
+from poslsh.method import MethodSpec, parse_method  # noqa: E402
 from poslsh.lm.model import ALiBiLM, LMConfig, load_checkpoint  # noqa: E402
 from poslsh.lm.train import TrainConfig, lr_at, train  # noqa: E402
 
@@ -82,7 +83,7 @@ def test_parse_method_grammar():
                 "hybrid:8:grid:qmc:0.1:3", "hybrid:8:grid:qmc:0", "window:0.1:grid"):
         with pytest.raises(ValueError, match="bad method"):
             parse_method(bad)
-    with pytest.raises(ValueError, match="needs the grid scheme"):
+    with pytest.raises(ValueError, match="scheme='cut' supports only sampling='iid'"):
         parse_method("lsh:8:cut:qmc")
 
 

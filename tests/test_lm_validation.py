@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("safetensors")
 
 from poslsh.experiments import lm_validation as lv  # noqa: E402
-from poslsh.experiments.common import load_results  # noqa: E402
+from poslsh.util import load_results  # noqa: E402
 
 # A smaller grid for the runs that test the bookkeeping rather than the numbers.
 SMALL = dict(tiny=True, samples=(1, 4), schemes=("grid",), extra_methods=())

@@ -17,6 +17,7 @@ import poslsh.nn as pnn  # noqa: E402
 from poslsh.hashing import Partitions  # noqa: E402
 from poslsh.lm.cli import evaluate_checkpoint  # noqa: E402
 from poslsh.lm.data import Corpus  # noqa: E402
+from poslsh.method import parse_method  # noqa: E402
 from poslsh.lm.model import ALiBiLM, LMConfig, TrainingPartitionSeeds, load_checkpoint  # noqa: E402
 from poslsh.lm.train import TrainConfig, train  # noqa: E402
 from poslsh.nn import ALiBiAttention  # noqa: E402
@@ -132,7 +133,8 @@ def test_evaluation_with_fixed_partitions_is_deterministic(corpus, tmp_path):
     res = train(tiny_config(steps=20, eval_every=20), tmp_path / "ckpt", corpus=corpus)
     model = res["model"]
     assert not model.training and model.attention_options["method"] == "lsh"
-    rows = [evaluate_checkpoint(model, corpus.heldout, [64], ["lsh:4:grid", "lsh:2:cut"], [0], device="cpu",
+    specs = [parse_method("lsh:4:grid"), parse_method("lsh:2:cut")]
+    rows = [evaluate_checkpoint(model, corpus.heldout, [64], specs, [0], device="cpu",
                                 batch_size=2, max_scored=256) for _ in range(2)]
     assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
     idx = torch.from_numpy(corpus.heldout[:65].astype(np.int64))[None]

@@ -5,6 +5,7 @@ verdict from hand-made rows, the job order and eval batches, and the Triton pre-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -15,7 +16,7 @@ import pytest
 pytest.importorskip("safetensors")
 
 from poslsh.experiments import lsh_native as ln  # noqa: E402
-from poslsh.experiments.common import load_results  # noqa: E402
+from poslsh.util import load_results  # noqa: E402
 
 # A smaller grid for the runs that test the bookkeeping rather than the numbers.
 SMALL = dict(tiny=True, samples=(1, 4), native=("lsh:4:grid",), optional_native=(), fill_schemes=(), fill_methods=(),
@@ -85,7 +86,7 @@ def test_deadline_during_evaluation_records_the_rest_as_skipped(tmp_path, monkey
     """The clock jumps past the deadline after the third row: every later job is recorded as skipped."""
     jump = [0.0]
     fake = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + jump[0])
-    real_row = ln._row
+    real_row = ln.measure._row
     done = []
 
     def row_then_late(*args, **kwargs):
@@ -94,8 +95,8 @@ def test_deadline_during_evaluation_records_the_rest_as_skipped(tmp_path, monkey
             jump[0] = 1e6
         return real_row(*args, **kwargs)
 
-    monkeypatch.setattr(ln, "time", fake)
-    monkeypatch.setattr(ln, "_row", row_then_late)
+    monkeypatch.setattr(ln.measure, "time", fake)
+    monkeypatch.setattr(ln.measure, "_row", row_then_late)
     doc = ln.run(ln.Config(**SMALL, deadline_s=3600.0, checkpoint_dir=str(tmp_path / "c")), tmp_path / "out")
     res = doc["results"]
     measured = [r for r in res["rows"] if "loss" in r]
@@ -109,7 +110,7 @@ def test_deadline_during_evaluation_records_the_rest_as_skipped(tmp_path, monkey
 
 def test_killed_run_leaves_loadable_partial_json(tmp_path, monkeypatch):
     calls = []
-    real_row = ln._row
+    real_row = ln.measure._row
 
     def first_row_then_killed(*args, **kwargs):
         if calls:
@@ -117,7 +118,7 @@ def test_killed_run_leaves_loadable_partial_json(tmp_path, monkeypatch):
         calls.append(1)
         return real_row(*args, **kwargs)
 
-    monkeypatch.setattr(ln, "_row", first_row_then_killed)
+    monkeypatch.setattr(ln.measure, "_row", first_row_then_killed)
     with pytest.raises(KeyboardInterrupt):
         ln.run(ln.Config(**SMALL, checkpoint_dir=str(tmp_path / "c")), tmp_path / "out")
     doc = load_results(tmp_path / "out" / f"{ln.NAME}.json")
@@ -156,12 +157,12 @@ def _doc(native_bits: dict, timings: bool = True) -> dict:
             {"name": "lsh:4:grid", "kind": "native", "train_attention": "lsh:4:grid", "steps": 10}]
     times = [{"context": n, "method": m, "attention_us_per_token": t} for n in cfg.contexts
              for m, t in (("window:0.001", 0.3), ("lsh:1:grid", 0.1), ("lsh:4:grid", 0.15), ("lsh:8:grid", 0.2))]
-    return {"effective_config": ln.dataclasses.asdict(cfg), "arms": arms,
+    return {"effective_config": dataclasses.asdict(cfg), "arms": arms,
             "rows": _rows("exact", exact) + _rows("lsh:4:grid", native_bits), "timings": times if timings else []}
 
 
 def test_verdict_is_computed_from_the_rows():
-    cfg = ln._config(_doc({}))
+    cfg = ln.config_of(_doc({}))
     near = {(n, f"lsh:{r}:grid"): b for n in (1024, 16384, 65536) for r, b in ((1, 1.10), (4, 1.015), (8, 1.01))}
     lines = ln.verdict(_doc(near), cfg)
     assert lines[0].startswith("Yes: the model trained with lsh:4:grid (b), evaluated with positional LSH at r = 4,")
@@ -184,7 +185,7 @@ def test_jobs_put_the_verdict_first_and_batches_share_one_kernel():
     order = ln.jobs(cfg)
     rows = [j for j in order if j[0] == "row"]
     assert len(rows) == len(set(rows)) == 4 * 4 * 8 + 4 * 8 + 4 * 8  # 4 main arms + qmc, plus arm (a)'s fill
-    first = rows[:sum(len(ln._core(cfg, a)) for a in ln.arms(cfg))]  # at 16K: exact, window, lsh:8, the arm's r
+    first = rows[:sum(len(ln.design._core(cfg, a)) for a in ln.arms(cfg))]  # at 16K: exact, window, lsh:8, the arm's r
     assert {j[2] for j in first} == {16384} and {j[3] for j in first} >= {"exact", "window:0.001", "lsh:8:grid"}
     assert ("row", "lsh:1:grid", 16384, "lsh:1:grid") in first and ("row", "exact", 16384, "lsh:1:grid") not in first
     assert all(j[3] in ln.fill_methods(cfg) for j in rows[-4 * 8:])  # fill rows last
@@ -218,12 +219,12 @@ def test_precompile_worker_compiles_and_reports(tmp_path, monkeypatch):
     specs = [dict(heads=2, head_dim=16, n=40, method=m, r=r, scheme=s, window_eps=1e-3, batch=2, backward=b)
              for m, r, s, b in (("lsh", 2, "grid", True), ("lsh", 2, "cut", False), ("hybrid", 2, "grid", False),
                                 ("window", 1, "-", False))]
-    workers = ln._spawn_workers(specs, 2, "cpu", lambda s: None)
+    workers = ln.measure._spawn_workers(specs, 2, "cpu", lambda s: None)
     for proc, _ in workers:
         proc.wait(timeout=120)
-    assert ln._precompiled(workers) == {("triton", "lsh", 2, "cut"), ("triton", "hybrid", 2, "grid"),
+    assert ln.measure._precompiled(workers) == {("triton", "lsh", 2, "cut"), ("triton", "hybrid", 2, "grid"),
                                         ("triton", "window", 1, "-")}
-    report = ln._finish_precompile(workers, lambda s: None)
+    report = ln.measure._finish_precompile(workers, lambda s: None)
     assert report["unfinished"] == 0 and len(report["kernels"]) == 4
     assert all("seconds" in k for k in report["kernels"]), report
     assert not any(path.exists() for _, path in workers)

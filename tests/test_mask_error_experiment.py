@@ -9,7 +9,7 @@ import pytest
 
 from poslsh import theory
 from poslsh.experiments import mask_error
-from poslsh.experiments.common import load_results
+from poslsh.util import load_results
 
 
 @pytest.fixture(scope="module")

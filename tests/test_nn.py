@@ -98,3 +98,47 @@ def test_hybrid_module_uses_fixed_partitions_in_eval():
         a, b = m(x), m(x)
     assert torch.equal(a, b)
     assert m.partitions_for(40, x.device) is not None
+
+
+def test_default_method_is_exact():
+    """Nothing is approximated unless asked: the default module is exact ALiBi (as poslsh.attention)."""
+    torch.manual_seed(2)
+    m = ALiBiAttention(16, 4).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    assert m.method == "exact" and m.partitions_for(11, x.device) is None
+    torch.testing.assert_close(m(x), manual_exact(m, x), atol=1e-12, rtol=0)
+
+
+def test_method_spec_is_the_description():
+    """A MethodSpec, or a name and options, build the same module; options beside a spec are refused;
+    set_method switches without touching the weights."""
+    from poslsh.method import parse_method
+
+    torch.manual_seed(3)
+    x = torch.randn(1, 50, 16)
+    a = ALiBiAttention(16, 4, method=parse_method("lsh:3:cut"), seed=5).eval()
+    b = ALiBiAttention(16, 4, method="lsh", samples=3, scheme="cut", seed=5).eval()
+    b.load_state_dict(a.state_dict())
+    assert a.spec == b.spec and torch.equal(a(x), b(x))
+    with pytest.raises(TypeError, match="MethodSpec, which holds its options"):
+        ALiBiAttention(16, 4, method=parse_method("lsh:3"), samples=4)
+    before = [p.clone() for p in a.parameters()]
+    exact = a.set_method("exact")(x)
+    assert a.spec.label == "exact" and a.eval_partitions is None
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    c = ALiBiAttention(16, 4).eval()
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(exact, c(x))
+
+
+def test_eval_partitions_are_the_layer_partitions():
+    """Eval-mode partitions are LayerPartitions(slopes, r, scheme, seed, layer): the fixed partitions
+    the LM and the transformers patch use, the same for a prefix of every longer length."""
+    from poslsh.layer_partitions import LayerPartitions
+
+    m = ALiBiAttention(16, 4, method="lsh", samples=3, scheme="cut", seed=9, layer=2).eval()
+    ref = LayerPartitions(m.slopes, 3, "cut", 9, 2)
+    for n in (7, 5000, 40):
+        assert torch.equal(m.partitions_for(n, torch.device("cpu")).block_ids(), ref.get(n).block_ids())
+    long, short = m.partitions_for(5000, torch.device("cpu")), m.partitions_for(40, torch.device("cpu"))
+    assert torch.equal(long.block_ids()[..., :40], short.block_ids())

@@ -13,12 +13,13 @@ from poslsh import alibi_slopes
 from poslsh.attention.dispatch import resolve_spec
 from poslsh.attention.reference import dense_log_weights
 from poslsh.experiments import pareto
-from poslsh.experiments.common import load_results
+from poslsh.experiments.metrics import keys_per_query, relative_error
+from poslsh.util import load_results
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("method", ["exact", "window", "lsh", "hybrid"])
-def test_pairs_per_query_counts_the_union_of_nonzero_weights(method, causal):
+def test_keys_per_query_counts_the_union_of_nonzero_weights(method, causal):
     """keys/query equals the span from the first to the last nonzero weight of each row (weights are
     contiguous: band, union of blocks, or both), counted on the dense reference weights."""
     n, h = 60, 3
@@ -29,7 +30,7 @@ def test_pairs_per_query_counts_the_union_of_nonzero_weights(method, causal):
     pos = torch.arange(n).expand(h, n, n)
     first = torch.where(nonzero, pos, n).amin(-1)
     last = torch.where(nonzero, pos, -1).amax(-1)
-    assert pareto.pairs_per_query(spec, n) == pytest.approx(float((last - first + 1).double().mean()))
+    assert keys_per_query(spec, n, n) == pytest.approx(float((last - first + 1).double().mean()))
 
 
 def test_baseline_interpolates_the_window_envelope():
@@ -229,9 +230,9 @@ def test_flex_is_timed_with_its_block_mask_built_once(method):
     q, k, v = pareto._inputs(64, 2, 16, torch.float32, torch.device("cpu"), seed=0, query_scale=2.0)
     spec = resolve_spec(q, k, v, slopes=alibi_slopes(2), causal=True, method=method, window_eps=0.1)
     out = pareto._forward(BACKENDS["flex"], spec, 64, 64, q.device)(q, k, v)
-    assert pareto._rel(out, BACKENDS["fused"](q, k, v, spec)[0]) < 1e-5
+    assert relative_error(out, BACKENDS["fused"](q, k, v, spec)[0]) < 1e-5
     # the reference of the last rows only (error_rows): its block mask must be built for those rows
     last = q[:, :, -17:]
     spec_last = resolve_spec(last, k, v, slopes=alibi_slopes(2), causal=True, method=method, window_eps=0.1)
     out_last = pareto._forward(BACKENDS["flex"], spec_last, 17, 64, q.device)(last, k, v)
-    assert pareto._rel(out_last, out[:, :, -17:]) < 1e-5
+    assert relative_error(out_last, out[:, :, -17:]) < 1e-5

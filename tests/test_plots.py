@@ -3,6 +3,7 @@ parameters, language-model losses are in bits per byte, and every experiment red
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +11,9 @@ pytest.importorskip("matplotlib")
 
 from poslsh import cli  # noqa: E402
 from poslsh.experiments import lm_validation, pareto  # noqa: E402
-from poslsh.experiments.common import load_results, pyplot  # noqa: E402
+from poslsh.util import load_results, pyplot  # noqa: E402
 
-RESULTS = cli.RESULTS_DIR
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
 @pytest.mark.parametrize("name", ["pareto_cpu", "pareto_h200_256k"])
@@ -31,7 +32,7 @@ def test_pareto_lines_run_in_x_order_with_labelled_points(name):
 
 def test_language_model_results_are_in_bits_per_byte():
     doc = load_results(RESULTS / "lm-validation.json")
-    text = "\n".join(lm_validation.findings(doc["results"], lm_validation._config(doc["results"])))
+    text = "\n".join(lm_validation.findings(doc["results"], lm_validation.config_of(doc["results"])))
     text += lm_validation.readme_section(doc)
     assert "nats" not in text and "bits per byte" in text
 

@@ -157,6 +157,7 @@ def test_computed_tiles_exact_causal_by_hand():
 def test_committed_attn_error_pair_counts_regenerate():
     """attn-error's pair counts (now from this module) reproduce the committed JSON exactly."""
     from poslsh.experiments import attn_error as ae
+    from poslsh.seeds import crc32_seed
 
     doc = json.loads((RESULTS / "attn-error" / "attn-error.json").read_text())
     cfg, res = doc["config"], doc["results"]
@@ -167,7 +168,7 @@ def test_committed_attn_error_pair_counts_regenerate():
         for seed in range(cfg["seeds"]):
             rows = {key: [] for key in keys}
             for r in res["samples"]:
-                gen = torch.Generator().manual_seed(ae._seed(cfg["seed"], curve["logit_scale"], seed, curve["scheme"], r))
+                gen = torch.Generator().manual_seed(crc32_seed(cfg["seed"], curve["logit_scale"], seed, curve["scheme"], r))
                 parts = sample_partitions(n, slopes, r, scheme=curve["scheme"], generator=gen)
                 union, total = ae.lsh_pairs(parts, cfg["causal"])
                 width = ae.matched_widths(n, union, cfg["causal"])
@@ -181,8 +182,10 @@ def test_committed_attn_error_pair_counts_regenerate():
 
 def test_committed_pareto_pairs_regenerate():
     """pareto's keys per query reproduce the committed H200 run at 64K tokens for exact, the windows, one
-    hybrid and LSH r = 4 (the other points take longer than CI should and run the same code)."""
-    from poslsh.experiments import pareto
+    hybrid and LSH r = 4 (the other points take longer than CI should and run the same code): the seed
+    formula and the count are the ones the run used."""
+    from poslsh.experiments.metrics import keys_per_query
+    from poslsh.seeds import blake2b_seed
 
     doc = json.loads((RESULTS / "pareto_h200" / "pareto.json").read_text())
     cfg = doc["config"]
@@ -198,10 +201,10 @@ def test_committed_pareto_pairs_regenerate():
         draws = cfg["seeds"] if p["method"] in ("lsh", "hybrid") else 1
         pairs = []
         for draw in range(draws):
-            gen = torch.Generator().manual_seed(pareto._seed(cfg["seed"], 1, p["method"], sorted(opts.items()), draw))
+            gen = torch.Generator().manual_seed(blake2b_seed(cfg["seed"], 1, p["method"], sorted(opts.items()), draw))
             spec = resolve_spec(q, q, q, causal=cfg["causal"], method=p["method"], generator=gen,
                                 slopes=alibi_slopes(heads), **opts)
-            pairs.append(pareto.pairs_per_query(spec, n))
+            pairs.append(keys_per_query(spec, n, n))
         assert sum(pairs) / len(pairs) == p["pairs"], p
         checked += 1
     assert checked >= 11

@@ -79,3 +79,27 @@ def test_readme_usage_example_runs():
     k, v = scope["k"], scope["v"]
     torch.testing.assert_close(fa.transpose(1, 2), attention_with_widths(q, k, v, widths, slopes=poslsh.alibi_slopes(8)))
     assert isinstance(scope["layer"], poslsh.nn.ALiBiAttention)
+
+
+def test_the_checkout_is_a_parameter(tmp_path, monkeypatch):
+    """--root names the checkout (its README, docs/RESULTS.md and bench/results); the default is the
+    checkout poslsh runs from, whatever the current folder."""
+    import shutil
+
+    from poslsh.util import checkout_root, committed_results_dir
+
+    home = readme.ROOT
+    assert checkout_root() == home and committed_results_dir() == home / "bench" / "results"
+    copy = tmp_path / "clone"
+    shutil.copytree(home / "bench" / "results", copy / "bench" / "results")
+    (copy / "docs").mkdir()
+    shutil.copy(home / "README.md", copy / "README.md")
+    shutil.copy(home / "docs" / "RESULTS.md", copy / "docs" / "RESULTS.md")
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert readme.main(["--check", "--root", str(copy)]) == 0
+        (copy / "docs" / "RESULTS.md").write_text("stale\n")
+        assert readme.main(["--check", "--root", str(copy)]) == 1  # it read the copy, not the checkout
+    finally:
+        readme.use_root(home)
+    assert readme.main(["--check"]) == 0

@@ -266,23 +266,25 @@ def test_module_takes_numpy_numbers():
     assert type(m.samples) is int and type(m.causal) is bool
 
 
-def test_module_eval_cache_is_bounded_and_recent_first():
-    m = ALiBiAttention(16, 4, samples=2).eval()
+@pytest.mark.parametrize("scheme", ["grid", "cut"])
+def test_module_eval_cache_is_bounded_and_recent_first(scheme):
+    m = ALiBiAttention(16, 4, method="lsh", samples=2, scheme=scheme).eval()
     bound = m.EVAL_CACHE_SIZE
     with torch.no_grad():
-        first = m.partitions_for(3, torch.device("cpu"))
+        first = m.partitions_for(300, torch.device("cpu"))
         for n in range(4, 4 + 3 * bound):
             m.partitions_for(n, torch.device("cpu"))
-        assert len(m._eval_partitions) <= bound
-        again = m.partitions_for(3, torch.device("cpu"))  # evicted, then drawn again: same partitions
-    assert torch.equal(again.widths, first.widths) and torch.equal(again.offsets, first.offsets)
+        assert len(m.eval_partitions.cached) <= bound and (300, "cpu") not in m.eval_partitions.cached
+        again = m.partitions_for(300, torch.device("cpu"))  # evicted, then drawn again: same partitions
+    assert again is not first
+    assert torch.equal(again.block_ids(), first.block_ids())
 
 
 def test_module_eval_cache_keeps_the_lengths_in_use():
     """The length asked for most recently survives: an LRU, not a clear-when-full."""
-    m = ALiBiAttention(16, 4, samples=2).eval()
+    m = ALiBiAttention(16, 4, method="lsh", samples=2).eval()
     keep = m.partitions_for(100, torch.device("cpu"))
     for n in range(1, 4 * m.EVAL_CACHE_SIZE):
         m.partitions_for(n, torch.device("cpu"))
         assert m.partitions_for(100, torch.device("cpu")) is keep  # touched every step: never evicted
-    assert len(m._eval_partitions) <= m.EVAL_CACHE_SIZE
+    assert len(m.eval_partitions.cached) <= m.EVAL_CACHE_SIZE

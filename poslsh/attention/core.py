@@ -23,11 +23,10 @@ import torch
 from torch import Tensor
 
 from ..hashing import Partitions
+from ..method import METHODS  # the method names; poslsh.method describes a method and its options
 
 __all__ = ["AttentionSpec", "EMPTY_LSE", "METHODS", "compute_dtype", "softmax_with_lse", "merge_partials", "attend",
            "has_nonfinite"]
-
-METHODS = ("exact", "window", "lsh", "hybrid")
 
 # The LSE of a row that sees no key. log(0) = -inf would be exact but turns into NaN as soon as a
 # caller subtracts two of them; -1e30 is as good as -inf for every exp() and stays finite.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +34,11 @@ from ..attention.dispatch import resolve_spec
 from ..attention.fused import fused_attention
 from ..attention.ranges import Support, nonzero_pairs, split_pairs
 from ..hashing import Partitions, sample_partitions
-from .common import fmt, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
+from ..seeds import crc32_seed
+from ..util import (fmt, markdown_table, progress, pyplot, replot_saved, save_figure, save_results,
+                    torch_threads)
+from .harness import config_from
+from .metrics import loglog_slope, relative_error
 
 NAME = "attn-error"
 PLOT = "attn_error_vs_r.png"
@@ -86,10 +89,6 @@ class Config:
     replot: str = ""
 
 
-def _seed(*key: Any) -> int:
-    return zlib.crc32(repr(key).encode())
-
-
 def lsh_pairs(parts: Partitions, causal: bool) -> tuple[Tensor, Tensor]:
     """Pairs evaluated per head by LSH: (fused: union of blocks, split: sum of blocks), float64 [H]."""
     support = Support("lsh", causal, partitions=parts)
@@ -106,11 +105,6 @@ def matched_widths(n: int, pairs: Tensor, causal: bool) -> Tensor:
     table = window_pairs(n, torch.arange(n), causal)  # increasing in w
     return (table[None, :] - pairs[:, None]).abs().argmin(-1)
 
-
-
-def _rel(est: Tensor, exact: Tensor) -> Tensor:
-    """Per-head relative Frobenius error, [H] (est, exact: [1, H, N, D])."""
-    return ((est - exact).norm(dim=(-1, -2)) / exact.norm(dim=(-1, -2)))[0]
 
 
 def run(config: Config, out_dir: str | Path) -> dict:
@@ -132,7 +126,7 @@ def _run(config: Config, out_dir: str | Path) -> dict:
     curves: dict[tuple[str, float], dict[str, Any]] = {}
     jobs = [(scale, seed) for scale in config.logit_scales for seed in range(config.seeds)]
     for scale, seed in progress(jobs, desc=NAME):
-        g = torch.Generator().manual_seed(_seed(config.seed, scale, seed))
+        g = torch.Generator().manual_seed(crc32_seed(config.seed, scale, seed))
         q = torch.randn(1, h, n, d, generator=g, dtype=torch.float64) * scale
         k = torch.randn(1, h, n, d, generator=g, dtype=torch.float64) * scale
         v = torch.randn(1, h, n, d, generator=g, dtype=torch.float64)
@@ -150,15 +144,15 @@ def _run(config: Config, out_dir: str | Path) -> dict:
             per_seed = {key: [] for key in ("lsh", "window", "pairs_fused", "pairs_split", "pairs_window",
                                             "window_width", "bound", "bound_measured")}
             for r in samples:
-                gen = torch.Generator().manual_seed(_seed(config.seed, scale, seed, scheme, r))
+                gen = torch.Generator().manual_seed(crc32_seed(config.seed, scale, seed, scheme, r))
                 parts = sample_partitions(n, slopes, r, scheme=scheme, generator=gen)
                 spec = resolve_spec(q, k, v, causal=config.causal, method="lsh", partitions=parts)
                 est = fused_attention(q, k, v, spec)[0]
                 union, total = lsh_pairs(parts, config.causal)
                 width = matched_widths(n, union, config.causal)
                 win = fused_attention(q, k, v, dataclasses.replace(window_spec, window=width))[0]
-                per_seed["lsh"].append(_rel(est, exact).tolist())
-                per_seed["window"].append(_rel(win, exact).tolist())
+                per_seed["lsh"].append(relative_error(est, exact, dim=(-1, -2))[0].tolist())  # per head
+                per_seed["window"].append(relative_error(win, exact, dim=(-1, -2))[0].tolist())
                 per_seed["pairs_fused"].append(union.tolist())
                 per_seed["pairs_split"].append(total.tolist())
                 per_seed["pairs_window"].append(window_pairs(n, width, config.causal).tolist())
@@ -182,11 +176,8 @@ def _run(config: Config, out_dir: str | Path) -> dict:
                 for key, val in rec.items() if isinstance(val, list) and key != "beta"}
         mean.update(scheme=rec["scheme"], logit_scale=rec["logit_scale"], beta=rec["beta"])
         # Least-squares exponent of err ~ r^a over r >= 4 (r = 1, 2 sit before the asymptotic regime).
-        lr = torch.tensor([math.log(r) for r in samples])
-        fit = lr >= math.log(4)
-        mean["exponent"] = [float(torch.linalg.lstsq(torch.stack([lr[fit], torch.ones(int(fit.sum()))], 1),
-                                                     torch.tensor(e).log()[fit, None]).solution[0, 0])
-                            for e in mean["lsh"]]
+        fit = [i for i, r in enumerate(samples) if r >= 4]
+        mean["exponent"] = [loglog_slope([samples[i] for i in fit], [e[i] for i in fit]) for e in mean["lsh"]]
         results["curves"].append(mean)
     results["seconds"] = time.perf_counter() - started
     doc = save_results(out_dir / f"{NAME}.json", config, results)
@@ -196,9 +187,7 @@ def _run(config: Config, out_dir: str | Path) -> dict:
 
 def replot(doc: dict, out_dir: str | Path) -> None:
     """The PNGs of a saved document, drawn into out_dir."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items() if k in known})
-    _plot(doc, Path(out_dir), config)
+    _plot(doc, Path(out_dir), config_from(doc["config"], Config))
 
 
 def _plot(doc: dict, out_dir: Path, config: Config) -> None:
@@ -240,9 +229,7 @@ def _plot(doc: dict, out_dir: Path, config: Config) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False)
     fig.suptitle(f"Attention output error vs r (n={config.n}, D={config.head_dim}, "
                  f"{'causal' if config.causal else 'bidirectional'}); window at LSH-fused's pair count")
-    fig.tight_layout(rect=(0, 0.09, 1, 0.96))
-    fig.savefig(out_dir / PLOT, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / PLOT, dpi=110, rect=(0, 0.09, 1, 0.96))
     if res["have_bound"]:
         _plot_bound(res, out_dir, config, heads, colors)
 
@@ -272,9 +259,7 @@ def _plot_bound(res: dict, out_dir: Path, config: Config, heads: list[int], colo
     axes[0].set_ylabel("relative output error")
     axes[0].legend(fontsize=8, ncol=2)
     fig.suptitle("Uniform bound (poslsh.theory.attention_error_bound) vs measured error", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out_dir / PLOT_BOUND, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / PLOT_BOUND, dpi=110)
 
 
 def _table(res: dict, r_show: list[int]) -> str:

@@ -31,7 +31,9 @@ from typing import Any, Callable
 
 import torch
 
-from .common import fmt, gpu_time, load_results, markdown_table, pyplot, save_results
+from ..util import fmt, load_results, markdown_table, pyplot
+from .harness import Run
+from .metrics import gpu_time, relative_error
 
 NAME = "bench"
 
@@ -276,7 +278,7 @@ def method_pairs(spec, n: int, nq: int, heads: int = 1) -> int:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return float(relative_error(a, b, dtype=torch.float64))
 
 
 def _poison() -> None:
@@ -515,16 +517,8 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
     res: dict[str, Any] = {"rows": [], "notes": [], "ceilings": {}, "checks": [], "offsets": [], "sweep": [],
                            "tuned": {}, "shape": {"B": 1, "H": config.heads, "D": config.dim, "dtype": "bfloat16",
                                                   "causal": config.causal}}
-    t_start = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[bench {time.time() - t_start:5.0f}s] {msg}", flush=True)
-
-    def save() -> None:
-        save_results(path, config, res)
-
-    def late() -> bool:
-        return bool(config.budget_s) and time.time() - t_start > config.budget_s
+    session = Run("bench", path, config, res, deadline_s=config.budget_s, seconds_key=None)
+    log, save, late = session.log, session.save, session.late
 
     if config.device == "cuda":
         res["ceilings"] = _ceilings()
@@ -614,7 +608,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
             del ref
 
     derive(res, config)
-    res["wall_s"] = time.time() - t_start
+    res["wall_s"] = session.elapsed()
     save()
     try:
         make_plots(load_results(path), out_dir)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,9 @@ import torch
 from .. import theory
 from ..hashing import Partitions, sample_partitions
 from ..masks import mask_errors
-from .common import markdown_table, progress, pyplot, replot_saved, save_results
+from ..seeds import crc32_seed
+from ..util import markdown_table, progress, pyplot, replot_saved, save_figure, save_results
+from .metrics import loglog_slope
 
 NAME = "mask-error"
 
@@ -76,9 +77,6 @@ def _num_blocks(parts: Partitions) -> torch.Tensor:
     return (parts.cut_pointers.diff() + 1).reshape(parts.num_heads, parts.num_samples)
 
 
-def _seed(*key: Any) -> int:
-    """A stable generator seed for one (base seed, n, slope, scheme, seed index)."""
-    return zlib.crc32(repr(key).encode())
 
 
 def run(config: Config, out_dir: str | Path) -> dict:
@@ -97,7 +95,7 @@ def run(config: Config, out_dir: str | Path) -> dict:
             for k in range(config.seeds)]
     start = time.perf_counter()
     for n, slope, scheme, k in progress(jobs, desc=NAME):
-        gen = torch.Generator().manual_seed(_seed(config.seed, n, slope, scheme, k))
+        gen = torch.Generator().manual_seed(crc32_seed(config.seed, n, slope, scheme, k))
         parts = sample_partitions(n, [slope], r_max, scheme=scheme, generator=gen)
         largest = parts.max_block_size()[0]  # [r_max]
         blocks = _num_blocks(parts)[0]  # [r_max]
@@ -155,14 +153,9 @@ def _theory(doc: dict, n: int, slope: float, key: str) -> tuple[list[int], list[
 
 
 def _exponent(rs: list[int], ys: list[float]) -> float:
-    """Least-squares slope of log y against log r (the empirical rate; 1/sqrt(r) is -0.5)."""
-    pts = [(math.log(r), math.log(y)) for r, y in zip(rs, ys) if y > 0 and math.isfinite(y)]
-    if len(pts) < 2:
-        return float("nan")
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else float("nan")
+    """The empirical rate, the log-log slope of y against r (1/sqrt(r) is -0.5); nan when unfit."""
+    slope = loglog_slope(rs, ys)
+    return float("nan") if slope is None else slope
 
 
 _COLORS = {"grid": "tab:blue", "cut": "tab:orange"}
@@ -214,9 +207,7 @@ def _plot(doc: dict, out_dir: Path) -> None:
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
         fig.suptitle(f"{title} vs samples r (shaded: min–max over {cfg['seeds']} seeds)")
-        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-        fig.savefig(out_dir / PLOTS[key], dpi=110)
-        plt.close(fig)
+        save_figure(fig, out_dir / PLOTS[key], dpi=110, rect=(0, 0.06, 1, 0.96))
 
     fig, axes = plt.subplots(len(lengths), len(slopes), figsize=(3.6 * len(slopes), 3.2 * len(lengths)),
                              squeeze=False, sharex=True)
@@ -247,9 +238,7 @@ def _plot(doc: dict, out_dir: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"Block sizes vs samples r (median and min–max over {cfg['seeds']} seeds)")
-    fig.tight_layout(rect=(0, 0.09, 1, 0.96))
-    fig.savefig(out_dir / PLOTS["blocks"], dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / PLOTS["blocks"], dpi=110, rect=(0, 0.09, 1, 0.96))
 
 
 def summarize(results: dict, out_dir: str | Path) -> str:

@@ -36,7 +36,6 @@ as skipped. Cost beside time: ``pairs``, the (query, key) pairs with a nonzero w
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import statistics
 import sys
@@ -50,10 +49,12 @@ from torch import Tensor
 
 from ..alibi import alibi_slopes
 from ..attention.dispatch import Backend, resolve_spec, select_backend
-from ..attention.ranges import nonzero_pairs
 from ..hashing import sample_partitions
 from ..kernels import power_law
-from .common import fmt, gpu_time, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
+from ..seeds import blake2b_seed
+from ..util import fmt, markdown_table, progress, pyplot, replot_saved, torch_threads
+from .harness import Run
+from .metrics import gpu_time, keys_per_query, loglog_slope, relative_error
 
 NAME = "pareto"
 PLOT = "pareto.png"
@@ -146,37 +147,6 @@ class Config:
     replot: str = ""
 
 
-# ----------------------------------------------------------------------------- the run's bookkeeping
-
-
-class _Log:
-    """The run's clock and budget, its progress lines (stderr), and its JSON, rewritten after every
-    point (``save_results`` replaces the file atomically) so that a killed run leaves a loadable file."""
-
-    def __init__(self, config: Config, path: Path, results: dict[str, Any]) -> None:
-        self.config, self.path, self.results = config, path, results
-        self.started = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def over_budget(self) -> bool:
-        return self.config.budget_s > 0 and self.elapsed() > self.config.budget_s
-
-    def say(self, text: str) -> None:
-        print(f"[{NAME} {self.elapsed():6.1f}s] {text}", file=sys.stderr, flush=True)
-
-    def save(self) -> dict[str, Any]:
-        self.results["seconds"] = self.elapsed()
-        return save_results(self.path, self.config, self.results)  # atomic: written beside, then renamed
-
-
-def _seed(*parts: Any) -> int:
-    """A generator seed from values, the same in every process (``hash`` of a str is salted per
-    process, so it would make the partition draws irreproducible)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") % 2**62
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -211,13 +181,6 @@ def _measure(forward: Callable[[Tensor, Tensor, Tensor], Tensor], q: Tensor, k: 
     return last["out"], statistics.median(runs), f"process CPU time, median of {len(runs)}"
 
 
-def pairs_per_query(spec, nk: int) -> float:
-    """Mean number of keys with nonzero weight per query (causal or bidirectional), computed on the
-    partitions' device (``attention.ranges.nonzero_pairs``)."""
-    nq = nk - spec.q_offset
-    return float(nonzero_pairs(spec, nq, nk).sum()) / (spec.num_heads * nq)
-
-
 def _inputs(n: int, heads: int, d: int, dtype: torch.dtype, device: torch.device, seed: int,
             query_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """q ~ query_scale N(0, 1), k, v ~ N(0, 1), each [1, H, n, D] in ``dtype``, drawn on ``device``
@@ -226,12 +189,6 @@ def _inputs(n: int, heads: int, d: int, dtype: torch.dtype, device: torch.device
     draw = torch.float64 if dtype == torch.float64 else torch.float32
     q, k, v = (torch.randn(1, heads, n, d, generator=g, dtype=draw, device=device) for _ in range(3))
     return (q * query_scale).to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _rel(out: Tensor, exact: Tensor) -> float:
-    """||out - exact|| / ||exact||, in the wider of the two dtypes (float32 at least)."""
-    dt = torch.promote_types(torch.promote_types(out.dtype, exact.dtype), torch.float32)
-    return float((out.to(dt) - exact.to(dt)).norm() / exact.to(dt).norm())
 
 
 def _jobs(config: Config, window_eps: tuple[float, ...], near: tuple[int, ...] | None) -> list[tuple[str, dict]]:
@@ -248,7 +205,7 @@ def _jobs(config: Config, window_eps: tuple[float, ...], near: tuple[int, ...] |
     return jobs
 
 
-def _panel(config: Config, log: _Log, panel: dict[str, Any], jobs: list[tuple[str, dict]], *,
+def _panel(config: Config, session: Run, panel: dict[str, Any], jobs: list[tuple[str, dict]], *,
            slopes: Tensor | None, kernel, seed: int) -> None:
     """Measure ``jobs`` into ``panel["points"]`` (n and heads from the panel) for ALiBi (slopes) or a
     kernel, saving the JSON after each point. Once the time budget is spent the points not started
@@ -256,40 +213,40 @@ def _panel(config: Config, log: _Log, panel: dict[str, Any], jobs: list[tuple[st
     one-shot GPU run one broken backend must not lose the other measurements."""
     n, heads, points = panel["n"], panel["heads"], panel["points"]
     name = f"{'alibi' if kernel is None else 'heavy'} n={n}"
-    if log.over_budget():
+    if session.late():
         points += [{"method": m, **opts, "skipped": "time budget"} for m, opts in jobs]
-        log.say(f"{name}: skipped (time budget)")
-        log.save()
+        session.log(f"{name}: skipped (time budget)")
+        session.save()
         return
     device = torch.device(config.device)
     dtype, ref_dtype = getattr(torch, config.dtype), getattr(torch, config.reference_dtype)
     q, k, v = _inputs(n, heads, config.head_dim, dtype, device, seed, config.query_scale)
     pos = dict(slopes=slopes) if kernel is None else dict(kernel=kernel)
     try:
-        exact = _reference(config, log, panel, q, k, v, pos, ref_dtype)
+        exact = _reference(config, session, panel, q, k, v, pos, ref_dtype)
     except Exception as err:  # noqa: BLE001 - recorded; the next panel still runs
         panel["failed"] = repr(err)[:400]
         points += [{"method": m, **opts, "skipped": "reference failed"} for m, opts in jobs]
-        log.say(f"{name}: reference failed: {panel['failed']}")
-        log.save()
+        session.log(f"{name}: reference failed: {panel['failed']}")
+        session.save()
         return
     for i, (method, opts) in enumerate(jobs):
-        if log.over_budget():
+        if session.late():
             points += [{"method": m, **o, "skipped": "time budget"} for m, o in jobs[i:]]
-            log.say(f"{name}: time budget spent, {len(jobs) - i} point(s) skipped")
-            log.save()
+            session.log(f"{name}: time budget spent, {len(jobs) - i} point(s) skipped")
+            session.save()
             return
         try:
             point = _point(config, method, opts, q, k, v, exact, pos, seed)
         except Exception as err:  # noqa: BLE001 - recorded, see the docstring
             point = {"method": method, **opts, "failed": repr(err)[:400]}
         points.append(point)
-        log.say(f"{name}: {_label(point)}: " + (point.get("failed") or
+        session.log(f"{name}: {_label(point)}: " + (point.get("failed") or
                 f"error {fmt(point['error'])}, {fmt(point['seconds'] * 1e3)} ms ({point['backend']})"))
-        log.save()
+        session.save()
 
 
-def _reference(config: Config, log: _Log, panel: dict[str, Any], q: Tensor, k: Tensor, v: Tensor, pos: dict,
+def _reference(config: Config, session: Run, panel: dict[str, Any], q: Tensor, k: Tensor, v: Tensor, pos: dict,
                ref_dtype: torch.dtype) -> Tensor:
     """Exact attention in ``ref_dtype`` on the same (rounded) inputs, once per panel: [1, H, n, D]."""
     qr, kr, vr = (t.to(ref_dtype) for t in (q, k, v))
@@ -303,7 +260,7 @@ def _reference(config: Config, log: _Log, panel: dict[str, Any], q: Tensor, k: T
         torch.cuda.synchronize()
     panel["reference"] = {"backend": backend.name, "dtype": str(ref_dtype).removeprefix("torch."),
                           "wall_seconds": time.perf_counter() - t0}
-    log.say(f"n={panel['n']}: reference ({backend.name}, {panel['reference']['dtype']}) in "
+    session.log(f"n={panel['n']}: reference ({backend.name}, {panel['reference']['dtype']}) in "
             f"{panel['reference']['wall_seconds']:.1f} s")
     return exact
 
@@ -315,7 +272,7 @@ def _point(config: Config, method: str, opts: dict[str, Any], q: Tensor, k: Tens
     draws = config.seeds if method in ("lsh", "hybrid") else 1
     errs, pairs, seconds, how, backend = [], [], 0.0, "", ""
     for draw in range(draws):
-        gen = torch.Generator().manual_seed(_seed(config.seed, seed, method, sorted(opts.items()), draw))
+        gen = torch.Generator().manual_seed(blake2b_seed(config.seed, seed, method, sorted(opts.items()), draw))
         kw = {key: val for key, val in opts.items() if key != "near"}
         spec = resolve_spec(q, k, v, causal=config.causal, method=method, generator=gen, **pos, **kw)
         if "near" in opts:  # explicit near-field half-widths (heavy panel)
@@ -329,18 +286,16 @@ def _point(config: Config, method: str, opts: dict[str, Any], q: Tensor, k: Tens
             out, seconds, how = _measure(forward, q, k, v, config)
         else:
             out = forward(q, k, v)
-        errs.append(_rel(out[:, :, -exact.shape[2]:], exact))
+        errs.append(float(relative_error(out[:, :, -exact.shape[2]:], exact)))
         del out
-        pairs.append(pairs_per_query(spec, n))
+        pairs.append(keys_per_query(spec, n, n))
         backend = chosen.name
     return {"method": method, **opts, "error": sum(errs) / len(errs), "errors": errs, "seconds": seconds,
             "timing": how, "pairs": sum(pairs) / len(pairs), "backend": backend}
 
 
-def _fit(xs: list[float], ys: list[float]) -> float:
-    lx, ly = [math.log(x) for x in xs], [math.log(max(y, 1e-300)) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+def _fit(xs: list[float], ys: list[float]) -> float | None:
+    return loglog_slope(xs, [max(y, 1e-300) for y in ys])  # an error of 0 counts as tiny, not as missing
 
 
 def convergence(config: Config) -> dict[str, Any]:
@@ -359,11 +314,11 @@ def convergence(config: Config) -> dict[str, Any]:
             exact = fused_attention(q, k, v, resolve_spec(q, k, v, slopes=slopes, causal=config.causal,
                                                           method="exact"))[0]
             for i, r in enumerate(rs):
-                gen = torch.Generator().manual_seed(_seed(config.seed, sampling, seed, r))
+                gen = torch.Generator().manual_seed(blake2b_seed(config.seed, sampling, seed, r))
                 parts = sample_partitions(n, slopes, r, sampling=sampling, generator=gen)
                 errs = mask_errors(parts, "dense")
                 est = fused_attention(q, k, v, resolve_spec(q, k, v, causal=config.causal, method="lsh", partitions=parts))[0]
-                att = (est - exact).norm(dim=(-1, -2))[0] / exact.norm(dim=(-1, -2))[0]
+                att = relative_error(est, exact, dim=(-1, -2))[0]  # per head
                 for head in range(h):
                     logs["max"][head][i] += math.log(float(errs["max"][head])) / config.conv_seeds
                     logs["spectral"][head][i] += math.log(float(errs["spectral"][head])) / config.conv_seeds
@@ -398,24 +353,25 @@ def run(config: Config, out_dir: str | Path) -> dict:
 
 def _run(config: Config, out_dir: Path) -> dict:
     results: dict[str, Any] = {"partial": True, "convergence": None, "alibi": [], "heavy": None, "seconds": 0.0}
-    log = _Log(config, out_dir / f"{NAME}.json", results)
-    log.save()
+    session = Run(NAME, out_dir / f"{NAME}.json", config, results, deadline_s=config.budget_s, stream=sys.stderr,
+                  stamp="6.1f")
+    session.save()
     if config.convergence:
         results["convergence"] = convergence(config)
-        log.say("convergence done")
+        session.log("convergence done")
     for i, n in enumerate(config.n):
         panel = {"n": n, "heads": config.heads, "kernel": None, "points": []}
         results["alibi"].append(panel)
-        _panel(config, log, panel, _jobs(config, config.window_eps, None), slopes=alibi_slopes(config.heads),
+        _panel(config, session, panel, _jobs(config, config.window_eps, None), slopes=alibi_slopes(config.heads),
                kernel=None, seed=1 + i)
     if config.heavy_n > 0:
         kernel = power_law(config.heavy_p)
         results["heavy"] = {"n": config.heavy_n, "heads": config.heavy_heads, "kernel": kernel.name, "points": []}
-        _panel(config, log, results["heavy"], _jobs(config, config.heavy_window_eps, config.heavy_hybrid_near),
+        _panel(config, session, results["heavy"], _jobs(config, config.heavy_window_eps, config.heavy_hybrid_near),
                slopes=None, kernel=kernel, seed=2 + len(config.n))
     results["partial"] = False
-    log.say("done")
-    return log.save()
+    session.log("done")
+    return session.save()
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -23,7 +23,9 @@ import torch
 
 from ..alibi import alibi_slopes
 from ..attention import attention
-from .common import fmt, markdown_table, progress, pyplot, replot_saved, save_results, torch_threads
+from ..util import (fmt, markdown_table, progress, pyplot, replot_saved, save_figure, save_results,
+                    torch_threads)
+from .metrics import loglog_slope
 
 NAME = "scaling"
 PLOT = "scaling.png"
@@ -164,13 +166,7 @@ def _exponents(rows: list[dict], fit_from: int = 0) -> dict[str, dict[str, float
     lengths >= fit_from (all its lengths when fewer than two qualify, e.g. exact)."""
 
     def slope(pts: list[tuple[int, float]]) -> float | None:
-        pts = [(n, y) for n, y in pts if y]
-        if len(pts) < 2:
-            return None
-        x = torch.tensor([math.log(n) for n, _ in pts], dtype=torch.float64)
-        y = torch.tensor([math.log(v) for _, v in pts], dtype=torch.float64)
-        x = x - x.mean()
-        return float((x * (y - y.mean())).sum() / (x * x).sum())
+        return loglog_slope([n for n, _ in pts], [y for _, y in pts])
 
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -215,9 +211,7 @@ def _plot(doc: dict, out_dir: Path) -> None:
     cfg = doc["config"]
     fig.suptitle(f"CPU forward, H={cfg['heads']}, D={cfg['head_dim']}, fp32, r={cfg['samples']} ({cfg['scheme']}), "
                  f"{doc['results']['threads']} thread(s)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out_dir / PLOT, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / PLOT, dpi=110)
 
 
 def summarize(results: dict, out_dir: str | Path) -> str:

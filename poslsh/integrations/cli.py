@@ -21,8 +21,8 @@ NAME = "eval-hf"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..cli import add_threads_flag
     from ..method import GRAMMAR
+    from ..util import add_threads_flag
 
     text = "Measure perplexity and tokens per second of a local ALiBi checkpoint (BLOOM, MPT, Falcon) per method."
     p = subparsers.add_parser(NAME, help=text, description=text)
@@ -70,7 +70,7 @@ def _load_model(path: Path, dtype_name: str, device: str):
 def check_inputs(model_path: Path, text_path: Path, contexts: list[int], device: str) -> None:
     """What eval-hf needs, before loading anything: the packages, the CUDA device if asked, a model
     folder with a config.json, a text file, positive contexts."""
-    from ..cli import RequirementError, require_cuda, require_file, require_package
+    from ..util import RequirementError, require_cuda, require_file, require_package
 
     require_package("transformers", "poslsh eval-hf", "hf")
     require_cuda(device, f"--device {device}")
@@ -97,9 +97,9 @@ def evaluate_hf(model_path: Path, text_path: Path, contexts: list[int], methods:
     import torch
     import transformers
 
-    from ..experiments.common import progress
     from ..lm.evaluate import perplexity
     from ..method import parse_method
+    from ..util import progress
     from .hf import model_family, patch_model, unpatch_model
 
     specs = [None if m == "native" else parse_method(m) for m in methods]  # bad methods fail before loading
@@ -124,7 +124,7 @@ def evaluate_hf(model_path: Path, text_path: Path, contexts: list[int], methods:
                 if spec is None:
                     unpatch_model(model)
                 else:
-                    patch_model(model, **spec.attention_kwargs(), seed=seed)
+                    patch_model(model, spec, seed=seed)
                 try:
                     ticker = lambda it, total: progress(it, f"eval-hf {n} {label}", total)  # noqa: E731
                     results.append(perplexity(forward, ids, n, device=dev, batch_size=batch_size,
@@ -151,7 +151,7 @@ def evaluate_hf(model_path: Path, text_path: Path, contexts: list[int], methods:
 
 def main(args: argparse.Namespace) -> int:
     """Run, save the JSON, print the table; exit 1 when some rows failed (they are in the JSON)."""
-    from ..experiments.common import markdown_table, save_results
+    from ..util import markdown_table, save_results
 
     results = evaluate_hf(args.model, args.text, args.context, args.methods, seeds=args.seeds, dtype=args.dtype,
                           device=args.device, batch_size=args.batch_size, max_scored=args.max_scored,

@@ -81,8 +81,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hashing import Partitions
-from ..method import MethodSpec
-from .partitions import CUT_CHUNK, LayerPartitions
+from ..method import MethodSpec, as_method
+from ..layer_partitions import CUT_CHUNK, LayerPartitions
 
 __all__ = ["patch_model", "unpatch_model", "PoslshPatch", "cache_report", "model_family", "model_slopes",
            "CUT_CHUNK", "SUPPORTED_FAMILIES", "HYBRID_WIDTH_N"]
@@ -557,20 +557,22 @@ def _mask_hook(patch: PoslshPatch, base: nn.Module):
     return base.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def patch_model(model: nn.Module, method: str = "exact", samples: int = 8, scheme: str = "grid", seed: int = 0,
-                window_eps: float = 1e-3, backend: str = "auto", evict: bool = False,
-                slopes: Tensor | list[float] | None = None, sampling: str = "iid",
-                hybrid_eps: float = 1e-2) -> PoslshPatch:
+def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: int | None = None,
+                scheme: str | None = None, seed: int = 0, window_eps: float | None = None, backend: str = "auto",
+                evict: bool = False, slopes: Tensor | list[float] | None = None, sampling: str | None = None,
+                hybrid_eps: float | None = None) -> PoslshPatch:
     """Switch a loaded BLOOM, MPT or Falcon(alibi) model's attention to ``poslsh.attention``.
 
     Args:
         model: a transformers model of a supported family (``...ForCausalLM`` or the base model).
-        method: "exact" (the default), "window", "lsh" or "hybrid", as ``poslsh.attention`` takes them.
-        samples: r, the number of LSH partitions per head ("lsh", "hybrid").
-        scheme: "grid" or "cut".
+        method: "exact" (the default), "window", "lsh" or "hybrid", as ``poslsh.attention`` takes them,
+            or a ``poslsh.method.MethodSpec`` (which holds samples, scheme, sampling, window_eps and
+            hybrid_eps: leave those unset then).
+        samples: r, the number of LSH partitions per head ("lsh", "hybrid"; default 8).
+        scheme: "grid" (default) or "cut".
         seed: partitions of layer l are drawn from (seed, l); the same seed gives the same partitions
             for every sequence length, batch layout and cache use.
-        window_eps: dropped-weight bound of the window baseline.
+        window_eps: dropped-weight bound of the window baseline (default 1e-3).
         backend: passed to ``poslsh.attention``.
         evict: with "lsh", "hybrid" or "window" and a transformers ``DynamicCache``, drop from the cache
             every key that no future query can reach (the prefix common to all heads and rows of a
@@ -578,8 +580,8 @@ def patch_model(model: nn.Module, method: str = "exact", samples: int = 8, schem
             Warns once when it cannot act (method "exact", or a forward without such a cache).
         slopes: replace the model's own ALiBi slopes [H] (for studies; "exact" then no longer
             reproduces the model).
-        sampling: "iid", "stratified" or "qmc": joint law of a head's r partitions (grid only).
-        hybrid_eps: the hybrid near field's target error (sets its widths, fixed per head).
+        sampling: "iid" (default), "stratified" or "qmc": joint law of a head's r partitions (grid only).
+        hybrid_eps: the hybrid near field's target error (sets its widths, fixed per head; default 1e-2).
 
     Returns:
         A ``PoslshPatch``: call ``.unpatch()`` or use it as a context manager. Patching an already
@@ -591,8 +593,8 @@ def patch_model(model: nn.Module, method: str = "exact", samples: int = 8, schem
     """
     _check_transformers()
     family = model_family(model)
-    spec = MethodSpec(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
-                      hybrid_eps=hybrid_eps)  # every option checked here, once
+    spec = as_method(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
+                     hybrid_eps=hybrid_eps)  # every option checked here, once
     unpatch_model(model)
     own, scale = model_slopes(model)
     if slopes is None:

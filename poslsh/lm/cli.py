@@ -11,12 +11,15 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..method import MethodSpec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..cli import _add_config_flags, add_threads_flag  # the experiments' dataclass -> flags convention
     from ..method import GRAMMAR
+    from ..util import add_config_flags, add_threads_flag
     from .train import TrainConfig
 
     text = "Train and evaluate the small ALiBi language model of poslsh.lm."
@@ -25,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     text = "Train the model on local text (default: this interpreter's Python files) into a checkpoint folder."
     tr = sub.add_parser("train", help=text, description=text)
     tr.add_argument("--out", type=Path, required=True, metavar="DIR", help="Checkpoint folder to write.")
-    _add_config_flags(tr, TrainConfig)
+    add_config_flags(tr, TrainConfig)
     tr.add_argument("--attention", dest="train_attention", default=argparse.SUPPRESS, metavar="METHOD",
                     help="The same as --train-attention: sdpa or a method string (LSH trains with fresh partitions "
                          "every step).")
@@ -57,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..cli import require_cuda, require_file, require_package
+    from ..util import require_cuda, require_file, require_package
     from .train import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -86,28 +89,28 @@ def heldout_tokens(meta: dict[str, Any]):
     return corpus.heldout
 
 
-def evaluate_checkpoint(model, tokens, contexts: list[int], methods: list[str], seeds: list[int], *,
+def evaluate_checkpoint(model, tokens, contexts: list[int], methods: list[MethodSpec], seeds: list[int], *,
                         device, batch_size: int = 1, max_scored: int = 65536, first_target: int | None = None,
                         log=None) -> list[dict[str, Any]]:
-    """Perplexity rows {"context", "method", "loss", "ppl", "bits_per_token", "time_per_token"} per method.
+    """Perplexity rows {"context", "method", "loss", "ppl", "bits_per_token", "time_per_token"} per method
+    (``MethodSpec``; a row's "method" is its label).
 
     Rows of methods that draw partitions ("lsh", "hybrid") average ``seeds`` (each a different set of
     fixed partitions). ``first_target``: see ``poslsh.lm.evaluate.perplexity``.
     """
     import torch
 
-    from ..experiments.common import progress
-    from .evaluate import parse_method, perplexity
+    from ..util import progress
+    from .evaluate import perplexity
     from .train import autocast_for
 
-    specs = [parse_method(text) for text in methods]  # a bad method fails before any work
     rows = []
     for n in contexts:
-        for spec in specs:
+        for spec in methods:
             runs = seeds if spec.random else seeds[:1]
             res = []
             for seed in runs:
-                model.set_attention(**spec.options(seed))
+                model.set_attention(spec, seed=seed)
 
                 def forward(x: torch.Tensor) -> torch.Tensor:
                     with autocast_for(torch.device(device)):
@@ -131,16 +134,13 @@ def evaluate_checkpoint(model, tokens, contexts: list[int], methods: list[str], 
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..experiments.common import markdown_table, save_results
+    from ..method import parse_method
+    from ..util import markdown_table, require_cuda, require_file, require_package, save_results
     from .data import read_text_tokens
     from .model import load_checkpoint
     from .train import resolve_device
 
-    from ..cli import require_cuda, require_file, require_package
-    from ..method import parse_method
-
-    for text in args.methods:  # a bad method fails before any work
-        parse_method(text)
+    specs = [parse_method(text) for text in args.methods]  # a bad method fails before any work
     require_cuda(args.device, f"--device {args.device}")
     require_package("safetensors", "poslsh lm eval (the checkpoint)", "hf")
     require_file(args.checkpoint / "config.json", "--checkpoint: the checkpoint file")
@@ -154,7 +154,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"the text has {tokens.size} tokens, fewer than one window of context {max(args.context)} "
                          "+ 1: give a longer --text or shorter --context")
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    rows = evaluate_checkpoint(model, tokens, args.context, args.methods, args.seeds, device=device,
+    rows = evaluate_checkpoint(model, tokens, args.context, specs, args.seeds, device=device,
                                batch_size=args.batch_size, max_scored=args.max_scored, log=log)
     unigram = meta.get("unigram")
     out = args.out or args.checkpoint

@@ -1,8 +1,7 @@
 """Held-out perplexity of the ALiBi LM per attention method, time per token, and per-layer error.
 
 Methods are ``poslsh.method.MethodSpec`` (text forms ``exact``, ``window:EPS``, ``lsh:R:SCHEME:SAMPLING``,
-``hybrid:R:SCHEME:SAMPLING:EPS``: see ``poslsh.method``), shared with ``poslsh eval-hf`` and the
-transformers patch.
+``hybrid:R:SCHEME:SAMPLING:EPS``), shared with ``poslsh eval-hf`` and the transformers patch.
 
 Perplexity at context N: windows of N + 1 tokens slide over the held-out stream with stride
 S = ceil(score_fraction * N); each window scores only its last S predictions, so every scored token
@@ -22,10 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..method import MethodSpec, parse_method  # the one method description; re-exported here
+from ..method import MethodSpec
 from .model import ALiBiLM
 
-__all__ = ["MethodSpec", "parse_method", "sliding_windows", "perplexity", "layer_errors", "synchronize"]
+__all__ = ["sliding_windows", "check_common_scoring", "perplexity", "layer_errors", "synchronize"]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -56,6 +55,15 @@ def sliding_windows(num_tokens: int, context: int, score_fraction: float = 0.5,
     return starts, stride
 
 
+def check_common_scoring(scored_tokens: int, contexts, score_fraction: float = 0.5) -> None:
+    """ValueError unless ``scored_tokens`` is a positive multiple of every context's stride, the
+    condition for every context to score the very same tokens (``sliding_windows``' first_target)."""
+    strides = {n: max(1, math.ceil(score_fraction * n)) for n in contexts}
+    if scored_tokens < 1 or any(scored_tokens % s for s in strides.values()):
+        raise ValueError(f"scored_tokens must be a positive multiple of every context's stride {strides} "
+                         f"(so that every context scores the same tokens), got {scored_tokens}")
+
+
 def perplexity(forward: Callable[[Tensor], Tensor], tokens: np.ndarray, context: int, *, device: torch.device | str,
                batch_size: int = 1, score_fraction: float = 0.5, max_scored: int | None = 65536,
                first_target: int | None = None, warmup: bool = True,
@@ -64,7 +72,7 @@ def perplexity(forward: Callable[[Tensor], Tensor], tokens: np.ndarray, context:
 
     ``warmup``: run the first batch once untimed, so that compilation (FlexAttention, Triton) and
     lazily built partitions are not counted in the time per token. ``progress(iterable, total)``
-    wraps the loop over batches (e.g. ``experiments.common.progress``, for lines on stderr).
+    wraps the loop over batches (e.g. ``poslsh.util.progress``, for lines on stderr).
 
     Returns:
         {"context", "loss" (nats/token), "ppl", "bits_per_token", "scored_tokens", "windows",
@@ -114,8 +122,8 @@ def layer_errors(model: ALiBiLM, idx: Tensor, specs: list[MethodSpec], seeds: li
     Returns:
         {spec.label: [error of layer 0, ..., error of layer L-1]} for the specs that ran, in order.
     """
-    model.eval()
-    options = dict(model.attention_options)
+    model.eval()  # every layer then runs on its fixed partitions
+    before = (model.attention_spec, model.attention_seed, model.attention_backend)
     attns = model.attention_modules()
     inputs: list[Tensor | None] = [None] * len(attns)
     outputs: list[Tensor | None] = [None] * len(attns)
@@ -128,21 +136,19 @@ def layer_errors(model: ALiBiLM, idx: Tensor, specs: list[MethodSpec], seeds: li
         model(idx, sdpa=False)
         exact = [o.float() for o in outputs]
         result: dict[str, list[float]] = {}
-        n = idx.shape[1]
         for spec in specs:
             if deadline is not None and time.perf_counter() > deadline:
                 break
             errs = np.zeros(len(attns))
             runs = seeds if spec.random else seeds[:1]
             for seed in runs:
-                model.set_attention(**spec.options(seed), backend=backend)
+                model.set_attention(spec, seed=seed, backend=backend)
                 for i, attn in enumerate(attns):
-                    parts = model.layer_partitions(i, n, idx.device)
-                    attn(inputs[i], partitions=parts)
+                    attn(inputs[i])
                     errs[i] += float((outputs[i].float() - exact[i]).norm() / exact[i].norm())
             result[spec.label] = (errs / len(runs)).tolist()
         return result
     finally:
         for h in hooks:
             h.remove()
-        model.set_attention(**options)
+        model.set_attention(before[0], seed=before[1], backend=before[2])

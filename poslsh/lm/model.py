@@ -7,10 +7,10 @@ through ``torch.nn.functional.scaled_dot_product_attention`` with the ALiBi bias
 (``LMConfig.train_attention = "sdpa"``); both compute the same function of the same weights.
 
 With "lsh" or "hybrid" in eval mode the partitions of layer l are fixed and drawn from (seed, l), the same for
-every sequence length (``poslsh.integrations.partitions.LayerPartitions``). In training mode they are fresh at
-every forward: drawn from torch's global RNG, or, after ``set_partition_schedule(seed)`` (what the trainer
-does), layer l's partitions at step s from ``seed_for(seed, "train", l, s)`` (``TrainingPartitionSeeds``), so a
-positional-LSH-native run is reproducible from its seed alone.
+every sequence length (each ``ALiBiAttention``'s ``poslsh.layer_partitions.LayerPartitions``). In training
+mode they are fresh at every forward: drawn from torch's global RNG, or, after ``set_partition_schedule(seed)``
+(what the trainer does), layer l's partitions at step s from ``seed_for(seed, "train", l, s)``
+(``TrainingPartitionSeeds``), so a positional-LSH-native run is reproducible from its seed alone.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..integrations.partitions import LayerPartitions, seed_for
+from ..method import MethodSpec, as_method
 from ..nn import ALiBiAttention
+from ..seeds import seed_for
 
 __all__ = ["LMConfig", "ALiBiLM", "Block", "TrainingPartitionSeeds", "load_checkpoint", "save_checkpoint"]
 
@@ -59,11 +61,11 @@ class TrainingPartitionSeeds:
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). x [B, N, E] -> [B, N, E]."""
 
-    def __init__(self, config: LMConfig) -> None:
+    def __init__(self, config: LMConfig, layer: int = 0) -> None:
         super().__init__()
         e = config.d_model
         self.ln1 = nn.LayerNorm(e)
-        self.attn = ALiBiAttention(e, config.n_heads, method="exact")
+        self.attn = ALiBiAttention(e, config.n_heads, method="exact", layer=layer)
         self.ln2 = nn.LayerNorm(e)
         self.fc = nn.Linear(e, config.mlp_ratio * e)
         self.proj = nn.Linear(config.mlp_ratio * e, e)
@@ -112,7 +114,7 @@ class ALiBiLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied
@@ -120,8 +122,7 @@ class ALiBiLM(nn.Module):
         for blk in self.blocks:  # GPT-2 style: scale the residual projections by depth
             for lin in (blk.attn.out_proj, blk.proj):
                 nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * config.n_layers))
-        self._partitions: list[LayerPartitions] | None = None
-        self.attention_options: dict = {"method": "exact"}
+        self.attention_spec, self.attention_seed, self.attention_backend = MethodSpec("exact"), 0, "auto"
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -138,24 +139,23 @@ class ALiBiLM(nn.Module):
     def attention_modules(self) -> list[ALiBiAttention]:
         return [blk.attn for blk in self.blocks]
 
-    def set_attention(self, method: str = "exact", samples: int = 8, scheme: str = "grid", seed: int = 0,
-                      window_eps: float = 1e-3, backend: str = "auto", sampling: str = "iid",
-                      hybrid_eps: float = 1e-2) -> "ALiBiLM":
-        """Switch every layer to ``method`` ("exact", "window", "lsh" or "hybrid"); the partitions of
-        "lsh" and "hybrid" are fixed per layer from (seed, layer), drawn with ``sampling``;
-        ``hybrid_eps`` sets the hybrid's near field."""
+    def set_attention(self, method: str | MethodSpec = "exact", samples: int | None = None, scheme: str | None = None,
+                      seed: int = 0, window_eps: float | None = None, backend: str = "auto",
+                      sampling: str | None = None, hybrid_eps: float | None = None) -> "ALiBiLM":
+        """Switch every layer to ``method`` (a ``MethodSpec``, or "exact", "window", "lsh" or "hybrid" with
+        its options, None: the default); the eval partitions of "lsh" and "hybrid" are fixed per layer
+        from (seed, layer)."""
+        spec = as_method(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
+                         hybrid_eps=hybrid_eps)
         for attn in self.attention_modules():
-            attn.method, attn.samples, attn.scheme = method, samples, scheme
-            attn.window_eps, attn.backend, attn.sampling, attn.hybrid_eps = window_eps, backend, sampling, hybrid_eps
-        self._partitions = None
-        if method in ("lsh", "hybrid"):
-            slopes = self.blocks[0].attn.slopes
-            self._partitions = [LayerPartitions(slopes, samples, scheme, seed, layer, sampling=sampling)
-                                for layer in range(len(self.blocks))]
-        self.attention_options = dict(method=method, samples=samples, scheme=scheme, seed=seed,
-                                      window_eps=window_eps, backend=backend, sampling=sampling,
-                                      hybrid_eps=hybrid_eps)
+            attn.set_method(spec, seed=seed, backend=backend)
+        self.attention_spec, self.attention_seed, self.attention_backend = spec, seed, backend
         return self
+
+    @property
+    def attention_options(self) -> dict[str, Any]:
+        """The arguments of the last ``set_attention``: the method's fields, seed and backend."""
+        return {**asdict(self.attention_spec), "seed": self.attention_seed, "backend": self.attention_backend}
 
     def set_partition_schedule(self, seed: int | None, step: int = 0) -> "ALiBiLM":
         """Training-mode partitions of layer l at step s from ``TrainingPartitionSeeds(seed, l)(s)``,
@@ -164,27 +164,20 @@ class ALiBiLM(nn.Module):
             attn.set_partition_schedule(None if seed is None else TrainingPartitionSeeds(seed, layer), step)
         return self
 
-    def layer_partitions(self, layer: int, n: int, device: torch.device | str = "cpu"):
-        """The fixed eval partitions of ``layer`` for n positions (None unless the method is "lsh" or "hybrid")."""
-        return None if self._partitions is None else self._partitions[layer].get(n, device)
-
     def forward(self, idx: Tensor, sdpa: bool | None = None) -> Tensor:
         """idx int64 [B, N] -> logits float32 [B, N, vocab].
 
         ``sdpa``: compute exact attention with SDPA instead of ``poslsh.attention`` (only valid while
         the method is "exact"); default: in training when ``config.train_attention == "sdpa"``.
         """
-        n = idx.shape[1]
         x = self.embed(idx)
-        exact = self.attention_options["method"] == "exact"
+        exact = self.attention_spec.method == "exact"
         if sdpa is None:
             sdpa = self.training and self.config.train_attention == "sdpa" and exact
         elif sdpa and not exact:
-            raise ValueError("sdpa=True computes exact attention; the model is set to "
-                             f"{self.attention_options['method']!r}")
-        for layer, blk in enumerate(self.blocks):
-            parts = None if self.training else self.layer_partitions(layer, n, idx.device)
-            x = blk(x, partitions=parts, sdpa=sdpa)
+            raise ValueError(f"sdpa=True computes exact attention; the model is set to {self.attention_spec.method!r}")
+        for blk in self.blocks:  # eval: each layer's fixed partitions, training: fresh ones (ALiBiAttention)
+            x = blk(x, sdpa=sdpa)
         return self.head(self.ln_f(x)).float()
 
     def loss(self, idx: Tensor, targets: Tensor, sdpa: bool | None = None) -> Tensor:

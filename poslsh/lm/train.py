@@ -9,7 +9,7 @@ counts the evaluations and checkpoints too), and ``steps`` is lowered (never rai
 schedule ends in time; should the estimate still be short, training stops at the budget.
 
 ``train_attention`` picks the attention the model trains with: "sdpa" (exact ALiBi through SDPA with a
-dense bias, the default) or a method string of ``poslsh.lm.evaluate.parse_method``: "exact", "window[:EPS]",
+dense bias, the default) or a method string of ``poslsh.method.parse_method``: "exact", "window[:EPS]",
 "lsh:R[:grid|cut[:iid|stratified|qmc]]" or "hybrid[...]". The positional-LSH methods train *natively*:
 fresh partitions at every optimizer step, per layer and head, drawn from ``seed_for(partition_seed,
 "train", layer, step)`` (``ALiBiLM.set_partition_schedule``), so a run is reproducible from its seeds;
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..experiments.common import progress, pyplot
+from ..method import MethodSpec, parse_method
+from ..util import progress, pyplot, save_figure
 from .data import ByteTokenizer, Corpus, build_corpus, unigram_baseline
-from .evaluate import MethodSpec, parse_method
 from .model import ALiBiLM, LMConfig, load_checkpoint, save_checkpoint
 
 __all__ = ["TrainConfig", "train", "resolve_device", "heldout_windows", "batch_loss", "autocast_for", "lr_at"]
@@ -183,10 +183,7 @@ def plot_curve(history: list[dict], unigram_nats: float, path: Path) -> Path:
     ax.set_ylabel("loss (bits per byte)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -244,7 +241,7 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
     if config.init_checkpoint:
         _load_weights(model, config.init_checkpoint)
     partition_seed = config.seed if config.partition_seed is None else config.partition_seed
-    model.set_attention(**spec.options(partition_seed))  # eval partitions: fixed from the same seed
+    model.set_attention(spec, seed=partition_seed)  # eval partitions: fixed from the same seed
     say(f"model: {model.num_parameters() / 1e6:.2f} M parameters on {device}, training attention {spec.label}"
         + (f" (from {config.init_checkpoint})" if config.init_checkpoint else ""))
     step_fn = torch.compile(model) if config.compile else model

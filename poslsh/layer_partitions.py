@@ -1,4 +1,4 @@
-"""Positional-LSH partitions fixed per layer for every sequence length (for cached decoding).
+"""Positional-LSH partitions fixed per layer for every sequence length (evaluation, cached decoding).
 
 ``LayerPartitions(slopes, samples, scheme, seed, layer).get(n)`` returns the partitions of positions
 0..n-1; those of n are the restriction of those of any m > n, whatever was asked first:
@@ -9,27 +9,26 @@
 * cut: every gap is cut independently with probability 1 - e^{-m}; the cuts among positions
   [c*C, (c+1)*C) (C = ``CUT_CHUNK``) are drawn from their own generator seeded by (seed, layer, c),
   so the cuts of a prefix never depend on how long a sequence was requested.
+
+The partitions asked for are kept for the ``cache_size`` most recently used (length, device) pairs
+(an LRU): decoding asks for every length once, evaluation for a few lengths again and again. The
+transformers patch (``integrations.hf``), ``nn.ALiBiAttention`` in eval mode and the LM through it
+all draw their fixed partitions here.
 """
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
-from ..hashing import Partitions, sample_partitions
+from .hashing import Partitions, check_scheme, sample_partitions
+from .seeds import seed_for
 
-__all__ = ["LayerPartitions", "CUT_CHUNK", "seed_for"]
+__all__ = ["LayerPartitions", "CUT_CHUNK"]
 
 CUT_CHUNK = 4096
-
-
-def seed_for(*parts: Any) -> int:
-    """A 63-bit seed from any labels (stable across runs and machines)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 class LayerPartitions:
@@ -40,14 +39,13 @@ class LayerPartitions:
     """
 
     def __init__(self, slopes: Tensor, samples: int, scheme: str, seed: int, layer: int,
-                 sampling: str = "iid") -> None:
-        if scheme != "grid" and sampling != "iid":
-            raise ValueError(f"sampling={sampling!r} needs scheme='grid' (the cut scheme's samples are independent), "
-                             f"got scheme={scheme!r}")
+                 sampling: str = "iid", cache_size: int = 64) -> None:
+        check_scheme(scheme, sampling)
         self.slopes, self.samples, self.scheme, self.seed, self.layer = slopes, samples, scheme, seed, layer
+        self.cache_size = cache_size
         self._grid: tuple[Tensor, Tensor] | None = None
         self._chunks: list[tuple[Tensor, Tensor]] = []  # per chunk: (row ids, positions) of its cuts
-        self._cache: dict[tuple[int, str], Partitions] = {}
+        self._cache: OrderedDict[tuple, Partitions] = OrderedDict()
         if scheme == "grid":
             g = torch.Generator().manual_seed(seed_for(seed, layer, "grid"))
             p = sample_partitions(1, slopes, samples, scheme="grid", generator=g, sampling=sampling)
@@ -70,7 +68,7 @@ class LayerPartitions:
         """Partitions of positions 0..n-1 for every head, index tensors on ``device``."""
         key = (n, str(device))
         if key in self._cache:
-            return self._cache[key]
+            return self._recall(key)
         if self.scheme == "grid":
             w, u = self._grid
             parts = Partitions(n, self.slopes, "grid", widths=w, offsets=u)
@@ -89,7 +87,7 @@ class LayerPartitions:
             return self.get(n, device)
         key = (start, n, str(device))
         if key in self._cache:
-            return self._cache[key]
+            return self._recall(key)
         if self.scheme == "grid":
             w, u = self._grid
             # floor((i + start + U) / W) = floor((i + (start + U) mod W) / W) + const: the same blocks.
@@ -109,10 +107,19 @@ class LayerPartitions:
         pointers[1:] = torch.bincount(rows, minlength=self.slopes.numel() * self.samples).cumsum(0)
         return Partitions(n, self.slopes, "cut", cut_positions=pos, cut_pointers=pointers)
 
+    @property
+    def cached(self) -> tuple[tuple, ...]:
+        """The keys ((n, device) or (start, n, device)) whose partitions are kept, least recent first."""
+        return tuple(self._cache)
+
+    def _recall(self, key: tuple) -> Partitions:
+        self._cache.move_to_end(key)
+        return self._cache[key]
+
     def _remember(self, key: tuple, parts: Partitions) -> Partitions:
-        if len(self._cache) > 64:  # a bounded cache: decoding asks for every length once
-            self._cache.clear()
         self._cache[key] = parts
+        while len(self._cache) > self.cache_size:  # bounded: the least recently used goes
+            self._cache.popitem(last=False)
         return parts
 
     def block_starts_at(self, t: int) -> Tensor:

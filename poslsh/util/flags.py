@@ -1,0 +1,159 @@
+"""The command line's conventions, shared by ``poslsh`` and the subcommands of ``poslsh.lm`` and
+``poslsh.integrations``: a Config dataclass as flags, ``--threads``, and requirement checks.
+
+Each field of a Config dataclass becomes a flag (``--samples 1 2 4`` for a tuple field, ``--no-causal``
+for a bool that defaults to True); the help of a flag is the field's entry in the Config docstring's
+``Attributes:`` list (or ``field(metadata={"help": ...})``), and a ``Literal`` annotation gives its
+choices. What a command needs (CUDA, files, optional packages) is checked before any work and
+reported as one ``RequirementError`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import re
+import typing
+from pathlib import Path
+
+import torch
+
+__all__ = ["field_help", "add_config_flags", "config_from_args", "add_threads_flag", "torch_threads",
+           "DEFAULT_THREADS", "RequirementError", "require_cuda", "require_package", "require_file"]
+
+DEFAULT_THREADS = 1
+
+
+class RequirementError(RuntimeError):
+    """What a command needs is missing (a device, a file, a package): said in one line."""
+
+
+def field_help(config_cls: type) -> dict[str, str]:
+    """Per-field help of a Config dataclass: ``field(metadata={"help": ...})``, else its entry in the
+    class docstring's ``Attributes:`` list (``name: text``, continuation lines indented deeper)."""
+    doc = config_cls.__doc__ or ""
+    found: dict[str, str] = {}
+    lines = doc.expandtabs().splitlines()
+    if "Attributes:" in [line.strip() for line in lines]:
+        start = [line.strip() for line in lines].index("Attributes:") + 1
+        name, indent = None, None
+        for line in lines[start:]:
+            if not line.strip():
+                if name is not None:
+                    name = None  # a blank line ends an entry (and, before any, nothing)
+                continue
+            depth = len(line) - len(line.lstrip())
+            entry = re.match(r"\s*([a-z_][a-z0-9_]*): (.*)$", line)
+            if entry and (indent is None or depth == indent):
+                indent, name = depth, entry.group(1)
+                found[name] = entry.group(2).strip()
+            elif name is not None and indent is not None and depth > indent:
+                found[name] += " " + line.strip()
+            elif indent is not None and depth < indent:
+                break
+    for f in dataclasses.fields(config_cls):
+        if "help" in f.metadata:
+            found[f.name] = f.metadata["help"]
+    return found
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith(".") else text + "."
+
+
+def _choices(kind) -> tuple | None:
+    return typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) if value else "none"
+    return str(value) if value != "" else "none"
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per Config field, its help from ``field_help`` ("Default: ..." and the choices added)."""
+    hints = typing.get_type_hints(config_cls)
+    helps = field_help(config_cls)
+    for field in dataclasses.fields(config_cls):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        kind = hints[field.name]
+        origin = typing.get_origin(kind)
+        text = _sentence(helps.get(field.name, ""))
+        if kind is bool:
+            # default=None keeps argparse from appending "(default: ...)"; the real default is set below.
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} Default: {'on' if default else 'off'}.")
+            parser.set_defaults(**{field.name: default})
+            continue
+        if origin in (tuple, list):
+            item = typing.get_args(kind)[0]
+            choices = _choices(item)
+            parser.add_argument(flag, type=type(choices[0]) if choices else item, nargs="+", default=default,
+                                choices=choices, metavar=field.name.upper(),
+                                help=f"{text} Default: {_show(default)}."
+                                     + (f" Each one of: {', '.join(map(str, choices))}." if choices else ""))
+            continue
+        choices = _choices(kind)
+        if choices:
+            base = type(choices[0])
+        else:
+            base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if origin else kind
+        parser.add_argument(flag, type=base, default=default, choices=choices, metavar=field.name.upper(),
+                            help=f"{text} Default: {_show(default)}."
+                                 + (f" One of: {', '.join(map(str, choices))}." if choices else ""))
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace):
+    values = {}
+    for field in dataclasses.fields(config_cls):
+        value = getattr(args, field.name)
+        values[field.name] = tuple(value) if isinstance(value, list) else value
+    return config_cls(**values)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` for a command whose Config has no ``threads`` field."""
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, metavar="N",
+                        help=f"Torch CPU threads; 0 keeps torch's default (all cores). Default: {DEFAULT_THREADS}, "
+                             "the fastest for these sizes on a shared or small machine.")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` torch CPU threads (0 keeps the current count), then restore.
+
+    Small CPU operations on a shared 2-core machine run many times faster on one thread than with
+    OpenMP barriers between two, so CPU-sized experiments default to one."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- requirements
+
+
+def require_cuda(device: str, what: str) -> None:
+    """RequirementError unless ``device`` is not CUDA or a CUDA device is visible."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RequirementError(f"{what} needs CUDA, and torch {torch.__version__} sees no CUDA device")
+
+
+def require_package(module: str, why: str, extra: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise RequirementError(f"{why} needs the {module} package: pip install -e \".[{extra}]\"")
+
+
+def require_file(path: Path, what: str, folder: bool = False) -> None:
+    if folder and not Path(path).is_dir():
+        raise RequirementError(f"{what} {path} is not a folder" if Path(path).exists() else f"{what} {path} does not exist")
+    if not folder and not Path(path).is_file():
+        raise RequirementError(f"{what} {path} is not a file" if Path(path).exists() else f"{what} {path} does not exist")
