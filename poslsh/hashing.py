@@ -150,6 +150,36 @@ class Partitions:
         lo, hi = int(ptr[0]), int(ptr[-1])
         return Partitions._unchecked(cut_positions=self.cut_positions[lo:hi], cut_pointers=ptr - lo, **common)
 
+    def restrict(self, start: int, stop: int) -> "Partitions":
+        """The same partitions seen on the positions [start, stop) only, re-indexed from 0.
+
+        Position i of the result is position start + i here; two positions share a block in the
+        result iff they do here (``block_ids()[..., start:stop]`` up to a constant per head and
+        sample). Grid: offsets U' = (U + start) mod W; cut: the cuts strictly inside (start, stop),
+        shifted by -start. A shard of a long sequence uses this to run the global partitions on its
+        local keys (``poslsh.distributed``).
+        """
+        if (isinstance(start, bool) or isinstance(stop, bool) or not isinstance(start, int)
+                or not isinstance(stop, int) or not 0 <= start < stop <= self.n):
+            raise ValueError(f"restrict needs ints 0 <= start < stop <= n = {self.n}, got start={start!r}, "
+                             f"stop={stop!r}")
+        if self.scheme == "grid":
+            return Partitions(stop - start, self.slopes, "grid", widths=self.widths,
+                              offsets=torch.remainder(self.offsets + start, self.widths), kernels=self.kernels)
+        # Each (head, sample) row's cuts are sorted: two binary searches per row cut out its slice.
+        ptr = self.cut_pointers.tolist()
+        kept, counts = [], []
+        for row in range(len(ptr) - 1):
+            cuts = self.cut_positions[ptr[row]:ptr[row + 1]]
+            bounds = torch.tensor([start, stop - 1], device=cuts.device)
+            lo, hi = torch.searchsorted(cuts, bounds, right=True).tolist()  # cuts in (start, stop - 1]
+            kept.append(cuts[lo:hi] - start)
+            counts.append(hi - lo)
+        pointers = torch.zeros(len(counts) + 1, dtype=torch.int64)
+        pointers[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+        return Partitions(stop - start, self.slopes, "cut", cut_positions=torch.cat(kept),
+                          cut_pointers=pointers.to(self.cut_pointers.device), kernels=self.kernels)
+
     def block_ids(self) -> Tensor:
         """Block index of every position: int64 [H, r, n], 0 at position 0, steps of 0 or 1."""
         pos = torch.arange(self.n, device=self.device)

@@ -47,7 +47,8 @@ class AttentionSpec:
         method: "exact", "window", "lsh" or "hybrid" (exact weights for |p - j| <= window[h],
             the positional-LSH collision mean of ``partitions`` beyond).
         scale: multiplier of q . k (1/sqrt(D) by default).
-        q_offset: Nk - Nq; query row i sits at key position q_offset + i.
+        q_offset: query row i sits at key position q_offset + i; 0 <= q_offset <= Nk - Nq (default
+            Nk - Nq: the queries are the last Nq keys).
         partitions: for "lsh" and "hybrid", ``Partitions`` over the Nk key positions with H heads,
             on q's device.
         window: for "window", int64 CPU tensor [H] of half-widths w_h (keys with |p - j| <= w_h are

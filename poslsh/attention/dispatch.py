@@ -184,12 +184,18 @@ def resolve_spec(
     samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
     generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
     key_padding_mask: Tensor | None = None, sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None,
+    q_offset: int | None = None,
 ) -> AttentionSpec:
     """Validate everything but the backend and build the ``AttentionSpec`` (samples partitions for
     "lsh" when none are given). Arguments as in ``attention``."""
     _check_qkv(q, k, v)
     b, h, nq, d = q.shape
     nk = k.shape[2]
+    if q_offset is None:
+        q_offset = nk - nq
+    elif isinstance(q_offset, bool) or not isinstance(q_offset, int) or not 0 <= q_offset <= nk - nq:
+        raise ValueError(f"q_offset must be an int in [0, Nk - Nq] = [0, {nk - nq}] (query row i sits at key "
+                         f"position q_offset + i), got {q_offset!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     causal = as_bool(causal, "causal")
@@ -262,7 +268,7 @@ def resolve_spec(
                 partitions = partitions.to(q.device)
     if method == "hybrid":
         window = hybrid_widths(s, as_float(hybrid_eps, "hybrid_eps", above=0), partitions.num_samples, nk, kernels)
-    return AttentionSpec(slopes=s, causal=causal, method=method, scale=float(scale), q_offset=nk - nq,
+    return AttentionSpec(slopes=s, causal=causal, method=method, scale=float(scale), q_offset=q_offset,
                          partitions=partitions, window=window, key_padding_mask=key_padding_mask, kernels=kernels)
 
 
@@ -309,7 +315,7 @@ def attention(
     generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
     key_padding_mask: Tensor | None = None, return_lse: bool = False, backend: str = "auto",
     sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None, primitive=None, causal: bool | None = None,
-    **unsupported,
+    q_offset: int | None = None, **unsupported,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """ALiBi attention: exact, truncated to a per-head window, or estimated by positional LSH.
 
@@ -318,7 +324,7 @@ def attention(
     ``dropout_p``, ``alibi_slopes``, ``window_size``) raises a TypeError naming the argument to use.
 
     Args:
-        q: [B, H, Nq, D] queries; row i sits at key position Nk - Nq + i (so Nq = 1 is decoding).
+        q: [B, H, Nq, D] queries; row i sits at key position q_offset + i (so Nq = 1 is decoding).
         k: [B, Hkv, Nk, D] keys, H divisible by Hkv (grouped / multi-query KV).
         v: [B, Hkv, Nk, Dv] values. q, k, v share dtype (fp16, bf16, fp32, fp64) and device.
         slopes: ALiBi slopes [H], >= 0; default ``alibi_slopes(H)`` (or the partitions' slopes).
@@ -353,6 +359,9 @@ def attention(
         primitive: backend "split" only: the attention it runs inside the blocks, "sdpa", "flex",
             "torch" or a callable ``fn(q, k, v, causal) -> (out, lse)`` (``poslsh.attention.primitives``);
             None picks "sdpa" on CUDA for fp16/bf16, else "torch".
+        q_offset: key position of query row 0, in [0, Nk - Nq]; default Nk - Nq (the queries are the
+            last Nq keys). Smaller values place the queries inside the keys, with keys on both sides
+            (a sequence shard with its halo, ``poslsh.distributed``).
 
     Returns:
         out [B, H, Nq, Dv] in q's dtype, or (out, lse) with lse [B, H, Nq] float32 (float64 for
@@ -373,7 +382,8 @@ def attention(
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method=method, samples=samples, scheme=scheme,
                         partitions=partitions, generator=generator, window_eps=window_eps, scale=scale,
-                        key_padding_mask=key_padding_mask, sampling=sampling, hybrid_eps=hybrid_eps, kernel=kernel)
+                        key_padding_mask=key_padding_mask, sampling=sampling, hybrid_eps=hybrid_eps, kernel=kernel,
+                        q_offset=q_offset)
     if primitive is not None:
         if backend != "split":
             raise ValueError(f"primitive= is an option of backend='split', got backend={backend!r}")
@@ -406,6 +416,8 @@ def attention_with_widths(q: Tensor, k: Tensor, v: Tensor, widths, *, method: st
 
 register_backend("fused", fused_attention, supports_fused, priority=20, methods=METHODS, kernels=True,
                  slope_grad=True)
-register_backend("split", split_attention, supports_split, priority=10, methods=("lsh",), kernels=True)
+# split.py's block loop assumes the queries are the last Nq keys (q_offset = Nk - Nq): refused otherwise.
+register_backend("split", split_attention, lambda q, spec: supports_split(q, spec) and spec.q_offset + q.shape[2]
+                 == spec.partitions.n, priority=10, methods=("lsh",), kernels=True)
 register_backend("reference", reference_attention, supports_reference, priority=0, methods=METHODS, kernels=True,
                  slope_grad=True)

@@ -33,7 +33,7 @@ def dense_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.devic
     pos_k = torch.arange(nk, device=device, dtype=torch.float64)
     diff = pos_q[:, None] - pos_k[None, :]  # p - j, [Nq, Nk]
     if spec.method in ("lsh", "hybrid"):
-        bhat = spec.partitions.to(device).mean_mask()[:, spec.q_offset:, :]  # [H, Nq, Nk]
+        bhat = spec.partitions.to(device).mean_mask()[:, spec.q_offset:spec.q_offset + nq, :]  # [H, Nq, Nk]
         logw = torch.log(bhat)  # log 0 = -inf: pairs that never collide get no weight
     if spec.method != "lsh":
         if spec.kernels is None:

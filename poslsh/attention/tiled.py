@@ -97,8 +97,8 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, rules)
     for head, rule in enumerate(rules):
         kv = head // group  # grouped KV: index the shared head, never repeat it
         t, c = tile_shape(rule.span, b, nq, rule.row_bytes, cdt)
-        firsts = torch.arange(spec.q_offset, nk, t, device=dev)
-        lasts = (firsts + t - 1).clamp(max=nk - 1)
+        firsts = torch.arange(spec.q_offset, spec.q_offset + nq, t, device=dev)
+        lasts = (firsts + t - 1).clamp(max=spec.q_offset + nq - 1)
         los, his = rule.tile_ranges(firsts, lasts)
         head_out, head_lse = [], []
         for i, (lo, hi) in enumerate(zip(los, his)):
