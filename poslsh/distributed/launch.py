@@ -1,0 +1,94 @@
+"""Run a function on N local processes joined in one process group (gloo on the CPU by default).
+
+``run_local(fn, world_size, *args)`` spawns N processes; process r initialises torch.distributed
+(rank r of N, rendezvous through a file in a temporary directory, so no port is needed), pins its
+torch threads, calls ``fn(rank, world_size, *args)`` and sends back the result. For tests, CPU
+experiments and ``poslsh cp-bench --world-size N``; under ``torchrun`` use ``init_from_env`` instead.
+``fn`` must be importable by name (a module-level function), as for any spawned process.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["run_local", "init_from_env", "NVLS_OFF"]
+
+# NCCL's NVLink multicast (NVLS) stays off in every launch on the lent GPU machines (their KINDS.md).
+NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _child(rank: int, world: int, store: str, backend: str, threads: int, fn: Callable, args: tuple,
+           queue) -> None:
+    try:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+        try:
+            queue.put((rank, True, fn(rank, world, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", threads: int = 1,
+              timeout: float = 600.0) -> list[Any]:
+    """[fn(0, N, *args), ..., fn(N-1, N, *args)], each run in its own process of one N-rank group.
+
+    Raises RuntimeError with the failing ranks' tracebacks if any rank raised or died."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "rendezvous")
+        env = {key: os.environ.get(key) for key in NVLS_OFF}
+        os.environ.update(NVLS_OFF)  # inherited by the children
+        try:
+            procs = [ctx.Process(target=_child, args=(r, world_size, store, backend, threads, fn, args, queue))
+                     for r in range(world_size)]
+            for p in procs:
+                p.start()
+            results, failures = {}, {}
+            for _ in range(world_size):
+                rank, ok, value = queue.get()
+                (results if ok else failures)[rank] = value
+                if failures:  # the others may be stuck waiting on the failed rank
+                    break
+            for p in procs:
+                p.join(timeout=timeout if not failures else 5)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+        finally:
+            for key, value in env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    if failures:
+        raise RuntimeError("ranks failed:\n" + "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items())))
+    dead = [r for r in range(world_size) if r not in results]
+    if dead:
+        raise RuntimeError(f"ranks {dead} exited without a result")
+    return [results[r] for r in range(world_size)]
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set): initialise the default group
+    (NCCL on CUDA, pinned to GPU LOCAL_RANK; gloo otherwise) unless it is already; returns (rank, world)."""
+    os.environ.update(NVLS_OFF)  # before NCCL initialises: it reads them once
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()

@@ -1,0 +1,214 @@
+"""Which keys each shard of a sequence needs, and from whom: pure integer arithmetic, no communication.
+
+The global sequence has positions 0..N-1, cut into contiguous shards [s_r, e_r) in rank order. For
+window, lsh and hybrid attention the keys with nonzero weight for query p of head h form one interval
+(the *reach* of p)
+
+* window: [p - w_h, p + w_h] (causal: [p - w_h, p]);
+* lsh:    [min_t start_t(p), max_t end_t(p)), the union of p's r blocks (causal: clipped at p);
+* hybrid: the union of the two,
+
+and both ends are non-decreasing in p (block starts and ends are). So a shard's queries need the keys
+[reach_lo(s), reach_hi(e - 1)), per head: its halo is what lies outside [s, e). For a grid sample
+start_t(s) = floor((s + U)/W) W - U, so the left halo of a shard is at most max W - 1 keys, and the exact
+need is computed from (W, U) at the shard's first position; the cut scheme looks up the last cut <= s.
+
+Every rank computes the same ``HaloPlan`` from the shard lengths and the shared partitions: what it
+receives from each owner, what it sends to each consumer (halos longer than the neighbouring shard
+reach further owners directly), and how its queries split into an *interior* (every reach inside the
+shard: computable before the halo arrives) and left / right *edges* (the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..hashing import Partitions
+
+__all__ = ["block_bounds_at", "Reach", "Segment", "HaloPlan", "plan_halo", "shard_bounds"]
+
+
+def shard_bounds(lengths: list[int]) -> list[int]:
+    """Shard starts and the total: [0, n_0, n_0 + n_1, ..., N] for shard lengths n_r."""
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return bounds
+
+
+def block_bounds_at(parts: Partitions, positions: list[int]) -> tuple[Tensor, Tensor]:
+    """First and one-past-last position of the block holding each given position, per head and sample.
+
+    ``Partitions.block_bounds()`` for a few positions without forming [H, r, n].
+
+    Returns:
+        (start, end), int64 CPU [H, r, P], clipped to [0, n].
+    """
+    pos = torch.tensor(positions, dtype=torch.int64)
+    if parts.scheme == "grid":
+        w, u = parts.widths.cpu()[..., None], parts.offsets.cpu()[..., None]
+        start = torch.div(pos + u, w, rounding_mode="floor") * w - u
+        return start.clamp(min=0), (start + w).clamp(max=parts.n)
+    h, r = parts.num_heads, parts.num_samples
+    cuts, ptr = parts.cut_positions.cpu(), parts.cut_pointers.cpu().tolist()
+    start = torch.zeros(h * r, pos.numel(), dtype=torch.int64)
+    end = torch.full((h * r, pos.numel()), parts.n, dtype=torch.int64)
+    for row in range(h * r):  # each row's cuts are sorted: the last cut <= p starts p's block
+        c = cuts[ptr[row]:ptr[row + 1]]
+        if c.numel() == 0:
+            continue
+        i = torch.searchsorted(c, pos, right=True)  # cuts <= p
+        start[row] = torch.where(i > 0, c[(i - 1).clamp(min=0)], 0)
+        end[row] = torch.where(i < c.numel(), c[i.clamp(max=c.numel() - 1)], parts.n)
+    return start.reshape(h, r, -1), end.reshape(h, r, -1)
+
+
+@dataclass(frozen=True)
+class Reach:
+    """The positional reach of every query head: ``window`` int64 [H] half-widths (window, hybrid) and/or
+    global ``partitions`` (lsh, hybrid); ``n`` the global length."""
+
+    n: int
+    causal: bool
+    window: Tensor | None = None
+    partitions: Partitions | None = None
+
+    def bounds(self, positions: list[int]) -> tuple[Tensor, Tensor]:
+        """Keys [lo, hi) reached by query position p, per head: int64 [H, P] each, within [0, n)."""
+        pos = torch.tensor(positions, dtype=torch.int64)
+        lo = hi = None
+        if self.window is not None:
+            w = self.window.cpu()[:, None]
+            lo, hi = pos - w, pos + w + 1
+        if self.partitions is not None:
+            start, end = block_bounds_at(self.partitions, positions)
+            blo, bhi = start.amin(1), end.amax(1)
+            lo = blo if lo is None else torch.minimum(lo, blo)
+            hi = bhi if hi is None else torch.maximum(hi, bhi)
+        if self.causal:
+            hi = (pos + 1).expand_as(lo)
+        return lo.clamp(min=0), hi.clamp(max=self.n)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Queries [q0, q1) of a shard computed against keys [k0, k1) (global positions); ``edge`` when the
+    keys reach outside the shard (computed once the halo has arrived)."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    edge: bool
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """One rank's part of the exchange.
+
+    Attributes:
+        rank, bounds: this rank and every shard's [bounds[r], bounds[r + 1]).
+        need_lo, need_hi: int [Hkv]: keys [need_lo[g], need_hi[g]) of KV head g this rank reads.
+        window: (lo, hi) = (min need_lo, max need_hi): the span of its (zero-filled) halo buffers.
+        recv: {owner: [(g, lo, hi), ...]} key slices (global positions) to receive.
+        send: {consumer: [(g, lo, hi), ...]} slices of this rank's keys to send.
+        segments: the shard's queries in order: left edge, interior, right edge (or one edge).
+    """
+
+    rank: int
+    bounds: list[int]
+    need_lo: list[int]
+    need_hi: list[int]
+    window: tuple[int, int]
+    recv: dict[int, list[tuple[int, int, int]]]
+    send: dict[int, list[tuple[int, int, int]]]
+    segments: list[Segment]
+
+    @property
+    def start(self) -> int:
+        return self.bounds[self.rank]
+
+    @property
+    def stop(self) -> int:
+        return self.bounds[self.rank + 1]
+
+
+def _needs(reach: Reach, s: int, e: int, group: int, uniform: bool) -> tuple[list[int], list[int]]:
+    """Keys [lo_g, hi_g) that the queries [s, e) read, per KV head (the widest of its query heads)."""
+    lo, hi = reach.bounds([s, e - 1])
+    lo, hi = lo[:, 0].reshape(-1, group).amin(1), hi[:, 1].reshape(-1, group).amax(1)
+    if uniform:  # one halo length for every head: the widest reach
+        lo, hi = torch.full_like(lo, int(lo.min())), torch.full_like(hi, int(hi.max()))
+    return lo.tolist(), hi.tolist()
+
+
+def _overlaps(need_lo: list[int], need_hi: list[int], s: int, e: int, a: int, b: int) -> list[tuple[int, int, int]]:
+    """Slices of [a, b) (the owner's shard) that a consumer with shard [s, e) and needs [lo_g, hi_g) reads."""
+    out = []
+    for g, (lo, hi) in enumerate(zip(need_lo, need_hi)):
+        for x, y in ((max(lo, a), min(s, b)), (max(e, a), min(hi, b))):  # left halo, right halo
+            if x < y:
+                out.append((g, x, y))
+    return out
+
+
+def _segments(reach: Reach, s: int, e: int) -> list[Segment]:
+    """Left edge [s, a), interior [a, b), right edge [b, e): a is the first query whose reach starts at
+    or after s in every head, b one past the last whose reach ends at or before e."""
+    lo, hi = reach.bounds([s, e - 1])
+    # Reach ends are non-decreasing in p: binary search for a and b.
+    a = _first(lambda p: bool((reach.bounds([p])[0] >= s).all()), s, e)
+    b = _first(lambda p: not bool((reach.bounds([p])[1] <= e).all()), s, e)
+    if a >= b:  # no interior (a shard shorter than its reach): one edge
+        return [Segment(s, e, int(lo[:, 0].min()), int(hi[:, 1].max()), True)]
+    segs = []
+    if a > s:
+        segs.append(Segment(s, a, int(lo[:, 0].min()), int(reach.bounds([a - 1])[1].max()), True))
+    segs.append(Segment(a, b, int(reach.bounds([a])[0].min()), int(reach.bounds([b - 1])[1].max()), False))
+    if b < e:
+        segs.append(Segment(b, e, int(reach.bounds([b])[0].min()), int(hi[:, 1].max()), True))
+    return segs
+
+
+def _first(pred, lo: int, hi: int) -> int:
+    """Smallest p in [lo, hi) with pred(p) (pred monotone False -> True), or hi."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def plan_halo(reach: Reach, lengths: list[int], rank: int, kv_heads: int, uniform: bool = False) -> HaloPlan:
+    """This rank's ``HaloPlan`` for shards of the given lengths (every rank computes the same needs).
+
+    Args:
+        reach: the method's reach (global window widths and/or partitions).
+        lengths: shard length of every rank, each >= 1, summing to reach.n.
+        rank: this rank.
+        kv_heads: Hkv; query head h reads KV head h // (H / Hkv).
+        uniform: one halo length for every KV head (the widest) instead of each head's own.
+    """
+    bounds = shard_bounds(lengths)
+    num_heads = (reach.window if reach.window is not None else reach.partitions.slopes).numel()
+    group = num_heads // kv_heads
+    needs = [_needs(reach, bounds[r], bounds[r + 1], group, uniform) for r in range(len(lengths))]
+    s, e = bounds[rank], bounds[rank + 1]
+    recv, send = {}, {}
+    for other in range(len(lengths)):
+        if other == rank:
+            continue
+        a, b = bounds[other], bounds[other + 1]
+        mine = _overlaps(*needs[rank], s, e, a, b)
+        if mine:
+            recv[other] = mine
+        theirs = _overlaps(*needs[other], a, b, s, e)
+        if theirs:
+            send[other] = theirs
+    lo, hi = needs[rank]
+    return HaloPlan(rank, bounds, lo, hi, (min(lo), max(hi)), recv, send, _segments(reach, s, e))
