@@ -92,6 +92,25 @@ class Reach:
             hi = (pos + 1).expand_as(lo)
         return lo.clamp(min=0), hi.clamp(max=self.n)
 
+    def interior(self, s: int, e: int) -> tuple[int, int]:
+        """[a, b): the queries of the shard [s, e) whose reach lies inside it in every head.
+
+        Band: p - w_h >= s iff p >= s + w_h, and p + w_h < e iff p < e - w_h. Blocks: p's blocks all start
+        at or after s iff p >= end_t(s - 1) for every t (the blocks holding s - 1 end there), and all
+        end at or before e iff p < start_t(e) for every t."""
+        a, b = s, e
+        if s > 0:
+            if self.window is not None:
+                a = max(a, s + int(self.window.max()))
+            if self.partitions is not None:
+                a = max(a, int(block_bounds_at(self.partitions, [s - 1])[1].max()))
+        if not self.causal and e < self.n:
+            if self.window is not None:
+                b = min(b, e - int(self.window.max()))
+            if self.partitions is not None:
+                b = min(b, int(block_bounds_at(self.partitions, [e])[0].min()))
+        return min(a, e), max(b, s)
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -156,32 +175,18 @@ def _overlaps(need_lo: list[int], need_hi: list[int], s: int, e: int, a: int, b:
 
 
 def _segments(reach: Reach, s: int, e: int) -> list[Segment]:
-    """Left edge [s, a), interior [a, b), right edge [b, e): a is the first query whose reach starts at
-    or after s in every head, b one past the last whose reach ends at or before e."""
-    lo, hi = reach.bounds([s, e - 1])
-    # Reach ends are non-decreasing in p: binary search for a and b.
-    a = _first(lambda p: bool((reach.bounds([p])[0] >= s).all()), s, e)
-    b = _first(lambda p: not bool((reach.bounds([p])[1] <= e).all()), s, e)
+    """Left edge [s, a), interior [a, b), right edge [b, e) (``Reach.interior``), each with the key range
+    its queries reach: [reach_lo(first query), reach_hi(last query)) over every head."""
+    a, b = reach.interior(s, e)
+    lo = lambda p: int(reach.bounds([p])[0].min())  # noqa: E731
+    hi = lambda p: int(reach.bounds([p])[1].max())  # noqa: E731
     if a >= b:  # no interior (a shard shorter than its reach): one edge
-        return [Segment(s, e, int(lo[:, 0].min()), int(hi[:, 1].max()), True)]
-    segs = []
-    if a > s:
-        segs.append(Segment(s, a, int(lo[:, 0].min()), int(reach.bounds([a - 1])[1].max()), True))
-    segs.append(Segment(a, b, int(reach.bounds([a])[0].min()), int(reach.bounds([b - 1])[1].max()), False))
+        return [Segment(s, e, lo(s), hi(e - 1), True)]
+    segs = [Segment(s, a, lo(s), hi(a - 1), True)] if a > s else []
+    segs.append(Segment(a, b, lo(a), hi(b - 1), False))
     if b < e:
-        segs.append(Segment(b, e, int(reach.bounds([b])[0].min()), int(hi[:, 1].max()), True))
+        segs.append(Segment(b, e, lo(b), hi(e - 1), True))
     return segs
-
-
-def _first(pred, lo: int, hi: int) -> int:
-    """Smallest p in [lo, hi) with pred(p) (pred monotone False -> True), or hi."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if pred(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def plan_halo(reach: Reach, lengths: list[int], rank: int, kv_heads: int, uniform: bool = False) -> HaloPlan:
