@@ -10,7 +10,9 @@ experiments and ``poslsh cp-bench --world-size N``; under ``torchrun`` use ``ini
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import tempfile
+import time
 import traceback
 from typing import Any, Callable
 
@@ -46,7 +48,7 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "rendezvous")
         env = {key: os.environ.get(key) for key in NVLS_OFF}
@@ -56,15 +58,10 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", 
                      for r in range(world_size)]
             for p in procs:
                 p.start()
-            results, failures = {}, {}
-            for _ in range(world_size):
-                rank, ok, value = queue.get()
-                (results if ok else failures)[rank] = value
-                if failures:  # the others may be stuck waiting on the failed rank
-                    break
+            results, failures = _collect(procs, queue, timeout)
             for p in procs:
-                p.join(timeout=timeout if not failures else 5)
-                if p.is_alive():
+                p.join(timeout=5 if failures else timeout)
+                if p.is_alive():  # stuck in a collective with a failed rank
                     p.terminate()
                     p.join()
         finally:
@@ -75,10 +72,27 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", 
                     os.environ[key] = value
     if failures:
         raise RuntimeError("ranks failed:\n" + "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items())))
-    dead = [r for r in range(world_size) if r not in results]
-    if dead:
-        raise RuntimeError(f"ranks {dead} exited without a result")
     return [results[r] for r in range(world_size)]
+
+
+def _collect(procs: list, queue, timeout: float) -> tuple[dict, dict]:
+    """Results and failures as they arrive; a process that died without reporting (a crash, or an
+    error while starting) is a failure, and so is running past ``timeout``."""
+    results, failures = {}, {}
+    deadline = time.monotonic() + timeout
+    while len(results) + len(failures) < len(procs) and not failures:
+        try:
+            rank, ok, value = queue.get(timeout=0.5)
+            (results if ok else failures)[rank] = value
+            continue
+        except queue_module.Empty:
+            pass
+        for rank, p in enumerate(procs):
+            if rank not in results and not p.is_alive() and p.exitcode != 0:
+                failures[rank] = f"exited with code {p.exitcode} without a result (see its stderr)"
+        if time.monotonic() > deadline:
+            failures.update({r: f"no result after {timeout:.0f} s" for r in range(len(procs)) if r not in results})
+    return results, failures
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:

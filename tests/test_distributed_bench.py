@@ -1,0 +1,65 @@
+"""``poslsh cp-bench`` at toy sizes: spawned (gloo) and under torchrun, JSON reloadable, checks pass."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from poslsh.cli import main
+from poslsh.experiments import cp_bench
+from poslsh.experiments.common import load_results
+
+TOY = ["--lengths", "96", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "0",
+       "--exact-max-local", "96", "--samples", "2", "--device", "cpu"]
+
+
+def _check_doc(doc, world_sizes):
+    rows = doc["results"]["rows"]
+    for method in cp_bench.METHODS:
+        for w in world_sizes:
+            mine = [r for r in rows if r["method"] == method and r["world_size"] == w and r["halo"] in (None, "head")]
+            assert len(mine) == 1, (method, w)
+            r = mine[0]
+            assert r["check"]["ok"], (method, w, r["check"])
+            assert len(r["bytes_fwd"]) == w and len(r["peak_memory"]) == w
+            assert (max(r["bytes_fwd"]) > 0) == (w > 1)
+            assert r["ring_bytes_fwd"] == (w - 1) * 2 * 96 * 2 * 8 * 4  # (W-1) x shard K and V, fp32
+            assert r["fwd"]["ms"] > 0 and r["fwd_bwd"]["ms"] > 0
+    # halo="max" sends every head the widest halo: never fewer bytes than per-head halos
+    widest = max(world_sizes)
+    for method in ("window", "lsh", "hybrid"):
+        head, most = (next(r for r in rows if r["method"] == method and r["world_size"] == widest and r["halo"] == h)
+                      for h in ("head", "max"))
+        assert max(most["bytes_fwd"]) >= max(head["bytes_fwd"])
+    assert {w["world_size"] for w in doc["results"]["weak_scaling"]} == set(world_sizes) - {1}
+
+
+def test_spawned(tmp_path):
+    assert main(["cp-bench", "--world-sizes", "1", "2", *TOY, "--out", str(tmp_path)]) == 0
+    doc = load_results(tmp_path / "cp-bench.json")
+    assert doc["results"]["launch"]["launcher"] == "spawn"
+    _check_doc(doc, [1, 2])
+    text = cp_bench.summarize(doc, tmp_path)
+    assert "Weak scaling" in text and "| window | head | 2 | 96 |" in text
+    (tmp_path / cp_bench.PLOT).unlink()
+    cp_bench.replot(doc, tmp_path)  # the plot from the JSON alone
+    assert (tmp_path / cp_bench.PLOT).stat().st_size > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun's standalone rendezvous")
+def test_under_torchrun(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "poslsh.cli",
+           "cp-bench", "--world-sizes", "2", "--methods", "window", "lsh", *TOY, "--no-halo-max",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = load_results(tmp_path / "cp-bench.json")
+    launch = doc["results"]["launch"]
+    assert launch["launcher"] == "torchrun" and launch["processes"] == 2 and launch["backend"] == "gloo"
+    assert launch["command"].startswith("torchrun --nproc-per-node 2 -m poslsh.cli cp-bench --world-sizes 2")
+    rows = doc["results"]["rows"]
+    assert {r["method"] for r in rows} == {"window", "lsh"} and all(r["check"]["ok"] for r in rows)
