@@ -24,6 +24,7 @@ else
   SIZES=(--lengths 262144 1048576 --check-lengths 32768 --check-max-total 262144 --exact-max-local 262144
          --repeats 3)
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # poslsh from this checkout
 exec torchrun --standalone --nproc-per-node "$NPROC" -m poslsh.cli cp-bench --world-sizes $WORLD_SIZES \
   --batch 1 --heads 32 --head-dim 128 --dtype bfloat16 --causal --window-eps 1e-3 --samples 8 \
   --methods window hybrid lsh exact --exact-layout zigzag --device cuda --threads 0 "${SIZES[@]}" --out "$OUT"

@@ -99,16 +99,14 @@ class Reach:
         at or after s iff p >= end_t(s - 1) for every t (the blocks holding s - 1 end there), and all
         end at or before e iff p < start_t(e) for every t."""
         a, b = s, e
-        if s > 0:
-            if self.window is not None:
-                a = max(a, s + int(self.window.max()))
-            if self.partitions is not None:
-                a = max(a, int(block_bounds_at(self.partitions, [s - 1])[1].max()))
-        if not self.causal and e < self.n:
-            if self.window is not None:
-                b = min(b, e - int(self.window.max()))
-            if self.partitions is not None:
-                b = min(b, int(block_bounds_at(self.partitions, [e])[0].min()))
+        left, right = s > 0, not self.causal and e < self.n
+        if self.window is not None:
+            a = max(a, s + int(self.window.max())) if left else a
+            b = min(b, e - int(self.window.max())) if right else b
+        if self.partitions is not None and (left or right):
+            start, end = block_bounds_at(self.partitions, [max(s - 1, 0), min(e, self.n - 1)])
+            a = max(a, int(end[..., 0].max())) if left else a
+            b = min(b, int(start[..., 1].min())) if right else b
         return min(a, e), max(b, s)
 
 
@@ -155,13 +153,17 @@ class HaloPlan:
         return self.bounds[self.rank + 1]
 
 
-def _needs(reach: Reach, s: int, e: int, group: int, uniform: bool) -> tuple[list[int], list[int]]:
-    """Keys [lo_g, hi_g) that the queries [s, e) read, per KV head (the widest of its query heads)."""
-    lo, hi = reach.bounds([s, e - 1])
-    lo, hi = lo[:, 0].reshape(-1, group).amin(1), hi[:, 1].reshape(-1, group).amax(1)
+def _needs(reach: Reach, bounds: list[int], group: int, uniform: bool) -> list[tuple[list[int], list[int]]]:
+    """Per shard: keys [lo_g, hi_g) its queries read, per KV head (the widest of its query heads), from
+    one evaluation of the reach at every shard's first and last position."""
+    w = len(bounds) - 1
+    lo, hi = reach.bounds(bounds[:-1] + [b - 1 for b in bounds[1:]])  # [H, 2W]
+    lo = lo[:, :w].reshape(-1, group, w).amin(1)  # [Hkv, W]
+    hi = hi[:, w:].reshape(-1, group, w).amax(1)
     if uniform:  # one halo length for every head: the widest reach
-        lo, hi = torch.full_like(lo, int(lo.min())), torch.full_like(hi, int(hi.max()))
-    return lo.tolist(), hi.tolist()
+        lo, hi = lo.amin(0, keepdim=True).expand_as(lo), hi.amax(0, keepdim=True).expand_as(hi)
+    lo, hi = lo.T.tolist(), hi.T.tolist()
+    return list(zip(lo, hi))
 
 
 def _overlaps(need_lo: list[int], need_hi: list[int], s: int, e: int, a: int, b: int) -> list[tuple[int, int, int]]:
@@ -178,14 +180,15 @@ def _segments(reach: Reach, s: int, e: int) -> list[Segment]:
     """Left edge [s, a), interior [a, b), right edge [b, e) (``Reach.interior``), each with the key range
     its queries reach: [reach_lo(first query), reach_hi(last query)) over every head."""
     a, b = reach.interior(s, e)
-    lo = lambda p: int(reach.bounds([p])[0].min())  # noqa: E731
-    hi = lambda p: int(reach.bounds([p])[1].max())  # noqa: E731
+    pos = [s, max(a - 1, s), min(a, e - 1), max(b - 1, s), min(b, e - 1), e - 1]
+    lo, hi = reach.bounds(pos)
+    lo, hi = lo.amin(0).tolist(), hi.amax(0).tolist()
     if a >= b:  # no interior (a shard shorter than its reach): one edge
-        return [Segment(s, e, lo(s), hi(e - 1), True)]
-    segs = [Segment(s, a, lo(s), hi(a - 1), True)] if a > s else []
-    segs.append(Segment(a, b, lo(a), hi(b - 1), False))
+        return [Segment(s, e, lo[0], hi[5], True)]
+    segs = [Segment(s, a, lo[0], hi[1], True)] if a > s else []
+    segs.append(Segment(a, b, lo[2], hi[3], False))
     if b < e:
-        segs.append(Segment(b, e, lo(b), hi(e - 1), True))
+        segs.append(Segment(b, e, lo[4], hi[5], True))
     return segs
 
 
@@ -202,7 +205,7 @@ def plan_halo(reach: Reach, lengths: list[int], rank: int, kv_heads: int, unifor
     bounds = shard_bounds(lengths)
     num_heads = (reach.window if reach.window is not None else reach.partitions.slopes).numel()
     group = num_heads // kv_heads
-    needs = [_needs(reach, bounds[r], bounds[r + 1], group, uniform) for r in range(len(lengths))]
+    needs = _needs(reach, bounds, group, uniform)
     s, e = bounds[rank], bounds[rank + 1]
     recv, send = {}, {}
     for other in range(len(lengths)):
