@@ -115,6 +115,9 @@ def _worker(rank, world):
                                                                    window_eps=2.0 if rank == 0 else 0.1))
     results["mismatch"] = _error(lambda: context_parallel_attention(q, k, v, method="window",
                                                                     causal=rank % 2 == 0))
+    results["ring-backend"] = _error(lambda: context_parallel_attention(q, k, v, method="exact", backend="split"))
+    results["zigzag-window"] = _error(lambda: context_parallel_attention(q, k, v, method="window", layout="zigzag"))
+    results["not-self"] = _error(lambda: context_parallel_attention(q, k[:, :, :3], v[:, :, :3], method="window"))
     # Traffic: window halo bytes per rank do not grow with the sequence at a fixed halo (w = 10, 19 keys;
     # shards of 32 and 96 keys, so the halo is clipped by neither the shard nor the sequence).
     sent = []
@@ -150,6 +153,9 @@ def test_errors_are_raised_on_every_rank(world_results):
         "seeds": r"ValueError: .*the LSH partitions differ between ranks",
         "generators": r"ValueError: .*the LSH partitions differ between ranks",
         "mismatch": r"ValueError: .*the ranks were called with different arguments",
+        "ring-backend": r"ValueError: method='exact' \(a ring merging per-block LSEs, which needs their gradient\)",
+        "zigzag-window": r"ValueError: layout='zigzag' balances the causal exact ring",
+        "not-self": r"ValueError: q, k, v must hold the same positions of the sharded sequence",
     }
     for rank, res in enumerate(per_rank):
         for name, pattern in expect.items():

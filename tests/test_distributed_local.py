@@ -114,26 +114,28 @@ def test_q_offset_flex_eager():
 
 
 def test_q_offset_triton_interpreted():
-    """The Triton kernel (lsh, hybrid; forward and backward) with queries inside the keys."""
+    """The Triton kernels (every method; forward and backward) with queries inside the keys."""
     pytest.importorskip("triton")
-    name = "poslsh.attention.triton_lsh"
-    mod = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
-    if type(mod._fwd_kernel).__name__ != "InterpretedFunction":
+    names = ["poslsh.attention.triton.jit", "poslsh.attention.triton.forward", "poslsh.attention.triton.backward",
+             "poslsh.attention.triton.launch", "poslsh.attention.triton"]
+    mods = [importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n) for n in names]
+    if type(mods[1]._fwd_kernel).__name__ != "InterpretedFunction":
         pytest.skip("the Triton kernels were compiled before TRITON_INTERPRET=1 was set")
     q, k, v = (t.requires_grad_() for t in _inputs(torch.float32))
-    for method, scheme, causal in [("lsh", "grid", False), ("hybrid", "cut", True)]:
+    for method, scheme, causal in [("exact", "grid", False), ("window", "grid", True), ("lsh", "grid", False),
+                                   ("hybrid", "cut", True)]:
         kw = _kwargs(method, scheme, causal)
         o, nq = 9, 20
         out, lse = _run("triton", q, k, v, o, nq, kw)
         qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
         ro, rl = poslsh.attention(qd, kd, vd, backend="reference", return_lse=True, **kw)
-        assert (out.double() - ro[:, :, o:o + nq]).abs().max() < 1e-5
-        assert (lse.double() - rl[:, :, o:o + nq]).abs().max() < 1e-5
+        assert (out.double() - ro[:, :, o:o + nq]).abs().max() < 1e-5, method
+        assert (lse.double() - rl[:, :, o:o + nq]).abs().max() < 1e-5, method
         do = torch.randn(B, H, nq, D)
         got = torch.autograd.grad(out, (q, k, v), do)
         ref = torch.autograd.grad(ro[:, :, o:o + nq], (qd, kd, vd), do.double())
         for a, b in zip(got, ref):
-            assert (a.double() - b).abs().max() < 1e-5
+            assert (a.double() - b).abs().max() < 1e-5, method
 
 
 @pytest.mark.parametrize("scheme", ["grid", "cut"])

@@ -32,6 +32,7 @@ from .ring import ring_attention
 __all__ = ["context_parallel_attention", "HALO_MODES", "partitions_fingerprint"]
 
 HALO_MODES = ("head", "max")
+RING_BACKENDS = ("auto", "flex", "fused", "reference")  # backends whose LSE carries a gradient
 
 
 def _digest(*items) -> int:
@@ -83,6 +84,9 @@ def _validate(q, k, v, *, method, slopes, causal, samples, scheme, sampling, par
         raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+    if method == "exact" and backend not in RING_BACKENDS:
+        raise ValueError(f"method='exact' (a ring merging per-block LSEs, which needs their gradient) runs with "
+                         f"backend in {RING_BACKENDS}, got {backend!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     sources = [name for name, x in (("partitions", partitions), ("generator", generator), ("seed", seed))
