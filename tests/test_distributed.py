@@ -103,6 +103,7 @@ def _worker(rank, world):
     results["group-pairs-lsh"] = _case(dist.get_rank(pairs[rank // 2]), 2, pairs[rank // 2], "lsh", False, 11)
     results["group-single-exact"] = _case(0, 1, singles[rank], "exact", True, 9)
     results["group-single-window"] = _case(0, 1, singles[rank], "window", False, 9)
+    results["group-single-zigzag"] = _case(0, 1, singles[rank], "exact", True, 9, layout="zigzag")  # off-diagonal
     # Errors: every rank must raise (the one small all-gather carries the reason), none may hang.
     q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
     results["empty"] = _error(lambda: context_parallel_attention(
@@ -133,7 +134,7 @@ def _worker(rank, world):
 
 @pytest.fixture(scope="module", params=[2, 4])
 def world_results(request):
-    return request.param, run_local(_worker, request.param)
+    return request.param, run_local(_worker, request.param, timeout=300)
 
 
 def test_every_case_matches_single_process(world_results):

@@ -58,7 +58,7 @@ def partitions_fingerprint(parts: Partitions) -> int:
     return _digest("cut", parts.n, parts.slopes, parts.cut_pointers, int(cuts.sum()), cuts[::step])
 
 
-def _metadata_device(group, q) -> torch.device:
+def _metadata_device(group) -> torch.device:
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend:
         return torch.device("cuda", torch.cuda.current_device())
@@ -68,11 +68,11 @@ def _metadata_device(group, q) -> torch.device:
 def _validate(q, k, v, *, method, slopes, causal, samples, scheme, sampling, partitions, generator, seed,
               window_eps, hybrid_eps, scale, key_padding_mask, return_lse, backend, layout, halo):
     """Every local check (the dispatcher's own on the local tensors): returns the slopes."""
+    resolve_spec(q, k, v, slopes=slopes if partitions is None else None, causal=causal, method="exact",
+                 scale=scale, key_padding_mask=key_padding_mask)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k, v must hold the same positions of the sharded sequence (self-attention): q has "
                          f"n={q.shape[2]}, k has n={k.shape[2]}")
-    resolve_spec(q, k, v, slopes=slopes if partitions is None else None, causal=causal, method="exact",
-                 scale=scale, key_padding_mask=key_padding_mask)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if layout not in LAYOUTS:
@@ -152,7 +152,7 @@ def context_parallel_attention(
                                  seed=seed, window_eps=window_eps, hybrid_eps=hybrid_eps, scale=scale,
                                  key_padding_mask=key_padding_mask, return_lse=return_lse, backend=backend,
                                  layout=layout, halo=halo)
-    except (ValueError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - raised below, after every rank has learnt that one failed
         error = err
     lsh = method in ("lsh", "hybrid")
     config = 0
@@ -169,7 +169,7 @@ def context_parallel_attention(
                       _digest("generator", generator.get_state()) if generator is not None else 0)
     candidate = int(torch.randint(0, 2**62, (1,))) if lsh and partitions is None and seed is None \
         and generator is None else 0
-    device = _metadata_device(group, q)
+    device = _metadata_device(group)
     info = all_gather_ints([max(n, 0), int(error is None), config, source, candidate], group, device)
     lengths = [row[0] for row in info]
     if any(m == 0 for m in lengths):

@@ -41,10 +41,11 @@ def _child(rank: int, world: int, store: str, backend: str, threads: int, fn: Ca
 
 
 def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", threads: int = 1,
-              timeout: float = 600.0) -> list[Any]:
+              timeout: float | None = None) -> list[Any]:
     """[fn(0, N, *args), ..., fn(N-1, N, *args)], each run in its own process of one N-rank group.
 
-    Raises RuntimeError with the failing ranks' tracebacks if any rank raised or died."""
+    Raises RuntimeError with the failing ranks' tracebacks if any rank raised or died, or if the
+    ranks have not all returned after ``timeout`` seconds (None: no limit)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     ctx = mp.get_context("spawn")
@@ -60,7 +61,7 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", 
                 p.start()
             results, failures = _collect(procs, queue, timeout)
             for p in procs:
-                p.join(timeout=5 if failures else timeout)
+                p.join(timeout=5 if failures else None)
                 if p.is_alive():  # stuck in a collective with a failed rank
                     p.terminate()
                     p.join()
@@ -75,11 +76,11 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", 
     return [results[r] for r in range(world_size)]
 
 
-def _collect(procs: list, queue, timeout: float) -> tuple[dict, dict]:
+def _collect(procs: list, queue, timeout: float | None) -> tuple[dict, dict]:
     """Results and failures as they arrive; a process that died without reporting (a crash, or an
     error while starting) is a failure, and so is running past ``timeout``."""
     results, failures = {}, {}
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     while len(results) + len(failures) < len(procs) and not failures:
         try:
             rank, ok, value = queue.get(timeout=0.5)
@@ -90,7 +91,7 @@ def _collect(procs: list, queue, timeout: float) -> tuple[dict, dict]:
         for rank, p in enumerate(procs):
             if rank not in results and not p.is_alive() and p.exitcode != 0:
                 failures[rank] = f"exited with code {p.exitcode} without a result (see its stderr)"
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             failures.update({r: f"no result after {timeout:.0f} s" for r in range(len(procs)) if r not in results})
     return results, failures
 

@@ -265,8 +265,24 @@ def _rank_main(rank: int, world: int, config: Config) -> list[dict[str, Any]]:
                         rec = _measure(config, method, halo, w, n_local, group, rank, device, check_only)
                         rec["rank"] = rank
                         records.append(rec)
+                        if rank == 0:
+                            _log(rec)
         dist.barrier()
     return records
+
+
+def _log(rec: dict[str, Any]) -> None:
+    """One line per measurement on stderr (a long run shows where it is)."""
+    parts = [f"[{NAME}] W={rec['world_size']} n={rec['n_local']} {rec['method']}"
+             + (f" halo={rec['halo']}" if rec["halo"] else "")]
+    for phase in ("fwd", "fwd_bwd"):
+        if phase in rec:
+            parts.append(f"{phase} {rec[phase]['ms']:.1f} ms (cpu {rec[phase]['cpu_ms']:.1f})")
+    if "bytes_fwd" in rec:
+        parts.append(f"sent {rec['bytes_fwd']} B")
+    if rec.get("check"):
+        parts.append(f"check {'ok' if rec['check']['ok'] else 'FAILED'}")
+    print(", ".join(parts), file=sys.stderr, flush=True)
 
 
 def _use_cuda(config: Config) -> bool:
