@@ -28,6 +28,7 @@ def _check_doc(doc, world_sizes):
             assert (max(r["bytes_fwd"]) > 0) == (w > 1)
             assert r["ring_bytes_fwd"] == (w - 1) * 2 * 96 * 2 * 8 * 4  # (W-1) x shard K and V, fp32
             assert r["fwd"]["ms"] > 0 and r["fwd_bwd"]["ms"] > 0
+            assert (r.get("halo_bound_bytes_fwd") or 0) > 0 or method == "exact"
     # halo="max" sends every head the widest halo: never fewer bytes than per-head halos
     widest = max(world_sizes)
     for method in ("window", "lsh", "hybrid"):

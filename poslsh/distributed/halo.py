@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .exchange import p2p, wait
 from .local import LocalCall
-from .plan import HaloPlan
+from .plan import HaloPlan, Segment
 
 __all__ = ["HaloExchange", "halo_attention"]
 
@@ -172,6 +172,18 @@ def _cat(pieces: list[Tensor | None], dim: int) -> Tensor | None:
     return None if not pieces else (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim))
 
 
+def _span(left: Tensor | None, local: Tensor | None, right: Tensor | None, seg: Segment, plan: HaloPlan,
+          dim: int) -> Tensor | None:
+    """The segment's keys [k0, k1) along ``dim``: [left halo part | local part | right halo part]."""
+    if local is None:
+        return None
+    s, e, lo = plan.start, plan.stop, plan.window[0]
+    take = lambda t, a, b: t.narrow(dim, a, b - a)  # noqa: E731
+    return _cat([take(left, seg.k0 - lo, s - lo) if seg.k0 < s else None,
+                 take(local, max(seg.k0, s) - s, min(seg.k1, e) - s),
+                 take(right, 0, seg.k1 - e) if seg.k1 > e else None], dim)
+
+
 def halo_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, plan: HaloPlan, group,
                    call: LocalCall) -> tuple[Tensor, Tensor]:
     """This shard's (out [B, H, n, Dv], lse [B, H, n]) for window / lsh / hybrid attention.
@@ -181,30 +193,21 @@ def halo_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | N
         key_padding_mask: bool [B, n] or None.
         plan: this rank's ``HaloPlan``; group: the process group; call: the method, global parameters.
     """
-    s, e = plan.start, plan.stop
+    s = plan.start
     ex = HaloExchange(plan, group, k, v, key_padding_mask)
     k1, v1 = _HaloStart.apply(k, v, ex)
     kpm = key_padding_mask
     results = {}
     for seg in plan.segments:  # interior first, while the halo is in flight
         if not seg.edge:
-            m = None if kpm is None else kpm[:, seg.k0 - s:seg.k1 - s]
-            results[seg] = call(q[:, :, seg.q0 - s:seg.q1 - s], k1[:, :, seg.k0 - s:seg.k1 - s],
-                                v1[:, :, seg.k0 - s:seg.k1 - s], m, seg.q0, seg.k0)
+            keys = slice(seg.k0 - s, seg.k1 - s)
+            results[seg] = call(q[:, :, seg.q0 - s:seg.q1 - s], k1[:, :, keys], v1[:, :, keys],
+                                None if kpm is None else kpm[:, keys], seg.q0, seg.k0)
     lk, lv, rk, rv = _HaloWait.apply(k1, v1, ex)
-    lm, rm = ex.left_mask, ex.right_mask
-    lo = plan.window[0]
     for seg in plan.segments:
         if seg.edge:
-            a, b = max(seg.k0, s), min(seg.k1, e)  # the local part of the segment's keys
-            left = slice(seg.k0 - lo, None) if seg.k0 < s else None
-            right = slice(0, seg.k1 - e) if seg.k1 > e else None
-            parts = lambda halo_l, local, halo_r: [None if left is None else halo_l[..., left, :],  # noqa: E731
-                                                   local[:, :, a - s:b - s],
-                                                   None if right is None else halo_r[..., right, :]]
-            kk, vv = _cat(parts(lk, k1, rk), 2), _cat(parts(lv, v1, rv), 2)
-            m = None if kpm is None else _cat([None if left is None else lm[:, left], kpm[:, a - s:b - s],
-                                               None if right is None else rm[:, right]], 1)
-            results[seg] = call(q[:, :, seg.q0 - s:seg.q1 - s], kk, vv, m, seg.q0, seg.k0)
+            results[seg] = call(q[:, :, seg.q0 - s:seg.q1 - s], _span(lk, k1, rk, seg, plan, 2),
+                                _span(lv, v1, rv, seg, plan, 2), _span(ex.left_mask, kpm, ex.right_mask, seg, plan, 1),
+                                seg.q0, seg.k0)
     outs = [results[seg] for seg in plan.segments]
     return _cat([o for o, _ in outs], 2), _cat([lse for _, lse in outs], 2)

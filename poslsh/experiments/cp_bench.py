@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from ..alibi import alibi_slopes
 from ..attention import attention
+from ..attention.window import hybrid_widths, window_sizes
 from ..distributed import context_parallel_attention, count_traffic, gather, shard
 from ..distributed.launch import init_from_env, run_local
 from ..distributed.layout import shard_positions
@@ -200,6 +201,33 @@ def _peak_memory(fn, device: torch.device) -> int | None:
     return measure(fn)["peak_rss_delta"]
 
 
+def _halo_bound(config: Config, method: str, halo: str, total: int, k: torch.Tensor, v: torch.Tensor) -> int | None:
+    """The most bytes a rank whose neighbours' shards are at least as long as the reach sends forward,
+    whatever N: per KV head and side the largest reach R_h of its query heads (window w_h; grid LSH
+    max_t W_t - 1, the farthest a block can start before a shard edge; hybrid the larger), keys and
+    values; every head the widest with halo="max". None for the cut scheme (no largest block)."""
+    from ..hashing import sample_partitions
+
+    slopes = alibi_slopes(config.heads)
+    reach = torch.zeros(config.heads, dtype=torch.int64)
+    if method in ("window", "hybrid"):
+        reach = window_sizes(slopes, config.window_eps, total) if method == "window" else \
+            hybrid_widths(slopes, config.hybrid_eps, config.samples, total)
+    if method in ("lsh", "hybrid"):
+        parts = sample_partitions(total, slopes, config.samples, scheme=config.scheme,
+                                  generator=torch.Generator().manual_seed(config.seed))
+        if parts.scheme != "grid":
+            return None  # cut blocks have no largest width: unbounded in principle
+        reach = torch.maximum(reach, (parts.widths.amax(1) - 1).clamp(max=total - 1))
+    hkv = k.shape[1]
+    per_kv = reach.reshape(hkv, -1).amax(1)
+    if halo == "max":
+        per_kv = per_kv.amax().expand(hkv)
+    sides = 1 if config.causal else 2
+    b, d, dv = k.shape[0], k.shape[3], v.shape[3]
+    return int(sides * per_kv.sum()) * b * (d + dv) * k.element_size()
+
+
 def _measure(config: Config, method: str, halo: str, world: int, n_local: int, group, rank: int,
              device: torch.device, check_only: bool = False) -> dict[str, Any]:
     total = world * n_local
@@ -225,6 +253,8 @@ def _measure(config: Config, method: str, halo: str, world: int, n_local: int, g
     elt = q.element_size()
     kv_bytes = k.numel() * elt + v.numel() * elt
     rec["ring_bytes_fwd"] = (world - 1) * kv_bytes  # what a ring sends: every other shard's keys and values
+    if method != "exact":
+        rec["halo_bound_bytes_fwd"] = _halo_bound(config, method, halo, total, k, v)
     if config.backward and halo == config.halo:  # the halo="max" comparison: forward time and bytes only
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
 
@@ -301,7 +331,8 @@ def _merge(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         for rec in records:
             key = (rec["method"], rec["halo"], rec["world_size"], rec["n_local"])
             row = rows.setdefault(key, {k: rec.get(k) for k in ("method", "halo", "layout", "world_size", "n_local",
-                                                                 "total", "timed", "ring_bytes_fwd", "input_bytes")}
+                                                                 "total", "timed", "ring_bytes_fwd",
+                                                                 "halo_bound_bytes_fwd", "input_bytes")}
                                   | {"peak_memory": {}, "bytes_fwd": {}, "bytes_bwd": {}, "bytes_metadata": {}})
             r = rec["rank"]
             for name in ("peak_memory", "bytes_fwd", "bytes_bwd", "bytes_metadata"):
@@ -340,6 +371,7 @@ def _traffic_vs_length(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = sorted((r for r in rows if (r["method"], r["halo"], r["world_size"]) == key), key=lambda r: r["total"])
         out.append({"method": key[0], "halo": key[1], "world_size": key[2],
                     "totals": [r["total"] for r in mine], "max_bytes_fwd": [max(r["bytes_fwd"]) for r in mine],
+                    "halo_bound_bytes_fwd": [r.get("halo_bound_bytes_fwd") for r in mine],
                     "ring_bytes_fwd": [r["ring_bytes_fwd"] for r in mine]})
     return out
 
@@ -460,10 +492,11 @@ def summarize(results: dict, out_dir: str | Path) -> str:
         ["method", "halo", "n / rank", "W", "fwd time ratio", "fwd+bwd time ratio", "fwd+bwd CPU ratio"],
         [[w["method"], w["halo"] or "–", w["n_local"], w["world_size"], w.get("fwd_time_ratio"),
           w.get("fwd_bwd_time_ratio"), w.get("fwd_bwd_cpu_ratio")] for w in res["weak_scaling"]])
+    join = lambda xs: " / ".join("–" if x is None else str(x) for x in xs)  # noqa: E731
     traffic = markdown_table(
-        ["method", "halo", "W", "total lengths", "max bytes sent fwd", "ring bytes fwd"],
-        [[t["method"], t["halo"] or "–", t["world_size"], " / ".join(map(str, t["totals"])),
-          " / ".join(map(str, t["max_bytes_fwd"])), " / ".join(map(str, t["ring_bytes_fwd"]))]
+        ["method", "halo", "W", "total lengths", "max bytes sent fwd", "halo bound (bytes)", "ring bytes fwd"],
+        [[t["method"], t["halo"] or "–", t["world_size"], join(t["totals"]), join(t["max_bytes_fwd"]),
+          join(t.get("halo_bound_bytes_fwd", [None] * len(t["totals"]))), join(t["ring_bytes_fwd"])]
          for t in res["traffic_vs_length"]])
     launch = res["launch"]
     return "\n".join([
@@ -490,7 +523,9 @@ def summarize(results: dict, out_dir: str | Path) -> str:
         "",
         weak,
         "",
-        "Bytes sent per rank (forward, largest over ranks) at each total length, against a ring's.",
+        "Bytes sent per rank (forward, largest over ranks) at each total length, against the halo bound (keys "
+        "and values of each KV head's largest reach, per side: window w_h, grid LSH max W - 1; the same at "
+        "every N) and a ring's ((W - 1) x the shard's keys and values).",
         "",
         traffic,
         "",
