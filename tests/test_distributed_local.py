@@ -157,3 +157,4 @@ def test_restrict_matches_block_ids(scheme):
         parts.restrict(5, 5)
     with pytest.raises(ValueError, match=r"restrict needs ints"):
         parts.restrict(0, 34)
+

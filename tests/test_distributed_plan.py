@@ -14,7 +14,7 @@ from poslsh.attention import resolve_spec
 from poslsh.attention.reference import dense_log_weights
 from poslsh.attention.window import hybrid_widths, window_sizes
 from poslsh.distributed.layout import even_lengths, rank_segments, shard_positions
-from poslsh.distributed.plan import Reach, block_bounds_at, plan_halo, shard_bounds
+from poslsh.distributed.plan import Reach, plan_halo, shard_bounds
 
 N, H = 37, 4
 SLOPES = torch.tensor([0.9, 0.3, 0.1, 0.02], dtype=torch.float64)
@@ -42,14 +42,6 @@ def dense_reach(reach, method, slopes=SLOPES):
 
 CASES = [(m, s, c) for m, s in [("window", None), ("lsh", "grid"), ("lsh", "cut"), ("hybrid", "grid"), ("hybrid", "cut")]
          for c in (True, False)]
-
-
-@pytest.mark.parametrize("scheme", ["grid", "cut"])
-def test_block_bounds_at(scheme):
-    parts = poslsh.sample_partitions(N, SLOPES, 3, scheme=scheme, generator=torch.Generator().manual_seed(3))
-    start, end = parts.block_bounds()
-    s, e = block_bounds_at(parts, list(range(N)))
-    assert torch.equal(s, start) and torch.equal(e, end)
 
 
 @pytest.mark.parametrize("slopes", [SLOPES, STEEP], ids=["4heads", "steep"])

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..attention.ranges import Support, _key_ranges_at, block_bounds_at
 from ..hashing import Partitions
 
-__all__ = ["block_bounds_at", "Reach", "Segment", "HaloPlan", "plan_halo", "shard_bounds"]
+__all__ = ["Reach", "Segment", "HaloPlan", "plan_halo", "shard_bounds"]
 
 
 def shard_bounds(lengths: list[int]) -> list[int]:
@@ -37,33 +38,6 @@ def shard_bounds(lengths: list[int]) -> list[int]:
     for n in lengths:
         bounds.append(bounds[-1] + n)
     return bounds
-
-
-def block_bounds_at(parts: Partitions, positions: list[int]) -> tuple[Tensor, Tensor]:
-    """First and one-past-last position of the block holding each given position, per head and sample.
-
-    ``Partitions.block_bounds()`` for a few positions without forming [H, r, n].
-
-    Returns:
-        (start, end), int64 CPU [H, r, P], clipped to [0, n].
-    """
-    pos = torch.tensor(positions, dtype=torch.int64)
-    if parts.scheme == "grid":
-        w, u = parts.widths.cpu()[..., None], parts.offsets.cpu()[..., None]
-        start = torch.div(pos + u, w, rounding_mode="floor") * w - u
-        return start.clamp(min=0), (start + w).clamp(max=parts.n)
-    h, r = parts.num_heads, parts.num_samples
-    cuts, ptr = parts.cut_positions.cpu(), parts.cut_pointers.cpu().tolist()
-    start = torch.zeros(h * r, pos.numel(), dtype=torch.int64)
-    end = torch.full((h * r, pos.numel()), parts.n, dtype=torch.int64)
-    for row in range(h * r):  # each row's cuts are sorted: the last cut <= p starts p's block
-        c = cuts[ptr[row]:ptr[row + 1]]
-        if c.numel() == 0:
-            continue
-        i = torch.searchsorted(c, pos, right=True)  # cuts <= p
-        start[row] = torch.where(i > 0, c[(i - 1).clamp(min=0)], 0)
-        end[row] = torch.where(i < c.numel(), c[i.clamp(max=c.numel() - 1)], parts.n)
-    return start.reshape(h, r, -1), end.reshape(h, r, -1)
 
 
 @dataclass(frozen=True)
@@ -76,21 +50,19 @@ class Reach:
     window: Tensor | None = None
     partitions: Partitions | None = None
 
+    @property
+    def method(self) -> str:
+        if self.window is not None and self.partitions is not None:
+            return "hybrid"
+        return "window" if self.window is not None else "lsh"
+
     def bounds(self, positions: list[int]) -> tuple[Tensor, Tensor]:
-        """Keys [lo, hi) reached by query position p, per head: int64 [H, P] each, within [0, n)."""
+        """Keys [lo, hi) reached by query position p, per head: int64 [H, P] each, within [0, n)
+        (``poslsh.attention.ranges``, the one definition of a query's reach, for rows [p, p])."""
         pos = torch.tensor(positions, dtype=torch.int64)
-        lo = hi = None
-        if self.window is not None:
-            w = self.window.cpu()[:, None]
-            lo, hi = pos - w, pos + w + 1
-        if self.partitions is not None:
-            start, end = block_bounds_at(self.partitions, positions)
-            blo, bhi = start.amin(1), end.amax(1)
-            lo = blo if lo is None else torch.minimum(lo, blo)
-            hi = bhi if hi is None else torch.maximum(hi, bhi)
-        if self.causal:
-            hi = (pos + 1).expand_as(lo)
-        return lo.clamp(min=0), hi.clamp(max=self.n)
+        support = Support(self.method, self.causal, 0, self.window, self.partitions)
+        r = _key_ranges_at(support, pos, pos, self.n, torch.device("cpu"), full=False)
+        return r.lo, r.hi
 
     def interior(self, s: int, e: int) -> tuple[int, int]:
         """[a, b): the queries of the shard [s, e) whose reach lies inside it in every head.
@@ -104,7 +76,7 @@ class Reach:
             a = max(a, s + int(self.window.max())) if left else a
             b = min(b, e - int(self.window.max())) if right else b
         if self.partitions is not None and (left or right):
-            start, end = block_bounds_at(self.partitions, [max(s - 1, 0), min(e, self.n - 1)])
+            start, end = block_bounds_at(self.partitions, torch.tensor([max(s - 1, 0), min(e, self.n - 1)]))
             a = max(a, int(end[..., 0].max())) if left else a
             b = min(b, int(start[..., 1].min())) if right else b
         return min(a, e), max(b, s)
