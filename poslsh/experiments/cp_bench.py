@@ -441,15 +441,20 @@ def replot(doc: dict, out_dir: str | Path) -> None:
     axes[0].set_title("o: wall time of the slowest rank; x: its CPU time", fontsize=8)
     axes[0].grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
-    for (method, halo), color in zip(dict.fromkeys((r["method"], r["halo"]) for r in rows), plt.cm.tab10.colors * 3):
+    colors = dict(zip(dict.fromkeys((r["method"], r["halo"]) for r in rows), plt.cm.tab10.colors * 3))
+    sizes = sorted({r["world_size"] for r in rows if r["world_size"] > 1})
+    styles = dict(zip(reversed(sizes), ["-", "--", ":", "-."] * 4))
+    for (method, halo, w) in dict.fromkeys((r["method"], r["halo"], r["world_size"]) for r in rows):
         pts = sorted((r["total"], max(r["bytes_fwd"])) for r in rows
-                     if (r["method"], r["halo"]) == (method, halo) and r["world_size"] > 1)
-        if pts:
-            label = method if halo in (None, doc["config"]["halo"]) else f"{method}, halo={halo}"
-            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=label)
-    ring = sorted({(r["total"], r["ring_bytes_fwd"]) for r in rows if r["world_size"] > 1})
-    if ring:
-        axes[1].plot([p[0] for p in ring], [p[1] for p in ring], "k--", alpha=0.5, label="a ring: (W-1) x shard K,V")
+                     if (r["method"], r["halo"], r["world_size"]) == (method, halo, w))
+        if w > 1 and method != "exact":
+            label = (method if halo in (None, doc["config"]["halo"]) else f"{method}, halo={halo}") + f", W={w}"
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "o", ls=styles[w], color=colors[(method, halo)],
+                         label=label)
+    for w in sizes:  # what a ring sends at each length (the exact rows measured it where they ran)
+        ring = sorted({(r["total"], r["ring_bytes_fwd"]) for r in rows if r["world_size"] == w})
+        axes[1].plot([p[0] for p in ring], [p[1] for p in ring], "k", ls=styles[w], alpha=0.5,
+                     label=f"a ring, W={w}: (W-1) x shard K,V")
     axes[1].set_xscale("log", base=2)
     axes[1].set_yscale("log")
     axes[1].set_xlabel("total sequence length")
