@@ -10,7 +10,7 @@ import pytest
 
 from poslsh.cli import main
 from poslsh.experiments import cp_bench
-from poslsh.experiments.common import load_results
+from poslsh.util import load_results
 
 TOY = ["--lengths", "96", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "0",
        "--exact-max-local", "96", "--samples", "2", "--device", "cpu"]

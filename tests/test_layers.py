@@ -10,7 +10,7 @@ layer           modules
                 record, tables, progress lines, plotting, Config -> flags, --threads, requirements)
 1 core math     alibi, kernels, hashing, layer_partitions, masks, theory, method
 2 attention     attention (dispatch, backends, ranges, kernels), flash (FlashAttention's interface)
-3 nn            nn (ALiBiAttention)
+3 nn            nn (ALiBiAttention), distributed (context parallelism over torch.distributed)
 4 lm            lm (the small language model: data, model, train, evaluate, its CLI commands)
 5 integrations  integrations (transformers patch; eval-hf scores with lm's perplexity)
 6 experiments   experiments (each claim as a measurement -> JSON -> report)
@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core math", ("poslsh.alibi", "poslsh.kernels", "poslsh.hashing", "poslsh.layer_partitions", "poslsh.masks",
                    "poslsh.theory", "poslsh.method")),
     ("attention", ("poslsh.attention", "poslsh.flash")),
-    ("nn", ("poslsh.nn",)),
+    ("nn", ("poslsh.nn", "poslsh.distributed")),
     ("lm", ("poslsh.lm",)),
     ("integrations", ("poslsh.integrations",)),
     ("experiments", ("poslsh.experiments",)),

@@ -109,8 +109,8 @@ def _validate(q, k, v, *, method, slopes, causal, samples, scheme, sampling, par
 
 
 def context_parallel_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, group=None, method: str = "lsh", slopes=None, causal: bool = True,
-    samples: int = 8, scheme: str = "grid", sampling: str = "iid", partitions: Partitions | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, group=None, method: str = "exact", slopes=None,
+    is_causal: bool | None = None, causal: bool | None = None, samples: int = 8, scheme: str = "grid", sampling: str = "iid", partitions: Partitions | None = None,
     generator: torch.Generator | None = None, seed: int | None = None, window_eps: float = 1e-3,
     hybrid_eps: float = 1e-2, scale: float | None = None, key_padding_mask: Tensor | None = None,
     return_lse: bool = False, backend: str = "auto", layout: str = "contiguous", halo: str = "head",
@@ -126,8 +126,9 @@ def context_parallel_attention(
             n_r >= 1 on every rank, lengths may differ; the global sequence is the shards in rank order
             (``layout="zigzag"``: see ``poslsh.distributed.layout``).
         group: the process group (default: the world). Gloo (CPU tensors) or NCCL (CUDA tensors).
-        method, slopes, causal, samples, scheme, sampling, window_eps, hybrid_eps, scale, backend: as in
-            ``poslsh.attention`` (the backend runs every local call; "auto" picks per call).
+        method, slopes, is_causal (or its alias causal; default True), samples, scheme, sampling,
+            window_eps, hybrid_eps, scale, backend: as in ``poslsh.attention`` (the backend runs every
+            local call; "auto" picks per call).
         partitions: ``Partitions`` over the N global positions (identical on every rank), or
         seed: an int that every rank passes (partitions drawn from ``torch.Generator().manual_seed(seed)``),
         generator: a CPU generator in the same state on every rank; none of the three: rank 0 draws a
@@ -143,6 +144,9 @@ def context_parallel_attention(
         out [B, H, n_r, Dv] in q's dtype, or (out, lse) with lse [B, H, n_r] in the compute dtype.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if is_causal is not None and causal is not None:
+        raise TypeError("pass is_causal (SDPA's name) or causal (its alias), not both")
+    causal = True if is_causal is None and causal is None else (causal if is_causal is None else is_causal)
     n = q.shape[2] if isinstance(q, Tensor) and q.ndim == 4 else -1
     error, slopes_t = None, None
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..attention.ranges import Support, _key_ranges_at, block_bounds_at
+from ..attention.ranges import Support, _key_ranges_at
 from ..hashing import Partitions
 
 __all__ = ["Reach", "Segment", "HaloPlan", "plan_halo", "shard_bounds"]
@@ -76,7 +76,7 @@ class Reach:
             a = max(a, s + int(self.window.max())) if left else a
             b = min(b, e - int(self.window.max())) if right else b
         if self.partitions is not None and (left or right):
-            start, end = block_bounds_at(self.partitions, torch.tensor([max(s - 1, 0), min(e, self.n - 1)]))
+            start, end = self.partitions.bounds_at(torch.tensor([max(s - 1, 0), min(e, self.n - 1)]))
             a = max(a, int(end[..., 0].max())) if left else a
             b = min(b, int(start[..., 1].min())) if right else b
         return min(a, e), max(b, s)

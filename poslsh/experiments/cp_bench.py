@@ -37,7 +37,8 @@ from ..attention.window import hybrid_widths, window_sizes
 from ..distributed import context_parallel_attention, count_traffic, gather, shard
 from ..distributed.launch import init_from_env, run_local
 from ..distributed.layout import shard_positions
-from .common import fmt, markdown_table, pyplot, save_results
+from ..util import fmt, markdown_table, pyplot, save_figure, save_results
+from .metrics import relative_error
 from .scaling import measure
 
 NAME = "cp-bench"
@@ -84,12 +85,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in the wider of float32 and the inputs' dtype (a float64 copy of a GPU-sized
-    tensor would not fit beside the rest)."""
-    wide = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    diff = float(torch.linalg.vector_norm(a.to(wide) - b.to(wide), dtype=torch.float64))
-    den = float(torch.linalg.vector_norm(b.to(wide), dtype=torch.float64))
-    return diff / den if den > 0 else diff
+    return float(relative_error(a, b))
 
 
 def _max_over(group, *values: float) -> list[float]:
@@ -465,9 +461,7 @@ def replot(doc: dict, out_dir: str | Path) -> None:
     fig.suptitle(f"context parallelism on {env['device']} ({doc['results']['launch']['backend']}): B={cfg['batch']}, "
                  f"H={cfg['heads']}, D={cfg['head_dim']}, {cfg['dtype']}, {'causal' if cfg['causal'] else 'bidirectional'}",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(Path(out_dir) / PLOT, dpi=110)
-    plt.close(fig)
+    save_figure(fig, Path(out_dir) / PLOT)
 
 
 def summarize(results: dict, out_dir: str | Path) -> str:
