@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -49,32 +49,62 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 @dataclass
 class Config:
-    """What to run. Defaults: the CPU run (about 15 minutes on 2 shared cores)."""
+    """What to run. Defaults: the committed CPU run (about 25 minutes on 2 shared cores).
+
+    Attributes:
+        world_sizes: Ranks W to measure (sub-groups 0..W-1 of the launched processes; without torchrun the
+            largest is the number of processes spawned).
+        lengths: Tokens per rank n (the sequence is W x n: weak scaling).
+        methods: Methods to measure.
+        batch: Batch size B.
+        heads: Query heads H, with Press slopes.
+        kv_heads: Key/value heads (grouped KV); 0 means as many as the query heads.
+        head_dim: Head dimension D.
+        dtype: Dtype of q, k, v.
+        causal: Causal attention (--no-causal: bidirectional).
+        window_eps: Truncation level of the window method.
+        samples: Partitions r of lsh and hybrid.
+        hybrid_eps: Target error of the hybrid (sets its near-field widths).
+        scheme: Positional LSH scheme.
+        halo: Halo per KV head (head) or every head the widest head's (max).
+        halo_max: Also measure halo max (forward time and bytes) at the largest world size.
+        exact_layout: Layout of the causal exact ring (zigzag balances its work).
+        exact_max_local: Longest per-rank length timed for exact attention (a ring: quadratic).
+        check_max_total: Check against one process on the gathered sequence up to this total length.
+        check_lengths: Extra per-rank lengths where only the check runs (not timed).
+        backward: Also time forward+backward and check the gradients.
+        repeats: Timed calls per point (the median is kept).
+        warmup: Untimed calls before the timed ones.
+        threads: Torch CPU threads per process; 0 keeps torch's default.
+        device: Where to run; auto is CUDA under torchrun when it is available, else the CPU.
+        backend: Backend of the local attention calls (auto picks per call).
+        seed: Seed of inputs and partitions.
+    """
 
     world_sizes: tuple[int, ...] = (1, 2, 4)
-    lengths: tuple[int, ...] = (2048, 8192)  # tokens per rank
-    methods: tuple[str, ...] = METHODS
+    lengths: tuple[int, ...] = (2048, 8192)
+    methods: tuple[Literal["window", "lsh", "hybrid", "exact"], ...] = METHODS
     batch: int = 1
     heads: int = 8
-    kv_heads: int = 0  # 0: as many as heads
+    kv_heads: int = 0
     head_dim: int = 64
-    dtype: str = "float32"
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     causal: bool = True
     window_eps: float = 1e-3
     samples: int = 8
     hybrid_eps: float = 1e-2
-    scheme: str = "grid"
-    halo: str = "head"
-    halo_max: bool = True  # also measure halo="max" (every head the widest halo; forward only) at the largest W
-    exact_layout: str = "zigzag"
-    exact_max_local: int = 2048  # exact (a ring: quadratic) only at per-rank lengths up to this
-    check_max_total: int = 8192  # compare with one process on the gathered sequence up to this length
-    check_lengths: tuple[int, ...] = ()  # extra per-rank lengths where only the check runs (not timed)
+    scheme: Literal["grid", "cut"] = "grid"
+    halo: Literal["head", "max"] = "head"
+    halo_max: bool = True
+    exact_layout: Literal["zigzag", "contiguous"] = "zigzag"
+    exact_max_local: int = 2048
+    check_max_total: int = 8192
+    check_lengths: tuple[int, ...] = ()
     backward: bool = True
     repeats: int = 3
     warmup: int = 1
-    threads: int = 1  # torch CPU threads per process (0: leave)
-    device: str = "auto"  # "cpu" or "cuda"; auto: CUDA under torchrun when available, else the CPU
+    threads: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: str = "auto"
     seed: int = 0
 
