@@ -64,3 +64,30 @@ def test_under_torchrun(tmp_path):
     assert launch["command"].startswith("torchrun --nproc-per-node 2 -m poslsh.cli cp-bench --world-sizes 2")
     rows = doc["results"]["rows"]
     assert {r["method"] for r in rows} == {"window", "lsh"} and all(r["check"]["ok"] for r in rows)
+
+
+def _dies_on_rank_one(rank, world):
+    if rank == 1:
+        os._exit(3)  # a crash: no exception, no result
+    return rank
+
+
+def _raises_on_rank_zero(rank, world):
+    if rank == 0:
+        raise ValueError("rank zero refuses")
+    return rank
+
+
+def test_local_launcher_reports_dead_and_failing_ranks():
+    """A rank that dies without a result is a failure, not a hang (the first version waited forever)."""
+    from poslsh.distributed.launch import run_local
+
+    assert run_local(lambda_free_rank, 2) == [0, 1]
+    with pytest.raises(RuntimeError, match=r"rank 1 ---\nexited with code 3 without a result"):
+        run_local(_dies_on_rank_one, 2, timeout=120)
+    with pytest.raises(RuntimeError, match=r"rank 0 ---\nTraceback[\s\S]*ValueError: rank zero refuses"):
+        run_local(_raises_on_rank_zero, 2, timeout=120)
+
+
+def lambda_free_rank(rank, world):
+    return rank
