@@ -1,0 +1,87 @@
+"""On a GPU only: the public calls a user makes (``flash_attn_func``, ``flash_attn_varlen_func`` and
+``poslsh.attention`` with ``backend="auto"``) on CUDA tensors, forward and backward, against a float64
+oracle on the CPU; the CPU suite holds the same calls to the same oracle on CPU tensors.
+
+Run alone (``python -m pytest -q tests/test_cuda_public_calls.py``): other test files set
+TRITON_INTERPRET=1 when collected, which would make the Triton kernels interpreted here too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import poslsh
+from poslsh import flash_attn_func, flash_attn_varlen_func
+from poslsh.experiments.metrics import relative_error
+
+from test_flash import fa_reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tensors (run on the GPU machine)")
+
+H, HKV, D = 8, 2, 64
+SLOPES = poslsh.alibi_slopes(H).double()
+# fp32 runs IEEE dots (bound 1e-5 as the kernels' own checks); bf16: a few units of its 2^-8 rounding
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+CASES = {  # causal, window_size
+    "causal exact": (True, (-1, -1)),
+    "bidirectional exact": (False, (-1, -1)),
+    "causal per-head windows": (True, ([3, 17, 64, 200, 1000, -1, 5, 0], 0)),
+    "symmetric window": (False, (33, 33)),
+}
+
+
+def _inputs(b, nq, nk, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, h, D, generator=g, dtype=torch.float64)
+               for n, h in ((nq, H), (nk, HKV), (nk, HKV)))
+    return tuple(t.to(dtype) for t in (q, k, v))  # rounded once: oracle and GPU see the same values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("nq,nk", [(257, 257), (100, 1025), (1, 513)])
+def test_flash_attn_func_on_cuda(name, dtype, nq, nk):
+    causal, window = CASES[name]
+    q, k, v = _inputs(2, nq, nk, dtype)
+    qc, kc, vc = (t.cuda().requires_grad_() for t in (q, k, v))
+    out = flash_attn_func(qc, kc, vc, causal=causal, window_size=window, alibi_slopes=SLOPES.cuda())
+    assert out.device.type == "cuda" and out.dtype == dtype and out.shape == (2, nq, H, D)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    ref = fa_reference(qd, kd, vd, causal=causal, window=window, slopes=SLOPES)
+    assert relative_error(out.cpu(), ref) < BOUND[dtype]
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad(out, (qc, kc, vc), do.to(dtype).cuda())
+    want = torch.autograd.grad(ref, (qd, kd, vd), do.to(dtype).double())
+    for name_, a, b in zip("qkv", got, want):
+        assert relative_error(a.cpu(), b) < 2 * BOUND[dtype], name_
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_on_cuda(dtype):
+    """Three packed sequences (one shorter than a tile, one of 2^k + 1) with per-sequence slopes."""
+    lens_q, lens_k = [5, 129, 300], [5, 257, 300]
+    slopes = torch.stack([SLOPES, SLOPES * 0.5, SLOPES * 2])
+    parts = [_inputs(1, a, b, dtype, seed=i) for i, (a, b) in enumerate(zip(lens_q, lens_k))]
+    q, k, v = (torch.cat([p[i][0] for p in parts]) for i in range(3))
+    cu = lambda lens: torch.tensor([0] + lens).cumsum(0).to(torch.int32).cuda()  # noqa: E731
+    out = flash_attn_varlen_func(q.cuda(), k.cuda(), v.cuda(), cu(lens_q), cu(lens_k), max(lens_q), max(lens_k),
+                                 causal=True, alibi_slopes=slopes.cuda())
+    ref = torch.cat([fa_reference(*(t.double() for t in p), causal=True, slopes=slopes[i:i + 1])[0]
+                     for i, p in enumerate(parts)])
+    assert out.device.type == "cuda" and relative_error(out.cpu(), ref) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("method", ["exact", "window", "lsh", "hybrid"])
+def test_attention_auto_on_cuda_matches_reference(method):
+    """``poslsh.attention`` in SDPA's layout, backend chosen by the dispatcher, bf16, grouped KV and a
+    padding mask, against ``backend="reference"`` in float64 on the same partitions."""
+    q, k, v = (t.transpose(1, 2) for t in _inputs(2, 300, 513, torch.bfloat16))
+    mask = torch.ones(2, 513, dtype=torch.bool)
+    mask[1, 400:] = False
+    parts = (poslsh.sample_partitions(513, SLOPES, 8, generator=torch.Generator().manual_seed(3))
+             if method in ("lsh", "hybrid") else None)
+    kw = dict(slopes=SLOPES, is_causal=True, method=method, partitions=parts, window_eps=1e-3, hybrid_eps=1e-2)
+    out = poslsh.attention(q.cuda(), k.cuda(), v.cuda(), key_padding_mask=mask.cuda(), **kw)
+    ref = poslsh.attention(q.double(), k.double(), v.double(), key_padding_mask=mask, backend="reference", **kw)
+    assert out.dtype == torch.bfloat16 and relative_error(out.cpu(), ref) < BOUND[torch.bfloat16]
