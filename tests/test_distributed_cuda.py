@@ -39,24 +39,24 @@ def _run(backend, q, k, v, o, nq, kw):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA backends (run on the GPU machine)")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("method,scheme", METHODS)
 @pytest.mark.parametrize("backend", ["triton", "flex"])
-def test_q_offset_cuda_backends(backend):
+def test_q_offset_cuda_backends(backend, method, scheme, causal):
     """On a GPU: the compiled Triton kernels and FlexAttention with queries inside the keys, forward and
     backward, against the float64 reference (what poslsh.distributed's shard calls run on CUDA)."""
     if backend not in available_backends():
         pytest.skip(f"backend {backend} not available")
     q, k, v = (t.cuda().requires_grad_() for t in _inputs(torch.float32))
-    for method, scheme in METHODS:
-        for causal in (True, False):
-            kw = _kwargs(method, scheme, causal)
-            qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-            ro, rl = poslsh.attention(qd, kd, vd, backend="reference", return_lse=True, **kw)
-            for o, nq in OFFSETS:
-                out, lse = _run(backend, q, k, v, o, nq, kw)
-                assert (out.double() - ro[:, :, o:o + nq]).abs().max() < 1e-4, (method, causal, o)
-                assert (lse.double() - rl[:, :, o:o + nq]).abs().max() < 1e-4, (method, causal, o)
-                do = torch.randn_like(out)
-                got = torch.autograd.grad(out, (q, k, v), do)
-                ref = torch.autograd.grad(ro[:, :, o:o + nq], (qd, kd, vd), do.double(), retain_graph=True)
-                for a, b in zip(got, ref):
-                    assert (a.double() - b).abs().max() < 1e-4, (method, causal, o)
+    kw = _kwargs(method, scheme, causal)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = poslsh.attention(qd, kd, vd, backend="reference", return_lse=True, **kw)
+    for o, nq in OFFSETS:
+        out, lse = _run(backend, q, k, v, o, nq, kw)
+        assert (out.double() - ro[:, :, o:o + nq]).abs().max() < 1e-4, o
+        assert (lse.double() - rl[:, :, o:o + nq]).abs().max() < 1e-4, o
+        do = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), do)
+        ref = torch.autograd.grad(ro[:, :, o:o + nq], (qd, kd, vd), do.double(), retain_graph=True)
+        for a, b in zip(got, ref):
+            assert (a.double() - b).abs().max() < 1e-4, o

@@ -103,7 +103,9 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        device = None
+        if backend == "nccl":  # bound to its GPU up front: NCCL then never guesses a rank's device
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, device_id=device)
     return dist.get_rank(), dist.get_world_size()
