@@ -32,7 +32,7 @@ from .ring import ring_attention
 __all__ = ["context_parallel_attention", "HALO_MODES", "partitions_fingerprint"]
 
 HALO_MODES = ("head", "max")
-RING_BACKENDS = ("auto", "flex", "fused", "reference")  # backends whose LSE carries a gradient
+RING_BACKENDS = ("auto", "flex", "fused", "reference")  # each block of the ring runs on one of these (ring.py)
 
 
 def _digest(*items) -> int:

@@ -13,11 +13,11 @@ sequence's keys and values on every rank (O(N) memory and traffic) behind DTenso
 
 Blocks: a rank's query range against one key range, both contiguous, with relative offset
 delta = (first query position) - (first key position). The merge needs each block's LSE *with its
-gradient*, which the Triton kernels do not give, so: on CUDA every block runs through FlexAttention
-(its score_mod uses q_idx + q_offset and its block ranges clip to [0, Nk), valid for any offset); on
-the CPU diagonal blocks (delta in [0, Nk - Nq]) run through the "fused" backend and blocks of keys
-wholly before or after the queries, outside the dispatcher's q_offset range, through the dense
-reference (row-chunked to bound memory).
+gradient*. Diagonal blocks (delta in [0, Nk - Nq], the dispatcher's q_offset range) run through the
+dispatcher (``backend="auto"``: on CUDA the Triton kernels, whose LSE carries a gradient; on the CPU
+"fused"). Blocks of keys wholly before or after the queries lie outside that range: on CUDA they run
+through FlexAttention (its score_mod uses q_idx + q_offset and its block ranges clip to [0, Nk), valid
+for any offset), on the CPU through the dense reference (row-chunked to bound memory).
 
 Backward (FlashAttention-style, no per-block state kept from the forward): each block is recomputed
 with autograd and given the gradient of the merged result, d out_b = w_b dO and
@@ -53,14 +53,16 @@ def exact_block(call: LocalCall, q: Tensor, k: Tensor, v: Tensor, mask: Tensor |
     """
     nq, nk = q.shape[2], k.shape[2]
     spec = dataclasses.replace(call.spec(q[:, :, :min(nq, nk)], k, v, mask, 0, 0), q_offset=delta)
+    diagonal = 0 <= delta <= nk - nq
+    if diagonal and call.backend != "flex":
+        return call(q, k, v, mask, delta, 0)
     if q.is_cuda and call.backend in ("auto", "flex"):
         from ..attention.flex import flex_attention_spec, supports_flex
 
         if supports_flex(q, spec):
             return flex_attention_spec(q, k, v, spec)
-    if 0 <= delta <= nk - nq:  # a backend whose LSE has a gradient (not the Triton kernels')
-        return dataclasses.replace(call, backend="fused" if call.backend in ("auto", "flex") else call.backend)(
-            q, k, v, mask, delta, 0)
+    if diagonal:  # flex asked for on the CPU
+        return dataclasses.replace(call, backend="fused")(q, k, v, mask, delta, 0)
     rows = max(1, REFERENCE_BUDGET // (q.shape[0] * q.shape[1] * nk))
     parts = [reference_attention(q[:, :, i:i + rows], k, v, dataclasses.replace(spec, q_offset=delta + i))
              for i in range(0, nq, rows)]
