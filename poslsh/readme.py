@@ -119,7 +119,7 @@ def _ratio_range(values: list[float]) -> str:
 def readme_summary() -> str:
     """The README's short reading of the GPU results, every number from the committed JSON: the kernels
     against FlexAttention and SDPA (the benchmark), at equal error (the two Pareto runs), the split form
-    (bench/split_gpu.py) and the LSH-trained language models (lsh-native)."""
+    (bench/split_gpu.py), the LSH-trained language models (lsh-native) and context parallelism (cp-bench)."""
     from .experiments import gpu_bench as gb
     from .experiments import lsh_native, pareto
 
@@ -153,7 +153,24 @@ def readme_summary() -> str:
             "reading q, k and v. The paper's own form (r short unbiased attentions on SDPA's or Flex's kernel, "
             f"`backend=\"split\"`) is correct but {_ratio_range(split)} slower than the fused kernel, since each of "
             "the r passes reads every q, k and v. Language models trained with positional LSH instead of the "
-            f"bias (`poslsh lsh-native`): {verdict}")
+            f"bias (`poslsh lsh-native`): {verdict} {cp_summary(load('cp_cpu/cp-bench.json'))}")
+
+
+def cp_summary(doc: Doc) -> str:
+    """One sentence on context parallelism from the CPU cp-bench run: bytes per rank of the halo methods
+    at the largest world size and both lengths, against a ring's, and whether every check passed."""
+    res = doc["results"]
+    w = max(t["world_size"] for t in res["traffic_vs_length"])
+    at = {t["method"]: t for t in res["traffic_vs_length"] if t["world_size"] == w and t["halo"] in (None, "head")}
+    kib = lambda xs: " and ".join(f"{x / 1024:.0f}" for x in xs)  # noqa: E731
+    totals = " and ".join(f"{n // 1024}K" for n in at["window"]["totals"])
+    ok = all(r["check"]["ok"] for r in res["rows"] if r.get("check"))
+    return (f"Context parallelism (`poslsh.distributed`, {w} gloo processes, {totals} tokens in all): a rank "
+            f"sends {kib(at['window']['max_bytes_fwd'])} KiB per forward for the window and "
+            f"{kib(at['lsh']['max_bytes_fwd'])} KiB for LSH, where a ring would send "
+            f"{kib(at['window']['ring_bytes_fwd'])} KiB; "
+            + ("every method matches one process on the whole sequence." if ok else
+               "**a check against one process failed** (docs/RESULTS.md)."))
 
 
 def readme_block() -> str:
@@ -297,6 +314,12 @@ SECTIONS: list[Section] = [
     Section("split_h200/split_gpu.json", "The paper's form: ALiBi as r short attentions on kernels without a bias",
             split_gpu),
     Section("lsh-native.json", "Language models trained with positional LSH instead of the bias", lsh_native),
+    Section("cp_cpu/cp-bench.json", "Context parallelism on the CPU: 1, 2 and 4 gloo processes (poslsh.distributed)",
+            _experiment("cp_bench"), ("cp_cpu/cp_bench.png",)),
+    Section("cp_h200_1gpu/cp-bench.json", "Context parallelism on one H200 (NCCL, one process): the weak-scaling "
+            "baseline at 256K and 1M tokens", _experiment("cp_bench")),
+    Section("cp_h200_1gpu/smoke/cp-bench.json", "Context parallelism on one H200: every method through NCCL, checked",
+            _experiment("cp_bench")),
     Section("lm-validation.json", "A language model trained here: bits per byte per method, r and context",
             _experiment("lm_validation")),
     Section("pareto_h200/pareto.json", "Error against time at 64K tokens on the GPU (its 256K panel was rerun above)",

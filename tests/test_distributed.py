@@ -171,3 +171,24 @@ def test_halo_traffic_is_independent_of_length(world_results):
     for rank, res in enumerate(per_rank):
         short, long = res["traffic"]
         assert short == long > 0, (rank, res["traffic"])
+
+
+def _readme_example(rank, world):
+    """The README's context-parallel snippet on this rank's shard, against one process on the whole."""
+    import re as _re
+
+    from poslsh import readme
+
+    snippet = [b for b in _re.findall(r"```python\n(.*?)```", (readme.ROOT / "README.md").read_text(), _re.S)
+               if "context_parallel_attention" in b]
+    assert len(snippet) == 1, "the README has one context-parallel example"
+    g = torch.Generator().manual_seed(0)
+    whole = [torch.randn(1, 8, 301, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+    scope = dict(zip("qkv", (shard(t, rank, world) for t in whole)))
+    exec(snippet[0], scope)
+    ref = poslsh.attention(*whole, method="window", is_causal=True)
+    return float((gather(scope["out"]) - ref).abs().max())
+
+
+def test_readme_example_runs_on_two_processes():
+    assert max(run_local(_readme_example, 2, timeout=300)) < TOL

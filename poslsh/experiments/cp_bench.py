@@ -495,7 +495,13 @@ def replot(doc: dict, out_dir: str | Path) -> None:
 
 
 def summarize(results: dict, out_dir: str | Path) -> str:
-    """Markdown: per (method, W, n) time, memory, bytes and check; weak scaling; bytes vs length."""
+    """The run's report.md: a heading, the plot and ``readme_section``."""
+    return f"## Context parallelism ({NAME})\n\n![time and bytes]({PLOT})\n\n" + readme_section(results)
+
+
+def readme_section(results: dict) -> str:
+    """Markdown: per (method, W, n) time, memory, bytes and check; weak scaling; bytes vs length (the
+    last two where the run has more than one world size)."""
     res, cfg = results["results"], results["config"]
     rows = sorted(res["rows"], key=lambda r: (r["method"], str(r["halo"]), r["n_local"], r["world_size"]))
     checked = [r for r in rows if r.get("check")]
@@ -503,10 +509,10 @@ def summarize(results: dict, out_dir: str | Path) -> str:
     mib = lambda b: "–" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
 
     table = markdown_table(
-        ["method", "halo", "W", "n / rank", "fwd ms", "fwd+bwd ms", "fwd+bwd CPU ms", "peak MiB (max rank)",
+        ["method", "halo", "W", "n / rank", "fwd ms", "fwd+bwd ms", "fwd+bwd CPU ms", "peak MiB beyond the inputs (max rank)",
          "sent fwd KiB (max rank)", "sent bwd KiB", "ring fwd KiB"],
         [[r["method"], r["halo"] or r["layout"], r["world_size"], r["n_local"], r["fwd"]["ms"],
-          r["fwd_bwd"]["ms"] if "fwd_bwd" in r else None, r["fwd_bwd"]["cpu_ms"] if "fwd_bwd" in r else None,
+          r["fwd_bwd"]["ms"] if "fwd_bwd" in r else "–", r["fwd_bwd"]["cpu_ms"] if "fwd_bwd" in r else "–",
           mib(max((m for m in r["peak_memory"] if m is not None), default=None)), max(r["bytes_fwd"]) / 1024,
           max(b or 0 for b in r["bytes_bwd"]) / 1024, r["ring_bytes_fwd"] / 1024] for r in rows])
     names = ("out", "dq", "dk", "dv")
@@ -528,34 +534,23 @@ def summarize(results: dict, out_dir: str | Path) -> str:
           join(t.get("halo_bound_bytes_fwd", [None] * len(t["totals"]))), join(t["ring_bytes_fwd"])]
          for t in res["traffic_vs_length"]])
     launch = res["launch"]
-    return "\n".join([
-        f"## Context parallelism ({NAME})",
-        "",
-        f"{launch['processes']} processes ({launch['launcher']}, {launch['backend']}); B={cfg['batch']}, H={cfg['heads']}, "
+    parts = [
+        f"{launch['processes']} process{'es' if launch['processes'] > 1 else ''} ({launch['launcher']}, {launch['backend']}); B={cfg['batch']}, H={cfg['heads']}, "
         f"Hkv={cfg['kv_heads'] or cfg['heads']}, D={cfg['head_dim']}, {cfg['dtype']}, "
         f"{'causal' if cfg['causal'] else 'bidirectional'}, Press slopes; window eps={cfg['window_eps']}, "
         f"lsh/hybrid r={cfg['samples']} ({cfg['scheme']}), hybrid eps={cfg['hybrid_eps']}; exact: ring, "
         f"layout {cfg['exact_layout'] if cfg['causal'] else 'contiguous'}. Times: median of {cfg['repeats']} calls of "
         "the slowest rank (wall), and that rank's process CPU time.",
-        "",
-        f"![time and bytes]({PLOT})",
-        "",
         table,
-        "",
         "Correctness: the gathered result against one process on the whole sequence (relative Frobenius "
         "difference), and both against a wider-dtype reference of the same method; ok = CP's error within 2x "
         "of the single process's own.",
-        "",
-        checks,
-        "",
-        "Weak scaling: time at W ranks and W x the length over time at 1 rank and 1 x the length (1 = perfect).",
-        "",
-        weak,
-        "",
-        "Bytes sent per rank (forward, largest over ranks) at each total length, against the halo bound (keys "
-        "and values of each KV head's largest reach, per side: window w_h, grid LSH max W - 1; the same at "
-        "every N) and a ring's ((W - 1) x the shard's keys and values).",
-        "",
-        traffic,
-        "",
-    ])
+        checks]
+    if res["weak_scaling"]:
+        parts += ["Weak scaling: time at W ranks and W x the length over time at 1 rank and 1 x the length "
+                  "(1 = perfect).", weak]
+    if res["traffic_vs_length"]:
+        parts += ["Bytes sent per rank (forward, largest over ranks) at each total length, against the halo bound "
+                  "(keys and values of each KV head's largest reach, per side: window w_h, grid LSH max W - 1; the "
+                  "same at every N) and a ring's ((W - 1) x the shard's keys and values).", traffic]
+    return "\n\n".join(parts) + "\n"
