@@ -24,24 +24,7 @@ import poslsh  # noqa: E402
 from poslsh.attention import resolve_spec, select_backend  # noqa: E402
 from poslsh.attention.reference import reference_attention  # noqa: E402
 
-B, H, HKV, NK, D = 2, 4, 2, 41, 16
-SLOPES = poslsh.alibi_slopes(H) * 0.3
-# (q_offset, Nq): queries at the start, in the middle, at the end, a single row, all rows.
-OFFSETS = [(0, 5), (3, 20), (17, 11), (40, 1), (0, NK), (9, 32)]
-METHODS = [("exact", "grid"), ("window", "grid"), ("lsh", "grid"), ("lsh", "cut"), ("hybrid", "grid"),
-           ("hybrid", "cut")]
-
-
-def _inputs(dtype):
-    g = torch.Generator().manual_seed(0)
-    return (torch.randn(B, H, NK, D, generator=g, dtype=dtype), torch.randn(B, HKV, NK, D, generator=g, dtype=dtype),
-            torch.randn(B, HKV, NK, D, generator=g, dtype=dtype))
-
-
-def _kwargs(method, scheme, causal):
-    parts = (poslsh.sample_partitions(NK, SLOPES, 3, scheme=scheme, generator=torch.Generator().manual_seed(2))
-             if method in ("lsh", "hybrid") else None)
-    return dict(slopes=SLOPES, causal=causal, method=method, partitions=parts, window_eps=0.1, hybrid_eps=0.3)
+from q_offset_cases import B, D, H, METHODS, NK, OFFSETS, SLOPES, inputs as _inputs, method_kwargs as _kwargs  # noqa: E402
 
 
 def _run(backend, q, k, v, o, nq, kw, fn=None):
