@@ -48,6 +48,11 @@ def test_spawned(tmp_path):
     (tmp_path / cp_bench.PLOT).unlink()
     cp_bench.replot(doc, tmp_path)  # the plot from the JSON alone
     assert (tmp_path / cp_bench.PLOT).stat().st_size > 0
+    # and through the CLI, as every experiment: --replot launches nothing and rewrites plot and report
+    again = tmp_path / "again"
+    assert main(["cp-bench", "--replot", str(tmp_path / "cp-bench.json"), "--out", str(again)]) == 0
+    assert (again / cp_bench.PLOT).stat().st_size > 0 and "| window | head | 2 | 96 |" in (again / "report.md").read_text()
+    assert not (again / "cp-bench.json").exists()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun's standalone rendezvous")

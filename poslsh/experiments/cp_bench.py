@@ -37,7 +37,7 @@ from ..attention.window import hybrid_widths, window_sizes
 from ..distributed import context_parallel_attention, count_traffic, gather, shard
 from ..distributed.launch import init_from_env, run_local
 from ..distributed.layout import shard_positions
-from ..util import fmt, markdown_table, pyplot, save_figure, save_results
+from ..util import fmt, markdown_table, pyplot, replot_saved, save_figure, save_results
 from .metrics import relative_error
 from .scaling import measure
 
@@ -79,6 +79,8 @@ class Config:
         device: Where to run; auto is CUDA under torchrun when it is available, else the CPU.
         backend: Backend of the local attention calls (auto picks per call).
         seed: Seed of inputs and partitions.
+        replot: A saved cp-bench.json: only redraw its PNG and report into --out (every other flag is
+            ignored; nothing is launched).
     """
 
     world_sizes: tuple[int, ...] = (1, 2, 4)
@@ -107,6 +109,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: str = "auto"
     seed: int = 0
+    replot: str = ""
 
 
 def _sync(device: torch.device) -> None:
@@ -404,6 +407,8 @@ def _traffic_vs_length(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run(config: Config, out_dir: str | Path) -> dict:
     """Measure on every process; rank 0 writes ``out_dir/cp-bench.json`` and the plot."""
+    if config.replot:
+        return replot_saved(config.replot, NAME, out_dir, replot)
     unknown = set(config.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"methods must be among {METHODS}, got {sorted(unknown)}")
@@ -486,7 +491,10 @@ def replot(doc: dict, out_dir: str | Path) -> None:
     axes[1].set_xlabel("total sequence length")
     axes[1].set_ylabel("bytes sent per rank, forward (max over ranks)")
     axes[1].grid(True, alpha=0.3)
-    axes[1].legend(fontsize=7)
+    if axes[1].get_legend_handles_labels()[0]:  # a one-rank run sends nothing: no lines to label
+        axes[1].legend(fontsize=7)
+    else:
+        axes[1].text(0.5, 0.5, "one rank: nothing sent", ha="center", va="center", transform=axes[1].transAxes)
     env, cfg = doc["environment"], doc["config"]
     fig.suptitle(f"context parallelism on {env['device']} ({doc['results']['launch']['backend']}): B={cfg['batch']}, "
                  f"H={cfg['heads']}, D={cfg['head_dim']}, {cfg['dtype']}, {'causal' if cfg['causal'] else 'bidirectional'}",
