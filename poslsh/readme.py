@@ -139,8 +139,9 @@ def readme_summary() -> str:
             if gb.find(rows, "sdpa", m) and gb.find(rows, "exact_triton", m)]
     flex = [r["speedup"] for r in pareto.against_flex(load("pareto_h200_256k/pareto.json"),
                                                       load("pareto_h200_256k_flex/pareto.json")) if r["speedup"]]
-    split = [v for per in load("split_h200/split_gpu.json")["results"]["per_n"].values()
-             for prim, v in per["fwd_over_fused"].items() if prim in ("split_sdpa", "split_flex")]
+    split = [v for path in ("split_h200/split_gpu.json", "split_h200_1m/split_gpu.json")
+             for per in load(path)["results"]["per_n"].values()
+             for prim, v in per["fwd_over_fused"].items() if prim in ("split_sdpa", "split_flex") and v]
     ln = load("lsh-native.json")
     verdict = lsh_native.verdict(ln["results"], lsh_native.config_of(ln["results"]))[0]
     k = lambda m: f"{m // 1024}K"  # noqa: E731
@@ -312,6 +313,8 @@ SECTIONS: list[Section] = [
     Section("pareto_h200_256k_flex/pareto.json", "Against FlexAttention at equal error (256K tokens)", against_flex,
             ("pareto_h200_256k_flex/pareto.png",)),
     Section("split_h200/split_gpu.json", "The paper's form: ALiBi as r short attentions on kernels without a bias",
+            split_gpu),
+    Section("split_h200_1m/split_gpu.json", "The paper's form at 1M tokens (after the 64-bit offset fix of its merge)",
             split_gpu),
     Section("lsh-native.json", "Language models trained with positional LSH instead of the bias", lsh_native),
     Section("cp_cpu/cp-bench.json", "Context parallelism on the CPU: 1, 2 and 4 gloo processes (poslsh.distributed)",
