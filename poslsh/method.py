@@ -27,8 +27,8 @@ from typing import Any
 from .checks import as_float, as_int
 from .hashing import check_scheme
 
-__all__ = ["METHODS", "MethodSpec", "as_method", "parse_method", "parse_methods", "GRAMMAR", "DEFAULT_WINDOW_EPS",
-           "DEFAULT_HYBRID_EPS"]
+__all__ = ["METHODS", "MethodSpec", "as_method", "method_options", "parse_method", "parse_methods", "GRAMMAR",
+           "DEFAULT_WINDOW_EPS", "DEFAULT_HYBRID_EPS"]
 
 METHODS = ("exact", "window", "lsh", "hybrid")
 DEFAULT_WINDOW_EPS = 1e-3  # poslsh.attention's defaults (a test holds them equal)
@@ -116,6 +116,25 @@ def as_method(method: str | MethodSpec = "exact", **options: Any) -> MethodSpec:
     if not isinstance(method, str):
         raise TypeError(f"method must be a method name {METHODS} or a MethodSpec, got {type(method).__name__}")
     return MethodSpec(method, **given)
+
+
+def method_options(method: str | MethodSpec = "exact", **options: Any) -> dict[str, Any]:
+    """The method and every option of ``poslsh.attention`` (and ``context_parallel_attention``), from
+    what the caller gave: a method name with options beside it (None: the default), a ``MethodSpec``
+    or its text form ("lsh:8:grid:qmc"), which hold their options (then none may be given beside).
+    A name is checked later by the dispatcher, as it always was; a spec was checked when it was built."""
+    given = {name: value for name, value in options.items() if value is not None}
+    unknown = set(given) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown method options {sorted(unknown)}; the options are {OPTIONS}")
+    if isinstance(method, str) and ":" in method:
+        method = parse_method(method)
+    if isinstance(method, MethodSpec):
+        if given:
+            raise TypeError(f"method={method.label!r} holds its options: give {sorted(given)} in it, not beside it")
+        given = {name: getattr(method, name) for name in OPTIONS}
+        method = method.method
+    return {"method": method, **{name: given.get(name, getattr(MethodSpec, name)) for name in OPTIONS}}
 
 
 def parse_method(text: str) -> MethodSpec:

@@ -192,3 +192,21 @@ def _readme_example(rank, world):
 
 def test_readme_example_runs_on_two_processes():
     assert max(run_local(_readme_example, 2, timeout=300)) < TOL
+
+
+def _method_as_spec(rank, world):
+    """A MethodSpec or its text holds the options: the same result as the name with options beside."""
+    g = torch.Generator().manual_seed(1)
+    whole = [torch.randn(1, 4, 40, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    q, k, v = (shard(t, rank, world) for t in whole)
+    by_name = context_parallel_attention(q, k, v, method="hybrid", samples=3, sampling="qmc", hybrid_eps=0.3, seed=5)
+    by_text = context_parallel_attention(q, k, v, method="hybrid:3:grid:qmc:0.3", seed=5)
+    by_spec = context_parallel_attention(q, k, v, method=poslsh.parse_method("hybrid:3:grid:qmc:0.3"), seed=5)
+    refused = _error(lambda: context_parallel_attention(q, k, v, method="lsh:4", samples=8))
+    return torch.equal(by_name, by_text) and torch.equal(by_name, by_spec), refused
+
+
+def test_method_given_as_a_spec_or_its_text():
+    for same, refused in run_local(_method_as_spec, 2, timeout=300):
+        assert same
+        assert refused == "TypeError: method='lsh:4:grid' holds its options: give ['samples'] in it, not beside it"

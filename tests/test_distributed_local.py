@@ -119,6 +119,11 @@ def test_q_offset_triton_interpreted():
         ref = torch.autograd.grad(ro[:, :, o:o + nq], (qd, kd, vd), do.double())
         for a, b in zip(got, ref):
             assert (a.double() - b).abs().max() < 1e-5, method
+    # Queries beyond the keys (a ring's off-diagonal block) are outside the kernels' range: refused, where
+    # the causal kernel used to return a wrong answer (3 positions past Nk - Nq: 0.1 off the reference).
+    spec = dataclasses.replace(resolve_spec(q[:, :, :20], k, v, slopes=SLOPES, method="exact"), q_offset=NK - 17)
+    with pytest.raises(ValueError, match=r"the Triton kernels take q_offset in \[0, Nk - Nq\] = \[0, 21\], got 24"):
+        mods[3].triton_attention(q[:, :, :20].detach(), k.detach(), v.detach(), spec)
 
 
 @pytest.mark.parametrize("scheme", ["grid", "cut"])

@@ -86,6 +86,12 @@ BAD = [
      r"^slopes require grad, but method='lsh' samples its partitions from them"),
     ({"slopes": torch.tensor([0.5, 0.1], requires_grad=True), "method": "hybrid"}, ValueError,
      r"^slopes require grad, but method='hybrid' samples its partitions from them"),
+    # a method given as a MethodSpec or its text holds its options
+    ({"method": "lsh:4", "samples": 8}, TypeError, r"^method='lsh:4:grid' holds its options: give \['samples'\] in it"),
+    ({"method": poslsh.parse_method("window:0.1"), "window_eps": 0.1}, TypeError,
+     r"^method='window:0\.1' holds its options: give \['window_eps'\]"),
+    ({"method": "lsh:4:grid:sobol"}, ValueError, r"^bad method 'lsh:4:grid:sobol': sampling must be"),
+    ({"method": "window:1:2"}, ValueError, r"^bad method 'window:1:2': use exact, window\[:EPS\]"),
 ]
 
 
@@ -96,6 +102,20 @@ BAD_IDS = [f"{i}-{m.split(',')[0].lstrip('^')}" for i, (_, _, m) in enumerate(BA
 def test_bad_arguments_raise_clear_errors(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         poslsh.attention(Q, K, V, **{"slopes": SLOPES, **kwargs})
+
+
+def test_method_as_a_spec_or_its_text_equals_the_name_with_options():
+    """poslsh.attention takes the one method description the nn module, the LM, patch_model and the
+    CLI take (``poslsh.MethodSpec``, or its text): the same call as the name with the options beside."""
+    cases = [("window:0.05", dict(method="window", window_eps=0.05)),
+             ("lsh:3:cut", dict(method="lsh", samples=3, scheme="cut")),
+             ("hybrid:3:grid:qmc:0.2", dict(method="hybrid", samples=3, sampling="qmc", hybrid_eps=0.2)),
+             ("exact", dict(method="exact"))]
+    for text, kwargs in cases:
+        want = poslsh.attention(Q, K, V, slopes=SLOPES, generator=torch.Generator().manual_seed(4), **kwargs)
+        for method in (text, poslsh.parse_method(text)):
+            got = poslsh.attention(Q, K, V, slopes=SLOPES, generator=torch.Generator().manual_seed(4), method=method)
+            assert torch.equal(got, want), text
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

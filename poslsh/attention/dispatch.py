@@ -43,6 +43,7 @@ from torch import Tensor
 from ..alibi import alibi_slopes, check_slopes
 from ..checks import as_bool, as_float, as_int, check_generator
 from ..hashing import Partitions, check_scheme, sample_partitions
+from ..method import MethodSpec, method_options
 from .core import METHODS, AttentionSpec
 from .fused import fused_attention, supports_fused
 from .primitives import resolve_primitive
@@ -311,10 +312,11 @@ def _warn_if_flash_layout(q: Tensor, k: Tensor) -> None:
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | list[float] | None = None, is_causal: bool | None = None,
-    method: str = "exact", samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
-    generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
-    key_padding_mask: Tensor | None = None, return_lse: bool = False, backend: str = "auto",
-    sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None, primitive=None, causal: bool | None = None,
+    method: str | MethodSpec = "exact", samples: int | None = None, scheme: str | None = None,
+    partitions: Partitions | None = None, generator: torch.Generator | None = None, window_eps: float | None = None,
+    scale: float | None = None, key_padding_mask: Tensor | None = None, return_lse: bool = False,
+    backend: str = "auto", sampling: str | None = None, hybrid_eps: float | None = None, kernel=None, primitive=None,
+    causal: bool | None = None,
     q_offset: int | None = None, **unsupported,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """ALiBi attention: exact, truncated to a per-head window, or estimated by positional LSH.
@@ -333,13 +335,15 @@ def attention(
             poslsh's older name; pass one of the two.
         method: "exact" (the default: no approximation unless asked); "window" (weights kept for
             |p - j| <= ceil(ln(1/window_eps)/m_h)); "lsh" (weights c_pj = fraction of the r samples in
-            which p and j share a block); "hybrid" (exact for |p - j| <= w_h, c_pj beyond).
-        samples: r, for "lsh"/"hybrid" when ``partitions`` is None.
-        scheme: "grid" or "cut", for "lsh"/"hybrid" when ``partitions`` is None.
+            which p and j share a block); "hybrid" (exact for |p - j| <= w_h, c_pj beyond). Or a
+            ``poslsh.MethodSpec`` or its text ("window:1e-3", "lsh:8:grid:qmc", "hybrid:8:grid:iid:0.1"),
+            which holds samples, scheme, sampling, window_eps and hybrid_eps (then none is given beside).
+        samples: r, for "lsh"/"hybrid" when ``partitions`` is None (default 8).
+        scheme: "grid" (default) or "cut", for "lsh"/"hybrid" when ``partitions`` is None.
         partitions: ``Partitions`` over the Nk key positions with H heads (shared across the batch),
             for method "lsh" or "hybrid".
         generator: CPU generator for sampling partitions.
-        window_eps: truncation level for "window".
+        window_eps: truncation level for "window" (default 1e-3).
         scale: multiplier of q . k; default 1/sqrt(D).
         key_padding_mask: bool [B, Nk], True = keep. Padding removes keys but does not move the
             queries: row i stays at position Nk - Nq + i, so with right-padded keys and Nq < Nk the
@@ -347,9 +351,9 @@ def attention(
             at the end of its *valid* keys instead: for that alignment pass the packed sequences to
             ``poslsh.flash_attn_varlen_func`` (or left-pad, where both conventions agree).
         return_lse: also return the log-sum-exp of the weighted scores.
-        sampling: "iid", "stratified" or "qmc": joint law of the r sampled partitions of a head
-            (each keeps its exact law; grid only), for "lsh"/"hybrid" when ``partitions`` is None.
-        hybrid_eps: for method "hybrid" (exact weights for |p - j| <= w_h, LSH collision means
+        sampling: "iid" (default), "stratified" or "qmc": joint law of the r sampled partitions of a
+            head (each keeps its exact law; grid only), for "lsh"/"hybrid" when ``partitions`` is None.
+        hybrid_eps: for method "hybrid" (default 1e-2; exact weights for |p - j| <= w_h, LSH collision means
             beyond: unbiased for the kernel): target RMS relative error of a row's total weight from
             the LSH far field, which sets w_h (``window.hybrid_widths``).
         kernel: a ``poslsh.kernels.Kernel`` (all heads) or one per head, instead of ALiBi slopes:
@@ -380,10 +384,10 @@ def attention(
     _warn_if_flash_layout(q, k)
     if backend != "auto" and backend not in available_backends():  # before any partition is sampled
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
-    spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method=method, samples=samples, scheme=scheme,
-                        partitions=partitions, generator=generator, window_eps=window_eps, scale=scale,
-                        key_padding_mask=key_padding_mask, sampling=sampling, hybrid_eps=hybrid_eps, kernel=kernel,
-                        q_offset=q_offset)
+    options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
+                             hybrid_eps=hybrid_eps)
+    spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, partitions=partitions, generator=generator, scale=scale,
+                        key_padding_mask=key_padding_mask, kernel=kernel, q_offset=q_offset, **options)
     if primitive is not None:
         if backend != "split":
             raise ValueError(f"primitive= is an option of backend='split', got backend={backend!r}")

@@ -22,6 +22,7 @@ from torch import Tensor
 from ..attention import METHODS, available_backends, resolve_spec
 from ..attention.window import hybrid_widths, window_sizes
 from ..hashing import Partitions, sample_partitions
+from ..method import MethodSpec, method_options
 from .exchange import all_gather_ints
 from .halo import halo_attention
 from .layout import LAYOUTS, rank_segments
@@ -109,10 +110,11 @@ def _validate(q, k, v, *, method, slopes, causal, samples, scheme, sampling, par
 
 
 def context_parallel_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, group=None, method: str = "exact", slopes=None,
-    is_causal: bool | None = None, causal: bool | None = None, samples: int = 8, scheme: str = "grid", sampling: str = "iid", partitions: Partitions | None = None,
-    generator: torch.Generator | None = None, seed: int | None = None, window_eps: float = 1e-3,
-    hybrid_eps: float = 1e-2, scale: float | None = None, key_padding_mask: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, group=None, method: str | MethodSpec = "exact", slopes=None,
+    is_causal: bool | None = None, causal: bool | None = None, samples: int | None = None, scheme: str | None = None,
+    sampling: str | None = None, partitions: Partitions | None = None, generator: torch.Generator | None = None,
+    seed: int | None = None, window_eps: float | None = None, hybrid_eps: float | None = None,
+    scale: float | None = None, key_padding_mask: Tensor | None = None,
     return_lse: bool = False, backend: str = "auto", layout: str = "contiguous", halo: str = "head",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """ALiBi attention (exact, window, lsh, hybrid) of a sequence sharded over ``group``.
@@ -127,8 +129,8 @@ def context_parallel_attention(
             (``layout="zigzag"``: see ``poslsh.distributed.layout``).
         group: the process group (default: the world). Gloo (CPU tensors) or NCCL (CUDA tensors).
         method, slopes, is_causal (or its alias causal; default True), samples, scheme, sampling,
-            window_eps, hybrid_eps, scale, backend: as in ``poslsh.attention`` (the backend runs every
-            local call; "auto" picks per call).
+            window_eps, hybrid_eps, scale, backend: as in ``poslsh.attention`` (method also a
+            ``MethodSpec`` or its text; the backend runs every local call; "auto" picks per call).
         partitions: ``Partitions`` over the N global positions (identical on every rank), or
         seed: an int that every rank passes (partitions drawn from ``torch.Generator().manual_seed(seed)``),
         generator: a CPU generator in the same state on every rank; none of the three: rank 0 draws a
@@ -150,6 +152,10 @@ def context_parallel_attention(
     n = q.shape[2] if isinstance(q, Tensor) and q.ndim == 4 else -1
     error, slopes_t = None, None
     try:
+        options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
+                                 hybrid_eps=hybrid_eps)
+        method, samples, scheme, sampling, window_eps, hybrid_eps = (
+            options[name] for name in ("method", "samples", "scheme", "sampling", "window_eps", "hybrid_eps"))
         if n != 0:
             slopes_t = _validate(q, k, v, method=method, slopes=slopes, causal=causal, samples=samples,
                                  scheme=scheme, sampling=sampling, partitions=partitions, generator=generator,
@@ -158,7 +164,7 @@ def context_parallel_attention(
                                  layout=layout, halo=halo)
     except Exception as err:  # noqa: BLE001 - raised below, after every rank has learnt that one failed
         error = err
-    lsh = method in ("lsh", "hybrid")
+    lsh = error is None and method in ("lsh", "hybrid")
     config = 0
     source = 0
     if error is None and n > 0:

@@ -370,6 +370,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
     """
     B, H, Nq, D = q.shape
     Nk, dv_dim = k.shape[2], v.shape[-1]
+    if not 0 <= spec.q_offset <= Nk - Nq:  # the causal tile ranges assume queries inside the keys
+        raise ValueError(f"the Triton kernels take q_offset in [0, Nk - Nq] = [0, {Nk - Nq}], got {spec.q_offset}")
     if dv_dim != D:  # one head dim in the kernels: zero-pad (q.k unchanged) and slice the output
         m = max(D, dv_dim)
         pad = lambda x: torch.nn.functional.pad(x, (0, m - x.shape[-1]))  # noqa: E731
