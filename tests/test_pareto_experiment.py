@@ -117,7 +117,7 @@ def test_budget_skips_the_remaining_points(tmp_path):
 def test_interrupted_run_leaves_a_loadable_partial_json_that_replots(tmp_path, monkeypatch):
     """The JSON is rewritten after every point: a run killed mid-way leaves a complete file marked
     partial, which --replot draws and the README section renders."""
-    measure = pareto._point
+    measure = pareto.measure._point
     calls = []
 
     def dies_on_the_fourth(*args, **kwargs):
@@ -126,7 +126,7 @@ def test_interrupted_run_leaves_a_loadable_partial_json_that_replots(tmp_path, m
             raise KeyboardInterrupt  # not an Exception: nothing in the run may swallow it
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(pareto, "_point", dies_on_the_fourth)
+    monkeypatch.setattr(pareto.measure, "_point", dies_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         pareto.run(_tiny(convergence=False), tmp_path / "run")
     saved = load_results(tmp_path / "run" / "pareto.json")
@@ -140,14 +140,14 @@ def test_interrupted_run_leaves_a_loadable_partial_json_that_replots(tmp_path, m
 
 
 def test_a_failing_point_is_recorded_and_the_rest_measured(tmp_path, monkeypatch):
-    point = pareto._point
+    point = pareto.measure._point
 
     def hybrid_breaks(config, method, *args):
         if method == "hybrid":
             raise RuntimeError("compiler exploded")
         return point(config, method, *args)
 
-    monkeypatch.setattr(pareto, "_point", hybrid_breaks)
+    monkeypatch.setattr(pareto.measure, "_point", hybrid_breaks)
     doc = pareto.run(_tiny(convergence=False, heavy_n=0, plots=False), tmp_path)
     points = doc["results"]["alibi"][0]["points"]
     failed = [p for p in points if "failed" in p]
@@ -227,12 +227,12 @@ def test_flex_is_timed_with_its_block_mask_built_once(method):
     from poslsh.attention.dispatch import BACKENDS, available_backends
 
     assert "flex" in available_backends()
-    q, k, v = pareto._inputs(64, 2, 16, torch.float32, torch.device("cpu"), seed=0, query_scale=2.0)
+    q, k, v = pareto.measure._inputs(64, 2, 16, torch.float32, torch.device("cpu"), seed=0, query_scale=2.0)
     spec = resolve_spec(q, k, v, slopes=alibi_slopes(2), causal=True, method=method, window_eps=0.1)
-    out = pareto._forward(BACKENDS["flex"], spec, 64, 64, q.device)(q, k, v)
+    out = pareto.measure._forward(BACKENDS["flex"], spec, 64, 64, q.device)(q, k, v)
     assert relative_error(out, BACKENDS["fused"](q, k, v, spec)[0]) < 1e-5
     # the reference of the last rows only (error_rows): its block mask must be built for those rows
     last = q[:, :, -17:]
     spec_last = resolve_spec(last, k, v, slopes=alibi_slopes(2), causal=True, method=method, window_eps=0.1)
-    out_last = pareto._forward(BACKENDS["flex"], spec_last, 17, 64, q.device)(last, k, v)
+    out_last = pareto.measure._forward(BACKENDS["flex"], spec_last, 17, 64, q.device)(last, k, v)
     assert relative_error(out_last, out[:, :, -17:]) < 1e-5

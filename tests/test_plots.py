@@ -21,7 +21,7 @@ def test_pareto_lines_run_in_x_order_with_labelled_points(name):
     doc = load_results(RESULTS / name / "pareto.json")
     plt = pyplot()
     fig, ax = plt.subplots()
-    pareto._plot_panel(ax, pareto.alibi_panels(doc["results"])[0], {"iid": "C0", "stratified": "C1", "qmc": "C2"})
+    pareto.report._plot_panel(ax, pareto.alibi_panels(doc["results"])[0], {"iid": "C0", "stratified": "C1", "qmc": "C2"})
     lines = [line for line in ax.get_lines() if len(line.get_xdata()) > 1]
     assert lines and all(list(line.get_xdata()) == sorted(line.get_xdata()) for line in lines)
     texts = {t.get_text() for t in ax.texts}
