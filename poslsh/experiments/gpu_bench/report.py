@@ -5,12 +5,12 @@ them without a GPU)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
 from ...util import fmt, markdown_table, pyplot
+from ..harness import config_from
 from .design import COLUMNS, LABELS, Config
 
 
@@ -113,7 +113,6 @@ def summarize(results: dict[str, Any], out_dir: Path) -> str:
     """Markdown: checks, the tables per pass and decoding, targets, the plots."""
     res = results.get("results", results)
     env = results.get("environment", {})
-    rows = [r for r in res["rows"] if not r.get("config")]
     lines = [f"## GPU benchmark ({env.get('device', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')})",
              "", readme_section(results)]
     checks = res.get("checks", [])
@@ -153,8 +152,7 @@ def combine(docs: list[dict[str, Any]], passes: list[tuple[str, ...]]) -> dict[s
                 res["rows"].append(dict(r, run=len(out["runs"])))
         out["runs"].append({"command": doc["environment"]["command"], "date": doc["environment"]["date"],
                             "passes": list(take)})
-    derive(res, Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in docs[0]["config"].items()
-                          if k in {f.name for f in dataclasses.fields(Config)}}))
+    derive(res, config_from(docs[0]["config"], Config))
     out["results"] = res
     return out
 
@@ -167,8 +165,7 @@ def readme_section(doc: dict[str, Any], parts: tuple[str, ...] = PARTS) -> str:
     errors, decoding, the aims; ``parts`` picks some."""
     res = copy.deepcopy(doc["results"] if "results" in doc else doc)
     if "config" in doc:  # a run cut short by an error saved its rows before deriving: derive here
-        derive(res, Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["config"].items()
-                              if k in {f.name for f in dataclasses.fields(Config)}}))
+        derive(res, config_from(doc["config"], Config))
     rows = [r for r in res["rows"] if not r.get("config")]
     kib = lambda n: f"{n // 1024}K" if n < 1 << 20 else f"{n >> 20}M"  # noqa: E731
     shape = res["shape"]
