@@ -168,7 +168,7 @@ def method_pairs(spec, n: int, nq: int, heads: int = 1) -> int:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(relative_error(a, b, dtype=torch.float64))
+    return float(relative_error(a.detach(), b.detach(), dtype=torch.float64))
 
 
 def _poison() -> None:
