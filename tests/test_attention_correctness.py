@@ -102,6 +102,14 @@ def test_window_matches_truncated_alibi(backend, causal):
     torch.testing.assert_close(lse, ref_lse, atol=1e-11, rtol=0)
 
 
+def test_window_sizes_at_the_extremes():
+    """ceil(ln(1/eps) / m) capped at n - 1: slope 0 and a subnormal slope (ln(1/eps) / m overflows to
+    inf) reach every key, a huge slope only the diagonal; n = 1 has no other key."""
+    s = torch.tensor([0.0, 5e-324, 1e30, math.log(1000.0)], dtype=torch.float64)
+    assert window_sizes(s, 1e-3, 100).tolist() == [99, 99, 1, 1]
+    assert window_sizes(s, 1e-3, 1).tolist() == [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("backend", TORCH_BACKENDS)
 @pytest.mark.parametrize("scheme", ["grid", "cut"])
 @pytest.mark.parametrize("causal", [True, False])

@@ -262,7 +262,7 @@ def resolve_spec(
                                      "or omit kernel= to use the partitions' own)")
             elif partitions.kernels is not None:
                 raise ValueError("partitions were drawn for kernels; pass kernel= (or omit slopes)")
-            elif not torch.allclose(partitions.slopes.to(torch.float64), s, rtol=1e-9, atol=0.0):
+            elif not all(abs(a - b) <= 1e-9 * abs(b) for a, b in zip(partitions.slopes.tolist(), s.tolist())):
                 raise ValueError(f"partitions were drawn for slopes {partitions.slopes.tolist()}, "
                                  f"but slopes={s.tolist()}")
             if partitions.device != q.device:

@@ -30,11 +30,11 @@ def window_sizes(slopes: Tensor, eps: float, n: int) -> Tensor:
     Returns:
         int64 CPU tensor [H].
     """
-    s = slopes.detach().to("cpu", torch.float64)
-    w = torch.full_like(s, float(max(n - 1, 0)))
-    pos = s > 0
-    w[pos] = torch.ceil(math.log(1.0 / eps) / s[pos]).clamp(max=float(max(n - 1, 0)))
-    return w.to(torch.int64)
+    # Python floats (IEEE float64, the same arithmetic as a float64 tensor): a few microseconds instead
+    # of tens for the tensor ops, on every call of every layer.
+    cap, scale = max(n - 1, 0), math.log(1.0 / eps)
+    return torch.tensor([math.ceil(min(scale / m, cap)) if m > 0 else cap  # min first: scale / m may be inf
+                         for m in slopes.detach().to("cpu", torch.float64).tolist()], dtype=torch.int64)
 
 
 def kernel_window_sizes(kernels, eps: float, n: int) -> Tensor:
