@@ -38,11 +38,12 @@ EXPERIMENTS: dict[str, tuple[str, bool, str]] = {
                                         "them with exact ALiBi at one token budget."),
     "cp-bench": ("cp_bench", False, "Shard one sequence over N processes: check, time, memory, bytes per rank."),
 }
-# Results measured elsewhere (on a GPU) and committed: ``poslsh demo`` redraws their plots from the JSON
+# Results measured elsewhere (on a GPU, or over several processes) and committed: ``poslsh demo`` redraws their plots from the JSON
 # alone (no GPU needed) into its report. Subcommand -> file in the results folder (``demo --results``,
 # by default the checkout's bench/results); the module provides ``replot(doc, out_dir)`` besides
 # ``summarize``.
-COMMITTED: dict[str, str] = {"lm-validation": "lm-validation.json", "lsh-native": "lsh-native.json"}
+COMMITTED: dict[str, str] = {"lm-validation": "lm-validation.json", "lsh-native": "lsh-native.json",
+                             "cp-bench": "cp_cpu/cp-bench.json"}
 
 
 def _module(name: str):

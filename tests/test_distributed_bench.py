@@ -96,3 +96,18 @@ def test_local_launcher_reports_dead_and_failing_ranks():
 
 def lambda_free_rank(rank, world):
     return rank
+
+
+def test_demo_report_carries_the_committed_cpu_run(tmp_path):
+    """poslsh demo re-plots the committed cp-bench run from its JSON alone (no process is launched)."""
+    import shutil
+
+    from poslsh import cli
+    from poslsh.util import committed_results_dir
+
+    results = tmp_path / "results"
+    (results / "cp_cpu").mkdir(parents=True)
+    shutil.copy(committed_results_dir() / "cp_cpu" / "cp-bench.json", results / "cp_cpu" / "cp-bench.json")
+    sections = cli.committed_sections(tmp_path / "demo", results_dir=results)
+    assert len(sections) == 1 and sections[0].startswith("## Context parallelism (cp-bench)")
+    assert "Committed result `cp-bench.json`" in sections[0] and (tmp_path / "demo" / cp_bench.PLOT).stat().st_size > 0

@@ -455,6 +455,7 @@ def _nccl_version() -> str | None:
 
 def replot(doc: dict, out_dir: str | Path) -> None:
     """cp_bench.png from the JSON: time per call vs world size (weak scaling), bytes per rank vs total length."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     plt = pyplot()
     rows = [r for r in doc["results"]["rows"] if r["timed"]]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
