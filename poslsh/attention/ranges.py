@@ -45,8 +45,8 @@ from torch import Tensor
 from ..hashing import Partitions, normalize_grid
 from ..masks import select_head
 
-__all__ = ["Support", "TileRanges", "normalize_grid", "block_bounds_at", "key_ranges", "query_ranges",
-           "key_tiles", "nonzero_pairs", "split_pairs", "computed_tiles"]
+__all__ = ["Support", "TileRanges", "normalize_grid", "block_bounds_at", "key_ranges", "key_ranges_at",
+           "query_ranges", "key_tiles", "nonzero_pairs", "split_pairs", "computed_tiles"]
 
 # Elements of [H, r, rows] bounds per chunk of rows in the per-row summaries (not [H, r, Nq] at once).
 CHUNK_ELEMENTS = 1 << 18
@@ -139,7 +139,9 @@ def _device(spec, device) -> torch.device:
     return spec.partitions.device if spec.partitions is not None else torch.device("cpu")
 
 
-def _key_ranges_at(spec, pa: Tensor, pb: Tensor, nk: int, device: torch.device, full: bool = True) -> TileRanges:
+def key_ranges_at(spec, pa: Tensor, pb: Tensor, nk: int, device: torch.device, full: bool = True) -> TileRanges:
+    """Keys reached by query rows whose positions run from pa to pb (per head, elementwise over the
+    tensors of positions): lo/hi over all of them, flo/fhi by every one (``full``; else lo, hi only)."""
     lo, hi, flo, fhi = _around(spec, pa, pb, nk, device, full)
     if spec.causal:
         hi = torch.minimum(hi, pb + 1)
@@ -159,7 +161,7 @@ def key_ranges(spec, nq: int, nk: int, block_m: int, device: torch.device | str 
     """
     dev = _device(spec, device)
     first, last = _tiles(nq, block_m, dev)
-    return _key_ranges_at(spec, first + spec.q_offset, last + spec.q_offset, nk, dev)
+    return key_ranges_at(spec, first + spec.q_offset, last + spec.q_offset, nk, dev)
 
 
 def query_ranges(spec, nq: int, nk: int, block_n: int, device: torch.device | str | None = None) -> TileRanges:
@@ -215,7 +217,7 @@ def nonzero_pairs(spec, nq: int, nk: int, device: torch.device | str | None = No
     dev = _device(spec, device)
     total = torch.zeros(_num_heads(spec), dtype=torch.int64, device=dev)
     for heads, part, pos in _row_chunks(spec, nq, dev):
-        r = _key_ranges_at(part, pos, pos, nk, dev, full=False)
+        r = key_ranges_at(part, pos, pos, nk, dev, full=False)
         total[heads] += (r.hi - r.lo).sum(-1)
     return total
 

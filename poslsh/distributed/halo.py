@@ -9,8 +9,7 @@ Per call, on every rank (``HaloPlan`` says what and with whom):
 3. wait, then compute the *edge* queries against [left halo | local keys | right halo].
 
 Each query is computed in exactly one call over every key it reaches, so no LSE merge is needed: the
-outputs are concatenated. That keeps the backward correct with backends whose LSE carries no gradient
-(the Triton kernel), and no key pair is computed twice. Halo keys of KV heads that do not reach as far
+outputs are concatenated: no key pair is computed twice, and no backend's LSE needs a gradient. Halo keys of KV heads that do not reach as far
 as the widest head are left as zeros: their positional weight is zero, so they are never used (and
 never sent).
 

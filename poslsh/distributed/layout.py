@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .plan import shard_bounds
+
 __all__ = ["LAYOUTS", "even_lengths", "rank_segments", "shard_positions", "shard", "gather"]
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -29,14 +31,11 @@ def rank_segments(lengths: list[int], layout: str) -> list[list[tuple[int, int, 
 
     ``lengths``: every rank's local length (for zigzag, they must be what ``shard`` gives)."""
     if layout == "contiguous":
-        out, pos = [], 0
-        for n in lengths:
-            out.append([(pos, pos + n, 0)])
-            pos += n
-        return out
+        bounds = shard_bounds(lengths)
+        return [[(bounds[r], bounds[r + 1], 0)] for r in range(len(lengths))]
     world, total = len(lengths), sum(lengths)
     chunks = even_lengths(total, 2 * world)
-    starts = [sum(chunks[:i]) for i in range(2 * world + 1)]
+    starts = shard_bounds(chunks)
     out = []
     for r in range(world):
         a, b = r, 2 * world - 1 - r

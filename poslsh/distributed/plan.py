@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..attention.ranges import Support, _key_ranges_at
+from ..attention.ranges import Support, key_ranges_at
 from ..hashing import Partitions
 
 __all__ = ["Reach", "Segment", "HaloPlan", "plan_halo", "shard_bounds"]
@@ -61,7 +61,7 @@ class Reach:
         (``poslsh.attention.ranges``, the one definition of a query's reach, for rows [p, p])."""
         pos = torch.tensor(positions, dtype=torch.int64)
         support = Support(self.method, self.causal, 0, self.window, self.partitions)
-        r = _key_ranges_at(support, pos, pos, self.n, torch.device("cpu"), full=False)
+        r = key_ranges_at(support, pos, pos, self.n, torch.device("cpu"), full=False)
         return r.lo, r.hi
 
     def interior(self, s: int, e: int) -> tuple[int, int]:

@@ -52,10 +52,10 @@ def exact_block(call: LocalCall, q: Tensor, k: Tensor, v: Tensor, mask: Tensor |
         delta: position of query row 0 minus position of key 0 (any integer).
     """
     nq, nk = q.shape[2], k.shape[2]
-    spec = dataclasses.replace(call.spec(q[:, :, :min(nq, nk)], k, v, mask, 0, 0), q_offset=delta)
     diagonal = 0 <= delta <= nk - nq
     if diagonal and call.backend != "flex":
         return call(q, k, v, mask, delta, 0)
+    spec = dataclasses.replace(call.spec(q[:, :, :min(nq, nk)], k, v, mask, 0, 0), q_offset=delta)
     if q.is_cuda and call.backend in ("auto", "flex"):
         from ..attention.flex import flex_attention_spec, supports_flex
 
