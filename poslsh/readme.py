@@ -12,14 +12,13 @@ measurements. Each section of RESULTS.md is a function of one JSON document: to 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .util import checkout_root, fmt, markdown_table
+from .util import checkout_root, fmt, load_results, markdown_table
 
 def _paths(root: str | Path) -> tuple[Path, Path, Path, Path]:
     """A checkout's root, its committed results, its README and its results page."""
@@ -110,6 +109,11 @@ def alibi_panels_n(doc: Doc) -> int:
 README_TABLE = "pareto_h200_256k/pareto.json"
 
 
+def _committed(path: str) -> Doc:
+    """A committed result, by its path inside the results folder."""
+    return load_results(RESULTS / path)
+
+
 def _ratio_range(values: list[float]) -> str:
     show = lambda x: f"{x:.0f}" if x >= 10 else f"{x:.2g}"  # noqa: E731
     lo, hi = show(min(values)), show(max(values))
@@ -123,7 +127,7 @@ def readme_summary() -> str:
     from .experiments import gpu_bench as gb
     from .experiments import lsh_native, pareto
 
-    load = lambda path: json.loads((RESULTS / path).read_text())  # noqa: E731
+    load = _committed
     bench = gb.combine([load(path) for path, _ in BENCH_RUNS], [take for _, take in BENCH_RUNS])
     rows = bench["results"]["rows"]
     n = max(r["n"] for r in rows if r["pass"] == "fwd" and gb.find(rows, "exact_flex", r["n"]))
@@ -137,7 +141,7 @@ def readme_summary() -> str:
     bwd = {m: over_flex(m, "fwd+bwd", nb) for m in ("lsh", "window")}
     sdpa = [gb.find(rows, "sdpa", m)["ms"] / gb.find(rows, "exact_triton", m)["ms"] for m in (16384, 65536)
             if gb.find(rows, "sdpa", m) and gb.find(rows, "exact_triton", m)]
-    flex = [r["speedup"] for r in pareto.against_flex(load("pareto_h200_256k/pareto.json"),
+    flex = [r["speedup"] for r in pareto.against_flex(load(README_TABLE),
                                                       load("pareto_h200_256k_flex/pareto.json")) if r["speedup"]]
     split = [v for path in ("split_h200/split_gpu.json", "split_h200_1m/split_gpu.json")
              for per in load(path)["results"]["per_n"].values()
@@ -176,7 +180,7 @@ def cp_summary(doc: Doc) -> str:
 
 def readme_block() -> str:
     path = RESULTS / README_TABLE
-    doc = json.loads(path.read_text())
+    doc = load_results(path)
     return readme_table(doc) + "\n\n" + _provenance(doc, path, README) + "\n\n" + readme_summary()
 
 
@@ -199,10 +203,11 @@ def cpu_scaling(doc: Doc) -> str:
     for run in doc["results"]["runs"]:
         rows.append([run["backend"], run["scheme"], fmt(run["cpu_seconds"][str(small)]), fmt(run["cpu_seconds"][str(large)]),
                      fmt(run["ratio"]), fmt(run["wall_ratio"]), f"{run['peak_rss_bytes'] / 2**20:.0f} MiB"])
+    f, aim = large // small, cfg["targets"]
     head = (f"LSH forward, H = {cfg['heads']}, D = {cfg['head_dim']}, {cfg['dtype']}, r = {cfg['samples']}, causal, "
             f"{cfg['threads']} torch thread; CPU seconds, best of {cfg['repeats']}. From n = {small} to {large} "
-            f"(8× longer) linear growth is 8× and quadratic 64×; the aim was a ratio of at most 12 and under 2 GB "
-            "of memory.\n")
+            f"({f}× longer) linear growth is {f}× and quadratic {f * f}×; the aim was a ratio of at most "
+            f"{aim['ratio']:g} and under {aim['peak_bytes'] / 1e9:g} GB of memory.\n")
     return head + "\n" + markdown_table(["backend", "scheme", f"n={small} (s)", f"n={large} (s)", "CPU-time ratio",
                                          "wall-time ratio", f"peak RSS at {large}"], rows)
 
@@ -251,7 +256,7 @@ def gpu_bench(part: str) -> Callable[[Doc], str]:
         from .experiments import gpu_bench as gb
 
         if part == "aims":
-            doc = gb.combine([json.loads((RESULTS / path).read_text()) for path, _ in BENCH_RUNS],
+            doc = gb.combine([_committed(path) for path, _ in BENCH_RUNS],
                              [take for _, take in BENCH_RUNS])
         return gb.readme_section(doc, (part,))
 
@@ -292,7 +297,7 @@ def lsh_native(doc: Doc) -> str:
 def against_flex(doc: Doc) -> str:
     from .experiments import pareto
 
-    return pareto.against_flex_section(json.loads((RESULTS / "pareto_h200_256k/pareto.json").read_text()), doc)
+    return pareto.against_flex_section(_committed(README_TABLE), doc)
 
 
 # The session's benchmark, run in three device calls: (file, the passes taken from it).
@@ -353,7 +358,7 @@ def render_results() -> str:
         path = RESULTS / section.path
         if not path.exists():
             continue
-        doc = json.loads(path.read_text())
+        doc = load_results(path)
         images = "".join(f"\n\n![{section.heading}]({_link(RESULTS / img, RESULTS_MD)})" for img in section.images
                          if (RESULTS / img).exists())
         parts.append(f"## {section.heading}\n\n" + section.render(doc) + images + "\n\n"

@@ -37,7 +37,7 @@ from ..attention.window import hybrid_widths, window_sizes
 from ..distributed import context_parallel_attention, count_traffic, gather, shard
 from ..distributed.launch import init_from_env, run_local
 from ..distributed.layout import shard_positions
-from ..util import fmt, markdown_table, pyplot, replot_saved, save_figure, save_results
+from ..util import fmt, markdown_table, pyplot, replot_saved, save_figure, save_results, synchronize
 from .metrics import relative_error
 from .scaling import measure
 
@@ -110,11 +110,6 @@ class Config:
     backend: str = "auto"
     seed: int = 0
     replot: str = ""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -207,10 +202,10 @@ def _time(fn, group, device, repeats: int, warmup: int) -> dict[str, float]:
     walls, cpus = [], []
     for i in range(warmup + repeats):
         dist.barrier(group=group)
-        _sync(device)
+        synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        _sync(device)
+        synchronize(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         wall, cpu = _max_over(group, wall, cpu)  # the step takes as long as the slowest rank
         if i >= warmup:
@@ -221,11 +216,11 @@ def _time(fn, group, device, repeats: int, warmup: int) -> dict[str, float]:
 
 def _peak_memory(fn, device: torch.device) -> int | None:
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
     return measure(fn)["peak_rss_delta"]
 

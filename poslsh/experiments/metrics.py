@@ -7,6 +7,7 @@ per query.
 * ``gpu_time``: milliseconds per call on the GPU, by the rule of the benchmark and the Pareto study.
 * ``keys_per_query``: the mean number of keys with nonzero weight per query of a resolved call
   (``attention.ranges.nonzero_pairs``, the count the kernels' ranges give).
+* ``extrapolation_verdict``: whether a language model keeps its loss beyond its training context.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from torch import Tensor
 
 from ..attention.ranges import nonzero_pairs
 
-__all__ = ["relative_error", "loglog_slope", "gpu_time", "keys_per_query"]
+__all__ = ["relative_error", "loglog_slope", "gpu_time", "keys_per_query", "KEEPS_EXTRAPOLATION",
+           "extrapolation_verdict"]
+
+# A model "keeps its loss" out to a context when its bits there are at most this times those at its
+# training context (lm-validation's and lsh-native's criterion).
+KEEPS_EXTRAPOLATION = 1.05
+
+
+def extrapolation_verdict(ratio: float) -> str:
+    """"keeps its loss" or "degrades by N %", for bits at a long context over bits at the training one."""
+    return "keeps its loss" if ratio <= KEEPS_EXTRAPOLATION else f"degrades by {100 * (ratio - 1):.0f} %"
 
 
 def relative_error(est: Tensor, exact: Tensor, dim: int | tuple[int, ...] | None = None,

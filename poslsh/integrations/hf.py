@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..hashing import Partitions
+from ..hashing import UNBOUNDED_WIDTH, Partitions
 from ..method import MethodSpec, as_method
 from ..layer_partitions import CUT_CHUNK, LayerPartitions
 
@@ -99,7 +99,6 @@ _CACHE_NAMES = ("layer_past", "cache", "past_key_values", "past_key_value")
 # converged long before: the far-field variance lives within ~1/m of the query) and used at every
 # length, capped at Nk - 1; a head that reaches the cap here (slope 0 or tiny) stays exact at any length.
 HYBRID_WIDTH_N = 1 << 16
-UNBOUNDED = 1 << 62
 
 
 def _operator():
@@ -206,7 +205,7 @@ class PoslshPatch:
     attention_mask: Tensor | None = None
     _hook: Any = None
     active: bool = True
-    widths: Tensor | None = None  # hybrid: fixed near-field half-widths [H] (UNBOUNDED = every key)
+    widths: Tensor | None = None  # hybrid: fixed near-field half-widths [H] (UNBOUNDED_WIDTH = every key)
     _warned: set = field(default_factory=set)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -618,7 +617,7 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
         from ..attention.window import hybrid_widths
 
         w = hybrid_widths(slopes, spec.hybrid_eps, spec.samples, HYBRID_WIDTH_N)
-        patch.widths = torch.where(w >= HYBRID_WIDTH_N - 1, UNBOUNDED, w)
+        patch.widths = torch.where(w >= HYBRID_WIDTH_N - 1, UNBOUNDED_WIDTH, w)
     modules = [m for m in model.modules() if type(m).__name__ in _ATTN_CLASSES[family]]
     if not modules:
         raise ValueError(f"no {family} attention module found in {type(model).__name__}")

@@ -58,18 +58,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from ..util import require_cuda, require_file, require_package
+    from ..util import config_from_args, require_cuda, require_file, require_package
     from .train import TrainConfig, train
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    values["roots"] = tuple(values["roots"])
-    require_cuda(values["device"], f"--device {values['device']}")
+    config = config_from_args(TrainConfig, args)
+    require_cuda(config.device, f"--device {config.device}")
     require_package("safetensors", "poslsh lm train (its checkpoint)", "hf")
-    for root in values["roots"]:
+    for root in config.roots:
         require_file(Path(root), "--roots folder", folder=True)
-    result = train(TrainConfig(**values), args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
+    result = train(config, args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"held-out {result['heldout_bits_per_byte']:.3f} bits/byte "
           f"(unigram {result['unigram']['bits_per_token']:.3f}) after {result['steps']} steps, "
           f"{result['train_seconds']:.0f} s; checkpoint: {args.out}")

@@ -22,14 +22,10 @@ import torch
 from torch import Tensor
 
 from ..method import MethodSpec
+from ..util import synchronize
 from .model import ALiBiLM
 
-__all__ = ["sliding_windows", "check_common_scoring", "perplexity", "layer_errors", "synchronize"]
-
-
-def synchronize(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+__all__ = ["sliding_windows", "check_common_scoring", "perplexity", "layer_errors"]
 
 
 def sliding_windows(num_tokens: int, context: int, score_fraction: float = 0.5,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..method import MethodSpec, parse_method
-from ..util import progress, pyplot, save_figure
+from ..util import progress, pyplot, save_figure, synchronize
 from .data import ByteTokenizer, Corpus, build_corpus, unigram_baseline
 from .model import ALiBiLM, LMConfig, load_checkpoint, save_checkpoint
 
@@ -186,14 +186,9 @@ def plot_curve(history: list[dict], unigram_nats: float, path: Path) -> Path:
     return save_figure(fig, path, dpi=120)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _seconds_per_step(device: torch.device, mark: tuple[float, int], done: int) -> float:
     """Mean wall time per step since ``mark`` = (time, steps done then), once the device has caught up."""
-    _synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - mark[0]) / (done - mark[1])
 
 
@@ -292,7 +287,7 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
                 bar.set_postfix(loss=f"{entry['train_loss']:.3f}")
         evaluate = done % config.eval_every == 0 or done == total
         if budget > 0 and done == 10:  # the first steps pay for allocation and kernel selection
-            _synchronize(device)
+            synchronize(device)
             mark = (time.perf_counter(), done)
         if budget > 0 and mark is not None and done == mark[1] + 40:
             # A held-out evaluation costs about a third of a step per batch of windows (forward only).

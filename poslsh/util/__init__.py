@@ -8,11 +8,11 @@
 
 from .display import fmt, legend_if_labelled, markdown_table, progress, pyplot, save_figure
 from .flags import (DEFAULT_THREADS, RequirementError, add_config_flags, add_threads_flag, config_from_args,
-                    field_help, require_cuda, require_file, require_package, torch_threads)
+                    field_help, require_cuda, require_file, require_package, synchronize, torch_threads)
 from .results import (checkout_root, committed_results_dir, config_to_dict, environment, load_results,
                       replot_saved, save_results)
 
 __all__ = ["fmt", "legend_if_labelled", "markdown_table", "progress", "pyplot", "save_figure", "DEFAULT_THREADS", "RequirementError",
            "add_config_flags", "add_threads_flag", "config_from_args", "field_help", "require_cuda", "require_file",
-           "require_package", "torch_threads", "checkout_root", "committed_results_dir", "config_to_dict",
+           "require_package", "synchronize", "torch_threads", "checkout_root", "committed_results_dir", "config_to_dict",
            "environment", "load_results", "replot_saved", "save_results"]

@@ -138,6 +138,12 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): before reading a clock or memory counter."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------- requirements
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...util import load_results
+from ...util import load_results, synchronize
 from ..harness import Run
 from ..metrics import gpu_time, relative_error
 from .design import (CHECK_CASES, COLUMNS, METHOD_ORDER, PRIMITIVES, Call, Config, decode_calls, forward_calls,
@@ -291,19 +291,14 @@ def offsets_check(cfg: Config, log: Callable[[str], None], n: int = 180_000) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _wall_us(fn: Callable[[], Any], device: str, calls: int = 200) -> float:
     """Wall-clock microseconds per call of back-to-back calls (host overhead included), synchronised once."""
     fn()
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - t0) / calls * 1e6
 
 

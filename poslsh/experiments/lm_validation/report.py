@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ...util import fmt, legend_if_labelled, markdown_table, pyplot, save_figure
-from ..metrics import loglog_slope
+from ..metrics import extrapolation_verdict, loglog_slope
 from .design import (GAP_FLOOR, LN2, NAME, NOISY_CONTEXT, PLOT_DIR, PLOTS, Config, _lsh_label, _tier, config_of,
                      methods)
 
@@ -258,7 +258,7 @@ def findings(res: dict[str, Any], cfg: Config) -> list[str]:
         seq = [(n, table[(n, m)]["bits_per_token"]) for n in contexts if (n, m) in table]
         if len(seq) > 1:
             ratio = seq[-1][1] / seq[0][1]
-            verdict = ("keeps its loss" if ratio <= 1.05 else f"degrades by {100 * (ratio - 1):.0f} %")
+            verdict = extrapolation_verdict(ratio)
             lines.append(f"extrapolation (trained at {cfg.train_context}), {m}: "
                          + ", ".join(f"{n}: {b:.3f}" for n, b in seq)
                          + f" bits/byte; at {seq[-1][0]} it {verdict} (ratio to {seq[0][0]}: {ratio:.3f})")

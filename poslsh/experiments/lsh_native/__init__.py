@@ -51,12 +51,12 @@ methods and jobs), ``measure`` (config -> JSON: training, evaluation, timings, k
 ahead) and ``report`` (JSON -> verdict, plots, report sections; nothing is measured there).
 """
 
-from .design import (KEEPS_EXTRAPOLATION, NAME, PLOT_DIR, PLOTS, TINY, TOLERANCE, Arm, Config, arms, check,
+from .design import (NAME, PLOT_DIR, PLOTS, TINY, TOLERANCE, Arm, Config, arms, check,
                      config_of, effective, eval_batch, fill_methods, jobs, main_methods, verdict_contexts,
                      window_label)
 from .measure import precompile_specs, run, warm_kernels
 from .report import readme_section, replot, summarize, verdict
 
-__all__ = ["NAME", "PLOT_DIR", "PLOTS", "TOLERANCE", "KEEPS_EXTRAPOLATION", "TINY", "Config", "Arm", "effective",
+__all__ = ["NAME", "PLOT_DIR", "PLOTS", "TOLERANCE", "TINY", "Config", "Arm", "effective",
            "check", "config_of", "arms", "window_label", "main_methods", "fill_methods", "verdict_contexts", "jobs",
            "eval_batch", "run", "precompile_specs", "warm_kernels", "verdict", "replot", "summarize", "readme_section"]

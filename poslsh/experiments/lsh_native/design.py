@@ -23,9 +23,6 @@ RESERVE_S = 15.0
 # The question: within 2 % of the exact model's bits per byte.
 TOLERANCE = 0.02
 
-# An arm "keeps its loss" out to a context when its bits there are at most this times those at the
-# training context (lm-validation's criterion).
-KEEPS_EXTRAPOLATION = 1.05
 
 
 @dataclass

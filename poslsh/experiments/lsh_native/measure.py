@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ...method import parse_method
-from ...util import load_results
+from ...util import replot_saved
 from ..harness import Run, describe_failure
 from ..metrics import gpu_time
 from .design import NAME, RESERVE_S, Config, arms, check, effective, eval_batch, fill_methods, jobs, main_methods
@@ -29,12 +29,10 @@ from .report import replot, verdict
 def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     """Train the arms, evaluate them, write ``lsh-native.json`` and the PNGs; or, with ``replot``, only
     redraw the PNGs of that JSON. Returns the JSON document."""
+    if config.replot:
+        return replot_saved(config.replot, NAME, out_dir, replot)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if config.replot:
-        doc = load_results(config.replot)
-        replot(doc, out)
-        return doc
     cfg = effective(config)
     check(cfg)
     results: dict[str, Any] = {"partial": True, "effective_config": dataclasses.asdict(cfg), "timing": {},

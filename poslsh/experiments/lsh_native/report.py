@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from ...util import fmt, legend_if_labelled, markdown_table, pyplot, save_figure
-from .design import (KEEPS_EXTRAPOLATION, NAME, PLOT_DIR, PLOTS, TOLERANCE, Config, _r, config_of, fill_methods,
+from ..metrics import extrapolation_verdict
+from .design import (NAME, PLOT_DIR, PLOTS, TOLERANCE, Config, _r, config_of, fill_methods,
                      main_methods, verdict_contexts, window_label)
 
 
@@ -113,8 +114,7 @@ def _extrapolation(table: dict, arm: str, method: str, cfg: Config) -> str:
     if a is None or b is None:
         return "not measured"
     ratio = b["bits_per_token"] / a["bits_per_token"]
-    keeps = "keeps its loss" if ratio <= KEEPS_EXTRAPOLATION else f"degrades by {100 * (ratio - 1):.0f} %"
-    return f"bits at {_k(n)} / at {_k(cfg.train_context)} = {ratio:.3f}, {keeps}"
+    return f"bits at {_k(n)} / at {_k(cfg.train_context)} = {ratio:.3f}, {extrapolation_verdict(ratio)}"
 
 
 def _k(n: int) -> str:
