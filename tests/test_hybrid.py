@@ -195,3 +195,28 @@ def test_hybrid_beats_lsh_at_equal_r():
             errs[method].append(float((est - exact).norm() / exact.norm()))
     mean = {m: sum(e) / len(e) for m, e in errs.items()}
     assert mean["hybrid"] < mean["lsh"], mean
+
+
+def test_given_widths_skip_the_width_computation(monkeypatch):
+    """Widths passed in (flash_attn_func's window_size, the transformers patch, a context-parallel shard)
+    are used as given: the O(Nk) hybrid_widths is not run, which cost ~25 ms per decoding step at 32K
+    keys when it was computed and then replaced."""
+    from poslsh.attention import dispatch
+    from poslsh.attention.dispatch import attention_with_widths
+
+    q, k, v = (torch.randn(1, 4, n, 8, dtype=torch.float64) for n in (3, 40, 40))
+    slopes = poslsh.alibi_slopes(4).double()
+    parts = sample_partitions(40, slopes, 4, generator=torch.Generator().manual_seed(0))
+    widths = torch.tensor([0, 3, 9, 100])
+    want = attention_with_widths(q, k, v, widths, method="hybrid", slopes=slopes, partitions=parts)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("hybrid_widths ran although the widths were given")
+
+    monkeypatch.setattr(dispatch, "hybrid_widths", refuse)
+    got = attention_with_widths(q, k, v, widths, method="hybrid", slopes=slopes, partitions=parts)
+    assert torch.equal(got, want)
+    assert resolve_spec(q, k, v, method="hybrid", slopes=slopes, partitions=parts, widths=widths).window.tolist() \
+        == [0, 3, 9, 39]  # capped at Nk - 1
+    with pytest.raises(ValueError, match="widths are for method 'window' or 'hybrid', got method='lsh'"):
+        resolve_spec(q, k, v, method="lsh", slopes=slopes, partitions=parts, widths=widths)

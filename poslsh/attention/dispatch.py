@@ -185,10 +185,12 @@ def resolve_spec(
     samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
     generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
     key_padding_mask: Tensor | None = None, sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None,
-    q_offset: int | None = None,
+    q_offset: int | None = None, widths=None,
 ) -> AttentionSpec:
     """Validate everything but the backend and build the ``AttentionSpec`` (samples partitions for
-    "lsh" when none are given). Arguments as in ``attention``."""
+    "lsh" when none are given). Arguments as in ``attention``, and ``widths``: H ints >= 0, the
+    half-widths of "window" (or the near field of "hybrid") instead of the ones ``window_eps``
+    (``hybrid_eps``) give, capped at Nk - 1."""
     _check_qkv(q, k, v)
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -244,7 +246,14 @@ def resolve_spec(
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
     window = None
-    if method == "window":
+    if widths is not None:
+        if method not in ("window", "hybrid"):
+            raise ValueError(f"widths are for method 'window' or 'hybrid', got method={method!r}")
+        w = torch.as_tensor(widths).detach().to("cpu").reshape(-1)
+        if w.dtype.is_floating_point or w.numel() != h or (w < 0).any():
+            raise ValueError(f"widths must be {h} ints >= 0 (one per query head), got {w.tolist()}")
+        window = w.to(torch.int64).clamp(max=nk - 1)
+    elif method == "window":
         window_eps = as_float(window_eps, "window_eps", above=0, below=1)
         window = (window_sizes(s, window_eps, nk) if kernels is None
                   else kernel_window_sizes(kernels, window_eps, nk))
@@ -267,7 +276,7 @@ def resolve_spec(
                                  f"but slopes={s.tolist()}")
             if partitions.device != q.device:
                 partitions = partitions.to(q.device)
-    if method == "hybrid":
+    if method == "hybrid" and widths is None:
         window = hybrid_widths(s, as_float(hybrid_eps, "hybrid_eps", above=0), partitions.num_samples, nk, kernels)
     return AttentionSpec(slopes=s, causal=causal, method=method, scale=float(scale), q_offset=q_offset,
                          partitions=partitions, window=window, key_padding_mask=key_padding_mask, kernels=kernels)
@@ -408,13 +417,7 @@ def attention_with_widths(q: Tensor, k: Tensor, v: Tensor, widths, *, method: st
     Returns:
         out [B, H, Nq, Dv].
     """
-    if method not in ("window", "hybrid"):
-        raise ValueError(f"widths are for method 'window' or 'hybrid', got method={method!r}")
-    w = torch.as_tensor(widths).detach().to("cpu").reshape(-1)
-    if w.dtype.is_floating_point or w.numel() != q.shape[1] or (w < 0).any():
-        raise ValueError(f"widths must be {q.shape[1]} ints >= 0 (one per query head), got {w.tolist()}")
-    spec = resolve_spec(q, k, v, method=method, **kwargs)
-    spec = dataclasses.replace(spec, window=w.to(torch.int64).clamp(max=k.shape[2] - 1))
+    spec = resolve_spec(q, k, v, method=method, widths=widths, **kwargs)
     return select_backend(q, spec, backend)(q, k, v, spec)[0]
 
 

@@ -9,7 +9,6 @@ get wrong and are therefore fixed here: the LSH partitions are the global ones s
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -37,15 +36,10 @@ class LocalCall:
              k0: int) -> AttentionSpec:
         """The ``AttentionSpec`` of queries at q_offset.. inside keys at global positions [k0, k0 + Nk)."""
         parts = None if self.partitions is None else self.partitions.restrict(k0, k0 + k.shape[2])
-        # hybrid is resolved as lsh (no O(Nk) width computation for the local length) and then given
-        # the global widths.
-        spec = resolve_spec(q, k, v, slopes=self.slopes, causal=self.causal,
-                            method="lsh" if self.method == "hybrid" else self.method, partitions=parts,
+        # window and hybrid take the global widths (those of the local length would differ)
+        return resolve_spec(q, k, v, slopes=self.slopes, causal=self.causal, method=self.method, partitions=parts,
                             window_eps=self.window_eps, scale=self.scale, key_padding_mask=key_padding_mask,
-                            q_offset=q_offset)
-        if self.window is not None:
-            spec = dataclasses.replace(spec, method=self.method, window=self.window)
-        return spec
+                            q_offset=q_offset, widths=self.window)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, q0: int,
                  k0: int) -> tuple[Tensor, Tensor]:
