@@ -118,6 +118,12 @@ class Partitions:
             object.__setattr__(parts, f.name, fields.get(f.name))
         return parts
 
+    def _derived(self, **changes) -> "Partitions":
+        """``dataclasses.replace`` without the checks, for partitions valid by construction from these
+        (a sample of them, a window of their positions)."""
+        return Partitions._unchecked(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                                        **changes})
+
     @property
     def num_heads(self) -> int:
         return self.slopes.numel()
@@ -164,8 +170,7 @@ class Partitions:
             raise ValueError(f"restrict needs ints 0 <= start < stop <= n = {self.n}, got start={start!r}, "
                              f"stop={stop!r}")
         if self.scheme == "grid":
-            return Partitions(stop - start, self.slopes, "grid", widths=self.widths,
-                              offsets=torch.remainder(self.offsets + start, self.widths), kernels=self.kernels)
+            return self._derived(n=stop - start, offsets=torch.remainder(self.offsets + start, self.widths))
         # Each (head, sample) row's cuts are sorted: two binary searches per row cut out its slice.
         ptr = self.cut_pointers.tolist()
         kept, counts = [], []
@@ -177,8 +182,8 @@ class Partitions:
             counts.append(hi - lo)
         pointers = torch.zeros(len(counts) + 1, dtype=torch.int64)
         pointers[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
-        return Partitions(stop - start, self.slopes, "cut", cut_positions=torch.cat(kept),
-                          cut_pointers=pointers.to(self.cut_pointers.device), kernels=self.kernels)
+        return self._derived(n=stop - start, cut_positions=torch.cat(kept),
+                             cut_pointers=pointers.to(self.cut_pointers.device))
 
     def block_ids(self) -> Tensor:
         """Block index of every position: int64 [H, r, n], 0 at position 0, steps of 0 or 1."""

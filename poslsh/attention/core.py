@@ -83,10 +83,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def has_nonfinite(*tensors: Tensor) -> bool:
-    """Whether any of the tensors may hold a NaN or an infinity: one sum and host sync each, no
+    """Whether any of the tensors may hold a NaN or an infinity: one sum each and one host sync, no
     temporary of the tensor's size. (A sum that overflows sends a finite call down the careful
     path, which is exact too, only slower.)"""
-    return any(not bool(torch.isfinite(t.sum())) for t in tensors)
+    if not tensors:
+        return False
+    return not bool(torch.isfinite(torch.stack([t.sum().to(torch.float64) for t in tensors])).all())
+
+
+def last_dim_contiguous(x: Tensor) -> Tensor:
+    """x itself when its last dim is contiguous (what the Triton kernels need), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def softmax_with_lse(scores: Tensor, v: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -423,8 +423,6 @@ def attention_with_widths(q: Tensor, k: Tensor, v: Tensor, widths, *, method: st
 
 register_backend("fused", fused_attention, supports_fused, priority=20, methods=METHODS, kernels=True,
                  slope_grad=True)
-# split.py's block loop assumes the queries are the last Nq keys (q_offset = Nk - Nq): refused otherwise.
-register_backend("split", split_attention, lambda q, spec: supports_split(q, spec) and spec.q_offset + q.shape[2]
-                 == spec.partitions.n, priority=10, methods=("lsh",), kernels=True)
+register_backend("split", split_attention, supports_split, priority=10, methods=("lsh",), kernels=True)
 register_backend("reference", reference_attention, supports_reference, priority=0, methods=METHODS, kernels=True,
                  slope_grad=True)

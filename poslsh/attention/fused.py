@@ -13,6 +13,8 @@ weights beyond; the tile's key range is the union of the band's and the blocks' 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -40,15 +42,20 @@ class CollisionRule:
         self.r, self.n = parts.num_samples, parts.n
         self.table = parts.cut_table() if parts.scheme == "cut" else None
         self.row_bytes = 8 * self.r  # one int64 per sample and row, for each of a few temporaries
-        # The typical union of a query's blocks (sets the tile size): the mean over evenly spaced
-        # positions, as many as one budget of bounds holds.
+
+    @functools.cached_property
+    def span(self) -> float:
+        """The typical union of a query's blocks (sets the tile size): the mean over evenly spaced
+        positions, as many as one budget of bounds holds. Computed only when a tile size needs it
+        (not for a call of at most ``tiled.MIN_TILE`` query rows, e.g. decoding)."""
+        parts, causal = self.parts, self.causal
         count = max(1, min(self.n, (tiled.TILE_BYTES // 8) // self.r))
         pos = torch.linspace(0, self.n - 1, count, device=parts.device).round().long()
         start, end = self.bounds(pos)
         reach = pos - start.amin(0)  # keys left of p in the union, per p
         if not causal:
             reach = reach + end.amax(0) - pos
-        self.span = float(reach.double().mean()) + 1.0
+        return float(reach.double().mean()) + 1.0
 
     def bounds(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Block bounds of positions pos [P] in every sample: int64 [r, P] each."""
@@ -88,8 +95,11 @@ class HybridRule:
 
     def __init__(self, band: BandRule, far: CollisionRule) -> None:
         self.band, self.far = band, far
-        self.span = max(band.span, far.span)
         self.row_bytes = far.row_bytes
+
+    @property
+    def span(self) -> float:
+        return max(self.band.span, self.far.span)
 
     def tile_ranges(self, firsts: Tensor, lasts: Tensor) -> tuple[list[int], list[int]]:
         (blo, bhi), (flo, fhi) = self.band.tile_ranges(firsts, lasts), self.far.tile_ranges(firsts, lasts)

@@ -20,7 +20,7 @@ import torch
 __all__ = ["measured_order", "TABLE_PATH", "DECODE_ROWS"]
 
 TABLE_PATH = Path(__file__).with_name("speed_table.json")
-DECODE_ROWS = 16
+DECODE_ROWS = 16  # at most this many query rows: decoding (the Triton launcher's switch too)
 
 
 def _load() -> dict:

@@ -149,7 +149,7 @@ class SplitPlan:
 def sample_partition(parts: Partitions, t: int) -> Partitions:
     """Sample t of every head as a one-sample ``Partitions``."""
     if parts.scheme == "grid":
-        return dataclasses.replace(parts, widths=parts.widths[:, t:t + 1], offsets=parts.offsets[:, t:t + 1])
+        return parts._derived(widths=parts.widths[:, t:t + 1], offsets=parts.offsets[:, t:t + 1])
     r = parts.num_samples
     ptr = parts.cut_pointers
     rows = [int(ptr[h * r + t]) for h in range(parts.num_heads)]
@@ -157,7 +157,7 @@ def sample_partition(parts: Partitions, t: int) -> Partitions:
     cuts = torch.cat([parts.cut_positions[a:b] for a, b in zip(rows, ends)])
     counts = torch.tensor([b - a for a, b in zip(rows, ends)], dtype=torch.int64)
     pointers = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(ptr.device)
-    return dataclasses.replace(parts, cut_positions=cuts, cut_pointers=pointers)
+    return parts._derived(cut_positions=cuts, cut_pointers=pointers)
 
 
 def _grid_blocks(parts: Partitions, nk: int, qo: int, dirty_pos: Tensor | None):
@@ -545,8 +545,9 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
 
 
 def supports_split(q: Tensor, spec: AttentionSpec) -> bool:
-    """LSH only (exact and window have no blocks to split into; hybrid needs a biased near field)."""
-    return spec.method == "lsh"
+    """LSH only (exact and window have no blocks to split into; hybrid needs a biased near field), with
+    the queries the last Nq keys (q_offset = Nk - Nq), which the block loop assumes."""
+    return spec.method == "lsh" and spec.q_offset + q.shape[2] == spec.partitions.n
 
 
 def split_bytes(batch: int, heads: int, n: int, head_dim: int, samples: int, itemsize: int = 2,

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .core import EMPTY_LSE
+from .core import EMPTY_LSE, last_dim_contiguous
 
 __all__ = ["merge_slots", "merge_slots_torch", "merge_slots_triton", "merge_slots_into", "triton_merge_available"]
 
@@ -151,10 +151,6 @@ def _merge_kernel():
     return kernel
 
 
-def _last_contig(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def merge_slots_triton(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dtype,
                        block_i: int = 64) -> tuple[Tensor, Tensor]:
     """``merge_slots_torch`` as one Triton kernel (float32 lse; out in float16/bfloat16/float32)."""
@@ -175,7 +171,7 @@ def merge_slots_into(plan, run_out, rest, out: Tensor, lse: Tensor, block_i: int
         raise ValueError(f"merge_slots_into: out [B, H, Nq, Dv] and lse [B, H, Nq] float32 with unit last strides, "
                          f"got out {tuple(out.shape)} strides {out.stride()}, lse {tuple(lse.shape)} {lse.dtype} "
                          f"strides {lse.stride()}")
-    rest_o, rest_l = _last_contig(rest[0]).contiguous(), rest[1].contiguous()
+    rest_o, rest_l = rest[0].contiguous(), rest[1].contiguous()
     r = plan.samples
     if rest_o.shape[1] == 0:  # no rest rows: a dummy row, never read, so the kernel gets a real pointer
         rest_o, rest_l = rest_o.new_zeros(b, 1, dv), rest_l.new_full((b, 1), EMPTY_LSE)
@@ -186,7 +182,7 @@ def merge_slots_into(plan, run_out, rest, out: Tensor, lse: Tensor, block_i: int
              for h in range(h_) for t in range(r)]
     keep = []
     for run, (o, l) in zip(plan.runs, run_out):
-        o, l = _last_contig(o), l.float()
+        o, l = last_dim_contiguous(o), l.float()
         if o.dtype != out_dtype:
             o = o.to(out_dtype)
         keep.append((o, l))

@@ -51,6 +51,9 @@ class PositionRule(Protocol):
         ...
 
 
+MIN_TILE = 64  # query rows of the smallest tile
+
+
 def tile_shape(span: float, batch: int, num_queries: int, row_bytes: int, dtype: torch.dtype) -> tuple[int, int]:
     """(T, C): query-tile length and key-chunk length for one head.
 
@@ -60,7 +63,7 @@ def tile_shape(span: float, batch: int, num_queries: int, row_bytes: int, dtype:
     (the +1 for the collision rule's step tensor).
     """
     budget = max(1, TILE_BYTES // dtype.itemsize)  # elements
-    t = 1 << max(6, min(10, round(math.log2(max(span, 1.0)))))
+    t = max(MIN_TILE, 1 << min(10, round(math.log2(max(span, 1.0)))))
     t = max(1, min(t, num_queries))
     while t > 1 and (batch * t * t > budget or t * row_bytes > TILE_BYTES):
         t //= 2
@@ -96,7 +99,8 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, rules)
     outs, lses = [], []
     for head, rule in enumerate(rules):
         kv = head // group  # grouped KV: index the shared head, never repeat it
-        t, c = tile_shape(rule.span, b, nq, rule.row_bytes, cdt)
+        # At most MIN_TILE query rows (decoding) make one tile whatever the span: not computed then.
+        t, c = tile_shape(rule.span if nq > MIN_TILE else MIN_TILE, b, nq, rule.row_bytes, cdt)
         firsts = torch.arange(spec.q_offset, spec.q_offset + nq, t, device=dev)
         lasts = (firsts + t - 1).clamp(max=spec.q_offset + nq - 1)
         los, his = rule.tile_ranges(firsts, lasts)

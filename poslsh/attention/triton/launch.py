@@ -21,8 +21,9 @@ from torch import Tensor
 
 import triton
 
-from ..core import AttentionSpec
+from ..core import AttentionSpec, last_dim_contiguous
 from ..ranges import normalize_grid
+from ..speed import DECODE_ROWS
 from .backward import _bwd_dkdv_kernel, _bwd_dq_kernel
 from .forward import _fwd_kernel, _merge_kernel
 
@@ -153,8 +154,8 @@ def plan_for(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
 # Configurations
 # --------------------------------------------------------------------------------------------------
 
-# Decoding: fewer query rows than this run with BLOCK_M = 16 and a split key range.
-DECODE_ROWS = 16
+# Decoding (at most DECODE_ROWS query rows, the speed table's decode regime too) runs with BLOCK_M = 16
+# and a split key range.
 
 
 def _load_tuned() -> dict:
@@ -327,17 +328,13 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
     return dq, dk, dv
 
 
-def _last_contig(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 class TritonAttention(torch.autograd.Function):
     """autograd.Function over the kernels: forward returns (out, lse), both differentiable."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool,
                 scale: float, q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
-        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+        q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
         o, lse = _fwd(q, k, v, kpm, plan, causal, scale, q_offset, cfg)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.kpm, ctx.plan, ctx.causal, ctx.scale, ctx.q_offset, ctx.cfg = kpm, plan, causal, scale, q_offset, cfg
