@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 import poslsh  # noqa: E402
 from poslsh.attention import BACKENDS, EMPTY_LSE, available_backends, resolve_spec  # noqa: E402
+from tolerances import low_precision_bound, rel_err  # noqa: E402
 
 TRITON_MODULES = ("poslsh.attention.triton.jit", "poslsh.attention.triton.forward", "poslsh.attention.triton.backward",
                   "poslsh.attention.triton.launch", "poslsh.attention.triton")
@@ -282,25 +283,12 @@ def oracle_for(q, k, v, kw: dict, spec):
     return oracle_attention(q, k, v, logw, spec.scale, kw["key_padding_mask"])
 
 
-def rounding_floor(out64: torch.Tensor, dtype: torch.dtype) -> float:
-    """Relative error of the float64 oracle output rounded to ``dtype``: what exact attention in that
-    dtype cannot avoid (its output is stored there)."""
-    return rel_err(out64.to(dtype), out64)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    scale = float(b.norm())
-    return float((a - b).norm()) / (scale if scale > 0 else 1.0)
-
-
 def tolerance(dtype: torch.dtype, ref_out: torch.Tensor) -> float:
     if dtype == torch.float64:
         return 1e-10
     if dtype == torch.float32:
         return 1e-5
-    # Within 2x of exact attention's own rounding error in that dtype (plus float32 compute noise).
-    return 2 * rounding_floor(ref_out, dtype) + 1e-5
+    return low_precision_bound(ref_out, dtype)
 
 
 def assert_conforms(out, lse, ref_out, ref_lse, dtype, what=""):
@@ -381,10 +369,12 @@ def test_oracle_is_sensitive():
 NONFINITE = [(where, value) for where in ("k", "v") for value in (math.nan, math.inf)]
 # Backends (outside this suite's owner's files) known to break the contract, each observed on the
 # CPU, by (backend, poisoned tensor), (backend, poisoned tensor, value) or (backend, poisoned tensor,
-# "causal" / "bidirectional"); strict, so a fix shows up.
+# "causal" / "bidirectional"); the test holds each to the rows its mechanism allows (``leak_rows``) and
+# fails when it no longer happens, so a fix shows up.
 KNOWN_LEAKS = {
     ("triton", "v"): "P @ V multiplies 0 by the NaN/inf value of an excluded key in the same key tile: under "
-                     "TRITON_INTERPRET=1 (16 x 16 tiles) a bad value at key 11 poisons query rows 0-15",
+                     "TRITON_INTERPRET=1 (16 x 16 tiles) a bad value at key 11 poisons every query tile whose "
+                     "key loop loads keys 0-15",
     ("flex", "v"): "eager FlexAttention on the CPU computes the dense P @ V: a bad value poisons every row "
                    "(the compiled GPU kernel: within a key block, like Triton)",
     ("split", "v", "causal"): "causal block attention (P @ V of a dense primitive, the torch one here) multiplies "
@@ -393,13 +383,34 @@ KNOWN_LEAKS = {
 }
 
 
-def nonfinite_case(name, method, causal, where, value):
+def known_leak(name, method, causal, where, value) -> str | None:
     reason = KNOWN_LEAKS.get((name, where), KNOWN_LEAKS.get((name, where, value)))
     reason = reason or KNOWN_LEAKS.get((name, where, "causal" if causal else "bidirectional"))
     if where == "k" and method == "exact" and not causal:
         reason = None  # only the padded key is poisoned there (see the test): no row sees a bad score
-    marks = () if reason is None else pytest.mark.xfail(strict=True, reason=reason)
-    return pytest.param(name, method, causal, where, value, marks=marks,
+    return reason
+
+
+def leak_rows(name: str, spec, bad_key: int, n: int) -> torch.Tensor:
+    """bool [H, n]: the rows a known leak's mechanism may poison besides those the oracle says."""
+    h = spec.num_heads
+    if name == "triton" and spec.method in ("exact", "window"):
+        # every query tile (16 rows under the interpreter) whose key loop loads the bad key's tile; the
+        # LSH kernels' loops (their block stretches) are not exposed here, so every row is allowed there
+        from poslsh.attention.ranges import key_ranges
+
+        r = key_ranges(spec, n, n, 16)  # lo, hi [H, tiles]
+        tile = bad_key // 16
+        loads = (r.lo // 16 <= tile) & ((r.hi - 1) // 16 >= tile) & (r.hi > r.lo)
+        return loads.repeat_interleave(16, dim=1)[:, :n]
+    if name == "split":  # earlier rows of a block holding the bad key, in some sample
+        ids = spec.partitions.block_ids()  # [H, r, n]
+        return (ids == ids[..., bad_key:bad_key + 1]).any(1) & (torch.arange(n) < bad_key)
+    return torch.ones(h, n, dtype=torch.bool)  # flex on the CPU: the dense P @ V reaches every row
+
+
+def nonfinite_case(name, method, causal, where, value):
+    return pytest.param(name, method, causal, where, value,
                         id=f"{name}-{method}-{'causal' if causal else 'bidir'}-{where}-{value}")
 
 
@@ -447,7 +458,19 @@ def test_nonfinite_reaches_exactly_the_rows_that_see_it(name, method, causal, wh
     ref_out, ref_lse = oracle_for(q, k, v, kw, spec)
     reached = ~torch.isfinite(ref_out).all(-1)
     assert bool(reached.any()) == split_rows and not bool(reached.all()), "rows reached and not, as designed"
-    assert_conforms(out, lse, ref_out, ref_lse, q.dtype, f"{name}/{method}/{where}={value}")
+    what = f"{name}/{method}/{where}={value}"
+    reason = known_leak(name, method, causal, where, value)
+    if reason is not None:
+        # A documented leak: the bad value reaches more rows than the oracle's, but only those its
+        # mechanism allows (``leak_rows``); every other row must conform. It must still happen: a fix
+        # shows up here (then remove it from KNOWN_LEAKS).
+        poisoned = ~torch.isfinite(out).all(-1)
+        allowed = reached | leak_rows(name, spec, 11, q.shape[2])
+        assert bool((poisoned & ~reached).any()), f"{what}: the known leak ({reason}) no longer happens"
+        assert not bool((poisoned & ~allowed).any()), f"{what}: rows poisoned beyond the known leak ({reason})"
+        out = torch.where(allowed[..., None], ref_out.to(out.dtype), out)  # what the leak may change
+        lse = torch.where(allowed, ref_lse.to(lse.dtype), lse)
+    assert_conforms(out, lse, ref_out, ref_lse, q.dtype, what)
 
 
 @pytest.mark.parametrize("name", ["reference", "fused"])

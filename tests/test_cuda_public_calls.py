@@ -16,13 +16,20 @@ from poslsh import flash_attn_func, flash_attn_varlen_func
 from poslsh.experiments.metrics import relative_error
 
 from test_flash import fa_reference
+from tolerances import low_precision_bound
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tensors (run on the GPU machine)")
 
 H, HKV, D = 8, 2, 64
 SLOPES = poslsh.alibi_slopes(H).double()
-# fp32 runs IEEE dots (bound 1e-5 as the kernels' own checks); bf16: a few units of its 2^-8 rounding
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def bound(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """fp32 runs IEEE dots (1e-5, as the kernels' own checks); bf16: 2x exact attention's own rounding
+    of ``ref`` (a 2 % slope error is 4x that). Gradients get twice this: their kernels round P to bf16."""
+    return 1e-5 if dtype == torch.float32 else low_precision_bound(ref, dtype)
+
+
 CASES = {  # causal, window_size
     "causal exact": (True, (-1, -1)),
     "bidirectional exact": (False, (-1, -1)),
@@ -49,12 +56,12 @@ def test_flash_attn_func_on_cuda(name, dtype, nq, nk):
     assert out.device.type == "cuda" and out.dtype == dtype and out.shape == (2, nq, H, D)
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     ref = fa_reference(qd, kd, vd, causal=causal, window=window, slopes=SLOPES)
-    assert relative_error(out.cpu(), ref) < BOUND[dtype]
+    assert relative_error(out.cpu(), ref) < bound(ref, dtype)
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = torch.autograd.grad(out, (qc, kc, vc), do.to(dtype).cuda())
     want = torch.autograd.grad(ref, (qd, kd, vd), do.to(dtype).double())
     for name_, a, b in zip("qkv", got, want):
-        assert relative_error(a.cpu(), b) < 2 * BOUND[dtype], name_
+        assert relative_error(a.cpu(), b) < 2 * bound(b, dtype), name_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,7 +76,7 @@ def test_varlen_on_cuda(dtype):
                                  causal=True, alibi_slopes=slopes.cuda())
     ref = torch.cat([fa_reference(*(t.double() for t in p), causal=True, slopes=slopes[i:i + 1])[0]
                      for i, p in enumerate(parts)])
-    assert out.device.type == "cuda" and relative_error(out.cpu(), ref) < BOUND[dtype]
+    assert out.device.type == "cuda" and relative_error(out.cpu(), ref) < bound(ref, dtype)
 
 
 @pytest.mark.parametrize("method", ["exact", "window", "lsh", "hybrid"])
@@ -84,4 +91,4 @@ def test_attention_auto_on_cuda_matches_reference(method):
     kw = dict(slopes=SLOPES, is_causal=True, method=method, partitions=parts, window_eps=1e-3, hybrid_eps=1e-2)
     out = poslsh.attention(q.cuda(), k.cuda(), v.cuda(), key_padding_mask=mask.cuda(), **kw)
     ref = poslsh.attention(q.double(), k.double(), v.double(), key_padding_mask=mask, backend="reference", **kw)
-    assert out.dtype == torch.bfloat16 and relative_error(out.cpu(), ref) < BOUND[torch.bfloat16]
+    assert out.dtype == torch.bfloat16 and relative_error(out.cpu(), ref) < bound(ref, torch.bfloat16)

@@ -12,6 +12,7 @@ import torch
 
 import poslsh
 from poslsh import flash_attn_func, flash_attn_varlen_func
+from tolerances import low_precision_bound, rel_err
 
 
 def fa_reference(q, k, v, *, causal=False, window=(-1, -1), slopes=None, scale=None):
@@ -81,13 +82,14 @@ def test_same_as_poslsh_attention_in_sdpa_layout():
                                    atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
-def test_dtype_follows_inputs(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dtype_follows_inputs(dtype):
     q, k, v = make(nq=33, nk=33, dtype=dtype)
     out = flash_attn_func(q, k, v, causal=True, window_size=(7, 0), alibi_slopes=SLOPES)
     assert out.dtype == dtype
     ref = fa_reference(q, k, v, causal=True, window=(7, 0), slopes=SLOPES)
-    assert float((out.double() - ref).norm() / ref.norm()) < tol
+    # fp32: its compute noise; bf16: 2x exact attention's own rounding (a 4 % slope error is 10x that)
+    assert rel_err(out, ref) < (2e-6 if dtype == torch.float32 else low_precision_bound(ref, dtype))
 
 
 def test_gradients_match_the_reference():

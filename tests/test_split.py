@@ -164,7 +164,7 @@ def test_user_callable_is_called_once_per_width_group_not_per_block():
         assert len(calls) == plan.num_calls
         blocks = sum(run.nb for run in plan.runs)
         assert len(plan.runs) == 4 * 4 and blocks > 10 * len(plan.runs)  # many blocks per run call
-        assert sorted(c for c in calls if c[1] > 1)[-1][1] > 1
+        assert max(c[1] for c in calls) == max(run.nb for run in plan.runs)  # a run's blocks: one call
         counts[n] = len(calls)
     # Edge buckets are powers of two up to the widest block: the call count grows at most by a
     # few buckets when n doubles, never with the number of blocks (which doubles).
@@ -269,14 +269,32 @@ def test_flash_calls_are_chunked_to_the_limits(monkeypatch, name, limit):
     unchanged."""
     q, k, v = qkv(b=2, nq=29, grad=True)
     parts = sample_partitions(29, SLOPES, 3, generator=torch.Generator().manual_seed(6))
+    chunked, calls = prim_mod._chunked, []
+
+    def spy(fn, *tensors, head_dim=None):  # records the [batch, heads] of every flash call it makes
+        def run(*chunk):
+            calls[-1].append((tuple(chunk[0].shape[:2]), chunk[0].shape[2], head_dim))
+            return fn(*chunk)
+        return chunked(run, *tensors, head_dim=head_dim)
+
+    monkeypatch.setattr(prim_mod, "_chunked", spy)
     results = []
     for lim in (getattr(prim_mod, name), limit):
         monkeypatch.setattr(prim_mod, name, lim)
+        calls.append([])
         out, lse = poslsh.attention(q, k, v, method="lsh", partitions=parts, backend="split", primitive="sdpa",
                                     return_lse=True)
         results.append((out, lse, *torch.autograd.grad((out.sum() + lse.sum()), (q, k, v))))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=1e-13, rtol=0)
+    assert len(calls[1]) > len(calls[0])  # the lowered limit split the calls
+    for (bh, length, head_dim) in calls[1]:
+        if name == "FLASH_GRID_LIMIT":
+            assert max(bh) <= limit
+        else:  # every chunk's elements within the offset limit (rows to 128, backward head dims to 64)
+            rows = -(-length // 128) * 128
+            per_head = rows if head_dim is None else rows * (-(-head_dim // 64) * 64)
+            assert bh[1] * per_head <= limit and bh[0] * rows <= limit
 
 
 def test_a_block_past_the_32_bit_offset_limit_is_refused(monkeypatch):
