@@ -5,7 +5,9 @@ Each experiment's ``Config`` dataclass fields become its flags, their help from 
 (``poslsh.util.flags``). Every command takes ``--threads`` (torch CPU threads, default 1: on a
 shared or small machine one thread per process is the fastest for these sizes; 0 keeps torch's
 default) and checks what it needs (CUDA, files, optional packages) before any work, failing with
-one line and exit status 2.
+one line and exit status 2; so does a bad flag (argparse's errors, without the usage block, and the
+ranges the Config fields declare). A flag that the chosen run will not read (``unused``) is named in
+a warning line.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from .util import (DEFAULT_THREADS, add_config_flags, add_threads_flag, committed_results_dir,
+from . import __version__
+from .util import (DEFAULT_THREADS, add_config_flags, add_threads_flag, committed_results_dir, install_hint,
                    config_from_args, environment, load_results, require_cuda, require_file, require_package)
 
 # Subcommand -> (module under poslsh.experiments, run by ``demo``, help sentence), in report order.
@@ -77,6 +80,30 @@ def _check_experiment(name: str, config) -> None:
             require_file(Path(config.checkpoint), "--checkpoint", folder=True)
 
 
+def unused_flags(name: str, config) -> dict[str, str]:
+    """The flags given (set to other than their default) that this run will not read, each with why:
+    with ``--replot`` every one but ``--out``; else what the experiment's ``unused(config)`` names
+    (e.g. scaling's ``--samples`` when ``--methods`` has no LSH)."""
+    mod = _module(name)
+    defaults = type(config)()
+    if getattr(config, "replot", ""):
+        fields = {f.name: "--replot only redraws the saved run's plots" for f in dataclasses.fields(config)
+                  if f.name not in ("replot", "plots")}
+    else:
+        fields = getattr(mod, "unused", lambda _: {})(config)
+    return {"--" + f.replace("_", "-"): why for f, why in fields.items() if getattr(config, f) != getattr(defaults, f)}
+
+
+def _warn_unused(name: str, config) -> None:
+    """One warning line per reason, naming the flags it covers."""
+    by_reason: dict[str, list[str]] = {}
+    for flag, why in unused_flags(name, config).items():
+        by_reason.setdefault(why, []).append(flag)
+    for why, flags in by_reason.items():
+        print(f"poslsh {name}: warning: {', '.join(flags)} {'is' if len(flags) == 1 else 'are'} ignored: {why}",
+              file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- reports
 
 
@@ -111,17 +138,23 @@ def _write_report(out_dir: Path, sections: list[str], title: str) -> Path:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser with a help line that is a sentence too (subcommands inherit the class)."""
+    """argparse's parser with a help line that is a sentence too, and a usage error in one line (no usage
+    block, which for an experiment runs to a screenful); subcommands inherit the class."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["add_help"] = False
         super().__init__(*args, **kwargs)
         self.add_argument("-h", "--help", action="help", help="Show this help and exit.")
 
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="poslsh", description="Near-linear ALiBi attention by positional LSH: "
                      "the experiments behind every claim, and tools for ALiBi models.")
+    parser.add_argument("--version", action="version", version=f"poslsh {__version__}",
+                        help="Show poslsh's version and exit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="Run every CPU-sized experiment into one report folder, with the committed "
@@ -156,19 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed in one line
+        return done.code if isinstance(done.code, int) else 2
     try:
         import torch
 
-        threads = getattr(args, "threads", DEFAULT_THREADS)
-        if threads < 0:
-            raise ValueError(f"--threads must be >= 0 (0 keeps torch's default), got {threads}")
+        threads = getattr(args, "threads", DEFAULT_THREADS)  # the parser refused one below 0
         if threads > 0:
             torch.set_num_threads(threads)
         return _dispatch(args)
     except (ValueError, RuntimeError, OSError, ImportError) as err:  # one line, not a traceback
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        print(f"poslsh {args.command}: error: {lines[0]}", file=sys.stderr)
+        hint = install_hint(err.name) if isinstance(err, ModuleNotFoundError) else None
+        print(f"poslsh {args.command}: error: {lines[0]}" + (f": {hint}" if hint else ""), file=sys.stderr)
         return 2
 
 
@@ -198,6 +233,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         mod = _module(args.command)
         config = config_from_args(mod.Config, args)
         _check_experiment(args.command, config)
+        _warn_unused(args.command, config)
         args.out.mkdir(parents=True, exist_ok=True)
         results = mod.run(config, args.out)
         report = _write_report(args.out, [mod.summarize(results, args.out)], f"poslsh {args.command}")

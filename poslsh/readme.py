@@ -1,4 +1,5 @@
-"""Generate the README's results block and ``docs/RESULTS.md`` from the committed JSON in bench/results/.
+"""Generate the README's results block, its advice on which method to use, and ``docs/RESULTS.md`` from
+the committed JSON in bench/results/.
 
     python3 -m poslsh.readme            # rewrite both
     python3 -m poslsh.readme --check    # exit 1 if either is out of date (a test runs this)
@@ -37,6 +38,7 @@ def use_root(root: str | Path) -> None:
 
 
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
+ADVICE_START, ADVICE_END = "<!-- generated:advice:start -->", "<!-- generated:advice:end -->"
 
 Doc = dict[str, Any]
 
@@ -139,8 +141,8 @@ def readme_summary() -> str:
     fwd = {m: over_flex(m, "fwd", n) for m in ("window", "lsh", "exact")}
     nb = max(r["n"] for r in rows if r["pass"] == "fwd+bwd" and gb.find(rows, "lsh_flex", r["n"], "fwd+bwd"))
     bwd = {m: over_flex(m, "fwd+bwd", nb) for m in ("lsh", "window")}
-    sdpa = [gb.find(rows, "sdpa", m)["ms"] / gb.find(rows, "exact_triton", m)["ms"] for m in (16384, 65536)
-            if gb.find(rows, "sdpa", m) and gb.find(rows, "exact_triton", m)]
+    sdpa_at = [m for m in (16384, 65536) if gb.find(rows, "sdpa", m) and gb.find(rows, "exact_triton", m)]
+    sdpa = [gb.find(rows, "sdpa", m)["ms"] / gb.find(rows, "exact_triton", m)["ms"] for m in sdpa_at]
     flex = [r["speedup"] for r in pareto.against_flex(load(README_TABLE),
                                                       load("pareto_h200_256k_flex/pareto.json")) if r["speedup"]]
     split = [v for path in ("split_h200/split_gpu.json", "split_h200_1m/split_gpu.json")
@@ -149,16 +151,25 @@ def readme_summary() -> str:
     ln = load("lsh-native.json")
     verdict = lsh_native.verdict(ln["results"], lsh_native.config_of(ln["results"]))[0]
     k = lambda m: f"{m // 1024}K"  # noqa: E731
-    return (f"**In short** (H200, through `poslsh.attention`): forward, the Triton kernels are faster than "
-            f"FlexAttention for every method at {k(n)} (window {fwd['window']:.2g}×, LSH {fwd['lsh']:.2g}×, exact "
-            f"{fwd['exact']:.2g}×); forward + backward at {k(nb)}, LSH {bwd['lsh']:.2g}× and the window "
-            f"{bwd['window']:.2g}× Flex's speed; exact ALiBi runs at {_ratio_range(sdpa)} the throughput of "
-            f"bias-free SDPA. At equal error the library's fastest method is {_ratio_range(flex)} faster than "
-            "the best FlexAttention configuration: the window needs few keys per query, so its cost is mostly "
-            "reading q, k and v. The paper's own form (r short unbiased attentions on SDPA's or Flex's kernel, "
-            f"`backend=\"split\"`) is correct but {_ratio_range(split)} slower than the fused kernel, since each of "
-            "the r passes reads every q, k and v. Language models trained with positional LSH instead of the "
-            f"bias (`poslsh lsh-native`): {verdict} {cp_summary(load('cp_cpu/cp-bench.json'))}")
+    faster = lambda x: f"{x:.2g}× as fast as" if x < 1 else f"{x:.2g}× faster than"  # noqa: E731
+    return "\n".join([
+        "**In short** (on the H200, through `poslsh.attention`; a speed ratio is the other kernel's time over "
+        "poslsh's, so 2× means half the time):",
+        "",
+        f"* Forward at {k(n)} tokens, poslsh's Triton kernels beat FlexAttention for every method: the window is "
+        f"{fwd['window']:.2g}× faster, LSH {fwd['lsh']:.2g}×, exact ALiBi {fwd['exact']:.2g}×.",
+        f"* Forward + backward at {k(nb)} tokens (training), LSH is {faster(bwd['lsh'])} Flex and the window "
+        f"{faster(bwd['window'])} Flex.",
+        f"* Exact ALiBi runs at {_ratio_range(sdpa)} the speed of dense SDPA without a bias (at "
+        f"{' and '.join(k(m) for m in sdpa_at)} tokens).",
+        f"* At equal error, poslsh's fastest method is {_ratio_range(flex)} faster than the best FlexAttention "
+        "configuration: the window reads few keys per query, so its time is mostly reading q, k and v once.",
+        "* The paper's own form (r short attentions inside the sampled blocks, on SDPA's or Flex's kernel: "
+        f"`backend=\"split\"`) is correct but {_ratio_range(split)} slower than the fused kernel, because each of "
+        "its r passes reads all of q, k and v.",
+        f"* Language models trained with positional LSH in place of the bias (`poslsh lsh-native`): {verdict}",
+        f"* {cp_summary(load('cp_cpu/cp-bench.json'))}",
+    ])
 
 
 def cp_summary(doc: Doc) -> str:
@@ -176,6 +187,90 @@ def cp_summary(doc: Doc) -> str:
             f"{kib(at['window']['ring_bytes_fwd'])} KiB; "
             + ("every method matches one process on the whole sequence." if ok else
                "**a check against one process failed** (docs/RESULTS.md)."))
+
+
+def _ms(p: dict) -> str:
+    """A point's time in milliseconds, three figures ("4.00 ms", "1431 ms")."""
+    ms = p["seconds"] * 1e3
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:#.3g} ms"
+
+
+def _eps(x: float) -> str:
+    """A truncation level as the README's table writes it: 0.3, 0.1, 3e-2, 1e-4."""
+    if x >= 0.1:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _names(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def _against_window(panel: dict, method: str) -> str:
+    """How ``method``'s points ("lsh" or "hybrid") compare with the window at equal time in ``panel``:
+    the points at least as accurate (``pareto.comparison``), those that tie it only at the rounding floor,
+    and the closest of the others, every number from the panel."""
+    from .experiments.pareto import comparison
+
+    gaps, wins, ties = (
+        [g for g in part if g["label"].startswith(method + " ")] for part in comparison(panel, "seconds"))
+    name = {"lsh": "LSH"}.get(method, method)
+    if not gaps:
+        return f"The run has no {name} point to compare."
+    floor = next(p["error"] for p in panel["points"] if p["method"] == "exact" and "error" in p)
+    text = (f"At equal time {_names([g['label'] for g in wins])} {'is' if len(wins) == 1 else 'are'} at least as "
+            "accurate as the window" if wins else f"At equal time no {name} point is as accurate as the window")
+    if ties:
+        text += (f"; {_names([g['label'] for g in ties])} only {'ties' if len(ties) == 1 else 'tie'} it at the "
+                 f"rounding floor (error {fmt(floor)}, exact attention's own in this dtype)")
+    rest = [g for g in gaps if g not in wins and g not in ties]
+    if rest:
+        best = min(rest, key=lambda g: g["ratio_seconds"])
+        text += (f". Its closest point, {best['label']}, has error {fmt(best['error'])} in {_ms(best)}, where the "
+                 f"window reaches error {fmt(best['baseline_error_seconds'])} in the same time")
+    return text + "."
+
+
+def readme_advice(doc: Doc) -> str:
+    """The README's "Which method to use": what each method is for, and how it stands against the window
+    in the committed 256K-token Pareto run (README_TABLE), every claim computed from that run."""
+    from .experiments.pareto import alibi_panels, comparison, measured
+
+    panel = alibi_panels(doc["results"])[0]
+    pts = measured(panel["points"])
+    windows = sorted((p for p in pts if p["method"] == "window"), key=lambda p: p["seconds"])
+    exact = _pick(pts, "exact")
+    where = f"In the {panel['n'] // 1024}K-token run on the {doc['environment'].get('device', '?')} below"
+    wins = {cost: comparison(panel, cost)[1] for cost in ("seconds", "pairs")}
+    tied = any(comparison(panel, cost)[2] for cost in ("seconds", "pairs"))
+    if wins["seconds"] or wins["pairs"]:
+        verdict = "; ".join(f"at equal {what}, {_names([g['label'] for g in wins[cost]]) or 'none'} "
+                            f"{'is' if len(wins[cost]) == 1 else 'are'} at least as accurate as the window"
+                            for cost, what in (("seconds", "time"), ("pairs", "keys per query")))
+    else:
+        verdict = ("no LSH or hybrid point is as accurate as the window at equal time or at equal keys per query"
+                   + (", except where both are at the rounding floor" if tied else ""))
+    window = (f"{where}, window_eps {_eps(windows[0]['window_eps'])} to {_eps(windows[-1]['window_eps'])} gives "
+              f"errors from {fmt(windows[0]['error'])} in {_ms(windows[0])} to {fmt(windows[-1]['error'])} in "
+              f"{_ms(windows[-1])}. Comparing with the window interpolated between its measured widths, {verdict}."
+              if windows else f"{where}, the window was not measured.")
+    exact_text = (f" At {panel['n'] // 1024}K tokens it took {_ms(exact)}, {exact['seconds'] / windows[-1]['seconds']:.0f}× "
+                  f"the window's time at window_eps {_eps(windows[-1]['window_eps'])}." if exact and windows else "")
+    return "\n".join([
+        "* **`method=\"window\"`** for speed at a given accuracy: exact ALiBi weights for keys within w_h positions "
+        "of the query in head h, `w_h = ceil(ln(1/window_eps) / m_h)` (m_h: the head's slope), nothing beyond; its "
+        "error falls exponentially as the window widens. " + window,
+        "* **`method=\"exact\"`** (the default: nothing is approximated unless you ask) when you need ALiBi itself; "
+        "on a GPU it runs in poslsh's Triton kernel, which computes the bias inside the kernel instead of storing an "
+        "n × n matrix, and its cost still grows like n²." + exact_text,
+        "* **`method=\"lsh\"`** for the paper's estimator and research on it: unbiased, with an error that falls "
+        "like 1/√r in the number r of sampled partitions (`samples=r`); `sampling=\"stratified\"` or `\"qmc\"` "
+        "(the r partitions drawn to spread evenly instead of independently) makes it fall faster. "
+        + _against_window(panel, "lsh"),
+        "* **`method=\"hybrid\"`**: exact weights near the query, LSH beyond (`hybrid_eps` sets how far the exact "
+        "part reaches). " + _against_window(panel, "hybrid"),
+    ])
 
 
 def readme_block() -> str:
@@ -367,12 +462,16 @@ def render_results() -> str:
 
 
 def updated(readme: str) -> str:
-    """The README with its generated block (between the markers) rewritten."""
-    if START not in readme or END not in readme:
-        raise ValueError(f"README.md lacks the markers {START} ... {END}")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{readme_block()}\n{END}{tail}"
+    """The README with its generated blocks (between their markers) rewritten: the advice on which method
+    to use and the results block."""
+    blocks = [(ADVICE_START, ADVICE_END, lambda: readme_advice(_committed(README_TABLE))), (START, END, readme_block)]
+    for start, end, render in blocks:
+        if start not in readme or end not in readme:
+            raise ValueError(f"README.md lacks the markers {start} ... {end}")
+        head, rest = readme.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme = f"{head}{start}\n{render()}\n{end}{tail}"
+    return readme
 
 
 def main(argv: list[str] | None = None) -> int:

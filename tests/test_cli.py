@@ -4,8 +4,12 @@ checked before any work with one clear line and exit status 2, progress lines wi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +94,8 @@ def test_missing_files_and_packages_are_one_line(tmp_path, capsys, monkeypatch):
                     r"bad method 'lsh:0': samples must be >= 1, got 0")
     _one_line_error(capsys, ["lm", "train", "--out", str(tmp_path), "--roots", str(tmp_path / "src")],
                     r"--roots folder \S*src does not exist")
-    _one_line_error(capsys, ["mask-error", "--threads", "-1", "--out", str(tmp_path)], r"--threads must be >= 0")
+    _one_line_error(capsys, ["mask-error", "--threads", "-1", "--out", str(tmp_path)],
+                    r"^poslsh mask-error: error: argument --threads: must be >= 0, got -1 \(see poslsh mask-error --help\)$")
     real = cli.importlib.util.find_spec
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     _one_line_error(capsys, ["mask-error", "--out", str(tmp_path)],
@@ -118,3 +123,133 @@ def test_progress_prints_lines_without_a_terminal(capsys):
     assert len(quiet) == 1 and quiet[0].startswith("[quiet] 50/50 (100%), "), quiet
     assert list(progress(iter(range(2)), "gen", every_s=0.0)) == [0, 1]
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("[gen] 2 done, ")
+
+
+
+def test_version_prints_the_package_version(capsys):
+    """``poslsh --version`` exited 2 (a missing COMMAND); the version is pyproject's."""
+    import poslsh
+
+    assert cli.main(["--version"]) == 0
+    version = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert capsys.readouterr().out.strip() == f"poslsh {version}" == f"poslsh {poslsh.__version__}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scaling", "--lengths", "-5"], "argument --lengths: must be >= 1, got -5"),  # was torch's negative dimension
+    (["pareto", "--n", "256", "--samples", "0"], "argument --samples: must be >= 1, got 0"),  # ran, failed rows, exit 0
+    (["pareto", "--window-eps", "2"], r"argument --window-eps: must be in \(0, 1\), got 2"),
+    (["attn-error", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
+    (["mask-error", "--slopes", "-1"], "argument --slopes: must be > 0, got -1"),
+    (["bench", "--device", "cpu", "--ns", "0"], "argument --ns: must be >= 1, got 0"),
+    (["cp-bench", "--world-sizes", "0"], "argument --world-sizes: must be >= 1, got 0"),
+    (["lm-validation", "--contexts", "1"], "argument --contexts: must be >= 2, got 1"),
+    (["lm", "train", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["lm", "eval", "--checkpoint", "x", "--context", "0"], "argument --context: must be >= 2, got 0"),
+    (["scaling", "--lengths", "x"], "argument --lengths: invalid int value: 'x'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys, argv, message):
+    """A usage error is one line (argparse's usage block left out), exit status 2, before any work."""
+    out = tmp_path / "out"
+    argv = argv + (["--out", str(out)] if argv[:2] != ["lm", "eval"] and argv else [])
+    _one_line_error(capsys, argv, rf"^poslsh[a-z -]*: error: {message} \(see poslsh[a-z -]* --help\)$")
+    assert not out.exists()
+
+
+def _configs():
+    from poslsh.lm.train import TrainConfig
+
+    found = [TrainConfig]
+    for name in cli.EXPERIMENTS:
+        if cli._available(name):
+            found.append(cli._module(name).Config)
+    return found
+
+
+def test_every_numeric_field_declares_its_range():
+    """Counts, lengths, levels and budgets carry ``Bounds``, so the parser names a bad one before any
+    work; a new numeric field without a range fails here."""
+    from poslsh.util.flags import _field_kinds
+
+    for config in _configs():
+        for name, (kind, item, bounds) in _field_kinds(config).items():
+            base = item if item is not None else kind
+            seeds = name.endswith("seed") or (name.endswith("seeds") and item is not None)  # any integer is a seed
+            if base in (int, float) and not seeds:
+                assert bounds is not None, f"{config.__module__}.{config.__name__}.{name} has no Bounds"
+
+
+def test_a_config_built_in_python_is_checked_too(tmp_path):
+    from poslsh.experiments import attn_error, pareto, scaling
+
+    for run, config, message in ((pareto.run, pareto.Config(n=(256,), samples=(0,)), "samples must be >= 1, got 0"),
+                                 (scaling.run, scaling.Config(lengths=(-5,)), "lengths must be >= 1, got -5"),
+                                 (attn_error.run, attn_error.Config(delta=1.5), r"delta must be in \(0, 1\), got 1.5")):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            run(config, tmp_path / "o")
+        assert not (tmp_path / "o").exists()
+
+
+def test_a_fit_over_one_point_reads_n_a(tmp_path):
+    """attn-error and pareto fitted a slope over the r the user asked for; with one r they ended in a
+    TypeError after the work. The slope is now "n/a", saying why."""
+    tiny = ["--threads", "1", "--heads", "2", "--head-dim", "4"]
+    assert cli.main(["attn-error", "--samples", "4", "--seeds", "1", "--n", "16", "--logit-scales", "1",
+                     "--schemes", "grid", "--plot-heads", "0", "--out", str(tmp_path / "a")] + tiny) == 0
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "Fitted exponent a of the LSH error against r: n/a (the fit needs two or more r >= 4; this run has 4)" \
+        in report and "| n/a |" in report
+    assert cli.main(["pareto", "--n", "32", "--heavy-n", "0", "--conv-n", "16", "--conv-samples", "4",
+                     "--conv-seeds", "1", "--samples", "4", "--samplings", "iid", "--window-eps", "0.1",
+                     "--hybrid-eps", "0.1", "--seeds", "1", "--out", str(tmp_path / "p")] + tiny) == 0
+    report = (tmp_path / "p" / "report.md").read_text()
+    assert "n/a: the fit needs two or more r >= 8, this run has none" in report and "| iid | n/a | n/a | n/a |" in report
+
+
+def test_flags_a_run_ignores_are_named(tmp_path, capsys):
+    """A flag the run will not read is named in a warning: with --replot every other one; scaling's LSH
+    flags without an LSH method; pareto's convergence flags with --no-convergence."""
+    from poslsh.experiments import pareto, scaling
+
+    assert cli.unused_flags("scaling", scaling.Config(methods=("exact",), samples=16, exact_max=64)) == {
+        "--samples": "--methods has no lsh method"}
+    assert cli.unused_flags("scaling", scaling.Config(samples=16)) == {}
+    assert set(cli.unused_flags("pareto", pareto.Config(convergence=False, conv_n=64, heavy_n=0, heavy_p=2.0))) == {
+        "--conv-n", "--heavy-p"}
+    saved = Path(cli.committed_results_dir() or "") / "pareto_cpu" / "pareto.json"
+    if not saved.exists():
+        pytest.skip("needs the checkout's committed pareto_cpu/pareto.json")
+    assert cli.main(["pareto", "--replot", str(saved), "--n", "64", "--samples", "2", "--out", str(tmp_path)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == ["poslsh pareto: warning: --n, --samples are ignored: --replot only redraws the saved run's "
+                        "plots"], warnings
+
+
+def test_a_missing_optional_package_names_its_install_command(tmp_path, capsys, monkeypatch):
+    """eval-hf without transformers said "No module named transformers"; it names the extra now, before
+    and (for a module that fails to import mid-run) after the check."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bloom"}')
+    (tmp_path / "t.txt").write_text("hello world")
+    argv = ["eval-hf", "--model", str(model), "--text", str(tmp_path / "t.txt"), "--context", "8",
+            "--out", str(tmp_path / "e")]
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers fails, find_spec finds none
+    _one_line_error(capsys, argv, r"^poslsh eval-hf: error: poslsh eval-hf needs the transformers package: "
+                                  r"pip install -e \"\.\[hf\]\"$")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "transformers" else real(name, *a))
+    _one_line_error(capsys, argv, r"^poslsh eval-hf: error: .*transformers.*: pip install -e \"\.\[hf\]\"$")
+
+
+def test_a_folder_without_a_tokenizer_is_one_whole_line(tmp_path, capsys):
+    """The tokenizer's error spans lines, and the command showed only its first, cut off."""
+    pytest.importorskip("transformers")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "bloom"}')
+    (tmp_path / "t.txt").write_text("hello world")
+    _one_line_error(capsys, ["eval-hf", "--model", str(model), "--text", str(tmp_path / "t.txt"), "--context", "8",
+                             "--out", str(tmp_path / "e")],
+                    r"^poslsh eval-hf: error: --model \S+: its tokenizer does not load \(.*\): \S.*\S$")

@@ -35,7 +35,7 @@ from ..attention.fused import fused_attention
 from ..attention.ranges import Support, nonzero_pairs, split_pairs
 from ..hashing import Partitions, sample_partitions
 from ..seeds import crc32_seed
-from ..util import (fmt, markdown_table, progress, pyplot, replot_saved, save_figure, save_results,
+from ..util import (Count, CountOrZero, Fraction, Positive, check_fields, fmt, markdown_table, progress, pyplot, replot_saved, save_figure, save_results,
                     torch_threads)
 from .harness import config_from
 from .metrics import loglog_slope, relative_error
@@ -44,6 +44,7 @@ NAME = "attn-error"
 PLOT = "attn_error_vs_r.png"
 PLOT_BOUND = "attn_error_bound.png"
 FLOOR = 1e-4  # bottom of the error axes; zero errors are drawn as markers just above it
+FIT_FROM = 4  # the exponent is fitted over r >= FIT_FROM (r = 1, 2 sit before the asymptotic regime)
 
 try:  # written in parallel by the theory issue; the experiment runs without it
     from .. import theory as _theory
@@ -74,17 +75,17 @@ class Config:
         replot: A saved attn-error.json: only redraw its PNGs into --out (every other flag is ignored).
     """
 
-    n: int = 256
-    heads: int = 8
-    head_dim: int = 32
-    samples: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    logit_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    n: Count = 256
+    heads: Count = 8
+    head_dim: Count = 32
+    samples: tuple[Count, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    logit_scales: tuple[Positive, ...] = (0.5, 1.0, 2.0)
     schemes: tuple[Literal["grid", "cut"], ...] = ("grid", "cut")
-    seeds: int = 2
+    seeds: Count = 2
     causal: bool = True
-    delta: float = 0.1
-    plot_heads: tuple[int, ...] = (0, 2, 4, 7)
-    threads: int = 1
+    delta: Fraction = 0.1
+    plot_heads: tuple[CountOrZero, ...] = (0, 2, 4, 7)
+    threads: CountOrZero = 1
     seed: int = 0
     replot: str = ""
 
@@ -112,6 +113,7 @@ def run(config: Config, out_dir: str | Path) -> dict:
     ``replot``: only redraw that JSON's PNGs)."""
     if config.replot:
         return replot_saved(config.replot, NAME, out_dir, replot)
+    check_fields(config)
     with torch_threads(config.threads):
         return _run(config, out_dir)
 
@@ -175,8 +177,8 @@ def _run(config: Config, out_dir: str | Path) -> dict:
         mean = {key: torch.tensor(val, dtype=torch.float64).mean(0).T.tolist() if val and val[0] else []  # [head][r]
                 for key, val in rec.items() if isinstance(val, list) and key != "beta"}
         mean.update(scheme=rec["scheme"], logit_scale=rec["logit_scale"], beta=rec["beta"])
-        # Least-squares exponent of err ~ r^a over r >= 4 (r = 1, 2 sit before the asymptotic regime).
-        fit = [i for i, r in enumerate(samples) if r >= 4]
+        # Least-squares exponent of err ~ r^a over r >= FIT_FROM (None with fewer than two such r).
+        fit = [i for i, r in enumerate(samples) if r >= FIT_FROM]
         mean["exponent"] = [loglog_slope([samples[i] for i in fit], [e[i] for i in fit]) for e in mean["lsh"]]
         results["curves"].append(mean)
     results["seconds"] = time.perf_counter() - started
@@ -288,7 +290,8 @@ def summarize(results: dict, out_dir: str | Path) -> str:
         for lsh, win in zip(c["lsh"], c["window"]):
             total += len(lsh)
             better += sum(w < e for w, e in zip(win, lsh))
-    exps = [e for c in res["curves"] for e in c["exponent"]]
+    exps = [e for c in res["curves"] for e in c["exponent"] if e is not None]
+    fitted = [r for r in samples if r >= FIT_FROM]
     cfg = results["config"]
     lines = [
         f"## Attention error vs r ({NAME})",
@@ -300,7 +303,9 @@ def summarize(results: dict, out_dir: str | Path) -> str:
         f"![attention error vs r]({PLOT})",
         "",
         f"- LSH error falls like r^a with fitted a between {min(exps):.2f} and {max(exps):.2f} "
-        f"(1/sqrt(r) is a = -0.5; the largest logits, scale 2, are slowest: few keys carry the weight).",
+        f"(1/sqrt(r) is a = -0.5; the largest logits, scale 2, are slowest: few keys carry the weight)." if exps else
+        f"- Fitted exponent a of the LSH error against r: n/a (the fit needs two or more r >= {FIT_FROM}; this "
+        f"run has {', '.join(map(str, fitted)) or 'none'}).",
         f"- **The window baseline, given the same number of (query, key) pairs as LSH-fused, is more accurate "
         f"in {better} of {total} (head, r, scheme, scale) points.** Truncation error decays exponentially "
         "in the window, LSH error only like 1/sqrt(r); LSH's advantage is being unbiased and uniform over "

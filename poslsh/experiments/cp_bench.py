@@ -37,7 +37,8 @@ from ..attention.window import hybrid_widths, window_sizes
 from ..distributed import context_parallel_attention, count_traffic, gather, shard
 from ..distributed.launch import init_from_env, run_local
 from ..distributed.layout import shard_positions
-from ..util import fmt, markdown_table, pyplot, replot_saved, save_figure, save_results, synchronize
+from ..util import (Count, CountOrZero, Fraction, Positive, check_fields, fmt, markdown_table, pyplot, replot_saved,
+                    save_figure, save_results, synchronize)
 from .metrics import relative_error
 from .scaling import measure
 
@@ -83,29 +84,29 @@ class Config:
             ignored; nothing is launched).
     """
 
-    world_sizes: tuple[int, ...] = (1, 2, 4)
-    lengths: tuple[int, ...] = (2048, 8192)
+    world_sizes: tuple[Count, ...] = (1, 2, 4)
+    lengths: tuple[Count, ...] = (2048, 8192)
     methods: tuple[Literal["window", "lsh", "hybrid", "exact"], ...] = METHODS
-    batch: int = 1
-    heads: int = 8
-    kv_heads: int = 0
-    head_dim: int = 64
+    batch: Count = 1
+    heads: Count = 8
+    kv_heads: CountOrZero = 0
+    head_dim: Count = 64
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     causal: bool = True
-    window_eps: float = 1e-3
-    samples: int = 8
-    hybrid_eps: float = 1e-2
+    window_eps: Fraction = 1e-3
+    samples: Count = 8
+    hybrid_eps: Positive = 1e-2
     scheme: Literal["grid", "cut"] = "grid"
     halo: Literal["head", "max"] = "head"
     halo_max: bool = True
     exact_layout: Literal["zigzag", "contiguous"] = "zigzag"
-    exact_max_local: int = 2048
-    check_max_total: int = 8192
-    check_lengths: tuple[int, ...] = ()
+    exact_max_local: CountOrZero = 2048
+    check_max_total: CountOrZero = 8192
+    check_lengths: tuple[Count, ...] = ()
     backward: bool = True
-    repeats: int = 3
-    warmup: int = 1
-    threads: int = 1
+    repeats: Count = 3
+    warmup: CountOrZero = 1
+    threads: CountOrZero = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: str = "auto"
     seed: int = 0
@@ -409,8 +410,9 @@ def run(config: Config, out_dir: str | Path) -> dict:
         raise ValueError(f"methods must be among {METHODS}, got {sorted(unknown)}")
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    if not config.world_sizes or min(config.world_sizes) < 1:
-        raise ValueError(f"world_sizes must be ints >= 1, got {config.world_sizes}")
+    check_fields(config)
+    if not config.world_sizes:
+        raise ValueError("world_sizes must name one or more process counts")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         rank, world = init_from_env("gloo" if config.device == "cpu" else None)
         if config.threads > 0 and not torch.cuda.is_available():

@@ -11,7 +11,8 @@ the run.
 
 Seeds of the draws come from ``poslsh.seeds``; what is measured (errors, slopes, times, keys per
 query) from ``metrics``. The config helpers below are what the experiments' Configs share: ``--tiny``
-sizes (``effective``), a config back from its JSON document (``config_from``), and budget checks.
+sizes (``effective``) and a config back from its JSON document (``config_from``); the ranges of their
+fields are declared on the fields (``poslsh.util.flags.Bounds``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, TextIO, TypeVar
 
 from ..util import save_results
 
-__all__ = ["Run", "describe_failure", "effective", "config_from", "check_budgets"]
+__all__ = ["Run", "describe_failure", "effective", "config_from"]
 
 C = TypeVar("C")
 
@@ -91,10 +92,3 @@ def config_from(stored: dict[str, Any], config_cls: type[C]) -> C:
     longer has left out (a document written by an older version still loads)."""
     known = {f.name for f in dataclasses.fields(config_cls)}
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known})
-
-
-def check_budgets(config: Any, names: tuple[str, ...]) -> None:
-    """ValueError naming the first of the budget fields ``names`` (seconds, 0 = no limit) below 0."""
-    for name in names:
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0 (0 = no limit), got {getattr(config, name)}")

@@ -22,7 +22,7 @@ from .. import theory
 from ..hashing import Partitions, sample_partitions
 from ..masks import mask_errors
 from ..seeds import crc32_seed
-from ..util import markdown_table, progress, pyplot, replot_saved, save_figure, save_results
+from ..util import Count, Fraction, Positive, check_fields, markdown_table, progress, pyplot, replot_saved, save_figure, save_results
 from .metrics import loglog_slope
 
 NAME = "mask-error"
@@ -47,15 +47,15 @@ class Config:
         replot: A saved mask-error.json: only redraw its PNGs into --out (every other flag is ignored).
     """
 
-    lengths: tuple[int, ...] = (256, 4096)
-    slopes: tuple[float, ...] = (2.0, 0.5, 1 / 16, 1 / 256)
-    samples: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    lengths: tuple[Count, ...] = (256, 4096)
+    slopes: tuple[Positive, ...] = (2.0, 0.5, 1 / 16, 1 / 256)
+    samples: tuple[Count, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     schemes: tuple[Literal["grid", "cut"], ...] = ("grid", "cut")
-    seeds: int = 3
-    delta: float = 0.1
+    seeds: Count = 3
+    delta: Fraction = 0.1
     seed: int = 0
     method: Literal["auto", "dense", "structured"] = "auto"
-    rtol: float = 1e-2
+    rtol: Positive = 1e-2
     replot: str = ""
 
 
@@ -84,10 +84,11 @@ def run(config: Config, out_dir: str | Path) -> dict:
     ``replot``: only redraw that JSON's PNGs)."""
     if config.replot:
         return replot_saved(config.replot, NAME, out_dir, replot)
+    check_fields(config)
+    if not config.samples:
+        raise ValueError("samples must name at least one r")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not config.samples or min(config.samples) < 1:
-        raise ValueError(f"samples must be positive ints, got {config.samples}")
     samples = sorted(set(config.samples))
     r_max = samples[-1]
     records: list[dict[str, Any]] = []

@@ -23,7 +23,7 @@ import torch
 
 from ..alibi import alibi_slopes
 from ..attention import attention
-from ..util import (fmt, markdown_table, progress, pyplot, replot_saved, save_figure, save_results,
+from ..util import (Count, CountOrZero, Fraction, check_fields, fmt, markdown_table, progress, pyplot, replot_saved, save_figure, save_results,
                     torch_threads)
 from .metrics import loglog_slope
 
@@ -53,18 +53,18 @@ class Config:
         replot: A saved scaling.json: only redraw its PNG into --out (every other flag is ignored).
     """
 
-    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
-    exact_max: int = 4096
-    heads: int = 4
-    head_dim: int = 64
-    samples: int = 8
+    lengths: tuple[Count, ...] = (1024, 2048, 4096, 8192, 16384)
+    exact_max: CountOrZero = 4096
+    heads: Count = 4
+    head_dim: Count = 64
+    samples: Count = 8
     scheme: Literal["grid", "cut"] = "grid"
-    window_eps: float = 1e-3
+    window_eps: Fraction = 1e-3
     causal: bool = True
     methods: tuple[Literal["exact", "window", "lsh-split", "lsh-fused"], ...] = METHODS
-    repeats: int = 1
-    threads: int = 1
-    fit_from: int = 4096
+    repeats: Count = 1
+    threads: CountOrZero = 1
+    fit_from: Count = 4096
     seed: int = 0
     replot: str = ""
 
@@ -128,16 +128,29 @@ def run_method(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                          scheme=config.scheme, generator=generator, backend=backend)
 
 
+def unused(config: Config) -> dict[str, str]:
+    """The fields this config's methods do not read, with why (the command warns when they are set)."""
+    out = {}
+    if not any(m.startswith("lsh") for m in config.methods):
+        out.update(samples="--methods has no lsh method", scheme="--methods has no lsh method")
+    if "window" not in config.methods:
+        out["window_eps"] = "--methods has no window"
+    if "exact" not in config.methods:
+        out["exact_max"] = "--methods has no exact"
+    return out
+
+
 def run(config: Config, out_dir: str | Path) -> dict:
     """Time every method at every length, write ``out_dir/scaling.json`` and the PNG (with ``replot``:
     only redraw that JSON's PNG)."""
     if config.replot:
         return replot_saved(config.replot, NAME, out_dir, replot)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_fields(config)
     unknown = set(config.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"methods must be among {METHODS}, got {sorted(unknown)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     rows: list[dict[str, Any]] = []
     with torch_threads(config.threads):

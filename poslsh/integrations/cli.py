@@ -53,7 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load_tokenizer(path: Path):
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    from ..util import RequirementError
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:  # its message spans lines; the command shows one
+        raise RequirementError(f"--model {path}: its tokenizer does not load (a checkpoint folder needs the files "
+                               f"tokenizer.save_pretrained writes): {' '.join(str(err).split())}") from None
 
 
 def _load_model(path: Path, dtype_name: str, device: str):
@@ -95,15 +101,16 @@ def evaluate_hf(model_path: Path, text_path: Path, contexts: list[int], methods:
     """
     import numpy as np
     import torch
-    import transformers
 
     from ..lm.evaluate import perplexity
     from ..method import parse_method
     from ..util import progress
-    from .hf import model_family, patch_model, unpatch_model
 
     specs = [None if m == "native" else parse_method(m) for m in methods]  # bad methods fail before loading
     check_inputs(model_path, text_path, contexts, device)
+    import transformers  # after check_inputs, which names the install command when it is missing
+
+    from .hf import model_family, patch_model, unpatch_model
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     ids = np.asarray(_load_tokenizer(model_path)(text_path.read_text(encoding="utf-8"))["input_ids"], dtype=np.int64)
     if ids.size < max(contexts) + 1:  # before the model loads

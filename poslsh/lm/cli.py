@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..method import GRAMMAR
-    from ..util import add_config_flags, add_threads_flag
+    from ..util import Bounds, add_config_flags, add_threads_flag
     from .train import TrainConfig
+
+    count, context = Bounds(1).argtype(int), Bounds(2).argtype(int)
 
     text = "Train and evaluate the small ALiBi language model of poslsh.lm."
     lm = subparsers.add_parser("lm", help=text, description=text)
@@ -39,17 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help=text, description=text)
     ev.add_argument("--checkpoint", type=Path, required=True, metavar="DIR",
                     help="Checkpoint folder written by poslsh lm train.")
-    ev.add_argument("--context", type=int, nargs="+", required=True, metavar="N",
-                    help="Context lengths in tokens (bytes), one set of rows each.")
+    ev.add_argument("--context", type=context, nargs="+", required=True, metavar="N",
+                    help="Context lengths in tokens (bytes), one set of rows each, each at least 2.")
     ev.add_argument("--methods", nargs="+", default=["exact", "window", "lsh:8"], metavar="METHOD",
                     help=f"Attention methods, each one of {GRAMMAR}. Default: exact window lsh:8.")
     ev.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
                     help="Partition seeds; rows of lsh and hybrid average them. Default: 0.")
     ev.add_argument("--text", type=Path, metavar="FILE",
                     help="Score this UTF-8 file instead of the checkpoint's held-out set.")
-    ev.add_argument("--max-scored", type=int, default=65536, metavar="N",
+    ev.add_argument("--max-scored", type=count, default=65536, metavar="N",
                     help="Stop after this many scored tokens per row. Default: 65536.")
-    ev.add_argument("--batch-size", type=int, default=1, metavar="N", help="Windows per forward call. Default: 1.")
+    ev.add_argument("--batch-size", type=count, default=1, metavar="N", help="Windows per forward call. Default: 1.")
     ev.add_argument("--device", default="auto", help="Device, e.g. auto, cpu or cuda. Default: auto.")
     ev.add_argument("--out", type=Path, metavar="DIR",
                     help="Folder for lm-eval.json. Default: the checkpoint folder.")

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..method import MethodSpec, parse_method
-from ..util import progress, pyplot, save_figure, synchronize
+from ..util import (Count, CountOrZero, Fraction, NonNegative, Positive, TwoOrMore, check_fields, progress, pyplot,
+                    save_figure, synchronize)
 from .data import ByteTokenizer, Corpus, build_corpus, unigram_baseline
 from .model import ALiBiLM, LMConfig, load_checkpoint, save_checkpoint
 
@@ -67,25 +68,25 @@ class TrainConfig:
         compile: Compile the model with torch.compile.
     """
 
-    d_model: int = 512
-    n_layers: int = 8
-    n_heads: int = 8
-    context: int = 1024
-    batch_size: int = 32
-    steps: int = 6000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 200
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 500
-    eval_windows: int = 64
+    d_model: Count = 512
+    n_layers: Count = 8
+    n_heads: Count = 8
+    context: TwoOrMore = 1024
+    batch_size: Count = 32
+    steps: Count = 6000
+    lr: Positive = 1e-3
+    min_lr_ratio: NonNegative = 0.1
+    warmup: CountOrZero = 200
+    weight_decay: NonNegative = 0.1
+    grad_clip: Positive = 1.0
+    eval_every: Count = 500
+    eval_windows: Count = 64
     seed: int = 0
-    max_bytes: int = 256 * 2**20
-    heldout_fraction: float = 0.05
+    max_bytes: Count = 256 * 2**20
+    heldout_fraction: Fraction = 0.05
     roots: tuple[str, ...] = ()
     device: str = "auto"
-    time_budget_s: float = 0.0
+    time_budget_s: NonNegative = 0.0
     train_attention: str = "sdpa"
     partition_seed: int | None = None
     init_checkpoint: str = ""
@@ -218,6 +219,7 @@ def train(config: TrainConfig, out_dir: str | Path, corpus: Corpus | None = None
         context), "train_attention" (the method's label), "train_seconds", "tokens_per_second", "device"}.
     """
     say = log or (lambda s: None)
+    check_fields(config)
     spec = train_method(config)  # a bad method fails before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

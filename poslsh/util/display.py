@@ -72,8 +72,9 @@ def fmt(x: float | int | None, digits: int = 3) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub Markdown table; floats go through ``fmt``."""
-    cell = lambda v: fmt(v) if isinstance(v, float) else str(v)  # noqa: E731
+    """A GitHub Markdown table; floats go through ``fmt``, None (a value that could not be computed, such
+    as a fit over fewer than two points) reads "n/a"."""
+    cell = lambda v: fmt(v) if isinstance(v, float) else "n/a" if v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...util import Count, CountOrZero, Fraction, NonNegative, Positive
+
 NAME = "bench"
 
 # column -> (method, backend, label)
@@ -58,26 +60,26 @@ class Config:
     """
 
     phases: tuple[str, ...] = ("checks", "offsets", "sweep", "forward", "decode", "backward")
-    ns: tuple[int, ...] = (4096, 16384, 65536, 262144, 1048576)
-    decode_ns: tuple[int, ...] = (16384, 65536, 262144, 1048576)
-    heads: int = 32
-    dim: int = 128
+    ns: tuple[Count, ...] = (4096, 16384, 65536, 262144, 1048576)
+    decode_ns: tuple[Count, ...] = (16384, 65536, 262144, 1048576)
+    heads: Count = 32
+    dim: Count = 128
     causal: bool = True
-    window_eps: float = 1e-3
-    hybrid_eps: float = 1e-2
-    samples: int = 8
-    query_scale: float = 2.0  # q ~ 2 N(0, 1), as in the design brief's anchor errors
-    exact_max_n: int = 262144  # exact ALiBi and dense SDPA beyond this: seconds per call; skipped
-    flex_ns: tuple[int, ...] = (16384, 65536, 262144)  # Flex compiles once per shape: its n are fewer
-    backward_ns: tuple[int, ...] = (16384, 65536, 262144)
-    exact_max_n_backward: int = 65536
-    sweep_n: int = 262144  # window, hybrid and LSH tile sweeps; exact at sweep_exact_n
-    sweep_exact_n: int = 65536
+    window_eps: Fraction = 1e-3
+    hybrid_eps: Positive = 1e-2
+    samples: Count = 8
+    query_scale: Positive = 2.0  # q ~ 2 N(0, 1), as in the design brief's anchor errors
+    exact_max_n: CountOrZero = 262144  # exact ALiBi and dense SDPA beyond this: seconds per call; skipped
+    flex_ns: tuple[Count, ...] = (16384, 65536, 262144)  # Flex compiles once per shape: its n are fewer
+    backward_ns: tuple[Count, ...] = (16384, 65536, 262144)
+    exact_max_n_backward: CountOrZero = 65536
+    sweep_n: Count = 262144  # window, hybrid and LSH tile sweeps; exact at sweep_exact_n
+    sweep_exact_n: Count = 65536
     columns: tuple[str, ...] = ()  # only these (keys of COLUMNS); empty: all
-    warm_workers: int = 8  # processes that compile the timed kernels in parallel first (0: none)
-    budget_s: float = 540.0  # nothing new starts after this many seconds (0: no limit)
-    warmup_ms: int = 25
-    rep_ms: int = 100
+    warm_workers: CountOrZero = 8  # processes that compile the timed kernels in parallel first (0: none)
+    budget_s: NonNegative = 540.0  # nothing new starts after this many seconds (0: no limit)
+    warmup_ms: CountOrZero = 25
+    rep_ms: Count = 100
     seed: int = 0
     device: str = "cuda"  # "cpu": a dry run at tiny sizes (Triton under TRITON_INTERPRET=1), for tests
 

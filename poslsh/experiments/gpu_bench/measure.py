@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...util import load_results, synchronize
+from ...util import check_fields, load_results, synchronize
 from ..harness import Run
 from ..metrics import gpu_time, relative_error
 from .design import (CHECK_CASES, COLUMNS, METHOD_ORDER, PRIMITIVES, Call, Config, decode_calls, forward_calls,
@@ -313,6 +313,7 @@ def _time(fn: Callable[[], Any], config: "Config") -> tuple[float, str]:
 
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
     """Run the phases; write out_dir/gpu_bench.json after every measurement, tuned.json and PNGs."""
+    check_fields(config)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("poslsh bench needs a CUDA GPU (or --device cpu for a dry run at tiny sizes)")
     from ...attention.triton import launch

@@ -9,6 +9,7 @@ from typing import Literal
 
 from ...lm.evaluate import check_common_scoring
 from ...method import MethodSpec, parse_method, parse_methods
+from ...util import Count, CountOrZero, Fraction, NonNegative, Positive, TwoOrMore, check_fields
 from .. import harness
 
 NAME = "lm-validation"
@@ -78,32 +79,32 @@ class Config:
     """
 
     tiny: bool = False
-    d_model: int = 512
-    n_layers: int = 6
-    n_heads: int = 8
-    train_context: int = 1024
-    batch_size: int = 32
-    steps: int = 20000
-    lr: float = 1e-3
-    warmup: int = 200
-    eval_every: int = 500
-    train_budget_s: float = 270.0
-    max_bytes: int = 128 * 2**20
-    heldout_fraction: float = 0.05
-    contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)
-    samples: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    d_model: Count = 512
+    n_layers: Count = 6
+    n_heads: Count = 8
+    train_context: TwoOrMore = 1024
+    batch_size: Count = 32
+    steps: Count = 20000
+    lr: Positive = 1e-3
+    warmup: CountOrZero = 200
+    eval_every: Count = 500
+    train_budget_s: NonNegative = 270.0
+    max_bytes: Count = 128 * 2**20
+    heldout_fraction: Fraction = 0.05
+    contexts: tuple[TwoOrMore, ...] = (1024, 4096, 16384, 65536)
+    samples: tuple[Count, ...] = (1, 2, 4, 8, 16, 32)
     schemes: tuple[Literal["grid", "cut"], ...] = ("grid", "cut")
     extra_methods: tuple[str, ...] = ("lsh:8:grid:qmc", "hybrid:8:grid:qmc")
-    window_eps: float = 1e-3
+    window_eps: Fraction = 1e-3
     seeds: tuple[int, ...] = (0,)
-    scored_tokens: int = 131072
-    eval_batch_tokens: int = 65536
-    eval_budget_s: float = 150.0
-    error_context: int = 4096
-    error_batch: int = 2
+    scored_tokens: Count = 131072
+    eval_batch_tokens: Count = 65536
+    eval_budget_s: NonNegative = 150.0
+    error_context: TwoOrMore = 4096
+    error_batch: Count = 2
     error_seeds: tuple[int, ...] = (0, 1)
-    error_budget_s: float = 30.0
-    deadline_s: float = 500.0
+    error_budget_s: NonNegative = 30.0
+    deadline_s: NonNegative = 500.0
     seed: int = 0
     device: str = "auto"
     checkpoint: str = ""
@@ -125,18 +126,15 @@ def effective(config: Config) -> Config:
 
 def check(cfg: Config) -> None:
     """ValueError naming the first bad field of an effective config."""
-    if not cfg.contexts or any(n < 2 for n in cfg.contexts):
-        raise ValueError(f"contexts must be integers >= 2, got {cfg.contexts}")
+    check_fields(cfg)
+    if not cfg.contexts:
+        raise ValueError("contexts must name one or more lengths")
     if not cfg.samples or not cfg.schemes:
         raise ValueError(f"samples and schemes must not be empty, got {cfg.samples} and {cfg.schemes}")
     method_specs(cfg)  # every method built once: a bad r, scheme, window_eps or extra method fails here
     if not cfg.seeds or not cfg.error_seeds:
         raise ValueError(f"seeds and error_seeds must not be empty, got {cfg.seeds} and {cfg.error_seeds}")
     check_common_scoring(cfg.scored_tokens, cfg.contexts)
-    harness.check_budgets(cfg, ("train_budget_s", "eval_budget_s", "error_budget_s", "deadline_s"))
-    if cfg.error_batch < 1 or cfg.error_context < 2 or cfg.eval_batch_tokens < 1:
-        raise ValueError(f"error_batch >= 1, error_context >= 2 and eval_batch_tokens >= 1 are needed, got "
-                         f"{cfg.error_batch}, {cfg.error_context}, {cfg.eval_batch_tokens}")
 
 
 def method_specs(cfg: Config) -> list[MethodSpec]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 from ...lm.evaluate import check_common_scoring
 from ...method import MethodSpec, parse_method, parse_methods
+from ...util import Bounds, Count, CountOrZero, Fraction, NonNegative, Positive, TwoOrMore, check_fields
 from .. import harness
 
 NAME = "lsh-native"
@@ -76,38 +78,38 @@ class Config:
     """
 
     tiny: bool = False
-    d_model: int = 512
-    n_layers: int = 4
-    n_heads: int = 8
-    train_context: int = 1024
-    batch_size: int = 32
-    max_steps: int = 20000
-    lr: float = 1e-3
-    warmup: int = 200
-    eval_every: int = 1000
-    train_budget_s: float = 90.0
-    slower_arm_factor: float = 1.3
+    d_model: Count = 512
+    n_layers: Count = 4
+    n_heads: Count = 8
+    train_context: TwoOrMore = 1024
+    batch_size: Count = 32
+    max_steps: Count = 20000
+    lr: Positive = 1e-3
+    warmup: CountOrZero = 200
+    eval_every: Count = 1000
+    train_budget_s: NonNegative = 90.0
+    slower_arm_factor: Annotated[float, Bounds(1)] = 1.3
     native: tuple[str, ...] = ("lsh:4:grid", "lsh:1:grid")
     finetune: str = "lsh:8:grid"
-    finetune_fraction: float = 0.1
-    finetune_lr_ratio: float = 0.3
+    finetune_fraction: Annotated[float, Bounds(0, 1, low_open=True)] = 0.1
+    finetune_lr_ratio: Positive = 0.3
     optional_native: tuple[str, ...] = ("lsh:4:grid:qmc",)
-    max_bytes: int = 128 * 2**20
-    heldout_fraction: float = 0.05
-    contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)
-    samples: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    window_eps: float = 1e-3
+    max_bytes: Count = 128 * 2**20
+    heldout_fraction: Fraction = 0.05
+    contexts: tuple[TwoOrMore, ...] = (1024, 4096, 16384, 65536)
+    samples: tuple[Count, ...] = (1, 2, 4, 8, 16, 32)
+    window_eps: Fraction = 1e-3
     fill_schemes: tuple[str, ...] = ("cut",)
     fill_methods: tuple[str, ...] = ("lsh:8:grid:qmc", "hybrid:8:grid:qmc")
-    verdict_max_r: int = 8
-    scored_tokens: int = 65536
-    eval_batch_tokens: int = 16384
-    eval_reserve_s: float = 170.0
-    error_context: int = 2048
-    error_batch: int = 1
-    error_budget_s: float = 16.0
-    precompile_workers: int = 6
-    deadline_s: float = 515.0
+    verdict_max_r: Count = 8
+    scored_tokens: Count = 65536
+    eval_batch_tokens: Count = 16384
+    eval_reserve_s: NonNegative = 170.0
+    error_context: TwoOrMore = 2048
+    error_batch: Count = 1
+    error_budget_s: NonNegative = 16.0
+    precompile_workers: CountOrZero = 6
+    deadline_s: NonNegative = 515.0
     seed: int = 0
     device: str = "auto"
     checkpoint_dir: str = ""
@@ -138,8 +140,9 @@ def effective(config: Config) -> Config:
 
 def check(cfg: Config) -> None:
     """ValueError naming the first bad field of an effective config."""
-    if not cfg.contexts or any(n < 2 for n in cfg.contexts):
-        raise ValueError(f"contexts must be integers >= 2, got {cfg.contexts}")
+    check_fields(cfg)
+    if not cfg.contexts:
+        raise ValueError("contexts must name one or more lengths")
     if cfg.train_context not in cfg.contexts:
         raise ValueError(f"contexts must include train_context={cfg.train_context} (the extrapolation ratio's "
                          f"reference), got {cfg.contexts}")
@@ -151,16 +154,9 @@ def check(cfg: Config) -> None:
     if any(not spec.random for spec in trained):
         raise ValueError("native, optional_native and finetune must be lsh or hybrid methods, got "
                          f"{[spec.label for spec in trained if not spec.random]}")
-    if cfg.finetune and not 0 < cfg.finetune_fraction <= 1:
-        raise ValueError(f"finetune_fraction must be in (0, 1], got {cfg.finetune_fraction}")
     check_common_scoring(cfg.scored_tokens, cfg.contexts)
-    harness.check_budgets(cfg, ("train_budget_s", "eval_reserve_s", "error_budget_s", "deadline_s"))
-    if cfg.slower_arm_factor < 1:
-        raise ValueError(f"slower_arm_factor must be >= 1, got {cfg.slower_arm_factor}")
-    if cfg.d_model % cfg.n_heads or cfg.error_batch < 1 or cfg.error_context < 2 or cfg.eval_batch_tokens < 1:
-        raise ValueError(f"d_model divisible by n_heads, error_batch >= 1, error_context >= 2 and "
-                         f"eval_batch_tokens >= 1 are needed, got {cfg.d_model}, {cfg.n_heads}, {cfg.error_batch}, "
-                         f"{cfg.error_context}, {cfg.eval_batch_tokens}")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"d_model must be divisible by n_heads, got {cfg.d_model} and {cfg.n_heads}")
 
 
 def config_of(res: dict) -> Config:

@@ -70,18 +70,18 @@ def verdict(res: dict[str, Any], cfg: Config) -> list[str]:
     if met:
         r, _, arm = met[0]
         best = found[arm["name"]]
-        head = (f"Yes: {_arm_label(arm)}, evaluated with positional LSH at r = {r}, comes within "
+        head = (f"Yes: {_arm_label(arm, letter=False)}, evaluated with positional LSH at r = {r}, comes within "
                 f"{100 * TOLERANCE:.0f} % of the exact-ALiBi model's bits per byte at {ctx} ("
                 + ", ".join(f"{100 * g:+.1f} %" for _, _, g in best["bits"])
-                + f"), at an attention time per token of {best['speed'][-1]}; extrapolation: {best['extrapolation']}")
+                + f"), with attention taking {best['speed'][-1]}; extrapolation: {best['extrapolation']}")
     elif native:
         closest = min(native, key=lambda a: max(g for _, _, g in found[a["name"]]["bits"]))
         best = found[closest["name"]]
         head = (f"No: no LSH-native model evaluated with LSH at r <= {cfg.verdict_max_r} comes within "
                 f"{100 * TOLERANCE:.0f} % of the exact-ALiBi model's bits per byte at {ctx}; the closest, "
-                f"{_arm_label(closest)} with {best['method']}, is "
-                + ", ".join(f"{100 * g:+.1f} %" for _, _, g in best["bits"])
-                + f" from it, at {best['speed'][-1]}; extrapolation: {best['extrapolation']}")
+                f"{_arm_label(closest, letter=False)} evaluated with {best['method']}, is "
+                + " and ".join(f"{100 * g:+.1f} %" for _, _, g in best["bits"])
+                + f" from it, with attention taking {best['speed'][-1]}; extrapolation: {best['extrapolation']}")
     else:
         head = f"Verdict not measured: no LSH-native arm has LSH rows with r <= {cfg.verdict_max_r} at {ctx}"
     return [head + f" (exact ALiBi: {exact_extra})."] + lines
@@ -100,7 +100,7 @@ def _best_lsh(table: dict, times: dict, arm: dict, refs: dict, cfg: Config) -> d
     within = [r for r, g in gaps.items() if max(g) <= TOLERANCE]
     r = min(within) if within else min(gaps, key=lambda x: max(gaps[x]))
     method = f"lsh:{r}:grid"
-    speed = [f"{fmt(times[(n, method)])} us vs the window's {fmt(times[(n, win)])} at {_k(n)}"
+    speed = [f"{fmt(times[(n, method)])} µs per token at {_k(n)} (the window: {fmt(times[(n, win)])} µs)"
              if (n, method) in times and (n, win) in times else f"not measured at {_k(n)}" for n in big]
     return {"r": r, "method": method, "within": bool(within), "speed": speed,
             "bits": [(n, table[(name, n, method)]["bits_per_token"], g) for n, g in zip(big, gaps[r])],
@@ -121,12 +121,16 @@ def _k(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def _arm_label(arm: dict) -> str:
+def _arm_label(arm: dict, letter: bool = True) -> str:
+    """The arm in words, with its letter of the section's list (a), (b), (c) unless ``letter`` is off (a
+    sentence read on its own, as the README's)."""
     if arm["kind"] == "baseline":
-        return "the exact-ALiBi model (a)"
-    if arm["kind"] == "finetune":
-        return f"the exact model fine-tuned with {arm['train_attention']} (c)"
-    return f"the model trained with {arm['train_attention']} (b)"
+        text, tag = "the exact-ALiBi model", "a"
+    elif arm["kind"] == "finetune":
+        text, tag = f"the exact model fine-tuned with {arm['train_attention']}", "c"
+    else:
+        text, tag = f"the model trained with {arm['train_attention']}", "b"
+    return f"{text} ({tag})" if letter else text
 
 
 # ---------------------------------------------------------------------------- plots

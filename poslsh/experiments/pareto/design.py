@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ...util import Count, CountOrZero, Fraction, NonNegative, Positive, TwoOrMore, check_fields
+
 NAME = "pareto"
 PLOT = "pareto.png"
 PLOT_CONV = "pareto_convergence.png"
@@ -54,53 +56,68 @@ class Config:
         replot: A saved pareto.json: only redraw its PNGs into --out (every other flag is ignored).
     """
 
-    n: tuple[int, ...] = (4096,)  # one ALiBi panel per length
-    heads: int = 8
-    head_dim: int = 64
+    n: tuple[TwoOrMore, ...] = (4096,)  # one ALiBi panel per length
+    heads: Count = 8
+    head_dim: Count = 64
     dtype: Literal["float16", "bfloat16", "float32", "float64"] = "float32"
     reference_dtype: Literal["float32", "float64"] = "float64"
     device: str = "cpu"
     backend: str = "fused"
     causal: bool = True
-    query_scale: float = 2.0
+    query_scale: Positive = 2.0
     # Errors over the last error_rows query rows only (0: every row). Each method still runs on all n
     # rows (its time is the full call's); only the reference is cut: exact float32 attention of all
     # rows took 114 s at n = 256K on an H200, of the last 8192 rows ~1/32 of that.
-    error_rows: int = 0
-    window_eps: tuple[float, ...] = (0.3, 0.1, 3e-2, 1e-2, 1e-3, 1e-4)
-    samples: tuple[int, ...] = (4, 8, 16, 32)
+    error_rows: CountOrZero = 0
+    window_eps: tuple[Fraction, ...] = (0.3, 0.1, 3e-2, 1e-2, 1e-3, 1e-4)
+    samples: tuple[Count, ...] = (4, 8, 16, 32)
     samplings: tuple[Literal["iid", "stratified", "qmc"], ...] = SAMPLINGS
-    hybrid_eps: tuple[float, ...] = (0.3, 0.1, 3e-2, 1e-2)
-    hybrid_samples: tuple[int, ...] = (8,)
+    hybrid_eps: tuple[Positive, ...] = (0.3, 0.1, 3e-2, 1e-2)
+    hybrid_samples: tuple[Count, ...] = (8,)
     hybrid_sampling: Literal["iid", "stratified", "qmc"] = "qmc"
-    heavy_n: int = 2048
-    heavy_heads: int = 4
-    heavy_p: float = 0.5
-    heavy_window_eps: tuple[float, ...] = (0.3, 0.1, 0.05, 3e-2, 2e-2)
+    heavy_n: CountOrZero = 2048
+    heavy_heads: Count = 4
+    heavy_p: Positive = 0.5
+    heavy_window_eps: tuple[Fraction, ...] = (0.3, 0.1, 0.05, 3e-2, 2e-2)
     # hybrid_eps asks the far field's RMS row-weight error to be <= eps; for a tail this heavy the
     # LSH far field cannot meet any such target below ~1 (its variance grows with n), so the heavy
     # panel sets the near field directly: these half-widths.
-    heavy_hybrid_near: tuple[int, ...] = (16, 64, 256)
+    heavy_hybrid_near: tuple[CountOrZero, ...] = (16, 64, 256)
     convergence: bool = True
-    conv_n: int = 256
-    conv_samples: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
-    conv_seeds: int = 3
-    fit_from: int = 8
-    seeds: int = 2
-    repeats: int = 1
-    warmup_ms: int = 25
-    rep_ms: int = 100
-    budget_s: float = 0.0
+    conv_n: TwoOrMore = 256
+    conv_samples: tuple[Count, ...] = (4, 8, 16, 32, 64, 128, 256)
+    conv_seeds: Count = 3
+    fit_from: Count = 8
+    seeds: Count = 2
+    repeats: Count = 1
+    warmup_ms: CountOrZero = 25
+    rep_ms: Count = 100
+    budget_s: NonNegative = 0.0
     plots: bool = True
-    threads: int = 1
+    threads: CountOrZero = 1
     seed: int = 0
     replot: str = ""
 
 
+def unused(config: Config) -> dict[str, str]:
+    """The fields this config does not read, with why (the command warns when they are set)."""
+    out = {}
+    if not config.convergence:
+        out.update(dict.fromkeys(("conv_n", "conv_samples", "conv_seeds", "fit_from"), "--no-convergence"))
+    if config.heavy_n == 0:
+        out.update(dict.fromkeys(("heavy_heads", "heavy_p", "heavy_window_eps", "heavy_hybrid_near"), "--heavy-n 0"))
+    if config.device.startswith("cuda"):
+        out["repeats"] = "a GPU point is timed for --warmup-ms and --rep-ms"
+    else:
+        out.update(dict.fromkeys(("warmup_ms", "rep_ms"), "they time GPU points, and --device is not cuda"))
+    return out
+
+
 def check(config: Config) -> None:
     """Refuse a config that cannot run, naming the field."""
-    if not config.n or any(n < 2 for n in config.n):
-        raise ValueError(f"n must be one or more lengths >= 2, got {config.n!r}")
+    check_fields(config)
+    if not config.n:
+        raise ValueError("n must name one or more lengths")
 
 
 def _jobs(config: Config, window_eps: tuple[float, ...], near: tuple[int, ...] | None) -> list[tuple[str, dict]]:

@@ -199,11 +199,12 @@ def convergence(config: Config) -> dict[str, Any]:
 def run(config: Config, out_dir: str | Path) -> dict:
     """Measure, write ``out_dir/pareto.json`` (and the PNGs unless ``plots`` is off), return the saved
     document; with ``replot``, only redraw that JSON's PNGs into ``out_dir`` and return it."""
+    if not config.replot:
+        check(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.replot:
         return replot_saved(config.replot, NAME, out_dir, replot)
-    check(config)
     with torch_threads(config.threads), torch.no_grad():
         doc = _run(config, out_dir)
     if config.plots:

@@ -107,8 +107,9 @@ def replot(doc: dict, out_dir: str | Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for ax, metric in zip(axes, metrics):
         for sampling, mode in conv["modes"].items():
+            slope = mode[metric]["slope"]  # None: fewer than two r to fit
             ax.plot(conv["samples"], mode[metric]["geomean"], "o-", color=colors.get(sampling),
-                    label=f"{sampling}: slope {mode[metric]['slope']:.2f}")
+                    label=f"{sampling}: slope {'n/a' if slope is None else f'{slope:.2f}'}")
         first = conv["modes"][next(iter(conv["modes"]))][metric]["geomean"][0]
         for a, style in ((-0.5, ":"), (-0.75, "--")):
             ax.plot(conv["samples"], [first * (r / conv["samples"][0]) ** a for r in conv["samples"]], style,
@@ -223,7 +224,7 @@ def _exact_error(panel: dict) -> float | None:
     return next((p["error"] for p in measured(panel["points"]) if p["method"] == "exact"), None)
 
 
-def _comparison(panel: dict, cost: str) -> tuple[list[dict], list[dict], list[dict]]:
+def comparison(panel: dict, cost: str) -> tuple[list[dict], list[dict], list[dict]]:
     """(compared, wins, ties) among the panel's LSH and hybrid points at equal ``cost`` ("seconds" or
     "pairs"): compared, those with a baseline at that cost (``frontier_gaps`` rows); wins, those at
     least as accurate as it; ties, those matching it only where the baseline is at the rounding floor
@@ -237,14 +238,14 @@ def _comparison(panel: dict, cost: str) -> tuple[list[dict], list[dict], list[di
 
 def _verdict(panel: dict) -> str:
     """Whether any LSH or hybrid point matches the window baseline at equal time and at equal keys
-    (see ``_comparison``), the closest one, and notes on backends and unmeasured points."""
+    (see ``comparison``), the closest one, and notes on backends and unmeasured points."""
     pts = measured(panel["points"])
     if not any(p["method"] == "window" for p in pts) or not any(p["method"] in ("lsh", "hybrid") for p in pts):
         return " ".join(["No comparison: the window or the LSH and hybrid points were not measured."] + _missing(panel))
     text = []
     floor = _exact_error(panel)
     for cost, what in (("seconds", "time"), ("pairs", "keys per query")):
-        gaps, wins, ties = _comparison(panel, cost)
+        gaps, wins, ties = comparison(panel, cost)
         unmatched = len(frontier_gaps(panel["points"])) - len(gaps)
         if wins:
             text.append(f"**At equal {what}: " + ", ".join(g["label"] for g in wins)
@@ -293,8 +294,11 @@ def _slope_table(res: dict, cfg: dict) -> list[str]:
     if not conv:
         return []
     rows = [[s, m["max"]["slope"], m["spectral"]["slope"], m["attention"]["slope"]] for s, m in conv["modes"].items()]
+    fitted = [r for r in conv["samples"] if r >= cfg["fit_from"]]
+    why = "" if len(fitted) >= 2 else (f" n/a: the fit needs two or more r >= {cfg['fit_from']}, this run has "
+                                       f"{', '.join(map(str, fitted)) or 'none'}")
     return [f"Fitted log-log slope of error vs r (r >= {cfg['fit_from']}, n = {conv['n']}, "
-            "geometric mean over heads and seeds; iid theory -0.5):", "",
+            f"geometric mean over heads and seeds; iid theory -0.5){why}:", "",
             markdown_table(["sampling", "max norm", "spectral norm", "attention output"], rows), ""]
 
 
@@ -353,7 +357,7 @@ def readme_section(doc: dict) -> str:
 def _discussion(res: dict, cfg: dict) -> str:
     """The honest paragraph: why the window stays ahead for ALiBi (where it does), the rounding floor
     of a 16-bit run, and what changes for heavy tails."""
-    won = any(_comparison(p, "seconds")[1] for p in alibi_panels(res))
+    won = any(comparison(p, "seconds")[1] for p in alibi_panels(res))
     parts = [("Where the window stays ahead, why" if won else "Why") + ": the window's error falls exponentially "
              "in its width (dropped mass e^{-m w}) while LSH's falls like a power of r. The hybrid is unbiased but "
              "its far field is a rare event: a block reaching past w occurs with probability ~q^w and then adds "
