@@ -238,6 +238,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         results = mod.run(config, args.out)
         report = _write_report(args.out, [mod.summarize(results, args.out)], f"poslsh {args.command}")
         print(f"report: {report}")
+        failed = [] if getattr(config, "replot", "") else getattr(mod, "failures", lambda _: [])(results)
+        if failed:  # recorded in the JSON and the report; the exit status says so too
+            print(f"poslsh {args.command}: {len(failed)} measurement(s) failed, the first: {failed[0]} "
+                  f"(all in {report})", file=sys.stderr)
+            return 1
         return 0
     return args.handler(args)
 

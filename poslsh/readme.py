@@ -181,7 +181,8 @@ def cp_summary(doc: Doc) -> str:
     kib = lambda xs: " and ".join(f"{x / 1024:.0f}" for x in xs)  # noqa: E731
     totals = " and ".join(f"{n // 1024}K" for n in at["window"]["totals"])
     ok = all(r["check"]["ok"] for r in res["rows"] if r.get("check"))
-    return (f"Context parallelism (`poslsh.distributed`, {w} gloo processes, {totals} tokens in all): a rank "
+    return (f"Context parallelism (`poslsh.distributed`, {w} CPU processes talking through gloo, {totals} tokens in "
+            "all): a rank "
             f"sends {kib(at['window']['max_bytes_fwd'])} KiB per forward for the window and "
             f"{kib(at['lsh']['max_bytes_fwd'])} KiB for LSH, where a ring would send "
             f"{kib(at['window']['ring_bytes_fwd'])} KiB; "
@@ -310,6 +311,7 @@ def cpu_scaling(doc: Doc) -> str:
 def mask_error(doc: Doc) -> str:
     """Fitted rate of the mean mask's error against r, per scheme, length and slope."""
     from .experiments import mask_error as me
+    from .experiments.metrics import loglog_slope
 
     cfg = doc["config"]
     rows = []
@@ -318,8 +320,8 @@ def mask_error(doc: Doc) -> str:
             for scheme in cfg["schemes"]:
                 rs, mx, _, _ = me._series(doc, n, slope, scheme, "max")
                 _, sp, _, _ = me._series(doc, n, slope, scheme, "spectral")
-                rows.append([n, me._slope_label(slope).removeprefix("m = "), scheme, fmt(mx[-1]), fmt(me._exponent(rs, mx)),
-                             fmt(sp[-1]), fmt(me._exponent(rs, sp))])
+                rows.append([n, me._slope_label(slope).removeprefix("m = "), scheme, fmt(mx[-1]), fmt(loglog_slope(rs, mx)),
+                             fmt(sp[-1]), fmt(loglog_slope(rs, sp))])
     return (f"The mean of r sampled block masks against the ALiBi kernel B, medians over {cfg['seeds']} seeds; "
             f"\"rate\" is the fitted exponent of the error against r (a 1/sqrt(r) law is -0.5). Errors at "
             f"r = {max(cfg['samples'])}.\n\n"

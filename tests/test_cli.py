@@ -207,6 +207,39 @@ def test_a_fit_over_one_point_reads_n_a(tmp_path):
     assert "n/a: the fit needs two or more r >= 8, this run has none" in report and "| iid | n/a | n/a | n/a |" in report
 
 
+def test_every_fit_reads_n_a_with_one_point(tmp_path):
+    """mask-error printed "nan" for its rates with one r, and scaling an empty list of growth exponents
+    with one length."""
+    assert cli.main(["mask-error", "--lengths", "16", "--slopes", "0.5", "--samples", "4", "--seeds", "1",
+                     "--schemes", "grid", "--out", str(tmp_path / "m")]) == 0
+    report = (tmp_path / "m" / "report.md").read_text()
+    assert "nan" not in report and "| n/a |" in report
+    assert cli.main(["scaling", "--lengths", "64", "--exact-max", "64", "--heads", "1", "--head-dim", "8",
+                     "--methods", "exact", "window", "--out", str(tmp_path / "s")]) == 0
+    assert "exact: n/a (one length); window: n/a (one length)." in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_a_run_with_failed_measurements_exits_1(tmp_path, capsys, monkeypatch):
+    """pareto recorded failed points ("failed: ValueError" rows) and exited 0."""
+    from poslsh.experiments.pareto import measure
+
+    real = measure._point
+
+    def flaky(config, method, opts, *args):
+        if method == "lsh":
+            raise RuntimeError("out of memory (test)")
+        return real(config, method, opts, *args)
+
+    monkeypatch.setattr(measure, "_point", flaky)
+    out = tmp_path / "p"
+    assert cli.main(["pareto", "--n", "32", "--heavy-n", "0", "--no-convergence", "--samples", "4", "--samplings",
+                     "iid", "--window-eps", "0.1", "--hybrid-eps", "0.1", "--seeds", "1", "--heads", "2",
+                     "--head-dim", "4", "--no-plots", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("poslsh pareto: 1 measurement(s) failed, the first: ALiBi n=32: lsh iid r=4: "
+                       f"RuntimeError('out of memory (test)') (all in {out / 'report.md'})"), err[-1]
+
+
 def test_flags_a_run_ignores_are_named(tmp_path, capsys):
     """A flag the run will not read is named in a warning: with --replot every other one; scaling's LSH
     flags without an LSH method; pareto's convergence flags with --no-convergence."""
@@ -217,6 +250,10 @@ def test_flags_a_run_ignores_are_named(tmp_path, capsys):
     assert cli.unused_flags("scaling", scaling.Config(samples=16)) == {}
     assert set(cli.unused_flags("pareto", pareto.Config(convergence=False, conv_n=64, heavy_n=0, heavy_p=2.0))) == {
         "--conv-n", "--heavy-p"}
+    argv = ["lm", "eval", "--checkpoint", str(tmp_path), "--context", "8", "--methods", "window", "--seeds", "0", "1"]
+    assert cli.main(argv) == 2  # no checkpoint there: the warning comes first, before that check
+    assert capsys.readouterr().err.splitlines()[0] == ("poslsh lm eval: warning: --seeds is ignored: no method in "
+                                                       "--methods draws partitions (lsh, hybrid)")
     saved = Path(cli.committed_results_dir() or "") / "pareto_cpu" / "pareto.json"
     if not saved.exists():
         pytest.skip("needs the checkout's committed pareto_cpu/pareto.json")

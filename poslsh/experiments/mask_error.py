@@ -153,12 +153,6 @@ def _theory(doc: dict, n: int, slope: float, key: str) -> tuple[list[int], list[
     return [x["samples"] for x in rows], [x[key] for x in rows]
 
 
-def _exponent(rs: list[int], ys: list[float]) -> float:
-    """The empirical rate, the log-log slope of y against r (1/sqrt(r) is -0.5); nan when unfit."""
-    slope = loglog_slope(rs, ys)
-    return float("nan") if slope is None else slope
-
-
 _COLORS = {"grid": "tab:blue", "cut": "tab:orange"}
 
 
@@ -257,8 +251,8 @@ def summarize(results: dict, out_dir: str | Path) -> str:
                 _, rw, _, _ = _series(doc, n, slope, scheme, "row_sum")
                 _, lb, _, _ = _series(doc, n, slope, scheme, "largest_block")
                 rows.append([n, _slope_label(slope).removeprefix("m = "), scheme,
-                             mx[-1], th["max_eps"], _exponent(rs, mx),
-                             sp[-1], th["spectral_eps"], _exponent(rs, sp), th["kernel_norm"],
+                             mx[-1], th["max_eps"], loglog_slope(rs, mx),
+                             sp[-1], th["spectral_eps"], loglog_slope(rs, sp), th["kernel_norm"],
                              rw[-1], th["row_sum_bound"], int(lb[-1]), th["block_bound"]])
     table = markdown_table(
         ["n", "slope", "scheme", "max err", "max bound", "max rate", "spectral err", "spectral bound",
@@ -277,7 +271,7 @@ block-diagonal 0/1 masks M (M_ij = 1 when i and j share a block). Two exact samp
 Both give P(i, j share a block) = q^|i−j| exactly. Below, B̂ is the mean of r masks; errors are
 medians over {cfg['seeds']} seeds at r = {r_max} (bounds at δ = {cfg['delta']:g}: Hoeffding + union bound
 for the max norm, matrix Bernstein with the block-size cap for the spectral norm, block-size union
-bound; "rate" is the fitted exponent of the error against r, −0.5 for a 1/√r law). Errors for
+bound; "rate" is the fitted exponent of the error against r, −0.5 for a 1/√r law, n/a with one r). Errors for
 n ≤ 512 are dense, above that structured (no n × n matrix; spectral norm by Lanczos).
 Took {secs:.1f} s.
 

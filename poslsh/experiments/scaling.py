@@ -244,8 +244,8 @@ def summarize(results: dict, out_dir: str | Path) -> str:
 
     table = markdown_table(["n"] + methods, [[n] + [cell(n, m) for m in methods] for n in lengths])
     exps = res["exponents"]
-    growth = "; ".join(f"{m}: time n^{fmt(e['time'])}" + (f", memory n^{fmt(e['memory'])}" if e["memory"] else "")
-                       for m, e in exps.items() if e["time"] is not None)
+    growth = "; ".join(f"{m}: n/a (one length)" if e["time"] is None else f"{m}: time n^{fmt(e['time'])}"
+                       + (f", memory n^{fmt(e['memory'])}" if e["memory"] else "") for m, e in exps.items())
     cfg = results["config"]
     eps, m_min = cfg["window_eps"], min(res["slopes"])
     reach = math.log(1 / eps) / m_min
@@ -256,7 +256,8 @@ def summarize(results: dict, out_dir: str | Path) -> str:
         "wall time also measures other tenants) and peak resident-memory growth per call, no autograd, "
         f"{res['threads']} torch thread(s).",
         "",
-        f"Log-log growth fitted on n >= {cfg['fit_from']} (exact: on all its lengths): {growth}. Expected: exact n^2 in time (the tiled "
+        f"Log-log growth fitted on n >= {cfg['fit_from']} (on all of a method's lengths where fewer than two reach "
+        f"that, as for exact): {growth}. Expected: exact n^2 in time (the tiled "
         "engine keeps its memory linear), window and LSH n^1 once n is well beyond the reach of the "
         f"flattest head (window w = ln(1/eps)/m = {reach:.0f} for m = {m_min:g}; the LSH union is of the same "
         "order): below that they still see the whole prefix for that head and grow like exact. Memory "

@@ -140,6 +140,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .train import resolve_device
 
     specs = [parse_method(text) for text in args.methods]  # a bad method fails before any work
+    if len(args.seeds) > 1 and not any(spec.random for spec in specs):
+        print("poslsh lm eval: warning: --seeds is ignored: no method in --methods draws partitions (lsh, hybrid)",
+              file=sys.stderr)
     require_cuda(args.device, f"--device {args.device}")
     require_package("safetensors", "poslsh lm eval (the checkpoint)", "hf")
     require_file(args.checkpoint / "config.json", "--checkpoint: the checkpoint file")

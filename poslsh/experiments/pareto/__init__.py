@@ -40,9 +40,9 @@ committed JSON regenerates them).
 
 from .design import NAME, PLOT, PLOT_CONV, SAMPLINGS, Config, check, unused
 from .measure import convergence, run
-from .report import (against_flex, against_flex_section, alibi_panels, baseline_error_at, comparison, frontier_gaps,
-                     measured, readme_section, replot, summarize)
+from .report import (against_flex, against_flex_section, alibi_panels, baseline_error_at, comparison, failures,
+                     frontier_gaps, measured, readme_section, replot, summarize)
 
 __all__ = ["NAME", "PLOT", "PLOT_CONV", "SAMPLINGS", "Config", "check", "unused", "convergence", "run", "against_flex",
-           "against_flex_section", "alibi_panels", "baseline_error_at", "comparison", "frontier_gaps", "measured",
-           "readme_section", "replot", "summarize"]
+           "against_flex_section", "alibi_panels", "baseline_error_at", "comparison", "failures", "frontier_gaps",
+           "measured", "readme_section", "replot", "summarize"]

@@ -215,6 +215,18 @@ def summarize(results: dict, out_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+def failures(doc: dict) -> list[str]:
+    """What failed in a saved run, one line each ("n=256: lsh iid r=4: ValueError(...)"): a panel's
+    reference or a point. A point skipped by the time budget is not a failure."""
+    out = []
+    for title, panel in _panels(doc["results"]):
+        where = f"{title} n={panel['n']}"
+        if panel.get("failed"):
+            out.append(f"{where}: reference: {panel['failed']}")
+        out += [f"{where}: {_label(p)}: {p['failed']}" for p in panel["points"] if p.get("failed")]
+    return out
+
+
 def _incomplete(res: dict) -> bool:
     return bool(res.get("partial")) or any("error" not in p for _, panel in _panels(res) for p in panel["points"])
 
