@@ -256,8 +256,9 @@ def readme_advice(doc: Doc) -> str:
               f"errors from {fmt(windows[0]['error'])} in {_ms(windows[0])} to {fmt(windows[-1]['error'])} in "
               f"{_ms(windows[-1])}. Comparing with the window interpolated between its measured widths, {verdict}."
               if windows else f"{where}, the window was not measured.")
-    exact_text = (f" At {panel['n'] // 1024}K tokens it took {_ms(exact)}, {exact['seconds'] / windows[-1]['seconds']:.0f}× "
-                  f"the window's time at window_eps {_eps(windows[-1]['window_eps'])}." if exact and windows else "")
+    exact_text = (f" At {panel['n'] // 1024}K tokens it took {_ms(exact)}, "
+                  f"{exact['seconds'] / windows[-1]['seconds']:.0f}× the window's time at window_eps "
+                  f"{_eps(windows[-1]['window_eps'])}." if exact and windows else "")
     return "\n".join([
         "* **`method=\"window\"`** for speed at a given accuracy: exact ALiBi weights for keys within w_h positions "
         "of the query in head h, `w_h = ceil(ln(1/window_eps) / m_h)` (m_h: the head's slope), nothing beyond; its "
@@ -267,7 +268,7 @@ def readme_advice(doc: Doc) -> str:
         "n × n matrix, and its cost still grows like n²." + exact_text,
         "* **`method=\"lsh\"`** for the paper's estimator and research on it: unbiased, with an error that falls "
         "like 1/√r in the number r of sampled partitions (`samples=r`); `sampling=\"stratified\"` or `\"qmc\"` "
-        "(the r partitions drawn to spread evenly instead of independently) makes it fall faster. "
+        "(quasi-Monte Carlo: the r partitions drawn to spread evenly instead of independently) makes it fall faster. "
         + _against_window(panel, "lsh"),
         "* **`method=\"hybrid\"`**: exact weights near the query, LSH beyond (`hybrid_eps` sets how far the exact "
         "part reaches). " + _against_window(panel, "hybrid"),
@@ -320,8 +321,8 @@ def mask_error(doc: Doc) -> str:
             for scheme in cfg["schemes"]:
                 rs, mx, _, _ = me._series(doc, n, slope, scheme, "max")
                 _, sp, _, _ = me._series(doc, n, slope, scheme, "spectral")
-                rows.append([n, me._slope_label(slope).removeprefix("m = "), scheme, fmt(mx[-1]), fmt(loglog_slope(rs, mx)),
-                             fmt(sp[-1]), fmt(loglog_slope(rs, sp))])
+                rows.append([n, me._slope_label(slope).removeprefix("m = "), scheme, fmt(mx[-1]),
+                             fmt(loglog_slope(rs, mx)), fmt(sp[-1]), fmt(loglog_slope(rs, sp))])
     return (f"The mean of r sampled block masks against the ALiBi kernel B, medians over {cfg['seeds']} seeds; "
             f"\"rate\" is the fitted exponent of the error against r (a 1/sqrt(r) law is -0.5). Errors at "
             f"r = {max(cfg['samples'])}.\n\n"
