@@ -46,7 +46,7 @@ EXPERIMENTS: dict[str, tuple[str, bool, str]] = {
 # by default the checkout's bench/results); the module provides ``replot(doc, out_dir)`` besides
 # ``summarize``.
 COMMITTED: dict[str, str] = {"lm-validation": "lm-validation.json", "lsh-native": "lsh-native.json",
-                             "cp-bench": "cp_cpu/cp-bench.json"}
+                             "cp-bench": "cp_cpu/cp-bench.json", "generate-bench": "generate_bench/generate-bench.json"}
 
 
 def _module(name: str):
