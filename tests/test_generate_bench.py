@@ -183,3 +183,17 @@ def test_shapes_are_the_published_sizes():
     assert gb.design.model_config_kwargs(big, 1 << 20)[1]["n_layer"] == 4  # the override
     _, mpt = gb.design.model_config_kwargs(gb.Config(shape="mpt-7b"), 1 << 20)
     assert mpt["max_seq_len"] == 1 << 20  # its precomputed bias covers the longest prompt
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory, CUDA-event timing and the profiler's kernel "
+                                                         "time are measured on CUDA only")
+def test_cuda_run_records_memory_and_kernel_time(tmp_path):
+    doc = gb.run(gb.Config(tiny=True, device="cuda", contexts=(256, 512), prefill_chunk=128), tmp_path)
+    rows = doc["results"]["rows"]
+    assert doc["results"]["model"]["dtype"] == "bfloat16" and len(rows) == 2 * len(gb.ARMS)
+    for r in rows:
+        assert r["phase"] == "done", r
+        assert 0 < r["start_bytes"] <= r["prefill_peak_bytes"] <= r["peak_bytes"]
+        assert len(r["step_ms"]) == 4 and all(ms > 0 for ms in r["step_ms"])
+        assert r["kernel_ms_per_token"] > 0
+    assert "GiB" in gb.table(doc)
