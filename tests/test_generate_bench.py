@@ -197,3 +197,51 @@ def test_cuda_run_records_memory_and_kernel_time(tmp_path):
         assert len(r["step_ms"]) == 4 and all(ms > 0 for ms in r["step_ms"])
         assert r["kernel_ms_per_token"] > 0
     assert "GiB" in gb.table(doc)
+
+
+def test_a_local_checkpoint_runs_in_place_of_a_shape(tmp_path):
+    """--model PATH: the checkpoint's config and weights (no tokenizer); size flags are refused beside it."""
+    import transformers
+
+    torch.manual_seed(0)
+    path = tmp_path / "ckpt"
+    transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=96, hidden_size=32, n_layer=3, n_head=4,
+                                                           initializer_range=0.3)).save_pretrained(path)
+    doc = gb.run(gb.Config(model=str(path), contexts=(40,), arms=("native", "exact"), new_tokens=2,
+                           warmup_context=0, device="cpu"), tmp_path / "out")
+    model = doc["results"]["model"]
+    assert (model["layers"], model["vocab"], model["random_weights"]) == (3, 96, False)
+    native, exact = doc["results"]["rows"]
+    assert native["phase"] == exact["phase"] == "done" and exact["tokens"] == native["tokens"]
+    assert f"the checkpoint {path}" in gb.readme_line(doc)
+    with pytest.raises(ValueError, match="layers sizes a random model"):
+        gb.run(gb.Config(model=str(path), layers=2, device="cpu"), tmp_path / "out2")
+
+
+def _done(arm, n, ms, held=100, full=100, peak=None):
+    row = {"arm": arm, "context": n, "phase": "done", "ms_per_token": ms, "tokens": [1, 2, 3], "prefill_s": 1.0,
+           "kv": {"held_bytes": held, "full_bytes": full}}
+    if peak is not None:
+        row.update(start_bytes=1000, prefill_peak_bytes=1000 + peak, peak_bytes=1000 + peak)
+    return row
+
+
+def test_aims_are_decided_from_the_rows():
+    """Native's longest completed context is the yardstick of the long-context aim; each bound is applied
+    as the issue states it."""
+    rows = [_done("native", 4096, 10.0), _done("exact", 4096, 11.0), _done("window", 4096, 13.0, peak=10),
+            _done("native", 8192, 12.0), _done("exact", 8192, 12.0),
+            {"arm": "native", "context": 16384, "phase": "prefill", "out_of_memory": "OutOfMemoryError: ..."},
+            _done("window", 16384, 13.0, peak=40), _done("window", 65536, 13.0, peak=160),
+            _done("window_evict", 65536, 5.0), _done("window_evict", 262144, 7.0, held=4, full=100),
+            _done("lsh_evict", 262144, 9.0, held=6, full=100)]
+    found = {a["aim"]: (a["value"], a["met"]) for a in gb.aims({"rows": rows})}
+    assert found["poslsh exact at 4K: time per token over native's"] == (1.1, True)
+    assert found["poslsh window at 4K: time per token over native's"] == (1.3, False)
+    assert found["poslsh exact at 8K: time per token over native's"] == (1.0, True)
+    assert found["window + eviction at 64K: time per token over native's at its longest (8K)"] == (5 / 12, True)
+    assert found["window + eviction at 256K: time per token over native's at its longest (8K)"] == (7 / 12, False)
+    assert found["poslsh window + eviction at 256K: KV cache held over a full cache"] == (0.04, True)
+    assert found["poslsh LSH + eviction at 256K: KV cache held over a full cache"] == (0.06, False)
+    slope, met = found["poslsh window: prefill memory above the weights grows as n^k, k"]
+    assert abs(slope - 1.0) < 1e-9 and met

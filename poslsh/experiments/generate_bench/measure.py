@@ -109,7 +109,7 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype, max_posit
     heads = get("n_head", "n_heads", "num_attention_heads")
     hidden = get("hidden_size", "d_model")
     params = sum(p.numel() for p in model.parameters())
-    info = {"source": source, "family": family, "layers": get("n_layer", "n_layers", "num_hidden_layers"),
+    info = {"source": source, "random_weights": not cfg.model, "family": family, "layers": get("n_layer", "n_layers", "num_hidden_layers"),
             "heads": heads, "hidden": hidden, "head_dim": hidden // heads, "vocab": c.vocab_size,
             "parameters": params, "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "dtype": str(dtype).removeprefix("torch."), "attn_implementation": getattr(c, "_attn_implementation", None)}
@@ -201,8 +201,18 @@ def _kernel_ms_per_token(model: torch.nn.Module, cache: Any, token: Tensor, step
     return us / 1e3 / steps
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
+def _release(cache: Any) -> None:
+    """Drop a cache's tensors now: under eviction its layers sit in reference cycles (the patch wraps their
+    methods), which only the cycle collector would free."""
+    for layer in getattr(cache, "layers", []):
+        layer.keys = layer.values = None
+
+
+def _free(device: torch.device, collect: bool = False) -> None:
+    """Return cached device memory to the allocator's pool; ``collect``: first collect reference cycles (after
+    a failure: 0.1-0.3 s with transformers loaded, too slow for every point)."""
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -246,6 +256,7 @@ def measure_point(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, de
             row["kernel_ms_per_token"] = _kernel_ms_per_token(model, cache, last, cfg.profile_steps)
         except Exception as err:  # the profiler is an extra: the point's measurements stand without it
             row["kernel_time_error"] = describe_failure(err)
+    _release(cache)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -292,11 +303,11 @@ def _warm(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int,
             chunk = max(1, n // 2) if chunks(cfg, arm) else n  # two calls: the second against a cache
             cache, logits = chunked_prefill(model, ids, chunk)
             _greedy(model, cache, logits, 1, device)
-            del cache, logits
+            _release(cache)
             results["warmup_s"][arm] = time.perf_counter() - t
         except Exception as err:  # measured again (and recorded) at the first context
             results["warmup_s"][arm] = describe_failure(err)
-        _free(device)
+        _free(device, collect=not isinstance(results["warmup_s"][arm], float))
         clock.log(f"warm-up {arm}: {time.perf_counter() - t:.1f} s")
 
 
@@ -310,8 +321,12 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     cfg = effective(config)
     check(cfg)
     require_package("transformers", "poslsh generate-bench", "hf")
-    if cfg.model and not Path(cfg.model).is_dir():
-        raise ValueError(f"model must be a checkpoint folder, got {cfg.model!r}")
+    if cfg.model:
+        if not Path(cfg.model).is_dir():
+            raise ValueError(f"model must be a checkpoint folder, got {cfg.model!r}")
+        given = [name for name in ("layers", "hidden", "heads", "vocab", "init_std") if getattr(config, name)]
+        if given:
+            raise ValueError(f"{given[0]} sizes a random model of --shape; --model {cfg.model} has its own")
     device, dtype = _device_and_dtype(cfg)
     results: dict[str, Any] = {"partial": True, "effective_config": dataclasses.asdict(cfg), "model": None,
                                "warmup_s": {}, "rows": [], "notes": []}
@@ -369,7 +384,8 @@ def _measure_all(model: torch.nn.Module, cfg: Config, device: torch.device, voca
                 out_of_memory[arm] = n
             except Exception as err:  # recorded, the run goes on
                 row["error"] = describe_failure(err)
-            _free(device)  # after the except block: the traceback no longer holds the point's tensors
+            # after the except block, where the traceback no longer holds the point's tensors
+            _free(device, collect=row.get("phase") != "done")
             row["seconds"] = time.perf_counter() - t
             rows.append(row)
             clock.log(_line(row))

@@ -129,13 +129,18 @@ def table(doc: dict[str, Any]) -> str:
                            "KV cache held (of full)", "greedy tokens equal"], body)
 
 
+def _what(m: dict[str, Any]) -> str:
+    """"BLOOM-560m's shape with random weights" or "the checkpoint PATH"."""
+    return (f"{m.get('source', '?')}'s shape with random weights" if m.get("random_weights", True)
+            else f"the checkpoint {m.get('source')}")
+
+
 def _model_text(doc: dict[str, Any]) -> str:
     res, env = doc["results"], doc["environment"]
     m = res.get("model") or {}
     cfg = res["effective_config"]
-    return (f"A model of {m.get('source', '?')}'s shape ({m.get('layers')} layers, {m.get('heads')} heads of "
-            f"{m.get('head_dim')}, {fmt((m.get('parameters') or 0) / 1e6)} M parameters, random weights, "
-            f"{m.get('dtype')}) on {env.get('device', '?')}: greedy decoding of {cfg['new_tokens']} timed tokens "
+    return (f"A model of {_what(m)} ({m.get('layers')} layers, {m.get('heads')} heads of {m.get('head_dim')}, "
+            f"{fmt((m.get('parameters') or 0) / 1e6)} M parameters, {m.get('dtype')}) on {env.get('device', '?')}: greedy decoding of {cfg['new_tokens']} timed tokens "
             f"after a random prompt, one process; transformers' own attention ({m.get('attn_implementation')}) "
             f"against the poslsh patch (window eps {cfg['window_eps']:g}, LSH r = {cfg['samples']}). Time per token "
             "is wall time with the kernels (synchronised), kernel time from the profiler in parentheses; peak "
@@ -161,8 +166,7 @@ def readme_line(doc: dict[str, Any]) -> str:
     the longest prompt it read (time per token, KV cache held), and how many greedy tokens agreed."""
     res, env = doc["results"], doc["environment"]
     rows, m = res["rows"], res.get("model") or {}
-    text = (f"Generating text (`poslsh generate-bench`, {m.get('source', '?')}'s shape with random weights, "
-            f"{m.get('dtype')}, {env.get('device', '?')}): ")
+    text = f"Generating text (`poslsh generate-bench`, {_what(m)}, {m.get('dtype')}, {env.get('device', '?')}): "
     native = longest_native(rows)
     oom = min((r["context"] for r in rows if r["arm"] == "native" and "out_of_memory" in r), default=None)
     if native:
