@@ -77,7 +77,7 @@ def test_out_of_memory_is_recorded_and_skips_longer_prompts(tiny_run):
     assert "out of memory" in oom["out_of_memory"] and oom["phase"] == "prefill"
     assert _row(doc, "native", 320) == {"arm": "native", "context": 320, "skipped": "out of memory at 256 tokens"}
     text = gb.summarize(doc, ".")
-    assert "out of memory (prefill)" in text and "skipped (out of memory at 256 tokens)" in text
+    assert "out of memory in prefill (one call)" in text and "skipped (out of memory at 256 tokens)" in text
 
 
 def test_greedy_tokens_of_exact_equal_native_and_eviction_changes_none(tiny_run):
@@ -139,7 +139,7 @@ def test_readme_sentence_and_results_section_from_a_committed_json(tiny_run, tmp
     shutil.copy(tiny_run[0] / f"{gb.NAME}.json", folder / f"{gb.NAME}.json")
     line = readme.generate_lines()
     assert line.startswith("Generating text (`poslsh generate-bench`, bloom-560m's shape")
-    assert "runs out of memory at 256" in line and "window and eviction it reads 320 tokens" in line
+    assert "runs out of memory at 256" in line and "window and eviction it reads 320 tokens (chunks of 128)" in line
     page = readme.render_results()
     assert "## A model generating text" in page and "| 192 | poslsh exact |" in page and "7B model" not in page
 
@@ -245,3 +245,25 @@ def test_aims_are_decided_from_the_rows():
     assert found["poslsh LSH + eviction at 256K: KV cache held over a full cache"] == (0.06, False)
     slope, met = found["poslsh window: prefill memory above the weights grows as n^k, k"]
     assert abs(slope - 1.0) < 1e-9 and met
+
+
+def test_a_one_call_prefill_out_of_memory_is_retried_in_chunks(tmp_path, monkeypatch):
+    """--oom-chunk: the arm's one-call prefill runs out of memory at 96 tokens (simulated), the point is
+    measured again in chunks, and so are its longer prompts; native is not retried."""
+    real = measure.chunked_prefill
+
+    def prefill(model, input_ids, chunk_size, attention_mask=None):
+        if input_ids.shape[1] >= 96 and chunk_size >= input_ids.shape[1]:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, input_ids, chunk_size, attention_mask)
+
+    monkeypatch.setattr(measure, "chunked_prefill", prefill)
+    doc = gb.run(gb.Config(tiny=True, contexts=(64, 96, 128), arms=("native", "window_evict"), oom_chunk=32,
+                           new_tokens=2, device="cpu"), tmp_path)
+    seen = [(r["arm"], r["context"], r.get("prefill_chunk"), "out_of_memory" in r, r.get("skipped"))
+            for r in doc["results"]["rows"]]
+    assert seen == [("native", 64, None, False, None), ("window_evict", 64, None, False, None),
+                    ("native", 96, None, True, None), ("window_evict", 96, None, True, None),
+                    ("window_evict", 96, 32, False, None),
+                    ("native", 128, None, False, "out of memory at 96 tokens"), ("window_evict", 128, 32, False, None)]
+    assert "out of memory in prefill (one call)" in gb.table(doc)

@@ -72,6 +72,7 @@ class Config:
         samples: Partitions r of the LSH arms.
         prefill_chunk: Feed prompts longer than this in chunks of this many tokens against the cache (0: one call).
         chunk_native: Chunk transformers' own attention's prompts too (default: one call, as generate does).
+        oom_chunk: After a one-call prefill runs out of memory, read that prompt and the arm's longer ones in chunks of this many tokens (0: skip the arm's longer prompts).
         warmup_context: Prompt length of each arm's untimed warm-up run (compiles kernels; 0: none).
         profile_steps: Decoding steps profiled per point for kernel time beside wall time (CUDA only; 0: none).
         budget_s: Nothing new starts after this many seconds, nor a point estimated to end after it (0: no limit).
@@ -96,6 +97,7 @@ class Config:
     samples: int = 8
     prefill_chunk: int = 0
     chunk_native: bool = False
+    oom_chunk: int = 0
     warmup_context: int = 1024
     profile_steps: int = 4
     budget_s: float = 0.0
@@ -121,7 +123,7 @@ def check(cfg: Config) -> None:
     """ValueError naming the first bad field of an effective config (before any work)."""
     if cfg.shape not in SHAPES:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {cfg.shape!r}")
-    for name in ("layers", "hidden", "heads", "vocab", "prefill_chunk", "warmup_context", "profile_steps"):
+    for name in ("layers", "hidden", "heads", "vocab", "prefill_chunk", "oom_chunk", "warmup_context", "profile_steps"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_std < 0:
@@ -162,14 +164,15 @@ def model_config_kwargs(cfg: Config, max_positions: int) -> tuple[str, dict[str,
     return family, kwargs
 
 
-def chunks(cfg: Config, arm: str) -> bool:
-    """Whether an arm reads its prompts in chunks of ``prefill_chunk`` tokens."""
-    return bool(cfg.prefill_chunk) and (arm != "native" or cfg.chunk_native)
+def chunks(cfg: Config, arm: str, chunk: int) -> bool:
+    """Whether an arm may read its prompts in chunks of ``chunk`` tokens (0: never); native only with
+    ``chunk_native``."""
+    return bool(chunk) and (arm != "native" or cfg.chunk_native)
 
 
 def chunk_for(cfg: Config, arm: str, n: int) -> int:
     """Tokens per prefill call of an arm at prompt length n (n: one call)."""
-    return min(cfg.prefill_chunk, n) if chunks(cfg, arm) else n
+    return min(cfg.prefill_chunk, n) if chunks(cfg, arm, cfg.prefill_chunk) else n
 
 
 def config_of(res: dict) -> Config:

@@ -99,6 +99,7 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype, max_posit
         config = transformers.AutoConfig.for_model(family, **kwargs)
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model.to(device)  # a no-op where the weights were drawn there, as they should be
         source = cfg.shape
     model.eval()
     family = model_family(model)  # ValueError for a checkpoint that is not BLOOM, MPT or Falcon with ALiBi
@@ -218,14 +219,14 @@ def _free(device: torch.device, collect: bool = False) -> None:
 
 
 def measure_point(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, device: torch.device,
-                  row: dict[str, Any]) -> None:
-    """Fill ``row`` with one arm at one prompt: prefill seconds and peak memory, greedy decoding times,
-    tokens, KV cache held. ``row["phase"]`` says how far it got (an exception leaves it there)."""
+                  row: dict[str, Any], chunk: int) -> None:
+    """Fill ``row`` with one arm at one prompt ``ids`` [1, n] read in chunks of ``chunk`` tokens (n: one
+    call): prefill seconds and peak memory, greedy decoding times, tokens, KV cache held.
+    ``row["phase"]`` says how far it got (an exception leaves it there)."""
     cuda = device.type == "cuda"
     patch = _use_arm(model, cfg, arm)
     n = ids.shape[1]
-    chunk = chunk_for(cfg, arm, n)
-    row["prefill_chunk"] = chunk if chunk < n else None
+    row["prefill_chunk"] = chunk if chunk < n else None  # None: one call
     _free(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -300,7 +301,8 @@ def _warm(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int,
         t = time.perf_counter()
         try:
             _use_arm(model, cfg, arm)
-            chunk = max(1, n // 2) if chunks(cfg, arm) else n  # two calls: the second against a cache
+            chunked = chunks(cfg, arm, cfg.prefill_chunk) or chunks(cfg, arm, cfg.oom_chunk)
+            chunk = max(1, n // 2) if chunked else n  # two calls: the second against a cache
             cache, logits = chunked_prefill(model, ids, chunk)
             _greedy(model, cache, logits, 1, device)
             _release(cache)
@@ -357,39 +359,58 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     return doc
 
 
+def _attempt(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, device: torch.device, chunk: int,
+             clock: Run, rows: list[dict]) -> dict[str, Any]:
+    """Measure one point (a failure recorded in its row, the run going on), log it, save the document."""
+    row: dict[str, Any] = {"arm": arm, "context": ids.shape[1]}
+    t = time.perf_counter()
+    try:
+        measure_point(model, cfg, arm, ids, device, row, chunk)
+    except torch.OutOfMemoryError as err:
+        row["out_of_memory"] = describe_failure(err)
+    except Exception as err:
+        row["error"] = describe_failure(err)
+    # after the except block, where the traceback no longer holds the point's tensors
+    _free(device, collect=row.get("phase") != "done")
+    row["seconds"] = time.perf_counter() - t
+    rows.append(row)
+    clock.log(_line(row))
+    clock.save()
+    return row
+
+
 def _measure_all(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int, clock: Run,
                  results: dict) -> None:
+    """Every (context, arm), shortest contexts first. An arm that runs out of memory is skipped at longer
+    contexts, unless its prefill was one call and ``oom_chunk`` is set: then the point is measured again
+    with the prompt in chunks, and so are the arm's longer prompts."""
     rows = results["rows"]
     out_of_memory: dict[str, int] = {}  # arm -> the context where it ran out of memory
+    chunked_after: dict[str, int] = {}  # arm -> the context where its one-call prefill ran out of memory
     for n in sorted(cfg.contexts):
         ids = _prompt(cfg, n, vocab, device)
         for arm in cfg.arms:
-            row: dict[str, Any] = {"arm": arm, "context": n}
+            skip = None
             estimate = _estimate_s(rows, arm, n)
             if arm in out_of_memory:
-                row["skipped"] = f"out of memory at {out_of_memory[arm]} tokens"
+                skip = f"out of memory at {out_of_memory[arm]} tokens"
             elif clock.late():
-                row["skipped"] = "deadline"
+                skip = "deadline"
             elif estimate is not None and time.perf_counter() + estimate > clock.deadline - RESERVE_S:
-                row["skipped"] = f"deadline (estimated {estimate:.0f} s)"
-            if "skipped" in row:
-                rows.append(row)
+                skip = f"deadline (estimated {estimate:.0f} s)"
+            if skip:
+                rows.append({"arm": arm, "context": n, "skipped": skip})
                 clock.save()
                 continue
-            t = time.perf_counter()
-            try:
-                measure_point(model, cfg, arm, ids, device, row)
-            except torch.OutOfMemoryError as err:
-                row["out_of_memory"] = describe_failure(err)
+            chunk = min(cfg.oom_chunk, n) if arm in chunked_after else chunk_for(cfg, arm, n)
+            row = _attempt(model, cfg, arm, ids, device, chunk, clock, rows)
+            if "out_of_memory" not in row:
+                continue
+            if row.get("phase") == "prefill" and chunk == n > cfg.oom_chunk and chunks(cfg, arm, cfg.oom_chunk):
+                chunked_after[arm] = n
+                row = _attempt(model, cfg, arm, ids, device, cfg.oom_chunk, clock, rows)
+            if "out_of_memory" in row:
                 out_of_memory[arm] = n
-            except Exception as err:  # recorded, the run goes on
-                row["error"] = describe_failure(err)
-            # after the except block, where the traceback no longer holds the point's tensors
-            _free(device, collect=row.get("phase") != "done")
-            row["seconds"] = time.perf_counter() - t
-            rows.append(row)
-            clock.log(_line(row))
-            clock.save()
         del ids
 
 

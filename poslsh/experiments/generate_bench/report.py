@@ -96,11 +96,16 @@ def aims(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _read(row: dict) -> str:
+    """How a row's prompt was read: "one call" or "chunks of 32K"."""
+    return f"chunks of {tokens_label(row['prefill_chunk'])}" if row.get("prefill_chunk") else "one call"
+
+
 def _status(row: dict) -> str:
     if "skipped" in row:
         return f"skipped ({row['skipped']})"
     if "out_of_memory" in row:
-        return f"out of memory ({row.get('phase')})"
+        return f"out of memory in {row.get('phase')} ({_read(row)})"
     return f"failed in {row.get('phase')}: {row.get('error', '?')}"
 
 
@@ -113,8 +118,7 @@ def table(doc: dict[str, Any]) -> str:
         if r.get("phase") != "done":
             body.append(head + [_status(r), "", "", "", ""])
             continue
-        chunk = f", chunks of {tokens_label(r['prefill_chunk'])}" if r.get("prefill_chunk") else ""
-        prefill = f"{fmt(r['prefill_s'])} s ({fmt(r['context'] / r['prefill_s'] / 1e3)}K tokens/s{chunk})"
+        prefill = f"{fmt(r['prefill_s'])} s ({fmt(r['context'] / r['prefill_s'] / 1e3)}K tokens/s, {_read(r)})"
         peak = f"{fmt(r['peak_bytes'] / GIB)} GiB" if "peak_bytes" in r else "–"
         per_token = fmt(r["ms_per_token"]) + (f" ({fmt(r['kernel_ms_per_token'])})" if "kernel_ms_per_token" in r
                                              else "")
@@ -176,7 +180,7 @@ def readme_line(doc: dict[str, Any]) -> str:
     evict = [r for r in rows if r["arm"] == "window_evict" and r.get("phase") == "done"]
     if evict:
         r = max(evict, key=lambda r: r["context"])
-        text += (f"patched with the window and eviction it reads {tokens_label(r['context'])} tokens at "
+        text += (f"patched with the window and eviction it reads {tokens_label(r['context'])} tokens ({_read(r)}) at "
                  f"{fmt(r['context'] / r['prefill_s'] / 1e3)}K tokens/s and decodes at {fmt(r['ms_per_token'])} ms "
                  f"per token, holding {fmt(100 * r['kv']['held_bytes'] / r['kv']['full_bytes'])} % of a full KV "
                  "cache" + (f" (peak memory {fmt(r['peak_bytes'] / GIB)} GiB)" if "peak_bytes" in r else "") + ". ")
@@ -205,6 +209,12 @@ def make_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     panels = (("ms per generated token", lambda r: r["ms_per_token"]),
               ("peak device memory (GiB)", lambda r: r["peak_bytes"] / GIB if "peak_bytes" in r else None),
               ("KV cache held after generation (MiB)", lambda r: r["kv"]["held_bytes"] / MIB))
+    out_of_memory: dict[int, str] = {}  # context -> which arms ran out of memory there, and how they read the prompt
+    for r in rows:
+        if "out_of_memory" in r:
+            what = f"{LABELS[r['arm']]} ({_read(r)})"
+            out_of_memory[r["context"]] = f"{out_of_memory[r['context']]}, {what}" if r["context"] in out_of_memory \
+                else f"out of memory: {what}"
     for ax, (ylabel, value) in zip(axes, panels):
         for arm in ARMS:
             pts = sorted((r["context"], value(r)) for r in rows if r["arm"] == arm and r.get("phase") == "done")
@@ -212,11 +222,9 @@ def make_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=COLORS[arm],
                         label=LABELS[arm])
-            for r in rows:
-                if r["arm"] == arm and "out_of_memory" in r:
-                    ax.axvline(r["context"], color=COLORS[arm], ls=":", lw=1.2)
-                    ax.text(r["context"], 0.97, f" {LABELS[arm]}: out of memory", color=COLORS[arm], fontsize=7,
-                            rotation=90, va="top", ha="right", transform=ax.get_xaxis_transform())
+        for n, text in out_of_memory.items():
+            ax.axvline(n, color="black", ls=":", lw=1)
+            ax.text(n, 0.98, text, fontsize=6.5, rotation=90, va="top", ha="right", transform=ax.get_xaxis_transform())
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel(ylabel)
