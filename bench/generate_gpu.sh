@@ -7,7 +7,8 @@
 #         measured again with the prompt in chunks of 32K (--oom-chunk), and so are its longer prompts.
 #   7b1   the moonshot: a BLOOM-7b1-shaped model (30 layers, 32 heads) with window + eviction reads 256K and
 #         then 1M tokens in chunks of 8K (the 1M point only if its estimate, 4x the 256K point's time, fits
-#         the budget)
+#         the budget); its warm-up reads 16K tokens in those chunks, so the kernels of the timed shapes compile
+#         there
 # Time, estimated from the H100 numbers (~16-130 ms per token at 4K..256K; exact's 256K prefill
 # ~10 s of attention): 560m ~250 s (38 points at 2-20 s, six warm-ups with their compiles, the model),
 # 7b1 ~100 s (7B weights drawn on the GPU in seconds; 1M tokens ~ 1.3e16 FLOPs of projections, ~30 s).
@@ -35,5 +36,5 @@ if has 560m; then
 fi
 if has 7b1; then
   step 180 python3 -m poslsh.cli generate-bench --shape bloom-7b1 --arms window_evict --contexts 262144 1048576 \
-    --prefill-chunk 8192 --budget-s 150 --out "$RESULTS/generate_bench_7b1"
+    --prefill-chunk 8192 --warmup-context 16384 --budget-s 150 --out "$RESULTS/generate_bench_7b1"
 fi

@@ -66,13 +66,15 @@ class Config:
         vocab: Override the shape's vocabulary size (0: the shape's).
         init_std: Standard deviation of the random weights (0: the shape's initializer_range).
         contexts: Prompt lengths in tokens.
-        arms: Attention of each measured arm, each one of native (transformers' own), exact, window, window_evict, lsh, lsh_evict.
+        arms: Attention of each measured arm: native (transformers' own), or the poslsh patch's exact, window,
+            window_evict, lsh, lsh_evict.
         new_tokens: Greedy tokens timed per point (after one from the prompt's logits and one untimed step).
         window_eps: Truncation level of the window arms.
         samples: Partitions r of the LSH arms.
         prefill_chunk: Feed prompts longer than this in chunks of this many tokens against the cache (0: one call).
         chunk_native: Chunk transformers' own attention's prompts too (default: one call, as generate does).
-        oom_chunk: After a one-call prefill runs out of memory, read that prompt and the arm's longer ones in chunks of this many tokens (0: skip the arm's longer prompts).
+        oom_chunk: After a one-call prefill runs out of memory, read that prompt and the arm's longer ones in
+            chunks of this many tokens (0: skip the arm's longer prompts).
         warmup_context: Prompt length of each arm's untimed warm-up run (compiles kernels; 0: none).
         profile_steps: Decoding steps profiled per point for kernel time beside wall time (CUDA only; 0: none).
         budget_s: Nothing new starts after this many seconds, nor a point estimated to end after it (0: no limit).

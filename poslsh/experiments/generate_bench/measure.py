@@ -7,6 +7,7 @@ its arm skipped at longer contexts. The JSON document is rewritten after every p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import inspect
 import sys
@@ -29,17 +30,21 @@ RESERVE_S = 5.0
 # ----------------------------------------------------------------------------- the model
 
 
-def _cache_keyword(model: torch.nn.Module) -> str:
-    """The name under which the model's forward takes its KV cache ("cache" since transformers 5.2x, where
-    "past_key_values" still works but warns)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+@functools.cache
+def _call_options(model_class: type) -> tuple[str, bool]:
+    """(the keyword under which a model class's forward takes its KV cache: "cache" since transformers 5.2x,
+    where "past_key_values" still works but warns; whether it takes ``logits_to_keep``), read once per
+    class, not per decoding step."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return ("cache" if "cache" in parameters else "past_key_values"), "logits_to_keep" in parameters
 
 
 def _forward(model: torch.nn.Module, ids: Tensor, cache: Any, attention_mask: Tensor | None = None) -> Tensor:
     """One forward of ``ids`` [B, n] against ``cache`` (updated in place): the last position's logits [B, V]
     (only that position goes through the output layer: a 256K-token prompt's full logits would not fit)."""
-    kwargs: dict[str, Any] = {_cache_keyword(model): cache, "use_cache": True}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    cache_keyword, keeps_logits = _call_options(type(model))
+    kwargs: dict[str, Any] = {cache_keyword: cache, "use_cache": True}
+    if keeps_logits:
         kwargs["logits_to_keep"] = 1
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -104,16 +109,18 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype, max_posit
     model.eval()
     family = model_family(model)  # ValueError for a checkpoint that is not BLOOM, MPT or Falcon with ALiBi
     if family == "mpt" and model.config.max_seq_len < max_positions:
-        model.config.max_seq_len = max_positions  # MPT builds its bias this long on every forward: ALiBi extrapolates
+        model.config.max_seq_len = max_positions  # MPT builds its bias this long on every forward
     c = model.config
     get = lambda *names: next(getattr(c, n) for n in names if getattr(c, n, None) is not None)  # noqa: E731
     heads = get("n_head", "n_heads", "num_attention_heads")
     hidden = get("hidden_size", "d_model")
     params = sum(p.numel() for p in model.parameters())
-    info = {"source": source, "random_weights": not cfg.model, "family": family, "layers": get("n_layer", "n_layers", "num_hidden_layers"),
-            "heads": heads, "hidden": hidden, "head_dim": hidden // heads, "vocab": c.vocab_size,
+    info = {"source": source, "random_weights": not cfg.model, "family": family,
+            "layers": get("n_layer", "n_layers", "num_hidden_layers"), "heads": heads, "hidden": hidden,
+            "head_dim": hidden // heads, "vocab": c.vocab_size,
             "parameters": params, "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "dtype": str(dtype).removeprefix("torch."), "attn_implementation": getattr(c, "_attn_implementation", None)}
+            "dtype": str(dtype).removeprefix("torch."),
+            "attn_implementation": getattr(c, "_attn_implementation", None)}
     return model, info
 
 
@@ -289,7 +296,7 @@ def _estimate_s(rows: list[dict], arm: str, n: int) -> float | None:
 
 def _warm(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int, clock: Run,
           results: dict) -> None:
-    """Each arm once at ``warmup_context`` tokens (in two chunks where the arm chunks), two decoding steps:
+    """Each arm once at ``warmup_context`` tokens (in chunks where the arm may chunk), two decoding steps:
     the kernels compile here, not inside the timings."""
     n = cfg.warmup_context
     if not n:
@@ -301,8 +308,10 @@ def _warm(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int,
         t = time.perf_counter()
         try:
             _use_arm(model, cfg, arm)
-            chunked = chunks(cfg, arm, cfg.prefill_chunk) or chunks(cfg, arm, cfg.oom_chunk)
-            chunk = max(1, n // 2) if chunked else n  # two calls: the second against a cache
+            # an arm that may chunk reads it in at least two calls (the second against a cache), of the
+            # run's chunk size where the warm-up prompt holds two of them
+            given = [c for c in (cfg.prefill_chunk, cfg.oom_chunk) if chunks(cfg, arm, c)]
+            chunk = min([max(1, n // 2)] + given) if given else n
             cache, logits = chunked_prefill(model, ids, chunk)
             _greedy(model, cache, logits, 1, device)
             _release(cache)

@@ -144,8 +144,9 @@ def _model_text(doc: dict[str, Any]) -> str:
     m = res.get("model") or {}
     cfg = res["effective_config"]
     return (f"A model of {_what(m)} ({m.get('layers')} layers, {m.get('heads')} heads of {m.get('head_dim')}, "
-            f"{fmt((m.get('parameters') or 0) / 1e6)} M parameters, {m.get('dtype')}) on {env.get('device', '?')}: greedy decoding of {cfg['new_tokens']} timed tokens "
-            f"after a random prompt, one process; transformers' own attention ({m.get('attn_implementation')}) "
+            f"{fmt((m.get('parameters') or 0) / 1e6)} M parameters, {m.get('dtype')}) on {env.get('device', '?')}: "
+            f"greedy decoding of {cfg['new_tokens']} timed tokens after a random prompt, one process; transformers' "
+            f"own attention ({m.get('attn_implementation')}) "
             f"against the poslsh patch (window eps {cfg['window_eps']:g}, LSH r = {cfg['samples']}). Time per token "
             "is wall time with the kernels (synchronised), kernel time from the profiler in parentheses; peak "
             "memory is the device's peak allocation over prefill and decoding; the KV cache is what the cache "
