@@ -64,6 +64,7 @@ def test_every_arm_runs_and_is_measured(tiny_run):
         kv = r["kv"]
         if r["arm"] in ("window_evict", "lsh_evict"):
             assert kv["held_bytes"] <= kv["full_bytes"] and kv["evicted_bytes"] == kv["full_bytes"] - kv["held_bytes"]
+            assert kv["per_head_reachable_bytes"] <= kv["held_bytes"]  # one prefix per layer keeps the most
             if r["context"] == CONTEXTS[-1]:  # the longest prompt outgrows what they keep
                 assert kv["held_bytes"] < kv["full_bytes"], r
         else:

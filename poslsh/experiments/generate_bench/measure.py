@@ -255,8 +255,13 @@ def measure_point(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, de
         row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     row["kv"] = cache_bytes(cache)
     if patch is not None and patch.options.evict:
-        memory = patch.cache_memory(cache)
-        row["kv"]["evicted_bytes"] = memory["evicted_bytes"]
+        from ...integrations.hf import cache_report
+
+        row["kv"]["evicted_bytes"] = patch.cache_memory(cache)["evicted_bytes"]
+        # what a cache evicting per KV head (not one prefix per layer) would hold: the keys some future
+        # query of that head can reach
+        report = cache_report(patch, row["kv"]["positions"], dtype=model.dtype)
+        row["kv"]["per_head_reachable_bytes"] = report["total_bytes"] - report["saved_bytes"]
     row["phase"] = "done"
     if cuda and cfg.profile_steps:
         last = torch.tensor([[tokens[-1]]], device=device)

@@ -123,7 +123,9 @@ def table(doc: dict[str, Any]) -> str:
         per_token = fmt(r["ms_per_token"]) + (f" ({fmt(r['kernel_ms_per_token'])})" if "kernel_ms_per_token" in r
                                              else "")
         kv = r["kv"]
-        held = f"{fmt(kv['held_bytes'] / MIB)} MiB ({fmt(100 * kv['held_bytes'] / kv['full_bytes'])} %)"
+        held = f"{fmt(kv['held_bytes'] / MIB)} MiB ({fmt(100 * kv['held_bytes'] / kv['full_bytes'])} %" + (
+            f"; per head {fmt(100 * kv['per_head_reachable_bytes'] / kv['full_bytes'])} %)"
+            if "per_head_reachable_bytes" in kv else ")")
         agree = agreement(rows, r)
         same = "reference" if agree is None else (
             f"{agree['equal']}/{agree['of']} = {agree['with']}" if agree["first_divergence"] is None else
@@ -150,7 +152,8 @@ def _model_text(doc: dict[str, Any]) -> str:
             f"against the poslsh patch (window eps {cfg['window_eps']:g}, LSH r = {cfg['samples']}). Time per token "
             "is wall time with the kernels (synchronised), kernel time from the profiler in parentheses; peak "
             "memory is the device's peak allocation over prefill and decoding; the KV cache is what the cache "
-            "holds after generation, against a cache of every position.")
+            "holds after generation, against a cache of every position (with eviction, \"per head\": what a "
+            "cache evicting each KV head's unreachable keys would hold).")
 
 
 def readme_section(doc: dict[str, Any]) -> str:
