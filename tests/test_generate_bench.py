@@ -140,7 +140,7 @@ def test_readme_sentence_and_results_section_from_a_committed_json(tiny_run, tmp
     shutil.copy(tiny_run[0] / f"{gb.NAME}.json", folder / f"{gb.NAME}.json")
     line = readme.generate_lines()
     assert line.startswith("Generating text (`poslsh generate-bench`, bloom-560m's shape")
-    assert "runs out of memory at 256" in line and "window and eviction it reads 320 tokens (chunks of 128)" in line
+    assert "runs out of memory at 256" in line and "the patched model reads 320 tokens (chunks of 128)" in line
     page = readme.render_results()
     assert "## A model generating text" in page and "| 192 | poslsh exact |" in page and "7B model" not in page
 

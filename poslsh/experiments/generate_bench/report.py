@@ -184,7 +184,8 @@ def readme_line(doc: dict[str, Any]) -> str:
     evict = [r for r in rows if r["arm"] == "window_evict" and r.get("phase") == "done"]
     if evict:
         r = max(evict, key=lambda r: r["context"])
-        text += (f"patched with the window and eviction it reads {tokens_label(r['context'])} tokens ({_read(r)}) at "
+        text += (f"with the window and eviction, the patched model reads {tokens_label(r['context'])} tokens "
+                 f"({_read(r)}) at "
                  f"{fmt(r['context'] / r['prefill_s'] / 1e3)}K tokens/s and decodes at {fmt(r['ms_per_token'])} ms "
                  f"per token, holding {fmt(100 * r['kv']['held_bytes'] / r['kv']['full_bytes'])} % of a full KV "
                  "cache" + (f" (peak memory {fmt(r['peak_bytes'] / GIB)} GiB)" if "peak_bytes" in r else "") + ". ")
