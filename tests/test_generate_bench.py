@@ -145,6 +145,15 @@ def test_readme_sentence_and_results_section_from_a_committed_json(tiny_run, tmp
     assert "## A model generating text" in page and "| 192 | poslsh exact |" in page and "7B model" not in page
 
 
+def test_a_passed_deadline_skips_every_point_and_says_so(tmp_path):
+    doc = gb.run(gb.Config(tiny=True, contexts=(64, 96), arms=("native", "exact"), budget_s=1e-6, device="cpu"),
+                 tmp_path)
+    res = doc["results"]
+    assert not res["partial"] and res["warmup_s"] == {}
+    assert [r.get("skipped") for r in res["rows"]] == ["deadline"] * 4
+    assert "skipped (deadline)" in gb.table(doc)
+
+
 def test_deadline_estimate_skips_what_would_not_finish():
     rows = [{"arm": "exact", "context": 1000, "seconds": 2.0, "phase": "done"},
             {"arm": "window", "context": 1000, "seconds": 2.0, "phase": "done"}]
@@ -154,7 +163,8 @@ def test_deadline_estimate_skips_what_would_not_finish():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--contexts", "1"], "contexts must be integers >= 2"),
+    (["--contexts", "1"], "contexts must be distinct integers >= 2"),
+    (["--contexts", "64", "64"], "contexts must be distinct integers >= 2"),
     (["--new-tokens", "0"], "new_tokens must be >= 1"),
     (["--window-eps", "0"], "window_eps must be in"),
     (["--samples", "0"], "samples must be >= 1"),

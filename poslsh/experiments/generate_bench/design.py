@@ -81,6 +81,7 @@ class Config:
         seed: Seed of the weights and the prompts.
         device: Device: auto (cuda when there is one, else cpu), cuda, or cpu.
         dtype: Weights and activations dtype (auto: bfloat16 on CUDA, float32 on the CPU).
+        plots: Draw the PNG at the end (--no-plots: the JSON and report only; --replot draws it later).
         replot: Redraw the PNG of this saved JSON into --out; nothing else runs (empty: a normal run).
     """
 
@@ -106,6 +107,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    plots: bool = True
     replot: str = ""
 
 
@@ -130,8 +132,8 @@ def check(cfg: Config) -> None:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.init_std < 0:
         raise ValueError(f"init_std must be >= 0 (0: the shape's), got {cfg.init_std}")
-    if not cfg.contexts or any(n < 2 for n in cfg.contexts):
-        raise ValueError(f"contexts must be integers >= 2, got {cfg.contexts}")
+    if not cfg.contexts or any(n < 2 for n in cfg.contexts) or len(set(cfg.contexts)) != len(cfg.contexts):
+        raise ValueError(f"contexts must be distinct integers >= 2, got {cfg.contexts}")
     if not cfg.arms or len(set(cfg.arms)) != len(cfg.arms) or any(a not in ARMS for a in cfg.arms):
         raise ValueError(f"arms must be distinct names among {', '.join(ARMS)}, got {cfg.arms}")
     if cfg.new_tokens < 1:

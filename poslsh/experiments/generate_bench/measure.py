@@ -365,7 +365,8 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     unpatch_model(model)
     doc = clock.save()
     try:
-        make_plots(doc, out)
+        if cfg.plots:
+            make_plots(doc, out)
     except Exception as err:  # the plot can be redrawn from the JSON with --replot
         results["notes"].append(f"plotting failed: {describe_failure(err)}")
         doc = clock.save()
