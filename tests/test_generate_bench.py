@@ -94,6 +94,9 @@ def test_greedy_tokens_of_exact_equal_native_and_eviction_changes_none(tiny_run)
             assert _row(doc, f"{arm}_evict", n)["tokens"] == _row(doc, arm, n)["tokens"], (arm, n)
     assert gb.agreement(rows, _row(doc, "window", 320))["with"] == "exact"
     assert gb.agreement(rows, _row(doc, "exact", 320)) is None
+    alone = [dict(_row(doc, "window", 320))]  # no native or exact row: nothing to compare with, not a reference
+    assert gb.agreement(alone, alone[0]) is None and "| 320 | poslsh window |" in gb.table({"results": {"rows": alone}})
+    assert "reference" not in gb.table({"results": {"rows": alone}})
     # The window at eps 0.3 is a coarse approximation: its tokens do differ (the comparison can fail).
     assert any(gb.agreement(rows, _row(doc, "window", n))["first_divergence"] is not None for n in CONTEXTS)
 
@@ -254,7 +257,7 @@ def test_aims_are_decided_from_the_rows():
     assert found["window + eviction at 256K: time per token over native's at its longest (8K)"] == (7 / 12, False)
     assert found["poslsh window + eviction at 256K: KV cache held over a full cache"] == (0.04, True)
     assert found["poslsh LSH + eviction at 256K: KV cache held over a full cache"] == (0.06, False)
-    slope, met = found["poslsh window: prefill memory above the weights grows as n^k, k"]
+    slope, met = found["poslsh window: one-call prefill memory above the weights grows as n^k, k"]
     assert abs(slope - 1.0) < 1e-9 and met
 
 
