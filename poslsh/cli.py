@@ -36,9 +36,9 @@ EXPERIMENTS: dict[str, tuple[str, bool, str]] = {
                                               "per byte per attention method, r and context."),
     "lsh-native": ("lsh_native", False, "Train language models with positional-LSH attention natively and compare "
                                         "them with exact ALiBi at one token budget."),
-    "generate-bench": ("generate_bench", False, "Generate text with an ALiBi model of a published shape (random weights): "
-                                                "prefill, time per token, memory and KV cache against the context, "
-                                                "transformers' own attention against the poslsh patch."),
+    "generate-bench": ("generate_bench", False, "Generate text with an ALiBi model of a published shape (random "
+                                                "weights): prefill, time per token, memory and KV cache against the "
+                                                "context, transformers' own attention against the poslsh patch."),
     "cp-bench": ("cp_bench", False, "Shard one sequence over N processes: check, time, memory, bytes per rank."),
 }
 # Results measured elsewhere (on a GPU, or over several processes) and committed: ``poslsh demo`` redraws their plots from the JSON
