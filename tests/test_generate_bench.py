@@ -174,6 +174,7 @@ def test_deadline_estimate_skips_what_would_not_finish():
     (["--prefill-chunk", "-1"], "prefill_chunk must be >= 0"),
     (["--budget-s", "-1"], "budget_s must be >= 0"),
     (["--model", "/no/such/folder"], "model must be a checkpoint folder"),
+    (["--config-file", "/no/such/config.json"], "config_file must be a config.json"),
 ])
 def test_bad_flags_give_one_line_errors(flags, message, tmp_path, capsys):
     assert main(["generate-bench", "--tiny", *flags, "--out", str(tmp_path)]) == 2
@@ -281,3 +282,21 @@ def test_a_one_call_prefill_out_of_memory_is_retried_in_chunks(tmp_path, monkeyp
                     ("window_evict", 96, 32, False, None),
                     ("native", 128, None, False, "out of memory at 96 tokens"), ("window_evict", 128, 32, False, None)]
     assert "out of memory in prefill (one call)" in gb.table(doc)
+
+
+def test_a_config_file_gives_the_shape(tmp_path):
+    """--config-file: a published config.json (here an MPT one) with random weights, the size flags applied;
+    a config of another model type is refused by name."""
+    import transformers
+
+    transformers.MptConfig(d_model=48, n_heads=4, n_layers=3, vocab_size=80, max_seq_len=16).save_pretrained(tmp_path)
+    doc = gb.run(gb.Config(config_file=str(tmp_path / "config.json"), layers=2, init_std=0.3, contexts=(40,),
+                           arms=("native", "exact"), new_tokens=2, warmup_context=0, device="cpu"), tmp_path / "out")
+    model = doc["results"]["model"]
+    assert (model["family"], model["layers"], model["hidden"], model["random_weights"]) == ("mpt", 2, 48, True)
+    native, exact = doc["results"]["rows"]  # 40 + 3 positions > max_seq_len 16: raised to cover the prompt
+    assert native["phase"] == exact["phase"] == "done" and exact["tokens"] == native["tokens"]
+    other = tmp_path / "gpt2"
+    transformers.GPT2Config(n_layer=1).save_pretrained(other)
+    with pytest.raises(ValueError, match="'gpt2' model, not one of bloom, mpt, falcon"):
+        gb.run(gb.Config(config_file=str(other), device="cpu"), tmp_path / "out2")

@@ -60,6 +60,8 @@ class Config:
         tiny: Replace the sizes left at their defaults by a CPU dry run of seconds.
         shape: Published checkpoint whose config the model takes (random weights).
         model: Local checkpoint folder (config and weights; no tokenizer needed) instead of a shape (empty: the shape).
+        config_file: A config.json (or a folder holding one) of a BLOOM, MPT or Falcon (alibi) model, with random
+            weights, instead of a shape; the size flags apply to it (empty: the shape).
         layers: Override the shape's layer count (0: the shape's).
         hidden: Override the shape's hidden size (0: the shape's).
         heads: Override the shape's attention head count (0: the shape's).
@@ -88,6 +90,7 @@ class Config:
     tiny: bool = False
     shape: Shape = "bloom-560m"
     model: str = ""
+    config_file: str = ""
     layers: int = 0
     hidden: int = 0
     heads: int = 0
@@ -153,19 +156,22 @@ def method_of(cfg: Config, arm: str) -> tuple[MethodSpec | None, bool]:
     return as_method(method, **options), evict
 
 
-def model_config_kwargs(cfg: Config, max_positions: int) -> tuple[str, dict[str, Any]]:
-    """(family, config keyword arguments) of the shape with the size overrides applied; MPT's
-    ``max_seq_len`` (the length of its precomputed bias) covers ``max_positions``."""
-    family, base = SHAPES[cfg.shape]
-    kwargs = dict(base)
-    for key, value in zip(SIZE_KEYS[family], (cfg.layers, cfg.hidden, cfg.heads, cfg.vocab)):
-        if value:
-            kwargs[key] = value
+def size_overrides(cfg: Config, family: str, max_positions: int) -> dict[str, Any]:
+    """The config keys the size flags set for a model of ``family``; MPT's ``max_seq_len`` (the length of
+    its precomputed bias) covers ``max_positions``."""
+    changes = {key: value for key, value in zip(SIZE_KEYS[family], (cfg.layers, cfg.hidden, cfg.heads, cfg.vocab))
+               if value}
     if cfg.init_std:
-        kwargs["initializer_range"] = cfg.init_std
+        changes["initializer_range"] = cfg.init_std
     if family == "mpt":
-        kwargs["max_seq_len"] = max(max_positions, 2048)
-    return family, kwargs
+        changes["max_seq_len"] = max(max_positions, 2048)
+    return changes
+
+
+def model_config_kwargs(cfg: Config, max_positions: int) -> tuple[str, dict[str, Any]]:
+    """(family, config keyword arguments) of the shape with the size flags applied."""
+    family, base = SHAPES[cfg.shape]
+    return family, {**base, **size_overrides(cfg, family, max_positions)}
 
 
 def chunks(cfg: Config, arm: str, chunk: int) -> bool:

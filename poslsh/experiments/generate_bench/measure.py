@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ...util import replot_saved, require_package, synchronize
 from ..harness import Run, describe_failure
-from .design import NAME, QUADRATIC, Config, check, chunk_for, chunks, effective, method_of, model_config_kwargs
+from .design import (NAME, QUADRATIC, SIZE_KEYS, Config, check, chunk_for, chunks, effective, method_of,
+                     model_config_kwargs, size_overrides)
 from .report import make_plots, replot
 
 # Seconds kept free before the deadline for the plot and the last save.
@@ -100,12 +101,22 @@ def build_model(cfg: Config, device: torch.device, dtype: torch.dtype, max_posit
         model = transformers.AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
         source = cfg.model
     else:
-        family, kwargs = model_config_kwargs(cfg, max_positions)
-        config = transformers.AutoConfig.for_model(family, **kwargs)
+        if cfg.config_file:
+            config = transformers.AutoConfig.from_pretrained(cfg.config_file)
+            family = "falcon" if config.model_type in ("RefinedWeb", "RefinedWebModel") else config.model_type
+            if family not in SIZE_KEYS:
+                raise ValueError(f"config_file {cfg.config_file} is a {config.model_type!r} model, not one of "
+                                 f"{', '.join(SIZE_KEYS)}")
+            for key, value in size_overrides(cfg, family, max_positions).items():
+                setattr(config, key, value)
+            source = cfg.config_file
+        else:
+            family, kwargs = model_config_kwargs(cfg, max_positions)
+            config = transformers.AutoConfig.for_model(family, **kwargs)
+            source = cfg.shape
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         model = model.to(device)  # a no-op where the weights were drawn there, as they should be
-        source = cfg.shape
     model.eval()
     family = model_family(model)  # ValueError for a checkpoint that is not BLOOM, MPT or Falcon with ALiBi
     if family == "mpt" and model.config.max_seq_len < max_positions:
@@ -337,7 +348,11 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     cfg = effective(config)
     check(cfg)
     require_package("transformers", "poslsh generate-bench", "hf")
+    if cfg.config_file and not Path(cfg.config_file).exists():
+        raise ValueError(f"config_file must be a config.json or a folder holding one, got {cfg.config_file!r}")
     if cfg.model:
+        if cfg.config_file:
+            raise ValueError("config_file and model both name the model: give one")
         if not Path(cfg.model).is_dir():
             raise ValueError(f"model must be a checkpoint folder, got {cfg.model!r}")
         given = [name for name in ("layers", "hidden", "heads", "vocab", "init_std") if getattr(config, name)]

@@ -136,7 +136,7 @@ def table(doc: dict[str, Any]) -> str:
 
 
 def _what(m: dict[str, Any]) -> str:
-    """"BLOOM-560m's shape with random weights" or "the checkpoint PATH"."""
+    """"bloom-560m's shape with random weights" (a shape or a config file) or "the checkpoint PATH"."""
     return (f"{m.get('source', '?')}'s shape with random weights" if m.get("random_weights", True)
             else f"the checkpoint {m.get('source')}")
 
