@@ -73,7 +73,8 @@ class Config:
         new_tokens: Greedy tokens timed per point (after one from the prompt's logits and one untimed step).
         window_eps: Truncation level of the window arms.
         samples: Partitions r of the LSH arms.
-        prefill_chunk: Feed prompts longer than this in chunks of this many tokens against the cache (0: one call).
+        prefill_chunk: Feed prompts longer than this in chunks of this many tokens against the cache (0: one call);
+            native's only with --chunk-native.
         chunk_native: Chunk transformers' own attention's prompts too (default: one call, as generate does).
         oom_chunk: After a one-call prefill runs out of memory, read that prompt and the arm's longer ones in
             chunks of this many tokens (0: skip the arm's longer prompts).

@@ -62,7 +62,8 @@ def _new_cache(model: torch.nn.Module) -> Any:
 
 
 # TODO(lead): this moves to poslsh.integrations.hf.chunked_prefill (same signature) when that lands;
-# then import it from there and delete this copy.
+# then import it from there and delete this copy. That one must also compute the last position's logits
+# only (logits_to_keep=1): a 256K-token prompt's full logits are 256K x 250880 values (128 GB in bf16).
 def chunked_prefill(model: torch.nn.Module, input_ids: Tensor, chunk_size: int,
                     attention_mask: Tensor | None = None) -> tuple[Any, Tensor]:
     """Read a prompt in chunks of ``chunk_size`` tokens, each against the cache of those before it
