@@ -1,7 +1,9 @@
 """generate-bench at its --tiny size on the CPU, through the command: every arm, chunked prefill, an arm
-that runs out of memory (simulated) recorded and skipped at longer prompts, greedy tokens of the
-patched exact model equal to transformers' own, eviction changing no token, the JSON round trip and
---replot, the README sentence and the docs/RESULTS.md section from a JSON, and bad flags."""
+that runs out of memory (simulated) recorded and skipped at longer prompts or retried in chunks, greedy
+tokens of the patched exact model equal to transformers' own, eviction changing no token, the JSON
+round trip and --replot, the README sentence and the docs/RESULTS.md section from a JSON, the aims on
+synthetic rows, the deadline, a local checkpoint and a config file in place of a shape, and bad flags;
+the GPU-only measurements (peak memory, CUDA events, kernel time) in a CUDA-only test."""
 
 from __future__ import annotations
 
