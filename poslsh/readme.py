@@ -178,6 +178,14 @@ def cp_summary(doc: Doc) -> str:
                "**a check against one process failed** (docs/RESULTS.md)."))
 
 
+def readme_block() -> str:
+    path = RESULTS / README_TABLE
+    doc = load_results(path)
+    generate = generate_lines()
+    return (readme_table(doc) + "\n\n" + _provenance(doc, path, README) + "\n\n" + readme_summary()
+            + ("\n\n" + generate if generate else ""))
+
+
 # generate-bench's runs: a BLOOM-560m-shaped model at every context, a BLOOM-7b1-shaped one's long prompt.
 GENERATE_RUNS = ("generate_bench/generate-bench.json", "generate_bench_7b1/generate-bench.json")
 
@@ -187,14 +195,6 @@ def generate_lines() -> str:
     from .experiments import generate_bench
 
     return " ".join(generate_bench.readme_line(_committed(path)) for path in GENERATE_RUNS if (RESULTS / path).exists())
-
-
-def readme_block() -> str:
-    path = RESULTS / README_TABLE
-    doc = load_results(path)
-    generate = generate_lines()
-    return (readme_table(doc) + "\n\n" + _provenance(doc, path, README) + "\n\n" + readme_summary()
-            + ("\n\n" + generate if generate else ""))
 
 
 # ----------------------------------------------------------------------------- RESULTS.md sections
