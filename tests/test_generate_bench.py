@@ -7,6 +7,7 @@ the GPU-only measurements (peak memory, CUDA events, kernel time) in a CUDA-only
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -167,21 +168,23 @@ def test_deadline_estimate_skips_what_would_not_finish():
     assert measure._estimate_s(rows, "lsh", 4000) is None
 
 
+# The messages name the field or its flag: "contexts must be ..." from the run's checks, or "argument
+# --contexts: must be ..." where the parser knows the field's range.
 @pytest.mark.parametrize("flags,message", [
-    (["--contexts", "1"], "contexts must be distinct integers >= 2"),
-    (["--contexts", "64", "64"], "contexts must be distinct integers >= 2"),
-    (["--new-tokens", "0"], "new_tokens must be >= 1"),
-    (["--window-eps", "0"], "window_eps must be in"),
-    (["--samples", "0"], "samples must be >= 1"),
-    (["--prefill-chunk", "-1"], "prefill_chunk must be >= 0"),
-    (["--budget-s", "-1"], "budget_s must be >= 0"),
-    (["--model", "/no/such/folder"], "model must be a checkpoint folder"),
-    (["--config-file", "/no/such/config.json"], "config_file must be a config.json"),
+    (["--contexts", "1"], r"contexts:? must be (distinct integers )?>= 2"),
+    (["--contexts", "64", "64"], r"contexts must be distinct integers >= 2"),
+    (["--new-tokens", "0"], r"new[-_]tokens:? must be >= 1"),
+    (["--window-eps", "0"], r"window[-_]eps:? must be in \(0, 1\)"),
+    (["--samples", "0"], r"samples:? must be >= 1"),
+    (["--prefill-chunk", "-1"], r"prefill[-_]chunk:? must be >= 0"),
+    (["--budget-s", "-1"], r"budget[-_]s:? must be >= 0"),
+    (["--model", "/no/such/folder"], r"model must be a checkpoint folder"),
+    (["--config-file", "/no/such/config.json"], r"config_file must be a config.json"),
 ])
 def test_bad_flags_give_one_line_errors(flags, message, tmp_path, capsys):
     assert main(["generate-bench", "--tiny", *flags, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("poslsh generate-bench: error:") and message in err and "\n" not in err
+    assert err.startswith("poslsh generate-bench: error:") and re.search(message, err) and "\n" not in err, err
     assert not (tmp_path / f"{gb.NAME}.json").exists()  # nothing ran
 
 
