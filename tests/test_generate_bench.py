@@ -80,6 +80,9 @@ def test_out_of_memory_is_recorded_and_skips_longer_prompts(tiny_run):
     oom = _row(doc, "native", 256)
     assert "out of memory" in oom["out_of_memory"] and oom["phase"] == "prefill"
     assert _row(doc, "native", 320) == {"arm": "native", "context": 320, "skipped": "out of memory at 256 tokens"}
+    assert gb.failures(doc) == []  # running out of memory is a result, not a failure
+    failed = {"results": {"rows": [{"arm": "exact", "context": 4096, "phase": "prefill", "error": "RuntimeError: x"}]}}
+    assert gb.failures(failed) == ["exact at 4K: RuntimeError: x"]
     text = gb.summarize(doc, ".")
     assert "out of memory in prefill (one call)" in text and "skipped (out of memory at 256 tokens)" in text
 

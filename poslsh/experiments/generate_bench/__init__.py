@@ -16,8 +16,10 @@ README sentence, plot).
 
 from .design import ARMS, LABELS, NAME, SHAPES, TINY, Config, check, chunk_for, config_of, effective, method_of
 from .measure import build_model, cache_bytes, chunked_prefill, measure_point, run
-from .report import PLOT, agreement, aims, reference, make_plots, readme_line, readme_section, replot, summarize, table
+from .report import (PLOT, agreement, aims, failures, make_plots, readme_line, readme_section, reference, replot,
+                     summarize, table)
 
 __all__ = ["ARMS", "LABELS", "NAME", "SHAPES", "TINY", "Config", "check", "chunk_for", "config_of", "effective",
            "method_of", "build_model", "cache_bytes", "chunked_prefill", "measure_point", "run", "PLOT", "agreement",
-           "aims", "reference", "make_plots", "readme_line", "readme_section", "replot", "summarize", "table"]
+           "aims", "failures", "make_plots", "readme_line", "readme_section", "reference", "replot", "summarize",
+           "table"]

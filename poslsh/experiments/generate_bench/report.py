@@ -96,6 +96,13 @@ def aims(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def failures(doc: dict[str, Any]) -> list[str]:
+    """What failed in a saved run, one line each ("exact at 4K: RuntimeError: ..."): a point that raised. A
+    point that ran out of memory is a result (where that arm stops), and one skipped by the deadline or
+    after running out of memory is not a failure."""
+    return [f"{r['arm']} at {tokens_label(r['context'])}: {r['error']}" for r in doc["results"]["rows"] if "error" in r]
+
+
 def _read(row: dict) -> str:
     """How a row's prompt was read: "one call" or "chunks of 32K"."""
     return f"chunks of {tokens_label(row['prefill_chunk'])}" if row.get("prefill_chunk") else "one call"
