@@ -39,6 +39,9 @@ EXPERIMENTS: dict[str, tuple[str, bool, str]] = {
                                               "per byte per attention method, r and context."),
     "lsh-native": ("lsh_native", False, "Train language models with positional-LSH attention natively and compare "
                                         "them with exact ALiBi at one token budget."),
+    "generate-bench": ("generate_bench", False, "Generate text with an ALiBi model of a published shape (random "
+                                                "weights): prefill, time per token, memory and KV cache against the "
+                                                "context, transformers' own attention against the poslsh patch."),
     "cp-bench": ("cp_bench", False, "Shard one sequence over N processes: check, time, memory, bytes per rank."),
 }
 # Results measured elsewhere (on a GPU, or over several processes) and committed: ``poslsh demo`` redraws their plots from the JSON
@@ -46,7 +49,7 @@ EXPERIMENTS: dict[str, tuple[str, bool, str]] = {
 # by default the checkout's bench/results); the module provides ``replot(doc, out_dir)`` besides
 # ``summarize``.
 COMMITTED: dict[str, str] = {"lm-validation": "lm-validation.json", "lsh-native": "lsh-native.json",
-                             "cp-bench": "cp_cpu/cp-bench.json"}
+                             "cp-bench": "cp_cpu/cp-bench.json", "generate-bench": "generate_bench/generate-bench.json"}
 
 
 def _module(name: str):

@@ -278,7 +278,20 @@ def readme_advice(doc: Doc) -> str:
 def readme_block() -> str:
     path = RESULTS / README_TABLE
     doc = load_results(path)
-    return readme_table(doc) + "\n\n" + _provenance(doc, path, README) + "\n\n" + readme_summary()
+    generate = generate_lines()
+    return (readme_table(doc) + "\n\n" + _provenance(doc, path, README) + "\n\n" + readme_summary()
+            + ("\n\n" + generate if generate else ""))
+
+
+# generate-bench's runs: a BLOOM-560m-shaped model at every context, a BLOOM-7b1-shaped one's long prompt.
+GENERATE_RUNS = ("generate_bench/generate-bench.json", "generate_bench_7b1/generate-bench.json")
+
+
+def generate_lines() -> str:
+    """The README's sentences on generate-bench's committed runs ("" while none is committed)."""
+    from .experiments import generate_bench
+
+    return " ".join(generate_bench.readme_line(_committed(path)) for path in GENERATE_RUNS if (RESULTS / path).exists())
 
 
 # ----------------------------------------------------------------------------- RESULTS.md sections
@@ -411,6 +424,10 @@ SECTIONS: list[Section] = [
     Section("gpu_bench/gpu_bench_decode.json", "Decoding: one new token against a KV cache", gpu_bench("decode")),
     Section("gpu_bench/gpu_bench.json", "The speed aims, as measured (the three runs above together)",
             gpu_bench("aims")),
+    Section(GENERATE_RUNS[0], "A model generating text: transformers' own attention against the patch, per prompt "
+            "length", _experiment("generate_bench"), ("generate_bench/generate_bench.png",)),
+    Section(GENERATE_RUNS[1], "A 7B model reading a long prompt in chunks, with the window and eviction",
+            _experiment("generate_bench"), ("generate_bench_7b1/generate_bench.png",)),
     Section("pareto_h200_256k/pareto.json", "How accurate for the time: error against time at 256K tokens on the GPU",
             _experiment("pareto"), ("pareto_h200_256k/pareto.png",)),
     Section("pareto_h200_256k_flex/pareto.json", "Against FlexAttention at equal error (256K tokens)", against_flex,

@@ -1,0 +1,25 @@
+"""Long-context generation, end to end: a model of a published ALiBi checkpoint's shape (BLOOM-560m's by
+default; BLOOM-7b1, MPT-7b, Falcon-RW-1b, or a local checkpoint) with random weights reads a random
+prompt and generates greedily, with transformers' own attention ("native") and the poslsh patch
+(exact, window, window with eviction, LSH, LSH with eviction).
+
+Per prompt length and arm: prefill time and peak memory (in one call, or in chunks against the cache
+with ``--prefill-chunk``), wall time per generated token (and kernel time from the profiler), the KV
+cache held after generation against a full one, and the greedy tokens against native's (exact's where
+native did not run). An arm that runs out of memory is recorded as such and skipped at longer prompts;
+a deadline (``--budget-s``) stops what would not finish. ``--tiny`` is a CPU dry run of seconds.
+
+Three modules, the JSON document between them: ``design`` (the Config, the shapes, the arms),
+``measure`` (config -> JSON; ``chunked_prefill``) and ``report`` (JSON -> agreement, aims, table,
+README sentence, plot).
+"""
+
+from .design import ARMS, LABELS, NAME, SHAPES, TINY, Config, check, chunk_for, config_of, effective, method_of
+from .measure import build_model, cache_bytes, chunked_prefill, measure_point, run
+from .report import (PLOT, agreement, aims, failures, make_plots, readme_line, readme_section, reference, replot,
+                     summarize, table)
+
+__all__ = ["ARMS", "LABELS", "NAME", "SHAPES", "TINY", "Config", "check", "chunk_for", "config_of", "effective",
+           "method_of", "build_model", "cache_bytes", "chunked_prefill", "measure_point", "run", "PLOT", "agreement",
+           "aims", "failures", "make_plots", "readme_line", "readme_section", "reference", "replot", "summarize",
+           "table"]
