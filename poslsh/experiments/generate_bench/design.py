@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ...method import MethodSpec, as_method
+from ...util import Count, CountOrZero, Fraction, NonNegative, TwoOrMore, check_fields
 from .. import harness
 
 NAME = "generate-bench"
@@ -92,22 +93,22 @@ class Config:
     shape: Shape = "bloom-560m"
     model: str = ""
     config_file: str = ""
-    layers: int = 0
-    hidden: int = 0
-    heads: int = 0
-    vocab: int = 0
-    init_std: float = 0.0
-    contexts: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
+    layers: CountOrZero = 0
+    hidden: CountOrZero = 0
+    heads: CountOrZero = 0
+    vocab: CountOrZero = 0
+    init_std: NonNegative = 0.0
+    contexts: tuple[TwoOrMore, ...] = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
     arms: tuple[Arm, ...] = tuple(ARMS)
-    new_tokens: int = 32
-    window_eps: float = 1e-3
-    samples: int = 8
-    prefill_chunk: int = 0
+    new_tokens: Count = 32
+    window_eps: Fraction = 1e-3
+    samples: Count = 8
+    prefill_chunk: CountOrZero = 0
     chunk_native: bool = False
-    oom_chunk: int = 0
-    warmup_context: int = 1024
-    profile_steps: int = 4
-    budget_s: float = 0.0
+    oom_chunk: CountOrZero = 0
+    warmup_context: CountOrZero = 1024
+    profile_steps: CountOrZero = 4
+    budget_s: NonNegative = 0.0
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -129,20 +130,13 @@ def effective(config: Config) -> Config:
 
 def check(cfg: Config) -> None:
     """ValueError naming the first bad field of an effective config (before any work)."""
+    check_fields(cfg)  # the declared ranges, as the parser checks them
     if cfg.shape not in SHAPES:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {cfg.shape!r}")
-    for name in ("layers", "hidden", "heads", "vocab", "prefill_chunk", "oom_chunk", "warmup_context", "profile_steps"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.init_std < 0:
-        raise ValueError(f"init_std must be >= 0 (0: the shape's), got {cfg.init_std}")
-    if not cfg.contexts or any(n < 2 for n in cfg.contexts) or len(set(cfg.contexts)) != len(cfg.contexts):
+    if not cfg.contexts or len(set(cfg.contexts)) != len(cfg.contexts):
         raise ValueError(f"contexts must be distinct integers >= 2, got {cfg.contexts}")
     if not cfg.arms or len(set(cfg.arms)) != len(cfg.arms) or any(a not in ARMS for a in cfg.arms):
         raise ValueError(f"arms must be distinct names among {', '.join(ARMS)}, got {cfg.arms}")
-    if cfg.new_tokens < 1:
-        raise ValueError(f"new_tokens must be >= 1, got {cfg.new_tokens}")
-    harness.check_budgets(cfg, ("budget_s",))
     for arm in cfg.arms:
         method_of(cfg, arm)  # window_eps and samples checked by the one method description
 
