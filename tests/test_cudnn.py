@@ -9,7 +9,6 @@ autograd, the LSE's gradient) against a float64 oracle with a CPU stand-in for t
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
