@@ -123,21 +123,22 @@ def check(name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def time_ms(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float, str, float]:
-    """(ms per call, how, wall seconds spent): do_bench median for calls under 0.2 s, else the median of
-    3 (2 over 1 s) event-timed calls after one warm-up call."""
+def time_ms(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float, str, float, float]:
+    """(ms per call, how, seconds of the first call (compiles, cuDNN graph builds), wall seconds spent):
+    do_bench median for calls under 0.2 s, else the median of 3 (2 over 1 s) calls after one warm-up."""
     from triton.testing import do_bench
 
     t0 = time.perf_counter()
     fn()  # compile / warm
     torch.cuda.synchronize()
     t1 = time.perf_counter()
+    first = t1 - t0
     fn()
     torch.cuda.synchronize()
     est = (time.perf_counter() - t1) * 1e3
     if est <= 200:
         ms = float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-        return ms, "do_bench median", time.perf_counter() - t0
+        return ms, "do_bench median", first, time.perf_counter() - t0
     times = [est]
     for _ in range(2 if est > 1000 else 1):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -146,7 +147,8 @@ def time_ms(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float, 
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times), f"median of {len(times)} calls (first wall-clock timed)", time.perf_counter() - t0
+    how = f"median of {len(times)} calls (first wall-clock timed)"
+    return statistics.median(times), how, first, time.perf_counter() - t0
 
 
 def call_fn(column: str, q, k, v, do, backward: bool) -> Callable[[], Any]:
@@ -216,9 +218,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "fwd+bwd": select_backend(q.detach().requires_grad_(), spec).name}
                 q, k, v, do = inputs[n]
                 q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
-                ms, how, spent = time_ms(call_fn(column, q, k, v, do, backward), args.warmup_ms, args.rep_ms)
+                ms, how, first, spent = time_ms(call_fn(column, q, k, v, do, backward), args.warmup_ms,
+                                                args.rep_ms)
                 flop = 4 * d * h * n * (n + 1) / 2 * (3.5 if backward else 1)  # fwd 2 matmuls; bwd 2.5x more
-                row.update(ms=ms, how=how, tflops=flop / ms / 1e9, wall_s=spent)
+                row.update(ms=ms, how=how, tflops=flop / ms / 1e9, first_call_s=first, wall_s=spent)
                 last_ms[(column, pas)] = (n, ms)
             except Exception as err:
                 row["error"] = error_text(err)

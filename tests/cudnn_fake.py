@@ -140,8 +140,8 @@ class FakeGraph:
             mx = s.amax(-1, keepdim=True)
             stats = mx + torch.log(torch.exp(s - mx).sum(-1, keepdim=True))
             o = torch.where(rows, torch.softmax(s, -1) @ ve, 0.0)
-            pack[self.o.uid].copy_(o)
-            pack[self.stats.uid].copy_(stats)
+            self._bound(pack, self.o).copy_(o)
+            self._bound(pack, self.stats).copy_(stats)
             return
         p = torch.where(rows, torch.exp(s - x["stats"].double()), 0.0)
         do, o = x["do"].double(), x["o"].double()
@@ -151,7 +151,7 @@ class FakeGraph:
         dk = (m["scale"] * ds.transpose(-1, -2) @ q).unflatten(1, (-1, g)).sum(2)
         dv = (p.transpose(-1, -2) @ do).unflatten(1, (-1, g)).sum(2)
         for t, val in zip(self.grads, (dq, dk, dv)):
-            pack[t.uid].copy_(val)
+            self._bound(pack, t).copy_(val)
 
 
 class FakeCudnn(SimpleNamespace):

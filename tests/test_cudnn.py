@@ -185,7 +185,7 @@ def oracle(q, k, v, kw):
 
 def check_against_oracle(run, q, k, v, kw, lse_grad=True, seed=1):
     """run(q, k, v, spec) -> (out, lse); forward and q/k/v gradients of a loss through out and lse."""
-    ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ins = [t.detach().requires_grad_() for t in (q, k, v)]  # leaves with the given strides
     spec = resolve_spec(*ins, **kw)
     out, lse = run(*ins, spec)
     ref_ins, ref, ref_lse = oracle(q, k, v, kw)
@@ -241,6 +241,16 @@ def test_backend_with_stand_in_padding_and_strided_inputs(fake):
     mask[0, 13:] = False
     mask[2, 1:] = False
     check_against_oracle(cudnn_backend.cudnn_attention, q, k, v, dict(causal=True, key_padding_mask=mask))
+
+
+def test_backend_with_stand_in_packed_qkv(fake):
+    """q, k, v slices of one packed [B, N, 3, H, D] tensor (strided, not dense): outputs and gradients
+    get the layouts the graphs declare (the stand-in checks every bound tensor's strides)."""
+    g = torch.Generator().manual_seed(5)
+    packed = torch.randn(2, 19, 3, 4, 16, generator=g).to(torch.bfloat16)
+    q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous() and cudnn_backend._ready(q) is q
+    check_against_oracle(cudnn_backend.cudnn_attention, q, k, v, dict(causal=True))
 
 
 def test_stand_in_graphs_are_cached(fake):

@@ -36,6 +36,7 @@ CUDA graph (the frontend copies the slopes into the workspace from host memory o
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def _import_cudnn():
     """The frontend module, or None when it is absent or cannot reach a cuDNN library."""
     try:
         import cudnn  # the nvidia-cudnn-frontend package (absolute import: not this module)
-    except ImportError:
+    except Exception:  # absent, or its loader failed (it asserts one libcudnn in site-packages)
         return None
     try:
         if cudnn.backend_version() < MIN_BACKEND_VERSION:
@@ -224,10 +225,21 @@ def _layout(t: Tensor) -> _Layout:
     return _Layout(tuple(t.shape), tuple(t.stride()))
 
 
+def _on(device: int):
+    """The device's context for building and running its graphs (a no-op for the CPU stand-in, -1)."""
+    return torch.cuda.device(device) if device >= 0 else contextlib.nullcontext()
+
+
 def _handle(device: int):
     if device not in _handles:
-        _handles[device] = _cudnn.create_handle()
+        with _on(device):
+            _handles[device] = _cudnn.create_handle()
     return _handles[device]
+
+
+def _empty_as(t: Tensor) -> Tensor:
+    """An uninitialised tensor with t's shape, dtype, device and strides (a graph's declared layout)."""
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
 
 
 def _io_type(dtype: torch.dtype):
@@ -300,6 +312,11 @@ def _build_backward(sig: _Signature, do_stride: tuple[int, ...]):
 def _graphs(sig: _Signature, backward_stride: tuple[int, ...] | None = None) -> _Built:
     """The cached graphs of ``sig`` (built on first use; a refusal is cached as ``error``), with the
     backward graph for dO of ``backward_stride`` built too when given."""
+    with _on(sig.device):
+        return _graphs_on_device(sig, backward_stride)
+
+
+def _graphs_on_device(sig: _Signature, backward_stride: tuple[int, ...] | None) -> _Built:
     built = _graph_cache.get(sig)
     if built is None:
         built = _Built()
@@ -325,9 +342,10 @@ def _graphs(sig: _Signature, backward_stride: tuple[int, ...] | None = None) -> 
 def _execute(graph, sig: _Signature, pack: dict[int, Tensor], device: torch.device) -> None:
     ws = torch.empty(max(int(graph.get_workspace_size()), 1), dtype=torch.uint8, device=device)
     handle = _handle(sig.device)
-    if device.type == "cuda":
-        _cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
-    graph.execute(pack, ws, handle=handle)
+    with _on(sig.device):
+        if device.type == "cuda":
+            _cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(device).cuda_stream)
+        graph.execute(pack, ws, handle=handle)
 
 
 def _checked(built: _Built) -> _Built:
@@ -365,7 +383,7 @@ def _backward(sig: _Signature, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats
               lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     do = _ready(do)
     graph = _checked(_graphs(sig, backward_stride=tuple(do.stride()))).backward[tuple(do.stride())]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _empty_as(q), _empty_as(k), _empty_as(v)  # the layouts the graph declares for them
     _execute(graph, sig, _pack(sig, lengths, q=q, k=k, v=v, o=o, stats=stats, do=do, dq=dq, dk=dk, dv=dv), q.device)
     return dq, dk, dv
 
@@ -416,7 +434,7 @@ class CudnnAttention(torch.autograd.Function):
         if dlse is not None:
             # zero values: dP = 0, so dS = P * (0 - delta) = P * dLSE, and dV (discarded) is all this call adds
             do2, o2 = lse_gradient_rows(dlse, o)
-            dq2, dk2, _ = _backward(sig, q, k, torch.zeros_like(v), o2, stats, do2, lengths)
+            dq2, dk2, _ = _backward(sig, q, k, _empty_as(v).zero_(), o2, stats, do2, lengths)
             grads = (dq2, dk2, torch.zeros_like(v)) if grads is None else (grads[0] + dq2, grads[1] + dk2, grads[2])
         if grads is None:
             return None, None, None, None, None
