@@ -22,10 +22,10 @@ did before "hybrid" and kernels existed, so a backend registered without them is
 call it would silently compute as something else (or silently detach); ``supports`` is only asked
 once the capabilities match.
 
-GPU backends register themselves from ``poslsh.attention.triton`` and
-``poslsh.attention.flex`` with one call, e.g.
+GPU backends register themselves from ``poslsh.attention.triton``,
+``poslsh.attention.flex`` and ``poslsh.attention.cudnn`` with one call, e.g.
 ``register_backend("triton", fn, supports, priority=100)``; those modules are imported lazily on the
-first dispatch, and their absence (or a missing triton) is not an error.
+first dispatch, and their absence (or a missing triton or cuDNN frontend) is not an error.
 """
 
 from __future__ import annotations
