@@ -267,6 +267,21 @@ def test_stand_in_graphs_are_cached(fake):
         cudnn_backend.cudnn_attention(q, k, v, spec)
 
 
+def test_probe_refuses_shapes_cudnn_refuses(fake):
+    """supports asks cuDNN to build the graphs for the query's shape (the backward one only for a
+    training call), once per shape; a refusal is cached and named."""
+    q, k, v = qkv(h=4, nq=16)
+    spec = resolve_spec(q, k, v)
+    probe = cudnn_backend.probe_error  # device -1: the stand-in's
+    assert probe(q, spec, -1) is None and fake.builds == ["fwd"]
+    assert probe(q.requires_grad_(), spec, -1) is None and fake.builds == ["fwd", "bwd"]
+    assert probe(q, spec, -1) is None and fake.builds == ["fwd", "bwd"]  # cached
+    fake.refuse = "hidden_dim too large"
+    q2 = q.detach()[..., :8]
+    assert "cuDNN refused the forward graph: hidden_dim too large" in probe(q2, spec, -1)
+    assert "cuDNN refused" in probe(q2, spec, -1) and fake.builds == ["fwd", "bwd"]  # the refusal cached
+
+
 def test_stand_in_lse_only_and_out_only_gradients(fake):
     """A loss on the LSE alone (no output gradient) and on the output alone."""
     q, k, v = qkv(h=4, nq=12)

@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from ..alibi import alibi_slopes
 from .core import AttentionSpec
 
-__all__ = ["cudnn_attention", "supports_cudnn", "refusal", "cudnn_available", "padding_lengths",
+__all__ = ["cudnn_attention", "supports_cudnn", "explain_cudnn", "refusal", "probe_error", "cudnn_available", "padding_lengths",
            "lse_gradient_rows", "clear_cache", "MIN_BACKEND_VERSION"]
 
 MIN_BACKEND_VERSION = 90000  # cuDNN 9: ALiBi, padding and GQA in the fused SDPA graph (tested on 9.19)
@@ -154,7 +154,9 @@ def refusal(q: Tensor, spec: AttentionSpec) -> str | None:
 
 def supports_cudnn(q: Tensor, spec: AttentionSpec) -> bool:
     """``refusal`` is None, q is a CUDA tensor, the frontend is usable and cuDNN builds the graphs for
-    this query shape (multi-head K and V like q; tried once per shape and cached)."""
+    this query shape (multi-head K and V like q; tried once per shape and cached): the forward graph,
+    and the backward one too when q requires grad (a training call; otherwise it is built, or found
+    unsupported, at the first backward)."""
     return explain_cudnn(q, spec) is None
 
 
@@ -164,15 +166,20 @@ def explain_cudnn(q: Tensor, spec: AttentionSpec) -> str | None:
         return "the nvidia-cudnn-frontend package is not installed (pip install poslsh[cudnn]) or found no cuDNN 9"
     if q.device.type != "cuda":
         return f"cuDNN runs on CUDA tensors, got device {q.device}"
-    why = refusal(q, spec)
-    if why is not None:
-        return why
+    return refusal(q, spec) or probe_error(q, spec, q.device.index)
+
+
+def probe_error(q: Tensor, spec: AttentionSpec, device: int) -> str | None:
+    """Why cuDNN refuses to build the graphs for q's shape on ``device`` (K and V taken multi-head like
+    q, all in [B, H, N, D] order), or None: the forward graph, and the backward one for a training
+    call (q requires grad). Built once per shape (cached, a refusal too)."""
     b, h, n, d = q.shape
     dp = _padded_dim(d)
     probe = _Layout((b, h, n, dp), (h * n * dp, n * dp, dp, 1))
-    sig = _Signature(q.device.index, q.dtype, probe, probe, probe, probe, spec.key_padding_mask is not None,
+    sig = _Signature(device, q.dtype, probe, probe, probe, probe, spec.key_padding_mask is not None,
                      float(spec.scale))
-    return _graphs(sig, backward_stride=probe.stride).error
+    training = torch.is_grad_enabled() and q.requires_grad
+    return _graphs(sig, backward_stride=probe.stride if training else None).error
 
 
 # --------------------------------------------------------------------------------------------------
