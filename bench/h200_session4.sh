@@ -9,6 +9,10 @@
 #   split  the split form at 1M tokens (its int64 offsets)
 #   cpu    the CPU weak-scaling run the 2-core CI machine cannot hold: cp-bench on gloo, 1 and 4
 #          processes of one thread each on cores 8-15, window, LSH and hybrid at 2048 and 8192 per rank
+#   exact  issue 23: the cudnn backend's GPU tests and its conformance cases (needs nvidia-cudnn-frontend:
+#          pip install --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site)
+#   exactbench  bench/exact_gpu.py (exact ALiBi: cudnn, triton, flex, auto, bias-free SDPA; 16K-256K,
+#          ~2.5 min on an H100) and the shipped speed table with its measurements merged, $OUT/speed_table.json
 # SMOKE_FLAGS go to the smoke run's cp-bench (e.g. --methods exact).
 #     STEPS="tests smoke halo split cpu" OUT=/tmp/out bash bench/h200_session4.sh
 set -u
@@ -42,4 +46,6 @@ if has smoke; then tail -4 "$OUT/smoke_log.txt"; fi
 if has cpu; then tail -4 "$OUT/cpu_log.txt"; fi
 if has halo; then MODE=halo step 150 bash bench/cp_gpu.sh 1 "$OUT/cp_halo_1gpu"; fi
 if has split; then step 110 python3 bench/split_gpu.py --out "$OUT/split_1m" --ns 1048576 --budget-s 90; fi
+if has exact; then step 150 python3 -m pytest -q -p no:cacheprovider tests/test_cudnn.py; step 200 python3 -m pytest -q -p no:cacheprovider tests/test_conformance.py -k cudnn; fi
+if has exactbench; then cp poslsh/attention/speed_table.json "$OUT/"; step 220 python3 bench/exact_gpu.py --out "$OUT/exact_gpu" --write-table "$OUT/speed_table.json"; fi
 find "$OUT" -type f ! -name '*.json' ! -name '*log.txt' -delete

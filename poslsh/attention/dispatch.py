@@ -22,10 +22,10 @@ did before "hybrid" and kernels existed, so a backend registered without them is
 call it would silently compute as something else (or silently detach); ``supports`` is only asked
 once the capabilities match.
 
-GPU backends register themselves from ``poslsh.attention.triton`` and
-``poslsh.attention.flex`` with one call, e.g.
+GPU backends register themselves from ``poslsh.attention.triton``,
+``poslsh.attention.flex`` and ``poslsh.attention.cudnn`` with one call, e.g.
 ``register_backend("triton", fn, supports, priority=100)``; those modules are imported lazily on the
-first dispatch, and their absence (or a missing triton) is not an error.
+first dispatch, and their absence (or a missing triton or cuDNN frontend) is not an error.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class Backend:
     methods: tuple[str, ...] = ("exact", "window", "lsh")
     kernels: bool = False
     slope_grad: bool = False
+    explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None  # why supports is False
 
     def accepts(self, q: Tensor, spec: AttentionSpec) -> bool:
         """Declared capabilities first (method, kernels, slope gradients), then its own ``supports``."""
@@ -86,20 +87,22 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 # Modules that register optional (GPU) backends when imported; tried once, on first dispatch.
-OPTIONAL_BACKEND_MODULES = ("poslsh.attention.triton", "poslsh.attention.flex")
+OPTIONAL_BACKEND_MODULES = ("poslsh.attention.triton", "poslsh.attention.flex", "poslsh.attention.cudnn")
 _optional_loaded = False
 
 
 def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = None, *,
                      priority: int = 0, methods: tuple[str, ...] = ("exact", "window", "lsh"),
-                     kernels: bool = False, slope_grad: bool = False) -> Backend:
+                     kernels: bool = False, slope_grad: bool = False,
+                     explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None) -> Backend:
     """Add (or replace) a backend. ``supports`` defaults to "always"; "auto" tries higher
     ``priority`` first (torch backends use 0..20, so GPU kernels should use e.g. 100).
-    ``methods``, ``kernels`` and ``slope_grad`` declare what it computes (see module docstring)."""
+    ``methods``, ``kernels`` and ``slope_grad`` declare what it computes (see module docstring);
+    ``explain(q, spec)``, if given, says why ``supports`` refuses a call (named in the error)."""
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
     backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
-                      tuple(methods), bool(kernels), bool(slope_grad))
+                      tuple(methods), bool(kernels), bool(slope_grad), explain)
     BACKENDS[name] = backend
     return backend
 
@@ -144,8 +147,9 @@ def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto") -> Bac
     chosen = BACKENDS[backend]
     if not chosen.accepts(q, spec):
         grad = ", slopes that require grad" if spec.slopes.requires_grad and not chosen.slope_grad else ""
+        why = chosen.explain(q, spec) if chosen.explain is not None else None
         raise ValueError(f"backend {backend!r} does not support this call (method={spec.method!r}, "
-                         f"dtype={q.dtype}, device={q.device}{grad})")
+                         f"dtype={q.dtype}, device={q.device}{grad})" + (f": {why}" if why else ""))
     return chosen
 
 

@@ -1,0 +1,278 @@
+"""Exact ALiBi on the GPU, every backend side by side in one process (issue 23): cuDNN's fused ALiBi
+("cudnn"), our Triton kernel, FlexAttention and ``backend="auto"`` through ``poslsh.attention``, beside
+bias-free causal SDPA with PyTorch's cuDNN and flash backends (the ceiling without a bias).
+
+    python bench/exact_gpu.py --out DIR                      # ~2.5 min on an H100 (16K, 64K, 256K)
+    python bench/exact_gpu.py --out DIR --write-table poslsh/attention/speed_table.json
+
+(i) checks: a small case (B = 2, H = 12: not a power of two, Hkv = 4, N = 1000, right padding in one
+row, D = 128, bf16) per backend, forward (out, lse) and q/k/v gradients of a loss through out and lse,
+against ``backend="reference"`` in float64 on the same rounded inputs; the bound is 2x (4x for
+gradients) the output's own bf16 rounding, as the test suite's. (ii) timings at each n: B = 1,
+H = 32, D = 128, bf16, causal, Press slopes, random q, k, v ~ N(0, 1); forward and forward + backward
+(``torch.autograd.grad`` of out with a random dO); ``triton.testing.do_bench`` median under 0.2 s a
+call, else the median of 3 event-timed calls (2 over 1 s a call). The order puts the comparisons the
+issue needs first (cudnn, triton, flex at every n), then the SDPA ceilings, then auto (which at the
+largest n is only asked which backend it selects); a measurement predicted to pass ``--budget-s`` is
+recorded as skipped. (iii) ``DIR/exact_gpu.json``: environment (date, device, versions incl. the
+cuDNN frontend and library, command), config, checks, rows, what auto selected, and
+``speed_table``: the measured poslsh backends in ``poslsh.attention.speed``'s table format, regime
+"prefill" (forward) and "train" (forward + backward); ``--write-table PATH`` merges it into that table
+(entries of the same device, method, regime and n replaced backend by backend). The JSON is rewritten
+after every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import poslsh
+from poslsh.attention import BACKENDS, available_backends, resolve_spec, select_backend
+from poslsh.util import save_results
+
+NAME = "exact_gpu"
+BACKENDS_TIMED = ("cudnn", "triton", "flex")
+SDPA = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION"}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--ns", type=int, nargs="+", default=[16384, 65536, 262144])
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--budget-s", type=float, default=165.0, help="skip measurements predicted past this")
+    p.add_argument("--warmup-ms", type=int, default=25)
+    p.add_argument("--rep-ms", type=int, default=100)
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--write-table", type=Path, default=None, metavar="PATH",
+                   help="merge the measured speed table into this speed_table.json")
+    return p.parse_args(argv)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
+
+
+def error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:600]
+
+
+def versions() -> dict[str, Any]:
+    v: dict[str, Any] = {"torch_cudnn": torch.backends.cudnn.version()}
+    try:
+        import cudnn
+
+        v["cudnn_frontend"] = getattr(cudnn, "__version__", None)
+        v["cudnn_backend"] = cudnn.backend_version()
+    except Exception as err:  # absent or without a library: the cudnn column says so
+        v["cudnn_frontend"] = error_text(err)
+    return v
+
+
+# --------------------------------------------------------------------------------------------------
+# (i) correctness
+# --------------------------------------------------------------------------------------------------
+
+
+def check(name: str) -> dict[str, Any]:
+    b, h, hkv, n, d = 2, 12, 4, 1000, 128
+    row: dict[str, Any] = {"backend": name, "case": f"B{b} H{h}/{hkv} N{n} D{d} bf16 causal Press, row 1 padded"}
+    try:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(b, hh, n, d, generator=g).to("cuda", torch.bfloat16) for hh in (h, hkv, hkv))
+        mask = torch.ones(b, n, dtype=torch.bool, device="cuda")
+        mask[1, 700:] = False
+        do = torch.randn(b, h, n, d, generator=g).to("cuda", torch.bfloat16)
+        dl = torch.randn(b, h, n, generator=g).to("cuda")
+        kw = dict(causal=True, key_padding_mask=mask, return_lse=True)
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_ins = [t.double().requires_grad_() for t in (q, k, v)]
+        if name != "auto" and not BACKENDS[name].accepts(q, resolve_spec(q, k, v, causal=True, key_padding_mask=mask)):
+            row.update(ok=None, skipped="refuses the call")
+            return row
+        out, lse = poslsh.attention(*ins, backend=name, **kw)
+        ref, ref_lse = poslsh.attention(*ref_ins, backend="reference", **kw)
+        floor = rel(ref.to(torch.bfloat16), ref)
+        loss = lambda o, l_: (o.double() * do.double()).sum() + (l_.double() * dl.double()).sum()  # noqa: E731
+        grads = torch.autograd.grad(loss(out, lse), ins)
+        ref_grads = torch.autograd.grad(loss(ref, ref_lse), ref_ins)
+        row.update(rel_err_out=rel(out, ref), max_err_lse=float((lse.double() - ref_lse).abs().max()),
+                   rel_err_dq_dk_dv=[rel(a, c) for a, c in zip(grads, ref_grads)],
+                   bound_out=2 * floor + 1e-5, bound_grads=4 * floor + 2e-5)
+        row["ok"] = (row["rel_err_out"] <= row["bound_out"] and row["max_err_lse"] <= 1e-3
+                     and max(row["rel_err_dq_dk_dv"]) <= row["bound_grads"])
+    except Exception as err:
+        row.update(ok=False, error=error_text(err))
+    print(f"[check] {row}", flush=True)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# (ii) timing
+# --------------------------------------------------------------------------------------------------
+
+
+def time_ms(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float, str, float, float]:
+    """(ms per call, how, seconds of the first call (compiles, cuDNN graph builds), wall seconds spent):
+    do_bench median for calls under 0.2 s, else the median of 3 (2 over 1 s) calls after one warm-up."""
+    from triton.testing import do_bench
+
+    t0 = time.perf_counter()
+    fn()  # compile / warm
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    first = t1 - t0
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t1) * 1e3
+    if est <= 200:
+        ms = float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        return ms, "do_bench median", first, time.perf_counter() - t0
+    times = [est]
+    for _ in range(2 if est > 1000 else 1):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    how = f"median of {len(times)} calls (first wall-clock timed)"
+    return statistics.median(times), how, first, time.perf_counter() - t0
+
+
+def call_fn(column: str, q, k, v, do, backward: bool) -> Callable[[], Any]:
+    if column in SDPA:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kind = getattr(SDPBackend, SDPA[column])
+
+        def fwd():
+            with sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        def fwd():
+            return poslsh.attention(q, k, v, causal=True, backend=column)
+    if not backward:
+        return lambda: fwd()
+    return lambda: torch.autograd.grad(fwd(), (q, k, v), do)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    available_backends()
+    out_path = args.out / f"{NAME}.json"
+    res: dict[str, Any] = {"versions": versions(), "checks": [], "rows": [], "auto_selects": {},
+                           "registered": sorted(BACKENDS)}
+    if "cudnn" not in BACKENDS:
+        res["cudnn_missing"] = "the cudnn backend is not registered (nvidia-cudnn-frontend absent or no cuDNN 9)"
+
+    def save():
+        res["speed_table"] = speed_table(res["rows"], torch.cuda.get_device_name())
+        save_results(out_path, vars(args), res)
+
+    start = time.perf_counter()
+    if not args.no_check:
+        res["checks"] = [check(name) for name in (*BACKENDS_TIMED, "auto") if name in BACKENDS or name == "auto"]
+        save()
+    h, d = args.heads, args.head_dim
+    last_ms: dict[tuple[str, str], tuple[int, float]] = {}
+    biggest = max(args.ns)
+    plan = []
+    for n in sorted(args.ns):
+        for backward in (False, True):
+            plan += [(n, c, backward) for c in BACKENDS_TIMED if c in BACKENDS]
+        for backward in (False, True):
+            plan += [(n, c, backward) for c in SDPA]
+        if n != biggest:
+            plan += [(n, "auto", False), (n, "auto", True)]
+    inputs: dict[int, tuple] = {}
+    for n, column, backward in plan:
+        pas = "fwd+bwd" if backward else "fwd"
+        row: dict[str, Any] = {"column": column, "n": n, "pass": pas}
+        prev = last_ms.get((column, pas))
+        predicted = None if prev is None else prev[1] * (n / prev[0]) ** 2 * 4 / 1e3  # ~4 calls, quadratic
+        if predicted is not None and time.perf_counter() - start + predicted > args.budget_s:
+            row["skipped"] = f"time budget (predicted {predicted:.0f} s)"
+        else:
+            try:
+                if n not in inputs:
+                    inputs.clear()
+                    torch.cuda.empty_cache()
+                    g = torch.Generator(device="cuda").manual_seed(n)
+                    q, k, v, do = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                                   for _ in range(4))
+                    inputs[n] = (q, k, v, do)
+                    spec = resolve_spec(q, k, v, causal=True)
+                    res["auto_selects"][str(n)] = {
+                        "fwd": select_backend(q, spec).name,
+                        "fwd+bwd": select_backend(q.detach().requires_grad_(), spec).name}
+                q, k, v, do = inputs[n]
+                q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
+                ms, how, first, spent = time_ms(call_fn(column, q, k, v, do, backward), args.warmup_ms,
+                                                args.rep_ms)
+                flop = 4 * d * h * n * (n + 1) / 2 * (3.5 if backward else 1)  # fwd 2 matmuls; bwd 2.5x more
+                row.update(ms=ms, how=how, tflops=flop / ms / 1e9, first_call_s=first, wall_s=spent)
+                last_ms[(column, pas)] = (n, ms)
+            except Exception as err:
+                row["error"] = error_text(err)
+                torch.cuda.empty_cache()
+        print(f"[time] {row}", flush=True)
+        res["rows"].append(row)
+        save()
+    res["elapsed_s"] = time.perf_counter() - start
+    save()
+    return res
+
+
+def speed_table(rows: list[dict[str, Any]], device: str) -> dict[str, Any]:
+    """The measured poslsh backends as ``poslsh.attention.speed``'s table: exact, regime "prefill"
+    (forward ms) and "train" (forward + backward ms), per n (str) and backend."""
+    table: dict[str, dict] = {}
+    for r in rows:
+        if r["column"] in BACKENDS_TIMED and "ms" in r:
+            regime = "train" if r["pass"] == "fwd+bwd" else "prefill"
+            table.setdefault(regime, {}).setdefault(str(r["n"]), {})[r["column"]] = r["ms"]
+    return {"devices": {device: {"exact": table}}}
+
+
+def merge_table(path: Path, fragment: dict[str, Any], provenance: dict[str, Any]) -> None:
+    """Merge ``fragment`` into the speed table at ``path``: per device, method, regime and n, the measured
+    backends replace theirs, others stay; the run is appended to ``provenance["merged"]``."""
+    doc = json.loads(path.read_text()) if path.exists() else {"devices": {}}
+    for device, methods in fragment["devices"].items():
+        for method, regimes in methods.items():
+            for regime, by_n in regimes.items():
+                for n, by_backend in by_n.items():
+                    doc["devices"].setdefault(device, {}).setdefault(method, {}).setdefault(regime, {}) \
+                        .setdefault(n, {}).update(by_backend)
+    doc.setdefault("provenance", {}).setdefault("merged", []).append(provenance)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        print("exact_gpu needs a CUDA device", file=sys.stderr)
+        return 2
+    res = run(args)
+    if args.write_table:
+        doc = json.loads((args.out / f"{NAME}.json").read_text())
+        env = doc["environment"]
+        merge_table(args.write_table, res["speed_table"], {"device": env["device"], "date": env["date"][:10],
+                                                           "command": env["command"], "source": f"{NAME}.json"})
+    bad = [c for c in res["checks"] if c.get("ok") is False]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""bench/exact_gpu.py (exact ALiBi on the GPU, every backend side by side): its speed-table output and
+the merge into ``speed_table.json`` (the timing itself needs a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "exact_gpu.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("exact_gpu", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_speed_table_and_merge(tmp_path):
+    bench = load()
+    rows = [dict(column="cudnn", n=16384, **{"pass": "fwd"}, ms=4.0),
+            dict(column="triton", n=16384, **{"pass": "fwd"}, ms=5.0),
+            dict(column="cudnn", n=16384, **{"pass": "fwd+bwd"}, ms=14.0),
+            dict(column="sdpa_flash", n=16384, **{"pass": "fwd"}, ms=6.0),  # a ceiling, not a poslsh backend
+            dict(column="auto", n=16384, **{"pass": "fwd"}, ms=4.1),
+            dict(column="flex", n=65536, **{"pass": "fwd"}, skipped="time budget")]
+    frag = bench.speed_table(rows, "GPU X")
+    assert frag == {"devices": {"GPU X": {"exact": {"prefill": {"16384": {"cudnn": 4.0, "triton": 5.0}},
+                                                    "train": {"16384": {"cudnn": 14.0}}}}}}
+    path = tmp_path / "speed_table.json"
+    path.write_text(json.dumps({"devices": {"GPU X": {"exact": {"prefill": {"16384": {"triton": 9.0, "flex": 6.0}}},
+                                                      "window": {"prefill": {"16384": {"triton": 1.0}}}}},
+                                "provenance": {"date": "2026-12-01", "command": "poslsh bench"}}))
+    bench.merge_table(path, frag, {"device": "GPU X", "date": "2026-12-06", "command": "exact_gpu.py"})
+    doc = json.loads(path.read_text())
+    exact = doc["devices"]["GPU X"]["exact"]
+    assert exact["prefill"]["16384"] == {"triton": 5.0, "flex": 6.0, "cudnn": 4.0}  # measured ones replaced
+    assert exact["train"]["16384"] == {"cudnn": 14.0}
+    assert doc["devices"]["GPU X"]["window"]["prefill"]["16384"] == {"triton": 1.0}
+    assert doc["provenance"]["date"] == "2026-12-01" and doc["provenance"]["merged"][0]["command"] == "exact_gpu.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_needs_a_gpu(tmp_path):
+    assert load().main(["--out", str(tmp_path)]) == 2
