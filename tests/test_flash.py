@@ -281,3 +281,18 @@ def test_varlen_sequences_with_more_queries_than_keys():
                    else torch.zeros_like(qs[0]))
             torch.testing.assert_close(out[start:start + a], ref, atol=1e-12, rtol=0)
             start += a
+
+
+@pytest.mark.parametrize("window,is_causal", [((3, 1), None), ((0, 4), False), (([2, 0, 9, -1], [1, 3, -1, 0]), None),
+                                              ((5, 0), None), ((5, 2), True), ((-1, -1), None), ((-1, -1), True)])
+def test_poslsh_attention_takes_window_size(window, is_causal):
+    """poslsh.attention(window_size=...) is FlashAttention's window (is_causal unset: the window decides,
+    right = 0 being causal; is_causal=True sets right = 0), the same call flash_attn_func makes."""
+    q, k, v = make(nq=12, nk=21)
+    kw = {} if is_causal is None else {"is_causal": is_causal}
+    out = poslsh.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), slopes=SLOPES,
+                           window_size=window, **kw).transpose(1, 2)
+    causal = bool(is_causal)
+    ref = fa_reference(q, k, v, causal=causal, window=window, slopes=SLOPES)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert torch.equal(out, flash_attn_func(q, k, v, causal=causal, window_size=window, alibi_slopes=SLOPES))
