@@ -155,7 +155,7 @@ def run_varlen_case(case, backend, device="cpu"):
     q, k, v, slopes, window = make_case(case, seed=1, device=device)
     g = torch.Generator().manual_seed(2)
     lq, lk = (torch.randint(max(1, n - 20), n + 1, (BATCH,), generator=g) for n in (sq, sk))
-    cu = lambda ls: torch.cat([torch.zeros(1, dtype=torch.int32), ls.cumsum(0).to(torch.int32)]).to(device)  # noqa: E731
+    cu = lambda ls: torch.cat([torch.zeros(1, dtype=torch.int32), ls.cumsum(0).int()]).to(device)  # noqa: E731
     pack = lambda t, ls: torch.cat([t[i, :n] for i, n in enumerate(ls.tolist())])  # noqa: E731
     window_size = (-1, -1) if window is None else window
     out = flash_attn_varlen_func(pack(q, lq), pack(k, lk), pack(v, lk), cu(lq), cu(lk), sq, sk, causal=causal,

@@ -325,7 +325,8 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                   num_stages=cfg.get("dq_num_stages", cfg["bwd_num_stages"]))
     dq = torch.empty_like(q)
     _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * H,)](
-        q, k, v, do, lse, delta, dq, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win, plan.win_r,
+        q, k, v, do, lse, delta, dq, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win,
+        plan.win_r,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
