@@ -270,7 +270,8 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
         out, out_lse, so = o, lse, (0,) + o.stride()[:3]
     bm = cfg["BLOCK_M"]
     _fwd_kernel[(triton.cdiv(Nq, bm) * B * H, splits)](
-        q, k, v, out, out_lse, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win, plan.win_r,
+        q, k, v, out, out_lse, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win,
+        plan.win_r,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), so[0], so[1], so[2], so[3], kpm_stride,
         B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), per,
