@@ -13,22 +13,32 @@ What carries over from FlashAttention (``flash_attn.flash_attn_interface``, vers
 * ``softmax_scale`` (default 1/sqrt(D)), ``causal``, ``alibi_slopes`` [H] or [B, H] (bias
   -slope * |i + Nk - Nq - j|; rows of a [B, H] tensor with equal slopes share one call), and
   FlashAttention's bottom-right alignment: query i of Nq sits at key position Nk - Nq + i, which is
-  poslsh's own convention.
+  poslsh's own convention. Nq > Nk too: the first Nq - Nk queries then sit before the first key;
+  causal, they see no key and give output 0 (LSE -inf).
 * ``window_size=(left, right)``: query at position p sees keys p - left <= j <= p + right, -1 meaning
-  unbounded; ``causal=True`` means right = 0. poslsh's windows are causal or symmetric, so
-  (left, 0), (w, w) and (-1, -1) are supported and an asymmetric two-sided window is refused.
+  unbounded; ``causal=True`` means right = 0. Either side may be an int, H ints (per-head windows,
+  poslsh's extension) or an integer tensor; the pair itself a tuple, list or 2-element tensor.
 * ``deterministic`` is accepted and has no effect: poslsh's backward passes use no atomics.
 
 What poslsh adds, as keyword-only arguments:
 
-* per-head windows: ``window_size=(lefts, 0)`` (or ``(lefts, lefts)``) with ``lefts`` a list or
-  tensor of H sizes (-1 = unbounded for that head);
+* ``return_lse=True``: also return the log-sum-exp [B, H, Nq] float32 (varlen: [H, total_q]),
+  FlashAttention's ``softmax_lse``, -inf for a row that sees no key (FlashAttention 3 writes -inf
+  there; FlashAttention 2's kernels write +inf);
 * ``method`` "exact" (default), "window" (per-head widths from the slopes and ``window_eps``),
   "lsh" or "hybrid" (positional LSH with ``samples``, ``scheme``, ``sampling``, ``hybrid_eps``,
   ``partitions``, ``generator``), and ``backend``, as ``poslsh.attention`` takes them.
 
 Refused with an error naming the argument: ``dropout_p > 0``, ``softcap != 0``,
 ``return_attn_probs=True`` and (varlen) ``block_table``.
+
+How: one ``poslsh.attention`` call on the transposed tensors per group of batch rows with equal
+slopes, ``window_size`` passed through (``poslsh.attention`` reads it with FlashAttention's meaning).
+With Nq > Nk the keys are left-padded to Nq positions with masked keys (``key_padding_mask``): the
+distances, hence the bias and the window, are unchanged, so the result is exact; it costs a copy of
+k and v at Nq positions and the masked path in the kernels (Triton and Flex test the padding mask
+on every key tile), and the kernels visit the padded keys' tiles a row's range reaches (causal exact:
+up to (Nq / Nk)^2 the work of the Nk real keys).
 
 ``flash_attn_varlen_func`` takes packed sequences (``cu_seqlens_q``/``cu_seqlens_k``) and aligns
 every sequence bottom-right on its own keys, as FlashAttention does; for a right-padded batch that is
@@ -38,12 +48,13 @@ keeps query i at Nk - Nq + i whatever the padding (see its docstring).
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
 
 import torch
 from torch import Tensor
 
-from .attention.dispatch import attention, attention_with_widths
+from .attention.core import EMPTY_LSE
+from .attention.dispatch import attention
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -55,7 +66,7 @@ def _refuse_unsupported(dropout_p: float, softcap: float, return_attn_probs: boo
         raise NotImplementedError(f"softcap={softcap!r}: logit soft-capping is not supported by poslsh; pass softcap=0.0")
     if return_attn_probs:
         raise NotImplementedError("return_attn_probs=True: poslsh never forms the attention probabilities; "
-                                  "use poslsh.attention(..., return_lse=True) for the log-sum-exp")
+                                  "pass return_lse=True for the log-sum-exp")
 
 
 def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -71,46 +82,6 @@ def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"query heads H={q.shape[2]} must be divisible by key/value heads Hkv={k.shape[2]} "
                          f"(q {tuple(q.shape)}, k {tuple(k.shape)}: [B, N, heads, D])")
-    if q.shape[1] > k.shape[1]:
-        raise ValueError(f"q length Nq={q.shape[1]} must be <= key length Nk={k.shape[1]} (poslsh places query i "
-                         "at key position Nk - Nq + i and has no queries before the first key)")
-
-
-def _lefts(left, h: int) -> Tensor:
-    """One window size per head, int64 [H]; -1 = unbounded."""
-    if isinstance(left, Tensor):
-        lefts = left.detach().to("cpu")
-        if lefts.dtype.is_floating_point or lefts.dtype == torch.bool:
-            raise TypeError(f"window_size sizes must be integers, got a {lefts.dtype} tensor")
-        lefts = lefts.to(torch.int64).reshape(-1)
-    elif isinstance(left, Sequence) and not isinstance(left, str):
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in left):
-            raise TypeError(f"window_size sizes must be ints, got {left!r}")
-        lefts = torch.tensor(list(left), dtype=torch.int64)
-    elif isinstance(left, int) and not isinstance(left, bool):
-        lefts = torch.full((h,), left, dtype=torch.int64)
-    else:
-        raise TypeError(f"window_size entries must be an int or H ints (one per head), got {left!r}")
-    if lefts.numel() != h:
-        raise ValueError(f"window_size needs one size per query head ({h}), got {lefts.numel()}")
-    if (lefts < -1).any():
-        raise ValueError(f"window_size sizes must be >= 0 or -1 (unbounded), got {lefts.tolist()}")
-    return lefts
-
-
-def _window(window_size, causal: bool, h: int, nk: int) -> tuple[bool, Tensor | None]:
-    """FlashAttention's (causal, window_size) -> poslsh's (causal, per-head half-widths [H] or None)."""
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
-    left, right = (_lefts(w, h) for w in window_size)
-    if causal or bool((right == 0).all()):
-        causal = True  # FlashAttention: causal means right = 0
-    elif not torch.equal(left, right):
-        raise NotImplementedError(f"window_size=({window_size[0]}, {window_size[1]}) without causal: poslsh's "
-                                  "windows are causal (right = 0) or symmetric (right = left)")
-    if bool((left == -1).all()):
-        return causal, None
-    return causal, torch.where(left < 0, nk - 1, left.clamp(max=nk - 1))
 
 
 def _slopes(alibi_slopes, method: str, b: int, h: int) -> Tensor:
@@ -132,79 +103,93 @@ def _slopes(alibi_slopes, method: str, b: int, h: int) -> Tensor:
     raise ValueError(f"alibi_slopes must have shape [H] = ({h},) or [B, H] = ({b}, {h}), got {tuple(s.shape)}")
 
 
+def _keys_from_first_query(k: Tensor, v: Tensor, nq: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """[B, Nk, Hkv, *] keys and values, left-padded with Nq - Nk masked positions when Nq > Nk, and the
+    [B, max(Nq, Nk)] key padding mask (None without padding): query i then sits at padded position i
+    and every distance i + Nk - Nq - j is kept."""
+    pad = nq - k.shape[1]
+    if pad <= 0:
+        return k, v, None
+    k, v = (torch.cat([t.new_zeros(t.shape[0], pad, *t.shape[2:]), t], 1) for t in (k, v))
+    keep = torch.arange(nq, device=k.device) >= pad
+    return k, v, keep.expand(k.shape[0], nq)
+
+
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
                     causal: bool = False, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-                    deterministic: bool = False, return_attn_probs: bool = False, *, method: str = "exact",
-                    samples: int = 8, scheme: str = "grid", sampling: str = "iid", window_eps: float = 1e-3,
-                    hybrid_eps: float = 1e-2, partitions=None, generator: torch.Generator | None = None,
-                    backend: str = "auto") -> Tensor:
+                    deterministic: bool = False, return_attn_probs: bool = False, *, return_lse: bool = False,
+                    method: str = "exact", samples: int = 8, scheme: str = "grid", sampling: str = "iid",
+                    window_eps: float = 1e-3, hybrid_eps: float = 1e-2, partitions=None,
+                    generator: torch.Generator | None = None, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """FlashAttention-2's ``flash_attn_func`` computed by ``poslsh.attention`` (see the module docstring).
 
     Args:
-        q: [B, Nq, H, D]; k: [B, Nk, Hkv, D]; v: [B, Nk, Hkv, Dv]; Nq <= Nk, H divisible by Hkv.
+        q: [B, Nq, H, D]; k: [B, Nk, Hkv, D]; v: [B, Nk, Hkv, Dv]; H divisible by Hkv.
         softmax_scale: multiplier of q . k; default 1/sqrt(D).
         causal: query i (at key position Nk - Nq + i) sees keys j <= Nk - Nq + i.
-        window_size: (left, right), -1 unbounded; left may be H sizes (per-head windows).
+        window_size: (left, right), -1 unbounded; either side may be H sizes (per-head windows).
         alibi_slopes: [H] or [B, H], >= 0, bias -slope * |i + Nk - Nq - j|; None: no bias.
+        return_lse: also return the LSE (see Returns).
         method, samples, scheme, sampling, window_eps, hybrid_eps, partitions, generator, backend: as in
             ``poslsh.attention``; "window" takes its widths from the slopes and ``window_eps`` and cannot
-            be combined with ``window_size``, nor can "lsh" and "hybrid".
+            be combined with a cutting ``window_size``, nor can "lsh" and "hybrid". With Nq > Nk,
+            partitions cover the Nq positions of the left-padded keys.
 
     Returns:
-        [B, Nq, H, Dv], contiguous, q's dtype and device.
+        out [B, Nq, H, Dv], contiguous, q's dtype and device; with ``return_lse`` (out, lse [B, H, Nq]
+        float32, float64 for float64 inputs; -inf where a row sees no key).
     """
     _refuse_unsupported(dropout_p, softcap, return_attn_probs)
     _check_layout(q, k, v)
     b, nq, h, _ = q.shape
-    nk = k.shape[1]
     slopes = _slopes(alibi_slopes, method, b, h)
-    is_causal, widths = _window(window_size, bool(causal), h, nk)
-    if widths is not None and method != "exact":
-        raise ValueError(f"window_size sets the window itself; method={method!r} cannot take one (use method='exact' "
-                         "with window_size, or method='window' with window_eps)")
-    if widths is not None and partitions is not None:
-        raise ValueError("partitions are only used by method='lsh' or 'hybrid', which take no window_size")
+    if partitions is not None and nq > k.shape[1] and partitions.n != nq:
+        raise ValueError(f"partitions must cover the Nq={nq} positions of the keys left-padded to the queries "
+                         f"(Nq > Nk={k.shape[1]}), got n={partitions.n}")
+    k, v, keep = _keys_from_first_query(k, v, nq)
     options = dict(method=method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
-                   hybrid_eps=hybrid_eps, partitions=partitions, generator=generator)
+                   hybrid_eps=hybrid_eps, partitions=partitions, generator=generator, backend=backend,
+                   is_causal=bool(causal), scale=softmax_scale, window_size=window_size, return_lse=True)
     groups, inverse = torch.unique(slopes, dim=0, return_inverse=True)
-    outs, order = [], []
+    outs, lses, order = [], [], []
     for g in range(groups.shape[0]):
         rows = (inverse == g).nonzero().flatten()
         idx = rows.to(q.device)
         qt, kt, vt = (t.index_select(0, idx).transpose(1, 2) for t in (q, k, v)) if groups.shape[0] > 1 else \
             (t.transpose(1, 2) for t in (q, k, v))
-        outs.append(_call(qt, kt, vt, groups[g], is_causal, softmax_scale, widths, backend, options))
+        mask = None if keep is None else keep[:rows.numel()]
+        out, lse = attention(qt, kt, vt, slopes=groups[g], key_padding_mask=mask, **options)
+        outs.append(out)
+        lses.append(lse)
         order.append(rows)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs).index_select(0, torch.cat(order).argsort().to(q.device))
-    return out.transpose(1, 2).contiguous()
-
-
-def _call(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, causal: bool, scale: float | None, widths: Tensor | None,
-          backend: str, options: dict) -> Tensor:
-    """One poslsh call on [B, H, N, D] tensors sharing ``slopes``; explicit ``widths`` run the "window"
-    method with those half-widths."""
-    if widths is None:
-        return attention(q, k, v, slopes=slopes, is_causal=causal, scale=scale, backend=backend, **options)
-    return attention_with_widths(q, k, v, widths, slopes=slopes, causal=causal, scale=scale, backend=backend)
+    if len(outs) > 1:
+        back = torch.cat(order).argsort().to(q.device)
+        outs, lses = [torch.cat(outs).index_select(0, back)], [torch.cat(lses).index_select(0, back)]
+    out = outs[0].transpose(1, 2).contiguous()
+    if not return_lse:
+        return out
+    return out, lses[0].masked_fill(lses[0] <= EMPTY_LSE / 2, -math.inf)  # FlashAttention's empty row
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                            softmax_scale: float | None = None, causal: bool = False, window_size=(-1, -1),
                            softcap: float = 0.0, alibi_slopes=None, deterministic: bool = False,
-                           return_attn_probs: bool = False, block_table=None, **poslsh_options) -> Tensor:
+                           return_attn_probs: bool = False, block_table=None, *, return_lse: bool = False,
+                           **poslsh_options) -> Tensor | tuple[Tensor, Tensor]:
     """FlashAttention-2's ``flash_attn_varlen_func``: packed sequences, each aligned bottom-right on its keys.
 
     Args:
         q: [total_q, H, D]; k: [total_k, Hkv, D]; v: [total_k, Hkv, Dv].
         cu_seqlens_q, cu_seqlens_k: int [B + 1], 0 first, non-decreasing: sequence b is
-            q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] and its keys likewise; Nq_b <= Nk_b.
+            q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] and its keys likewise (any lengths, Nq_b > Nk_b too).
         max_seqlen_q, max_seqlen_k: at least the longest sequence (checked).
         alibi_slopes: [H] or [B, H]. Other arguments and the keyword-only poslsh options (except
             ``partitions``: each sequence draws its own) as in ``flash_attn_func``.
 
     Returns:
-        [total_q, H, Dv]; one ``flash_attn_func`` call per sequence.
+        [total_q, H, Dv]; with ``return_lse`` (out, lse [H, total_q], FlashAttention's varlen layout).
+        One ``flash_attn_func`` call per sequence.
     """
     _refuse_unsupported(dropout_p, softcap, return_attn_probs)
     if block_table is not None:
@@ -236,16 +221,18 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     slopes = alibi_slopes
     if isinstance(slopes, Tensor) and slopes.ndim == 2 and slopes.shape[0] != batch:
         raise ValueError(f"alibi_slopes [B, H] must have one row per sequence ({batch}), got {tuple(slopes.shape)}")
-    outs = []
+    outs, lses = [], []
     for i in range(batch):
-        nq, nk = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
-        if nq == 0:
+        if cq[i + 1] == cq[i]:
             outs.append(q.new_zeros(0, q.shape[1], v.shape[2]))
+            lses.append(torch.zeros(q.shape[1], 0, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                                    device=q.device))
             continue
-        if nq > nk:
-            raise ValueError(f"sequence {i} has {nq} queries but {nk} keys: poslsh needs Nq <= Nk per sequence")
         row = slopes[i] if isinstance(slopes, Tensor) and slopes.ndim == 2 else slopes
-        outs.append(flash_attn_func(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]],
-                                    softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                                    alibi_slopes=row, deterministic=deterministic, **poslsh_options)[0])
-    return torch.cat(outs)
+        out, lse = flash_attn_func(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]],
+                                   softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                   alibi_slopes=row, deterministic=deterministic, return_lse=True, **poslsh_options)
+        outs.append(out[0])
+        lses.append(lse[0])
+    out = torch.cat(outs)
+    return (out, torch.cat(lses, 1)) if return_lse else out

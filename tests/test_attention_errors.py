@@ -53,7 +53,12 @@ BAD = [
     (Q, K, V, {"attn_mask": torch.ones(8, 10, dtype=torch.bool)}, TypeError, r"'attn_mask': use key_padding_mask="),
     (Q, K, V, {"dropout_p": 0.1}, TypeError, r"'dropout_p': use nothing: poslsh.attention applies no dropout"),
     (Q, K, V, {"alibi_slopes": [0.5] * 4}, TypeError, r"'alibi_slopes': use slopes=.*poslsh.flash_attn_func"),
-    (Q, K, V, {"window_size": (4, 0)}, TypeError, r"'window_size': use method='window'.*poslsh.flash_attn_func"),
+    (Q, K, V, {"window_size": (4, 0), "method": "lsh"}, ValueError, r"window_size sets the window itself; method='lsh'"),
+    (Q, K, V, {"window_size": (4, 0), "method": "window"}, ValueError, r"window_size sets the window itself"),
+    (Q, K, V, {"window_size": (4, 1.5)}, TypeError, r"window_size entries must be an int or H ints"),
+    (Q, K, V, {"window_size": (4, [1, 2])}, ValueError, r"window_size needs one size per query head \(4\), got 2"),
+    (Q, K, V, {"window_size": (-3, 0)}, ValueError, r"window_size sizes must be >= 0 or -1"),
+    (Q, K, V, {"window_size": torch.tensor([1, 2, 3])}, TypeError, r"window_size must be a pair \(left, right\)"),
     (Q, K, V, {"is_causal": True, "causal": True}, TypeError, r"pass is_causal .* or causal .*, not both"),
     (Q, K, V, {"samplez": 3}, TypeError, r"unexpected keyword argument 'samplez'"),
 ]

@@ -56,16 +56,29 @@ CASES = {  # (causal, window_size, slopes)
     "per-head causal windows": (True, ([1, 6, 40, -1], 0), SLOPES),
     "per-head symmetric windows": (False, ([2, 0, 9, -1], [2, 0, 9, -1]), SLOPES),
     "per-batch slopes": (True, (-1, -1), torch.tensor([[0.5, 0.25, 0.1, 0.0], [0.2, 0.2, 0.0, 1.0]])),
+    "asymmetric window": (False, (3, 1), SLOPES),
+    "right side only": (False, (-1, 2), SLOPES),
+    "left side only": (False, (4, -1), SLOPES),
+    "looking ahead": (False, (0, 5), SLOPES),
+    "per-head asymmetric windows": (False, ([2, 0, 9, -1], [1, 3, -1, 0]), SLOPES),
+    "window as a tensor": (False, torch.tensor([6, 2]), SLOPES),
+    "sides as tensors": (False, (torch.tensor([1, 6, 0, 3]), torch.tensor(2)), SLOPES),
 }
 
 
+def _pair(window):
+    """window_size as the oracle reads it: (left, right), each an int or H ints."""
+    return tuple(w.tolist() if isinstance(w, torch.Tensor) else w for w in window)
+
+
 @pytest.mark.parametrize("name", CASES)
-@pytest.mark.parametrize("nq,nk", [(37, 37), (12, 37), (1, 33), (2, 2)])
+@pytest.mark.parametrize("nq,nk", [(37, 37), (12, 37), (1, 33), (2, 2), (37, 12), (9, 1)])
 def test_matches_flash_attention_reference(name, nq, nk):
+    """Nq > Nk included: rows before the first key see nothing when causal (output 0)."""
     causal, window, slopes = CASES[name]
     q, k, v = make(nq=nq, nk=nk, dv=5)
     out = flash_attn_func(q, k, v, causal=causal, window_size=window, alibi_slopes=slopes)
-    ref = fa_reference(q, k, v, causal=causal, window=window, slopes=slopes)
+    ref = fa_reference(q, k, v, causal=causal, window=_pair(window), slopes=slopes)
     assert out.shape == (2, nq, 4, 5) and out.is_contiguous() and out.dtype == q.dtype
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
 
@@ -182,8 +195,6 @@ BAD = [
     (dict(dropout_p=0.1), NotImplementedError, r"dropout_p=0.1: poslsh applies no attention dropout"),
     (dict(softcap=30.0), NotImplementedError, r"softcap=30.0: logit soft-capping is not supported"),
     (dict(return_attn_probs=True), NotImplementedError, r"return_attn_probs=True"),
-    (dict(window_size=(3, 1)), NotImplementedError, r"window_size=\(3, 1\) without causal: .*symmetric"),
-    (dict(window_size=(-1, 2)), NotImplementedError, r"window_size=\(-1, 2\) without causal"),
     (dict(window_size=3), TypeError, r"window_size must be a pair \(left, right\)"),
     (dict(window_size=([1, 2], 0)), ValueError, r"window_size needs one size per query head \(4\), got 2"),
     (dict(window_size=(-2, 0)), ValueError, r"window_size sizes must be >= 0 or -1"),
@@ -207,18 +218,81 @@ def test_bad_layouts_and_packing():
         flash_attn_func(Q[0], K, V)
     with pytest.raises(ValueError, match=r"query heads H=4 must be divisible by key/value heads Hkv=3"):
         flash_attn_func(Q, *make(nq=6, nk=6, hkv=3)[1:])
-    with pytest.raises(ValueError, match=r"q length Nq=6 must be <= key length Nk=4"):
-        flash_attn_func(Q, K[:, :4], V[:, :4])
     q, k, v = Q[0], K[0], V[0]
     cu = torch.tensor([0, 6], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"max_seqlen_q=5 is below the longest sequence \(6\)"):
         flash_attn_varlen_func(q, k, v, cu, cu, 5, 6)
     with pytest.raises(ValueError, match=r"cu_seqlens_k must start at 0, not decrease and end at the packed length 6"):
         flash_attn_varlen_func(q, k, v, cu, torch.tensor([0, 5]), 6, 6)
-    with pytest.raises(ValueError, match=r"sequence 0 has 6 queries but 3 keys"):
-        flash_attn_varlen_func(q, k[:3], v[:3], cu, torch.tensor([0, 3]), 6, 6)
     with pytest.raises(NotImplementedError, match=r"block_table"):
         flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, block_table=torch.zeros(1, 1))
     with pytest.raises(ValueError, match=r"partitions cover one key length"):
         flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, alibi_slopes=SLOPES, method="lsh",
                                partitions=poslsh.sample_partitions(6, SLOPES, 2))
+
+
+def fa_lse_reference(q, k, *, causal=False, window=(-1, -1), slopes=None):
+    """FlashAttention's softmax_lse [B, H, Nq] in float64: logsumexp of the scaled, biased, masked
+    scores; -inf for a row with every key masked."""
+    q, k = q.double(), k.double()
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    k = k.repeat_interleave(h // k.shape[2], dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * d ** -0.5
+    pos = torch.arange(nq)[:, None] + nk - nq
+    col = torch.arange(nk)[None, :]
+    if slopes is not None:
+        scores = scores - torch.as_tensor(slopes, dtype=torch.float64).expand(b, h)[:, :, None, None] * (pos - col).abs()
+    left, right = window[0], 0 if causal else window[1]
+    masked = ((right >= 0) & (col > pos + right)) | ((left >= 0) & (col < pos - left))
+    return torch.logsumexp(scores.masked_fill(masked, float("-inf")), -1)
+
+
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (2, 1)), (False, (3, 0)), (False, (0, 0))])
+def test_lse_with_rows_that_see_no_key(causal, window):
+    """Nq > Nk: FlashAttention's LSE, -inf (not poslsh's finite EMPTY_LSE) where a row sees no key, and
+    output 0 there; the varlen form gives the same rows in its [H, total_q] layout."""
+    q, k, v = make(b=1, nq=13, nk=5)
+    out, lse = flash_attn_func(q, k, v, causal=causal, window_size=window, alibi_slopes=SLOPES, return_lse=True)
+    ref = fa_lse_reference(q, k, causal=causal, window=window, slopes=SLOPES)
+    empty = torch.isneginf(ref)
+    assert empty.any() and torch.equal(torch.isneginf(lse), empty)
+    torch.testing.assert_close(lse[~empty], ref[~empty], atol=1e-12, rtol=0)
+    assert (out.transpose(1, 2)[empty] == 0).all()
+    cu_q, cu_k = torch.tensor([0, 13], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32)
+    vout, vlse = flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 13, 5, causal=causal, window_size=window,
+                                        alibi_slopes=SLOPES, return_lse=True)
+    assert torch.equal(vout, out[0]) and torch.equal(vlse, lse[0])
+
+
+def test_varlen_sequences_with_more_queries_than_keys():
+    """Per sequence bottom-right alignment with Nq_b > Nk_b (and a sequence without keys: output 0)."""
+    lengths_q, lengths_k = [6, 3, 2], [2, 5, 0]
+    seqs = [make(b=1, nq=a, nk=max(b, 1), seed=20 + i) for i, (a, b) in enumerate(zip(lengths_q, lengths_k))]
+    q = torch.cat([s[0][0] for s in seqs])
+    k, v = (torch.cat([s[j][0][:n] for s, n in zip(seqs, lengths_k)]) for j in (1, 2))
+    cu = lambda ls: torch.tensor([0] + torch.tensor(ls).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
+    for causal, window in ((True, (-1, -1)), (False, (1, 2))):
+        out = flash_attn_varlen_func(q, k, v, cu(lengths_q), cu(lengths_k), 6, 5, causal=causal, window_size=window,
+                                     alibi_slopes=SLOPES)
+        start = 0
+        for (qs, ks, vs), a, n in zip(seqs, lengths_q, lengths_k):
+            ref = (fa_reference(qs, ks[:, :n], vs[:, :n], causal=causal, window=window, slopes=SLOPES)[0] if n
+                   else torch.zeros_like(qs[0]))
+            torch.testing.assert_close(out[start:start + a], ref, atol=1e-12, rtol=0)
+            start += a
+
+
+@pytest.mark.parametrize("window,is_causal", [((3, 1), None), ((0, 4), False), (([2, 0, 9, -1], [1, 3, -1, 0]), None),
+                                              ((5, 0), None), ((5, 2), True), ((-1, -1), None), ((-1, -1), True)])
+def test_poslsh_attention_takes_window_size(window, is_causal):
+    """poslsh.attention(window_size=...) is FlashAttention's window (is_causal unset: the window decides,
+    right = 0 being causal; is_causal=True sets right = 0), the same call flash_attn_func makes."""
+    q, k, v = make(nq=12, nk=21)
+    kw = {} if is_causal is None else {"is_causal": is_causal}
+    out = poslsh.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), slopes=SLOPES,
+                           window_size=window, **kw).transpose(1, 2)
+    causal = bool(is_causal)
+    ref = fa_reference(q, k, v, causal=causal, window=window, slopes=SLOPES)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    assert torch.equal(out, flash_attn_func(q, k, v, causal=causal, window_size=window, alibi_slopes=SLOPES))

@@ -300,3 +300,19 @@ def test_autocast_is_switched_off_inside():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under, _ = flex_attention_spec(q, q, q, spec, block=8)
     assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
+@pytest.mark.parametrize("window_size", [(9, 2), (0, 13), ([3, 30, 0, 7], [5, 0, 11, 1])])
+def test_asymmetric_window_matches_reference(window_size):
+    """FlashAttention's window_size=(left, right) with left != right (non-causal), forward and the block
+    mask's partial and full parts; the reference is the definition."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 4, 45, 16), torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+    slopes = alibi_slopes(4) * 0.3
+    spec = resolve_spec(q, k, v, slopes=slopes, causal=False, window_size=window_size)
+    assert spec.window_right is not None
+    out, lse = flex_attention_spec(q, k, v, spec, block=16)
+    qd, kd, vd = q.double(), k.double(), v.double()
+    ro, rl = reference_attention(qd, kd, vd, resolve_spec(qd, kd, vd, slopes=slopes, causal=False,
+                                                          window_size=window_size))
+    assert rel(out, ro) <= 1e-5 and rel(lse, rl) <= 1e-5

@@ -25,12 +25,16 @@ CPU = torch.device("cpu")
 SLOPES = torch.tensor([0.0, 0.08, 0.4, 1.5], dtype=torch.float64)
 WINDOW = torch.tensor([50, 6, 0, 2])  # hybrid near fields set by hand: inside, across and beyond blocks
 
-CASES = [("exact", None), ("window", None), ("lsh", "grid"), ("lsh", "cut"), ("hybrid", "grid"), ("hybrid", "cut")]
+CASES = [("exact", None), ("window", None), ("window", "asymmetric"), ("lsh", "grid"), ("lsh", "cut"), ("hybrid", "grid"),
+         ("hybrid", "cut")]
+RIGHT = torch.tensor([3, 0, 9, 1])  # the band's right sides where they differ from the left (FlashAttention's)
 LENGTHS = [(37, 37), (13, 70), (1, 45), (33, 33)]  # odd, Nq < Nk, decoding, 2^5 + 1
 
 
 def make_spec(method, scheme, causal, nq, nk, seed=0):
     q, k = torch.zeros(1, 4, nq, 4, dtype=torch.float64), torch.zeros(1, 4, nk, 4, dtype=torch.float64)
+    if scheme == "asymmetric":  # the left sides below, these right sides (FlashAttention's window_size)
+        return resolve_spec(q, k, k, slopes=SLOPES, causal=causal, window_size=(WINDOW * 4, RIGHT))
     spec = resolve_spec(q, k, k, slopes=SLOPES, causal=causal, method=method, samples=3, scheme=scheme or "grid",
                         window_eps=0.2, generator=torch.Generator().manual_seed(seed))
     if method == "window":  # a zero-width head too

@@ -52,7 +52,11 @@ class AttentionSpec:
         partitions: for "lsh" and "hybrid", ``Partitions`` over the Nk key positions with H heads,
             on q's device.
         window: for "window", int64 CPU tensor [H] of half-widths w_h (keys with |p - j| <= w_h are
-            kept); for "hybrid" the near-field half-widths; for "exact" None (every key is kept).
+            kept; each at most Nk - 1, which keeps every key); for "hybrid" the near-field half-widths;
+            for "exact" None (every key is kept).
+        window_right: for a non-causal "window" whose right side differs (FlashAttention's
+            ``window_size=(left, right)``), int64 CPU [H]: keys p - window[h] <= j <= p + window_right[h];
+            None: the band is symmetric (every other method and every causal call).
         key_padding_mask: bool [B, Nk] on q's device (True = keep), or None.
         kernels: None for ALiBi, else H ``poslsh.kernels.Kernel``: the positional weight is
             f_h(|p - j|) instead of e^{-m_h |p - j|} (exact, window, hybrid near field; LSH through
@@ -68,6 +72,7 @@ class AttentionSpec:
     q_offset: int
     partitions: Partitions | None = None
     window: Tensor | None = None
+    window_right: Tensor | None = None
     key_padding_mask: Tensor | None = None
     kernels: tuple | None = None
     primitive: object = None

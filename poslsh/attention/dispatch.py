@@ -50,7 +50,7 @@ from .primitives import resolve_primitive
 from .reference import reference_attention, supports_reference
 from .speed import measured_order
 from .split import split_attention, supports_split
-from .window import hybrid_widths, kernel_window_sizes, window_sizes
+from .window import hybrid_widths, kernel_window_sizes, window_size_widths, window_sizes
 
 __all__ = ["attention", "AttentionSpec", "Backend", "BACKENDS", "register_backend", "available_backends",
            "resolve_spec", "select_backend", "LayoutWarning"]
@@ -189,12 +189,12 @@ def resolve_spec(
     samples: int = 8, scheme: str = "grid", partitions: Partitions | None = None,
     generator: torch.Generator | None = None, window_eps: float = 1e-3, scale: float | None = None,
     key_padding_mask: Tensor | None = None, sampling: str = "iid", hybrid_eps: float = 1e-2, kernel=None,
-    q_offset: int | None = None, widths=None,
+    q_offset: int | None = None, widths=None, window_size=None,
 ) -> AttentionSpec:
     """Validate everything but the backend and build the ``AttentionSpec`` (samples partitions for
     "lsh" when none are given). Arguments as in ``attention``, and ``widths``: H ints >= 0, the
     half-widths of "window" (or the near field of "hybrid") instead of the ones ``window_eps``
-    (``hybrid_eps``) give, capped at Nk - 1."""
+    (``hybrid_eps``) give, capped at Nk - 1 (``hashing.UNBOUNDED_WIDTH``: every key)."""
     _check_qkv(q, k, v)
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -206,6 +206,15 @@ def resolve_spec(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     causal = as_bool(causal, "causal")
+    right = None
+    if window_size is not None:  # FlashAttention's (left, right): a cut is the "window" method with those widths
+        causal, cut, right = window_size_widths(window_size, causal, h)
+        if cut is not None:
+            if method != "exact" or widths is not None:
+                raise ValueError(f"window_size sets the window itself; method={method!r} cannot take one (use "
+                                 "method='exact', the default, with window_size, or method='window' with "
+                                 "window_eps)")
+            method, widths = "window", cut
     generator = check_generator(generator)
     if partitions is not None:  # checked before the slopes, which may default to the partitions'
         if method not in ("lsh", "hybrid"):
@@ -253,10 +262,13 @@ def resolve_spec(
     if widths is not None:
         if method not in ("window", "hybrid"):
             raise ValueError(f"widths are for method 'window' or 'hybrid', got method={method!r}")
-        w = torch.as_tensor(widths).detach().to("cpu").reshape(-1)
-        if w.dtype.is_floating_point or w.numel() != h or (w < 0).any():
-            raise ValueError(f"widths must be {h} ints >= 0 (one per query head), got {w.tolist()}")
-        window = w.to(torch.int64).clamp(max=nk - 1)
+        sides = []
+        for name, given in (("widths", widths), ("window_size's right side", right)):
+            w = None if given is None else torch.as_tensor(given).detach().to("cpu").reshape(-1)
+            if w is not None and (w.dtype.is_floating_point or w.numel() != h or (w < 0).any()):
+                raise ValueError(f"{name} must be {h} ints >= 0 (one per query head), got {w.tolist()}")
+            sides.append(None if w is None else w.to(torch.int64).clamp(max=nk - 1))  # the one cap
+        window, right = sides
     elif method == "window":
         window_eps = as_float(window_eps, "window_eps", above=0, below=1)
         window = (window_sizes(s, window_eps, nk) if kernels is None
@@ -283,7 +295,8 @@ def resolve_spec(
     if method == "hybrid" and widths is None:
         window = hybrid_widths(s, as_float(hybrid_eps, "hybrid_eps", above=0), partitions.num_samples, nk, kernels)
     return AttentionSpec(slopes=s, causal=causal, method=method, scale=float(scale), q_offset=q_offset,
-                         partitions=partitions, window=window, key_padding_mask=key_padding_mask, kernels=kernels)
+                         partitions=partitions, window=window, window_right=right, key_padding_mask=key_padding_mask,
+                         kernels=kernels)
 
 
 class LayoutWarning(UserWarning):
@@ -299,8 +312,6 @@ FOREIGN_KEYWORDS = {
                  "without attention dropout)",
     "alibi_slopes": "slopes= ([H]; or poslsh.flash_attn_func for FlashAttention's [B, N, H, D] layout and "
                     "[B, H] slopes)",
-    "window_size": "method='window', window_eps=... (per-head widths from the slopes), or poslsh.flash_attn_func "
-                   "for FlashAttention's window_size=(left, right)",
 }
 
 
@@ -330,13 +341,14 @@ def attention(
     scale: float | None = None, key_padding_mask: Tensor | None = None, return_lse: bool = False,
     backend: str = "auto", sampling: str | None = None, hybrid_eps: float | None = None, kernel=None, primitive=None,
     causal: bool | None = None,
-    q_offset: int | None = None, **unsupported,
+    q_offset: int | None = None, window_size=None, **unsupported,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """ALiBi attention: exact, truncated to a per-head window, or estimated by positional LSH.
 
     SDPA's layout and keyword names (``is_causal``, ``scale``); FlashAttention's layout and keywords
     are ``poslsh.flash_attn_func``. Another library's keyword (``softmax_scale``, ``attn_mask``,
-    ``dropout_p``, ``alibi_slopes``, ``window_size``) raises a TypeError naming the argument to use.
+    ``dropout_p``, ``alibi_slopes``) raises a TypeError naming the argument to use; ``window_size`` is
+    FlashAttention's, with its meaning.
 
     Args:
         q: [B, H, Nq, D] queries; row i sits at key position q_offset + i (so Nq = 1 is decoding).
@@ -379,6 +391,13 @@ def attention(
         q_offset: key position of query row 0, in [0, Nk - Nq]; default Nk - Nq (the queries are the
             last Nq keys). Smaller values place the queries inside the keys, with keys on both sides
             (a sequence shard with its halo, ``poslsh.distributed``).
+        window_size: FlashAttention's (left, right): position p sees keys p - left <= j <= p + right,
+            -1 unbounded on that side; each side an int, H ints or an integer tensor (per-head
+            windows). The exact ALiBi weights inside, none outside (method "exact", the default,
+            becomes "window" with these widths; no other method takes it). As in FlashAttention a
+            window whose right sides are all 0 is causal and ``is_causal=True`` sets right = 0; left
+            unset, ``is_causal`` defaults to False here (the window decides), as FlashAttention's
+            ``causal`` does.
 
     Returns:
         out [B, H, Nq, Dv] in q's dtype, or (out, lse) with lse [B, H, Nq] float32 (float64 for
@@ -393,14 +412,18 @@ def attention(
     _check_keywords(unsupported)
     if is_causal is not None and causal is not None:
         raise TypeError("pass is_causal (SDPA's name) or causal (its alias), not both")
-    causal = True if is_causal is None and causal is None else (causal if is_causal is None else is_causal)
+    if is_causal is None and causal is None:  # window_size decides (right = 0: causal), as in FlashAttention
+        causal = window_size is None
+    else:
+        causal = causal if is_causal is None else is_causal
     _warn_if_flash_layout(q, k)
     if backend != "auto" and backend not in available_backends():  # before any partition is sampled
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
                              hybrid_eps=hybrid_eps)
     spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, partitions=partitions, generator=generator, scale=scale,
-                        key_padding_mask=key_padding_mask, kernel=kernel, q_offset=q_offset, **options)
+                        key_padding_mask=key_padding_mask, kernel=kernel, q_offset=q_offset,
+                        window_size=window_size, **options)
     if primitive is not None:
         if backend != "split":
             raise ValueError(f"primitive= is an option of backend='split', got backend={backend!r}")

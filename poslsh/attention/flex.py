@@ -110,12 +110,16 @@ def where_score(mask_mod: Callable, inside: Callable, outside: Callable) -> Call
     return score_mod
 
 
-def band_mask(window: Tensor, q_offset: int) -> Callable:
-    """|p - j| <= w_h; ``window`` int [H]."""
+def band_mask(window: Tensor, q_offset: int, right: Tensor | None = None) -> Callable:
+    """|p - j| <= w_h, or p - w_h <= j <= p + right_h; ``window``, ``right`` int [H]."""
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx + q_offset - kv_idx).abs() <= window[h]
 
-    return mask_mod
+    def asymmetric(b, h, q_idx, kv_idx):
+        d = q_idx + q_offset - kv_idx
+        return (d <= window[h]) & (-d <= right[h])
+
+    return mask_mod if right is None else asymmetric
 
 
 def causal_mask(q_offset: int) -> Callable:
@@ -191,6 +195,8 @@ def _device_tensors(spec: AttentionSpec, device: torch.device, nk: int) -> dict[
         out["slopes"] = spec.slopes.to(device=device, dtype=torch.float32)
     if spec.window is not None and spec.method in ("window", "hybrid"):
         out["window"] = spec.window.to(device)
+    if spec.window_right is not None:
+        out["window_right"] = spec.window_right.to(device)
     parts = spec.partitions
     if spec.method in ("lsh", "hybrid"):
         if parts.scheme == "grid":
@@ -212,7 +218,7 @@ def _compose(spec: AttentionSpec, t: dict[str, Tensor]) -> tuple[Callable, Calla
     if spec.method == "exact":
         score_mod, masks = alibi_score(t["slopes"], qoff, two_sided=not spec.causal), []
     elif spec.method == "window":
-        score_mod, masks = alibi_score(t["slopes"], qoff, two_sided=not spec.causal), [band_mask(t["window"], qoff)]
+        score_mod, masks = alibi_score(t["slopes"], qoff, two_sided=not spec.causal), [band_mask(t["window"], qoff, t.get("window_right"))]
     elif spec.method == "lsh":
         score_mod, masks = lsh, [collision_mask(counts)]
     else:  # hybrid: exact ALiBi weights in the band |p - j| <= w_h, collision means beyond
@@ -331,6 +337,7 @@ def _cache_key(spec: AttentionSpec, nq: int, nk: int, device: torch.device, bloc
         held += (spec.key_padding_mask,)
     key = (spec.method, spec.causal, spec.q_offset, nq, nk, device, block,
            tuple(spec.slopes.tolist()), None if spec.window is None else tuple(spec.window.tolist()),
+           None if spec.window_right is None else tuple(spec.window_right.tolist()),
            None if parts is None else (parts.scheme, parts.n), tuple((id(x), x._version) for x in held),
            with_q_blocks)
     return key, held

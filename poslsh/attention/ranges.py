@@ -62,6 +62,8 @@ class Support:
         q_offset: key position of query row 0 (Nk - Nq).
         window: int [H] band half-widths ("window", "hybrid"), else None.
         partitions: ``Partitions`` over the Nk keys ("lsh", "hybrid"), else None.
+        window_right: int [H], the band's right side where it differs from ``window`` (keys
+            p - window[h] <= j <= p + window_right[h]), else None.
     """
 
     method: str
@@ -69,6 +71,7 @@ class Support:
     q_offset: int = 0
     window: Tensor | None = None
     partitions: Partitions | None = None
+    window_right: Tensor | None = None
 
 
 class TileRanges(NamedTuple):
@@ -94,17 +97,23 @@ def _num_heads(spec) -> int:
     return getattr(spec, "num_heads", 1)
 
 
-def _around(spec, a: Tensor, b: Tensor, n: int, device: torch.device, full: bool = True) -> TileRanges:
-    """The symmetric part: positions sharing a block / within w_h with some of [a, b] (lo, hi) and with
-    all of them (flo, fhi; with ``full`` False left empty, flo = fhi = lo), before causal clipping;
-    a, b int64 [T] (a <= b), positions 0..n-1."""
+def _around(spec, a: Tensor, b: Tensor, n: int, device: torch.device, full: bool = True,
+            keys: bool = False) -> TileRanges:
+    """Positions sharing a block / inside the band with some of [a, b] (lo, hi) and with all of them
+    (flo, fhi; with ``full`` False left empty, flo = fhi = lo), before causal clipping; a, b int64 [T]
+    (a <= b), positions 0..n-1. Block membership is symmetric; an asymmetric band (``window_right``)
+    is not: for a tile of ``keys`` its sides swap (key j is seen from p in [j - right, j + left])."""
     if spec.method == "exact":
         lo, hi = torch.zeros_like(a)[None], torch.full_like(a, n)[None]
         return TileRanges(lo, hi, lo, hi)
     if spec.method in ("window", "hybrid"):
         w = spec.window.to(device=device, dtype=torch.int64)[:, None]
-        band = TileRanges((a - w).clamp(min=0), (b + w + 1).clamp(max=n), (b - w).clamp(min=0),
-                          (a + w + 1).clamp(max=n))
+        right = getattr(spec, "window_right", None)
+        r = w if right is None else right.to(device=device, dtype=torch.int64)[:, None]
+        if keys:
+            w, r = r, w
+        band = TileRanges((a - w).clamp(min=0), (b + r + 1).clamp(max=n), (b - w).clamp(min=0),
+                          (a + r + 1).clamp(max=n))
         if spec.method == "window":
             return band
     sa, ea = block_bounds_at(spec.partitions, a)
@@ -174,7 +183,7 @@ def query_ranges(spec, nq: int, nk: int, block_n: int, device: torch.device | st
     """
     dev = _device(spec, device)
     ka, kb = _tiles(nk, block_n, dev)
-    lo, hi, flo, fhi = _around(spec, ka, kb, nk, dev)
+    lo, hi, flo, fhi = _around(spec, ka, kb, nk, dev, keys=True)
     if spec.causal:  # queries at or after the tile's first key (all of them: its last)
         lo = torch.maximum(lo, ka)
         flo = torch.maximum(flo, kb)

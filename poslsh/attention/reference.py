@@ -3,7 +3,8 @@
 Row i (key position p = q_offset + i) of head h is softmax_j(scale * q_i . k_j + log W_h[p, j]) with
 
 * exact:  W = e^{-m_h |p - j|}                     (ALiBi);
-* window: W = e^{-m_h |p - j|} if |p - j| <= w_h, else 0 (truncated ALiBi);
+* window: W = e^{-m_h |p - j|} if -r_h <= p - j <= w_h, else 0 (truncated ALiBi; r_h = w_h unless
+  ``spec.window_right`` gives the right side);
 * lsh:    W = B-hat_h[p, j] = (1/r) sum_t [p and j share a block in sample t]  (``Partitions.mean_mask``);
 * hybrid: W = e^{-m_h |p - j|} if |p - j| <= w_h, else B-hat_h[p, j];
 
@@ -43,9 +44,10 @@ def dense_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.devic
         if spec.method == "exact":
             logw = exact
         else:  # window: exact inside the band, 0 outside; hybrid: exact inside, B-hat outside
-            w = spec.window.to(device=device, dtype=torch.float64)
+            w = spec.window.to(device=device, dtype=torch.float64)[:, None, None]
+            right = w if spec.window_right is None else spec.window_right.to(device, torch.float64)[:, None, None]
             outside = logw if spec.method == "hybrid" else torch.full_like(exact, float("-inf"))
-            logw = torch.where(diff.abs() > w[:, None, None], outside, exact)
+            logw = torch.where((diff > w) | (diff < -right), outside, exact)
     if spec.causal:
         logw = logw.masked_fill(diff < 0, float("-inf"))
     return logw

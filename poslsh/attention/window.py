@@ -1,5 +1,6 @@
 """Banded ALiBi: the "window" baseline (exact weights truncated at |p - j| <= w_h) and "exact"
-(the band of width Nk), both run by the tiled engine.
+(the band of width Nk), both run by the tiled engine; and FlashAttention's ``window_size=(left,
+right)`` read once into per-head widths (``window_size_widths``).
 
 Truncating head h at w_h = ceil(ln(1/eps) / m_h) drops keys whose weight is at most
 e^{-m_h w_h} <= eps relative to the diagonal: a small, deterministic error at cost ~w_h keys per
@@ -10,13 +11,69 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from ..hashing import UNBOUNDED_WIDTH
 from .core import AttentionSpec
 
-__all__ = ["window_sizes", "kernel_window_sizes", "hybrid_widths", "BandRule", "band_rules"]
+__all__ = ["window_sizes", "kernel_window_sizes", "hybrid_widths", "window_size_widths", "BandRule", "band_rules"]
+
+
+def _side(entry, h: int) -> Tensor:
+    """One side of ``window_size``: an int, H ints, or an integer tensor (0-d or [H]) -> int64 [H],
+    FlashAttention's -1 (unbounded) read as ``UNBOUNDED_WIDTH``."""
+    if isinstance(entry, Tensor):
+        if entry.dtype.is_floating_point or entry.dtype.is_complex or entry.dtype == torch.bool:
+            raise TypeError(f"window_size sizes must be integers, got a {entry.dtype} tensor")
+        sizes = entry.detach().to("cpu", torch.int64).reshape(-1)
+        if sizes.numel() == 1:
+            sizes = sizes.expand(h)
+    elif isinstance(entry, int) and not isinstance(entry, bool):
+        sizes = torch.full((h,), entry, dtype=torch.int64)
+    elif isinstance(entry, Sequence) and not isinstance(entry, str) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in entry):
+        sizes = torch.tensor(list(entry), dtype=torch.int64)
+    else:
+        raise TypeError(f"window_size entries must be an int or H ints (one per head), got {entry!r}")
+    if sizes.numel() != h:
+        raise ValueError(f"window_size needs one size per query head ({h}), got {sizes.numel()}")
+    if (sizes < -1).any():
+        raise ValueError(f"window_size sizes must be >= 0 or -1 (unbounded), got {sizes.tolist()}")
+    return torch.where(sizes < 0, UNBOUNDED_WIDTH, sizes)
+
+
+def window_size_widths(window_size, causal: bool, h: int) -> tuple[bool, Tensor | None, Tensor | None]:
+    """FlashAttention's ``(causal, window_size=(left, right))`` -> (causal, left [H], right [H] or None).
+
+    Query position p sees keys p - left <= j <= p + right, -1 meaning unbounded on that side; causal
+    means right = 0, and a window whose right sides are all 0 is causal. The one place -1 is read:
+    unbounded sides come back as ``hashing.UNBOUNDED_WIDTH``, which the resolution caps at Nk - 1 like
+    any other width. ``left`` is None when nothing is cut (exact attention); ``right`` is None when
+    the band is causal or symmetric.
+
+    Args:
+        window_size: a pair (a tuple, list or 2-element tensor); each side an int, H ints or an integer
+            tensor.
+        causal: FlashAttention's ``causal``.
+        h: query heads.
+    """
+    if isinstance(window_size, Tensor):
+        if window_size.numel() != 2 and not (window_size.ndim >= 1 and window_size.shape[0] == 2):
+            raise TypeError(f"window_size must be a pair (left, right), got a tensor of shape "
+                            f"{tuple(window_size.shape)}")
+        window_size = tuple(window_size.reshape(2, -1))
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = (_side(w, h) for w in window_size)
+    causal = bool(causal) or bool((right == 0).all())
+    if causal or torch.equal(left, right):
+        right = None
+    if bool((left == UNBOUNDED_WIDTH).all()) and right is None:
+        left = None  # exact attention, causal or two-sided
+    return causal, left, right
 
 
 def window_sizes(slopes: Tensor, eps: float, n: int) -> Tensor:
@@ -99,28 +156,30 @@ def _hybrid_widths(per_head: tuple, are_kernels: bool, eps: float, samples: int,
 
 
 class BandRule:
-    """Weights f(|p - j|) for |p - j| <= w (and j <= p when causal), zero elsewhere; f = e^{-m d}
-    (ALiBi) unless a ``kernel`` is given. ``slope`` is a float, or a 0-d tensor that requires grad
-    (trainable slopes: the log-weights then carry its gradient)."""
+    """Weights f(|p - j|) for p - w <= j <= p + right (right = w unless given; j <= p when causal),
+    zero elsewhere; f = e^{-m d} (ALiBi) unless a ``kernel`` is given. ``slope`` is a float, or a 0-d
+    tensor that requires grad (trainable slopes: the log-weights then carry its gradient)."""
 
     row_bytes = 0
 
-    def __init__(self, slope: float | Tensor, width: int, causal: bool, n: int, kernel=None) -> None:
+    def __init__(self, slope: float | Tensor, width: int, causal: bool, n: int, kernel=None,
+                 right: int | None = None) -> None:
         self.slope, self.width, self.causal, self.n, self.kernel = slope, width, causal, n, kernel
-        self.span = float(min(n, width + 1 if causal else 2 * width + 1))
+        self.right = 0 if causal else (width if right is None else right)
+        self.span = float(min(n, width + self.right + 1))
         self._log_table: Tensor | None = None  # kernel: log f(d), d = 0..min(w, n-1), built on first use
 
     def _kernel_log_weight(self, dist: Tensor, dtype: torch.dtype) -> Tensor:
         # One O(w) table of log f per head, then a gather per score: a general f costs several
         # float64 transcendentals per element, which would dominate the tile's matmul on the CPU.
         if self._log_table is None or self._log_table.device != dist.device or self._log_table.dtype != dtype:
-            d = torch.arange(min(self.width, self.n - 1) + 2, dtype=torch.float64, device=dist.device)
+            d = torch.arange(min(max(self.width, self.right), self.n - 1) + 2, dtype=torch.float64, device=dist.device)
             self._log_table = self.kernel.log_f(d).to(dtype)
         return self._log_table[dist.clamp(max=self._log_table.numel() - 1)]
 
     def tile_ranges(self, firsts: Tensor, lasts: Tensor) -> tuple[list[int], list[int]]:
         lo = (firsts - self.width).clamp(min=0)
-        hi = lasts + 1 if self.causal else (lasts + self.width + 1).clamp(max=self.n)
+        hi = (lasts + self.right + 1).clamp(max=self.n)
         return lo.tolist(), hi.tolist()
 
     def log_weight(self, pos_q: Tensor, pos_k: Tensor, dtype: torch.dtype) -> Tensor:
@@ -131,16 +190,14 @@ class BandRule:
         else:
             diff = pos_q[:, None] - pos_k[None, :]
             logw = self._kernel_log_weight(diff.abs(), dtype)  # beyond w: masked below
-        out = diff.abs() > self.width
-        if self.causal:
-            out = out | (diff < 0)
-        return logw.masked_fill(out, float("-inf"))
+        return logw.masked_fill((diff > self.width) | (diff < -self.right), float("-inf"))
 
 
 def band_rules(spec: AttentionSpec, n: int) -> list[BandRule]:
-    """One ``BandRule`` per head: width w_h for "window" (and the near field of "hybrid"), n - 1
-    (everything) for "exact"."""
+    """One ``BandRule`` per head: width w_h for "window" (right side ``spec.window_right`` when given;
+    the near field of "hybrid"), n - 1 (everything) for "exact"."""
     widths = spec.window.tolist() if spec.window is not None else [n - 1] * spec.num_heads
+    rights = spec.window_right.tolist() if spec.window_right is not None else [None] * spec.num_heads
     kernels = spec.kernels if spec.kernels is not None else [None] * spec.num_heads
     slopes = list(spec.slopes) if spec.slopes.requires_grad else spec.slopes.tolist()  # 0-d tensors keep the graph
-    return [BandRule(m, int(w), spec.causal, n, kern) for m, w, kern in zip(slopes, widths, kernels)]
+    return [BandRule(m, int(w), spec.causal, n, kern, r) for m, w, r, kern in zip(slopes, widths, rights, kernels)]

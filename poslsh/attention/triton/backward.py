@@ -15,12 +15,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, load_tile, lsh_counts, method_ranges, near_field, \
-    query_tile, stretches
+from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, in_band, load_tile, lsh_counts, method_ranges, \
+    near_field, query_tile, stretches
 
 
 @triton.jit
-def _weights(sT, q_pos, k_pos, k_pos_c, q_pos_c, lse2, keep, hR, W, U, S, E, Nk, log2_r, slope2, wh,
+def _weights(sT, q_pos, k_pos, k_pos_c, q_pos_c, lse2, keep, hR, W, U, S, E, Nk, log2_r, slope2, wh, wr,
              METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
              BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, FDIV: tl.constexpr, KEYS_ARE_ROWS: tl.constexpr):
     """P (as the forward normalised it) for scaled base-2 logits ``sT``; keys index dim 0 when
@@ -37,15 +37,15 @@ def _weights(sT, q_pos, k_pos, k_pos_c, q_pos_c, lse2, keep, hR, W, U, S, E, Nk,
         kp = k_pos[None, :]
         l2 = lse2[:, None]
     if METHOD == EXACT or METHOD == WINDOW:
-        dist = tl.abs(fdiff(qp, kp, FDIV))
-        x = sT - slope2 * dist - l2
+        diff = fdiff(qp, kp, FDIV)
+        x = sT - slope2 * tl.abs(diff) - l2
         if BOUNDARY:
             if CAUSAL:
                 hit = as_pos(kp, FDIV) <= as_pos(qp, FDIV)
             else:
                 hit = kp < Nk
             if METHOD == WINDOW:
-                hit = hit & (dist <= wh)
+                hit = hit & in_band(diff, wh, wr)
             x = tl.where(hit, x, float("-inf"))
         if HAS_KPM:
             if KEYS_ARE_ROWS:
@@ -82,7 +82,7 @@ def _weights(sT, q_pos, k_pos, k_pos_c, q_pos_c, lse2, keep, hR, W, U, S, E, Nk,
 
 @triton.jit
 def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn, stride_don,
-                  start, stop, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r, slope2, wh,
+                  start, stop, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r, slope2, wh, wr,
                   METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                   BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, FUSED_DQ: tl.constexpr):
@@ -106,7 +106,7 @@ def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa
         sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         q_pos = offs_m + q_offset
         pT = _weights(sT, q_pos, k_pos, k_pos_c, tl.minimum(q_pos, Nk - 1), lse2, keep, hR, W, U, S, E, Nk,
-                      log2_r, slope2, wh, METHOD, R, CUT, CAUSAL, BOUNDARY, HAS_KPM, FDIV, True)
+                      log2_r, slope2, wh, wr, METHOD, R, CUT, CAUSAL, BOUNDARY, HAS_KPM, FDIV, True)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
@@ -120,7 +120,7 @@ def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDER, SLOPE2, WIN,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_kpmb,
@@ -158,8 +158,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
     for g in range(group):
         h = hk * group + g
         hR = h * R
-        lo, hi, in_lo, in_hi, slope2, wh = method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, Nk, METHOD, R,
-                                                         CUT, FDIV)
+        # The queries of a key tile: the band with its sides swapped (WIN_R as the left widths).
+        lo, hi, in_lo, in_hi, slope2, wr, wh = method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN_R, WIN, Nk,
+                                                             METHOD, R, CUT, FDIV)
         if CAUSAL:  # queries at or after the tile's keys
             lo = tl.maximum(lo, pa)
             in_lo = tl.maximum(in_lo, pb)
@@ -175,17 +176,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
                                stride_don,
                                a, e1, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
-                               slope2, wh, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
+                               slope2, wh, wr, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
                                PREC, FDIV, FUSED_DQ)
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
                                stride_don,
                                bnd, c, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
-                               slope2, wh, METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
+                               slope2, wh, wr, METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
                                PREC, FDIV, FUSED_DQ)
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
                                stride_don,
                                s3, d, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
-                               slope2, wh, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
+                               slope2, wh, wr, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
                                PREC, FDIV, FUSED_DQ)
 
     dk = dk * scale
@@ -197,7 +198,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
 
 @triton.jit
 def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, start, stop,
-                q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
                 METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                 BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr):
@@ -216,7 +217,7 @@ def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, str
             keep = tl.load(kpm_base + offs_n, mask=offs_n < Nk, other=0) != 0
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = _weights(s, q_pos, offs_n, tl.minimum(offs_n, Nk - 1), q_pos_c, lse2, keep, hR, W, U, S, E, Nk, log2_r,
-                     slope2, wh, METHOD, R, CUT, CAUSAL, BOUNDARY, HAS_KPM, FDIV, False)
+                     slope2, wh, wr, METHOD, R, CUT, CAUSAL, BOUNDARY, HAS_KPM, FDIV, False)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -224,7 +225,7 @@ def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, str
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, W, U, S, E, ORDER, SLOPE2, WIN,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                    stride_dqb, stride_dqh, stride_dqn, stride_kpmb,
@@ -250,8 +251,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, W, U, S, E, ORDER, SLOPE2, 
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     kpm_base = KPM + b.to(tl.int64) * stride_kpmb
 
-    lo, hi, in_lo, in_hi, slope2, wh = method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, Nk, METHOD, R, CUT,
-                                                     FDIV)
+    lo, hi, in_lo, in_hi, slope2, wh, wr = method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, WIN_R, Nk, METHOD,
+                                                         R, CUT, FDIV)
     if CAUSAL:
         hi = tl.minimum(hi, pb + 1)
         in_hi = tl.minimum(in_hi, pa + 1)
@@ -259,13 +260,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, W, U, S, E, ORDER, SLOPE2, 
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, a, e1,
-                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
                      METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, bnd, c,
-                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
                      METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, s3, d,
-                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                     q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
                      METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m64 * stride_dqn

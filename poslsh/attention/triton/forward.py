@@ -22,15 +22,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, load_tile, lsh_counts, method_ranges, near_field, \
-    query_tile, stretches
+from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, in_band, load_tile, lsh_counts, method_ranges, \
+    near_field, query_tile, stretches
 
 EMPTY_LSE = tl.constexpr(-1.0e30)  # the library's lse of a row that sees no key (core.EMPTY_LSE)
 
 
 @triton.jit
 def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, start, stop,
-                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
                  METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                  BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, LAZY: tl.constexpr):
@@ -59,7 +59,7 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_v
                 else:
                     hit = (offs_n < Nk)[None, :]
                 if METHOD == WINDOW:
-                    hit = hit & (tl.abs(fdiff(q_pos[:, None], offs_n[None, :], FDIV)) <= wh)
+                    hit = hit & in_band(fdiff(q_pos[:, None], offs_n[None, :], FDIV), wh, wr)
                 x = tl.where(hit, x, float("-inf"))
             if HAS_KPM:
                 x = tl.where(keep[None, :], x, float("-inf"))
@@ -109,7 +109,7 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_v
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN,
+def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_os, stride_ob, stride_oh, stride_on, stride_kpmb,
                 B, H, Nq, Nk, q_offset, group, qk_scale, log2_r, split_tiles,
@@ -130,8 +130,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN,
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     kpm_base = KPM + b.to(tl.int64) * stride_kpmb
 
-    lo, hi, in_lo, in_hi, slope2, wh = method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, Nk, METHOD, R, CUT,
-                                                     FDIV)
+    lo, hi, in_lo, in_hi, slope2, wh, wr = method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, WIN_R, Nk, METHOD,
+                                                         R, CUT, FDIV)
     if CAUSAL:
         hi = tl.minimum(hi, pb + 1)
         in_hi = tl.minimum(in_hi, pa + 1)
@@ -147,13 +147,13 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, a, e1,
-                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
                                  METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, bnd, c,
-                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
                                  METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, s3, d,
-                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh,
+                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
                                  METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
 
     if METHOD == EXACT or METHOD == WINDOW:

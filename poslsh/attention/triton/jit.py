@@ -8,13 +8,15 @@ where every row of the tile sees every key with a weight that needs no per-eleme
 tiles). The kernels walk the key tiles of [lo, hi) in three stretches (boundary, plain, boundary).
 
 * exact:  w = e^{-m |i - j|} on every pair: [lo, hi) = [0, Nk), plain everywhere (before causality);
-* window: the band |i - j| <= w_h: [pa - w, pb + w], plain [pb - w, pa + w];
+* window: the band i - w_h <= j <= i + r_h (r_h = w_h unless the right side differs):
+  [pa - w, pb + r], plain [pb - w, pa + r];
 * lsh:    w = r c_ij (collision counts): the union and the intersection of the rows' blocks;
 * hybrid: the band's exact weights plus the blocks' counts beyond it.
 
-Membership is symmetric (j is in i's block iff i is in j's; |i - j| <= w likewise), so the same
-ranges serve a tile of keys looking for its queries (the dK/dV kernel); only causality clips
-differently (a query tile keeps keys <= pb, a key tile keeps queries >= pa).
+Membership is symmetric (j is in i's block iff i is in j's; the band with its sides swapped), so the
+same ranges serve a tile of keys looking for its queries (the dK/dV kernel passes the right widths
+as the left ones); only causality clips differently (a query tile keeps keys <= pb, a key tile keeps
+queries >= pa).
 
 Positions are compared as float32 when every position is exact there (FDIV: positions < 2^23);
 integer compares of positions derived from the loop index cost two instructions each (LLVM widens
@@ -86,11 +88,17 @@ def lsh_ranges(pa, pb, hR, W, U, S, E, Nk, R: tl.constexpr, CUT: tl.constexpr, F
 
 
 @triton.jit
-def band_ranges(pa, pb, wh, Nk):
-    """The band |i - j| <= w for a tile [pa, pb]: all of it [lo, hi), and [in_lo, in_hi) within w of
-    every row (empty when the tile is wider than the band)."""
-    return (tl.maximum(pa - wh, 0), tl.minimum(pb + wh + 1, Nk),
-            tl.maximum(pb - wh, 0), tl.minimum(pa + wh + 1, Nk))
+def band_ranges(pa, pb, wl, wr, Nk):
+    """The band i - wl <= j <= i + wr for a tile [pa, pb]: all of it [lo, hi), and [in_lo, in_hi)
+    inside every row's band (empty when the tile is wider than the band)."""
+    return (tl.maximum(pa - wl, 0), tl.minimum(pb + wr + 1, Nk),
+            tl.maximum(pb - wl, 0), tl.minimum(pa + wr + 1, Nk))
+
+
+@triton.jit
+def in_band(diff, wl, wr):
+    """Whether i - j = ``diff`` lies in the band: -wr <= i - j <= wl."""
+    return (diff <= wl) & (diff >= -wr)
 
 
 @triton.jit
@@ -104,28 +112,31 @@ def join_plain(in_lo, in_hi, near_lo, near_hi):
 
 
 @triton.jit
-def method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, Nk, METHOD: tl.constexpr, R: tl.constexpr,
+def method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, WIN_R, Nk, METHOD: tl.constexpr, R: tl.constexpr,
                   CUT: tl.constexpr, FDIV: tl.constexpr):
     """(lo, hi, in_lo, in_hi) of a tile of positions [pa, pb] before causal clipping, and head h's
-    slope * log2(e) and half-width w_h (0 where the method has none)."""
+    slope * log2(e) and the band's left and right widths WIN[h], WIN_R[h] (0 where the method has
+    none; equal for hybrid's near field)."""
     slope2 = 0.0
     wh = 0
+    wr = 0
     if METHOD != LSH:
         slope2 = head_scalar(SLOPE2, h)
         wh = head_scalar(WIN, h)
+        wr = head_scalar(WIN_R, h)
     if METHOD == EXACT:
         zero = pa * 0  # int32 scalars, like the other branches' results
         lo, hi, in_lo, in_hi = zero, zero + Nk, zero, zero + Nk
     elif METHOD == WINDOW:
-        lo, hi, in_lo, in_hi = band_ranges(pa, pb, wh, Nk)
+        lo, hi, in_lo, in_hi = band_ranges(pa, pb, wh, wr, Nk)
     else:
         lo, hi, in_lo, in_hi = lsh_ranges(pa, pb, hR, W, U, S, E, Nk, R, CUT, FDIV)
         if METHOD == HYBRID:  # the near field joins the union, and its every-row part the plain tiles
-            blo, bhi, bin_lo, bin_hi = band_ranges(pa, pb, wh, Nk)
+            blo, bhi, bin_lo, bin_hi = band_ranges(pa, pb, wh, wr, Nk)
             lo = tl.minimum(lo, blo)
             hi = tl.maximum(hi, bhi)
             in_lo, in_hi = join_plain(in_lo, in_hi, bin_lo, bin_hi)
-    return lo, hi, in_lo, in_hi, slope2, wh
+    return lo, hi, in_lo, in_hi, slope2, wh, wr
 
 
 @triton.jit

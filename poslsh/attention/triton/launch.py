@@ -54,7 +54,8 @@ class Plan:
             block bounds instead of grid scalars.
         W, U: int32 [H, r] grid widths/offsets (normalised to n); S, E: int32 [H, r, n] block bounds (cut).
         slope2: float32 [H], slope * log2(e) (exact, window, hybrid); win: int32 [H] half-widths w_h
-            (window, hybrid's near field).
+            (window, hybrid's near field); win_r: int32 [H] the band's right sides (``win`` unless
+            ``spec.window_right`` gives them).
         order: int32 [H], heads by decreasing work (so the widest start first); work: float [H].
         reach: host int, the most keys one query can see in any head (decides split-key decoding).
     """
@@ -68,6 +69,7 @@ class Plan:
     E: Tensor
     slope2: Tensor
     win: Tensor
+    win_r: Tensor
     order: Tensor
     work: Tensor
     reach_fn: Any = None
@@ -94,14 +96,16 @@ def _build_plan(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
     method = METHOD_IDS[spec.method]
     slope2 = (spec.slopes.to(torch.float64) * LOG2E).to(device=device, dtype=torch.float32)
     win = torch.zeros(h, dtype=torch.int32, device=device)
-    if spec.window is not None:
-        win = spec.window.clamp(max=nk).to(device=device, dtype=torch.int32)
+    if spec.window is not None:  # resolve_spec capped the widths at Nk - 1
+        win = spec.window.to(device=device, dtype=torch.int32)
+    win_r = win if spec.window_right is None else spec.window_right.to(device=device, dtype=torch.int32)
     parts = spec.partitions
     if spec.method in ("exact", "window"):
-        widths = spec.window.clamp(max=nk) if spec.window is not None else torch.full((h,), nk)
-        work = widths.to(torch.float32)
-        reach = int(widths.max()) * (1 if spec.causal else 2) + 1
-        return Plan(method, 1, False, dummy_i, dummy_i, dummy_i, dummy_i, slope2, win,
+        left = spec.window if spec.window is not None else torch.full((h,), nk)
+        right = torch.zeros_like(left) if spec.causal else (left if spec.window_right is None else spec.window_right)
+        work = (left + right).to(torch.float32)
+        reach = int((left + right).max()) + 1
+        return Plan(method, 1, False, dummy_i, dummy_i, dummy_i, dummy_i, slope2, win, win_r,
                     torch.argsort(work, descending=True, stable=True).to(device=device, dtype=torch.int32),
                     work.to(device), _reach=reach)
     if parts.scheme == "grid":
@@ -121,7 +125,7 @@ def _build_plan(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
         lsh_reach = reach_fn
         reach_fn = lambda: max(lsh_reach(), int(spec.window.max()) * (1 if spec.causal else 2))  # noqa: E731
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
-    return Plan(method, r, parts.scheme == "cut", W, U, S, E, slope2, win, order, work, reach_fn)
+    return Plan(method, r, parts.scheme == "cut", W, U, S, E, slope2, win, win_r, order, work, reach_fn)
 
 
 def _tensor_key(t: Tensor | None):
@@ -138,7 +142,8 @@ def plan_for(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
         pkey = (parts.scheme, _tensor_key(parts.widths), _tensor_key(parts.offsets),
                 _tensor_key(parts.cut_positions), _tensor_key(parts.cut_pointers))
     key = (spec.method, spec.causal, nk, str(device), tuple(spec.slopes.tolist()),
-           None if spec.window is None else tuple(spec.window.tolist()), pkey)
+           None if spec.window is None else tuple(spec.window.tolist()),
+           None if spec.window_right is None else tuple(spec.window_right.tolist()), pkey)
     hit = _PLANS.get(key)
     if hit is not None and (hit[0] is None or hit[0]() is parts):
         _PLANS.move_to_end(key)
@@ -266,6 +271,7 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     bm = cfg["BLOCK_M"]
     _fwd_kernel[(triton.cdiv(Nq, bm) * B * H, splits)](
         q, k, v, out, out_lse, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win,
+        plan.win_r,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), so[0], so[1], so[2], so[3], kpm_stride,
         B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), per,
@@ -306,7 +312,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                   HAS_KPM=kpm is not None, num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
     _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * Hkv,)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, kpm8, plan.W, plan.U, plan.S, plan.E, plan.kv_order(group),
-        plan.slope2, plan.win,
+        plan.slope2, plan.win, plan.win_r,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kpm_stride,
@@ -321,6 +327,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
     dq = torch.empty_like(q)
     _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * H,)](
         q, k, v, do, lse, delta, dq, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win,
+        plan.win_r,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
