@@ -86,18 +86,14 @@ class MethodSpec:
     def attention_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``poslsh.attention`` (and ``patch_model``): the method and the options
         it uses."""
-        kw: dict[str, Any] = {"method": self.method}
-        if self.method == "window":
-            kw["window_eps"] = self.window_eps
-        if self.random:
-            kw.update(samples=self.samples, scheme=self.scheme, sampling=self.sampling)
-        if self.method == "hybrid":
-            kw["hybrid_eps"] = self.hybrid_eps
-        return kw
+        return {"method": self.method, **{name: getattr(self, name) for name in METHOD_OPTIONS[self.method]}}
 
 
 
 OPTIONS = ("samples", "scheme", "sampling", "window_eps", "hybrid_eps")
+# The options each method reads; the others mean nothing to it (given beside its name: an error).
+METHOD_OPTIONS = {"exact": (), "window": ("window_eps",), "lsh": ("samples", "scheme", "sampling"),
+                  "hybrid": ("samples", "scheme", "sampling", "hybrid_eps")}
 
 
 def as_method(method: str | MethodSpec = "exact", **options: Any) -> MethodSpec:
@@ -122,11 +118,19 @@ def method_options(method: str | MethodSpec = "exact", **options: Any) -> dict[s
     """The method and every option of ``poslsh.attention`` (and ``context_parallel_attention``), from
     what the caller gave: a method name with options beside it (None: the default), a ``MethodSpec``
     or its text form ("lsh:8:grid:qmc"), which hold their options (then none may be given beside).
-    A name is checked later by the dispatcher, as it always was; a spec was checked when it was built."""
+    A name is checked later by the dispatcher, as it always was; a spec was checked when it was built.
+    An option the named method does not read (``method="window", samples=8``) is a TypeError naming
+    both: it would otherwise be ignored without a word, and the caller meant something by it."""
     given = {name: value for name, value in options.items() if value is not None}
     unknown = set(given) - set(OPTIONS)
     if unknown:
         raise TypeError(f"unknown method options {sorted(unknown)}; the options are {OPTIONS}")
+    if isinstance(method, str) and method in METHOD_OPTIONS:
+        ignored = [name for name in given if name not in METHOD_OPTIONS[method]]
+        if ignored:
+            uses = ", ".join(METHOD_OPTIONS[method]) or "none"
+            raise TypeError(f"method={method!r} does not use {', '.join(ignored)} (its options: {uses}); "
+                            "leave them out")
     if isinstance(method, str) and ":" in method:
         method = parse_method(method)
     if isinstance(method, MethodSpec):

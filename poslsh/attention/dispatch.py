@@ -395,6 +395,17 @@ def attention(
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
                              hybrid_eps=hybrid_eps)
+    pending = None
+    if kernel is None and primitive is None and generator is None:
+        # A call resolved before with the same arguments runs on that resolution (``plan.public_call``:
+        # constant host work per decode step); a first call is validated and resolved below.
+        from .plan import public_call
+
+        done, pending = public_call(q, k, v, options=options, slopes=slopes, partitions=partitions, causal=causal,
+                                    scale=scale, key_padding_mask=key_padding_mask, q_offset=q_offset,
+                                    return_lse=return_lse, backend=backend)
+        if done is not None:
+            return done
     spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, partitions=partitions, generator=generator, scale=scale,
                         key_padding_mask=key_padding_mask, kernel=kernel, q_offset=q_offset, **options)
     if primitive is not None:
@@ -402,6 +413,10 @@ def attention(
             raise ValueError(f"primitive= is an option of backend='split', got backend={backend!r}")
         spec = dataclasses.replace(spec, primitive=resolve_primitive(primitive))
     out, lse = select_backend(q, spec, backend)(q, k, v, spec)
+    if pending is not None:
+        from .plan import remember_public_call
+
+        remember_public_call(pending, spec, k, options, backend)
     return (out, lse) if return_lse else out
 
 
