@@ -21,13 +21,14 @@ Correlated sampling (stratified, qmc) needs the grid scheme (``hashing.check_sch
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from .checks import as_float, as_int
 from .hashing import check_scheme
 
-__all__ = ["METHODS", "MethodSpec", "as_method", "method_options", "parse_method", "parse_methods", "GRAMMAR",
+__all__ = ["METHODS", "METHOD_OPTIONS", "IgnoredOptionWarning", "MethodSpec", "as_method", "method_options", "parse_method", "parse_methods", "GRAMMAR",
            "DEFAULT_WINDOW_EPS", "DEFAULT_HYBRID_EPS"]
 
 METHODS = ("exact", "window", "lsh", "hybrid")
@@ -91,6 +92,10 @@ class MethodSpec:
 
 
 OPTIONS = ("samples", "scheme", "sampling", "window_eps", "hybrid_eps")
+class IgnoredOptionWarning(UserWarning):
+    """An option was given beside a method name that does not read it (``method_options``)."""
+
+
 # The options each method reads; the others mean nothing to it (given beside its name: an error).
 METHOD_OPTIONS = {"exact": (), "window": ("window_eps",), "lsh": ("samples", "scheme", "sampling"),
                   "hybrid": ("samples", "scheme", "sampling", "hybrid_eps")}
@@ -119,8 +124,10 @@ def method_options(method: str | MethodSpec = "exact", **options: Any) -> dict[s
     what the caller gave: a method name with options beside it (None: the default), a ``MethodSpec``
     or its text form ("lsh:8:grid:qmc"), which hold their options (then none may be given beside).
     A name is checked later by the dispatcher, as it always was; a spec was checked when it was built.
-    An option the named method does not read (``method="window", samples=8``) is a TypeError naming
-    both: it would otherwise be ignored without a word, and the caller meant something by it."""
+    An option the named method does not read (``method="window", samples=8``) is ignored with an
+    ``IgnoredOptionWarning`` naming both (not an error: one set of options shared by a loop over methods
+    is a fair use, which the library's own experiments and tests make; a lone call that sets an option
+    its method ignores is most likely a mistake, which the warning shows)."""
     given = {name: value for name, value in options.items() if value is not None}
     unknown = set(given) - set(OPTIONS)
     if unknown:
@@ -129,8 +136,8 @@ def method_options(method: str | MethodSpec = "exact", **options: Any) -> dict[s
         ignored = [name for name in given if name not in METHOD_OPTIONS[method]]
         if ignored:
             uses = ", ".join(METHOD_OPTIONS[method]) or "none"
-            raise TypeError(f"method={method!r} does not use {', '.join(ignored)} (its options: {uses}); "
-                            "leave them out")
+            warnings.warn(f"method={method!r} ignores {', '.join(ignored)} (its options: {uses})",
+                          IgnoredOptionWarning, stacklevel=3)
     if isinstance(method, str) and ":" in method:
         method = parse_method(method)
     if isinstance(method, MethodSpec):
