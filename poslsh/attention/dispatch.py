@@ -128,12 +128,16 @@ def available_backends() -> list[str]:
     return [b.name for b in sorted(BACKENDS.values(), key=lambda b: -b.priority)]
 
 
-def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto") -> Backend:
+def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto", grad: bool | None = None) -> Backend:
     """The backend that will run: the named one (checked to support the call) or, for "auto", the
-    fastest measured one that supports it (``speed.measured_order``), else the highest-priority one."""
+    fastest measured one that supports it (``speed.measured_order``; forward + backward times when the
+    call needs gradients: ``grad``, by default whether grad mode is on and q or the slopes require it),
+    else the highest-priority one."""
     _load_optional_backends()
     if backend == "auto":
-        measured = [b for b in measured_order(q.device, spec.method, q.shape[2], spec.q_offset + q.shape[2])
+        if grad is None:
+            grad = torch.is_grad_enabled() and (q.requires_grad or spec.slopes.requires_grad)
+        measured = [b for b in measured_order(q.device, spec.method, q.shape[2], spec.q_offset + q.shape[2], grad)
                     if b in BACKENDS]
         for name in measured + available_backends():
             if BACKENDS[name].accepts(q, spec):
@@ -412,7 +416,9 @@ def attention(
         if backend != "split":
             raise ValueError(f"primitive= is an option of backend='split', got backend={backend!r}")
         spec = dataclasses.replace(spec, primitive=resolve_primitive(primitive))
-    out, lse = select_backend(q, spec, backend)(q, k, v, spec)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or spec.slopes.requires_grad)
+    out, lse = select_backend(q, spec, backend, grad)(q, k, v, spec)
     if pending is not None:
         from .plan import remember_public_call
 

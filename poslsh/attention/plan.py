@@ -308,7 +308,7 @@ class AttentionPlan:
         backend = self._backends.get(key)
         if backend is None:
             spec = self._spec(0, nk, q_offset, kpm, scale)
-            backend = select_backend(q, spec, self.backend)
+            backend = select_backend(q, spec, self.backend, grad)
             self._backends[key] = backend
         return backend
 
