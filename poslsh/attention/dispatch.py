@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -101,6 +102,9 @@ def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = Non
     backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
                       tuple(methods), bool(kernels), bool(slope_grad))
     BACKENDS[name] = backend
+    plans = sys.modules.get("poslsh.attention.plan")  # plans of public calls chose among the old registry
+    if plans is not None:
+        plans.clear_public_plans()
     return backend
 
 
