@@ -399,7 +399,8 @@ def attention(
         raise TypeError("pass is_causal (SDPA's name) or causal (its alias), not both")
     causal = True if is_causal is None and causal is None else (causal if is_causal is None else is_causal)
     _warn_if_flash_layout(q, k)
-    if backend != "auto" and backend not in available_backends():  # before any partition is sampled
+    _load_optional_backends()
+    if backend != "auto" and backend not in BACKENDS:  # before any partition is sampled
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
                              hybrid_eps=hybrid_eps)

@@ -118,6 +118,7 @@ class AttentionPlan:
         self.backend = backend
         self.widths = self._resolve_widths(widths)
         self._window = None if self.widths is None else torch.tensor(self.widths, dtype=torch.int64)
+        self._widest = -1 if self.widths is None else max(self.widths)
         self._layer_parts, self._parts, self._grid = self._resolve_partitions(partitions, seed, layer)
         self.reach = self._resolve_reach()
         self._tplan = None  # the Triton kernels' arrays (triton.launch.Plan), built on the first Triton call
@@ -205,13 +206,12 @@ class AttentionPlan:
 
     # -- a call ---------------------------------------------------------------------------------------
 
-    def accepts(self, q: Tensor, k: Tensor, v: Tensor, q_offset, key_padding_mask) -> bool:
-        """Whether a call with these arguments is one the plan runs (``_check`` would not raise)."""
+    def checked(self, q: Tensor, k: Tensor, v: Tensor, q_offset, key_padding_mask) -> tuple | None:
+        """``_check``'s (B, Nq, Nk, q_offset) of a call the plan runs, else None."""
         try:
-            self._check(q, k, v, q_offset, key_padding_mask)
+            return self._check(q, k, v, q_offset, key_padding_mask)
         except (TypeError, ValueError):
-            return False
-        return True
+            return None
 
     def _check(self, q, k, v, q_offset, kpm) -> tuple[int, int, int, int]:
         """Shapes, dtypes and devices of a call, on Python values only: (B, Nq, Nk, q_offset)."""
@@ -261,6 +261,10 @@ class AttentionPlan:
             out [B, H, Nq, Dv] in q's dtype, or (out, lse [B, H, Nq]), as ``poslsh.attention``.
         """
         _, nq, nk, q_offset = self._check(q, k, v, q_offset, key_padding_mask)
+        return self._run(q, k, v, nq, nk, q_offset, key_padding_mask, return_lse)
+
+    def _run(self, q, k, v, nq: int, nk: int, q_offset: int, key_padding_mask, return_lse: bool):
+        """A call whose arguments ``_check`` accepted."""
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[3])
         backend = self._backend_for(q, k, v, nk, q_offset, key_padding_mask, scale)
         if backend.name == "triton" and v.shape[3] == q.shape[3]:
@@ -272,7 +276,9 @@ class AttentionPlan:
     def _spec(self, lo: int, hi: int, q_offset: int, kpm: Tensor | None, scale: float) -> AttentionSpec:
         """The ``AttentionSpec`` of keys [lo, hi) (re-indexed from 0), queries at ``q_offset`` in them."""
         n = hi - lo
-        window = None if self._window is None else self._window.clamp(max=n - 1)
+        window = self._window
+        if window is not None and n <= self._widest:  # widths past the keys mean all of them: capped
+            window = window.clamp(max=n - 1)
         return AttentionSpec(slopes=self.slopes, causal=self.causal, method=self.method.method, scale=scale,
                              q_offset=q_offset, partitions=self._partitions(lo, hi), window=window,
                              key_padding_mask=kpm)
@@ -417,11 +423,13 @@ def public_call(q, k, v, *, options: dict, slopes, partitions, causal, scale, ke
     hit = _PUBLIC.get(key)
     if hit is not None:
         plan, refs = hit
-        if all(ref() is obj for ref, obj in zip(refs, held)) \
-                and (partitions is None or partitions.n == k.shape[2]) \
-                and plan.accepts(q, k, v, q_offset, key_padding_mask):
+        checked = None
+        if all(ref() is obj for ref, obj in zip(refs, held)) and (partitions is None or partitions.n == k.shape[2]):
+            checked = plan.checked(q, k, v, q_offset, key_padding_mask)
+        if checked is not None:  # else resolved below, which raises the dispatcher's own error
             _PUBLIC.move_to_end(key)
-            return plan(q, k, v, q_offset=q_offset, key_padding_mask=key_padding_mask, return_lse=return_lse), None
+            _, nq, nk, q_offset = checked
+            return plan._run(q, k, v, nq, nk, q_offset, key_padding_mask, return_lse), None
     return None, (key, held)
 
 
