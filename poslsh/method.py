@@ -102,13 +102,18 @@ METHOD_OPTIONS = {"exact": (), "window": ("window_eps",), "lsh": ("samples", "sc
 
 
 def as_method(method: str | MethodSpec = "exact", **options: Any) -> MethodSpec:
-    """The MethodSpec of a module's or a model's arguments: ``method`` itself when it is one (then no
-    option may be given besides it), else the method named ``method`` with the given ``options``
-    (``samples``, ``scheme``, ``sampling``, ``window_eps``, ``hybrid_eps``; None: the default)."""
+    """The MethodSpec of a module's or a model's arguments: ``method`` itself when it is one, or parsed
+    when it is its text form ("lsh:8:grid"; then no option may be given besides it), else the method
+    named ``method`` with the given ``options`` (``samples``, ``scheme``, ``sampling``, ``window_eps``,
+    ``hybrid_eps``; None: the default)."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError(f"unknown method options {sorted(unknown)}; the options are {OPTIONS}")
     given = {name: value for name, value in options.items() if value is not None}
+    if isinstance(method, str) and ":" in method:
+        if given:
+            raise TypeError(f"method={method!r} holds its options: give {sorted(given)} in it, not beside it")
+        return parse_method(method)
     if isinstance(method, MethodSpec):
         if given:
             raise TypeError(f"method is a MethodSpec, which holds its options: give {sorted(given)} in it "

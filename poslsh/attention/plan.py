@@ -101,7 +101,7 @@ class AttentionPlan:
                  slopes=None, causal: bool = True, scale: float | None = None,
                  device: torch.device | str = "cpu", partitions: LayerPartitions | Partitions | None = None,
                  seed: int = 0, layer: int = 0, widths=None, backend: str = "auto", **options) -> None:
-        spec = parse_or_as_method(method, options)
+        spec = as_method(method, **options)
         h = as_int(num_heads, "num_heads", minimum=1)
         hkv = h if num_kv_heads is None else as_int(num_kv_heads, "num_kv_heads", minimum=1)
         if h % hkv:
@@ -343,17 +343,6 @@ class AttentionPlan:
             cfg = self._configs[key] = launch.default_config(self.method.method, q.dtype, q.shape[3],
                                                              self.device.type, key[2])
         return launch.run_plan(q, k, v, kpm, tplan, self.causal, scale, q_offset, cfg)
-
-
-def parse_or_as_method(method, options: dict) -> MethodSpec:
-    """A ``MethodSpec`` from a spec, its text or a name with options (``as_method``)."""
-    if isinstance(method, str) and ":" in method:
-        from ..method import parse_method
-
-        if options:
-            raise TypeError(f"method={method!r} holds its options: give {sorted(options)} in it, not beside it")
-        return parse_method(method)
-    return as_method(method, **options)
 
 
 def _as_device(device) -> torch.device:
