@@ -308,3 +308,26 @@ def test_plan_call_captured_in_a_cuda_graph(method):
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.testing.assert_close(static_out, plan(q, k, v), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_evicted_cache_key_start(method):
+    """A cache whose first positions were evicted (key 0 at sequence position key_start): the LSH
+    partitions of those positions (LayerPartitions.window), ALiBi unchanged; as the reference."""
+    plan = AttentionPlan(method, num_heads=4, num_kv_heads=2, slopes=SLOPES, seed=1, layer=3)
+    q, k, v = make(1, 4, 2, 2, 70, 8, torch.float64, seed=9)
+    spec = plan.method
+    for start in (0, 5, 37):
+        out = plan(q, k, v, key_start=start)
+        kw = dict(slopes=plan.slopes, backend="reference")
+        if spec.random:
+            kw["partitions"] = LayerPartitions(plan.slopes, spec.samples, spec.scheme, 1, 3).window(start, 70)
+        if spec.method == "hybrid":
+            ref = reference_attention(q, k, v, dispatch.resolve_spec(
+                q, k, v, method="hybrid", widths=[min(w, 69) for w in plan.widths], slopes=plan.slopes,
+                partitions=kw["partitions"]))[0]
+        else:
+            ref = poslsh.attention(q, k, v, method=spec, **kw)
+        assert rel_err(out, ref) <= 1e-12, start
+    with pytest.raises(ValueError, match="key_start must be an int >= 0"):
+        plan(q, k, v, key_start=-1)

@@ -72,3 +72,23 @@ def test_split_schedule_sized_by_reach():
         cfg = launch.default_config(plan.method.method, torch.float32, 16, "cpu", True)
         splits, _ = launch._splits(plan._tplan, 1, 2, 1, 300, cfg, q.device)
         assert (splits == 1) == one, (method, splits)
+
+
+@pytest.mark.parametrize("method", ["lsh:3", "lsh:2:cut", "hybrid:3:grid:iid:0.3"])
+def test_evicted_cache_key_start(method):
+    """Decoding into an evicted cache (key 0 at position key_start) on the kernels: the grid's offsets
+    shifted on the device, the cut bounds built for the window; as the reference."""
+    from poslsh.layer_partitions import LayerPartitions
+    from test_plan import dispatch, reference_attention
+
+    plan = AttentionPlan(method, num_heads=4, num_kv_heads=2, slopes=SLOPES, backend="triton", seed=2)
+    q, k, v = make(1, 4, 2, 1, 40, 16, torch.float32, seed=4)
+    spec = plan.method
+    for start in (0, 9, 23):
+        out = plan(q, k, v, key_start=start)
+        parts = LayerPartitions(plan.slopes, spec.samples, spec.scheme, 2, 0).window(start, 40)
+        widths = None if plan.widths is None else [min(w, 39) for w in plan.widths]
+        qd, kd, vd = (t.double() for t in (q, k, v))
+        ref = reference_attention(qd, kd, vd, dispatch.resolve_spec(qd, kd, vd, method=spec.method, slopes=plan.slopes,
+                                                                   partitions=parts, widths=widths))[0]
+        assert plan._tplan is not None and rel_err(out, ref) <= 1e-5, start

@@ -44,6 +44,7 @@ repeated decode-shaped public call does constant host work too; its first call g
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections import OrderedDict
@@ -58,6 +59,7 @@ from ..layer_partitions import LayerPartitions
 from ..method import MethodSpec, as_method
 from .core import AttentionSpec
 from .dispatch import Backend, available_backends, select_backend
+from .ranges import normalize_grid
 from .speed import DECODE_ROWS
 from .window import hybrid_widths, window_sizes
 
@@ -122,6 +124,7 @@ class AttentionPlan:
         self._layer_parts, self._parts, self._grid = self._resolve_partitions(partitions, seed, layer)
         self.reach = self._resolve_reach()
         self._tplan = None  # the Triton kernels' arrays (triton.launch.Plan), built on the first Triton call
+        self._tplan_start, self._shifted = 0, None  # its first position (cut), its grid seen from a key_start
         self._backends: dict = {}  # (dtype, regime, grad, length bucket, mask, D == Dv) -> Backend
         self._configs: dict = {}  # (dtype, D, decode) -> the Triton tile configuration
 
@@ -213,7 +216,7 @@ class AttentionPlan:
         except (TypeError, ValueError):
             return None
 
-    def _check(self, q, k, v, q_offset, kpm) -> tuple[int, int, int, int]:
+    def _check(self, q, k, v, q_offset, kpm, key_start: int = 0) -> tuple[int, int, int, int]:
         """Shapes, dtypes and devices of a call, on Python values only: (B, Nq, Nk, q_offset)."""
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, Tensor) or x.ndim != 4:
@@ -244,47 +247,57 @@ class AttentionPlan:
             if tuple(kpm.shape) != (b, nk) or kpm.device != self.device:
                 raise ValueError(f"key_padding_mask must be [B, Nk] = {(b, nk)} on {self.device}, got "
                                  f"{tuple(kpm.shape)} on {kpm.device}")
-        if self._parts is not None and nk > self._parts.n:
-            raise ValueError(f"the plan's partitions cover {self._parts.n} positions, got Nk={nk} keys")
+        if isinstance(key_start, bool) or not isinstance(key_start, int) or key_start < 0:
+            raise ValueError(f"key_start must be an int >= 0 (the position of key 0), got {key_start!r}")
+        if self._parts is not None and key_start + nk > self._parts.n:
+            raise ValueError(f"the plan's partitions cover {self._parts.n} positions, got keys at "
+                             f"{key_start}..{key_start + nk - 1}")
         return b, nq, nk, q_offset
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, q_offset: int | None = None,
-                 key_padding_mask: Tensor | None = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                 key_padding_mask: Tensor | None = None, return_lse: bool = False,
+                 key_start: int = 0) -> Tensor | tuple[Tensor, Tensor]:
         """Attention of q [B, H, Nq, D] over k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] with the plan's method.
 
         Args:
             q_offset: key position of query row 0 (default Nk - Nq: the queries are the last keys).
             key_padding_mask: bool [B, Nk], True = keep.
             return_lse: also return the LSE.
+            key_start: the sequence position of key 0: a cache whose first ``key_start`` positions were
+                evicted. Only the LSH partitions depend on it (those of positions key_start.. are used;
+                ALiBi weights depend on distances alone).
 
         Returns:
             out [B, H, Nq, Dv] in q's dtype, or (out, lse [B, H, Nq]), as ``poslsh.attention``.
         """
-        _, nq, nk, q_offset = self._check(q, k, v, q_offset, key_padding_mask)
-        return self._run(q, k, v, nq, nk, q_offset, key_padding_mask, return_lse)
+        _, nq, nk, q_offset = self._check(q, k, v, q_offset, key_padding_mask, key_start)
+        return self._run(q, k, v, nq, nk, q_offset, key_padding_mask, return_lse, key_start)
 
-    def _run(self, q, k, v, nq: int, nk: int, q_offset: int, key_padding_mask, return_lse: bool):
+    def _run(self, q, k, v, nq: int, nk: int, q_offset: int, key_padding_mask, return_lse: bool, start: int = 0):
         """A call whose arguments ``_check`` accepted."""
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[3])
-        backend = self._backend_for(q, k, v, nk, q_offset, key_padding_mask, scale)
+        start = start if self.method.random else 0
+        backend = self._backend_for(q, k, v, nk, q_offset, key_padding_mask, scale, start)
         if backend.name == "triton" and v.shape[3] == q.shape[3]:
-            out, lse = self._run_triton(q, k, v, nq, nk, q_offset, key_padding_mask, scale)
+            out, lse = self._run_triton(q, k, v, nq, nk, q_offset, key_padding_mask, scale, start)
         else:
-            out, lse = self._run_sliced(backend, q, k, v, nq, nk, q_offset, key_padding_mask, scale)
+            out, lse = self._run_sliced(backend, q, k, v, nq, nk, q_offset, key_padding_mask, scale, start)
         return (out, lse) if return_lse else out
 
-    def _spec(self, lo: int, hi: int, q_offset: int, kpm: Tensor | None, scale: float) -> AttentionSpec:
-        """The ``AttentionSpec`` of keys [lo, hi) (re-indexed from 0), queries at ``q_offset`` in them."""
+    def _spec(self, lo: int, hi: int, q_offset: int, kpm: Tensor | None, scale: float,
+              start: int = 0) -> AttentionSpec:
+        """The ``AttentionSpec`` of keys [lo, hi) (re-indexed from 0; sequence positions start + lo ..),
+        queries at ``q_offset`` in them."""
         n = hi - lo
         window = self._window
         if window is not None and n <= self._widest:  # widths past the keys mean all of them: capped
             window = window.clamp(max=n - 1)
         return AttentionSpec(slopes=self.slopes, causal=self.causal, method=self.method.method, scale=scale,
-                             q_offset=q_offset, partitions=self._partitions(lo, hi), window=window,
+                             q_offset=q_offset, partitions=self._partitions(start + lo, start + hi), window=window,
                              key_padding_mask=kpm)
 
     def _partitions(self, lo: int, hi: int) -> Partitions | None:
-        """The partitions of positions [lo, hi), re-indexed from 0, on the plan's device."""
+        """The partitions of sequence positions [lo, hi), re-indexed from 0, on the plan's device."""
         if not self.method.random:
             return None
         if self._grid is not None:
@@ -306,37 +319,46 @@ class AttentionPlan:
             hi = min(nk, q_offset + nq + self.reach)
         return lo, hi
 
-    def _backend_for(self, q, k, v, nk, q_offset, kpm, scale) -> Backend:
+    def _backend_for(self, q, k, v, nk, q_offset, kpm, scale, start) -> Backend:
         """The backend of a call, chosen once per dtype, regime (decoding or not, gradient or not),
         power-of-two length bucket (the speed table's lengths), mask presence and head dims."""
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         key = (q.dtype, q.shape[2] <= DECODE_ROWS, grad, nk.bit_length(), kpm is None, q.shape[3] == v.shape[3])
         backend = self._backends.get(key)
         if backend is None:
-            spec = self._spec(0, nk, q_offset, kpm, scale)
+            spec = self._spec(0, nk, q_offset, kpm, scale, start)
             backend = select_backend(q, spec, self.backend, grad)
             self._backends[key] = backend
         return backend
 
-    def _run_sliced(self, backend: Backend, q, k, v, nq, nk, q_offset, kpm, scale) -> tuple[Tensor, Tensor]:
+    def _run_sliced(self, backend: Backend, q, k, v, nq, nk, q_offset, kpm, scale, start) -> tuple[Tensor, Tensor]:
         lo, hi = self._band(nq, nk, q_offset)
         if (lo, hi) != (0, nk):  # views: the keys no row reaches have weight 0, so the result is the same
             k, v = k[:, :, lo:hi], v[:, :, lo:hi]
             kpm = None if kpm is None else kpm[:, lo:hi]
-        return backend(q, k, v, self._spec(lo, hi, q_offset - lo, kpm, scale))
+        return backend(q, k, v, self._spec(lo, hi, q_offset - lo, kpm, scale, start))
 
-    def _run_triton(self, q, k, v, nq, nk, q_offset, kpm, scale) -> tuple[Tensor, Tensor]:
+    def _run_triton(self, q, k, v, nq, nk, q_offset, kpm, scale, start) -> tuple[Tensor, Tensor]:
         from .triton import launch  # present: the registry chose "triton"
 
         tplan = self._tplan
-        if tplan is None or not tplan.serves(nk):
+        cut_start = 0 if self._grid is not None else start  # cut block bounds are built per window
+        if tplan is None or not tplan.serves(nk) or self._tplan_start != cut_start:
             spec = AttentionSpec(slopes=self.slopes, causal=self.causal, method=self.method.method, scale=scale,
-                                 q_offset=0, partitions=self._partitions(0, nk), window=self._window)
+                                 q_offset=0, partitions=self._partitions(cut_start, cut_start + nk),
+                                 window=self._window)
             reach = None
             if self._grid is not None:  # known on the host: no device read for the split schedule
                 near = 0 if self.widths is None else min(max(self.widths), launch.WIDTH_CAP)
                 reach = max(min(self._grid[2], launch.grid_span(nk)), near) * (1 if self.causal else 2)
             tplan = self._tplan = launch.build_plan(spec, nk, self.device, reach=reach)
+            self._tplan_start, self._shifted = cut_start, None
+        if start and self._grid is not None:  # the grid seen from position start: offsets (U + start) mod W
+            if self._shifted is None or self._shifted[0] != (start, tplan.span):
+                w, u, _ = self._grid
+                W, U = normalize_grid(w, torch.remainder(u + start, w), tplan.span)
+                self._shifted = ((start, tplan.span), dataclasses.replace(tplan, W=W, U=U))
+            tplan = self._shifted[1]
         key = (q.dtype, q.shape[3], nq <= DECODE_ROWS)
         cfg = self._configs.get(key)
         if cfg is None:
