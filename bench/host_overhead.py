@@ -1,40 +1,218 @@
-"""Host time of ``resolve_spec`` per call (argument checks, slopes, widths, partitions), the part of a
-``poslsh.attention`` call that runs in Python before any kernel: it matters for decoding, where the GPU
-work of one token is ~100 us. Decode-shaped inputs (B = 1, H = 32, Nq = 1, Nk = 64K, D = 128, bf16)
-on the CPU; the kernels are not run.
+"""Host time of one decoding step (B = 1, Nq = 1, a cache that grows by one key per call) per method,
+through the three ways in: ``poslsh.attention.plan.AttentionPlan`` (resolved once), the public call
+``poslsh.attention`` (which reuses plans of earlier identical resolutions) and the old path,
+``resolve_spec`` + ``select_backend`` on every call.
 
-    python bench/host_overhead.py [--reps 500]
+On the CPU (the default):
+
+* ``host``: the dispatch alone, µs per call (the fastest of 5 rounds of ``--reps`` calls), on a backend that computes nothing ("null": the output
+  allocated, no attention), so what is measured is argument checks, resolution, partitions, slicing;
+  ``resolve_spec`` alone (the old path's resolution) beside it;
+* ``cpu``: the whole call on the torch backends, ms per call (fastest of 3 rounds of ``--reps``/50), at Nk and, for the window, at its band
+  (the keys it reaches): a decode step should cost O(reach), not O(cache).
+
+On CUDA (``--device cuda``): per call, the enqueue time (host, no synchronisation), the wall time
+(``--reps`` calls then one synchronisation: the larger of host and GPU time), the GPU time between CUDA
+events over those calls, and the time of one call captured in a CUDA graph and replayed (the kernels
+alone, without launch overhead), for the plan call and the public call; bf16.
+
+    python bench/host_overhead.py [--nk 65536] [--heads 32] [--dim 128] [--reps 200] [--device cpu|cuda]
+        [--json PATH]
+
+``torch.set_num_threads(--threads)`` (default 1). Runs on a tree without ``AttentionPlan`` too (the
+plan's rows are then left out): the before/after of a change.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
 
 import torch
 
 import poslsh
-from poslsh.attention import resolve_spec
+from poslsh.attention import dispatch
+from poslsh.attention.dispatch import register_backend, resolve_spec, select_backend
+from poslsh.layer_partitions import LayerPartitions
+
+try:
+    from poslsh.attention.plan import AttentionPlan
+except ImportError:  # a tree from before the plans
+    AttentionPlan = None
+
+METHODS = ("exact", "window", "lsh", "hybrid")
+OPTIONS = {"exact": {}, "window": {"window_eps": 1e-3}, "lsh": {"samples": 8}, "hybrid": {"samples": 8}}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=500)
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    h, d, nk = 32, 128, 65536
-    q = torch.randn(1, h, 1, d, dtype=torch.bfloat16)
-    k = v = torch.randn(1, h, nk, d, dtype=torch.bfloat16)
+def _null(q, k, v, spec):
+    """A backend that allocates the output and computes nothing: the dispatch's host work alone."""
+    return q.new_empty(q.shape[:3] + (v.shape[3],)), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+
+def _calls(method: str, q, k, v, nk0: int, backend: str):
+    """(name -> fn(i)) of the ways in, call i on the first nk0 + i keys."""
+    h = q.shape[1]
     slopes = poslsh.alibi_slopes(h)
-    parts = poslsh.sample_partitions(nk, slopes, 8, generator=torch.Generator().manual_seed(0))
-    for method, kw in (("exact", {}), ("window", {}), ("lsh", {"partitions": parts}), ("hybrid", {"partitions": parts})):
-        call = lambda: resolve_spec(q, k, v, slopes=slopes, method=method, **kw)  # noqa: E731
-        for _ in range(20):
-            call()
+    opts = OPTIONS[method]
+    layer = LayerPartitions(slopes, 8, "grid", 0, 0) if method in ("lsh", "hybrid") else None
+
+    def kv(i):
+        return k[:, :, :nk0 + i], v[:, :, :nk0 + i]
+
+    def parts(n):
+        return None if layer is None else layer.get(n, q.device)
+
+    def old(i):
+        ki, vi = kv(i)
+        spec = resolve_spec(q, ki, vi, slopes=slopes, method=method, partitions=parts(ki.shape[2]), **opts)
+        return select_backend(q, spec, backend)(q, ki, vi, spec)[0]
+
+    def public(i):
+        ki, vi = kv(i)
+        return poslsh.attention(q, ki, vi, slopes=slopes, method=method, partitions=parts(ki.shape[2]),
+                                backend=backend, **opts)
+
+    def resolve_only(i):
+        ki, vi = kv(i)
+        return resolve_spec(q, ki, vi, slopes=slopes, method=method, partitions=parts(ki.shape[2]), **opts)
+
+    out = {"resolve_spec": resolve_only, "old path": old, "public": public}
+    if AttentionPlan is not None:
+        spec = poslsh.MethodSpec(method, **opts)
+        plan = AttentionPlan(spec, num_heads=h, num_kv_heads=k.shape[1], slopes=slopes, device=q.device,
+                             partitions=layer, backend=backend)
+        out["plan"] = lambda i: plan(q, *kv(i))
+    return out
+
+
+def _per_call_us(fn, reps: int, warm: int = 3, rounds: int = 5) -> float:
+    """µs per call: the fastest of ``rounds`` rounds of ``reps`` calls (the least disturbed by other
+    processes on a shared machine), call i on the first nk + i keys."""
+    for i in range(warm):
+        fn(i)
+    best = math.inf
+    for r in range(rounds):  # every call a new length, as in decoding (no cache of a length helps)
+        first = warm + r * reps
         start = time.perf_counter()
-        for _ in range(args.reps):
-            call()
-        print(f"{method:7s} {(time.perf_counter() - start) / args.reps * 1e6:6.1f} us per resolve_spec")
+        for i in range(first, first + reps):
+            fn(i)
+        best = min(best, (time.perf_counter() - start) / reps * 1e6)
+    return best
+
+
+def cpu_rows(args) -> list[dict]:
+    h, d, nk = args.heads, args.dim, args.nk
+    extra = 5 * args.reps + 8  # one new key per call
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    q = torch.randn(1, h, 1, d, generator=g)
+    k, v = (torch.randn(1, h, nk + extra, d, generator=g) for _ in range(2))
+    for method in args.methods:
+        for name, fn in _calls(method, q, k, v, nk, "null").items():
+            rows.append({"device": "cpu", "what": "host", "method": method, "way": name, "nk": nk,
+                         "us_per_call": _per_call_us(fn, args.reps)})
+        reps = max(1, args.reps // 50)
+        for name, fn in _calls(method, q, k, v, nk, "auto").items():
+            if name == "resolve_spec":
+                continue
+            rows.append({"device": "cpu", "what": "cpu", "method": method, "way": name, "nk": nk,
+                         "us_per_call": _per_call_us(fn, reps, warm=1, rounds=3)})
+        if method == "window":  # the same call on the keys the window reaches
+            band = int(dispatch.window_sizes(poslsh.alibi_slopes(h), 1e-3, nk).max()) + 1
+            for name, fn in _calls(method, q, k, v, band, "auto").items():
+                if name != "resolve_spec":
+                    rows.append({"device": "cpu", "what": "cpu", "method": method, "way": name, "nk": band,
+                                 "us_per_call": _per_call_us(fn, reps, warm=1, rounds=3), "note": "band keys only"})
+    return rows
+
+
+def cuda_rows(args) -> list[dict]:
+    h, d, nk = args.heads, args.dim, args.nk
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, h, 1, d, generator=g, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, h, nk + 2 * args.reps + 8, d, generator=g, device=dev, dtype=torch.bfloat16)
+            for _ in range(2))
+    rows = []
+    for method in args.methods:
+        for name, fn in _calls(method, q, k, v, nk, "auto").items():
+            if name == "resolve_spec":
+                continue
+            for i in range(3):
+                fn(i)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for i in range(args.reps):
+                fn(i)
+            host = (time.perf_counter() - start) / args.reps * 1e6
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / args.reps * 1e6
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for i in range(args.reps, 2 * args.reps):
+                fn(i)
+            end.record()
+            torch.cuda.synchronize()
+            events = begin.elapsed_time(end) / args.reps * 1e3
+            graph_us = math.nan
+            if name == "plan":  # static shapes: one length captured once, replayed
+                try:
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        fn(0)
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fn(0)
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    begin.record()
+                    for _ in range(args.reps):
+                        graph.replay()
+                    end.record()
+                    torch.cuda.synchronize()
+                    graph_us = begin.elapsed_time(end) / args.reps * 1e3
+                except RuntimeError as err:  # reported, not fatal: the other numbers stand
+                    print(f"{method} {name}: graph capture failed: {err}")
+            rows.append({"device": torch.cuda.get_device_name(), "method": method, "way": name, "nk": nk,
+                         "enqueue_us": host, "wall_us": wall, "events_us": events, "graph_us": graph_us})
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nk", type=int, default=65536)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    register_backend("null", _null, priority=-100, methods=METHODS, kernels=True, slope_grad=True)
+    try:
+        rows = cpu_rows(args) if args.device == "cpu" else cuda_rows(args)
+    finally:  # the registry as it was (the benchmark may run inside a test session)
+        dispatch.BACKENDS.pop("null", None)
+    for row in rows:
+        if args.device == "cpu":
+            unit = "us" if row["what"] == "host" else "ms"
+            value = row["us_per_call"] if unit == "us" else row["us_per_call"] / 1e3
+            print(f"{row['what']:4s} {row['method']:7s} {row['way']:12s} nk={row['nk']:<7d} {value:9.2f} {unit} per call"
+                  + (f"  ({row['note']})" if "note" in row else ""))
+        else:
+            print(f"{row['method']:7s} {row['way']:8s} nk={row['nk']} enqueue {row['enqueue_us']:7.1f} us  wall "
+                  f"{row['wall_us']:7.1f} us  events {row['events_us']:7.1f} us  graph {row['graph_us']:7.1f} us")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from .checks import as_int
 from .hashing import Partitions, check_scheme, sample_partitions
 from .seeds import seed_for
 
@@ -44,6 +45,7 @@ class LayerPartitions:
         self.slopes, self.samples, self.scheme, self.seed, self.layer = slopes, samples, scheme, seed, layer
         self.cache_size = cache_size
         self._grid: tuple[Tensor, Tensor] | None = None
+        self._grid_copies: dict = {}  # device -> (W, U) there
         self._chunks: list[tuple[Tensor, Tensor]] = []  # per chunk: (row ids, positions) of its cuts
         self._cache: OrderedDict[tuple, Partitions] = OrderedDict()
         if scheme == "grid":
@@ -70,8 +72,12 @@ class LayerPartitions:
         if key in self._cache:
             return self._recall(key)
         if self.scheme == "grid":
-            w, u = self._grid
-            parts = Partitions(n, self.slopes, "grid", widths=w, offsets=u)
+            # The same (W, U) tensors on a device for every length, so users of the partitions can tell
+            # that two lengths share them (poslsh.attention's plans are keyed by their identity).
+            w, u = self._grid_on(device)  # checked when drawn; n here:
+            n = as_int(n, "n", minimum=1)
+            return self._remember(key, Partitions._unchecked(n=n, slopes=self.slopes, scheme="grid", widths=w,
+                                                             offsets=u))
         else:
             chunks = [self._cut_chunk(c) for c in range((n - 1) // CUT_CHUNK + 1)]
             rows = torch.cat([r for r, _ in chunks])
@@ -79,6 +85,14 @@ class LayerPartitions:
             keep = pos < n
             parts = self._cut(n, rows[keep], pos[keep])
         return self._remember(key, parts.to(device))
+
+    def _grid_on(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """The grid's (W, U) on ``device``, copied there once."""
+        device = torch.device(device)
+        if device not in self._grid_copies:
+            w, u = self._grid
+            self._grid_copies[device] = (w.to(device), u.to(device))
+        return self._grid_copies[device]
 
     def window(self, start: int, n: int, device: torch.device | str = "cpu") -> Partitions:
         """Partitions of positions start..start+n-1, re-indexed to 0..n-1 (for a cache whose first

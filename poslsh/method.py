@@ -21,13 +21,14 @@ Correlated sampling (stratified, qmc) needs the grid scheme (``hashing.check_sch
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from .checks import as_float, as_int
 from .hashing import check_scheme
 
-__all__ = ["METHODS", "MethodSpec", "as_method", "method_options", "parse_method", "parse_methods", "GRAMMAR",
+__all__ = ["METHODS", "METHOD_OPTIONS", "IgnoredOptionWarning", "MethodSpec", "as_method", "method_options", "parse_method", "parse_methods", "GRAMMAR",
            "DEFAULT_WINDOW_EPS", "DEFAULT_HYBRID_EPS"]
 
 METHODS = ("exact", "window", "lsh", "hybrid")
@@ -86,28 +87,33 @@ class MethodSpec:
     def attention_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``poslsh.attention`` (and ``patch_model``): the method and the options
         it uses."""
-        kw: dict[str, Any] = {"method": self.method}
-        if self.method == "window":
-            kw["window_eps"] = self.window_eps
-        if self.random:
-            kw.update(samples=self.samples, scheme=self.scheme, sampling=self.sampling)
-        if self.method == "hybrid":
-            kw["hybrid_eps"] = self.hybrid_eps
-        return kw
+        return {"method": self.method, **{name: getattr(self, name) for name in METHOD_OPTIONS[self.method]}}
 
 
 
 OPTIONS = ("samples", "scheme", "sampling", "window_eps", "hybrid_eps")
+class IgnoredOptionWarning(UserWarning):
+    """An option was given beside a method name that does not read it (``method_options``)."""
+
+
+# The options each method reads; the others mean nothing to it (given beside its name: an error).
+METHOD_OPTIONS = {"exact": (), "window": ("window_eps",), "lsh": ("samples", "scheme", "sampling"),
+                  "hybrid": ("samples", "scheme", "sampling", "hybrid_eps")}
 
 
 def as_method(method: str | MethodSpec = "exact", **options: Any) -> MethodSpec:
-    """The MethodSpec of a module's or a model's arguments: ``method`` itself when it is one (then no
-    option may be given besides it), else the method named ``method`` with the given ``options``
-    (``samples``, ``scheme``, ``sampling``, ``window_eps``, ``hybrid_eps``; None: the default)."""
+    """The MethodSpec of a module's or a model's arguments: ``method`` itself when it is one, or parsed
+    when it is its text form ("lsh:8:grid"; then no option may be given besides it), else the method
+    named ``method`` with the given ``options`` (``samples``, ``scheme``, ``sampling``, ``window_eps``,
+    ``hybrid_eps``; None: the default)."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError(f"unknown method options {sorted(unknown)}; the options are {OPTIONS}")
     given = {name: value for name, value in options.items() if value is not None}
+    if isinstance(method, str) and ":" in method:
+        if given:
+            raise TypeError(f"method={method!r} holds its options: give {sorted(given)} in it, not beside it")
+        return parse_method(method)
     if isinstance(method, MethodSpec):
         if given:
             raise TypeError(f"method is a MethodSpec, which holds its options: give {sorted(given)} in it "
@@ -122,11 +128,21 @@ def method_options(method: str | MethodSpec = "exact", **options: Any) -> dict[s
     """The method and every option of ``poslsh.attention`` (and ``context_parallel_attention``), from
     what the caller gave: a method name with options beside it (None: the default), a ``MethodSpec``
     or its text form ("lsh:8:grid:qmc"), which hold their options (then none may be given beside).
-    A name is checked later by the dispatcher, as it always was; a spec was checked when it was built."""
+    A name is checked later by the dispatcher, as it always was; a spec was checked when it was built.
+    An option the named method does not read (``method="window", samples=8``) is ignored with an
+    ``IgnoredOptionWarning`` naming both (not an error: one set of options shared by a loop over methods
+    is a fair use, which the library's own experiments and tests make; a lone call that sets an option
+    its method ignores is most likely a mistake, which the warning shows)."""
     given = {name: value for name, value in options.items() if value is not None}
     unknown = set(given) - set(OPTIONS)
     if unknown:
         raise TypeError(f"unknown method options {sorted(unknown)}; the options are {OPTIONS}")
+    if isinstance(method, str) and method in METHOD_OPTIONS:
+        ignored = [name for name in given if name not in METHOD_OPTIONS[method]]
+        if ignored:
+            uses = ", ".join(METHOD_OPTIONS[method]) or "none"
+            warnings.warn(f"method={method!r} ignores {', '.join(ignored)} (its options: {uses})",
+                          IgnoredOptionWarning, stacklevel=3)
     if isinstance(method, str) and ":" in method:
         method = parse_method(method)
     if isinstance(method, MethodSpec):

@@ -17,6 +17,12 @@ For "lsh" and "hybrid" the partitions are
   deterministic and repeatable.
 
 An explicit ``partitions`` argument to ``forward`` overrides both.
+
+In eval mode the module holds a ``poslsh.attention.plan.AttentionPlan`` per device (its method, slopes
+and eval partitions resolved once) and calls it: constant host work per call, a CPU call reads only the
+keys its method reaches. Its "window" widths are those of ``poslsh.attention`` for any length; its
+"hybrid" near field is the length-free one (``plan.HYBRID_WIDTH_N``, the transformers patch's), so a
+prefix's outputs do not change as the sequence grows. Training calls go through ``poslsh.attention``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor, nn
 
 from .alibi import alibi_slopes
 from .attention import attention, available_backends
+from .attention.plan import AttentionPlan
 from .checks import as_bool, as_int
 from .hashing import Partitions, sample_partitions
 from .layer_partitions import LayerPartitions
@@ -99,7 +106,21 @@ class ALiBiAttention(nn.Module):
         self.eval_partitions = (LayerPartitions(self.slopes, spec.samples, spec.scheme, 0 if seed is None else seed,
                                                 self.layer, sampling=spec.sampling, cache_size=self.EVAL_CACHE_SIZE)
                                 if spec.random else None)
+        self._plans: dict = {}  # device -> the eval-mode AttentionPlan (rebuilt when the method changes)
         return self
+
+    def plan(self, device: torch.device | str) -> AttentionPlan:
+        """The eval-mode ``AttentionPlan`` of this module on ``device`` (built once, kept until
+        ``set_method`` or a change of ``slopes``)."""
+        device = torch.device(device)
+        key = (device, id(self.slopes), self.slopes._version)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = AttentionPlan(self.spec, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                 slopes=self.slopes, causal=self.causal, device=device,
+                                 partitions=self.eval_partitions, backend=self.backend)
+            self._plans = {key: plan, **{k: p for k, p in self._plans.items() if k[1:] == key[1:]}}
+        return plan
 
     # The method's fields, read from the spec (change them with ``set_method``).
     method = property(lambda self: self.spec.method)
@@ -154,9 +175,11 @@ class ALiBiAttention(nn.Module):
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if partitions is None:
-            partitions = self.partitions_for(n, x.device)
-        out = attention(q, k, v, slopes=self.slopes, causal=self.causal, method=self.method,
-                        partitions=partitions, window_eps=self.window_eps, hybrid_eps=self.hybrid_eps,
-                        key_padding_mask=key_padding_mask, backend=self.backend)
+        if partitions is None and not self.training:
+            out = self.plan(x.device)(q, k, v, key_padding_mask=key_padding_mask)
+        else:
+            if partitions is None:
+                partitions = self.partitions_for(n, x.device)
+            out = attention(q, k, v, slopes=self.slopes, causal=self.causal, method=self.spec, partitions=partitions,
+                            key_padding_mask=key_padding_mask, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))

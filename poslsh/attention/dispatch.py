@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -104,6 +105,9 @@ def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = Non
     backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
                       tuple(methods), bool(kernels), bool(slope_grad), explain)
     BACKENDS[name] = backend
+    plans = sys.modules.get("poslsh.attention.plan")  # plans of public calls chose among the old registry
+    if plans is not None:
+        plans.clear_public_plans()
     return backend
 
 
@@ -131,12 +135,16 @@ def available_backends() -> list[str]:
     return [b.name for b in sorted(BACKENDS.values(), key=lambda b: -b.priority)]
 
 
-def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto") -> Backend:
+def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto", grad: bool | None = None) -> Backend:
     """The backend that will run: the named one (checked to support the call) or, for "auto", the
-    fastest measured one that supports it (``speed.measured_order``), else the highest-priority one."""
+    fastest measured one that supports it (``speed.measured_order``; forward + backward times when the
+    call needs gradients: ``grad``, by default whether grad mode is on and q or the slopes require it),
+    else the highest-priority one."""
     _load_optional_backends()
     if backend == "auto":
-        measured = [b for b in measured_order(q.device, spec.method, q.shape[2], spec.q_offset + q.shape[2])
+        if grad is None:
+            grad = torch.is_grad_enabled() and (q.requires_grad or spec.slopes.requires_grad)
+        measured = [b for b in measured_order(q.device, spec.method, q.shape[2], spec.q_offset + q.shape[2], grad)
                     if b in BACKENDS]
         for name in measured + available_backends():
             if BACKENDS[name].accepts(q, spec):
@@ -417,10 +425,22 @@ def attention(
     else:
         causal = causal if is_causal is None else is_causal
     _warn_if_flash_layout(q, k)
-    if backend != "auto" and backend not in available_backends():  # before any partition is sampled
+    _load_optional_backends()
+    if backend != "auto" and backend not in BACKENDS:  # before any partition is sampled
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
                              hybrid_eps=hybrid_eps)
+    pending = None
+    if kernel is None and primitive is None and generator is None:
+        # A call resolved before with the same arguments runs on that resolution (``plan.public_call``:
+        # constant host work per decode step); a first call is validated and resolved below.
+        from .plan import public_call
+
+        done, pending = public_call(q, k, v, options=options, slopes=slopes, partitions=partitions, causal=causal,
+                                    scale=scale, key_padding_mask=key_padding_mask, q_offset=q_offset,
+                                    return_lse=return_lse, backend=backend)
+        if done is not None:
+            return done
     spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, partitions=partitions, generator=generator, scale=scale,
                         key_padding_mask=key_padding_mask, kernel=kernel, q_offset=q_offset,
                         window_size=window_size, **options)
@@ -428,7 +448,13 @@ def attention(
         if backend != "split":
             raise ValueError(f"primitive= is an option of backend='split', got backend={backend!r}")
         spec = dataclasses.replace(spec, primitive=resolve_primitive(primitive))
-    out, lse = select_backend(q, spec, backend)(q, k, v, spec)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or spec.slopes.requires_grad)
+    out, lse = select_backend(q, spec, backend, grad)(q, k, v, spec)
+    if pending is not None:
+        from .plan import remember_public_call
+
+        remember_public_call(pending, spec, k, options, backend)
     return (out, lse) if return_lse else out
 
 

@@ -4,8 +4,11 @@ the registry's fixed priorities.
 ``speed_table.json`` (beside this file) is written from a benchmark's JSON by
 ``poslsh.experiments.gpu_bench.speed_table`` and shipped with the package: per device name, method and
 regime ("prefill", or "decode" for at most ``DECODE_ROWS`` query rows), the median forward ms of each
-backend at each measured length. A call takes the entry at the measured length nearest its key length
-(in log scale). Devices, methods or regimes the table lacks fall back to the priorities.
+backend at each measured length. A call that needs gradients (training) reads the regime's
+"+backward" entry ("prefill+backward": forward and backward ms), where the ranking can differ (Flex's
+backward is faster than Triton's for exact attention on an H100), and the forward entry where the table
+has no such entry. A call takes the entry at the measured length nearest its key length (in log scale).
+Devices, methods or regimes the table lacks fall back to the priorities.
 """
 
 from __future__ import annotations
@@ -17,10 +20,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["measured_order", "TABLE_PATH", "DECODE_ROWS"]
+__all__ = ["measured_order", "regime", "TABLE_PATH", "DECODE_ROWS", "BACKWARD"]
 
 TABLE_PATH = Path(__file__).with_name("speed_table.json")
 DECODE_ROWS = 16  # at most this many query rows: decoding (the Triton launcher's switch too)
+BACKWARD = "+backward"  # suffix of a regime's forward + backward entry
+
+
+def regime(nq: int, grad: bool = False) -> str:
+    """The table's regime of a call with ``nq`` query rows: "prefill" or "decode", + "+backward" when
+    the call needs gradients."""
+    return ("decode" if nq <= DECODE_ROWS else "prefill") + (BACKWARD if grad else "")
 
 
 def _load() -> dict:
@@ -38,12 +48,14 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def measured_order(device: torch.device, method: str, nq: int, nk: int) -> list[str]:
-    """Backend names by measured speed for this call (fastest first); empty when nothing was measured."""
+def measured_order(device: torch.device, method: str, nq: int, nk: int, grad: bool = False) -> list[str]:
+    """Backend names by measured speed for this call (fastest first); empty when nothing was measured.
+    ``grad``: the call needs gradients (its forward + backward entry, else the forward one)."""
     if device.type != "cuda" or not _TABLE:
         return []
     by_method = _TABLE.get(_device_name(device.index if device.index is not None else torch.cuda.current_device()))
-    entries = ((by_method or {}).get(method) or {}).get("decode" if nq <= DECODE_ROWS else "prefill")
+    regimes = (by_method or {}).get(method) or {}
+    entries = (grad and regimes.get(regime(nq, True))) or regimes.get(regime(nq))
     if not entries:
         return []
     n = min(entries, key=lambda s: abs(math.log(int(s)) - math.log(max(nk, 1))))

@@ -68,9 +68,16 @@ def _metadata_device(group) -> torch.device:
 
 def _validate(q, k, v, *, method, slopes, causal, samples, scheme, sampling, partitions, generator, seed,
               window_eps, hybrid_eps, scale, key_padding_mask, return_lse, backend, layout, halo):
-    """Every local check (the dispatcher's own on the local tensors): returns the slopes."""
-    resolve_spec(q, k, v, slopes=slopes if partitions is None else None, causal=causal, method="exact",
-                 scale=scale, key_padding_mask=key_padding_mask)
+    """Every local check, by one resolution of the local call (the dispatcher's own checks: tensors,
+    mask, slopes, scale and the method's arguments); returns it (its slopes and scale are passed on)."""
+    n = k.shape[2] if isinstance(k, Tensor) and k.ndim == 4 else 0
+    # LSH partitions cover the N global positions: their first local-length positions stand for them
+    # here (N itself is known after the ranks have exchanged their lengths, and is checked then).
+    local_parts = partitions.restrict(0, n) if isinstance(partitions, Partitions) and 0 < n <= partitions.n \
+        else partitions
+    spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, method=method, samples=samples, scheme=scheme,
+                        partitions=local_parts, generator=torch.Generator(), window_eps=window_eps, scale=scale,
+                        sampling=sampling, hybrid_eps=hybrid_eps, key_padding_mask=key_padding_mask)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k, v must hold the same positions of the sharded sequence (self-attention): q has "
                          f"n={q.shape[2]}, k has n={k.shape[2]}")
@@ -100,13 +107,7 @@ def _validate(q, k, v, *, method, slopes, causal, samples, scheme, sampling, par
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if isinstance(partitions, Partitions) and partitions.kernels is not None:
         raise ValueError("partitions drawn for general kernels are not supported by context parallelism")
-    # The method's own arguments, checked by the dispatcher on one position (cheap whatever n is).
-    one = (q[:, :, :1], k[:, :, :1], v[:, :, :1])
-    spec = resolve_spec(*one, slopes=slopes, causal=causal, method=method, samples=samples, scheme=scheme,
-                        partitions=partitions.restrict(0, 1) if isinstance(partitions, Partitions) else partitions,
-                        generator=torch.Generator(), window_eps=window_eps, scale=scale, sampling=sampling,
-                        hybrid_eps=hybrid_eps)
-    return spec.slopes
+    return spec
 
 
 def context_parallel_attention(
@@ -157,11 +158,12 @@ def context_parallel_attention(
         method, samples, scheme, sampling, window_eps, hybrid_eps = (
             options[name] for name in ("method", "samples", "scheme", "sampling", "window_eps", "hybrid_eps"))
         if n != 0:
-            slopes_t = _validate(q, k, v, method=method, slopes=slopes, causal=causal, samples=samples,
+            resolved = _validate(q, k, v, method=method, slopes=slopes, causal=causal, samples=samples,
                                  scheme=scheme, sampling=sampling, partitions=partitions, generator=generator,
                                  seed=seed, window_eps=window_eps, hybrid_eps=hybrid_eps, scale=scale,
                                  key_padding_mask=key_padding_mask, return_lse=return_lse, backend=backend,
                                  layout=layout, halo=halo)
+            slopes_t, scale = resolved.slopes, resolved.scale  # resolved once, passed on
     except Exception as err:  # noqa: BLE001 - raised below, after every rank has learnt that one failed
         error = err
     lsh = error is None and method in ("lsh", "hybrid")

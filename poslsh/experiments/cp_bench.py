@@ -141,8 +141,11 @@ def _inputs(config: Config, total: int, rank: int, world: int, device: torch.dev
 
 
 def _kwargs(config: Config, method: str, halo: str) -> dict[str, Any]:
-    kw = dict(method=method, causal=config.causal, slopes=alibi_slopes(config.heads), window_eps=config.window_eps,
-              hybrid_eps=config.hybrid_eps, backend=config.backend)
+    kw = dict(method=method, causal=config.causal, slopes=alibi_slopes(config.heads), backend=config.backend)
+    if method == "window":  # each method takes only the options it reads
+        kw["window_eps"] = config.window_eps
+    if method == "hybrid":
+        kw["hybrid_eps"] = config.hybrid_eps
     if method in ("lsh", "hybrid"):
         kw.update(samples=config.samples, scheme=config.scheme, seed=config.seed)
     if method == "exact":

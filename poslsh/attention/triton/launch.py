@@ -8,6 +8,7 @@ the dispatcher's validation.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import weakref
@@ -27,10 +28,17 @@ from ..speed import DECODE_ROWS
 from .backward import _bwd_dkdv_kernel, _bwd_dq_kernel
 from .forward import _fwd_kernel, _merge_kernel
 
-__all__ = ["triton_attention", "default_config", "supports_triton", "interpreting", "Plan", "plan_for", "set_tuned",
-           "write_tuned"]
+__all__ = ["triton_attention", "default_config", "supports_triton", "interpreting", "Plan", "plan_for", "build_plan",
+           "run_plan", "set_tuned", "write_tuned", "WIDTH_CAP", "MAX_KEYS"]
 
 LOG2E = 1.4426950408889634
+MAX_KEYS = 2**30  # the kernels take fewer key positions than this (``supports_triton``)
+# A half-width at or beyond every supported length: "unbounded" in the kernels' int32 (pb + w + 1 < 2^31).
+WIDTH_CAP = MAX_KEYS - 1
+# Grid plans are normalised to a span of positions, not to the key count, so a decode step's growing
+# cache reuses them: 2^23 for every length whose positions compare as float32 (``_float_positions``:
+# p + U < 2^24 stays exact), the next power of two above it for longer ones.
+GRID_SPAN = 2**23
 METHOD_IDS = {"exact": 0, "window": 1, "lsh": 2, "hybrid": 3}
 TUNED_PATH = Path(__file__).with_name("tuned.json")
 
@@ -52,12 +60,17 @@ class Plan:
     Attributes:
         method: kernel method id (``METHOD_IDS``); r: samples (1 for exact/window); cut: per-position
             block bounds instead of grid scalars.
-        W, U: int32 [H, r] grid widths/offsets (normalised to n); S, E: int32 [H, r, n] block bounds (cut).
+        W, U: int32 [H, r] grid widths/offsets (normalised to ``span`` positions); S, E: int32 [H, r, n]
+            block bounds (cut).
         slope2: float32 [H], slope * log2(e) (exact, window, hybrid); win: int32 [H] half-widths w_h
-            (window, hybrid's near field); win_r: int32 [H] the band's right sides (``win`` unless
-            ``spec.window_right`` gives them).
+            (window, hybrid's near field), at most ``WIDTH_CAP`` (a width >= Nk keeps every key); win_r:
+            int32 [H] the band's right sides (``win`` unless ``spec.window_right`` gives them).
         order: int32 [H], heads by decreasing work (so the widest start first); work: float [H].
-        reach: host int, the most keys one query can see in any head (decides split-key decoding).
+        reach: host int, the most keys one query can see in any head whatever the length (decides
+            split-key decoding, with the key count: ``min(reach, Nk)``).
+        span: the key counts the plan serves: every Nk <= span (exact, window, grid), or Nk == span
+            (cut, whose block bounds are per position). Nothing in a plan depends on Nk otherwise, so a
+            decode step's growing cache reuses it.
     """
 
     method: int
@@ -74,12 +87,17 @@ class Plan:
     work: Tensor
     reach_fn: Any = None
     _reach: int | None = None
+    span: int = MAX_KEYS
 
     @property
     def reach(self) -> int:
         if self._reach is None:
             self._reach = int(self.reach_fn())
         return self._reach
+
+    def serves(self, nk: int) -> bool:
+        """Whether this plan is valid for Nk keys (``span``)."""
+        return nk == self.span if self.cut else nk <= self.span
 
     def kv_order(self, group: int) -> Tensor:
         w = self.work.reshape(-1, group).sum(1)
@@ -90,30 +108,44 @@ _PLANS: OrderedDict = OrderedDict()
 _PLAN_CACHE_SIZE = 64
 
 
-def _build_plan(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
+def grid_span(nk: int) -> int:
+    """The span of positions a grid plan for Nk keys is normalised to (``GRID_SPAN``)."""
+    return max(GRID_SPAN, triton.next_power_of_2(nk))
+
+
+def build_plan(spec: AttentionSpec, nk: int, device: torch.device, reach: int | None = None) -> Plan:
+    """The device arrays of ``spec`` in a form that serves every key count the plan's ``span`` covers
+    (widths capped at ``WIDTH_CAP``, grid scalars normalised to ``grid_span(nk)``); only the cut scheme's
+    per-position block bounds are built for Nk itself. ``spec.window`` may hold widths >= Nk (the
+    length-free widths of ``poslsh.attention.plan``). Host syncs: none but the lazy ``reach`` of an LSH
+    plan (one, on first use), unless the caller gives ``reach`` (known on the host: no device read)."""
     h = spec.num_heads
     dummy_i = torch.zeros(1, dtype=torch.int32, device=device)
     method = METHOD_IDS[spec.method]
-    slope2 = (spec.slopes.to(torch.float64) * LOG2E).to(device=device, dtype=torch.float32)
+    slope2 = (spec.slopes.detach().to(torch.float64) * LOG2E).to(device=device, dtype=torch.float32)
     win = torch.zeros(h, dtype=torch.int32, device=device)
-    if spec.window is not None:  # resolve_spec capped the widths at Nk - 1
-        win = spec.window.to(device=device, dtype=torch.int32)
-    win_r = win if spec.window_right is None else spec.window_right.to(device=device, dtype=torch.int32)
+    if spec.window is not None:  # widths may exceed Nk (a plan's length-free widths): capped, never re-capped
+        win = spec.window.clamp(max=WIDTH_CAP).to(device=device, dtype=torch.int32)
+    win_r = win if spec.window_right is None else spec.window_right.clamp(max=WIDTH_CAP).to(device=device,
+                                                                                          dtype=torch.int32)
     parts = spec.partitions
     if spec.method in ("exact", "window"):
-        left = spec.window if spec.window is not None else torch.full((h,), nk)
-        right = torch.zeros_like(left) if spec.causal else (left if spec.window_right is None else spec.window_right)
+        left = spec.window.clamp(max=WIDTH_CAP) if spec.window is not None else torch.full((h,), WIDTH_CAP)
+        right = (torch.zeros_like(left) if spec.causal
+                 else left if spec.window_right is None else spec.window_right.clamp(max=WIDTH_CAP))
         work = (left + right).to(torch.float32)
         reach = int((left + right).max()) + 1
         return Plan(method, 1, False, dummy_i, dummy_i, dummy_i, dummy_i, slope2, win, win_r,
                     torch.argsort(work, descending=True, stable=True).to(device=device, dtype=torch.int32),
                     work.to(device), _reach=reach)
     if parts.scheme == "grid":
-        W, U = normalize_grid(parts.widths.to(device), parts.offsets.to(device), nk)
+        span = grid_span(nk)
+        W, U = normalize_grid(parts.widths.to(device), parts.offsets.to(device), span)
         S = E = dummy_i
         work = W.float().mean(dim=1)
         reach_fn = lambda: int(W.max()) * (1 if spec.causal else 2)  # noqa: E731 - one host sync, on demand
     else:
+        span = nk
         start, end = parts.to(device).block_bounds()
         S, E = start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
         W = U = dummy_i
@@ -123,9 +155,10 @@ def _build_plan(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
     if spec.method == "hybrid":
         work = torch.maximum(work, win.float())  # the near field is visited too
         lsh_reach = reach_fn
-        reach_fn = lambda: max(lsh_reach(), int(spec.window.max()) * (1 if spec.causal else 2))  # noqa: E731
+        near = int(spec.window.clamp(max=WIDTH_CAP).max()) * (1 if spec.causal else 2)
+        reach_fn = lambda: max(lsh_reach(), near)  # noqa: E731
     order = torch.argsort(work, descending=True, stable=True).to(torch.int32)
-    return Plan(method, r, parts.scheme == "cut", W, U, S, E, slope2, win, win_r, order, work, reach_fn)
+    return Plan(method, r, parts.scheme == "cut", W, U, S, E, slope2, win, win_r, order, work, reach_fn, reach, span)
 
 
 def _tensor_key(t: Tensor | None):
@@ -134,21 +167,24 @@ def _tensor_key(t: Tensor | None):
 
 def plan_for(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
     """The cached ``Plan`` of a spec: a model's layers and decode steps reuse it (no host -> device
-    copies of slopes and widths per call). Keyed by content (slopes, widths, method, causality) and
-    by the identity and version of the partitions' tensors, so a changed input is never served stale."""
+    copies of slopes and widths per call). Keyed by content (slopes, widths, method, causality, the
+    plan's span) and by the identity and version of the partitions' tensors, so a changed input is never
+    served stale."""
     parts = spec.partitions
     pkey = None
     if parts is not None:
         pkey = (parts.scheme, _tensor_key(parts.widths), _tensor_key(parts.offsets),
                 _tensor_key(parts.cut_positions), _tensor_key(parts.cut_pointers))
-    key = (spec.method, spec.causal, nk, str(device), tuple(spec.slopes.tolist()),
+    # The key count only where the plan depends on it (``Plan.span``): a decode step's new length hits.
+    span = None if parts is None else nk if parts.scheme == "cut" else grid_span(nk)
+    key = (spec.method, spec.causal, span, str(device), tuple(spec.slopes.tolist()),
            None if spec.window is None else tuple(spec.window.tolist()),
            None if spec.window_right is None else tuple(spec.window_right.tolist()), pkey)
     hit = _PLANS.get(key)
     if hit is not None and (hit[0] is None or hit[0]() is parts):
         _PLANS.move_to_end(key)
         return hit[1]
-    plan = _build_plan(spec, nk, device)
+    plan = build_plan(spec, nk, device)
     _PLANS[key] = (None if parts is None else weakref.ref(parts), plan)
     while len(_PLANS) > _PLAN_CACHE_SIZE:
         _PLANS.popitem(last=False)
@@ -222,18 +258,23 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _splits(plan: Plan, b: int, h: int, nq: int, cfg: dict, device: torch.device) -> tuple[int, int]:
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: torch.device) -> tuple[int, int]:
     """(splits, key tiles per split) for the forward: split the key range only when the query tiles
-    alone cannot fill the GPU (decoding, short chunks against a long cache)."""
+    alone cannot fill the GPU (decoding, short chunks against a long cache). Sized by the keys a
+    query reaches (``min(plan.reach, Nk)``), not by the cache length."""
     if "splits" in cfg:
         want = int(cfg["splits"])
     elif nq > DECODE_ROWS:
         return 1, 0
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         programs = triton.cdiv(nq, cfg["BLOCK_M"]) * b * h
-        want = triton.cdiv(2 * sms, programs)
-    tiles = triton.cdiv(plan.reach + cfg["BLOCK_M"], cfg["BLOCK_N"]) + 1
+        want = triton.cdiv(2 * _multiprocessors(device), programs)
+    tiles = triton.cdiv(min(plan.reach, nk) + cfg["BLOCK_M"], cfg["BLOCK_N"]) + 1
     want = max(1, min(want, tiles // 2, 128))
     if want == 1:
         return 1, 0
@@ -246,10 +287,20 @@ def _splits(plan: Plan, b: int, h: int, nq: int, cfg: dict, device: torch.device
 # --------------------------------------------------------------------------------------------------
 
 
+_NO_KPM: dict[torch.device, Tensor] = {}  # the kernels' unread mask argument, one per device
+
+
 def _kpm_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
+    """The mask as int8 rows: a view of a bool mask whose keys are contiguous (no copy, no allocation
+    per call), else a copy; without a mask a one-element placeholder allocated once per device."""
     if kpm is None:
-        return torch.zeros(1, dtype=torch.int8, device=device), 0
-    k8 = kpm.to(device=device, dtype=torch.int8).contiguous()
+        if device not in _NO_KPM:
+            _NO_KPM[device] = torch.zeros(1, dtype=torch.int8, device=device)
+        return _NO_KPM[device], 0
+    if kpm.dtype == torch.bool and kpm.stride(-1) == 1 and kpm.device == device:
+        k8 = kpm.view(torch.int8)
+    else:
+        k8 = kpm.to(device=device, dtype=torch.int8).contiguous()
     return k8, k8.stride(0)
 
 
@@ -261,7 +312,7 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     kpm8, kpm_stride = _kpm_arg(kpm, q.device)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    splits, per = _splits(plan, B, H, Nq, cfg, q.device)
+    splits, per = _splits(plan, B, H, Nq, Nk, cfg, q.device)
     if splits > 1:  # normalised fp32 partials [splits, B, H, Nq, BLOCK_D], merged below
         po = torch.empty(splits, B, H, Nq, bd, dtype=torch.float32, device=q.device)
         pl = torch.empty(splits, B, H, Nq, dtype=torch.float32, device=q.device)
@@ -386,8 +437,19 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
     if config:
         cfg.update(config)
     plan = plan_for(spec, Nk, q.device)
-    return TritonAttention.apply(q, k, v, spec.key_padding_mask, plan, spec.causal, float(spec.scale),
-                                 int(spec.q_offset), cfg)
+    return run_plan(q, k, v, spec.key_padding_mask, plan, spec.causal, float(spec.scale), int(spec.q_offset), cfg)
+
+
+def run_plan(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
+             q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
+    """The kernels on a built plan (``plan.serves(Nk)``; q, k, v as ``triton_attention`` takes them, one
+    head dim): the forward alone when no gradient is wanted (no autograd node), else ``TritonAttention``.
+    Nothing here reads the device, so a call with static shapes can be captured in a CUDA graph once
+    the plan's ``reach`` has been read (any earlier call did)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return TritonAttention.apply(q, k, v, kpm, plan, causal, scale, q_offset, cfg)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    return _fwd(q, k, v, kpm, plan, causal, scale, q_offset, cfg)
 
 
 def supports_triton(q: Tensor, spec: AttentionSpec) -> bool:
@@ -404,5 +466,5 @@ def supports_triton(q: Tensor, spec: AttentionSpec) -> bool:
         return False
     if not (math.isfinite(spec.scale) and spec.scale > 0):
         return False
-    return q.shape[-1] <= 256 and spec.q_offset + q.shape[2] < 2**30
+    return q.shape[-1] <= 256 and spec.q_offset + q.shape[2] < MAX_KEYS
 

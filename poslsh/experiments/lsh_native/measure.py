@@ -274,7 +274,7 @@ def _attention_time(n: int, method: str, cfg: Config, device: torch.device) -> d
     if spec.random:
         parts = LayerPartitions(alibi_slopes(h), spec.samples, spec.scheme, cfg.seed, 0,
                                 sampling=spec.sampling).get(n, device)
-    kw = dict(method=spec.method, partitions=parts, window_eps=spec.window_eps, hybrid_eps=spec.hybrid_eps)
+    kw = dict(spec.attention_kwargs(), partitions=parts)  # the options the method reads, no others
     backend = select_backend(q, resolve_spec(q, k, v, **kw), "auto").name
 
     def call() -> torch.Tensor:
@@ -352,8 +352,8 @@ def warm_kernels(specs: list[dict[str, Any]], device: str = "cuda", report=None)
                 parts = sample_partitions(n, alibi_slopes(h), spec["r"], scheme=spec["scheme"],
                                           generator=torch.Generator().manual_seed(0), device=dev)
             with torch.set_grad_enabled(spec["backward"]):
-                out = attention(q, k, v, method=spec["method"], partitions=parts, window_eps=spec["window_eps"],
-                                backend="triton")
+                eps = {"window_eps": spec["window_eps"]} if spec["method"] == "window" else {}
+                out = attention(q, k, v, method=spec["method"], partitions=parts, backend="triton", **eps)
                 if spec["backward"]:
                     out.float().sum().backward()
             if dev.type == "cuda":

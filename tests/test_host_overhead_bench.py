@@ -1,0 +1,27 @@
+"""bench/host_overhead.py at toy size on the CPU: every method through every way in (the plan, the public
+call, the old resolve_spec path) runs and reports a finite per-call time (a benchmark, not a timed test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "host_overhead.py"
+
+
+def test_host_overhead_runs_at_toy_size(tmp_path):
+    spec = importlib.util.spec_from_file_location("host_overhead", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "rows.json"
+    rows = mod.main(["--nk", "40", "--heads", "4", "--dim", "8", "--reps", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    for method in mod.METHODS:
+        ways = {row["way"] for row in rows if row["method"] == method and row["what"] == "host"}
+        assert ways == {"resolve_spec", "old path", "public", "plan"}, method
+        assert {row["way"] for row in rows if row["method"] == method and row["what"] == "cpu"} == \
+            {"old path", "public", "plan"}
+    assert all(math.isfinite(row["us_per_call"]) and row["us_per_call"] > 0 for row in rows)
+    assert any(row.get("note") == "band keys only" for row in rows)
