@@ -431,7 +431,8 @@ def attention(
     options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
                              hybrid_eps=hybrid_eps)
     pending = None
-    if kernel is None and primitive is None and generator is None:
+    if kernel is None and primitive is None and generator is None and window_size is None:
+        # (window_size makes the method a cut window, which the plans' key does not hold.)
         # A call resolved before with the same arguments runs on that resolution (``plan.public_call``:
         # constant host work per decode step); a first call is validated and resolved below.
         from .plan import public_call
