@@ -322,19 +322,31 @@ def _falcon(tmp_path, attn_implementation: str):
 
 
 @torch.no_grad()
-def test_falcon_eager_is_warned_and_patched_like_sdpa(tmp_path):
-    """The patch reproduces Falcon's SDPA path (one ALiBi bias) for an eager Falcon too, and says so."""
-    eager, sdpa = _falcon(tmp_path, "eager"), _falcon(tmp_path, "sdpa")
+def test_falcon_eager_is_patched_like_sdpa_and_warned_where_it_differs(tmp_path):
+    """The patch reproduces Falcon's SDPA path (one ALiBi bias) for an eager Falcon too. transformers
+    5.2-5.24's eager Falcon adds the bias twice: there the patch warns at the first forward (it learns the
+    implementation from the mask registry call); 5.25's eager Falcon equals its SDPA path and no warning
+    is given."""
+    eager, sdpa = _falcon(tmp_path / "eager", "eager"), _falcon(tmp_path / "sdpa", "sdpa")
     ids, mask = _padded_batch()
+    keep = mask.bool()
     ref = sdpa(ids, attention_mask=mask).logits
+    own_eager = eager(ids, attention_mask=mask).logits
+    twice = hf._transformers_version() < hf.FALCON_EAGER_BIAS_FIXED
+    assert ((own_eager - ref)[keep].abs().max() > 1e-3) == twice  # the upstream bug is there iff we say so
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        patch_model(sdpa, method="exact").unpatch()  # no warning for SDPA
-    with pytest.warns(UserWarning, match=r"attn_implementation='eager'.*adds the ALiBi bias twice"):
-        patch = patch_model(eager, method="exact")
+        with patch_model(sdpa, method="exact"):
+            sdpa(ids, attention_mask=mask)  # no warning for SDPA
+        patch = patch_model(eager, method="exact")  # nor at patch time
     with patch:
-        out = eager(ids, attention_mask=mask).logits
-    keep = mask.bool()
+        if twice:
+            with pytest.warns(UserWarning, match=r"attn_implementation='eager'.*adds the ALiBi bias\s+twice"):
+                out = eager(ids, attention_mask=mask).logits
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                out = eager(ids, attention_mask=mask).logits
     assert (out - ref)[keep].abs().max() < 1e-4
 
 
@@ -361,9 +373,128 @@ def test_falcon_beyond_256_positions(tmp_path, monkeypatch, attn_implementation)
     assert (ref[0, :256] - rounded[0, :256]).abs().max() < 1e-5  # below 256 the rounding changes nothing
     assert (ref[0, 256:] - rounded[0, 256:]).abs().max() > 1e-4  # beyond it, it does: the test can see it
     model = sdpa if attn_implementation == "sdpa" else _falcon(tmp_path / "eager", "eager")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        patch = patch_model(model, method="exact")
-    with patch:
+    with patch_model(model, method="exact"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an eager Falcon before 5.25 is warned about at its first forward
         out = model(ids).logits
     assert (out - ref).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------- no private upstream internals
+def _private_uses(source: str) -> tuple[set[str], list[tuple[int, str]]]:
+    """(names hf.py defines, [(line, name)] of every private name it reaches on some object).
+
+    The rule: an attribute ``x._name`` (or ``getattr(x, "_name")`` and friends, or ``from pkg import
+    _name`` of another package) is another library's internal unless ``_name`` is
+      * a dunder (``__dict__``, ``__name__``: Python's object model, not a library's internals),
+      * prefixed ``_poslsh`` (a marker this module sets on objects it patches: our name on their object),
+      * defined in hf.py itself (a function, class, method, field or ``self._x`` it assigns): our own
+        private helpers. ``test_no_private_upstream_internals`` also checks that no such name occurs in
+        the transformers source read here, so an allowed name cannot be one of transformers'.
+    """
+    import ast
+
+    tree = ast.parse(source)
+    defined: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.add(node.target.id)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for sub in ast.walk(t):
+                    if isinstance(sub, ast.Name):
+                        defined.add(sub.id)
+                    elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
+                        defined.add(sub.attr)
+
+    def foreign(name: str) -> bool:
+        return (name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+                and not name.startswith("_poslsh") and name not in defined)
+
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and foreign(node.attr):
+            uses.append((node.lineno, node.attr))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+              and foreign(node.args[1].value)):
+            uses.append((node.lineno, node.args[1].value))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and not (node.module or "").startswith("poslsh"):
+            uses += [(node.lineno, a.name) for a in node.names if foreign(a.name)]
+    return defined, uses
+
+
+def test_private_use_detector_sees_each_form():
+    """The detector flags the forms it must (so the test below can fail) and spares ours."""
+    source = (
+        "from transformers.cache_utils import _private\n"
+        "def _ours(x):\n    return x\n"
+        "class A:\n    def f(self, m):\n        self._mine = 1\n"
+        "        return m._split_heads, getattr(m.config, '_attn_implementation'), self._mine, self._ours,\n"
+        "        m.__class__, m._poslsh_patch, hasattr(m, '_x')\n"
+    )
+    _, uses = _private_uses(source)
+    assert sorted(name for _, name in uses) == ["_attn_implementation", "_private", "_split_heads", "_x"]
+
+
+def test_no_private_upstream_internals():
+    """hf.py reaches no private attribute or method of transformers (or torch) objects; the private
+    names it does use are its own and appear nowhere in the transformers modules it works with."""
+    import pathlib
+
+    source = pathlib.Path(hf.__file__).read_text()
+    defined, uses = _private_uses(source)
+    assert uses == [], f"private names of other libraries used in hf.py (line, name): {uses}"
+    root = pathlib.Path(transformers.__file__).parent
+    upstream = "".join(p.read_text() for p in [*root.glob("*.py"), *root.glob("models/bloom/*.py"),
+                                                 *root.glob("models/falcon/*.py"), *root.glob("models/mpt/*.py")])
+    import re
+
+    ours = {name for name in defined if name.startswith("_") and name != "_" and not name.startswith("__")}
+    clashes = {name for name in ours if re.search(rf"\b{re.escape(name)}\b", upstream)}
+    assert not clashes, f"hf.py's private names also used by transformers (rename ours): {clashes}"
+
+
+def test_version_outside_the_tested_range_warns_once(monkeypatch):
+    import sys
+
+    low, high = hf.TESTED_TRANSFORMERS
+    model = transformers.BloomForCausalLM(_config("bloom")).eval()
+    monkeypatch.setattr(hf, "_RANGE_WARNED", set())
+    # The module transformers' lazy import leaves in sys.modules (not always the object imported above).
+    installed = sys.modules["transformers"]
+    monkeypatch.setattr(installed, "__version__", f"{high[0]}.{high[1]}.0")
+    pattern = rf"tested with transformers >={low[0]}\.{low[1]},<{high[0]}\.{high[1]}; found {high[0]}\.{high[1]}\.0"
+    with pytest.warns(UserWarning, match=pattern):
+        patch_model(model).unpatch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(model).unpatch()  # said once
+    monkeypatch.setattr(installed, "__version__", f"{low[0]}.{low[1]}.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(model).unpatch()  # inside the range: silent
+    monkeypatch.setattr(installed, "__version__", "4.51.3")
+    with pytest.raises(RuntimeError, match=r"needs transformers >= 4\.54, found 4\.51\.3"):
+        patch_model(model)
+
+
+@pytest.mark.parametrize("layout", [dict(multi_query=False, new_decoder_architecture=False),
+                                    dict(multi_query=False, new_decoder_architecture=True, num_kv_heads=2),
+                                    dict(multi_query=True, new_decoder_architecture=True, num_kv_heads=1)])
+@torch.no_grad()
+def test_falcon_fused_qkv_layouts(layout):
+    """Every Falcon QKV layout, split from the config alone, reproduces the model (grouped KV included)."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       alibi=True, bias=False, initializer_range=0.3, **layout)
+    model = transformers.FalconForCausalLM(config).eval()
+    ids, mask = _padded_batch()
+    ref = model(ids, attention_mask=mask).logits
+    with patch_model(model, method="exact") as patch:
+        out = model(ids, attention_mask=mask).logits
+    assert patch.layers[0].num_kv_heads == (4 if not layout["new_decoder_architecture"] else layout["num_kv_heads"])
+    assert (out - ref)[mask.bool()].abs().max() < 1e-4

@@ -31,14 +31,14 @@ only while those products are exact in bfloat16 (slopes that are powers of two, 
 and differs by that rounding otherwise (a test holds the patch to Falcon with an unrounded bias
 beyond 256 positions).
 
-Falcon, eager versus SDPA (transformers 5.24 as read and tested here). The SDPA path (the default
-``attn_implementation``) folds ``alibi / sqrt(d)`` into the attention mask and adds that mask to
-``q.k / sqrt(d)``: one bias of slope ``bf16(m_h) / sqrt(d)``. The eager path (``attn_implementation=
-"eager"``, and the SDPA class itself when called with ``output_attentions=True``) computes
-``(q.k + alibi) / sqrt(d)`` and then adds the same mask, which already holds ``alibi / sqrt(d)``: every
-slope counts twice, an upstream bug. The patch reproduces the SDPA path whatever the implementation
-(one bias, the model's documented ALiBi), so patching an eager Falcon changes its logits, and
-``patch_model`` warns when it patches one.
+Falcon, eager versus SDPA. The SDPA path (the default ``attn_implementation``) folds ``alibi / sqrt(d)``
+into the attention mask and adds that mask to ``q.k / sqrt(d)``: one bias of slope ``bf16(m_h) / sqrt(d)``.
+In transformers 5.2 to 5.24 the eager path (``attn_implementation="eager"``, and the SDPA class itself
+when called with ``output_attentions=True``) computes ``(q.k + alibi) / sqrt(d)`` and then adds the same
+mask, which already holds ``alibi / sqrt(d)``: every slope counts twice, an upstream bug; 5.25 routes
+eager Falcon through the attention registry's ``eager_attention_forward``, which adds it once. The
+patch reproduces the SDPA path whatever the implementation (one bias, the model's documented ALiBi),
+and warns once, at the first forward, when it runs an eager Falcon on a release with the bug.
 
 Partitions are fixed per layer and head, drawn from ``seed`` (with ``sampling``), and so are the
 hybrid's near-field widths (computed once for long sequences, ``HYBRID_WIDTH_N``, then capped at
@@ -59,12 +59,43 @@ reports what was freed; ``evict=True`` warns once when it cannot act (method "ex
 only), so the head with the smallest slope sets how much goes; ``cache_report`` also gives the
 per-head figure a ragged cache could reach.
 
-Supported: transformers >= 4.54 (tested 4.54.1, 4.57.1, 5.17.0, 5.24.0; 4.51 still returned
-three values from the attention modules), the eager BLOOM/MPT attention and Falcon's eager, SDPA or
-flash-attention classes (all replaced by the same forward), ``DynamicCache`` and no cache (static
-and sliding caches raise). Attention dropout is not applied by the patched forward (it is meant for
-inference), ``output_attentions`` yields ``None`` weights, and BLOOM's ``slow_but_exact`` tensor-parallel
-rounding emulation (``pretraining_tp > 1``) is not reproduced (one dense projection is used).
+Supported: transformers >=5.2,<5.26 (``TESTED_TRANSFORMERS``; tested 5.2.0 and 5.25.0; ``patch_model``
+warns once outside that range and refuses below 4.54). 5.2 is the first release in which all three
+families build their 4-D mask through ``masking_utils.create_causal_mask`` and its public mask registry
+(below). Before it, BLOOM and Falcon build the mask in the private ``_update_causal_mask`` and MPT through
+``_prepare_4d_causal_attention_mask``: the n x n mask could only be avoided there by overriding a
+private method. The eager BLOOM/MPT attention and Falcon's eager or SDPA attention (all replaced by the
+same forward), ``DynamicCache`` and no cache (static and sliding caches raise). Attention dropout is not
+applied by the patched forward (it is meant for inference), ``output_attentions`` yields ``None``
+weights, and BLOOM's ``slow_but_exact`` tensor-parallel rounding emulation (``pretraining_tp > 1``) is
+not reproduced (one dense projection is used).
+
+Public interfaces only. The patch reads the models' configs (``hidden_size``, head counts, Falcon's
+``multi_query`` / ``new_decoder_architecture`` / ``num_kv_heads``), calls their public submodules
+(``query_key_value``, ``Wqkv``, ``dense``, ``out_proj``) and public functions (``build_alibi_tensor``),
+uses the cache through ``Cache.update`` / ``layers``, and never a ``_name`` attribute or method of a
+transformers object (``tests/test_hf_integration.py`` reads this file's syntax tree to hold it to that).
+The fused QKV layouts are Falcon's checkpoint formats, split from the config (``_falcon_split``).
+
+The mask. ``create_causal_mask`` asks ``ALL_MASK_ATTENTION_FUNCTIONS[<implementation>]`` for the 4-D
+mask and passes it the model's ``config``. While a model is patched every entry of that registry is
+replaced (the registry's own per-key override) by a dispatcher that hands a patched model's calls to
+the patch and every other call to the function the entry held, so other models are untouched; the last
+``unpatch`` restores the entries.
+
+Would transformers' attention-function registry be the sturdier hook? (``AttentionInterface``, public,
+read in the installed 5.25 source.) BLOOM: no. ``BloomAttention.forward`` computes its scores inline
+(``alibi.baddbmm``, softmax, ``bmm``) and never consults the registry; ``set_attn_implementation``
+refuses BLOOM for that reason. MPT: no, for the same reason (inline ``matmul`` + ``position_bias``).
+Falcon: partly. Since 5.25 ``FalconAttention.forward`` splits QKV itself, updates the cache and calls
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``, so a
+registered function would receive q, k, v already split and cached, with no layout code of ours; but
+the call passes only the 4-D mask with the ALiBi bias folded in (the 2-D padding mask and positions
+still have to come from our hook), the model's implementation must be switched to the registered name,
+and 5.2 to 5.24 compute Falcon's attention inline (the registry is never called there). A forward of
+our own is the one hook that works for all three families on every supported release, so the patch
+keeps it; once the oldest supported release routes Falcon through the registry, registering there
+would be the sturdier hook for Falcon alone.
 """
 
 from __future__ import annotations
@@ -88,7 +119,17 @@ __all__ = ["patch_model", "unpatch_model", "PoslshPatch", "cache_report", "model
            "CUT_CHUNK", "SUPPORTED_FAMILIES", "HYBRID_WIDTH_N"]
 
 SUPPORTED_FAMILIES = ("bloom", "mpt", "falcon")
-MIN_TRANSFORMERS = (4, 54)  # 4.51 still returned (output, cache, weights) from attention; 4.54 is tested
+# The transformers versions this patch is tested with: [TESTED_TRANSFORMERS[0], TESTED_TRANSFORMERS[1]),
+# major.minor (pyproject.toml's hf extra says the same). 5.2 is the first release in which BLOOM, MPT
+# and Falcon all build their 4-D mask through ``masking_utils.create_causal_mask``, whose public mask
+# registry lets the patch build no n x n mask; earlier releases build it in private model methods.
+TESTED_TRANSFORMERS = ((5, 2), (5, 26))
+# Below this the attention modules returned three values (4.51); the patch refuses to run there.
+MIN_TRANSFORMERS = (4, 54)
+# transformers 5.2 to 5.24 (read in their source): an eager Falcon adds the ALiBi bias to its logits
+# and again through the mask that already holds it; 5.25 routes eager Falcon through the attention
+# registry's ``eager_attention_forward``, which adds it once.
+FALCON_EAGER_BIAS_FIXED = (5, 25)
 _ATTN_CLASSES = {
     "bloom": ("BloomAttention",),
     "mpt": ("MptAttention",),
@@ -107,14 +148,36 @@ def _operator():
     return attention
 
 
-def _check_transformers() -> str:
+def _transformers_version() -> tuple[int, int]:
     import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    if (major, minor) < MIN_TRANSFORMERS:
-        raise RuntimeError(f"poslsh.integrations.hf needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}, "
+    return major, minor
+
+
+def _version_text(v: tuple[int, int]) -> str:
+    return f"{v[0]}.{v[1]}"
+
+
+_RANGE_WARNED: set = set()  # installed versions already warned about (once per process)
+
+
+def _check_transformers() -> tuple[int, int]:
+    """The installed transformers (major, minor); RuntimeError below MIN_TRANSFORMERS, a warning (once)
+    outside TESTED_TRANSFORMERS."""
+    import transformers
+
+    version = _transformers_version()
+    if version < MIN_TRANSFORMERS:
+        raise RuntimeError(f"poslsh.integrations.hf needs transformers >= {_version_text(MIN_TRANSFORMERS)}, "
                            f"found {transformers.__version__}")
-    return transformers.__version__
+    low, high = TESTED_TRANSFORMERS
+    if not low <= version < high and transformers.__version__ not in _RANGE_WARNED:
+        _RANGE_WARNED.add(transformers.__version__)
+        warnings.warn(f"poslsh.integrations.hf is tested with transformers >={_version_text(low)},<{_version_text(high)}"
+                      f"; found {transformers.__version__}: the patch may fail or build a quadratic attention mask",
+                      stacklevel=3)
+    return version
 
 
 def model_family(model: nn.Module) -> str:
@@ -132,6 +195,13 @@ def model_family(model: nn.Module) -> str:
 
 def _num_heads(module: nn.Module) -> int:
     return int(getattr(module, "num_heads", None) or module.n_heads)
+
+
+def _falcon_kv_heads(config: Any, heads: int) -> int:
+    """Key/value heads of a Falcon checkpoint's fused projection (see ``_falcon_split``)."""
+    if config.new_decoder_architecture:
+        return int(config.num_kv_heads)
+    return 1 if config.multi_query else heads
 
 
 def model_slopes(model: nn.Module) -> tuple[Tensor, float]:
@@ -228,9 +298,20 @@ class PoslshPatch:
                 del info.module.forward
         if self._hook is not None:
             self._hook.remove()
+        _unregister_config(self.model.config, self)
         if getattr(self.model, "_poslsh_patch", None) is self:
             del self.model._poslsh_patch
         self.active = False
+
+    def model_mask(self, key: str, original: Any, args: tuple, kwargs: dict) -> Any:
+        """The 4-D mask transformers builds for this model (called through its mask registry, ``key``
+        being the model's attention implementation)."""
+        if (self.family == "falcon" and key == "eager" and _transformers_version() < FALCON_EAGER_BIAS_FIXED):
+            self._warn_once("falcon-eager", "this Falcon model runs attn_implementation='eager': transformers < "
+                            f"{_version_text(FALCON_EAGER_BIAS_FIXED)}'s eager Falcon attention adds the ALiBi bias "
+                            "twice, the patch adds it once as Falcon's SDPA path does, so the patched logits differ "
+                            "from this model's own (use attn_implementation='sdpa' to compare)")
+        return original(*args, **kwargs)
 
     def partitions(self, layer: int, n: int, device: torch.device | str = "cpu") -> Partitions | None:
         """The partitions layer ``layer`` uses for a sequence of n positions (None unless the method is
@@ -515,13 +596,26 @@ def _mpt_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[
     return self.out_proj(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
 
 
+def _falcon_split(info: _LayerInfo, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Falcon's fused QKV projection [B, N, out] -> q [B, N, H, D], k and v [B, N, Hkv, D].
+
+    The three layouts the checkpoints define (from the config): the new decoder architecture groups
+    each KV head's queries before its key and value ([Hkv, H/Hkv + 2, D]); multi-query puts the H
+    queries before one key and one value ([H + 2, D]); otherwise the heads interleave q, k, v ([H, 3, D]).
+    """
+    b, n, _ = fused.shape
+    h, hkv, d = info.num_heads, info.num_kv_heads, info.head_dim
+    config = info.module.config
+    if config.new_decoder_architecture:
+        grouped = fused.view(b, n, hkv, h // hkv + 2, d)
+        return grouped[..., :-2, :].reshape(b, n, h, d), grouped[..., -2, :], grouped[..., -1, :]
+    if config.multi_query:
+        return fused.view(b, n, h + 2, d).split([h, 1, 1], dim=2)
+    return fused.view(b, n, h, 3, d).unbind(3)
+
+
 def _falcon_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[str, Any]):
-    hidden = a["hidden_states"]
-    b, n, _ = hidden.shape
-    q, k, v = self._split_heads(self.query_key_value(hidden))  # [B, N, heads, D] each
-    q = q.transpose(1, 2).reshape(b, info.num_heads, n, info.head_dim)
-    k = k.transpose(1, 2).reshape(b, info.num_kv_heads, n, info.head_dim)
-    v = v.transpose(1, 2).reshape(b, info.num_kv_heads, n, info.head_dim)
+    q, k, v = (x.transpose(1, 2) for x in _falcon_split(info, self.query_key_value(a["hidden_states"])))
     cache = _find_cache(a)
     k, v = _update_cache(cache, k, v, self.layer_idx)
     return self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
@@ -556,6 +650,67 @@ def _mask_hook(patch: PoslshPatch, base: nn.Module):
     return base.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+# ---------------------------------------------------------------------- transformers' mask registry
+# A patched model's base model builds its 4-D mask with ``masking_utils.create_causal_mask``, which calls
+# ``ALL_MASK_ATTENTION_FUNCTIONS[<the model's attention implementation>](..., config=config)``. While any
+# model is patched, every entry of that registry is replaced (its documented per-key override) by a
+# dispatcher: a call for a patched model's config goes to the patch, any other call to the function
+# the entry held, so other models in the process build their masks as before.
+_PATCHED_CONFIGS: dict[int, tuple[Any, "PoslshPatch"]] = {}  # id(config) -> (weakref to config, patch)
+_MASK_ENTRIES: dict[str, Any] = {}  # registry key -> the function its entry held before the dispatcher
+
+
+def _mask_registry() -> Any:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS
+
+
+def _patch_for_config(config: Any) -> "PoslshPatch | None":
+    entry = _PATCHED_CONFIGS.get(id(config))
+    if entry is None or entry[0]() is not config:
+        return None
+    return entry[1]
+
+
+def _mask_dispatcher(key: str, original: Any):
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        patch = _patch_for_config(kwargs.get("config"))
+        if patch is None:
+            return original(*args, **kwargs)
+        return patch.model_mask(key, original, args, kwargs)
+
+    dispatch.poslsh_original = original
+    return dispatch
+
+
+def _register_config(config: Any, patch: "PoslshPatch") -> None:
+    import weakref
+
+    _PATCHED_CONFIGS[id(config)] = (weakref.ref(config), patch)
+    registry = _mask_registry()
+    for key in list(registry.keys()):
+        if key not in _MASK_ENTRIES:
+            _MASK_ENTRIES[key] = registry[key]
+            registry[key] = _mask_dispatcher(key, registry[key])
+
+
+def _unregister_config(config: Any, patch: "PoslshPatch") -> None:
+    if _patch_for_config(config) is patch:
+        del _PATCHED_CONFIGS[id(config)]
+    if _PATCHED_CONFIGS:
+        return
+    registry = _mask_registry()
+    for key, original in _MASK_ENTRIES.items():
+        current = registry.get(key)
+        if getattr(current, "poslsh_original", None) is not original:
+            continue  # someone replaced our dispatcher since: theirs stays
+        del registry[key]  # drops the override; the registry's global entry shows through
+        if registry.get(key) is not original:
+            registry[key] = original  # the entry we replaced was itself an override
+    _MASK_ENTRIES.clear()
+
+
 def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: int | None = None,
                 scheme: str | None = None, seed: int = 0, window_eps: float | None = None, backend: str = "auto",
                 evict: bool = False, slopes: Tensor | list[float] | None = None, sampling: str | None = None,
@@ -587,8 +742,10 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
         patched model replaces the previous patch.
 
     Warns:
-        when an eager Falcon is patched (its own eager attention applies the ALiBi bias twice; the
-        patch applies it once, as Falcon's SDPA path does: see the module docstring).
+        once, when the installed transformers is outside the tested range (``TESTED_TRANSFORMERS``);
+        once, at its first forward, for an eager Falcon on transformers < 5.25 (its own eager attention
+        applies the ALiBi bias twice; the patch applies it once, as Falcon's SDPA path does: see the
+        module docstring).
     """
     _check_transformers()
     family = model_family(model)
@@ -604,11 +761,6 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
         slopes = check_slopes(slopes)
         if slopes.numel() != own.numel():
             raise ValueError(f"slopes must have one value per head ({own.numel()}), got {slopes.numel()}")
-    if family == "falcon" and getattr(model.config, "_attn_implementation", None) == "eager":
-        warnings.warn("patching a Falcon model loaded with attn_implementation='eager': transformers' eager Falcon "
-                      "attention adds the ALiBi bias twice, the patch adds it once as Falcon's SDPA path does, so "
-                      "the patched logits differ from this model's own (use attn_implementation='sdpa' to compare)",
-                      stacklevel=2)
     if evict and spec.method == "exact":
         warnings.warn("evict=True has no effect with method='exact': every cached key stays reachable", stacklevel=2)
     options = _Options(spec, int(seed), backend, bool(evict))
@@ -624,10 +776,7 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
     for pos, module in enumerate(modules):
         index = module.layer_idx if getattr(module, "layer_idx", None) is not None else pos
         heads = _num_heads(module)
-        if family == "falcon" and not module.new_decoder_architecture:
-            kv_heads = module.num_kv_heads
-        else:
-            kv_heads = heads
+        kv_heads = _falcon_kv_heads(model.config, heads) if family == "falcon" else heads
         parts = (LayerPartitions(slopes, spec.samples, spec.scheme, options.seed, index, sampling=spec.sampling)
                  if spec.random else None)
         info = _LayerInfo(module, index, heads, kv_heads, module.head_dim, parts)
@@ -635,6 +784,7 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
     for info in patch.layers:
         info.module.forward = _make_forward(patch, info, family)
     patch._hook = _mask_hook(patch, model.base_model)
+    _register_config(model.config, patch)
     model._poslsh_patch = patch
     return patch
 
