@@ -498,3 +498,44 @@ def test_falcon_fused_qkv_layouts(layout):
         out = model(ids, attention_mask=mask).logits
     assert patch.layers[0].num_kv_heads == (4 if not layout["new_decoder_architecture"] else layout["num_kv_heads"])
     assert (out - ref)[mask.bool()].abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------- prefill memory
+def _blocks(model):
+    base = model.base_model
+    return base.blocks if hf.model_family(model) == "mpt" else base.h
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_prefill_builds_no_quadratic_mask(family):
+    """The patched model builds no n x n tensor in prefill: the mask its base model hands every decoder
+    block is linear in n (transformers' own is [B, 1, n, n], Falcon's [B, H, n, n] with the bias folded
+    in), and no operation of the forward allocates as much as one float n x n tensor (torch.profiler's
+    per-operation memory; transformers' masks do)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, heads = 2048, 4
+    torch.manual_seed(0)
+    config = _config(family)
+    if family == "mpt":
+        config.max_seq_len = n
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    masks = []
+
+    def record(module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        masks.append(None if mask is None else mask.numel())
+
+    hooks = [block.register_forward_pre_hook(record, with_kwargs=True) for block in _blocks(model)]
+    ids = torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(0))
+    try:
+        with patch_model(model, method="window"):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                model(ids, attention_mask=torch.ones(1, n, dtype=torch.long))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(masks) == 2 and all(m is not None and m <= heads * n for m in masks), masks
+    largest = max(prof.events(), key=lambda e: e.self_cpu_memory_usage)
+    assert largest.self_cpu_memory_usage < n * n * 4, (largest.name, largest.self_cpu_memory_usage)

@@ -81,7 +81,11 @@ The mask. ``create_causal_mask`` asks ``ALL_MASK_ATTENTION_FUNCTIONS[<implementa
 mask and passes it the model's ``config``. While a model is patched every entry of that registry is
 replaced (the registry's own per-key override) by a dispatcher that hands a patched model's calls to
 the patch and every other call to the function the entry held, so other models are untouched; the last
-``unpatch`` restores the entries.
+``unpatch`` restores the entries. The patch answers with a [B, 1, 1, 1] "attend" mask: the patched
+attention reads the 2-D mask the user passed, never the 4-D one, so prefill builds no n x n tensor
+(transformers' 4-D mask is [B, 1, n, n], and Falcon's [B, H, n, n] once its bias is folded in: 17 GB at
+64K for a BLOOM-560m shape). What the models still build from it is linear in n: BLOOM's and Falcon's
+[B*H, 1, Nk] bias, Falcon's [B, H, 1, Nk] bias-in-mask, MPT's [H, 1, max_seq_len] bias (none of them read).
 
 Would transformers' attention-function registry be the sturdier hook? (``AttentionInterface``, public,
 read in the installed 5.25 source.) BLOOM: no. ``BloomAttention.forward`` computes its scores inline
@@ -311,7 +315,11 @@ class PoslshPatch:
                             f"{_version_text(FALCON_EAGER_BIAS_FIXED)}'s eager Falcon attention adds the ALiBi bias "
                             "twice, the patch adds it once as Falcon's SDPA path does, so the patched logits differ "
                             "from this model's own (use attn_implementation='sdpa' to compare)")
-        return original(*args, **kwargs)
+        # The patched attention reads the 2-D mask (``attention_mask``), never this one: a [B, 1, 1, 1]
+        # "attend" mask keeps every shape the models derive from it linear in the length (Falcon
+        # broadcasts it against its [B, H, 1, Nk] bias; MPT converts it with ``.to(torch.bool)``).
+        batch = kwargs.get("batch_size", 1)
+        return torch.ones((batch, 1, 1, 1), dtype=torch.bool, device=_mask_device(kwargs, self.model))
 
     def partitions(self, layer: int, n: int, device: torch.device | str = "cpu") -> Partitions | None:
         """The partitions layer ``layer`` uses for a sequence of n positions (None unless the method is
@@ -658,6 +666,17 @@ def _mask_hook(patch: PoslshPatch, base: nn.Module):
 # the entry held, so other models in the process build their masks as before.
 _PATCHED_CONFIGS: dict[int, tuple[Any, "PoslshPatch"]] = {}  # id(config) -> (weakref to config, patch)
 _MASK_ENTRIES: dict[str, Any] = {}  # registry key -> the function its entry held before the dispatcher
+
+
+def _mask_device(kwargs: dict, model: nn.Module) -> torch.device:
+    """The device of the mask a registry call asks for: its ``device`` argument (5.25), else that of a
+    tensor argument (``cache_position`` in 5.2), else the model's."""
+    if kwargs.get("device") is not None:
+        return torch.device(kwargs["device"])
+    for value in kwargs.values():
+        if isinstance(value, Tensor):
+            return value.device
+    return next(model.parameters()).device
 
 
 def _mask_registry() -> Any:
