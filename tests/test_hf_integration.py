@@ -539,3 +539,134 @@ def test_prefill_builds_no_quadratic_mask(family):
     assert len(masks) == 2 and all(m is not None and m <= heads * n for m in masks), masks
     largest = max(prof.events(), key=lambda e: e.self_cpu_memory_usage)
     assert largest.self_cpu_memory_usage < n * n * 4, (largest.name, largest.self_cpu_memory_usage)
+
+
+# ---------------------------------------------------------------------- eviction memory, chunked prefill
+def _steep_bloom():
+    torch.manual_seed(0)
+    return transformers.BloomForCausalLM(_config("bloom")).eval()
+
+
+def _cache_kw(model, cache):
+    return {hf._cache_argument(model): cache, "use_cache": True}
+
+
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_evicting_cache_frees_the_prefix_and_appends_in_place():
+    """evict=True: after a 200-token prefill the storage behind each layer's keys is at most 4x its
+    stored (reachable) keys, not the prompt (a slice of DynamicLayer's cat kept the whole prompt alive);
+    decoding appends into that buffer (DynamicLayer's torch.cat copied the whole cache every step) and
+    the stored count stays that of the window."""
+    model = _steep_bloom()
+    steep = [0.9, 0.6, 0.4, 0.3]
+    ids = torch.randint(1, VOCAB, (1, 200), generator=torch.Generator().manual_seed(0))
+    with patch_model(model, method="window", window_eps=0.01, slopes=steep, evict=True) as patch:
+        cache, logits = hf.chunked_prefill(model, ids, 200)
+        layers = list(cache.layers)
+        per_position = lambda layer: layer.keys[:, :, :1].numel() * layer.keys.element_size()  # noqa: E731
+        stored = [layer.keys.shape[2] for layer in layers]
+        assert all(s < 30 for s in stored), stored
+        for layer, s in zip(layers, stored):
+            assert layer.keys.untyped_storage().nbytes() <= 4 * s * per_position(layer)
+        buffers, moved = [layer.keys.data_ptr() for layer in layers], 0
+        token = logits.argmax(-1, keepdim=True)
+        for step in range(20):
+            out = model(input_ids=token, **_cache_kw(model, cache))
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            moved += sum(layer.buffer_keys.data_ptr() != b for layer, b in zip(cache.layers, buffers))
+            buffers = [layer.buffer_keys.data_ptr() for layer in cache.layers]
+            for layer in cache.layers:
+                assert layer.keys.untyped_storage().nbytes() <= 4 * layer.keys.shape[2] * per_position(layer)
+        assert moved <= 2 * len(layers) * 3, moved  # a few reallocations in 20 steps, not one per step
+        assert [layer.keys.shape[2] for layer in cache.layers] == stored  # a window: the reach does not grow
+        assert cache.get_seq_length() == 220
+        memory = patch.cache_memory(cache)
+        assert memory["evicted_bytes"] > memory["stored_bytes"]
+
+
+def _greedy_after(model, cache, logits, mask, steps):
+    tokens = []
+    token = logits.argmax(-1, keepdim=True)
+    for _ in range(steps):
+        tokens.append(token)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        out = model(input_ids=token, attention_mask=mask, **_cache_kw(model, cache))
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return torch.cat(tokens, dim=1)
+
+
+@pytest.mark.parametrize("method,evict", [("exact", False), ("window", False), ("window", True), ("lsh", False),
+                                          ("lsh", True), ("hybrid", True)])
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_chunked_prefill_equals_one_shot(model, method, evict):
+    """A prompt fed in chunks of 5 against the cache (a left-padded row included) leaves the cache and
+    logits from which greedy decoding gives the tokens of a one-shot prefill, for every method, with
+    and without eviction."""
+    ids, mask = _padded_batch(23)
+    ids, mask = ids[:2], mask[:2]
+    steep = [0.9, 0.6, 0.4, 0.3]
+    opts = dict(method=method, samples=4, seed=1, window_eps=0.01, hybrid_eps=0.1, evict=evict, slopes=steep)
+    with patch_model(model, **opts):
+        one_cache, one_logits = hf.chunked_prefill(model, ids, 23, attention_mask=mask)
+        one = _greedy_after(model, one_cache, one_logits, mask, 8)
+        cache, logits = hf.chunked_prefill(model, ids, 5, attention_mask=mask)
+        chunked = _greedy_after(model, cache, logits, mask, 8)
+    assert torch.allclose(logits, one_logits, atol=1e-4)
+    assert torch.equal(chunked, one)
+    assert len(set(one.flatten().tolist())) > 2
+    if evict:
+        assert cache.layers[0].evicted > 0
+
+
+def test_chunked_prefill_checks_its_arguments():
+    model = _steep_bloom()
+    ids = torch.randint(1, VOCAB, (1, 8))
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer >= 1, got 0"):
+        hf.chunked_prefill(model, ids, 0)
+    with pytest.raises(ValueError, match=r"input_ids must be a \[batch, length\] integer tensor"):
+        hf.chunked_prefill(model, ids[0], 4)
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(1, 8\), got \(1, 7\)"):
+        hf.chunked_prefill(model, ids, 4, attention_mask=torch.ones(1, 7))
+
+
+class _HostReadCounter(torch.Tensor):
+    """A mask standing for a device tensor: counts the operations that read its values (or values derived
+    from it) on the host, each a host-device synchronisation on a GPU. A host copy (``.cpu()``, counted
+    once) is an ordinary tensor: reading it costs no synchronisation."""
+    reads = 0
+    SYNCS = {"__bool__", "item", "tolist", "__int__", "__index__", "cpu", "numpy"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in cls.SYNCS:
+            cls.reads += 1
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out.as_subclass(torch.Tensor) if name == "cpu" else out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_decode_reads_the_mask_once_per_forward_not_per_layer(padded):
+    """What the patch needs from the 2-D mask is read on the host once per model forward and reused by
+    every layer: a decode step of a 6-layer model reads it as often as one of a 2-layer model (each read
+    of a device tensor is a host-device synchronisation)."""
+    ids, mask = _padded_batch(12)
+    ids, mask = ids[:2], mask[:2] if padded else torch.ones(2, 12, dtype=torch.long)
+    counts = {}
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        config = _config("bloom")
+        config.n_layer = layers
+        model = transformers.BloomForCausalLM(config).eval()
+        with patch_model(model, method="window", window_eps=0.05, evict=True):
+            cache, logits = hf.chunked_prefill(model, ids, 12, attention_mask=mask)
+            step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1).as_subclass(_HostReadCounter)
+            _HostReadCounter.reads = 0
+            model(input_ids=logits.argmax(-1, keepdim=True), attention_mask=step_mask, **_cache_kw(model, cache))
+            counts[layers] = _HostReadCounter.reads
+    assert counts[2] == counts[6], counts

@@ -50,14 +50,38 @@ recomputing the full sequence, and a batch attends like its rows one at a time.
 
 KV cache. With "lsh", "hybrid" or "window" a cached key becomes unreachable once no future query can
 see it: a query at position i >= T sees key j < T in sample t iff j lies in the block of T, so the
-reachable keys are j >= min_t start_t(T) (window: j >= T - w_h; hybrid: the smaller of the two). ``cache_report`` counts them for any length;
-``patch_model(..., evict=True)`` drops, after every forward, the prefix of each layer's
-``DynamicCache`` layer that is unreachable for all heads and rows, and tells transformers the logical
-length (stored + evicted) so masks and positions stay right. ``PoslshPatch.cache_memory(cache)``
-reports what was freed; ``evict=True`` warns once when it cannot act (method "exact", no cache:
-``use_cache=False``, MPT's default, or a cache other than ``DynamicCache``). Eviction is rectangular (a [B, Hkv, N, D] cache cannot drop keys of one head
-only), so the head with the smallest slope sets how much goes; ``cache_report`` also gives the
-per-head figure a ragged cache could reach.
+reachable keys are j >= min_t start_t(T) (window: j >= T - w_h; hybrid: the smaller of the two).
+``cache_report`` counts them for any length. ``patch_model(..., evict=True)`` swaps each layer of a
+``DynamicCache`` for an ``EvictingLayer`` (a ``DynamicLayer`` subclass: one buffer per tensor, the stored
+keys a window of it) and, after every forward, drops the prefix unreachable for all heads and rows, so
+the memory a layer holds is bounded by its reachable keys (at most 4x, 2x after an append), not by the
+sequence; its ``get_seq_length`` is the logical length (stored + evicted), from which transformers
+derives positions and masks. Before, eviction sliced ``DynamicLayer.keys``: the slice kept the whole
+tensor (the full prompt after prefill) alive until the next ``torch.cat``, which then copied the whole
+kept cache at every step; the buffer appends in place (amortised O(1) copies per position) and frees a
+dropped prefix once the stored keys fill less than a quarter of it. ``PoslshPatch.cache_memory(cache)``
+reports stored, held and evicted bytes; ``evict=True`` warns once when it cannot act (method "exact", no
+cache: ``use_cache=False``, MPT's default, or a cache other than ``DynamicCache``). Eviction is
+rectangular (a [B, Hkv, N, D] cache cannot drop keys of one head only), so the head with the smallest
+slope sets how much goes; ``cache_report`` also gives the per-head figure a ragged cache could reach.
+
+Static caches are refused (NotImplementedError). ``StaticLayer.update`` returns its whole
+``max_cache_len`` buffer, the valid length reaching attention only through the 4-D mask this patch does
+not build; and what a static cache is for, a captured graph of fixed shapes, needs the operator's
+capturable decode path (issue 22 item 1) which the per-call partition windows here are not yet. Once it
+is, a static cache without eviction is ``keys[:, :, :length]``; with eviction it would be a ring buffer
+whose wrap-around ``poslsh.attention`` (keys at contiguous positions start..start+Nk-1) cannot take
+without a copy per step.
+
+Chunked prefill. ``chunked_prefill(model, input_ids, chunk_size)`` feeds a prompt C tokens at a time
+against the cache (transformers' ``past_key_values`` convention, the 2-D mask covering past + chunk):
+with eviction its peak memory is the weights, one chunk's activations and the reachable cache.
+
+Host work per decode step. The mask pre-hook reads the 2-D mask once per model forward (one
+``all()``, and one host copy when some position is masked); the row offsets, kept positions and
+eviction arithmetic every layer needs are derived from it on the host once per forward (``_rows``) and
+reused, so a layer does no host-device synchronisation of its own. ``_call`` is the one place the
+operator is called.
 
 Supported: transformers >=5.2,<5.26 (``TESTED_TRANSFORMERS``; tested 5.2.0 and 5.25.0; ``patch_model``
 warns once outside that range and refuses below 4.54). 5.2 is the first release in which all three
@@ -119,7 +143,7 @@ from ..hashing import UNBOUNDED_WIDTH, Partitions
 from ..method import MethodSpec, as_method
 from ..layer_partitions import CUT_CHUNK, LayerPartitions
 
-__all__ = ["patch_model", "unpatch_model", "PoslshPatch", "cache_report", "model_family", "model_slopes",
+__all__ = ["patch_model", "unpatch_model", "PoslshPatch", "cache_report", "chunked_prefill", "model_family", "model_slopes",
            "CUT_CHUNK", "SUPPORTED_FAMILIES", "HYBRID_WIDTH_N"]
 
 SUPPORTED_FAMILIES = ("bloom", "mpt", "falcon")
@@ -276,7 +300,9 @@ class PoslshPatch:
     slopes: Tensor
     scale: float
     layers: list[_LayerInfo] = field(default_factory=list)
-    attention_mask: Tensor | None = None
+    attention_mask: Tensor | None = None  # the 2-D mask of the running forward (bool, its device)
+    mask_host: Tensor | None = None  # a host copy of it when some position is masked, else None
+    forward_rows: dict = field(default_factory=dict)  # evicted count -> _Rows, for the running forward
     _hook: Any = None
     active: bool = True
     widths: Tensor | None = None  # hybrid: fixed near-field half-widths [H] (UNBOUNDED_WIDTH = every key)
@@ -340,48 +366,62 @@ class PoslshPatch:
         """
         layer = None
         if self.options.evict and self.options.method != "exact":
-            layer = self._cache_layer(cache, info)
+            layer = _evicting_layer(cache, info.module.layer_idx)
             if layer is None:
                 self._warn_once("no-cache", "evict=True has no effect: this forward ran without a transformers "
                                 "DynamicCache (use_cache=False, MPT's default: pass use_cache=True; static, "
                                 "sliding and quantized caches are not evicted)")
-        evicted = getattr(layer, "_poslsh_evicted", 0) if layer is not None else 0
-        nq, nk = q.shape[-2], k.shape[-2]
-        mask = self.attention_mask
-        if mask is not None:
-            if mask.shape[-1] != nk + evicted:
-                raise RuntimeError(f"attention_mask covers {mask.shape[-1]} positions but the keys are {nk} "
-                                   f"(+{evicted} evicted); static or sliding caches are not supported by the "
-                                   "poslsh patch")
-            mask = mask.to(device=q.device, dtype=torch.bool)
-            offsets = mask[:, :evicted].sum(-1)  # the position (among kept tokens) of each row's first stored key
-            keep = mask[:, evicted:]
+        evicted = layer.evicted if layer is not None else 0
+        rows = self._rows(evicted, k.shape[-2], q.device)
+        if rows.keep is None:
+            if rows.start is not None:
+                out = self._call(info, q, k, v, rows.start)
+            else:  # unpadded rows with different evicted offsets (not produced by transformers)
+                out = torch.cat([self._call(info, q[b:b + 1], k[b:b + 1], v[b:b + 1], o)
+                                 for b, o in enumerate(rows.offsets)])
         else:
-            offsets = torch.full((q.shape[0],), evicted, device=q.device)
-            keep = None
-        if keep is None or bool(keep.all()):
-            out = self._call(info, q, k, v, int(offsets[0]) if bool((offsets == offsets[0]).all()) else None,
-                             offsets)
-        else:
-            out = self._call_compacted(info, q, k, v, keep, offsets)
+            out = self._call_compacted(info, q, k, v, rows)
         if layer is not None:
-            self._evict(info, layer, keep, offsets, nk)
+            self._evict(info, layer, rows, k.shape[-2])
         return out
 
-    def _call_compacted(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, keep: Tensor,
-                        offsets: Tensor) -> Tensor:
+    def _rows(self, evicted: int, nk: int, device: torch.device) -> "_Rows":
+        """What the 2-D mask says about each row's stored keys, computed once per forward and evicted count
+        (on the host, from one copy of the mask per forward) and reused by every layer."""
+        rows = self.forward_rows.get(evicted)
+        if rows is not None:
+            return rows
+        mask = self.attention_mask
+        if mask is not None and mask.shape[-1] != nk + evicted:
+            raise RuntimeError(f"attention_mask covers {mask.shape[-1]} positions but the keys are {nk} "
+                               f"(+{evicted} evicted); static or sliding caches are not supported by the poslsh patch")
+        if self.mask_host is None:  # no mask, or every position attended: one call, positions evicted..
+            rows = _Rows(start=evicted, offsets=[evicted] * (1 if mask is None else mask.shape[0]))
+        else:
+            host = self.mask_host
+            offsets = host[:, :evicted].sum(-1).tolist()  # each row's position (among kept tokens) of its first key
+            keep = host[:, evicted:]
+            if bool(keep.all()):
+                rows = _Rows(start=offsets[0] if len(set(offsets)) == 1 else None, offsets=offsets)
+            else:
+                rows = _Rows(start=None, offsets=offsets, keep=keep.to(device), keep_host=keep)
+        self.forward_rows[evicted] = rows
+        return rows
+
+    def _call_compacted(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, rows: "_Rows") -> Tensor:
         """Run each row on its unmasked tokens only; rows with equal lengths and offsets share a call."""
         nq, nk = q.shape[-2], k.shape[-2]
         out = q.new_zeros(q.shape)
-        lengths = keep.sum(-1)
-        qlengths = keep[:, nk - nq:].sum(-1)
+        keep = rows.keep
+        lengths = rows.keep_host.sum(-1).tolist()
+        qlengths = rows.keep_host[:, nk - nq:].sum(-1).tolist()
         groups: dict[tuple[int, int, int], list[int]] = {}
-        for b, key in enumerate(zip(lengths.tolist(), qlengths.tolist(), offsets.tolist())):
+        for b, key in enumerate(zip(lengths, qlengths, rows.offsets)):
             groups.setdefault(key, []).append(b)
-        for (length, qlength, offset), rows in groups.items():
+        for (length, qlength, offset), members in groups.items():
             if length == 0 or qlength == 0:
                 continue
-            idx = torch.tensor(rows, device=q.device)
+            idx = torch.tensor(members, device=q.device)
             # Indices of the kept keys (and kept queries) in order: a stable sort puts True first.
             korder = torch.argsort((~keep[idx]).to(torch.int8), dim=-1, stable=True)[:, :length]
             qorder = torch.argsort((~keep[idx, nk - nq:]).to(torch.int8), dim=-1, stable=True)[:, :qlength]
@@ -395,12 +435,10 @@ class PoslshPatch:
             out[idx] = sub
         return out
 
-    def _call(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, start: int | None,
-              offsets: Tensor | None = None) -> Tensor:
-        """``poslsh.attention`` with the layer's partitions of positions start..start+Nk-1."""
-        if start is None:  # unpadded rows with different evicted offsets (not produced by transformers)
-            return torch.cat([self._call(info, q[b:b + 1], k[b:b + 1], v[b:b + 1], int(offsets[b]))
-                              for b in range(q.shape[0])])
+    def _call(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+        """``poslsh.attention`` with the layer's partitions of positions start..start+Nk-1.
+
+        The one place the patch calls the operator (a per-layer resolved plan would be called here)."""
         o = self.options
         parts = None if info.parts is None else info.parts.window(start, k.shape[-2], q.device)
         common = dict(slopes=self.slopes, causal=True, scale=self.scale, backend=o.backend)
@@ -414,17 +452,6 @@ class PoslshPatch:
         return _operator()(q, k, v, **kw, **common)
 
     # ------------------------------------------------------------------ eviction
-    def _cache_layer(self, cache: Any, info: _LayerInfo) -> Any:
-        layers = getattr(cache, "layers", None)
-        if cache is None or layers is None or info.module.layer_idx >= len(layers):
-            return None
-        layer = layers[info.module.layer_idx]
-        if type(layer).__name__ != "DynamicLayer" or not hasattr(layer, "keys"):
-            return None  # static, sliding or quantized layers keep their own layout
-        if not hasattr(layer, "_poslsh_evicted"):
-            _track_evictions(layer)
-        return layer
-
     def _reach_start(self, info: _LayerInfo, t: int) -> int:
         """First position (among kept tokens) any query at position >= t can see, over all heads."""
         return int(self._layer_starts(info, t).min())
@@ -446,12 +473,11 @@ class PoslshPatch:
             starts = torch.minimum(starts, (t - self.widths.clamp(max=t)).clamp(min=0))
         return starts
 
-    def _evict(self, info: _LayerInfo, layer: Any, keep: Tensor | None, offsets: Tensor, nk: int) -> None:
-        """Drop the stored prefix that no future query of any row and head can reach."""
+    def _evict(self, info: _LayerInfo, layer: Any, rows: "_Rows", nk: int) -> None:
+        """Drop the stored prefix that no future query of any row and head can reach (host arithmetic only)."""
         drops = []
-        for b in range(offsets.shape[0]):
-            o = int(offsets[b])
-            kept = None if keep is None else torch.nonzero(keep[b]).flatten()
+        for b, o in enumerate(rows.offsets):
+            kept = None if rows.keep_host is None else torch.nonzero(rows.keep_host[b]).flatten()
             length = nk if kept is None else kept.numel()
             need = self._reach_start(info, o + length) - o  # unreachable kept keys among the stored ones
             if need <= 0:
@@ -462,30 +488,32 @@ class PoslshPatch:
                 drops.append(need if kept is None else int(kept[need]))
         drop = min(min(drops), nk - 1)  # keep one key so the layer never looks empty
         if drop > 0:
-            layer.keys = layer.keys[:, :, drop:]
-            layer.values = layer.values[:, :, drop:]
-            layer._poslsh_evicted += drop
+            layer.drop(drop)
 
     def cache_memory(self, cache: Any) -> dict[str, Any]:
         """Bytes a transformers cache holds now and bytes evicted from it (``evict=True``).
 
         Returns:
-            {"stored_bytes", "evicted_bytes", "saved_fraction", "layers": [{"layer", "stored", "evicted"}]}
-            with ``stored``/``evicted`` counted in key positions.
+            {"stored_bytes", "held_bytes", "evicted_bytes", "saved_fraction",
+            "layers": [{"layer", "stored", "held", "evicted"}]}: ``stored``/``held``/``evicted`` counted in key
+            positions; ``held`` is what the layer's buffers occupy (stored keys plus the evicting layer's
+            free room), ``held_bytes`` the bytes of the storages behind its keys and values.
         """
-        stored = evicted = 0
+        stored = held = evicted = 0
         rows = []
         for i, layer in enumerate(getattr(cache, "layers", [])):
             keys = getattr(layer, "keys", None)
             if keys is None or keys.numel() == 0:
                 continue
             per_position = 2 * keys.shape[0] * keys.shape[1] * keys.shape[3] * keys.element_size()
-            e = getattr(layer, "_poslsh_evicted", 0)
+            e = getattr(layer, "evicted", 0)
+            capacity = layer.capacity if hasattr(layer, "capacity") else keys.shape[2]
             stored += keys.shape[2] * per_position
+            held += keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
             evicted += e * per_position
-            rows.append({"layer": i, "stored": keys.shape[2], "evicted": e})
+            rows.append({"layer": i, "stored": keys.shape[2], "held": capacity, "evicted": e})
         total = stored + evicted
-        return {"stored_bytes": stored, "evicted_bytes": evicted,
+        return {"stored_bytes": stored, "held_bytes": held, "evicted_bytes": evicted,
                 "saved_fraction": evicted / total if total else 0.0, "layers": rows}
 
     # ------------------------------------------------------------------ cache report
@@ -537,21 +565,149 @@ def cache_report(patch: PoslshPatch | nn.Module, length: int, batch_size: int = 
             "saved_fraction": saved / total if total else 0.0, "saved_bytes_rectangular": rect, "layers": layers}
 
 
-def _track_evictions(layer: Any) -> None:
-    """Make a DynamicLayer report its logical length (stored + evicted) to transformers, which builds
-    masks and positions from ``get_seq_length``; ``reset`` forgets the evicted count."""
-    layer._poslsh_evicted = 0
-    own_length, own_reset = layer.get_seq_length, layer.reset
+@dataclass(eq=False)
+class _Rows:
+    """Per forward and evicted count: ``start`` the common position of the first stored key (None when
+    rows differ), ``offsets`` each row's, and for padded batches ``keep`` [B, Nk] (device) / ``keep_host``
+    (which stored positions are real tokens)."""
+    start: int | None
+    offsets: list[int]
+    keep: Tensor | None = None
+    keep_host: Tensor | None = None
 
-    def get_seq_length(*args: Any, **kwargs: Any) -> int:
-        n = own_length(*args, **kwargs)
-        return n + layer._poslsh_evicted if n > 0 else 0
 
-    def reset(*args: Any, **kwargs: Any) -> None:
-        layer._poslsh_evicted = 0
-        own_reset(*args, **kwargs)
+_EVICTING_LAYER: Any = None
 
-    layer.get_seq_length, layer.reset = get_seq_length, reset
+
+def _evicting_layer_class() -> type:
+    """``EvictingLayer``, a transformers ``DynamicLayer`` whose memory is bounded by the reachable keys
+    (built on first use: importing this module does not import transformers)."""
+    global _EVICTING_LAYER
+    if _EVICTING_LAYER is not None:
+        return _EVICTING_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class EvictingLayer(DynamicLayer):
+        """A cache layer that stores keys and values in one buffer [B, Hkv, capacity, D] per tensor, the
+        stored ones in its columns begin..end-1, so dropping a prefix (``drop``) is moving ``begin``.
+
+        ``keys``/``values`` (what transformers and the patch read) are views of the stored columns.
+        Appending writes after ``end``; when the buffer is full, the stored columns are moved to its front
+        (they fit in its first half, so source and target never overlap) or, when more than half full,
+        copied into a buffer twice their size; a drop that leaves the buffer less than a quarter full
+        copies the stored columns into a buffer of twice their size, which frees the dropped prefix. Each
+        appended position is copied O(1) times on average, and a layer holds at most ~4x its stored keys
+        (2x after any append), where DynamicLayer's ``torch.cat`` copies the whole cache at every step.
+        ``get_seq_length`` is the logical length (``evicted`` + stored), so transformers' positions and
+        masks count the dropped tokens. Operations transformers applies to ``keys`` itself (crop, beam
+        reordering, batch selection) leave a tensor the next ``update`` adopts as its buffer.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.evicted = 0
+            self.buffer_keys = self.buffer_values = None
+            self.begin = self.end = 0
+
+        @property
+        def capacity(self) -> int:
+            return 0 if self.buffer_keys is None else self.buffer_keys.shape[2]
+
+        def show(self) -> None:
+            self.keys = self.buffer_keys[:, :, self.begin:self.end]
+            self.values = self.buffer_values[:, :, self.begin:self.end]
+
+        def adopt(self) -> None:
+            """Take ``keys``/``values`` as the buffer when something other than this class set them."""
+            if self.buffer_keys is not None and self.keys is not None and self.keys.data_ptr() == \
+                    self.buffer_keys[:, :, self.begin:].data_ptr() and self.keys.shape[2] == self.end - self.begin:
+                return
+            if self.keys is None or self.keys.numel() == 0:
+                self.buffer_keys = self.buffer_values = None
+                self.begin = self.end = 0
+                return
+            self.buffer_keys, self.buffer_values = self.keys, self.values
+            self.begin, self.end = 0, self.keys.shape[2]
+
+        def reallocate(self, capacity: int) -> None:
+            stored = self.end - self.begin
+            keys, values = self.keys, self.values
+            shape = (*keys.shape[:2], capacity, keys.shape[3])
+            self.buffer_keys = keys.new_empty(shape)
+            self.buffer_values = values.new_empty((*shape[:3], values.shape[3]))
+            self.buffer_keys[:, :, :stored] = keys
+            self.buffer_values[:, :, :stored] = values
+            self.begin, self.end = 0, stored
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.adopt()
+            n = key_states.shape[2]
+            if self.buffer_keys is None:
+                self.buffer_keys, self.buffer_values = key_states.clone(), value_states.clone()
+                self.begin, self.end = 0, n
+                self.show()
+                return self.keys, self.values
+            stored = self.end - self.begin
+            if self.end + n > self.capacity:
+                if 2 * (stored + n) <= self.capacity:  # fits in the first half: move the stored columns
+                    self.buffer_keys[:, :, :stored] = self.keys
+                    self.buffer_values[:, :, :stored] = self.values
+                    self.begin, self.end = 0, stored
+                else:
+                    self.reallocate(2 * (stored + n))
+            self.buffer_keys[:, :, self.end:self.end + n] = key_states
+            self.buffer_values[:, :, self.end:self.end + n] = value_states
+            self.end += n
+            self.show()
+            return self.keys, self.values
+
+        def drop(self, count: int) -> None:
+            """Forget the first ``count`` stored positions (they stay counted in the logical length)."""
+            self.adopt()
+            self.begin += count
+            self.evicted += count
+            self.show()
+            stored = self.end - self.begin
+            if 4 * stored < self.capacity:
+                self.reallocate(2 * stored)
+                self.show()
+
+        def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+            n = super().get_seq_length(*args, **kwargs)
+            return n + self.evicted if n > 0 else 0
+
+        def reset(self) -> None:
+            super().reset()
+            self.evicted = 0
+            self.buffer_keys = self.buffer_values = None
+            self.begin = self.end = 0
+
+    _EVICTING_LAYER = EvictingLayer
+    return EvictingLayer
+
+
+def _evicting_layer(cache: Any, layer_idx: int) -> Any:
+    """The cache's layer ``layer_idx`` as an ``EvictingLayer`` (a plain ``DynamicLayer`` is replaced by
+    one that adopts its keys), or None when the cache is not a ``DynamicCache`` of such layers."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if not isinstance(cache, DynamicCache):
+        return None
+    cls = _evicting_layer_class()
+    layers = cache.layers
+    while len(layers) <= layer_idx:
+        layers.append(cls())
+    layer = layers[layer_idx]
+    if type(layer) is DynamicLayer:  # exactly: sliding and other subclasses keep their own layout
+        new = cls()
+        if layer.is_initialized:
+            new.lazy_initialization(layer.keys, layer.values)
+            new.keys, new.values = layer.keys, layer.values
+        layers[layer_idx] = layer = new
+    return layer if isinstance(layer, cls) else None
 
 
 # ---------------------------------------------------------------------- per-family forwards
@@ -564,7 +720,7 @@ def _find_cache(args: dict[str, Any]) -> Any:
     return None
 
 
-def _update_cache(cache: Any, k: Tensor, v: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
+def _update_cache(patch: PoslshPatch, cache: Any, k: Tensor, v: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
     if cache is None:
         return k, v
     from transformers import DynamicCache
@@ -572,6 +728,8 @@ def _update_cache(cache: Any, k: Tensor, v: Tensor, layer_idx: int) -> tuple[Ten
     if not isinstance(cache, DynamicCache):
         raise NotImplementedError(f"the poslsh patch supports DynamicCache (the default) or no cache, got "
                                   f"{type(cache).__name__}")
+    if patch.options.evict and patch.options.method != "exact":
+        _evicting_layer(cache, layer_idx)  # before the update, so the prompt goes into its buffer
     return cache.update(k, v, layer_idx)
 
 
@@ -586,7 +744,7 @@ def _bloom_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dic
     qkv = self.query_key_value(hidden).view(b, n, info.num_heads, 3, info.head_dim)
     q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
     cache = _find_cache(a)
-    k, v = _update_cache(cache, k, v, self.layer_idx)
+    k, v = _update_cache(patch, cache, k, v, self.layer_idx)
     out = self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache)))
     out = residual + F.dropout(out, p=self.hidden_dropout, training=self.training)
     return out, None
@@ -600,7 +758,7 @@ def _mpt_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[
         qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     q, k, v = (x.reshape(b, n, info.num_heads, info.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
     cache = _find_cache(a)
-    k, v = _update_cache(cache, k, v, self.layer_idx)
+    k, v = _update_cache(patch, cache, k, v, self.layer_idx)
     return self.out_proj(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
 
 
@@ -625,7 +783,7 @@ def _falcon_split(info: _LayerInfo, fused: Tensor) -> tuple[Tensor, Tensor, Tens
 def _falcon_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[str, Any]):
     q, k, v = (x.transpose(1, 2) for x in _falcon_split(info, self.query_key_value(a["hidden_states"])))
     cache = _find_cache(a)
-    k, v = _update_cache(cache, k, v, self.layer_idx)
+    k, v = _update_cache(patch, cache, k, v, self.layer_idx)
     return self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
 
 
@@ -654,6 +812,9 @@ def _mask_hook(patch: PoslshPatch, base: nn.Module):
         if mask is not None and mask.ndim != 2:
             raise NotImplementedError("the poslsh patch needs a 2-D [batch, length] attention_mask")
         patch.attention_mask = None if mask is None else mask.bool()
+        # One host read per forward (not per layer): every position attended (generation's usual mask)?
+        patch.mask_host = None if mask is None or bool(patch.attention_mask.all()) else patch.attention_mask.cpu()
+        patch.forward_rows = {}
 
     return base.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -806,6 +967,58 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
     _register_config(model.config, patch)
     model._poslsh_patch = patch
     return patch
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name the model's forward takes its cache under ("cache" since 5.25, "past_key_values" before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def chunked_prefill(model: nn.Module, input_ids: Tensor, chunk_size: int,
+                    attention_mask: Tensor | None = None) -> tuple[Any, Tensor]:
+    """Feed a prompt to a (patched) model ``chunk_size`` tokens at a time against a transformers
+    ``DynamicCache``, as ``model(input_ids=chunk, attention_mask=mask[:, :end], <cache>=cache,
+    use_cache=True)`` in a loop (transformers' ``past_key_values`` convention), without gradients.
+
+    Args:
+        model: a ``...ForCausalLM`` (patched by ``patch_model`` or not).
+        input_ids: [B, N] token ids.
+        chunk_size: C >= 1 tokens per forward.
+        attention_mask: [B, N], 1 for tokens and 0 for padding (left padding keeps the last position
+            a token), or None.
+
+    Returns:
+        (cache, last_logits): the ``DynamicCache`` holding the prompt (with ``evict=True``, only the keys
+        a future query can reach) and the logits of position N - 1, [B, vocab].
+
+    Peak memory: the weights, one chunk's activations ([B, C, hidden], the chunk's attention) and the
+    cache; with window, LSH or hybrid and ``evict=True`` the cache is the reachable keys, whatever N.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0 \
+            or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be a [batch, length] integer tensor with length >= 1, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # releases whose DynamicCache takes no config
+        cache = DynamicCache()
+    extra = {_cache_argument(model): cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1  # no [B, C, vocab] logits per chunk
+    n = input_ids.shape[1]
+    for start in range(0, n, chunk_size):
+        end = min(n, start + chunk_size)
+        mask = None if attention_mask is None else attention_mask[:, :end]
+        out = model(input_ids=input_ids[:, start:end], attention_mask=mask, **extra)
+    return cache, out.logits[:, -1]
 
 
 def unpatch_model(model: nn.Module) -> None:
