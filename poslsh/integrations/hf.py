@@ -302,7 +302,7 @@ class PoslshPatch:
     layers: list[_LayerInfo] = field(default_factory=list)
     attention_mask: Tensor | None = None  # the 2-D mask of the running forward (bool, its device)
     mask_host: Tensor | None = None  # a host copy of it when some position is masked, else None
-    forward_rows: dict = field(default_factory=dict)  # evicted count -> _Rows, for the running forward
+    forward_rows: dict = field(default_factory=dict)  # per running forward: _Rows per evicted count, reaches
     _hook: Any = None
     active: bool = True
     widths: Tensor | None = None  # hybrid: fixed near-field half-widths [H] (UNBOUNDED_WIDTH = every key)
@@ -388,7 +388,7 @@ class PoslshPatch:
     def _rows(self, evicted: int, nk: int, device: torch.device) -> "_Rows":
         """What the 2-D mask says about each row's stored keys, computed once per forward and evicted count
         (on the host, from one copy of the mask per forward) and reused by every layer."""
-        rows = self.forward_rows.get(evicted)
+        rows = self.forward_rows.get(("rows", evicted))
         if rows is not None:
             return rows
         mask = self.attention_mask
@@ -405,7 +405,7 @@ class PoslshPatch:
                 rows = _Rows(start=offsets[0] if len(set(offsets)) == 1 else None, offsets=offsets)
             else:
                 rows = _Rows(start=None, offsets=offsets, keep=keep.to(device), keep_host=keep)
-        self.forward_rows[evicted] = rows
+        self.forward_rows[("rows", evicted)] = rows
         return rows
 
     def _call_compacted(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, rows: "_Rows") -> Tensor:
@@ -453,8 +453,14 @@ class PoslshPatch:
 
     # ------------------------------------------------------------------ eviction
     def _reach_start(self, info: _LayerInfo, t: int) -> int:
-        """First position (among kept tokens) any query at position >= t can see, over all heads."""
-        return int(self._layer_starts(info, t).min())
+        """First position (among kept tokens) any query at position >= t can see, over all heads (host
+        arithmetic on the slopes and partitions; the window's is the same for every layer, so it is
+        computed once per forward)."""
+        key = ("reach", None if self.options.method == "window" else info.index, t)
+        start = self.forward_rows.get(key)
+        if start is None:
+            start = self.forward_rows[key] = int(self._layer_starts(info, t).min())
+        return start
 
     def _layer_starts(self, info: _LayerInfo, t: int) -> Tensor:
         """Per head, the first key position a query at position >= t can see: int64 [H]."""
