@@ -670,3 +670,28 @@ def test_decode_reads_the_mask_once_per_forward_not_per_layer(padded):
             model(input_ids=logits.argmax(-1, keepdim=True), attention_mask=step_mask, **_cache_kw(model, cache))
             counts[layers] = _HostReadCounter.reads
     assert counts[2] == counts[6], counts
+
+
+def test_mask_registry_is_restored_and_other_models_untouched():
+    """While a model is patched, another (unpatched) model builds its own mask as before; the last
+    unpatch restores every registry entry; a patched model that is dropped is not kept alive."""
+    import gc
+    import weakref
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as registry
+
+    before = {key: registry[key] for key in registry}
+    patched, other = _steep_bloom(), _steep_bloom()
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        ref = other(ids, attention_mask=mask).logits
+        with patch_model(patched):
+            assert any(registry[key] is not before[key] for key in before)
+            assert torch.equal(other(ids, attention_mask=mask).logits, ref)
+    assert {key: registry[key] for key in registry} == before
+    patch_model(patched)
+    dropped = weakref.ref(patched)
+    del patched
+    gc.collect()
+    assert dropped() is None
+    assert hf._patch_for_config(other.config) is None

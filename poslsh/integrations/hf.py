@@ -831,7 +831,7 @@ def _mask_hook(patch: PoslshPatch, base: nn.Module):
 # model is patched, every entry of that registry is replaced (its documented per-key override) by a
 # dispatcher: a call for a patched model's config goes to the patch, any other call to the function
 # the entry held, so other models in the process build their masks as before.
-_PATCHED_CONFIGS: dict[int, tuple[Any, "PoslshPatch"]] = {}  # id(config) -> (weakref to config, patch)
+_PATCHED_CONFIGS: dict[int, tuple[Any, Any]] = {}  # id(config) -> (weakref to config, weakref to patch)
 _MASK_ENTRIES: dict[str, Any] = {}  # registry key -> the function its entry held before the dispatcher
 
 
@@ -856,7 +856,7 @@ def _patch_for_config(config: Any) -> "PoslshPatch | None":
     entry = _PATCHED_CONFIGS.get(id(config))
     if entry is None or entry[0]() is not config:
         return None
-    return entry[1]
+    return entry[1]()
 
 
 def _mask_dispatcher(key: str, original: Any):
@@ -873,7 +873,11 @@ def _mask_dispatcher(key: str, original: Any):
 def _register_config(config: Any, patch: "PoslshPatch") -> None:
     import weakref
 
-    _PATCHED_CONFIGS[id(config)] = (weakref.ref(config), patch)
+    # Weak references both: the model holds its patch (``_poslsh_patch``), and a model dropped without
+    # unpatch_model must not be kept alive by this table.
+    for key in [k for k, (c, p) in _PATCHED_CONFIGS.items() if c() is None or p() is None]:
+        del _PATCHED_CONFIGS[key]  # models dropped while patched
+    _PATCHED_CONFIGS[id(config)] = (weakref.ref(config), weakref.ref(patch))
     registry = _mask_registry()
     for key in list(registry.keys()):
         if key not in _MASK_ENTRIES:
