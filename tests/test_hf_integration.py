@@ -695,3 +695,41 @@ def test_mask_registry_is_restored_and_other_models_untouched():
     gc.collect()
     assert dropped() is None
     assert hf._patch_for_config(other.config) is None
+
+
+def test_evicting_layer_equals_concatenation_with_drops():
+    """EvictingLayer against the plain reference (torch.cat, then slicing off the dropped prefix), over
+    appends of 1 and several positions, drops that trigger in-place moves and reallocations, and a crop
+    and a batch selection done by transformers' own DynamicLayer code (adopted at the next update)."""
+    layer = hf._evicting_layer_class()()
+    g = torch.Generator().manual_seed(0)
+    ref_k = ref_v = None
+    evicted = 0
+    steps = [("add", 9), ("drop", 6), ("add", 1), ("add", 1), ("add", 5), ("drop", 8), ("add", 1), ("add", 3),
+             ("crop", 2), ("add", 2), ("drop", 1), ("select", 0), ("add", 4), ("drop", 3), ("add", 1)]
+    for op, n in steps:
+        if op == "add":
+            batch = 2 if ref_k is None else ref_k.shape[0]
+            k, v = torch.randn(batch, 3, n, 4, generator=g), torch.randn(batch, 3, n, 5, generator=g)
+            ref_k = k if ref_k is None else torch.cat([ref_k, k], 2)
+            ref_v = v if ref_v is None else torch.cat([ref_v, v], 2)
+            keys, values = layer.update(k, v)
+            assert torch.equal(keys, ref_k) and torch.equal(values, ref_v), (op, n)
+        elif op == "drop":
+            layer.drop(n)
+            evicted += n
+            ref_k, ref_v = ref_k[:, :, n:], ref_v[:, :, n:]
+        elif op == "crop":
+            layer.crop(-n)
+            ref_k, ref_v = ref_k[:, :, :-n], ref_v[:, :, :-n]
+        else:
+            layer.batch_select_indices(torch.tensor([n]))
+            ref_k, ref_v = ref_k[n:n + 1], ref_v[n:n + 1]
+        assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v), (op, n)
+        assert layer.get_seq_length() == evicted + ref_k.shape[2]
+    with pytest.raises(ValueError, match="cannot crop"):
+        layer.crop(-ref_k.shape[2])  # would reach into the evicted prefix
+    layer.crop(layer.get_seq_length() - 1)  # the older convention: the logical length to keep
+    assert torch.equal(layer.keys, ref_k[:, :, :-1])
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.evicted == 0

@@ -612,7 +612,7 @@ def _evicting_layer_class() -> type:
         def __init__(self) -> None:
             super().__init__()
             self.evicted = 0
-            self.buffer_keys = self.buffer_values = None
+            self.buffer_keys = self.buffer_values = self.shown_keys = self.shown_values = None
             self.begin = self.end = 0
 
         @property
@@ -620,13 +620,12 @@ def _evicting_layer_class() -> type:
             return 0 if self.buffer_keys is None else self.buffer_keys.shape[2]
 
         def show(self) -> None:
-            self.keys = self.buffer_keys[:, :, self.begin:self.end]
-            self.values = self.buffer_values[:, :, self.begin:self.end]
+            self.keys = self.shown_keys = self.buffer_keys[:, :, self.begin:self.end]
+            self.values = self.shown_values = self.buffer_values[:, :, self.begin:self.end]
 
         def adopt(self) -> None:
             """Take ``keys``/``values`` as the buffer when something other than this class set them."""
-            if self.buffer_keys is not None and self.keys is not None and self.keys.data_ptr() == \
-                    self.buffer_keys[:, :, self.begin:].data_ptr() and self.keys.shape[2] == self.end - self.begin:
+            if self.buffer_keys is not None and self.keys is self.shown_keys and self.values is self.shown_values:
                 return
             if self.keys is None or self.keys.numel() == 0:
                 self.buffer_keys = self.buffer_values = None
@@ -680,14 +679,30 @@ def _evicting_layer_class() -> type:
                 self.reallocate(2 * stored)
                 self.show()
 
+        def crop(self, length: int) -> None:
+            """Keep the first ``length`` logical positions, or remove ``-length`` when negative (both
+            conventions transformers has used); what was evicted cannot be cropped back into."""
+            self.adopt()
+            logical = self.get_seq_length()
+            remove = -length if length < 0 else logical - length
+            if remove <= 0 or self.buffer_keys is None:
+                return
+            if remove > self.end - self.begin - 1:
+                raise ValueError(f"cannot crop {remove} positions from a layer that stores "
+                                 f"{self.end - self.begin} after evicting {self.evicted}")
+            self.end -= remove
+            self.show()
+
         def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
             n = super().get_seq_length(*args, **kwargs)
             return n + self.evicted if n > 0 else 0
 
         def reset(self) -> None:
             super().reset()
+            # Empty whatever the release's reset does (5.2 zeroes the tensors and keeps their length).
+            self.keys = self.values = self.buffer_keys = self.buffer_values = self.shown_keys = self.shown_values = None
+            self.is_initialized = False
             self.evicted = 0
-            self.buffer_keys = self.buffer_values = None
             self.begin = self.end = 0
 
     _EVICTING_LAYER = EvictingLayer
