@@ -733,3 +733,31 @@ def test_evicting_layer_equals_concatenation_with_drops():
     assert torch.equal(layer.keys, ref_k[:, :, :-1])
     layer.reset()
     assert layer.get_seq_length() == 0 and layer.evicted == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a BLOOM-560m-shaped model at 16K-32K tokens")
+@pytest.mark.parametrize("method", ["exact", "window"])
+@torch.no_grad()
+def test_cuda_prefill_peak_memory_is_linear_in_the_length(method):
+    """A BLOOM-560m-shaped model (random weights, bf16): peak prefill memory above the weights grows at
+    most ~2x from 16K to 32K tokens (transformers' n x n mask made it ~4x); chunked prefill of 32K with
+    window + eviction peaks below one-shot."""
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    model = transformers.BloomForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    weights = torch.cuda.memory_allocated()
+
+    def peak(n, chunk, evict=False):
+        ids = torch.randint(1, 1000, (1, n), device="cuda")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with patch_model(model, method=method, evict=evict):
+            cache, _ = hf.chunked_prefill(model, ids, chunk)
+            del cache
+        return torch.cuda.max_memory_allocated() - weights
+
+    small, large = peak(1 << 14, 1 << 14), peak(1 << 15, 1 << 15)
+    assert large < 2.2 * small, (small, large)
+    if method == "window":
+        chunked = peak(1 << 15, 1 << 12, evict=True)
+        assert chunked < large / 2, (chunked, large)
