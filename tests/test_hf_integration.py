@@ -322,19 +322,31 @@ def _falcon(tmp_path, attn_implementation: str):
 
 
 @torch.no_grad()
-def test_falcon_eager_is_warned_and_patched_like_sdpa(tmp_path):
-    """The patch reproduces Falcon's SDPA path (one ALiBi bias) for an eager Falcon too, and says so."""
-    eager, sdpa = _falcon(tmp_path, "eager"), _falcon(tmp_path, "sdpa")
+def test_falcon_eager_is_patched_like_sdpa_and_warned_where_it_differs(tmp_path):
+    """The patch reproduces Falcon's SDPA path (one ALiBi bias) for an eager Falcon too. transformers
+    5.2-5.24's eager Falcon adds the bias twice: there the patch warns at the first forward (it learns the
+    implementation from the mask registry call); 5.25's eager Falcon equals its SDPA path and no warning
+    is given."""
+    eager, sdpa = _falcon(tmp_path / "eager", "eager"), _falcon(tmp_path / "sdpa", "sdpa")
     ids, mask = _padded_batch()
+    keep = mask.bool()
     ref = sdpa(ids, attention_mask=mask).logits
+    own_eager = eager(ids, attention_mask=mask).logits
+    twice = hf._transformers_version() < hf.FALCON_EAGER_BIAS_FIXED
+    assert ((own_eager - ref)[keep].abs().max() > 1e-3) == twice  # the upstream bug is there iff we say so
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        patch_model(sdpa, method="exact").unpatch()  # no warning for SDPA
-    with pytest.warns(UserWarning, match=r"attn_implementation='eager'.*adds the ALiBi bias twice"):
-        patch = patch_model(eager, method="exact")
+        with patch_model(sdpa, method="exact"):
+            sdpa(ids, attention_mask=mask)  # no warning for SDPA
+        patch = patch_model(eager, method="exact")  # nor at patch time
     with patch:
-        out = eager(ids, attention_mask=mask).logits
-    keep = mask.bool()
+        if twice:
+            with pytest.warns(UserWarning, match=r"attn_implementation='eager'.*adds the ALiBi bias\s+twice"):
+                out = eager(ids, attention_mask=mask).logits
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                out = eager(ids, attention_mask=mask).logits
     assert (out - ref)[keep].abs().max() < 1e-4
 
 
@@ -361,9 +373,391 @@ def test_falcon_beyond_256_positions(tmp_path, monkeypatch, attn_implementation)
     assert (ref[0, :256] - rounded[0, :256]).abs().max() < 1e-5  # below 256 the rounding changes nothing
     assert (ref[0, 256:] - rounded[0, 256:]).abs().max() > 1e-4  # beyond it, it does: the test can see it
     model = sdpa if attn_implementation == "sdpa" else _falcon(tmp_path / "eager", "eager")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        patch = patch_model(model, method="exact")
-    with patch:
+    with patch_model(model, method="exact"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an eager Falcon before 5.25 is warned about at its first forward
         out = model(ids).logits
     assert (out - ref).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------- no private upstream internals
+def _private_uses(source: str) -> tuple[set[str], list[tuple[int, str]]]:
+    """(names hf.py defines, [(line, name)] of every private name it reaches on some object).
+
+    The rule: an attribute ``x._name`` (or ``getattr(x, "_name")`` and friends, or ``from pkg import
+    _name`` of another package) is another library's internal unless ``_name`` is
+      * a dunder (``__dict__``, ``__name__``: Python's object model, not a library's internals),
+      * prefixed ``_poslsh`` (a marker this module sets on objects it patches: our name on their object),
+      * defined in hf.py itself (a function, class, method, field or ``self._x`` it assigns): our own
+        private helpers. ``test_no_private_upstream_internals`` also checks that no such name occurs in
+        the transformers source read here, so an allowed name cannot be one of transformers'.
+    """
+    import ast
+
+    tree = ast.parse(source)
+    defined: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.add(node.target.id)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for sub in ast.walk(t):
+                    if isinstance(sub, ast.Name):
+                        defined.add(sub.id)
+                    elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self":
+                        defined.add(sub.attr)
+
+    def foreign(name: str) -> bool:
+        return (name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+                and not name.startswith("_poslsh") and name not in defined)
+
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and foreign(node.attr):
+            uses.append((node.lineno, node.attr))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+              and foreign(node.args[1].value)):
+            uses.append((node.lineno, node.args[1].value))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and not (node.module or "").startswith("poslsh"):
+            uses += [(node.lineno, a.name) for a in node.names if foreign(a.name)]
+    return defined, uses
+
+
+def test_private_use_detector_sees_each_form():
+    """The detector flags the forms it must (so the test below can fail) and spares ours."""
+    source = (
+        "from transformers.cache_utils import _private\n"
+        "def _ours(x):\n    return x\n"
+        "class A:\n    def f(self, m):\n        self._mine = 1\n"
+        "        return m._split_heads, getattr(m.config, '_attn_implementation'), self._mine, self._ours,\n"
+        "        m.__class__, m._poslsh_patch, hasattr(m, '_x')\n"
+    )
+    _, uses = _private_uses(source)
+    assert sorted(name for _, name in uses) == ["_attn_implementation", "_private", "_split_heads", "_x"]
+
+
+def test_no_private_upstream_internals():
+    """hf.py reaches no private attribute or method of transformers (or torch) objects; the private
+    names it does use are its own and appear nowhere in the transformers modules it works with."""
+    import pathlib
+
+    source = pathlib.Path(hf.__file__).read_text()
+    defined, uses = _private_uses(source)
+    assert uses == [], f"private names of other libraries used in hf.py (line, name): {uses}"
+    root = pathlib.Path(transformers.__file__).parent
+    upstream = "".join(p.read_text() for p in [*root.glob("*.py"), *root.glob("models/bloom/*.py"),
+                                                 *root.glob("models/falcon/*.py"), *root.glob("models/mpt/*.py")])
+    import re
+
+    ours = {name for name in defined if name.startswith("_") and name != "_" and not name.startswith("__")}
+    clashes = {name for name in ours if re.search(rf"\b{re.escape(name)}\b", upstream)}
+    assert not clashes, f"hf.py's private names also used by transformers (rename ours): {clashes}"
+
+
+def test_version_outside_the_tested_range_warns_once(monkeypatch):
+    import sys
+
+    low, high = hf.TESTED_TRANSFORMERS
+    model = transformers.BloomForCausalLM(_config("bloom")).eval()
+    monkeypatch.setattr(hf, "_RANGE_WARNED", set())
+    # The module transformers' lazy import leaves in sys.modules (not always the object imported above).
+    installed = sys.modules["transformers"]
+    monkeypatch.setattr(installed, "__version__", f"{high[0]}.{high[1]}.0")
+    pattern = rf"tested with transformers >={low[0]}\.{low[1]},<{high[0]}\.{high[1]}; found {high[0]}\.{high[1]}\.0"
+    with pytest.warns(UserWarning, match=pattern):
+        patch_model(model).unpatch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(model).unpatch()  # said once
+    monkeypatch.setattr(installed, "__version__", f"{low[0]}.{low[1]}.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(model).unpatch()  # inside the range: silent
+    monkeypatch.setattr(installed, "__version__", "4.51.3")
+    with pytest.raises(RuntimeError, match=r"needs transformers >= 4\.54, found 4\.51\.3"):
+        patch_model(model)
+
+
+@pytest.mark.parametrize("layout", [dict(multi_query=False, new_decoder_architecture=False),
+                                    dict(multi_query=False, new_decoder_architecture=True, num_kv_heads=2),
+                                    dict(multi_query=True, new_decoder_architecture=True, num_kv_heads=1)])
+@torch.no_grad()
+def test_falcon_fused_qkv_layouts(layout):
+    """Every Falcon QKV layout, split from the config alone, reproduces the model (grouped KV included)."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       alibi=True, bias=False, initializer_range=0.3, **layout)
+    model = transformers.FalconForCausalLM(config).eval()
+    ids, mask = _padded_batch()
+    ref = model(ids, attention_mask=mask).logits
+    with patch_model(model, method="exact") as patch:
+        out = model(ids, attention_mask=mask).logits
+    assert patch.layers[0].num_kv_heads == (4 if not layout["new_decoder_architecture"] else layout["num_kv_heads"])
+    assert (out - ref)[mask.bool()].abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------- prefill memory
+def _blocks(model):
+    base = model.base_model
+    return base.blocks if hf.model_family(model) == "mpt" else base.h
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_prefill_builds_no_quadratic_mask(family):
+    """The patched model builds no n x n tensor in prefill: the mask its base model hands every decoder
+    block is linear in n (transformers' own is [B, 1, n, n], Falcon's [B, H, n, n] with the bias folded
+    in), and no operation of the forward allocates as much as one float n x n tensor (torch.profiler's
+    per-operation memory; transformers' masks do)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, heads = 2048, 4
+    torch.manual_seed(0)
+    config = _config(family)
+    if family == "mpt":
+        config.max_seq_len = n
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    masks = []
+
+    def record(module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        masks.append(None if mask is None else mask.numel())
+
+    hooks = [block.register_forward_pre_hook(record, with_kwargs=True) for block in _blocks(model)]
+    ids = torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(0))
+    try:
+        with patch_model(model, method="window"):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                model(ids, attention_mask=torch.ones(1, n, dtype=torch.long))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(masks) == 2 and all(m is not None and m <= heads * n for m in masks), masks
+    largest = max(prof.events(), key=lambda e: e.self_cpu_memory_usage)
+    assert largest.self_cpu_memory_usage < n * n * 4, (largest.name, largest.self_cpu_memory_usage)
+
+
+# ---------------------------------------------------------------------- eviction memory, chunked prefill
+def _steep_bloom():
+    torch.manual_seed(0)
+    return transformers.BloomForCausalLM(_config("bloom")).eval()
+
+
+def _cache_kw(model, cache):
+    return {hf._cache_argument(model): cache, "use_cache": True}
+
+
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_evicting_cache_frees_the_prefix_and_appends_in_place():
+    """evict=True: after a 200-token prefill the storage behind each layer's keys is at most 4x its
+    stored (reachable) keys, not the prompt (a slice of DynamicLayer's cat kept the whole prompt alive);
+    decoding appends into that buffer (DynamicLayer's torch.cat copied the whole cache every step) and
+    the stored count stays that of the window."""
+    model = _steep_bloom()
+    steep = [0.9, 0.6, 0.4, 0.3]
+    ids = torch.randint(1, VOCAB, (1, 200), generator=torch.Generator().manual_seed(0))
+    with patch_model(model, method="window", window_eps=0.01, slopes=steep, evict=True) as patch:
+        cache, logits = hf.chunked_prefill(model, ids, 200)
+        layers = list(cache.layers)
+        per_position = lambda layer: layer.keys[:, :, :1].numel() * layer.keys.element_size()  # noqa: E731
+        stored = [layer.keys.shape[2] for layer in layers]
+        assert all(s < 30 for s in stored), stored
+        for layer, s in zip(layers, stored):
+            assert layer.keys.untyped_storage().nbytes() <= 4 * s * per_position(layer)
+        buffers, moved = [layer.keys.data_ptr() for layer in layers], 0
+        token = logits.argmax(-1, keepdim=True)
+        for step in range(20):
+            out = model(input_ids=token, **_cache_kw(model, cache))
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            moved += sum(layer.buffer_keys.data_ptr() != b for layer, b in zip(cache.layers, buffers))
+            buffers = [layer.buffer_keys.data_ptr() for layer in cache.layers]
+            for layer in cache.layers:
+                assert layer.keys.untyped_storage().nbytes() <= 4 * layer.keys.shape[2] * per_position(layer)
+        assert moved <= 2 * len(layers) * 3, moved  # a few reallocations in 20 steps, not one per step
+        assert [layer.keys.shape[2] for layer in cache.layers] == stored  # a window: the reach does not grow
+        assert cache.get_seq_length() == 220
+        memory = patch.cache_memory(cache)
+        assert memory["evicted_bytes"] > memory["stored_bytes"]
+
+
+def _greedy_after(model, cache, logits, mask, steps):
+    tokens = []
+    token = logits.argmax(-1, keepdim=True)
+    for _ in range(steps):
+        tokens.append(token)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        out = model(input_ids=token, attention_mask=mask, **_cache_kw(model, cache))
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return torch.cat(tokens, dim=1)
+
+
+@pytest.mark.parametrize("method,evict", [("exact", False), ("window", False), ("window", True), ("lsh", False),
+                                          ("lsh", True), ("hybrid", True)])
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_chunked_prefill_equals_one_shot(model, method, evict):
+    """A prompt fed in chunks of 5 against the cache (a left-padded row included) leaves the cache and
+    logits from which greedy decoding gives the tokens of a one-shot prefill, for every method, with
+    and without eviction."""
+    ids, mask = _padded_batch(23)
+    ids, mask = ids[:2], mask[:2]
+    steep = [0.9, 0.6, 0.4, 0.3]
+    opts = dict(method=method, samples=4, seed=1, window_eps=0.01, hybrid_eps=0.1, evict=evict, slopes=steep)
+    with patch_model(model, **opts):
+        one_cache, one_logits = hf.chunked_prefill(model, ids, 23, attention_mask=mask)
+        one = _greedy_after(model, one_cache, one_logits, mask, 8)
+        cache, logits = hf.chunked_prefill(model, ids, 5, attention_mask=mask)
+        chunked = _greedy_after(model, cache, logits, mask, 8)
+    assert torch.allclose(logits, one_logits, atol=1e-4)
+    assert torch.equal(chunked, one)
+    assert len(set(one.flatten().tolist())) > 2
+    if evict:
+        assert cache.layers[0].evicted > 0
+
+
+def test_chunked_prefill_checks_its_arguments():
+    model = _steep_bloom()
+    ids = torch.randint(1, VOCAB, (1, 8))
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer >= 1, got 0"):
+        hf.chunked_prefill(model, ids, 0)
+    with pytest.raises(ValueError, match=r"input_ids must be a \[batch, length\] integer tensor"):
+        hf.chunked_prefill(model, ids[0], 4)
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(1, 8\), got \(1, 7\)"):
+        hf.chunked_prefill(model, ids, 4, attention_mask=torch.ones(1, 7))
+
+
+class _HostReadCounter(torch.Tensor):
+    """A mask standing for a device tensor: counts the operations that read its values (or values derived
+    from it) on the host, each a host-device synchronisation on a GPU. A host copy (``.cpu()``, counted
+    once) is an ordinary tensor: reading it costs no synchronisation."""
+    reads = 0
+    SYNCS = {"__bool__", "item", "tolist", "__int__", "__index__", "cpu", "numpy"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in cls.SYNCS:
+            cls.reads += 1
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return out.as_subclass(torch.Tensor) if name == "cpu" else out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_decode_reads_the_mask_once_per_forward_not_per_layer(padded):
+    """What the patch needs from the 2-D mask is read on the host once per model forward and reused by
+    every layer: a decode step of a 6-layer model reads it as often as one of a 2-layer model (each read
+    of a device tensor is a host-device synchronisation)."""
+    ids, mask = _padded_batch(12)
+    ids, mask = ids[:2], mask[:2] if padded else torch.ones(2, 12, dtype=torch.long)
+    counts = {}
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        config = _config("bloom")
+        config.n_layer = layers
+        model = transformers.BloomForCausalLM(config).eval()
+        with patch_model(model, method="window", window_eps=0.05, evict=True):
+            cache, logits = hf.chunked_prefill(model, ids, 12, attention_mask=mask)
+            step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1).as_subclass(_HostReadCounter)
+            _HostReadCounter.reads = 0
+            model(input_ids=logits.argmax(-1, keepdim=True), attention_mask=step_mask, **_cache_kw(model, cache))
+            counts[layers] = _HostReadCounter.reads
+    assert counts[2] == counts[6], counts
+
+
+def test_mask_registry_is_restored_and_other_models_untouched():
+    """While a model is patched, another (unpatched) model builds its own mask as before; the last
+    unpatch restores every registry entry; a patched model that is dropped is not kept alive."""
+    import gc
+    import weakref
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as registry
+
+    before = {key: registry[key] for key in registry}
+    patched, other = _steep_bloom(), _steep_bloom()
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        ref = other(ids, attention_mask=mask).logits
+        with patch_model(patched):
+            assert any(registry[key] is not before[key] for key in before)
+            assert torch.equal(other(ids, attention_mask=mask).logits, ref)
+    assert {key: registry[key] for key in registry} == before
+    patch_model(patched)
+    dropped = weakref.ref(patched)
+    del patched
+    gc.collect()
+    assert dropped() is None
+    assert hf._patch_for_config(other.config) is None
+
+
+def test_evicting_layer_equals_concatenation_with_drops():
+    """EvictingLayer against the plain reference (torch.cat, then slicing off the dropped prefix), over
+    appends of 1 and several positions, drops that trigger in-place moves and reallocations, and a crop
+    and a batch selection done by transformers' own DynamicLayer code (adopted at the next update)."""
+    layer = hf._evicting_layer_class()()
+    g = torch.Generator().manual_seed(0)
+    ref_k = ref_v = None
+    evicted = 0
+    steps = [("add", 9), ("drop", 6), ("add", 1), ("add", 1), ("add", 5), ("drop", 8), ("add", 1), ("add", 3),
+             ("crop", 2), ("add", 2), ("drop", 1), ("select", 0), ("add", 4), ("drop", 3), ("add", 1)]
+    for op, n in steps:
+        if op == "add":
+            batch = 2 if ref_k is None else ref_k.shape[0]
+            k, v = torch.randn(batch, 3, n, 4, generator=g), torch.randn(batch, 3, n, 5, generator=g)
+            ref_k = k if ref_k is None else torch.cat([ref_k, k], 2)
+            ref_v = v if ref_v is None else torch.cat([ref_v, v], 2)
+            keys, values = layer.update(k, v)
+            assert torch.equal(keys, ref_k) and torch.equal(values, ref_v), (op, n)
+        elif op == "drop":
+            layer.drop(n)
+            evicted += n
+            ref_k, ref_v = ref_k[:, :, n:], ref_v[:, :, n:]
+        elif op == "crop":
+            layer.crop(-n)
+            ref_k, ref_v = ref_k[:, :, :-n], ref_v[:, :, :-n]
+        else:
+            layer.batch_select_indices(torch.tensor([n]))
+            ref_k, ref_v = ref_k[n:n + 1], ref_v[n:n + 1]
+        assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v), (op, n)
+        assert layer.get_seq_length() == evicted + ref_k.shape[2]
+    with pytest.raises(ValueError, match="cannot crop"):
+        layer.crop(-ref_k.shape[2])  # would reach into the evicted prefix
+    layer.crop(layer.get_seq_length() - 1)  # the older convention: the logical length to keep
+    assert torch.equal(layer.keys, ref_k[:, :, :-1])
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.evicted == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a BLOOM-560m-shaped model at 16K-32K tokens")
+@pytest.mark.parametrize("method", ["exact", "window"])
+@torch.no_grad()
+def test_cuda_prefill_peak_memory_is_linear_in_the_length(method):
+    """A BLOOM-560m-shaped model (random weights, bf16): peak prefill memory above the weights grows at
+    most ~2x from 16K to 32K tokens (transformers' n x n mask made it ~4x); chunked prefill of 32K with
+    window + eviction peaks below one-shot."""
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    model = transformers.BloomForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    weights = torch.cuda.memory_allocated()
+
+    def peak(n, chunk, evict=False):
+        ids = torch.randint(1, 1000, (1, n), device="cuda")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with patch_model(model, method=method, evict=evict):
+            cache, _ = hf.chunked_prefill(model, ids, chunk)
+            del cache
+        return torch.cuda.max_memory_allocated() - weights
+
+    small, large = peak(1 << 14, 1 << 14), peak(1 << 15, 1 << 15)
+    assert large < 2.2 * small, (small, large)
+    if method == "window":
+        chunked = peak(1 << 15, 1 << 12, evict=True)
+        assert chunked < large / 2, (chunked, large)
