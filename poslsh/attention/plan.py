@@ -65,8 +65,9 @@ from .window import hybrid_widths, window_sizes
 
 __all__ = ["AttentionPlan", "HYBRID_WIDTH_N", "public_call", "remember_public_call", "clear_public_plans"]
 
-# The length the hybrid's near field is computed for, once (widths that would cover all of it mean
-# "every key"): the transformers patch's HYBRID_WIDTH_N, so a plan and the patch give the same widths.
+# The length the hybrid's near field is computed for, once, and used at every length (the widths of
+# ALiBi heads converge long before: the far-field variance lives within ~1/m of the query); widths that
+# would cover all of it mean "every key". The transformers patch uses it too.
 HYBRID_WIDTH_N = 1 << 16
 
 

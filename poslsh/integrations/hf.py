@@ -142,6 +142,7 @@ from torch import Tensor, nn
 from ..hashing import UNBOUNDED_WIDTH, Partitions
 from ..method import MethodSpec, as_method
 from ..layer_partitions import CUT_CHUNK, LayerPartitions
+from ..attention.plan import HYBRID_WIDTH_N
 
 __all__ = ["patch_model", "unpatch_model", "PoslshPatch", "cache_report", "chunked_prefill", "model_family", "model_slopes",
            "CUT_CHUNK", "SUPPORTED_FAMILIES", "HYBRID_WIDTH_N"]
@@ -164,16 +165,6 @@ _ATTN_CLASSES = {
     "falcon": ("FalconAttention", "FalconFlashAttention2"),
 }
 _CACHE_NAMES = ("layer_past", "cache", "past_key_values", "past_key_value")
-# The hybrid's near-field widths are computed once at this length (the widths of ALiBi heads have
-# converged long before: the far-field variance lives within ~1/m of the query) and used at every
-# length, capped at Nk - 1; a head that reaches the cap here (slope 0 or tiny) stays exact at any length.
-HYBRID_WIDTH_N = 1 << 16
-
-
-def _operator():
-    from ..attention import attention  # imported late: the operator module is optional at import time
-
-    return attention
 
 
 def _transformers_version() -> tuple[int, int]:
@@ -306,6 +297,7 @@ class PoslshPatch:
     _hook: Any = None
     active: bool = True
     widths: Tensor | None = None  # hybrid: fixed near-field half-widths [H] (UNBOUNDED_WIDTH = every key)
+    plans: dict = field(default_factory=dict)  # (layer index, device) -> the layer's AttentionPlan
     _warned: set = field(default_factory=set)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -436,20 +428,21 @@ class PoslshPatch:
         return out
 
     def _call(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
-        """``poslsh.attention`` with the layer's partitions of positions start..start+Nk-1.
+        """The layer's attention over keys at positions start..start+Nk-1 (``start``: the evicted prefix),
+        through the layer's ``AttentionPlan``: the method, slopes, partitions and (hybrid) fixed widths
+        resolved once per layer and device, so a decode step does constant host work whatever the cache.
 
-        The one place the patch calls the operator (a per-layer resolved plan would be called here)."""
-        o = self.options
-        parts = None if info.parts is None else info.parts.window(start, k.shape[-2], q.device)
-        common = dict(slopes=self.slopes, causal=True, scale=self.scale, backend=o.backend)
-        if o.method == "hybrid":  # fixed widths: cached decoding and recomputation agree
-            from ..attention.dispatch import attention_with_widths
+        The one place the patch calls the operator."""
+        plan = self.plans.get((info.index, q.device))
+        if plan is None:
+            from ..attention.plan import AttentionPlan
 
-            return attention_with_widths(q, k, v, self.widths, method="hybrid", partitions=parts, **common)
-        kw = o.spec.attention_kwargs()
-        if parts is not None:
-            kw = {"method": kw["method"], "partitions": parts}
-        return _operator()(q, k, v, **kw, **common)
+            o = self.options
+            plan = self.plans[(info.index, q.device)] = AttentionPlan(
+                o.spec, num_heads=info.num_heads, num_kv_heads=k.shape[1], slopes=self.slopes, causal=True,
+                scale=self.scale, device=q.device, partitions=info.parts, backend=o.backend,
+                widths=self.widths if o.method == "hybrid" else None)  # fixed widths: decoding = recomputation
+        return plan(q, k, v, key_start=start)
 
     # ------------------------------------------------------------------ eviction
     def _reach_start(self, info: _LayerInfo, t: int) -> int:
