@@ -61,31 +61,13 @@ def _new_cache(model: torch.nn.Module) -> Any:
         return DynamicCache()
 
 
-# TODO(lead): this moves to poslsh.integrations.hf.chunked_prefill (same signature) when that lands;
-# then import it from there and delete this copy. That one must also compute the last position's logits
-# only (logits_to_keep=1): a 256K-token prompt's full logits are 256K x 250880 values (128 GB in bf16).
 def chunked_prefill(model: torch.nn.Module, input_ids: Tensor, chunk_size: int,
                     attention_mask: Tensor | None = None) -> tuple[Any, Tensor]:
-    """Read a prompt in chunks of ``chunk_size`` tokens, each against the cache of those before it
-    (transformers' cache convention), so only one chunk's activations are alive at a time.
+    """``poslsh.integrations.hf.chunked_prefill`` (imported when called: transformers is optional):
+    the prompt [B, n] read ``chunk_size`` tokens at a time against the cache -> (cache, logits [B, V])."""
+    from ...integrations.hf import chunked_prefill as prefill
 
-    Args:
-        input_ids: [B, n] token ids; attention_mask: [B, n] (1 = token) or None.
-        chunk_size: tokens per forward (>= n: one call).
-
-    Returns:
-        (the transformers ``DynamicCache`` holding the prompt, the last position's logits [B, V]).
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    cache = _new_cache(model)
-    n = input_ids.shape[1]
-    logits = None
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        mask = None if attention_mask is None else attention_mask[:, :end]
-        logits = _forward(model, input_ids[:, start:end], cache, mask)
-    return cache, logits
+    return prefill(model, input_ids, chunk_size, attention_mask)
 
 
 def build_model(cfg: Config, device: torch.device, dtype: torch.dtype, max_positions: int
