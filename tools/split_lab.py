@@ -505,6 +505,10 @@ def main() -> int:
     edit(root, "tests/test_docs.py", '    for path in sorted((ROOT / "poslsh").rglob("*.py")):\n',
          '    for path in sorted([*(ROOT / "poslsh").rglob("*.py"), *(ROOT / "poslsh_lab").rglob("*.py")]):\n',
          dry, "the lab's docstrings are checked too")
+    edit(root, "poslsh/integrations/__init__.py",
+         "* ``poslsh_lab.eval_hf``: the ``poslsh eval-hf`` subcommand.\n",
+         "* ``poslsh eval-hf``, which scores a checkpoint with the patch, is the lab's (``poslsh_lab.eval_hf``).\n",
+         dry, "the eval-hf command is no longer part of the package")
     replace_section(root, "README.md", "## Layout\n\n", "\n[docs/ARCHITECTURE.md]", README_LAYOUT, dry,
                     "the layout block: two packages")
 
