@@ -80,11 +80,6 @@ def new_name(module: str) -> str:
     return MOVES[best] + module[len(best):] if best else module
 
 
-def module_path(module: str, is_package: bool) -> Path:
-    parts = module.split(".")
-    return Path(*parts, "__init__.py") if is_package else Path(*parts[:-1], parts[-1] + ".py")
-
-
 def scan_modules(root: Path) -> dict[str, Path]:
     """Module name -> file, for both packages as they are now."""
     found = {}
@@ -248,7 +243,7 @@ def rewrite_imports(src: Source, tree: ast.AST, old_module: str | None, new_modu
                     groups.setdefault(parent, []).append(a)
                 else:
                     groups.setdefault(new_name(target), []).append(a)
-            here = new_module if new_module is not None else None
+            here = new_module
             statements = []
             for dest, aliases in groups.items():
                 spec = None
