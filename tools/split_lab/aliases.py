@@ -36,7 +36,22 @@ def new_name(name: str) -> str | None:
 
 
 def _warn(old: str, new: str) -> None:
-    warnings.warn(f"{old} moved to {new}; the old name will be removed", DeprecationWarning, stacklevel=3)
+    """The warning points at the import that used the old name (past the import machinery and this
+    module), so Python's default filters show it for a script's own imports."""
+    def machinery(frame) -> bool:
+        name = frame.f_globals.get("__name__", "")
+        return name.split(".")[0] == "importlib" or name in (__name__, __package__)
+
+    def uncounted(frame) -> bool:  # frames warnings.warn itself skips when it counts stacklevel
+        return "importlib" in frame.f_code.co_filename and "_bootstrap" in frame.f_code.co_filename
+
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and machinery(frame):
+        frame = frame.f_back
+        while frame is not None and uncounted(frame):
+            frame = frame.f_back
+        level += 1
+    warnings.warn(f"{old} moved to {new}; the old name will be removed", DeprecationWarning, stacklevel=level)
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -73,17 +73,19 @@ def test_an_old_module_name_is_the_moved_module(monkeypatch, old, new):
     for name in list(sys.modules):
         if name == old or name.startswith(old + "."):
             monkeypatch.delitem(sys.modules, name)
-    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}") as record:
         alias = importlib.import_module(old)
     assert alias is moved
+    assert record[-1].filename == __file__  # the warning names the line that used the old name
 
 
 def test_the_old_attributes_warn(monkeypatch):
     import poslsh
     monkeypatch.delattr(poslsh, "kernels", raising=False)  # set by an earlier ``import poslsh.kernels``
     monkeypatch.delitem(sys.modules, "poslsh.kernels", raising=False)
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(DeprecationWarning) as record:
         assert poslsh.kernels is importlib.import_module("poslsh.positional_kernels")
+    assert record[-1].filename == __file__
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         poslsh.nonexistent  # noqa: B018
 
