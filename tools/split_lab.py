@@ -353,6 +353,7 @@ def write_template(root: Path, name: str, dest: str, dry: bool) -> None:
     if not dry:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
+        git(root, "add", dest)  # new files are tracked, so ``git commit -a`` takes the whole split
 
 
 def edit(root: Path, rel: str, old: str, new: str, dry: bool, what: str) -> None:
