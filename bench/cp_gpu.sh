@@ -34,6 +34,6 @@ case "$MODE" in
   *) echo "MODE must be halo, exact or smoke, got $MODE" >&2; exit 2 ;;
 esac
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # poslsh from this checkout
-exec torchrun --standalone --nproc-per-node "$NPROC" -m poslsh.cli cp-bench --world-sizes $WORLD_SIZES \
+exec torchrun --standalone --nproc-per-node "$NPROC" -m poslsh_lab.cli cp-bench --world-sizes $WORLD_SIZES \
   --batch 1 --heads 32 --head-dim 128 --dtype bfloat16 --causal --window-eps 1e-3 --samples 8 --hybrid-eps 1e-2 \
   --exact-layout zigzag --device "${DEVICE:-cuda}" --threads 0 "${RUN[@]}" --out "$OUT" "$@"

@@ -6,7 +6,7 @@ included in the time. Time is the best of ``--repeats`` runs; the ratio is taken
 (with one torch thread, the work done), because wall time on a shared, loaded machine measures the
 other tenants too; the wall-time ratio is recorded beside it. Memory: the process's peak resident
 set during the call (VmHWM, reset before it; includes Python, torch and the inputs) and its growth
-over the resident set at the start of the call (see ``poslsh.experiments.scaling.measure``).
+over the resident set at the start of the call (see ``poslsh_lab.experiments.scaling.measure``).
 
     python bench/cpu_scaling.py                     # writes bench/results/cpu_scaling.json
     python bench/cpu_scaling.py --backends fused split --schemes grid cut
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from poslsh.util import save_results
-from poslsh.experiments.scaling import Config, measure, run_method
+from poslsh_lab.util import save_results
+from poslsh_lab.experiments.scaling import Config, measure, run_method
 
 TARGET_RATIO, TARGET_BYTES = 12.0, 2 * 10**9
 

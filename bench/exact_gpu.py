@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import poslsh
 from poslsh.attention import BACKENDS, available_backends, resolve_spec, select_backend
-from poslsh.util import save_results
+from poslsh_lab.util import save_results
 
 NAME = "exact_gpu"
 BACKENDS_TIMED = ("cudnn", "triton", "flex")

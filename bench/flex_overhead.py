@@ -106,7 +106,7 @@ def main() -> None:
             if args.real:
                 kernel["fn"] = flex._flex_fn(dev)
                 if dev.type == "cuda":
-                    from poslsh.experiments.metrics import gpu_time
+                    from poslsh_lab.experiments.metrics import gpu_time
 
                     real = [gpu_time(f, 25, 100)[0] * 1e3 for f in (direct, via_backend, via_api)]
                 else:

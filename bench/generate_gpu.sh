@@ -31,10 +31,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$log"
 if has 560m; then
-  step 300 python3 -m poslsh.cli generate-bench --shape bloom-560m --oom-chunk 32768 --budget-s 270 \
+  step 300 python3 -m poslsh_lab.cli generate-bench --shape bloom-560m --oom-chunk 32768 --budget-s 270 \
     --out "$RESULTS/generate_bench"
 fi
 if has 7b1; then
-  step 180 python3 -m poslsh.cli generate-bench --shape bloom-7b1 --arms window_evict --contexts 262144 1048576 \
+  step 180 python3 -m poslsh_lab.cli generate-bench --shape bloom-7b1 --arms window_evict --contexts 262144 1048576 \
     --prefill-chunk 8192 --warmup-context 16384 --budget-s 150 --out "$RESULTS/generate_bench_7b1"
 fi

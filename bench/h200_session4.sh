@@ -29,7 +29,7 @@ step() { local t=$1; shift; echo "=== $(date +%T) $*" | tee -a "$log"; timeout "
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
 python3 -c "import torch; print('torch', torch.__version__, 'nccl', torch.cuda.nccl.version())" | tee -a "$log"
 if has cpu; then
-  (timeout 480 taskset -c 8-15 python3 -m poslsh.cli cp-bench --device cpu --threads 1 --world-sizes 1 4 \
+  (timeout 480 taskset -c 8-15 python3 -m poslsh_lab.cli cp-bench --device cpu --threads 1 --world-sizes 1 4 \
      --lengths 2048 8192 --methods window lsh hybrid --out "$OUT/cp_cpu_4proc" >"$OUT/cpu_log.txt" 2>&1
    echo "=== cpu rc=$?" >>"$OUT/cpu_log.txt") &
 fi

@@ -43,7 +43,7 @@ import poslsh
 from poslsh.attention import resolve_spec
 from poslsh.attention.primitives import Primitive, resolve_primitive
 from poslsh.attention.split import plan_split, split_bytes
-from poslsh.util import save_results
+from poslsh_lab.util import save_results
 
 NAME = "split_gpu"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -164,7 +164,7 @@ def check_primitive(prim: str, device: torch.device, dtype: torch.dtype, samples
 
 def time_ms(fn: Callable[[], Any], device: torch.device, args: argparse.Namespace) -> tuple[float, str]:
     if device.type == "cuda":
-        from poslsh.experiments.metrics import gpu_time
+        from poslsh_lab.experiments.metrics import gpu_time
 
         return gpu_time(fn, args.warmup_ms, args.rep_ms)
     fn()  # warm

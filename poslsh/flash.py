@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from .attention.core import EMPTY_LSE
-from .attention.dispatch import attention
+from .attention.public import attention
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 

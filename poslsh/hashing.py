@@ -15,7 +15,7 @@ Slope 0 means q = 1: one block covering every position (stored as an unbounded g
 
 Correlated sampling (``sampling=``, grid only) and general kernels (``kernel=``, grid only): see
 ``_grid_from_uniforms`` below. Each (head, sample) is a pair (W, U) obtained from a point
-(x0, x1) of the unit square: W by inverting the exact width law (``poslsh.kernels.sample_widths``)
+(x0, x1) of the unit square: W by inverting the exact width law (``poslsh.positional_kernels.sample_widths``)
 at 1 - x0, U = floor(x1 W). Every point is exactly uniform on the square whatever ``sampling`` is,
 so every sample keeps the exact marginal law and E[B-hat] = B; only the joint law of the r points
 of a head changes:
@@ -93,7 +93,7 @@ class Partitions:
 
     ``slopes`` float64 [H] are the slopes the partitions were drawn for. ``kernels``: for
     partitions drawn for general kernels (``sample_partitions(..., kernel=...)``), the H
-    ``poslsh.kernels.Kernel`` objects, and then ``slopes`` holds each head's ALiBi slope or NaN
+    ``poslsh.positional_kernels.Kernel`` objects, and then ``slopes`` holds each head's ALiBi slope or NaN
     for a head whose kernel is not exponential; None for ALiBi partitions.
     """
 
@@ -456,7 +456,7 @@ def _grid_from_uniforms(kernels, points: Tensor) -> tuple[Tensor, Tensor]:
     W inverts the kernel's width law at u = 1 - x0 in (0, 1]; U = floor(x1 W) is uniform on
     {0..W-1} given W. An unbounded W (atom at infinity, slope 0) gets U = 0.
     """
-    from .kernels import sample_widths  # kernels imports nothing from here; lazy keeps import order free
+    from .positional_kernels import sample_widths  # kernels imports nothing from here; lazy keeps import order free
 
     width = sample_widths(kernels, 1.0 - points[..., 0], UNBOUNDED_WIDTH)
     offset = torch.minimum(torch.floor(points[..., 1] * width).to(torch.int64), width - 1)
@@ -580,7 +580,7 @@ def sample_partitions(
             drawn there (no host round trip on a GPU), everything else on the CPU and moved.
         sampling: "iid" (independent samples), "stratified" or "qmc" (the r samples of a head are
             negatively correlated, each keeping its exact law; grid only, see module docstring).
-        kernel: a ``poslsh.kernels.Kernel`` or one per head (grid only): partitions for
+        kernel: a ``poslsh.positional_kernels.Kernel`` or one per head (grid only): partitions for
             P[same block] = f(|i - j|) instead of ALiBi. Mutually exclusive with ``slopes``.
 
     Returns:
@@ -592,7 +592,7 @@ def sample_partitions(
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     kernels = None
     if kernel is not None:
-        from .kernels import as_kernels, check_kernel
+        from .positional_kernels import as_kernels, check_kernel
 
         if slopes is not None:
             raise ValueError("give either slopes (ALiBi) or kernel, not both")
@@ -613,7 +613,7 @@ def sample_partitions(
             here = device if generator is None and device is not None else "cpu"
             widths, offsets = _sample_grid(n, s.to(here), samples, generator)
         else:
-            from .kernels import alibi
+            from .positional_kernels import alibi
 
             if kernels is None:  # one Kernel per distinct slope, so equal heads are inverted together
                 unique = {m: alibi(m) for m in s.tolist()}

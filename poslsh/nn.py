@@ -153,7 +153,7 @@ class ALiBiAttention(nn.Module):
         ``torch.Generator().manual_seed(schedule(partition_step))`` instead of torch's global RNG.
 
         ``partition_step`` starts at ``step`` and advances by one after every training forward; set it
-        to follow an optimizer step or to replay one (``poslsh.lm`` seeds layer l at step s from
+        to follow an optimizer step or to replay one (``poslsh_lab.lm`` seeds layer l at step s from
         (seed, l, s)). ``schedule=None`` restores the global RNG. Eval mode is unaffected."""
         self.partition_schedule, self.partition_step = schedule, step
         return self

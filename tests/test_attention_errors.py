@@ -97,7 +97,7 @@ def test_flash_layout_warns_and_sdpa_layout_does_not():
     SDPA-layout calls (decoding, short prompts with few heads, a prompt as long as the head count) do not."""
     import warnings
 
-    from poslsh.attention.dispatch import LayoutWarning
+    from poslsh.attention.public import LayoutWarning
 
     q, k, v = qkv(h=64, hkv=64, nq=8, nk=8)
     with pytest.warns(LayoutWarning, match=r"transpose\(1, 2\).*poslsh.flash_attn_func"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from poslsh import alibi_slopes, sample_partitions
-from poslsh.experiments import attn_error, scaling
+from poslsh_lab.experiments import attn_error, scaling
 
 
 @pytest.mark.parametrize("causal", [True, False])

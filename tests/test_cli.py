@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from poslsh import cli
-from poslsh.util import progress
+from poslsh_lab import cli
+from poslsh_lab.util import progress
 
 
 def _parsers(parser: argparse.ArgumentParser, path=("poslsh",)):
@@ -158,7 +158,7 @@ def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys, argv, message)
 
 
 def _configs():
-    from poslsh.lm.train import TrainConfig
+    from poslsh_lab.lm.train import TrainConfig
 
     found = [TrainConfig]
     for name in cli.EXPERIMENTS:
@@ -170,7 +170,7 @@ def _configs():
 def test_every_numeric_field_declares_its_range():
     """Counts, lengths, levels and budgets carry ``Bounds``, so the parser names a bad one before any
     work; a new numeric field without a range fails here."""
-    from poslsh.util.flags import _field_kinds
+    from poslsh_lab.util.flags import _field_kinds
 
     for config in _configs():
         for name, (kind, item, bounds) in _field_kinds(config).items():
@@ -181,7 +181,7 @@ def test_every_numeric_field_declares_its_range():
 
 
 def test_a_config_built_in_python_is_checked_too(tmp_path):
-    from poslsh.experiments import attn_error, pareto, scaling
+    from poslsh_lab.experiments import attn_error, pareto, scaling
 
     for run, config, message in ((pareto.run, pareto.Config(n=(256,), samples=(0,)), "samples must be >= 1, got 0"),
                                  (scaling.run, scaling.Config(lengths=(-5,)), "lengths must be >= 1, got -5"),
@@ -221,7 +221,7 @@ def test_every_fit_reads_n_a_with_one_point(tmp_path):
 
 def test_a_run_with_failed_measurements_exits_1(tmp_path, capsys, monkeypatch):
     """pareto recorded failed points ("failed: ValueError" rows) and exited 0."""
-    from poslsh.experiments.pareto import measure
+    from poslsh_lab.experiments.pareto import measure
 
     real = measure._point
 
@@ -243,7 +243,7 @@ def test_a_run_with_failed_measurements_exits_1(tmp_path, capsys, monkeypatch):
 def test_flags_a_run_ignores_are_named(tmp_path, capsys):
     """A flag the run will not read is named in a warning: with --replot every other one; scaling's LSH
     flags without an LSH method; pareto's convergence flags with --no-convergence."""
-    from poslsh.experiments import pareto, scaling
+    from poslsh_lab.experiments import pareto, scaling
 
     assert cli.unused_flags("scaling", scaling.Config(methods=("exact",), samples=16, exact_max=64)) == {
         "--samples": "--methods has no lsh method"}

@@ -13,7 +13,7 @@ import torch
 
 import poslsh
 from poslsh import flash_attn_func, flash_attn_varlen_func
-from poslsh.experiments.metrics import relative_error
+from poslsh_lab.experiments.metrics import relative_error
 
 from test_flash import fa_reference
 from tolerances import low_precision_bound

@@ -92,7 +92,7 @@ def test_refusal_names_why():
     _refused("require grad", slopes=poslsh.alibi_slopes(4).requires_grad_())
     _refused("scale", scale=-1.0)
     _refused("head dim", d=264)
-    from poslsh.kernels import power_law
+    from poslsh.positional_kernels import power_law
 
     _refused("kernels", kernel=power_law(1.0))
 

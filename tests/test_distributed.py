@@ -177,7 +177,7 @@ def _readme_example(rank, world):
     """The README's context-parallel snippet on this rank's shard, against one process on the whole."""
     import re as _re
 
-    from poslsh import readme
+    from poslsh_lab import readme
 
     snippet = [b for b in _re.findall(r"```python\n(.*?)```", (readme.ROOT / "README.md").read_text(), _re.S)
                if "context_parallel_attention" in b]

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from poslsh.cli import main
-from poslsh.experiments import cp_bench
-from poslsh.util import load_results
+from poslsh_lab.cli import main
+from poslsh_lab.experiments import cp_bench
+from poslsh_lab.util import load_results
 
 TOY = ["--lengths", "96", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "0",
        "--exact-max-local", "96", "--samples", "2", "--device", "cpu"]
@@ -58,7 +58,7 @@ def test_spawned(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun's standalone rendezvous")
 def test_under_torchrun(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "poslsh.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "poslsh_lab.cli",
            "cp-bench", "--world-sizes", "2", "--methods", "window", "lsh", *TOY, "--no-halo-max",
            "--out", str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -66,7 +66,7 @@ def test_under_torchrun(tmp_path):
     doc = load_results(tmp_path / "cp-bench.json")
     launch = doc["results"]["launch"]
     assert launch["launcher"] == "torchrun" and launch["processes"] == 2 and launch["backend"] == "gloo"
-    assert launch["command"].startswith("torchrun --nproc-per-node 2 -m poslsh.cli cp-bench --world-sizes 2")
+    assert launch["command"].startswith("torchrun --nproc-per-node 2 -m poslsh_lab.cli cp-bench --world-sizes 2")
     rows = doc["results"]["rows"]
     assert {r["method"] for r in rows} == {"window", "lsh"} and all(r["check"]["ok"] for r in rows)
 
@@ -102,8 +102,8 @@ def test_demo_report_carries_the_committed_cpu_run(tmp_path):
     """poslsh demo re-plots the committed cp-bench run from its JSON alone (no process is launched)."""
     import shutil
 
-    from poslsh import cli
-    from poslsh.util import committed_results_dir
+    from poslsh_lab import cli
+    from poslsh_lab.util import committed_results_dir
 
     results = tmp_path / "results"
     (results / "cp_cpu").mkdir(parents=True)

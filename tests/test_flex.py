@@ -143,7 +143,7 @@ def test_hybrid_declared_and_kernels_refused():
     """Flex declares "hybrid" (ALiBi slopes); hybrid with general kernels is refused (checked before
     the device, so this holds on the CPU too)."""
     from poslsh.attention.dispatch import BACKENDS
-    from poslsh.kernels import power_law
+    from poslsh.positional_kernels import power_law
 
     assert "hybrid" in BACKENDS["flex"].methods and not BACKENDS["flex"].kernels
     q = torch.randn(1, 2, 8, 16)

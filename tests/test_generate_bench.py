@@ -15,11 +15,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from poslsh import readme  # noqa: E402
-from poslsh.cli import main  # noqa: E402
-from poslsh.experiments import generate_bench as gb  # noqa: E402
-from poslsh.experiments.generate_bench import measure  # noqa: E402
-from poslsh.util import load_results  # noqa: E402
+from poslsh_lab import readme  # noqa: E402
+from poslsh_lab.cli import main  # noqa: E402
+from poslsh_lab.experiments import generate_bench as gb  # noqa: E402
+from poslsh_lab.experiments.generate_bench import measure  # noqa: E402
+from poslsh_lab.util import load_results  # noqa: E402
 
 CONTEXTS = (192, 256, 320)
 # Steep enough truncation that the window with eviction drops keys at these prompt lengths (BLOOM's

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from poslsh.experiments import gpu_bench
-from poslsh.util import load_results
+from poslsh_lab.experiments import gpu_bench
+from poslsh_lab.util import load_results
 
 COLUMNS = ("sdpa", "exact_triton", "window_triton", "split_sdpa")
 
@@ -17,7 +17,7 @@ def test_cpu_dry_run_then_report_from_the_json(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "bench"
     # a fresh process: TRITON_INTERPRET must be set before the kernels are decorated
-    cmd = [sys.executable, "-m", "poslsh.cli", "bench", "--device", "cpu", "--out", str(out),
+    cmd = [sys.executable, "-m", "poslsh_lab.cli", "bench", "--device", "cpu", "--out", str(out),
            "--phases", "forward", "decode", "--ns", "48", "--decode-ns", "80", "--flex-ns", "48",
            "--heads", "2", "--dim", "16", "--samples", "2", "--columns", *COLUMNS, "--warm-workers", "0",
            "--budget-s", "0"]

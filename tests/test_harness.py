@@ -13,8 +13,8 @@ import torch
 
 from poslsh import alibi_slopes
 from poslsh.attention.dispatch import resolve_spec
-from poslsh.experiments import harness
-from poslsh.experiments.metrics import keys_per_query, loglog_slope, relative_error
+from poslsh_lab.experiments import harness
+from poslsh_lab.experiments.metrics import keys_per_query, loglog_slope, relative_error
 
 
 def test_run_deadline_budgets_log_and_save(tmp_path, capsys):

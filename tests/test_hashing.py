@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from poslsh import Partitions, alibi_kernel, sample_partitions
-from poslsh.masks import count_matrix
+from poslsh.mask_errors import count_matrix
 
 SLOPES = [0.02, 0.2, 1.0, 3.0]
 N = 64

@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_eval_hf_reports_each_method(checkpoint, tmp_path, capsys):
-    from poslsh.cli import main
+    from poslsh_lab.cli import main
 
     model_dir, text = checkpoint
     out = tmp_path / "out"
@@ -52,7 +52,7 @@ def test_eval_hf_reports_each_method(checkpoint, tmp_path, capsys):
 def test_eval_hf_takes_every_method_and_sampling_mode(checkpoint, tmp_path):
     """hybrid (with its eps) and correlated sampling reach transformers models through eval-hf; the
     hybrid with a near field covering the context is exact."""
-    from poslsh.cli import main
+    from poslsh_lab.cli import main
 
     model_dir, text = checkpoint
     out = tmp_path / "out"
@@ -66,7 +66,7 @@ def test_eval_hf_takes_every_method_and_sampling_mode(checkpoint, tmp_path):
 
 
 def _run(capsys, *argv):
-    from poslsh.cli import main
+    from poslsh_lab.cli import main
 
     rc = main(["eval-hf", *map(str, argv)])
     return rc, capsys.readouterr().err

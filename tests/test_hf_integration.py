@@ -13,7 +13,7 @@ import functools  # noqa: E402
 import warnings  # noqa: E402
 
 from poslsh.attention import attention  # noqa: E402
-from poslsh.attention.dispatch import attention_with_widths  # noqa: E402
+from poslsh.attention.public import attention_with_widths  # noqa: E402
 from poslsh import layer_partitions  # noqa: E402
 from poslsh.integrations import hf  # noqa: E402
 from poslsh.integrations.hf import cache_report, patch_model, unpatch_model  # noqa: E402

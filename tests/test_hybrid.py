@@ -19,7 +19,7 @@ from poslsh.attention.core import AttentionSpec
 from poslsh.attention.dispatch import BACKENDS, register_backend, resolve_spec, select_backend
 from poslsh.attention.reference import dense_log_weights
 from poslsh.attention.window import hybrid_widths
-from poslsh.kernels import kerple_log
+from poslsh.positional_kernels import kerple_log
 from test_sampling_modes import chernoff_check
 
 SLOPES = [0.1, 0.3, 1.0]
@@ -202,7 +202,7 @@ def test_given_widths_skip_the_width_computation(monkeypatch):
     are used as given: the O(Nk) hybrid_widths is not run, which cost ~25 ms per decoding step at 32K
     keys when it was computed and then replaced."""
     from poslsh.attention import dispatch
-    from poslsh.attention.dispatch import attention_with_widths
+    from poslsh.attention.public import attention_with_widths
 
     q, k, v = (torch.randn(1, 4, n, 8, dtype=torch.float64) for n in (3, 40, 40))
     slopes = poslsh.alibi_slopes(4).double()

@@ -1,4 +1,4 @@
-"""General positional kernels (poslsh.kernels): validation, the width law and its exact inverse,
+"""General positional kernels (poslsh.positional_kernels): validation, the width law and its exact inverse,
 unbiased partitions P[same block] = f(|i - j|) (a wrong width law is rejected by the same test),
 heavy tails, and attention with a kernel against an independently built dense definition."""
 
@@ -14,7 +14,7 @@ from scipy import stats
 import poslsh
 from poslsh import sample_partitions
 from poslsh.hashing import UNBOUNDED_WIDTH, Partitions
-from poslsh.kernels import (Kernel, alibi, check_kernel, from_table, kerple_log, kerple_power, kernel_matrix,
+from poslsh.positional_kernels import (Kernel, alibi, check_kernel, from_table, kerple_log, kerple_power, kernel_matrix,
                             power_law, sample_widths, width_survival)
 from test_sampling_modes import ALPHA, chernoff_check, replicate_mean_mask
 

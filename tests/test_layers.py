@@ -1,20 +1,24 @@
-"""The package's imports point down its layers: a module may import its own layer and the layers below,
-never one above. Every import counts, the lazy ones inside functions too (they are edges all the same).
+"""The repository's imports point down its layers: a module may import its own layer and the layers
+below, never one above. Every import counts, the lazy ones inside functions too (they are edges all the
+same). Two packages: the installed library ``poslsh`` (layers 0-5) and the lab ``poslsh_lab`` above it
+(layers 6-9), which uses the library as any user does; the library never imports the lab.
 
 The layers, bottom first (a module belongs to the longest prefix listed):
 
 =============== ==================================================================================
 layer           modules
 =============== ==================================================================================
-0 base          checks (argument coercion), seeds (stable seeds), util (results files, environment
-                record, tables, progress lines, plotting, Config -> flags, --threads, requirements)
-1 core math     alibi, kernels, hashing, layer_partitions, masks, theory, method
+0 base          poslsh.checks (argument coercion), poslsh.seeds (stable seeds), poslsh._aliases (the
+                old module names, deprecated; it imports nothing, and names the lab only as strings)
+1 core math     alibi, positional_kernels, hashing, layer_partitions, mask_errors, theory, method
 2 attention     attention (dispatch, backends, ranges, kernels), flash (FlashAttention's interface)
 3 nn            nn (ALiBiAttention), distributed (context parallelism over torch.distributed)
-4 lm            lm (the small language model: data, model, train, evaluate, its CLI commands)
-5 integrations  integrations (transformers patch; eval-hf scores with lm's perplexity)
-6 experiments   experiments (each claim as a measurement -> JSON -> report)
-7 front         cli, readme, and the package's own __init__ (its public names)
+4 integrations  integrations (the transformers patch)
+5 library front poslsh's own __init__ (its public names)
+6 lab base      poslsh_lab.util (results files, environment record, tables, plotting, Config -> flags)
+7 lm            poslsh_lab.lm (the small language model: data, model, train, evaluate, its commands)
+8 experiments   poslsh_lab.experiments (each claim as a measurement -> JSON -> report)
+9 lab front     poslsh_lab.cli, poslsh_lab.eval_hf, poslsh_lab.readme, poslsh_lab's __init__
 =============== ==================================================================================
 """
 
@@ -25,31 +29,47 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "poslsh"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("poslsh", "poslsh_lab")
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("poslsh.checks", "poslsh.seeds", "poslsh.util")),
-    ("core math", ("poslsh.alibi", "poslsh.kernels", "poslsh.hashing", "poslsh.layer_partitions", "poslsh.masks",
-                   "poslsh.theory", "poslsh.method")),
+    ("base", ("poslsh.checks", "poslsh.seeds", "poslsh._aliases")),
+    ("core math", ("poslsh.alibi", "poslsh.positional_kernels", "poslsh.hashing", "poslsh.layer_partitions",
+                   "poslsh.mask_errors", "poslsh.theory", "poslsh.method")),
     ("attention", ("poslsh.attention", "poslsh.flash")),
     ("nn", ("poslsh.nn", "poslsh.distributed")),
-    ("lm", ("poslsh.lm",)),
     ("integrations", ("poslsh.integrations",)),
-    ("experiments", ("poslsh.experiments",)),
-    ("front", ("poslsh.cli", "poslsh.readme", "poslsh")),
+    ("library front", ("poslsh",)),
+    ("lab base", ("poslsh_lab.util",)),
+    ("lm", ("poslsh_lab.lm",)),
+    ("experiments", ("poslsh_lab.experiments",)),
+    ("lab front", ("poslsh_lab.cli", "poslsh_lab.eval_hf", "poslsh_lab.readme", "poslsh_lab")),
+]
+LIBRARY_LAYERS = 6  # LAYERS[:6] is the installed library
+
+# The one library module allowed to name the lab: it serves the old names (poslsh.<lm, cli, ...>)
+# of the modules that moved there, by import hook, so old code keeps working for a deprecation period.
+ALIASES = ("poslsh._aliases",)
+
+# Import cycles known today (each a set of modules that import each other, lazy imports included):
+# dispatch -> split -> primitives -> flex -> dispatch (issue 24). A new cycle fails
+# test_no_new_import_cycle; when one is broken, delete it here.
+KNOWN_CYCLES: list[frozenset[str]] = [
+    frozenset({"poslsh.attention.dispatch", "poslsh.attention.split", "poslsh.attention.primitives",
+               "poslsh.attention.flex"}),
 ]
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+MODULES = {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
 
 
 def layer_of(module: str) -> int | None:
-    """Index in LAYERS of the longest listed prefix of ``module`` (None: not a poslsh module, or unlisted)."""
+    """Index in LAYERS of the longest listed prefix of ``module`` (None: not ours, or unlisted)."""
     best, best_len = None, -1
     for i, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
@@ -59,14 +79,14 @@ def layer_of(module: str) -> int | None:
 
 
 def imports_of(module: str) -> list[tuple[int, str]]:
-    """(line, imported poslsh module) for every import statement of ``module``, relative ones resolved;
+    """(line, imported module of ours) for every import statement of ``module``, relative ones resolved;
     ``from pkg import name`` names the submodule pkg.name when there is one."""
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "poslsh"]
+            found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] in PACKAGES]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -74,7 +94,7 @@ def imports_of(module: str) -> list[tuple[int, str]]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target.split(".")[0] != "poslsh":
+            if target.split(".")[0] not in PACKAGES:
                 continue
             for alias in node.names:
                 sub = f"{target}.{alias.name}"
@@ -83,7 +103,7 @@ def imports_of(module: str) -> list[tuple[int, str]]:
 
 
 def _shown(path: Path) -> str:
-    return str(path.relative_to(PACKAGE.parent)) if path.is_relative_to(PACKAGE.parent) else str(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def upward_edges() -> list[str]:
@@ -98,33 +118,119 @@ def upward_edges() -> list[str]:
     return bad
 
 
+def import_cycles(graph: dict[str, set[str]] | None = None) -> list[frozenset[str]]:
+    """The strongly connected components of more than one module (or a module importing itself) of the
+    import graph (Tarjan's algorithm, iterative), each a set of modules, sorted."""
+    if graph is None:
+        graph = {m: {t for _, t in imports_of(m) if t in MODULES} for m in MODULES}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = set()
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.add(member)
+                        if member == node:
+                            break
+                    if len(component) > 1 or node in graph.get(node, ()):
+                        found.append(frozenset(component))
+    return sorted(found, key=sorted)
+
+
 def test_every_module_has_a_layer():
     """A new module must be placed in the table above (so its imports are checked)."""
     assert [m for m in MODULES if layer_of(m) is None] == []
+
+
+def test_the_library_is_below_the_lab():
+    assert all(p.startswith("poslsh.") or p == "poslsh" for _, ps in LAYERS[:LIBRARY_LAYERS] for p in ps)
+    assert all(p.startswith("poslsh_lab") for _, ps in LAYERS[LIBRARY_LAYERS:] for p in ps)
 
 
 def test_imports_point_down_the_layers():
     assert upward_edges() == []
 
 
+def _names_the_lab(node: ast.AST) -> bool:
+    if isinstance(node, ast.Import):
+        return any(a.name.split(".")[0] == "poslsh_lab" for a in node.names)
+    if isinstance(node, ast.ImportFrom):
+        return not node.level and (node.module or "").split(".")[0] == "poslsh_lab"
+    # a module name handed to importlib.import_module, __import__, runpy, ...
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+        node.value == "poslsh_lab" or node.value.startswith("poslsh_lab."))
+
+
+def test_no_library_module_imports_the_lab():
+    """Statically or by name: only the deprecated aliases name the lab (``import poslsh`` never needs it)."""
+    bad = [f"{_shown(MODULES[m])}:{node.lineno}" for m in MODULES if layer_of(m) < LIBRARY_LAYERS
+           and m not in ALIASES for node in ast.walk(ast.parse(MODULES[m].read_text())) if _names_the_lab(node)]
+    assert bad == []
+
+
+def test_no_new_import_cycle():
+    assert import_cycles() == sorted(KNOWN_CYCLES, key=sorted)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}, "f": {"a"}}
+    assert import_cycles(graph) == [frozenset("abc"), frozenset("e")]
+
+
 def test_the_walker_sees_relative_lazy_and_submodule_imports():
     """The checker itself: it resolves ``from ..x import y`` inside a function and ``from .. import mod``."""
-    assert layer_of("poslsh.attention.triton.launch") == 2 and layer_of("poslsh") == 7
+    assert layer_of("poslsh.attention.triton.launch") == 2 and layer_of("poslsh") == 5
+    assert layer_of("poslsh_lab") == 9 and layer_of("poslsh_lab.experiments.pareto.measure") == 8
     assert "poslsh.hashing" in [t for _, t in imports_of("poslsh.method")]  # from .hashing import ...
     lazy = [t for _, t in imports_of("poslsh.hashing")]
-    assert "poslsh.kernels" in lazy  # ``from .kernels import sample_widths`` inside a function
-    assert "poslsh.theory" in [t for _, t in imports_of("poslsh.experiments.attn_error")]  # from .. import theory
+    assert "poslsh.positional_kernels" in lazy  # ``from .positional_kernels import sample_widths`` in a function
+    assert "poslsh.theory" in [t for _, t in imports_of("poslsh_lab.experiments.attn_error")]  # from poslsh import theory
 
 
-@pytest.mark.parametrize("target,upward", [("poslsh.lm.model", "from ..experiments import pareto"),
-                                           ("poslsh.attention.window", "from ..cli import main"),
-                                           ("poslsh.hashing", "import poslsh.nn")])
+@pytest.mark.parametrize("target,upward", [("poslsh_lab.lm.model", "from ..experiments import pareto"),
+                                           ("poslsh.attention.window", "from poslsh_lab.cli import main"),
+                                           ("poslsh.hashing", "import poslsh.nn"),
+                                           ("poslsh.nn", "import poslsh_lab.util")])
 def test_an_upward_import_is_reported(tmp_path, monkeypatch, target, upward):
     """Written into a copy of a low module, an upward import is found (the check can fail)."""
     fake = tmp_path / "mod.py"
     fake.write_text(MODULES[target].read_text() + f"\n\ndef _late():\n    {upward}\n")
     monkeypatch.setitem(MODULES, target, fake)
     assert any(target in line for line in upward_edges())
+
+
+def test_a_library_module_naming_the_lab_is_reported(tmp_path, monkeypatch):
+    fake = tmp_path / "mod.py"
+    fake.write_text(MODULES["poslsh.nn"].read_text() + "\n\nLATER = 'poslsh_lab.readme'\n")
+    monkeypatch.setitem(MODULES, "poslsh.nn", fake)
+    with pytest.raises(AssertionError):
+        test_no_library_module_imports_the_lab()
 
 
 def test_every_import_names_a_module_of_the_package():

@@ -1,4 +1,4 @@
-"""poslsh.lm: tokenizer, corpus split, model, trainer, evaluation (tiny sizes, CPU)."""
+"""poslsh_lab.lm: tokenizer, corpus split, model, trainer, evaluation (tiny sizes, CPU)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 
 pytest.importorskip("safetensors")
 
-from poslsh.lm.data import ByteTokenizer, build_corpus, default_roots, is_heldout, unigram_baseline  # noqa: E402
-from poslsh.lm.evaluate import layer_errors, perplexity, sliding_windows  # noqa: E402
+from poslsh_lab.lm.data import ByteTokenizer, build_corpus, default_roots, is_heldout, unigram_baseline  # noqa: E402
+from poslsh_lab.lm.evaluate import layer_errors, perplexity, sliding_windows  # noqa: E402
 from poslsh.method import MethodSpec, parse_method  # noqa: E402
-from poslsh.lm.model import ALiBiLM, LMConfig, load_checkpoint  # noqa: E402
-from poslsh.lm.train import TrainConfig, lr_at, train  # noqa: E402
+from poslsh_lab.lm.model import ALiBiLM, LMConfig, load_checkpoint  # noqa: E402
+from poslsh_lab.lm.train import TrainConfig, lr_at, train  # noqa: E402
 
 
 def test_byte_tokenizer_round_trip():
@@ -218,7 +218,7 @@ def test_time_budget_ends_training_in_time(tmp_path):
 
 
 def test_lm_cli_train_and_eval(tmp_path, capsys):
-    from poslsh.cli import main
+    from poslsh_lab.cli import main
 
     text = tmp_path / "text.txt"
     text.write_text(Path(__file__).read_text())

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("safetensors")
 
-from poslsh.experiments import lm_validation as lv  # noqa: E402
-from poslsh.util import load_results  # noqa: E402
+from poslsh_lab.experiments import lm_validation as lv  # noqa: E402
+from poslsh_lab.util import load_results  # noqa: E402
 
 # A smaller grid for the runs that test the bookkeeping rather than the numbers.
 SMALL = dict(tiny=True, samples=(1, 4), schemes=("grid",), extra_methods=())
@@ -60,7 +60,7 @@ def test_tiny_validation_runs_end_to_end(tiny_run):
 
 def test_interrupted_evaluation_leaves_loadable_partial_json(tmp_path, monkeypatch):
     """A run killed after its first evaluation row leaves a complete JSON with training and that row."""
-    import poslsh.lm.cli as lm_cli
+    import poslsh_lab.lm.cli as lm_cli
 
     real = lm_cli.evaluate_checkpoint
     calls = []
@@ -113,7 +113,7 @@ def test_config_errors_name_the_field():
 
 
 def test_replot_from_the_json_alone(tiny_run, tmp_path):
-    from poslsh.cli import main
+    from poslsh_lab.cli import main
 
     out, _, _ = tiny_run
     assert main(["lm-validation", "--replot", str(out / f"{lv.NAME}.json"), "--out", str(tmp_path)]) == 0
@@ -129,7 +129,7 @@ def test_readme_section_links_the_committed_plots(tiny_run):
 
 
 def test_demo_report_includes_the_committed_run(tiny_run, tmp_path):
-    from poslsh import cli
+    from poslsh_lab import cli
 
     out, _, _ = tiny_run
     results = tmp_path / "results"

@@ -15,11 +15,11 @@ pytest.importorskip("safetensors")
 
 import poslsh.nn as pnn  # noqa: E402
 from poslsh.hashing import Partitions  # noqa: E402
-from poslsh.lm.cli import evaluate_checkpoint  # noqa: E402
-from poslsh.lm.data import Corpus  # noqa: E402
+from poslsh_lab.lm.cli import evaluate_checkpoint  # noqa: E402
+from poslsh_lab.lm.data import Corpus  # noqa: E402
 from poslsh.method import parse_method  # noqa: E402
-from poslsh.lm.model import ALiBiLM, LMConfig, TrainingPartitionSeeds, load_checkpoint  # noqa: E402
-from poslsh.lm.train import TrainConfig, train  # noqa: E402
+from poslsh_lab.lm.model import ALiBiLM, LMConfig, TrainingPartitionSeeds, load_checkpoint  # noqa: E402
+from poslsh_lab.lm.train import TrainConfig, train  # noqa: E402
 from poslsh.nn import ALiBiAttention  # noqa: E402
 
 ALPHABET = 16
@@ -162,7 +162,7 @@ def test_train_attention_and_init_checkpoint(corpus, tmp_path):
 
 
 def test_lm_train_cli_attention_flag(tmp_path, capsys):
-    from poslsh.cli import main
+    from poslsh_lab.cli import main
 
     out = tmp_path / "ckpt"
     rc = main(["lm", "train", "--out", str(out), "--attention", "lsh:2:cut", "--d-model", "16", "--n-layers", "1",

@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("safetensors")
 
-from poslsh.experiments import lsh_native as ln  # noqa: E402
-from poslsh.util import load_results  # noqa: E402
+from poslsh_lab.experiments import lsh_native as ln  # noqa: E402
+from poslsh_lab.util import load_results  # noqa: E402
 
 # A smaller grid for the runs that test the bookkeeping rather than the numbers.
 SMALL = dict(tiny=True, samples=(1, 4), native=("lsh:4:grid",), optional_native=(), fill_schemes=(), fill_methods=(),
@@ -129,7 +129,7 @@ def test_killed_run_leaves_loadable_partial_json(tmp_path, monkeypatch):
 
 
 def test_replot_cli_and_demo_section(tiny_run, tmp_path):
-    from poslsh import cli
+    from poslsh_lab import cli
 
     out, _ = tiny_run
     assert cli.main(["lsh-native", "--replot", str(out / f"{ln.NAME}.json"), "--out", str(tmp_path / "re")]) == 0

@@ -21,7 +21,7 @@ for name in ("jit", "forward", "backward", "launch", ""):  # (re)imported so tha
     name = "poslsh.attention.triton" + (f".{name}" if name else "")
     importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
 
-from poslsh.lm.model import ALiBiLM, LMConfig  # noqa: E402
+from poslsh_lab.lm.model import ALiBiLM, LMConfig  # noqa: E402
 
 
 @pytest.mark.parametrize("scheme", ["grid", "cut"])

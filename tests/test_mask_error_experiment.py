@@ -8,8 +8,8 @@ import json
 import pytest
 
 from poslsh import theory
-from poslsh.experiments import mask_error
-from poslsh.util import load_results
+from poslsh_lab.experiments import mask_error
+from poslsh_lab.util import load_results
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from poslsh import Partitions, alibi_kernel, sample_partitions
-from poslsh.masks import (KernelOperator, MeanMaskOperator, count_matrix, lanczos_norm, mask_errors,
+from poslsh.mask_errors import (KernelOperator, MeanMaskOperator, count_matrix, lanczos_norm, mask_errors,
                           mask_errors_dense, mask_errors_structured, select_head)
 
 SCHEMES = ["grid", "cut"]

@@ -12,9 +12,9 @@ import torch
 from poslsh import alibi_slopes
 from poslsh.attention.dispatch import resolve_spec
 from poslsh.attention.reference import dense_log_weights
-from poslsh.experiments import pareto
-from poslsh.experiments.metrics import keys_per_query, relative_error
-from poslsh.util import load_results
+from poslsh_lab.experiments import pareto
+from poslsh_lab.experiments.metrics import keys_per_query, relative_error
+from poslsh_lab.util import load_results
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -203,7 +203,7 @@ def test_replot_of_a_gpu_run(tmp_path):
 
 def test_readme_renders_the_gpu_json_under_its_title(tmp_path, monkeypatch):
     """Once bench/results/pareto_h200/pareto.json is committed, docs/RESULTS.md gains its section."""
-    from poslsh import readme
+    from poslsh_lab import readme
 
     doc = _gpu_like_doc()
     doc["environment"].update(date="2026-12-01T00:00:00+00:00", torch="2.11.0", triton="3.6.0",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import poslsh
-from poslsh.attention import dispatch, speed
+from poslsh.attention import dispatch, public, speed
 from poslsh.attention.dispatch import register_backend
 from poslsh.attention.plan import AttentionPlan, clear_public_plans
 from poslsh.attention.reference import reference_attention
@@ -201,7 +201,7 @@ def count_resolutions(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dispatch, "resolve_spec", counting)
+    monkeypatch.setattr(public, "resolve_spec", counting)  # the public call's resolution
     yield calls, real
     clear_public_plans()
 

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from poslsh import cli  # noqa: E402
-from poslsh.experiments import lm_validation, pareto  # noqa: E402
-from poslsh.util import load_results, pyplot  # noqa: E402
+from poslsh_lab import cli  # noqa: E402
+from poslsh_lab.experiments import lm_validation, pareto  # noqa: E402
+from poslsh_lab.util import load_results, pyplot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 

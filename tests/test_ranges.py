@@ -160,7 +160,7 @@ def test_computed_tiles_exact_causal_by_hand():
 
 def test_committed_attn_error_pair_counts_regenerate():
     """attn-error's pair counts (now from this module) reproduce the committed JSON exactly."""
-    from poslsh.experiments import attn_error as ae
+    from poslsh_lab.experiments import attn_error as ae
     from poslsh.seeds import crc32_seed
 
     doc = json.loads((RESULTS / "attn-error" / "attn-error.json").read_text())
@@ -188,7 +188,7 @@ def test_committed_pareto_pairs_regenerate():
     """pareto's keys per query reproduce the committed H200 run at 64K tokens for exact, the windows, one
     hybrid and LSH r = 4 (the other points take longer than CI should and run the same code): the seed
     formula and the count are the ones the run used."""
-    from poslsh.experiments.metrics import keys_per_query
+    from poslsh_lab.experiments.metrics import keys_per_query
     from poslsh.seeds import blake2b_seed
 
     doc = json.loads((RESULTS / "pareto_h200" / "pareto.json").read_text())

@@ -3,17 +3,17 @@ commands are the ones CI runs, and its first example runs as written."""
 
 import re
 
-from poslsh import readme
+from poslsh_lab import readme
 
 
 def test_readme_results_match_committed_json():
     current = (readme.ROOT / "README.md").read_text()
-    assert readme.updated(current) == current, "README.md is out of date: run python3 -m poslsh.readme"
+    assert readme.updated(current) == current, "README.md is out of date: run python3 -m poslsh_lab.readme"
 
 
 def test_results_page_matches_committed_json():
     assert readme.RESULTS_MD.read_text() == readme.render_results(), \
-        "docs/RESULTS.md is out of date: run python3 -m poslsh.readme"
+        "docs/RESULTS.md is out of date: run python3 -m poslsh_lab.readme"
     assert readme.main(["--check"]) == 0
 
 
@@ -74,7 +74,7 @@ def test_readme_usage_example_runs():
     assert out.shape == q.shape and scope["lse"].shape == q.shape[:3] and fa.shape == q.transpose(1, 2).shape
     assert 0 < (win - ref).norm() < (hyb - ref).norm() < (out - ref).norm()
     widths = torch.tensor([64, 64, 128, 128, 256, 256, 512, 512])
-    from poslsh.attention.dispatch import attention_with_widths
+    from poslsh.attention.public import attention_with_widths
 
     k, v = scope["k"], scope["v"]
     torch.testing.assert_close(fa.transpose(1, 2), attention_with_widths(q, k, v, widths, slopes=poslsh.alibi_slopes(8)))
@@ -86,7 +86,7 @@ def test_the_checkout_is_a_parameter(tmp_path, monkeypatch):
     checkout poslsh runs from, whatever the current folder."""
     import shutil
 
-    from poslsh.util import checkout_root, committed_results_dir
+    from poslsh_lab.util import checkout_root, committed_results_dir
 
     home = readme.ROOT
     assert checkout_root() == home and committed_results_dir() == home / "bench" / "results"
@@ -111,7 +111,7 @@ def test_method_advice_is_computed_from_the_pareto_run():
     generated now: a point that does beat the window is named, and without one none is claimed."""
     import copy
 
-    from poslsh.experiments.pareto import alibi_panels, comparison
+    from poslsh_lab.experiments.pareto import alibi_panels, comparison
 
     doc = readme._committed(readme.README_TABLE)
     advice = readme.readme_advice(doc)

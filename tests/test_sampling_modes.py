@@ -17,8 +17,8 @@ from scipy import stats
 
 from poslsh import alibi_kernel, sample_partitions
 from poslsh.hashing import Partitions, _grid_from_uniforms, lattice_generator, unit_square_points
-from poslsh.kernels import Kernel, alibi, width_survival
-from poslsh.masks import count_matrix
+from poslsh.positional_kernels import Kernel, alibi, width_survival
+from poslsh.mask_errors import count_matrix
 
 SLOPES = [0.05, 0.3, 1.0]
 ALPHA = 1e-4  # family-wise false-alarm rate of each test function below (Bonferroni inside)

@@ -10,7 +10,7 @@ import torch
 
 from poslsh import alibi_kernel, sample_partitions
 from poslsh import theory
-from poslsh.masks import count_matrix, mask_errors_dense
+from poslsh.mask_errors import count_matrix, mask_errors_dense
 
 TRIALS = 20
 DELTA = 0.1

@@ -230,7 +230,7 @@ def test_general_kernel_partitions_and_refusals():
     """LSH partitions drawn for a non-ALiBi kernel have the same weights (collision counts): the kernel
     computes them; exact, window and hybrid with a general kernel are refused (their bias is e^{-m|i-j|})."""
     from poslsh.attention.dispatch import BACKENDS
-    from poslsh.kernels import power_law
+    from poslsh.positional_kernels import power_law
 
     torch.manual_seed(4)
     q, k, v = (torch.randn(1, 2, 26, 16) for _ in range(3))

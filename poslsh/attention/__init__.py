@@ -1,6 +1,6 @@
 """ALiBi attention, exact, windowed or estimated by positional LSH, behind one dispatcher.
 
-``attention(q, k, v, method=..., backend=...)`` is the entry point; see ``dispatch`` for the backend
+``attention(q, k, v, method=..., backend=...)`` (``public``) is the entry point; see ``dispatch`` for the backend
 registry (``register_backend``) and ``core`` for the conventions every backend follows.
 
 Note: ``poslsh/__init__.py`` exports the *function* as ``poslsh.attention``, which hides this
@@ -10,8 +10,8 @@ import dispatch`` or ``from poslsh.attention.dispatch import register_backend`` 
 """
 
 from .core import EMPTY_LSE, METHODS, AttentionSpec
-from .dispatch import (BACKENDS, Backend, attention, available_backends, register_backend, resolve_spec,
-                       select_backend)
+from .dispatch import BACKENDS, Backend, available_backends, register_backend, resolve_spec, select_backend
+from .public import attention
 from .window import window_sizes
 
 __all__ = ["attention", "AttentionSpec", "Backend", "BACKENDS", "register_backend", "available_backends",

@@ -58,7 +58,7 @@ class AttentionSpec:
             ``window_size=(left, right)``), int64 CPU [H]: keys p - window[h] <= j <= p + window_right[h];
             None: the band is symmetric (every other method and every causal call).
         key_padding_mask: bool [B, Nk] on q's device (True = keep), or None.
-        kernels: None for ALiBi, else H ``poslsh.kernels.Kernel``: the positional weight is
+        kernels: None for ALiBi, else H ``poslsh.positional_kernels.Kernel``: the positional weight is
             f_h(|p - j|) instead of e^{-m_h |p - j|} (exact, window, hybrid near field; LSH through
             partitions drawn for these kernels).
         primitive: for the "split" backend, the block attention it runs: None (its default), a name

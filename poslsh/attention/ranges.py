@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..hashing import Partitions, normalize_grid
-from ..masks import select_head
+from ..mask_errors import select_head
 
 __all__ = ["Support", "TileRanges", "normalize_grid", "block_bounds_at", "key_ranges", "key_ranges_at",
            "query_ranges", "key_tiles", "nonzero_pairs", "split_pairs", "computed_tiles"]

@@ -2,7 +2,7 @@
 the registry's fixed priorities.
 
 ``speed_table.json`` (beside this file) is written from a benchmark's JSON by
-``poslsh.experiments.gpu_bench.speed_table`` and shipped with the package: per device name, method and
+``poslsh_lab.experiments.gpu_bench.speed_table`` and shipped with the package: per device name, method and
 regime ("prefill", or "decode" for at most ``DECODE_ROWS`` query rows), the median forward ms of each
 backend at each measured length. A call that needs gradients (training) reads the regime's
 "+backward" entry ("prefill+backward": forward and backward ms), where the ranking can differ (Flex's

@@ -2,7 +2,7 @@
 
 * ``poslsh.integrations.hf``: run a transformers BLOOM, MPT or Falcon(alibi=True) checkpoint with
   ``poslsh.attention`` (``patch_model`` / ``unpatch_model``); needs the ``poslsh[hf]`` extra.
-* ``poslsh.integrations.cli``: the ``poslsh eval-hf`` subcommand.
+* ``poslsh eval-hf``, which scores a checkpoint with the patch, is the lab's (``poslsh_lab.eval_hf``).
 
 Nothing here is imported eagerly, so ``import poslsh`` never requires transformers.
 """

@@ -1,0 +1,95 @@
+"""What the experiments measure, one definition each: relative error, log-log slope, GPU time, keys
+per query.
+
+* ``relative_error``: ||est - exact|| / ||exact|| (Frobenius), over everything or per slice.
+* ``loglog_slope``: the least-squares slope of log y against log x, the empirical rate (a 1/sqrt(r)
+  law is -0.5, linear cost in n is 1).
+* ``gpu_time``: milliseconds per call on the GPU, by the rule of the benchmark and the Pareto study.
+* ``keys_per_query``: the mean number of keys with nonzero weight per query of a resolved call
+  (``attention.ranges.nonzero_pairs``, the count the kernels' ranges give).
+* ``extrapolation_verdict``: whether a language model keeps its loss beyond its training context.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from poslsh.attention.ranges import nonzero_pairs
+
+__all__ = ["relative_error", "loglog_slope", "gpu_time", "keys_per_query", "KEEPS_EXTRAPOLATION",
+           "extrapolation_verdict"]
+
+# A model "keeps its loss" out to a context when its bits there are at most this times those at its
+# training context (lm-validation's and lsh-native's criterion).
+KEEPS_EXTRAPOLATION = 1.05
+
+
+def extrapolation_verdict(ratio: float) -> str:
+    """"keeps its loss" or "degrades by N %", for bits at a long context over bits at the training one."""
+    return "keeps its loss" if ratio <= KEEPS_EXTRAPOLATION else f"degrades by {100 * (ratio - 1):.0f} %"
+
+
+def relative_error(est: Tensor, exact: Tensor, dim: int | tuple[int, ...] | None = None,
+                   dtype: torch.dtype | None = None) -> Tensor:
+    """||est - exact|| / ||exact||, Frobenius norms over ``dim`` (None: every entry: a 0-d tensor).
+
+    Computed in ``dtype``, by default the wider of the two inputs' dtypes and at least float32 (a
+    float64 copy of a 256K-token output would double the memory the measurement needs)."""
+    if dtype is None:
+        dtype = torch.promote_types(torch.promote_types(est.dtype, exact.dtype), torch.float32)
+    est, exact = est.to(dtype), exact.to(dtype)
+    if dim is None:
+        return (est - exact).norm() / exact.norm()
+    return (est - exact).norm(dim=dim) / exact.norm(dim=dim)
+
+
+def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of log y against log x over the points whose x and y are finite and > 0
+    (a caller that wants zeros kept floors them first); None with fewer than two such points or a
+    single x."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys)
+           if x is not None and y is not None and x > 0 and y > 0 and math.isfinite(x) and math.isfinite(y)]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else None
+
+
+def gpu_time(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float, str]:
+    """Milliseconds per call of ``fn`` on the GPU and how they were measured: the median of
+    ``triton.testing.do_bench``, or for calls over 0.2 s the median of 3 event-timed calls (the rule of
+    the benchmark and the Pareto study)."""
+    from triton.testing import do_bench
+
+    fn()  # compile / warm
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3
+    if est > 200:
+        times = []
+        for _ in range(3):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times), "median of 3 event-timed calls"
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")), "do_bench median"
+
+
+def keys_per_query(spec, nq: int, nk: int) -> float:
+    """Mean number of keys with nonzero weight per query and head of a resolved call (an
+    ``AttentionSpec`` or ``ranges.Support``), counted on the partitions' device."""
+    pairs = nonzero_pairs(spec, nq, nk)  # [H]
+    return float(pairs.sum()) / (pairs.numel() * nq)

@@ -1,0 +1,525 @@
+"""Generate the README's results block, its advice on which method to use, and ``docs/RESULTS.md`` from
+the committed JSON in bench/results/.
+
+    python3 -m poslsh_lab.readme            # rewrite both
+    python3 -m poslsh_lab.readme --check    # exit 1 if either is out of date (a test runs this)
+    python3 -m poslsh_lab.readme --root DIR # another checkout (default: the one poslsh runs from, else .)
+
+Numbers in the README and in docs/RESULTS.md come only from here, so they cannot drift from the
+measurements. Each section of RESULTS.md is a function of one JSON document: to add a result, add a
+``Section`` to ``SECTIONS`` (its file, a plain-language heading and a renderer ``doc -> Markdown``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .util import checkout_root, fmt, load_results, markdown_table
+
+def _paths(root: str | Path) -> tuple[Path, Path, Path, Path]:
+    """A checkout's root, its committed results, its README and its results page."""
+    root = Path(root).resolve()
+    return root, root / "bench" / "results", root / "README.md", root / "docs" / "RESULTS.md"
+
+
+# The checkout poslsh runs from (else the current folder); ``--root`` / ``use_root`` names another.
+ROOT, RESULTS, README, RESULTS_MD = _paths(checkout_root() or Path.cwd())
+
+
+def use_root(root: str | Path) -> None:
+    """Read the committed results of, and write the pages of, the checkout at ``root``."""
+    global ROOT, RESULTS, README, RESULTS_MD
+    ROOT, RESULTS, README, RESULTS_MD = _paths(root)
+
+
+START, END = "<!-- generated:start -->", "<!-- generated:end -->"
+ADVICE_START, ADVICE_END = "<!-- generated:advice:start -->", "<!-- generated:advice:end -->"
+
+Doc = dict[str, Any]
+
+
+def _link(path: Path, page: Path) -> str:
+    """``path`` as a link target from the folder of ``page``."""
+    return Path("../" * len(page.parent.relative_to(ROOT).parts) + str(path.relative_to(ROOT))).as_posix()
+
+
+def _provenance(doc: Doc, path: Path, page: Path) -> str:
+    env = doc["environment"]
+    return (f"<sub>From [`{path.relative_to(ROOT)}`]({_link(path, page)}): {env['date'][:10]}, {env.get('device', '?')}, "
+            f"torch {env['torch']}, triton {env.get('triton')}, command `{env['command']}`.</sub>")
+
+
+# ----------------------------------------------------------------------------- the README's table
+
+
+def _pareto_points(doc: Doc) -> list[dict]:
+    from .experiments.pareto import alibi_panels, measured
+
+    return measured(alibi_panels(doc["results"])[0]["points"])
+
+
+def _pick(points: list[dict], method: str, **match) -> dict | None:
+    return next((p for p in points if p["method"] == method and all(p.get(k) == v for k, v in match.items())), None)
+
+
+# The README's rows: (label, method, parameters) of the 256K Pareto run; absent points are left out.
+README_ROWS = [
+    ("exact ALiBi", "exact", {}),
+    ("window, eps = 1e-3", "window", {"window_eps": 1e-3}),
+    ("window, eps = 1e-2", "window", {"window_eps": 1e-2}),
+    ("hybrid, r = 8, hybrid_eps = 1e-2", "hybrid", {"samples": 8, "hybrid_eps": 1e-2}),
+    ("hybrid, r = 8, hybrid_eps = 0.1", "hybrid", {"samples": 8, "hybrid_eps": 0.1}),
+    ("LSH, r = 8 (the paper's estimator)", "lsh", {"samples": 8, "sampling": "iid"}),
+    ("LSH, r = 32, qmc sampling", "lsh", {"samples": 32, "sampling": "qmc"}),
+]
+
+
+def readme_table(doc: Doc) -> str:
+    """One table that answers how fast, how accurate, compared with what: the 256K H200 Pareto run."""
+    cfg, env = doc["config"], doc["environment"]
+    pts = _pareto_points(doc)
+    exact = _pick(pts, "exact")
+    rows = []
+    for label, method, match in README_ROWS:
+        p = _pick(pts, method, **match)
+        if p is None:
+            continue
+        speedup = "1×" if p is exact else (f"{exact['seconds'] / p['seconds']:.0f}×" if exact else "–")
+        rows.append([label, p["backend"], f"{p['seconds'] * 1e3:.3g}", speedup, fmt(p["error"]),
+                     f"{p['pairs']:.0f}"])
+    n = alibi_panels_n(doc)
+    head = (f"One forward call at n = {n // 1024}K tokens on an {env.get('device', '?')} ({cfg['heads']} heads, "
+            f"D = {cfg['head_dim']}, {cfg['dtype']}, causal, Press slopes); error relative to exact attention in "
+            f"{cfg['reference_dtype']}"
+            + (f" over the last {cfg['error_rows']} rows" if cfg.get("error_rows") else "") + ". Exact attention's "
+            f"own error is the {cfg['dtype']} rounding floor.\n\n")
+    return head + markdown_table(["method", "kernel", "time [ms]", "faster than exact", "relative error",
+                                  "keys per query"], rows)
+
+
+def alibi_panels_n(doc: Doc) -> int:
+    from .experiments.pareto import alibi_panels
+
+    return alibi_panels(doc["results"])[0]["n"]
+
+
+README_TABLE = "pareto_h200_256k/pareto.json"
+
+
+def _committed(path: str) -> Doc:
+    """A committed result, by its path inside the results folder."""
+    return load_results(RESULTS / path)
+
+
+def _ratio_range(values: list[float]) -> str:
+    show = lambda x: f"{x:.0f}" if x >= 10 else f"{x:.2g}"  # noqa: E731
+    lo, hi = show(min(values)), show(max(values))
+    return f"{lo}×" if lo == hi else f"{lo}–{hi}×"
+
+
+def readme_summary() -> str:
+    """The README's short reading of the GPU results, every number from the committed JSON: the kernels
+    against FlexAttention and SDPA (the benchmark), at equal error (the two Pareto runs), the split form
+    (bench/split_gpu.py), the LSH-trained language models (lsh-native) and context parallelism (cp-bench)."""
+    from .experiments import gpu_bench as gb
+    from .experiments import lsh_native, pareto
+
+    load = _committed
+    bench = gb.combine([load(path) for path, _ in BENCH_RUNS], [take for _, take in BENCH_RUNS])
+    rows = bench["results"]["rows"]
+    n = max(r["n"] for r in rows if r["pass"] == "fwd" and gb.find(rows, "exact_flex", r["n"]))
+
+    def over_flex(method: str, pas: str, at: int) -> float | None:
+        t, f = gb.find(rows, f"{method}_triton", at, pas), gb.find(rows, f"{method}_flex", at, pas)
+        return f["ms"] / t["ms"] if t and f else None
+
+    fwd = {m: over_flex(m, "fwd", n) for m in ("window", "lsh", "exact")}
+    nb = max(r["n"] for r in rows if r["pass"] == "fwd+bwd" and gb.find(rows, "lsh_flex", r["n"], "fwd+bwd"))
+    bwd = {m: over_flex(m, "fwd+bwd", nb) for m in ("lsh", "window")}
+    sdpa_at = [m for m in (16384, 65536) if gb.find(rows, "sdpa", m) and gb.find(rows, "exact_triton", m)]
+    sdpa = [gb.find(rows, "sdpa", m)["ms"] / gb.find(rows, "exact_triton", m)["ms"] for m in sdpa_at]
+    flex = [r["speedup"] for r in pareto.against_flex(load(README_TABLE),
+                                                      load("pareto_h200_256k_flex/pareto.json")) if r["speedup"]]
+    split = [v for path in ("split_h200/split_gpu.json", "split_h200_1m/split_gpu.json")
+             for per in load(path)["results"]["per_n"].values()
+             for prim, v in per["fwd_over_fused"].items() if prim in ("split_sdpa", "split_flex") and v]
+    ln = load("lsh-native.json")
+    verdict = lsh_native.verdict(ln["results"], lsh_native.config_of(ln["results"]))[0]
+    k = lambda m: f"{m // 1024}K"  # noqa: E731
+    faster = lambda x: f"{x:.2g}× as fast as" if x < 1 else f"{x:.2g}× faster than"  # noqa: E731
+    return "\n".join([
+        "**In short** (on the H200, through `poslsh.attention`; a speed ratio is the other kernel's time over "
+        "poslsh's, so 2× means half the time):",
+        "",
+        f"* Forward at {k(n)} tokens, poslsh's Triton kernels beat FlexAttention for every method: the window is "
+        f"{fwd['window']:.2g}× faster, LSH {fwd['lsh']:.2g}×, exact ALiBi {fwd['exact']:.2g}×.",
+        f"* Forward + backward at {k(nb)} tokens (training), LSH is {faster(bwd['lsh'])} Flex and the window "
+        f"{faster(bwd['window'])} Flex.",
+        f"* Exact ALiBi runs at {_ratio_range(sdpa)} the speed of dense SDPA without a bias (at "
+        f"{' and '.join(k(m) for m in sdpa_at)} tokens).",
+        f"* At equal error, poslsh's fastest method is {_ratio_range(flex)} faster than the best FlexAttention "
+        "configuration: the window reads few keys per query, so its time is mostly reading q, k and v once.",
+        "* The paper's own form (r short attentions inside the sampled blocks, on SDPA's or Flex's kernel: "
+        f"`backend=\"split\"`) is correct but {_ratio_range(split)} slower than the fused kernel, because each of "
+        "its r passes reads all of q, k and v.",
+        f"* Language models trained with positional LSH in place of the bias (`poslsh lsh-native`): {verdict}",
+        f"* {cp_summary(load('cp_cpu/cp-bench.json'))}",
+    ])
+
+
+def cp_summary(doc: Doc) -> str:
+    """One sentence on context parallelism from the CPU cp-bench run: bytes per rank of the halo methods
+    at the largest world size and both lengths, against a ring's, and whether every check passed."""
+    res = doc["results"]
+    w = max(t["world_size"] for t in res["traffic_vs_length"])
+    at = {t["method"]: t for t in res["traffic_vs_length"] if t["world_size"] == w and t["halo"] in (None, "head")}
+    kib = lambda xs: " and ".join(f"{x / 1024:.0f}" for x in xs)  # noqa: E731
+    totals = " and ".join(f"{n // 1024}K" for n in at["window"]["totals"])
+    ok = all(r["check"]["ok"] for r in res["rows"] if r.get("check"))
+    return (f"Context parallelism (`poslsh.distributed`, {w} CPU processes talking through gloo, {totals} tokens in "
+            "all): a rank "
+            f"sends {kib(at['window']['max_bytes_fwd'])} KiB per forward for the window and "
+            f"{kib(at['lsh']['max_bytes_fwd'])} KiB for LSH, where a ring would send "
+            f"{kib(at['window']['ring_bytes_fwd'])} KiB; "
+            + ("every method matches one process on the whole sequence." if ok else
+               "**a check against one process failed** (docs/RESULTS.md)."))
+
+
+def _ms(p: dict) -> str:
+    """A point's time in milliseconds, three figures ("4.00 ms", "1431 ms")."""
+    ms = p["seconds"] * 1e3
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:#.3g} ms"
+
+
+def _eps(x: float) -> str:
+    """A truncation level as the README's table writes it: 0.3, 0.1, 3e-2, 1e-4."""
+    if x >= 0.1:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _names(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def _against_window(panel: dict, method: str) -> str:
+    """How ``method``'s points ("lsh" or "hybrid") compare with the window at equal time in ``panel``:
+    the points at least as accurate (``pareto.comparison``), those that tie it only at the rounding floor,
+    and the closest of the others, every number from the panel."""
+    from .experiments.pareto import comparison
+
+    gaps, wins, ties = (
+        [g for g in part if g["label"].startswith(method + " ")] for part in comparison(panel, "seconds"))
+    name = {"lsh": "LSH"}.get(method, method)
+    if not gaps:
+        return f"The run has no {name} point to compare."
+    floor = next(p["error"] for p in panel["points"] if p["method"] == "exact" and "error" in p)
+    text = (f"At equal time {_names([g['label'] for g in wins])} {'is' if len(wins) == 1 else 'are'} at least as "
+            "accurate as the window" if wins else f"At equal time no {name} point is as accurate as the window")
+    if ties:
+        text += (f"; {_names([g['label'] for g in ties])} only {'ties' if len(ties) == 1 else 'tie'} it at the "
+                 f"rounding floor (error {fmt(floor)}, exact attention's own in this dtype)")
+    rest = [g for g in gaps if g not in wins and g not in ties]
+    if rest:
+        best = min(rest, key=lambda g: g["ratio_seconds"])
+        text += (f". Its closest point, {best['label']}, has error {fmt(best['error'])} in {_ms(best)}, where the "
+                 f"window reaches error {fmt(best['baseline_error_seconds'])} in the same time")
+    return text + "."
+
+
+def readme_advice(doc: Doc) -> str:
+    """The README's "Which method to use": what each method is for, and how it stands against the window
+    in the committed 256K-token Pareto run (README_TABLE), every claim computed from that run."""
+    from .experiments.pareto import alibi_panels, comparison, measured
+
+    panel = alibi_panels(doc["results"])[0]
+    pts = measured(panel["points"])
+    windows = sorted((p for p in pts if p["method"] == "window"), key=lambda p: p["seconds"])
+    exact = _pick(pts, "exact")
+    where = f"In the {panel['n'] // 1024}K-token run on the {doc['environment'].get('device', '?')} below"
+    wins = {cost: comparison(panel, cost)[1] for cost in ("seconds", "pairs")}
+    tied = any(comparison(panel, cost)[2] for cost in ("seconds", "pairs"))
+    if wins["seconds"] or wins["pairs"]:
+        verdict = "; ".join(f"at equal {what}, {_names([g['label'] for g in wins[cost]]) or 'none'} "
+                            f"{'is' if len(wins[cost]) == 1 else 'are'} at least as accurate as the window"
+                            for cost, what in (("seconds", "time"), ("pairs", "keys per query")))
+    else:
+        verdict = ("no LSH or hybrid point is as accurate as the window at equal time or at equal keys per query"
+                   + (", except where both are at the rounding floor" if tied else ""))
+    window = (f"{where}, window_eps {_eps(windows[0]['window_eps'])} to {_eps(windows[-1]['window_eps'])} gives "
+              f"errors from {fmt(windows[0]['error'])} in {_ms(windows[0])} to {fmt(windows[-1]['error'])} in "
+              f"{_ms(windows[-1])}. Comparing with the window interpolated between its measured widths, {verdict}."
+              if windows else f"{where}, the window was not measured.")
+    exact_text = (f" At {panel['n'] // 1024}K tokens it took {_ms(exact)}, "
+                  f"{exact['seconds'] / windows[-1]['seconds']:.0f}× the window's time at window_eps "
+                  f"{_eps(windows[-1]['window_eps'])}." if exact and windows else "")
+    return "\n".join([
+        "* **`method=\"window\"`** for speed at a given accuracy: exact ALiBi weights for keys within w_h positions "
+        "of the query in head h, `w_h = ceil(ln(1/window_eps) / m_h)` (m_h: the head's slope), nothing beyond; its "
+        "error falls exponentially as the window widens. " + window,
+        "* **`method=\"exact\"`** (the default: nothing is approximated unless you ask) when you need ALiBi itself; "
+        "on a GPU it runs in poslsh's Triton kernel, which computes the bias inside the kernel instead of storing an "
+        "n × n matrix, and its cost still grows like n²." + exact_text,
+        "* **`method=\"lsh\"`** for the paper's estimator and research on it: unbiased, with an error that falls "
+        "like 1/√r in the number r of sampled partitions (`samples=r`); `sampling=\"stratified\"` or `\"qmc\"` "
+        "(quasi-Monte Carlo: the r partitions drawn to spread evenly instead of independently) makes it fall faster. "
+        + _against_window(panel, "lsh"),
+        "* **`method=\"hybrid\"`**: exact weights near the query, LSH beyond (`hybrid_eps` sets how far the exact "
+        "part reaches). " + _against_window(panel, "hybrid"),
+    ])
+
+
+def readme_block() -> str:
+    path = RESULTS / README_TABLE
+    doc = load_results(path)
+    generate = generate_lines()
+    return (readme_table(doc) + "\n\n" + _provenance(doc, path, README) + "\n\n" + readme_summary()
+            + ("\n\n" + generate if generate else ""))
+
+
+# generate-bench's runs: a BLOOM-560m-shaped model at every context, a BLOOM-7b1-shaped one's long prompt.
+GENERATE_RUNS = ("generate_bench/generate-bench.json", "generate_bench_7b1/generate-bench.json")
+
+
+def generate_lines() -> str:
+    """The README's sentences on generate-bench's committed runs ("" while none is committed)."""
+    from .experiments import generate_bench
+
+    return " ".join(generate_bench.readme_line(_committed(path)) for path in GENERATE_RUNS if (RESULTS / path).exists())
+
+
+# ----------------------------------------------------------------------------- RESULTS.md sections
+
+
+def _experiment(module: str) -> Callable[[Doc], str]:
+    def render(doc: Doc) -> str:
+        import importlib
+
+        return importlib.import_module(f"poslsh_lab.experiments.{module}").readme_section(doc)
+
+    return render
+
+
+def cpu_scaling(doc: Doc) -> str:
+    cfg = doc["config"]
+    small, large = cfg["lengths"]
+    rows = []
+    for run in doc["results"]["runs"]:
+        rows.append([run["backend"], run["scheme"], fmt(run["cpu_seconds"][str(small)]), fmt(run["cpu_seconds"][str(large)]),
+                     fmt(run["ratio"]), fmt(run["wall_ratio"]), f"{run['peak_rss_bytes'] / 2**20:.0f} MiB"])
+    f, aim = large // small, cfg["targets"]
+    head = (f"LSH forward, H = {cfg['heads']}, D = {cfg['head_dim']}, {cfg['dtype']}, r = {cfg['samples']}, causal, "
+            f"{cfg['threads']} torch thread; CPU seconds, best of {cfg['repeats']}. From n = {small} to {large} "
+            f"({f}× longer) linear growth is {f}× and quadratic {f * f}×; the aim was a ratio of at most "
+            f"{aim['ratio']:g} and under {aim['peak_bytes'] / 1e9:g} GB of memory.\n")
+    return head + "\n" + markdown_table(["backend", "scheme", f"n={small} (s)", f"n={large} (s)", "CPU-time ratio",
+                                         "wall-time ratio", f"peak RSS at {large}"], rows)
+
+
+def mask_error(doc: Doc) -> str:
+    """Fitted rate of the mean mask's error against r, per scheme, length and slope."""
+    from .experiments import mask_error as me
+    from .experiments.metrics import loglog_slope
+
+    cfg = doc["config"]
+    rows = []
+    for n in cfg["lengths"]:
+        for slope in cfg["slopes"]:
+            for scheme in cfg["schemes"]:
+                rs, mx, _, _ = me._series(doc, n, slope, scheme, "max")
+                _, sp, _, _ = me._series(doc, n, slope, scheme, "spectral")
+                rows.append([n, me._slope_label(slope).removeprefix("m = "), scheme, fmt(mx[-1]),
+                             fmt(loglog_slope(rs, mx)), fmt(sp[-1]), fmt(loglog_slope(rs, sp))])
+    return (f"The mean of r sampled block masks against the ALiBi kernel B, medians over {cfg['seeds']} seeds; "
+            f"\"rate\" is the fitted exponent of the error against r (a 1/sqrt(r) law is -0.5). Errors at "
+            f"r = {max(cfg['samples'])}.\n\n"
+            + markdown_table(["n", "slope", "scheme", "max error", "max rate", "spectral error", "spectral rate"], rows))
+
+
+def attn_error(doc: Doc) -> str:
+    cfg = doc["config"]
+    return (f"Attention output error of positional LSH against exact ALiBi versus r (n = {cfg['n']}, {cfg['heads']} "
+            f"heads, D = {cfg['head_dim']}), per scheme and logit scale, beside the window given the same number of "
+            "(query, key) pairs (dashed). Both schemes follow the 1/sqrt(r) law; the window at equal pairs is more "
+            "accurate almost everywhere.")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One block of docs/RESULTS.md: a JSON file under bench/results, its heading, its renderer."""
+
+    path: str
+    heading: str
+    render: Callable[[Doc], str]
+    images: tuple[str, ...] = ()  # PNGs under bench/results shown after the block
+
+
+def gpu_bench(part: str) -> Callable[[Doc], str]:
+    """One part of the benchmark's view ("fwd", "errors", "decode", "fwd+bwd", "aims"); "aims" over the
+    three runs of the session combined (its forward, decoding and backward runs: ``BENCH_RUNS``)."""
+    def render(doc: Doc) -> str:
+        from .experiments import gpu_bench as gb
+
+        if part == "aims":
+            doc = gb.combine([_committed(path) for path, _ in BENCH_RUNS],
+                             [take for _, take in BENCH_RUNS])
+        return gb.readme_section(doc, (part,))
+
+    return render
+
+
+def split_gpu(doc: Doc) -> str:
+    """bench/split_gpu.py's run: the primitives' checks, forward and fwd+bwd ms beside the fused kernel,
+    and the split form's bytes floor (r passes over q, k, v and a merge of r outputs)."""
+    res = doc["results"]
+    checks = res["checks"]
+    ok = sum(c["ok"] for c in checks)
+    head = (f"The split backend (`backend=\"split\"`, LSH as r = {doc['config'].get('samples', 8)} block-local "
+            f"attentions merged by their LSEs) on each attention primitive: {ok} of {len(checks)} checks against "
+            "float64 within bounds (primitives: " + ", ".join(sorted({c['primitive'] for c in checks})) + "). "
+            "Median ms, with the fused Triton kernel of the same run; the floor is the split form's bytes over "
+            "the measured copy bandwidth.\n\n")
+    body = []
+    for n, per in sorted(res["per_n"].items(), key=lambda kv: int(kv[0])):
+        for pas, key in (("fwd", "fwd"), ("fwd_bwd", "fwd_bwd")):
+            times = {r["column"]: r["ms"] for r in res["rows"] if str(r["n"]) == n and r["pass"] == pas and "ms" in r}
+            if not times:
+                continue
+            floor = per["floor_ms"].get("split_fwd" if pas == "fwd" else "split_fwd_bwd")
+            body.append([f"{int(n) // 1024}K", "forward" if pas == "fwd" else "fwd+bwd", fmt(times.get("fused")),
+                         *(fmt(times.get(c)) for c in ("split_sdpa", "split_flex", "split_torch")), fmt(floor)])
+    return head + markdown_table(["n", "pass", "fused (Triton)", "split, SDPA flash", "split, Flex", "split, torch",
+                                  "split floor"], body)
+
+
+def lsh_native(doc: Doc) -> str:
+    """The lsh-native section, its plots linked from docs/RESULTS.md's folder."""
+    from .experiments import lsh_native as ln
+
+    return ln.readme_section(doc, _link(RESULTS / "lsh-native" / "x", RESULTS_MD)[:-1])
+
+
+def against_flex(doc: Doc) -> str:
+    from .experiments import pareto
+
+    return pareto.against_flex_section(_committed(README_TABLE), doc)
+
+
+# The session's benchmark, run in three device calls: (file, the passes taken from it).
+BENCH_RUNS = [("gpu_bench/gpu_bench.json", ("fwd",)), ("gpu_bench/gpu_bench_decode.json", ("decode",)),
+              ("gpu_bench/gpu_bench_backward.json", ("fwd+bwd",))]
+
+SECTIONS: list[Section] = [
+    Section("gpu_bench/gpu_bench.json", "How fast: every method on its GPU backends, forward", gpu_bench("fwd"),
+            ("gpu_bench/gpu_bench_time.png",)),
+    Section("gpu_bench/gpu_bench.json", "How accurate: each method's error against exact ALiBi at those lengths",
+            gpu_bench("errors")),
+    Section("gpu_bench/gpu_bench_backward.json", "Forward + backward (training)", gpu_bench("fwd+bwd")),
+    Section("gpu_bench/gpu_bench_decode.json", "Decoding: one new token against a KV cache", gpu_bench("decode")),
+    Section("gpu_bench/gpu_bench.json", "The speed aims, as measured (the three runs above together)",
+            gpu_bench("aims")),
+    Section(GENERATE_RUNS[0], "A model generating text: transformers' own attention against the patch, per prompt "
+            "length", _experiment("generate_bench"), ("generate_bench/generate_bench.png",)),
+    Section(GENERATE_RUNS[1], "A 7B model reading a long prompt in chunks, with the window and eviction",
+            _experiment("generate_bench"), ("generate_bench_7b1/generate_bench.png",)),
+    Section("pareto_h200_256k/pareto.json", "How accurate for the time: error against time at 256K tokens on the GPU",
+            _experiment("pareto"), ("pareto_h200_256k/pareto.png",)),
+    Section("pareto_h200_256k_flex/pareto.json", "Against FlexAttention at equal error (256K tokens)", against_flex,
+            ("pareto_h200_256k_flex/pareto.png",)),
+    Section("split_h200/split_gpu.json", "The paper's form: ALiBi as r short attentions on kernels without a bias",
+            split_gpu),
+    Section("split_h200_1m/split_gpu.json", "The paper's form at 1M tokens (after the 64-bit offset fix of its merge)",
+            split_gpu),
+    Section("lsh-native.json", "Language models trained with positional LSH instead of the bias", lsh_native),
+    Section("cp_cpu/cp-bench.json", "Context parallelism on the CPU: 1, 2 and 4 gloo processes (poslsh.distributed)",
+            _experiment("cp_bench"), ("cp_cpu/cp_bench.png",)),
+    Section("cp_h200_1gpu/cp-bench.json", "Context parallelism on one H200 (NCCL, one process): the weak-scaling "
+            "baseline at 256K and 1M tokens", _experiment("cp_bench")),
+    Section("cp_h200_1gpu/smoke/cp-bench.json", "Context parallelism on one H200: every method through NCCL, checked",
+            _experiment("cp_bench")),
+    Section("lm-validation.json", "A language model trained here: bits per byte per method, r and context",
+            _experiment("lm_validation")),
+    Section("pareto_h200/pareto.json", "Error against time at 64K tokens on the GPU (its 256K panel was rerun above)",
+            _experiment("pareto"), ("pareto_h200/pareto.png",)),
+    Section("pareto_h200_heavy/pareto.json", "A heavy-tailed kernel at 64K tokens on the GPU", _experiment("pareto"),
+            ("pareto_h200_heavy/pareto.png",)),
+    Section("mask-error/mask-error.json", "The paper's first claim: the mean of r masks approaches the ALiBi kernel",
+            mask_error, ("mask-error/mask_error_spectral.png",)),
+    Section("attn-error/attn-error.json", "The paper's second claim: attention output error against r", attn_error,
+            ("attn-error/attn_error_vs_r.png",)),
+    Section("pareto_cpu/pareto.json", "On the CPU: correlated sampling, the hybrid and a heavy-tailed kernel",
+            _experiment("pareto"), ("pareto_cpu/pareto.png", "pareto_cpu/pareto_convergence.png")),
+    Section("cpu_scaling.json", "On the CPU: time and memory against the context", cpu_scaling),
+]
+
+RESULTS_HEAD = """# Results
+
+Every number on this page is generated by `python3 -m poslsh_lab.readme` from the JSON committed in
+[`bench/results/`](../bench/results/) (a test fails when this page and the JSON disagree); each section
+names the file and the command that produced it. The README keeps the one table that answers "how
+fast, how accurate, compared with what"; the rest is here, the GPU first.
+"""
+
+
+def render_results() -> str:
+    parts = [RESULTS_HEAD]
+    for section in SECTIONS:
+        path = RESULTS / section.path
+        if not path.exists():
+            continue
+        doc = load_results(path)
+        images = "".join(f"\n\n![{section.heading}]({_link(RESULTS / img, RESULTS_MD)})" for img in section.images
+                         if (RESULTS / img).exists())
+        parts.append(f"## {section.heading}\n\n" + section.render(doc) + images + "\n\n"
+                     + _provenance(doc, path, RESULTS_MD))
+    return "\n\n".join(parts) + "\n"
+
+
+def updated(readme: str) -> str:
+    """The README with its generated blocks (between their markers) rewritten: the advice on which method
+    to use and the results block."""
+    blocks = [(ADVICE_START, ADVICE_END, lambda: readme_advice(_committed(README_TABLE))), (START, END, readme_block)]
+    for start, end, render in blocks:
+        if start not in readme or end not in readme:
+            raise ValueError(f"README.md lacks the markers {start} ... {end}")
+        head, rest = readme.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme = f"{head}{start}\n{render()}\n{end}{tail}"
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Regenerate the README's results block and docs/RESULTS.md from the "
+                                            "committed JSON.")
+    p.add_argument("--check", action="store_true", help="Only check that both are up to date.")
+    p.add_argument("--root", type=Path, default=None, metavar="DIR",
+                   help="The checkout whose README.md, docs/RESULTS.md and bench/results/ are used. Default: the "
+                        "checkout poslsh runs from, else the current folder.")
+    args = p.parse_args(argv)
+    if args.root is not None:
+        use_root(args.root)
+    current = README.read_text()
+    new = updated(current)
+    results = render_results()
+    if args.check:
+        stale = [name for name, ok in (("README.md", new == current),
+                                       ("docs/RESULTS.md", RESULTS_MD.exists() and RESULTS_MD.read_text() == results))
+                 if not ok]
+        if stale:
+            print(f"{', '.join(stale)} out of date: run python3 -m poslsh_lab.readme", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    RESULTS_MD.parent.mkdir(exist_ok=True)
+    RESULTS_MD.write_text(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
