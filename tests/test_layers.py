@@ -51,13 +51,10 @@ LIBRARY_LAYERS = 6  # LAYERS[:6] is the installed library
 # of the modules that moved there, by import hook, so old code keeps working for a deprecation period.
 ALIASES = ("poslsh._aliases",)
 
-# Import cycles known today (each a set of modules that import each other, lazy imports included):
-# dispatch -> split -> primitives -> flex -> dispatch (issue 24). A new cycle fails
-# test_no_new_import_cycle; when one is broken, delete it here.
-KNOWN_CYCLES: list[frozenset[str]] = [
-    frozenset({"poslsh.attention.dispatch", "poslsh.attention.split", "poslsh.attention.primitives",
-               "poslsh.attention.flex"}),
-]
+# Import cycles known today (each a set of modules that import each other, lazy imports included): none
+# since the registry left the dispatcher (dispatch -> split -> primitives -> flex -> dispatch, issue 24).
+# A new cycle fails test_no_new_import_cycle.
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 def module_name(path: Path) -> str:

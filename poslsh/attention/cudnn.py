@@ -490,7 +490,7 @@ def _register() -> None:
     _cudnn = _import_cudnn()
     if _cudnn is None or not torch.cuda.is_available():
         return
-    from .dispatch import register_backend
+    from .registry import register_backend
 
     # Below the Triton kernel: "auto" picks it where the shipped speed table measured it fastest.
     register_backend("cudnn", cudnn_attention, supports_cudnn, priority=90, methods=("exact",),

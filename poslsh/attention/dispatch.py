@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
 import warnings
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -47,65 +44,16 @@ from .core import METHODS, AttentionSpec
 from .fused import fused_attention, supports_fused
 from .reference import reference_attention, supports_reference
 from .speed import measured_order
+from .registry import BACKENDS, Backend, register_backend
 from .split import split_attention, supports_split
 from .window import hybrid_widths, kernel_window_sizes, window_size_widths, window_sizes
 
 __all__ = ["AttentionSpec", "Backend", "BACKENDS", "register_backend", "available_backends",
            "resolve_spec", "select_backend"]
 
-BackendFn = Callable[[Tensor, Tensor, Tensor, AttentionSpec], "tuple[Tensor, Tensor]"]
-SupportsFn = Callable[[Tensor, AttentionSpec], bool]
-
-
-@dataclass(frozen=True)
-class Backend:
-    """An attention implementation: ``fn(q, k, v, spec) -> (out, lse)`` and what it can run."""
-
-    name: str
-    fn: BackendFn
-    supports: SupportsFn
-    priority: int = 0
-    methods: tuple[str, ...] = ("exact", "window", "lsh")
-    kernels: bool = False
-    slope_grad: bool = False
-    explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None  # why supports is False
-
-    def accepts(self, q: Tensor, spec: AttentionSpec) -> bool:
-        """Declared capabilities first (method, kernels, slope gradients), then its own ``supports``."""
-        if spec.method not in self.methods or (spec.kernels is not None and not self.kernels):
-            return False
-        if spec.slopes.requires_grad and not self.slope_grad:
-            return False
-        return self.supports(q, spec)
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
-        return self.fn(q, k, v, spec)
-
-
-BACKENDS: dict[str, Backend] = {}
-
 # Modules that register optional (GPU) backends when imported; tried once, on first dispatch.
 OPTIONAL_BACKEND_MODULES = ("poslsh.attention.triton", "poslsh.attention.flex", "poslsh.attention.cudnn")
 _optional_loaded = False
-
-
-def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = None, *,
-                     priority: int = 0, methods: tuple[str, ...] = ("exact", "window", "lsh"),
-                     kernels: bool = False, slope_grad: bool = False,
-                     explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None) -> Backend:
-    """Add (or replace) a backend. ``supports`` defaults to "always"; "auto" tries higher
-    ``priority`` first (torch backends use 0..20, so GPU kernels should use e.g. 100).
-    ``methods``, ``kernels`` and ``slope_grad`` declare what it computes (see module docstring);
-    ``explain(q, spec)``, if given, says why ``supports`` refuses a call (named in the error)."""
-    if not isinstance(name, str) or not name or name == "auto":
-        raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
-    backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
-                      tuple(methods), bool(kernels), bool(slope_grad), explain)
-    BACKENDS[name] = backend
-    plans = sys.modules.get("poslsh.attention.plan")  # plans of public calls chose among the old registry
-    if plans is not None:
-        plans.clear_public_plans()
-    return backend
 
 
 def _load_optional_backends() -> None:

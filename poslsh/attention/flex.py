@@ -429,7 +429,7 @@ def supports_flex(q: Tensor, spec: AttentionSpec) -> bool:
 
 def _register() -> None:
     try:
-        from .dispatch import register_backend
+        from .registry import register_backend
     except ImportError:  # pragma: no cover
         return
     # Below the Triton kernel, above the torch backends: the fallback for shapes Triton does not cover.

@@ -29,7 +29,7 @@ def _backend(q, k, v, spec):
 
 
 def _register() -> None:
-    from ..dispatch import register_backend
+    from ..registry import register_backend
 
     # Under TRITON_INTERPRET=1 the kernels run on the CPU only to be tested: they then rank below every
     # torch backend, so "auto" never routes CPU work through the (slow) interpreter; backend="triton"

@@ -1,0 +1,67 @@
+"""The backend registry: ``Backend`` (an implementation and what it can run), ``BACKENDS`` and
+``register_backend``. Below everything that registers or chooses a backend (the dispatcher, the
+optional GPU backends, the split form's primitives), so registering needs no import of the dispatcher.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+from .core import AttentionSpec
+
+__all__ = ["Backend", "BACKENDS", "register_backend"]
+
+BackendFn = Callable[[Tensor, Tensor, Tensor, AttentionSpec], "tuple[Tensor, Tensor]"]
+SupportsFn = Callable[[Tensor, AttentionSpec], bool]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention implementation: ``fn(q, k, v, spec) -> (out, lse)`` and what it can run."""
+
+    name: str
+    fn: BackendFn
+    supports: SupportsFn
+    priority: int = 0
+    methods: tuple[str, ...] = ("exact", "window", "lsh")
+    kernels: bool = False
+    slope_grad: bool = False
+    explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None  # why supports is False
+
+    def accepts(self, q: Tensor, spec: AttentionSpec) -> bool:
+        """Declared capabilities first (method, kernels, slope gradients), then its own ``supports``."""
+        if spec.method not in self.methods or (spec.kernels is not None and not self.kernels):
+            return False
+        if spec.slopes.requires_grad and not self.slope_grad:
+            return False
+        return self.supports(q, spec)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+        return self.fn(q, k, v, spec)
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+
+def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = None, *,
+                     priority: int = 0, methods: tuple[str, ...] = ("exact", "window", "lsh"),
+                     kernels: bool = False, slope_grad: bool = False,
+                     explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None) -> Backend:
+    """Add (or replace) a backend. ``supports`` defaults to "always"; "auto" tries higher
+    ``priority`` first (torch backends use 0..20, so GPU kernels should use e.g. 100).
+    ``methods``, ``kernels`` and ``slope_grad`` declare what it computes (see module docstring);
+    ``explain(q, spec)``, if given, says why ``supports`` refuses a call (named in the error)."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
+    backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
+                      tuple(methods), bool(kernels), bool(slope_grad), explain)
+    BACKENDS[name] = backend
+    plans = sys.modules.get("poslsh.attention.plan")  # plans of public calls chose among the old registry
+    if plans is not None:
+        plans.clear_public_plans()
+    return backend
