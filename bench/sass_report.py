@@ -39,7 +39,7 @@ from poslsh.attention.triton.launch import METHOD_IDS  # noqa: E402
 KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "merge": _merge_kernel}
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
             "DV": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "SLOPE2": "*fp32", "W": "*i32", "U": "*i32",
-            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32", "KPM": "*i8", "DQA": "*fp32", "PO": "*fp32", "PL": "*fp32"}
+            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32", "WIN_R": "*i32", "KPM": "*i8", "DQA": "*fp32", "PO": "*fp32", "PL": "*fp32"}
 FLOATS = {"qk_scale", "log2_r", "scale"}
 SHAPE = dict(B=1, group=1, H=32, Hkv=32, Nq=262144, Nk=262144, q_offset=0, stride_os=0, stride_kpmb=0,
              split_tiles=0)

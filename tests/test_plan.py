@@ -331,3 +331,12 @@ def test_evicted_cache_key_start(method):
         assert rel_err(out, ref) <= 1e-12, start
     with pytest.raises(ValueError, match="key_start must be an int >= 0"):
         plan(q, k, v, key_start=-1)
+
+
+def test_public_reuse_refuses_what_the_dispatcher_refuses(count_resolutions):
+    """A plan cached by a float call never serves the same call on integer tensors: the dispatcher's
+    TypeError comes (the plan served it, with no error, when the plan's checks skipped the dtype)."""
+    q, k, v = make(1, 4, 4, 1, 30, 8, torch.float64, seed=9)
+    poslsh.attention(q, k, v)
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64"):
+        poslsh.attention(q.int(), k.int(), v.int())

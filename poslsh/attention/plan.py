@@ -69,6 +69,7 @@ __all__ = ["AttentionPlan", "HYBRID_WIDTH_N", "public_call", "remember_public_ca
 # ALiBi heads converge long before: the far-field variance lives within ~1/m of the query); widths that
 # would cover all of it mean "every key". The transformers patch uses it too.
 HYBRID_WIDTH_N = 1 << 16
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class AttentionPlan:
@@ -235,6 +236,8 @@ class AttentionPlan:
             raise ValueError(f"need 1 <= Nq <= Nk and non-empty tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}")
         if q.dtype != k.dtype or q.dtype != v.dtype:
             raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if q.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
         if q.device != self.device or k.device != self.device or v.device != self.device:
             raise ValueError(f"this plan's tensors live on {self.device}; got q on {q.device}, k on {k.device}, "
                              f"v on {v.device}")

@@ -74,7 +74,7 @@ class TrainConfig:
     context: TwoOrMore = 1024
     batch_size: Count = 32
     steps: Count = 6000
-    lr: Positive = 1e-3
+    lr: NonNegative = 1e-3  # 0 is allowed: a fine-tuning probe that must leave the weights as loaded
     min_lr_ratio: NonNegative = 0.1
     warmup: CountOrZero = 200
     weight_decay: NonNegative = 0.1
