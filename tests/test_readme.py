@@ -136,3 +136,22 @@ def test_in_short_is_short_sentences_with_units():
     assert "(b)" not in summary and " us " not in summary
     for number in re.findall(r"\d[\d.]*(?= µs)|\d[\d.]*(?= \(the window)", summary):
         assert f"{number} µs" in summary, number
+
+
+def test_readme_plan_example_runs():
+    """The README's decoding example (its second Python block) runs as written on the first block's
+    tensors (made small here) and gives what poslsh.attention gives for the same method."""
+    import torch
+
+    import poslsh
+
+    text = (readme.ROOT / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, re.S)[1]
+    assert "AttentionPlan" in block
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 300, 64, generator=gen)
+    k, v = torch.randn(2, 2, 300, 64, generator=gen), torch.randn(2, 2, 300, 64, generator=gen)
+    scope: dict = {"torch": torch, "poslsh": poslsh, "q": q, "k": k, "v": v}
+    exec(block, scope)
+    expected = poslsh.attention(q[:, :, -1:], k, v, method="window:1e-3", backend="reference")
+    torch.testing.assert_close(scope["out"], expected)
