@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..hashing import Partitions
-from ..method import METHODS  # the method names; poslsh.method describes a method and its options
+from ..method import METHODS, MethodRule, method_rule  # poslsh.method describes a method, its options and weights
 
 __all__ = ["AttentionSpec", "EMPTY_LSE", "METHODS", "compute_dtype", "softmax_with_lse", "merge_partials", "attend",
            "has_nonfinite"]
@@ -80,6 +80,11 @@ class AttentionSpec:
     @property
     def num_heads(self) -> int:
         return self.slopes.numel()
+
+    @property
+    def rule(self) -> MethodRule:
+        """What the method's weights are (``poslsh.method.MethodRule``): what backends read, never the name."""
+        return method_rule(self.method)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
