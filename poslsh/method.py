@@ -72,6 +72,11 @@ class MethodRule:
         return self.exact_band and not self.bounded
 
     @property
+    def band_only(self) -> bool:
+        """Exact weights inside a bounded band and none beyond (the window method)."""
+        return self.bounded and not self.collisions
+
+    @property
     def only_collisions(self) -> bool:
         """Every key weighted by collision counts alone (the lsh method: no exact band)."""
         return self.collisions and not self.exact_band
@@ -97,12 +102,14 @@ METHODS = tuple(METHOD_RULES)
 
 
 def method_rule(method: "str | MethodSpec | MethodRule") -> MethodRule:
-    """The ``MethodRule`` of a method name (or of a ``MethodSpec``; a rule is returned as is);
-    ValueError naming the methods for an unknown name."""
+    """The ``MethodRule`` of a method name, its text form ("lsh:8:grid") or a ``MethodSpec`` (a rule is
+    returned as is); ValueError naming the methods for an unknown name."""
     if isinstance(method, MethodRule):
         return method
     if isinstance(method, MethodSpec):
         return METHOD_RULES[method.method]
+    if isinstance(method, str) and ":" in method:
+        return parse_method(method).rule
     rule = METHOD_RULES.get(method) if isinstance(method, str) else None
     if rule is None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
