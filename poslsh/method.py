@@ -15,6 +15,9 @@ brackets):
     lsh[:R[:SCHEME[:SAMPLING]]]           R samples [8], SCHEME grid|cut [grid], SAMPLING iid|stratified|qmc [iid]
     hybrid[:R[:SCHEME[:SAMPLING[:EPS]]]]  as lsh, EPS [1e-2]: the near field's target error (hybrid_eps)
 
+What each method's weights are (an exact band, collisions beyond it, the Triton kernel id) is one
+``MethodRule`` per name in ``METHOD_RULES``: backends read ``spec.rule``, never the name.
+
 Correlated sampling (stratified, qmc) needs the grid scheme (``hashing.check_scheme`` says why). Labels leave out trailing defaults
 (``lsh:8:grid``, ``hybrid:8:grid:qmc``), as the committed results were labelled.
 """
@@ -50,10 +53,8 @@ class MethodRule:
             False with ``exact_band``: the band is every key (exact).
         collisions: whether positional-LSH collision counts weight the keys beyond the band (hybrid)
             or every key (lsh); such a method draws partitions, so its results depend on the seed.
-        width_eps: the option whose level sets the band's widths when none are given ("window_eps",
-            "hybrid_eps"), else None.
-        options: the ``MethodSpec`` options the method reads (the others mean nothing to it).
-        text_fields: how many ':'-separated fields may follow the name in its text form.
+        options: the ``MethodSpec`` options the method reads (the others mean nothing to it), in the
+            order of its text form's fields.
         kernel_id: the method's id in the Triton kernels (their ``METHOD`` constexpr).
     """
 
@@ -61,9 +62,7 @@ class MethodRule:
     exact_band: bool
     bounded: bool
     collisions: bool
-    width_eps: str | None
     options: tuple[str, ...]
-    text_fields: int
     kernel_id: int
 
     @property
@@ -89,14 +88,11 @@ class MethodRule:
 
 _LSH_OPTIONS = ("samples", "scheme", "sampling")
 METHOD_RULES = {rule.name: rule for rule in (
-    MethodRule("exact", exact_band=True, bounded=False, collisions=False, width_eps=None, options=(),
-               text_fields=0, kernel_id=0),
-    MethodRule("window", exact_band=True, bounded=True, collisions=False, width_eps="window_eps",
-               options=("window_eps",), text_fields=1, kernel_id=1),
-    MethodRule("lsh", exact_band=False, bounded=False, collisions=True, width_eps=None, options=_LSH_OPTIONS,
-               text_fields=3, kernel_id=2),
-    MethodRule("hybrid", exact_band=True, bounded=True, collisions=True, width_eps="hybrid_eps",
-               options=_LSH_OPTIONS + ("hybrid_eps",), text_fields=4, kernel_id=3),
+    MethodRule("exact", exact_band=True, bounded=False, collisions=False, options=(), kernel_id=0),
+    MethodRule("window", exact_band=True, bounded=True, collisions=False, options=("window_eps",), kernel_id=1),
+    MethodRule("lsh", exact_band=False, bounded=False, collisions=True, options=_LSH_OPTIONS, kernel_id=2),
+    MethodRule("hybrid", exact_band=True, bounded=True, collisions=True, options=_LSH_OPTIONS + ("hybrid_eps",),
+               kernel_id=3),
 )}
 METHODS = tuple(METHOD_RULES)
 
@@ -247,7 +243,7 @@ def parse_method(text: str) -> MethodSpec:
     parts = text.strip().split(":")
     name, fields = parts[0], parts[1:]
     rule = METHOD_RULES.get(name)
-    if rule is None or len(fields) > rule.text_fields:
+    if rule is None or len(fields) > len(rule.options):  # the text form: one field per option, in order
         raise ValueError(f"bad method {text!r}: use {GRAMMAR}")
     try:
         if name == "window":

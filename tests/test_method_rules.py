@@ -47,13 +47,15 @@ def test_rules_describe_each_method():
         assert MethodSpec(name).rule is rule and method_rule(MethodSpec(name)) is rule
         assert MethodSpec(name).random == rule.collisions
         assert rule.all_exact == (not rule.bounded and not rule.collisions)  # exact keeps every key
-        assert (rule.width_eps is not None) == rule.bounded and rule.width_eps in (None, *rule.options)
         assert rule.exact_band or rule.collisions  # every method weighs some key
-        assert rule.text_fields == len(rule.options)  # the text form has a field per option, no more
         assert parse_method(name).rule is rule
     assert len({rule.kernel_id for rule in METHOD_RULES.values()}) == len(METHODS)
     with pytest.raises(ValueError, match="method must be one of"):
         method_rule("dense")
+    assert method_rule("hybrid:4:cut").name == "hybrid"  # the text form
+    for name, fields in (("exact", "1"), ("window", "1e-3:1"), ("lsh", "8:grid:iid:1")):
+        with pytest.raises(ValueError, match="bad method"):  # one field per option, no more
+            parse_method(f"{name}:{fields}")
 
 
 def test_triton_kernel_ids_are_the_tables():

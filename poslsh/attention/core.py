@@ -45,7 +45,8 @@ class AttentionSpec:
             registered with ``slope_grad=True`` accept such a call.
         causal: whether query position p may only see keys j <= p.
         method: "exact", "window", "lsh" or "hybrid" (exact weights for |p - j| <= window[h],
-            the positional-LSH collision mean of ``partitions`` beyond).
+            the positional-LSH collision mean of ``partitions`` beyond); backends read what it means
+            from ``rule`` (``poslsh.method.MethodRule``), never compare the name.
         scale: multiplier of q . k (1/sqrt(D) by default).
         q_offset: query row i sits at key position q_offset + i; 0 <= q_offset <= Nk - Nq (default
             Nk - Nq: the queries are the last Nq keys).
