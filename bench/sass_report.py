@@ -34,7 +34,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 from poslsh.attention.triton.backward import _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
 from poslsh.attention.triton.forward import _fwd_kernel, _merge_kernel  # noqa: E402
-from poslsh.attention.triton.launch import METHOD_IDS  # noqa: E402
+from poslsh.method import METHOD_RULES  # noqa: E402
 
 KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "merge": _merge_kernel}
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--cut", action="store_true")
-    p.add_argument("--method", choices=sorted(METHOD_IDS), default="lsh")
+    p.add_argument("--method", choices=sorted(METHOD_RULES), default="lsh")
     p.add_argument("--padding", action="store_true", help="with a key padding mask")
     p.add_argument("--split", action="store_true", help="the split-key (decoding) forward")
     p.add_argument("--lazy", action="store_true", help="lazy accumulator rescaling")
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.every_variant:
         out = {}
-        for method in sorted(METHOD_IDS):
-            alibi = method in ("exact", "window")
-            base = dict(METHOD=METHOD_IDS[method], R=1 if alibi else 4, CUT=False, CAUSAL=True, HEAD_DIM=128,
+        for method in sorted(METHOD_RULES):
+            alibi = not METHOD_RULES[method].collisions
+            base = dict(METHOD=METHOD_RULES[method].kernel_id, R=1 if alibi else 4, CUT=False, CAUSAL=True, HEAD_DIM=128,
                         BLOCK_D=128, PREC="tf32", FDIV=True, HAS_KPM=True)
             fwd = dict(base, BLOCK_M=16, BLOCK_N=64, SPLIT=True, LAZY=False)
             out[f"fwd {method} padded split"] = ptxas_info(compile_kernel(_fwd_kernel, fwd, 4, 2).asm["ptx"])
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                                   .asm["ptx"])
         print(json.dumps(out))
         return 0
-    alibi = args.method in ("exact", "window")
-    const = dict(METHOD=METHOD_IDS[args.method], R=1 if alibi else args.r, CUT=args.cut and not alibi,
+    alibi = not METHOD_RULES[args.method].collisions
+    const = dict(METHOD=METHOD_RULES[args.method].kernel_id, R=1 if alibi else args.r, CUT=args.cut and not alibi,
                  CAUSAL=not args.bidirectional, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=args.block_m,
                  BLOCK_N=args.block_n, PREC="tf32", FDIV=not args.integer_positions, HAS_KPM=args.padding)
     if args.kernel == "merge":

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from .attention.core import EMPTY_LSE
 from .attention.public import attention
+from .method import method_rule
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -87,7 +88,7 @@ def _check_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
 def _slopes(alibi_slopes, method: str, b: int, h: int) -> Tensor:
     """[B, H] float64 CPU slopes (zeros without ALiBi: plain softmax attention)."""
     if alibi_slopes is None:
-        if method != "exact":
+        if not method_rule(method).all_exact:
             raise ValueError(f"method={method!r} approximates ALiBi attention: pass alibi_slopes "
                              "(e.g. poslsh.alibi_slopes(H))")
         return torch.zeros(b, h, dtype=torch.float64)

@@ -15,6 +15,9 @@ brackets):
     lsh[:R[:SCHEME[:SAMPLING]]]           R samples [8], SCHEME grid|cut [grid], SAMPLING iid|stratified|qmc [iid]
     hybrid[:R[:SCHEME[:SAMPLING[:EPS]]]]  as lsh, EPS [1e-2]: the near field's target error (hybrid_eps)
 
+What each method's weights are (an exact band, collisions beyond it, the Triton kernel id) is one
+``MethodRule`` per name in ``METHOD_RULES``: backends read ``spec.rule``, never the name.
+
 Correlated sampling (stratified, qmc) needs the grid scheme (``hashing.check_scheme`` says why). Labels leave out trailing defaults
 (``lsh:8:grid``, ``hybrid:8:grid:qmc``), as the committed results were labelled.
 """
@@ -28,10 +31,86 @@ from typing import Any
 from .checks import as_float, as_int
 from .hashing import check_scheme
 
-__all__ = ["METHODS", "METHOD_OPTIONS", "IgnoredOptionWarning", "MethodSpec", "as_method", "method_options", "parse_method", "parse_methods", "GRAMMAR",
+__all__ = ["METHODS", "METHOD_OPTIONS", "MethodRule", "METHOD_RULES", "method_rule", "IgnoredOptionWarning", "MethodSpec", "as_method", "method_options", "parse_method", "parse_methods", "GRAMMAR",
            "DEFAULT_WINDOW_EPS", "DEFAULT_HYBRID_EPS"]
 
-METHODS = ("exact", "window", "lsh", "hybrid")
+
+
+@dataclass(frozen=True)
+class MethodRule:
+    """What a method's weights are, declared once here and read by every backend (reference, fused,
+    Flex, split, Triton, the plan, the dispatcher, distributed, the transformers patch) instead of
+    comparing method names. The weight of key j for the query at position p is, per head h:
+
+        exact ALiBi weight          where |p - j| lies in the head's band  (``exact_band``)
+        positional-LSH collisions   beyond the band (every key when there is no band)  (``collisions``)
+        0                           elsewhere
+
+    Attributes:
+        name: the method's name ("exact", "window", "lsh", "hybrid").
+        exact_band: whether the exact weight is kept inside a per-head band of keys.
+        bounded: whether that band has per-head widths (``AttentionSpec.window``; window, hybrid);
+            False with ``exact_band``: the band is every key (exact).
+        collisions: whether positional-LSH collision counts weight the keys beyond the band (hybrid)
+            or every key (lsh); such a method draws partitions, so its results depend on the seed.
+        options: the ``MethodSpec`` options the method reads (the others mean nothing to it), in the
+            order of its text form's fields.
+        kernel_id: the method's id in the Triton kernels (their ``METHOD`` constexpr).
+    """
+
+    name: str
+    exact_band: bool
+    bounded: bool
+    collisions: bool
+    options: tuple[str, ...]
+    kernel_id: int
+
+    @property
+    def all_exact(self) -> bool:
+        """Every key at its exact weight (the exact method: no band, no collisions)."""
+        return self.exact_band and not self.bounded
+
+    @property
+    def band_only(self) -> bool:
+        """Exact weights inside a bounded band and none beyond (the window method)."""
+        return self.bounded and not self.collisions
+
+    @property
+    def only_collisions(self) -> bool:
+        """Every key weighted by collision counts alone (the lsh method: no exact band)."""
+        return self.collisions and not self.exact_band
+
+    @property
+    def near_far(self) -> bool:
+        """An exact band and collisions beyond it (the hybrid method)."""
+        return self.exact_band and self.collisions
+
+
+_LSH_OPTIONS = ("samples", "scheme", "sampling")
+METHOD_RULES = {rule.name: rule for rule in (
+    MethodRule("exact", exact_band=True, bounded=False, collisions=False, options=(), kernel_id=0),
+    MethodRule("window", exact_band=True, bounded=True, collisions=False, options=("window_eps",), kernel_id=1),
+    MethodRule("lsh", exact_band=False, bounded=False, collisions=True, options=_LSH_OPTIONS, kernel_id=2),
+    MethodRule("hybrid", exact_band=True, bounded=True, collisions=True, options=_LSH_OPTIONS + ("hybrid_eps",),
+               kernel_id=3),
+)}
+METHODS = tuple(METHOD_RULES)
+
+
+def method_rule(method: "str | MethodSpec | MethodRule") -> MethodRule:
+    """The ``MethodRule`` of a method name, its text form ("lsh:8:grid") or a ``MethodSpec`` (a rule is
+    returned as is); ValueError naming the methods for an unknown name."""
+    if isinstance(method, MethodRule):
+        return method
+    if isinstance(method, MethodSpec):
+        return METHOD_RULES[method.method]
+    if isinstance(method, str) and ":" in method:
+        return parse_method(method).rule
+    rule = METHOD_RULES.get(method) if isinstance(method, str) else None
+    if rule is None:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return rule
+
 DEFAULT_WINDOW_EPS = 1e-3  # poslsh.attention's defaults (a test holds them equal)
 DEFAULT_HYBRID_EPS = 1e-2
 GRAMMAR = "exact, window[:EPS], lsh[:R[:grid|cut[:iid|stratified|qmc]]] or hybrid[:R[:SCHEME[:SAMPLING[:EPS]]]]"
@@ -68,9 +147,14 @@ class MethodSpec:
         set_("hybrid_eps", as_float(self.hybrid_eps, "hybrid_eps", above=0))
 
     @property
+    def rule(self) -> MethodRule:
+        """What the method's weights are (``MethodRule``)."""
+        return METHOD_RULES[self.method]
+
+    @property
     def random(self) -> bool:
         """Whether the method draws partitions (so its results depend on the seed)."""
-        return self.method in ("lsh", "hybrid")
+        return self.rule.collisions
 
     @property
     def label(self) -> str:
@@ -97,8 +181,7 @@ class IgnoredOptionWarning(UserWarning):
 
 
 # The options each method reads; the others mean nothing to it (given beside its name: an error).
-METHOD_OPTIONS = {"exact": (), "window": ("window_eps",), "lsh": ("samples", "scheme", "sampling"),
-                  "hybrid": ("samples", "scheme", "sampling", "hybrid_eps")}
+METHOD_OPTIONS = {name: rule.options for name, rule in METHOD_RULES.items()}
 
 
 def as_method(method: str | MethodSpec = "exact", **options: Any) -> MethodSpec:
@@ -159,8 +242,8 @@ def parse_method(text: str) -> MethodSpec:
         raise TypeError(f"a method must be given as text ({GRAMMAR}), got {type(text).__name__}")
     parts = text.strip().split(":")
     name, fields = parts[0], parts[1:]
-    most = {"exact": 0, "window": 1, "lsh": 3, "hybrid": 4}.get(name)
-    if most is None or len(fields) > most:
+    rule = METHOD_RULES.get(name)
+    if rule is None or len(fields) > len(rule.options):  # the text form: one field per option, in order
         raise ValueError(f"bad method {text!r}: use {GRAMMAR}")
     try:
         if name == "window":

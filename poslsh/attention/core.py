@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..hashing import Partitions
-from ..method import METHODS  # the method names; poslsh.method describes a method and its options
+from ..method import METHODS, MethodRule, method_rule  # poslsh.method describes a method, its options and weights
 
 __all__ = ["AttentionSpec", "EMPTY_LSE", "METHODS", "compute_dtype", "softmax_with_lse", "merge_partials", "attend",
            "has_nonfinite"]
@@ -45,7 +45,8 @@ class AttentionSpec:
             registered with ``slope_grad=True`` accept such a call.
         causal: whether query position p may only see keys j <= p.
         method: "exact", "window", "lsh" or "hybrid" (exact weights for |p - j| <= window[h],
-            the positional-LSH collision mean of ``partitions`` beyond).
+            the positional-LSH collision mean of ``partitions`` beyond); backends read what it means
+            from ``rule`` (``poslsh.method.MethodRule``), never compare the name.
         scale: multiplier of q . k (1/sqrt(D) by default).
         q_offset: query row i sits at key position q_offset + i; 0 <= q_offset <= Nk - Nq (default
             Nk - Nq: the queries are the last Nq keys).
@@ -80,6 +81,11 @@ class AttentionSpec:
     @property
     def num_heads(self) -> int:
         return self.slopes.numel()
+
+    @property
+    def rule(self) -> MethodRule:
+        """What the method's weights are (``poslsh.method.MethodRule``): what backends read, never the name."""
+        return method_rule(self.method)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

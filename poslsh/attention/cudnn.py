@@ -128,7 +128,7 @@ def refusal(q: Tensor, spec: AttentionSpec) -> str | None:
     condition of the module docstring but the device, cuDNN's presence and its graph build (so it
     can be checked on the CPU)."""
     d = q.shape[3]
-    if spec.method != "exact" or spec.kernels is not None:
+    if not spec.rule.all_exact or spec.kernels is not None:
         return f"method must be 'exact' with ALiBi slopes, got method={spec.method!r}" + (
             " with kernels" if spec.kernels is not None else "")
     if spec.slopes.requires_grad:

@@ -40,6 +40,7 @@ from torch import Tensor
 from ..alibi import alibi_slopes, check_slopes
 from ..checks import as_bool, as_float, as_int, check_generator
 from ..hashing import Partitions, check_scheme, sample_partitions
+from ..method import method_rule
 from .core import METHODS, AttentionSpec
 from .fused import fused_attention, supports_fused
 from .reference import reference_attention, supports_reference
@@ -158,19 +159,21 @@ def resolve_spec(
                          f"position q_offset + i), got {q_offset!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    rule = method_rule(method)  # what the method's weights are: read below, never its name
     causal = as_bool(causal, "causal")
     right = None
     if window_size is not None:  # FlashAttention's (left, right): a cut is the "window" method with those widths
         causal, cut, right = window_size_widths(window_size, causal, h)
         if cut is not None:
-            if method != "exact" or widths is not None:
+            if not rule.all_exact or widths is not None:
                 raise ValueError(f"window_size sets the window itself; method={method!r} cannot take one (use "
                                  "method='exact', the default, with window_size, or method='window' with "
                                  "window_eps)")
             method, widths = "window", cut
+            rule = method_rule(method)
     generator = check_generator(generator)
     if partitions is not None:  # checked before the slopes, which may default to the partitions'
-        if method not in ("lsh", "hybrid"):
+        if not rule.collisions:
             raise ValueError(f"partitions are only used by method='lsh' or 'hybrid', got method={method!r}")
         if not isinstance(partitions, Partitions):
             raise TypeError(f"partitions must be a poslsh.Partitions, got {type(partitions).__name__}")
@@ -195,7 +198,7 @@ def resolve_spec(
     else:
         if slopes is None:
             slopes = partitions.slopes if isinstance(partitions, Partitions) else alibi_slopes(h)
-        if method in ("lsh", "hybrid") and isinstance(slopes, Tensor) and slopes.requires_grad:
+        if rule.collisions and isinstance(slopes, Tensor) and slopes.requires_grad:
             raise ValueError(f"slopes require grad, but method={method!r} samples its partitions from them, which "
                              "no gradient passes through; pass slopes.detach(), or use method 'exact' or 'window'")
         s = check_slopes(slopes, "slopes", allow_grad=True)  # exact / window: trainable slopes
@@ -213,7 +216,7 @@ def resolve_spec(
             raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
     window = None
     if widths is not None:
-        if method not in ("window", "hybrid"):
+        if not rule.bounded:
             raise ValueError(f"widths are for method 'window' or 'hybrid', got method={method!r}")
         sides = []
         for name, given in (("widths", widths), ("window_size's right side", right)):
@@ -222,11 +225,11 @@ def resolve_spec(
                 raise ValueError(f"{name} must be {h} ints >= 0 (one per query head), got {w.tolist()}")
             sides.append(None if w is None else w.to(torch.int64).clamp(max=nk - 1))  # the one cap
         window, right = sides
-    elif method == "window":
+    elif rule.band_only:  # window: widths from window_eps (hybrid's: below)
         window_eps = as_float(window_eps, "window_eps", above=0, below=1)
         window = (window_sizes(s, window_eps, nk) if kernels is None
                   else kernel_window_sizes(kernels, window_eps, nk))
-    if method in ("lsh", "hybrid"):
+    if rule.collisions:
         if partitions is None:
             samples = as_int(samples, "samples", minimum=1)
             check_scheme(scheme, sampling, kernels is not None)
@@ -245,7 +248,7 @@ def resolve_spec(
                                  f"but slopes={s.tolist()}")
             if partitions.device != q.device:
                 partitions = partitions.to(q.device)
-    if method == "hybrid" and widths is None:
+    if rule.near_far and widths is None:
         window = hybrid_widths(s, as_float(hybrid_eps, "hybrid_eps", above=0), partitions.num_samples, nk, kernels)
     return AttentionSpec(slopes=s, causal=causal, method=method, scale=float(scale), q_offset=q_offset,
                          partitions=partitions, window=window, window_right=right, key_padding_mask=key_padding_mask,

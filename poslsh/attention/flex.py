@@ -190,15 +190,15 @@ def _plain_batch(mask_mod: Callable) -> Callable:
 
 def _device_tensors(spec: AttentionSpec, device: torch.device, nk: int) -> dict[str, Tensor]:
     """What the mods capture, copied to ``device`` once (per cache entry, not per call)."""
-    out = {}
-    if spec.method != "lsh":
+    out, rule = {}, spec.rule
+    if rule.exact_band:
         out["slopes"] = spec.slopes.to(device=device, dtype=torch.float32)
-    if spec.window is not None and spec.method in ("window", "hybrid"):
+    if spec.window is not None and rule.bounded:
         out["window"] = spec.window.to(device)
     if spec.window_right is not None:
         out["window_right"] = spec.window_right.to(device)
     parts = spec.partitions
-    if spec.method in ("lsh", "hybrid"):
+    if rule.collisions:
         if parts.scheme == "grid":
             out["widths"], out["offsets"] = normalize_grid(parts.widths.to(device), parts.offsets.to(device), nk)
         else:
@@ -210,16 +210,16 @@ def _device_tensors(spec: AttentionSpec, device: torch.device, nk: int) -> dict[
 
 def _compose(spec: AttentionSpec, t: dict[str, Tensor]) -> tuple[Callable, Callable]:
     """(score_mod, mask_mod) of the spec's method from the small mods above."""
-    qoff = spec.q_offset
-    if spec.method in ("lsh", "hybrid"):
+    qoff, rule = spec.q_offset, spec.rule
+    if rule.collisions:
         counts = (grid_counts(t["widths"], t["offsets"], qoff, spec.causal) if "widths" in t
                   else cut_counts(t["starts"], t["ends"], qoff, spec.causal))
         lsh = lsh_score(counts, spec.partitions.num_samples, qoff)
-    if spec.method == "exact":
+    if rule.all_exact:
         score_mod, masks = alibi_score(t["slopes"], qoff, two_sided=not spec.causal), []
-    elif spec.method == "window":
+    elif rule.band_only:
         score_mod, masks = alibi_score(t["slopes"], qoff, two_sided=not spec.causal), [band_mask(t["window"], qoff, t.get("window_right"))]
-    elif spec.method == "lsh":
+    elif rule.only_collisions:
         score_mod, masks = lsh, [collision_mask(counts)]
     else:  # hybrid: exact ALiBi weights in the band |p - j| <= w_h, collision means beyond
         near = band_mask(t["window"], qoff)
@@ -229,7 +229,7 @@ def _compose(spec: AttentionSpec, t: dict[str, Tensor]) -> tuple[Callable, Calla
         masks.append(causal_mask(qoff))
     if "key_padding_mask" in t:
         masks.append(padding_mask(t["key_padding_mask"]))
-    if len(masks) == 1 and spec.method != "hybrid":
+    if len(masks) == 1 and not rule.near_far:
         return score_mod, masks[0]
     return score_mod, _plain_batch(and_masks(*masks) if masks else noop_mask)
 

@@ -124,9 +124,9 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, float64 for float64 inputs).
     """
-    if spec.method == "lsh":
+    if spec.rule.only_collisions:
         rules = collision_rules(spec)
-    elif spec.method == "hybrid":
+    elif spec.rule.near_far:
         rules = (HybridRule(b, c) for b, c in zip(band_rules(spec, k.shape[2]), collision_rules(spec)))
     else:
         rules = band_rules(spec, k.shape[2])

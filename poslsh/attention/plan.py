@@ -56,7 +56,7 @@ from ..alibi import alibi_slopes, check_slopes
 from ..checks import as_bool, as_float, as_int
 from ..hashing import UNBOUNDED_WIDTH, Partitions
 from ..layer_partitions import LayerPartitions
-from ..method import MethodSpec, as_method
+from ..method import METHOD_RULES, MethodSpec, as_method
 from .core import AttentionSpec
 from .dispatch import Backend, available_backends, select_backend
 from .ranges import normalize_grid
@@ -133,17 +133,17 @@ class AttentionPlan:
     # -- construction ---------------------------------------------------------------------------------
 
     def _resolve_widths(self, widths) -> list[int] | None:
-        spec = self.method
+        spec, rule = self.method, self.method.rule
         if widths is not None:
-            if spec.method not in ("window", "hybrid"):
+            if not rule.bounded:
                 raise ValueError(f"widths are for method 'window' or 'hybrid', got method={spec.method!r}")
             w = torch.as_tensor(widths).detach().to("cpu").reshape(-1)
             if w.dtype.is_floating_point or w.numel() != self.num_heads or bool((w < 0).any()):
                 raise ValueError(f"widths must be {self.num_heads} ints >= 0 (one per query head), got {w.tolist()}")
             return [int(x) for x in w.tolist()]
-        if spec.method == "window":  # uncapped: the cap of a length would make the widths depend on it
+        if rule.band_only:  # window, uncapped: the cap of a length would make the widths depend on it
             return window_sizes(self.slopes, spec.window_eps, UNBOUNDED_WIDTH + 1).tolist()
-        if spec.method == "hybrid":
+        if rule.near_far:
             w = hybrid_widths(self.slopes, spec.hybrid_eps, spec.samples, HYBRID_WIDTH_N).tolist()
             return [UNBOUNDED_WIDTH if x >= HYBRID_WIDTH_N - 1 else x for x in w]
         return None
@@ -185,9 +185,10 @@ class AttentionPlan:
     def _resolve_reach(self) -> int | None:
         """Positions a query can weigh on one side (None: every key)."""
         near = None if self.widths is None else max(self.widths)
-        if self.method.method == "exact" or (near is not None and near >= UNBOUNDED_WIDTH):
+        rule = self.method.rule
+        if rule.all_exact or (near is not None and near >= UNBOUNDED_WIDTH):
             return None
-        if self.method.method == "window":
+        if rule.band_only:
             return near
         if self._grid is None:  # cut blocks: no bound without reading every block
             return None
@@ -397,8 +398,9 @@ def _public_key(q, k, options: dict, slopes, partitions, causal, scale, backend)
     """(key, objects the key refers to by identity) of a public call whose resolution a plan can hold,
     else None: hybrid (its widths depend on Nk), lsh without partitions (drawn afresh per call), cut
     partitions (per length), trainable slopes, or arguments of types the key does not cover."""
-    method = options["method"]
-    if method not in ("exact", "window", "lsh") or not all(type(x) in _PLAIN for x in options.values()):
+    name = options["method"]
+    rule = METHOD_RULES.get(name) if isinstance(name, str) else None  # None: the dispatcher reports it
+    if rule is None or rule.near_far or not all(type(x) in _PLAIN for x in options.values()):
         return None
     if type(causal) is not bool or type(scale) not in (int, float, type(None)):
         return None
@@ -415,13 +417,13 @@ def _public_key(q, k, options: dict, slopes, partitions, causal, scale, backend)
         return None
     pkey = None
     if partitions is not None:
-        if method != "lsh" or not isinstance(partitions, Partitions) or partitions.scheme != "grid" \
+        if not rule.only_collisions or not isinstance(partitions, Partitions) or partitions.scheme != "grid" \
                 or partitions.kernels is not None:
             return None
         w, u, s = partitions.widths, partitions.offsets, partitions.slopes
         pkey = (id(w), w._version, id(u), u._version, id(s), s._version)
         held += [w, u, s]
-    elif method == "lsh":
+    elif rule.collisions:
         return None
     key = (tuple(options.values()), skey, pkey, causal, scale, q.shape[1], k.shape[1], q.device, backend)
     return key, held

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..hashing import Partitions, normalize_grid
 from ..mask_errors import select_head
+from ..method import method_rule
 
 __all__ = ["Support", "TileRanges", "normalize_grid", "block_bounds_at", "key_ranges", "key_ranges_at",
            "query_ranges", "key_tiles", "nonzero_pairs", "split_pairs", "computed_tiles"]
@@ -103,10 +104,11 @@ def _around(spec, a: Tensor, b: Tensor, n: int, device: torch.device, full: bool
     (flo, fhi; with ``full`` False left empty, flo = fhi = lo), before causal clipping; a, b int64 [T]
     (a <= b), positions 0..n-1. Block membership is symmetric; an asymmetric band (``window_right``)
     is not: for a tile of ``keys`` its sides swap (key j is seen from p in [j - right, j + left])."""
-    if spec.method == "exact":
+    rule = method_rule(spec.method)
+    if rule.all_exact:
         lo, hi = torch.zeros_like(a)[None], torch.full_like(a, n)[None]
         return TileRanges(lo, hi, lo, hi)
-    if spec.method in ("window", "hybrid"):
+    if rule.bounded:
         w = spec.window.to(device=device, dtype=torch.int64)[:, None]
         right = getattr(spec, "window_right", None)
         r = w if right is None else right.to(device=device, dtype=torch.int64)[:, None]
@@ -114,19 +116,19 @@ def _around(spec, a: Tensor, b: Tensor, n: int, device: torch.device, full: bool
             w, r = r, w
         band = TileRanges((a - w).clamp(min=0), (b + r + 1).clamp(max=n), (b - w).clamp(min=0),
                           (a + r + 1).clamp(max=n))
-        if spec.method == "window":
+        if not rule.collisions:
             return band
     sa, ea = block_bounds_at(spec.partitions, a)
     sb, eb = (sa, ea) if b is a else block_bounds_at(spec.partitions, b)
     lo = sa.amin(1).to(device=device, dtype=torch.int64)
     hi = eb.amax(1).to(device=device, dtype=torch.int64)
     if not full:
-        if spec.method == "hybrid":
+        if rule.near_far:
             lo, hi = torch.minimum(lo, band.lo), torch.maximum(hi, band.hi)
         return TileRanges(lo, hi, lo, lo)
     blocks = TileRanges(lo, hi, sb.amax(1).to(device=device, dtype=torch.int64),
                         ea.amin(1).to(device=device, dtype=torch.int64))
-    if spec.method == "lsh":
+    if rule.only_collisions:
         return blocks
     # Hybrid: the union of the band and the blocks; full where every pair is near or in every block.
     near = band.flo < band.fhi

@@ -33,20 +33,21 @@ def dense_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.devic
     pos_q = torch.arange(spec.q_offset, spec.q_offset + nq, device=device, dtype=torch.float64)
     pos_k = torch.arange(nk, device=device, dtype=torch.float64)
     diff = pos_q[:, None] - pos_k[None, :]  # p - j, [Nq, Nk]
-    if spec.method in ("lsh", "hybrid"):
+    rule = spec.rule
+    if rule.collisions:
         bhat = spec.partitions.to(device).mean_mask()[:, spec.q_offset:spec.q_offset + nq, :]  # [H, Nq, Nk]
         logw = torch.log(bhat)  # log 0 = -inf: pairs that never collide get no weight
-    if spec.method != "lsh":
+    if rule.exact_band:
         if spec.kernels is None:
             exact = -spec.slopes.to(device)[:, None, None] * diff.abs()
         else:
             exact = torch.stack([kern.log_f(diff.abs()) for kern in spec.kernels])
-        if spec.method == "exact":
+        if not rule.bounded:
             logw = exact
-        else:  # window: exact inside the band, 0 outside; hybrid: exact inside, B-hat outside
+        else:  # exact inside the band; outside B-hat (hybrid) or 0 (window)
             w = spec.window.to(device=device, dtype=torch.float64)[:, None, None]
             right = w if spec.window_right is None else spec.window_right.to(device, torch.float64)[:, None, None]
-            outside = logw if spec.method == "hybrid" else torch.full_like(exact, float("-inf"))
+            outside = logw if rule.collisions else torch.full_like(exact, float("-inf"))
             logw = torch.where((diff > w) | (diff < -right), outside, exact)
     if spec.causal:
         logw = logw.masked_fill(diff < 0, float("-inf"))

@@ -547,7 +547,7 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
 def supports_split(q: Tensor, spec: AttentionSpec) -> bool:
     """LSH only (exact and window have no blocks to split into; hybrid needs a biased near field), with
     the queries the last Nq keys (q_offset = Nk - Nq), which the block loop assumes."""
-    return spec.method == "lsh" and spec.q_offset + q.shape[2] == spec.partitions.n
+    return spec.rule.only_collisions and spec.q_offset + q.shape[2] == spec.partitions.n
 
 
 def split_bytes(batch: int, heads: int, n: int, head_dim: int, samples: int, itemsize: int = 2,

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..attention import METHODS, available_backends, resolve_spec
 from ..attention.window import hybrid_widths, window_sizes
 from ..hashing import Partitions, sample_partitions
-from ..method import MethodSpec, method_options
+from ..method import METHOD_RULES, MethodSpec, method_options, method_rule
 from .exchange import all_gather_ints
 from .halo import halo_attention
 from .layout import LAYOUTS, rank_segments
@@ -83,16 +83,17 @@ def _validate(q, k, v, *, method, slopes, causal, samples, scheme, sampling, par
                          f"n={q.shape[2]}, k has n={k.shape[2]}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    rule = method_rule(method)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "zigzag" and method != "exact":
+    if layout == "zigzag" and not rule.all_exact:
         raise ValueError(f"layout='zigzag' balances the causal exact ring; method={method!r} works on "
                          "contiguous shards (its work is local to each shard already)")
     if halo not in HALO_MODES:
         raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
-    if method == "exact" and backend not in RING_BACKENDS:
+    if rule.all_exact and backend not in RING_BACKENDS:
         raise ValueError(f"method='exact' (a ring merging per-block LSEs, which needs their gradient) runs with "
                          f"backend in {RING_BACKENDS}, got {backend!r}")
     if not isinstance(return_lse, bool):
@@ -166,11 +167,13 @@ def context_parallel_attention(
             slopes_t, scale = resolved.slopes, resolved.scale  # resolved once, passed on
     except Exception as err:  # noqa: BLE001 - raised below, after every rank has learnt that one failed
         error = err
-    lsh = error is None and method in ("lsh", "hybrid")
+    # what the method's weights are (None: refused here, or unchecked on a rank without positions; raised below)
+    rule = METHOD_RULES.get(method) if error is None and isinstance(method, str) else None
+    lsh = rule is not None and rule.collisions
     config = 0
     source = 0
     if error is None and n > 0:
-        config = _digest(method, causal, scale, slopes_t, window_eps, hybrid_eps if method == "hybrid" else None,
+        config = _digest(method, causal, scale, slopes_t, window_eps, hybrid_eps if rule.near_far else None,
                          (samples, scheme, sampling) if lsh and partitions is None else None, layout, halo,
                          tuple(q.shape[:2]), tuple(k.shape[1:2]), q.shape[3], v.shape[3], str(q.dtype),
                          key_padding_mask is None, torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
@@ -213,12 +216,12 @@ def context_parallel_attention(
             gen = generator if generator is not None else torch.Generator().manual_seed(
                 seed if seed is not None else info[0][4])
             parts = sample_partitions(total, slopes_t, samples, scheme=scheme, generator=gen, sampling=sampling)
-    if method == "window":
+    if rule.band_only:  # window
         window = window_sizes(slopes_t, float(window_eps), total)
-    elif method == "hybrid":
+    elif rule.near_far:
         window = hybrid_widths(slopes_t, float(hybrid_eps), parts.num_samples, total)
     call = LocalCall(method, slopes_t, causal, scale, float(window_eps), backend, window, parts)
-    if method == "exact":
+    if rule.all_exact:
         out, lse = ring_attention(q, k, v, key_padding_mask, rank, segments, group, call)
     else:
         plan = plan_halo(Reach(total, causal, window, parts), lengths, rank, k.shape[1], uniform=halo == "max")

@@ -357,7 +357,7 @@ class PoslshPatch:
             [B, H, Nq, D]; rows of padding queries are 0.
         """
         layer = None
-        if self.options.evict and self.options.method != "exact":
+        if self.options.evict and not self.options.spec.rule.all_exact:
             layer = _evicting_layer(cache, info.module.layer_idx)
             if layer is None:
                 self._warn_once("no-cache", "evict=True has no effect: this forward ran without a transformers "
@@ -441,7 +441,7 @@ class PoslshPatch:
             plan = self.plans[(info.index, q.device)] = AttentionPlan(
                 o.spec, num_heads=info.num_heads, num_kv_heads=k.shape[1], slopes=self.slopes, causal=True,
                 scale=self.scale, device=q.device, partitions=info.parts, backend=o.backend,
-                widths=self.widths if o.method == "hybrid" else None)  # fixed widths: decoding = recomputation
+                widths=self.widths if o.spec.rule.near_far else None)  # fixed widths: decoding = recomputation
         return plan(q, k, v, key_start=start)
 
     # ------------------------------------------------------------------ eviction
@@ -449,7 +449,8 @@ class PoslshPatch:
         """First position (among kept tokens) any query at position >= t can see, over all heads (host
         arithmetic on the slopes and partitions; the window's is the same for every layer, so it is
         computed once per forward)."""
-        key = ("reach", None if self.options.method == "window" else info.index, t)
+        rule = self.options.spec.rule  # window: the same reach in every layer (no partitions)
+        key = ("reach", None if rule.band_only else info.index, t)
         start = self.forward_rows.get(key)
         if start is None:
             start = self.forward_rows[key] = int(self._layer_starts(info, t).min())
@@ -457,18 +458,18 @@ class PoslshPatch:
 
     def _layer_starts(self, info: _LayerInfo, t: int) -> Tensor:
         """Per head, the first key position a query at position >= t can see: int64 [H]."""
-        o = self.options
+        o, rule = self.options, self.options.spec.rule
         h = self.slopes.numel()
-        if o.method == "exact":
+        if rule.all_exact:
             return torch.zeros(h, dtype=torch.int64)
         starts = torch.full((h,), t, dtype=torch.int64)
-        if o.method in ("lsh", "hybrid"):
+        if rule.collisions:
             starts = info.parts.block_starts_at(t).amin(-1)
-        if o.method == "window":
+        if rule.band_only:  # window
             from ..attention import window_sizes
 
             starts = (t - window_sizes(self.slopes, o.spec.window_eps, t + 1)).clamp(min=0)
-        if o.method == "hybrid":
+        if rule.near_far:
             starts = torch.minimum(starts, (t - self.widths.clamp(max=t)).clamp(min=0))
         return starts
 
@@ -742,7 +743,7 @@ def _update_cache(patch: PoslshPatch, cache: Any, k: Tensor, v: Tensor, layer_id
     if not isinstance(cache, DynamicCache):
         raise NotImplementedError(f"the poslsh patch supports DynamicCache (the default) or no cache, got "
                                   f"{type(cache).__name__}")
-    if patch.options.evict and patch.options.method != "exact":
+    if patch.options.evict and not patch.options.spec.rule.all_exact:
         _evicting_layer(cache, layer_idx)  # before the update, so the prompt goes into its buffer
     return cache.update(k, v, layer_idx)
 
@@ -959,11 +960,11 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
         slopes = check_slopes(slopes)
         if slopes.numel() != own.numel():
             raise ValueError(f"slopes must have one value per head ({own.numel()}), got {slopes.numel()}")
-    if evict and spec.method == "exact":
+    if evict and spec.rule.all_exact:
         warnings.warn("evict=True has no effect with method='exact': every cached key stays reachable", stacklevel=2)
     options = _Options(spec, int(seed), backend, bool(evict))
     patch = PoslshPatch(model, family, options, slopes, scale)
-    if spec.method == "hybrid":
+    if spec.rule.near_far:
         from ..attention.window import hybrid_widths
 
         w = hybrid_widths(slopes, spec.hybrid_eps, spec.samples, HYBRID_WIDTH_N)

@@ -28,11 +28,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Methods, as the kernels' METHOD constexpr.
-EXACT = tl.constexpr(0)
-WINDOW = tl.constexpr(1)
-LSH = tl.constexpr(2)
-HYBRID = tl.constexpr(3)
+from ...method import METHOD_RULES
+
+# Methods, as the kernels' METHOD constexpr: the ids of poslsh.method's table (launch passes rule.kernel_id).
+EXACT = tl.constexpr(METHOD_RULES["exact"].kernel_id)
+WINDOW = tl.constexpr(METHOD_RULES["window"].kernel_id)
+LSH = tl.constexpr(METHOD_RULES["lsh"].kernel_id)
+HYBRID = tl.constexpr(METHOD_RULES["hybrid"].kernel_id)
 
 
 @triton.jit

@@ -22,6 +22,7 @@ from torch import Tensor
 
 import triton
 
+from ...method import method_rule
 from ..core import AttentionSpec, last_dim_contiguous
 from ..ranges import normalize_grid
 from ..speed import DECODE_ROWS
@@ -39,7 +40,6 @@ WIDTH_CAP = MAX_KEYS - 1
 # cache reuses them: 2^23 for every length whose positions compare as float32 (``_float_positions``:
 # p + U < 2^24 stays exact), the next power of two above it for longer ones.
 GRID_SPAN = 2**23
-METHOD_IDS = {"exact": 0, "window": 1, "lsh": 2, "hybrid": 3}
 TUNED_PATH = Path(__file__).with_name("tuned.json")
 
 
@@ -58,7 +58,7 @@ class Plan:
     """What the kernels need to know besides q, k, v.
 
     Attributes:
-        method: kernel method id (``METHOD_IDS``); r: samples (1 for exact/window); cut: per-position
+        method: kernel method id (``MethodRule.kernel_id``); r: samples (1 for exact/window); cut: per-position
             block bounds instead of grid scalars.
         W, U: int32 [H, r] grid widths/offsets (normalised to ``span`` positions); S, E: int32 [H, r, n]
             block bounds (cut).
@@ -121,7 +121,8 @@ def build_plan(spec: AttentionSpec, nk: int, device: torch.device, reach: int | 
     plan (one, on first use), unless the caller gives ``reach`` (known on the host: no device read)."""
     h = spec.num_heads
     dummy_i = torch.zeros(1, dtype=torch.int32, device=device)
-    method = METHOD_IDS[spec.method]
+    rule = spec.rule
+    method = rule.kernel_id
     slope2 = (spec.slopes.detach().to(torch.float64) * LOG2E).to(device=device, dtype=torch.float32)
     win = torch.zeros(h, dtype=torch.int32, device=device)
     if spec.window is not None:  # widths may exceed Nk (a plan's length-free widths): capped, never re-capped
@@ -129,7 +130,7 @@ def build_plan(spec: AttentionSpec, nk: int, device: torch.device, reach: int | 
     win_r = win if spec.window_right is None else spec.window_right.clamp(max=WIDTH_CAP).to(device=device,
                                                                                           dtype=torch.int32)
     parts = spec.partitions
-    if spec.method in ("exact", "window"):
+    if not rule.collisions:
         left = spec.window.clamp(max=WIDTH_CAP) if spec.window is not None else torch.full((h,), WIDTH_CAP)
         right = (torch.zeros_like(left) if spec.causal
                  else left if spec.window_right is None else spec.window_right.clamp(max=WIDTH_CAP))
@@ -152,7 +153,7 @@ def build_plan(spec: AttentionSpec, nk: int, device: torch.device, reach: int | 
         work = (E - S).float().mean(dim=(1, 2))
         reach_fn = lambda: int((E - S).max()) * (1 if spec.causal else 2)  # noqa: E731
     r = parts.num_samples
-    if spec.method == "hybrid":
+    if rule.near_far:
         work = torch.maximum(work, win.float())  # the near field is visited too
         lsh_reach = reach_fn
         near = int(spec.window.clamp(max=WIDTH_CAP).max()) * (1 if spec.causal else 2)
@@ -236,11 +237,12 @@ def default_config(method: str, dtype: torch.dtype, head_dim: int, device_type: 
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2,
                     BWD_BLOCK_M=32, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=2)
-    if method in ("lsh", "hybrid"):
+    rule = method_rule(method)
+    if rule.collisions:
         # per-element counts dominate: 16-key tiles compute the fewest pairs past the block edges
         return dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=3,
                     BWD_BLOCK_M=64, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=2)
-    if method == "exact":
+    if rule.all_exact:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3,
                     BWD_BLOCK_M=64, BWD_BLOCK_N=64, bwd_num_warps=4, bwd_num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3,
@@ -456,9 +458,10 @@ def supports_triton(q: Tensor, spec: AttentionSpec) -> bool:
     """Every method (lsh with any kernel's partitions; exact, window and hybrid with ALiBi slopes),
     key padding, fp16/bf16/fp32 on CUDA (or anywhere under TRITON_INTERPRET=1), head dims up to 256,
     positive finite scale, fewer than 2^30 keys."""
-    if spec.method != "lsh" and spec.kernels is not None:
+    rule = spec.rule
+    if not rule.only_collisions and spec.kernels is not None:
         return False
-    if spec.method in ("lsh", "hybrid") and spec.partitions is None:
+    if rule.collisions and spec.partitions is None:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
