@@ -17,7 +17,7 @@ largest n is only asked which backend it selects); a measurement predicted to pa
 recorded as skipped. (iii) ``DIR/exact_gpu.json``: environment (date, device, versions incl. the
 cuDNN frontend and library, command), config, checks, rows, what auto selected, and
 ``speed_table``: the measured poslsh backends in ``poslsh.attention.speed``'s table format, regime
-"prefill" (forward) and "train" (forward + backward); ``--write-table PATH`` merges it into that table
+"prefill" (forward) and "prefill+backward" (forward + backward, ``speed.BACKWARD``); ``--write-table PATH`` merges it into that table
 (entries of the same device, method, regime and n replaced backend by backend). The JSON is rewritten
 after every measurement.
 """
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import poslsh
 from poslsh.attention import BACKENDS, available_backends, resolve_spec, select_backend
+from poslsh.attention.speed import BACKWARD
 from poslsh_lab.util import save_results
 
 NAME = "exact_gpu"
@@ -236,11 +237,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def speed_table(rows: list[dict[str, Any]], device: str) -> dict[str, Any]:
     """The measured poslsh backends as ``poslsh.attention.speed``'s table: exact, regime "prefill"
-    (forward ms) and "train" (forward + backward ms), per n (str) and backend."""
+    (forward ms) and "prefill+backward" (forward + backward ms), per n (str) and backend."""
     table: dict[str, dict] = {}
     for r in rows:
         if r["column"] in BACKENDS_TIMED and "ms" in r:
-            regime = "train" if r["pass"] == "fwd+bwd" else "prefill"
+            regime = "prefill" + (BACKWARD if r["pass"] == "fwd+bwd" else "")
             table.setdefault(regime, {}).setdefault(str(r["n"]), {})[r["column"]] = r["ms"]
     return {"devices": {device: {"exact": table}}}
 

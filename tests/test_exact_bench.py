@@ -30,7 +30,7 @@ def test_speed_table_and_merge(tmp_path):
             dict(column="flex", n=65536, **{"pass": "fwd"}, skipped="time budget")]
     frag = bench.speed_table(rows, "GPU X")
     assert frag == {"devices": {"GPU X": {"exact": {"prefill": {"16384": {"cudnn": 4.0, "triton": 5.0}},
-                                                    "train": {"16384": {"cudnn": 14.0}}}}}}
+                                                    "prefill+backward": {"16384": {"cudnn": 14.0}}}}}}
     path = tmp_path / "speed_table.json"
     path.write_text(json.dumps({"devices": {"GPU X": {"exact": {"prefill": {"16384": {"triton": 9.0, "flex": 6.0}}},
                                                       "window": {"prefill": {"16384": {"triton": 1.0}}}}},
@@ -39,7 +39,7 @@ def test_speed_table_and_merge(tmp_path):
     doc = json.loads(path.read_text())
     exact = doc["devices"]["GPU X"]["exact"]
     assert exact["prefill"]["16384"] == {"triton": 5.0, "flex": 6.0, "cudnn": 4.0}  # measured ones replaced
-    assert exact["train"]["16384"] == {"cudnn": 14.0}
+    assert exact["prefill+backward"]["16384"] == {"cudnn": 14.0}
     assert doc["devices"]["GPU X"]["window"]["prefill"]["16384"] == {"triton": 1.0}
     assert doc["provenance"]["date"] == "2026-12-01" and doc["provenance"]["merged"][0]["command"] == "exact_gpu.py"
 

@@ -14,7 +14,10 @@ def test_measured_order(monkeypatch):
     cuda = torch.device("cuda", 0)
     assert speed.measured_order(cuda, "window", 20000, 20000) == ["triton", "flex"]
     assert speed.measured_order(cuda, "window", 200000, 200000) == ["flex", "triton"]  # nearest: 256K
-    assert speed.measured_order(cuda, "window", 1, 4096) == ["triton", "flex"]  # decode regime
+    assert speed.measured_order(cuda, "window", 1, 40000) == ["triton", "flex"]  # decode regime
+    # below half the shortest measured length the table says nothing (failed before: 16K's order served 100 keys)
+    assert speed.measured_order(cuda, "window", 100, 100) == [] and speed.measured_order(cuda, "window", 1, 4096) == []
+    assert speed.measured_order(cuda, "window", 8192, 8192) == ["triton", "flex"]
     assert speed.measured_order(cuda, "exact", 100, 100) == []  # not measured: priorities decide
     assert speed.measured_order(torch.device("cpu"), "window", 100, 100) == []
     monkeypatch.setattr(speed, "_device_name", lambda index: "GPU Y")

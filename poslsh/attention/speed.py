@@ -56,7 +56,10 @@ def measured_order(device: torch.device, method: str, nq: int, nk: int, grad: bo
     by_method = _TABLE.get(_device_name(device.index if device.index is not None else torch.cuda.current_device()))
     regimes = (by_method or {}).get(method) or {}
     entries = (grad and regimes.get(regime(nq, True))) or regimes.get(regime(nq))
-    if not entries:
+    # Below half the shortest measured length the table says nothing: the registry's priorities decide
+    # (a backend measured fastest at 16K, such as cuDNN, which builds a graph for every new shape, is
+    # not chosen for short calls on that measurement alone).
+    if not entries or 2 * nk < min(int(s) for s in entries):
         return []
     n = min(entries, key=lambda s: abs(math.log(int(s)) - math.log(max(nk, 1))))
     return sorted(entries[n], key=entries[n].get)
