@@ -5,9 +5,7 @@ and every step equals the float64 reference."""
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -16,19 +14,14 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from interpreted_triton import load_interpreted  # noqa: E402
+
 from poslsh.attention.plan import AttentionPlan  # noqa: E402
 from tolerances import rel_err  # noqa: E402
 from test_plan import SLOPES, make, reference  # noqa: E402
 
 
-def _load_interpreted():
-    names = ["poslsh.attention.triton.jit", "poslsh.attention.triton.forward", "poslsh.attention.triton.backward",
-             "poslsh.attention.triton.launch", "poslsh.attention.triton"]
-    mods = [importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n) for n in names]
-    return mods[3]
-
-
-launch = _load_interpreted()
+launch = load_interpreted()
 METHODS = ["exact", "window:0.05", "lsh:3", "hybrid:3:grid:iid:0.3", "lsh:2:cut"]
 
 

@@ -10,10 +10,7 @@ several query and key tiles, boundary tiles, plain tiles and ragged ends.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import math
 import os
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -22,21 +19,15 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from interpreted_triton import load_interpreted  # noqa: E402
+
 from poslsh import alibi_slopes, attention, sample_partitions  # noqa: E402
 from poslsh.attention import EMPTY_LSE, resolve_spec  # noqa: E402
 from poslsh.attention.ranges import computed_tiles  # noqa: E402
 from poslsh.attention.reference import reference_attention  # noqa: E402
 
 
-def _load_interpreted():
-    """The package's modules, (re)imported so that their kernels are interpreted."""
-    names = ["poslsh.attention.triton.jit", "poslsh.attention.triton.forward", "poslsh.attention.triton.backward",
-             "poslsh.attention.triton.launch", "poslsh.attention.triton"]
-    mods = [importlib.reload(sys.modules[n]) if n in sys.modules else importlib.import_module(n) for n in names]
-    return mods[3]
-
-
-launch = _load_interpreted()
+launch = load_interpreted()
 triton_attention = launch.triton_attention
 
 
