@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import poslsh
 from poslsh.attention import BACKENDS, available_backends, resolve_spec, select_backend
 from poslsh.attention.speed import BACKWARD
+from poslsh_lab.experiments.metrics import event_times
 from poslsh_lab.util import save_results
 
 NAME = "exact_gpu"
@@ -140,14 +141,7 @@ def time_ms(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float, 
     if est <= 200:
         ms = float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
         return ms, "do_bench median", first, time.perf_counter() - t0
-    times = [est]
-    for _ in range(2 if est > 1000 else 1):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+    times = [est] + event_times(fn, 2 if est > 1000 else 1)
     how = f"median of {len(times)} calls (first wall-clock timed)"
     return statistics.median(times), how, first, time.perf_counter() - t0
 

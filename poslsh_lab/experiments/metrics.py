@@ -22,7 +22,7 @@ from torch import Tensor
 
 from poslsh.attention.ranges import nonzero_pairs
 
-__all__ = ["relative_error", "loglog_slope", "gpu_time", "keys_per_query", "KEEPS_EXTRAPOLATION",
+__all__ = ["relative_error", "loglog_slope", "gpu_time", "event_times", "keys_per_query", "KEEPS_EXTRAPOLATION",
            "extrapolation_verdict"]
 
 # A model "keeps its loss" out to a context when its bits there are at most this times those at its
@@ -76,16 +76,22 @@ def gpu_time(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float,
     torch.cuda.synchronize()
     est = (time.perf_counter() - t0) * 1e3
     if est > 200:
-        times = []
-        for _ in range(3):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times), "median of 3 event-timed calls"
+        return statistics.median(event_times(fn, 3)), "median of 3 event-timed calls"
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")), "do_bench median"
+
+
+def event_times(fn: Callable[[], Any], count: int) -> list[float]:
+    """Milliseconds of ``count`` calls of ``fn``, each between two CUDA events (for calls too long for
+    do_bench's repeats)."""
+    times = []
+    for _ in range(count):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
 
 
 def keys_per_query(spec, nq: int, nk: int) -> float:
