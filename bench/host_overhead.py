@@ -17,7 +17,11 @@ events over those calls, and the time of one call captured in a CUDA graph and r
 alone, without launch overhead), for the plan call and the public call; bf16.
 
     python bench/host_overhead.py [--nk 65536] [--heads 32] [--dim 128] [--reps 200] [--device cpu|cuda]
-        [--json PATH]
+        [--json PATH] [--profile]
+
+On CUDA the plan call is also timed with every Triton launch through the JIT's own dispatch ("plan, JIT
+launches", ``launch.PREBOUND = False``) beside the pre-bound launches, and ``--profile`` prints where a
+plan call's host time goes.
 
 ``torch.set_num_threads(--threads)`` (default 1). Runs on a tree without ``AttentionPlan`` too (the
 plan's rows are then left out): the before/after of a change.
@@ -85,6 +89,17 @@ def _calls(method: str, q, k, v, nk0: int, backend: str):
         plan = AttentionPlan(spec, num_heads=h, num_kv_heads=k.shape[1], slopes=slopes, device=q.device,
                              partitions=layer, backend=backend)
         out["plan"] = lambda i: plan(q, *kv(i))
+        if q.is_cuda:  # the same plan call with every Triton launch through the JIT's dispatch
+            from poslsh.attention.triton import launch
+
+            def plan_jit(i):
+                launch.PREBOUND = False
+                try:
+                    return plan(q, *kv(i))
+                finally:
+                    launch.PREBOUND = True
+
+            out["plan, JIT launches"] = plan_jit
     return out
 
 
@@ -180,7 +195,24 @@ def cuda_rows(args) -> list[dict]:
                     print(f"{method} {name}: graph capture failed: {err}")
             rows.append({"device": torch.cuda.get_device_name(), "method": method, "way": name, "nk": nk,
                          "enqueue_us": host, "wall_us": wall, "events_us": events, "graph_us": graph_us})
+            if name == "plan" and args.profile:
+                _profile(fn, args.reps, f"{method} plan call, nk={nk}")
     return rows
+
+
+def _profile(fn, reps: int, title: str) -> None:
+    """Print where the host time of ``reps`` calls goes (cProfile, top functions by own time)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(reps):
+        fn(i)
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"--- profile: {title}, {reps} calls")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
 def main(argv=None) -> list[dict]:
@@ -193,6 +225,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--profile", action="store_true", help="CUDA: print a cProfile of each method's plan call")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     register_backend("null", _null, priority=-100, methods=METHODS, kernels=True, slope_grad=True)
@@ -207,7 +240,7 @@ def main(argv=None) -> list[dict]:
             print(f"{row['what']:4s} {row['method']:7s} {row['way']:12s} nk={row['nk']:<7d} {value:9.2f} {unit} per call"
                   + (f"  ({row['note']})" if "note" in row else ""))
         else:
-            print(f"{row['method']:7s} {row['way']:8s} nk={row['nk']} enqueue {row['enqueue_us']:7.1f} us  wall "
+            print(f"{row['method']:7s} {row['way']:19s} nk={row['nk']} enqueue {row['enqueue_us']:7.1f} us  wall "
                   f"{row['wall_us']:7.1f} us  events {row['events_us']:7.1f} us  graph {row['graph_us']:7.1f} us")
     if args.json:
         with open(args.json, "w") as f:

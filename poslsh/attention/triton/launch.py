@@ -289,6 +289,58 @@ def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: tor
 # --------------------------------------------------------------------------------------------------
 
 
+def _specialization(arg) -> object:
+    """What Triton's JIT may specialise a launch argument on, or finer: a tensor's dtype and 16-byte
+    alignment; an int's ``== 1``, divisibility by 16 and width (int32 / int64 / wider); floats not at all;
+    anything else its value."""
+    kind = type(arg)
+    if kind is int:
+        return (arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, -2**63 <= arg < 2**63)
+    if kind is float:
+        return float
+    if isinstance(arg, Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    return kind, arg
+
+
+class Launcher:
+    """A Triton kernel launched at the cost of its compiled launcher, not of the JIT's dispatch.
+
+    ``launcher(grid, args, constexprs, num_warps, num_stages)`` launches ``kernel[grid](*args,
+    *constexprs)``. The first launch of each specialisation goes through the JIT (which compiles or finds
+    the kernel and returns it); later launches whose arguments specialise alike (``_specialization``: a
+    key at least as fine as the JIT's, so a launch never takes a kernel compiled for other alignments or
+    constants) call that compiled kernel directly, as Triton's fused-softmax tutorial does. A decoding
+    step launches with ~40 arguments: this saves the JIT's per-call binding and cache lookup.
+    ``PREBOUND = False`` (module attribute) sends every launch through the JIT (the comparison in
+    ``bench/host_overhead.py`` and the tests)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.compiled: dict = {}
+
+    def __call__(self, grid: tuple[int, int], args: tuple, constexprs: tuple, num_warps: int,
+                 num_stages: int | None) -> None:
+        if not PREBOUND or interpreting():
+            self._jit(grid, args, constexprs, num_warps, num_stages)
+            return
+        key = (tuple(map(_specialization, args)), constexprs, num_warps, num_stages, torch.cuda.current_device())
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            self.compiled[key] = self._jit(grid, args, constexprs, num_warps, num_stages)
+        else:
+            compiled[grid](*args, *constexprs)
+
+    def _jit(self, grid, args, constexprs, num_warps, num_stages):
+        names = self.kernel.arg_names[len(args):]
+        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps,
+                                                                        "num_stages": num_stages}
+        return self.kernel[grid](*args, **dict(zip(names, constexprs)), **options)
+
+
+PREBOUND = True
+FWD, MERGE = Launcher(_fwd_kernel), Launcher(_merge_kernel)
+
 _NO_KPM: dict[torch.device, Tensor] = {}  # the kernels' unread mask argument, one per device
 
 
@@ -322,21 +374,20 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     else:
         out, out_lse, so = o, lse, (0,) + o.stride()[:3]
     bm = cfg["BLOCK_M"]
-    _fwd_kernel[(triton.cdiv(Nq, bm) * B * H, splits)](
-        q, k, v, out, out_lse, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win,
-        plan.win_r,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), so[0], so[1], so[2], so[3], kpm_stride,
-        B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), per,
-        METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
-        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), FDIV=_float_positions(Nk, cfg),
-        HAS_KPM=kpm is not None, SPLIT=splits > 1, LAZY=bool(cfg.get("lazy", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    FWD((triton.cdiv(Nq, bm) * B * H, splits),
+        (q, k, v, out, out_lse, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win, plan.win_r,
+         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+         v.stride(0), v.stride(1), v.stride(2), so[0], so[1], so[2], so[3], kpm_stride,
+         B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), per),
+        (plan.method, plan.r, plan.cut, causal, D, bd, bm, cfg["BLOCK_N"], _prec(q.dtype), _float_positions(Nk, cfg),
+         kpm is not None, splits > 1, bool(cfg.get("lazy", False))),
+        cfg["num_warps"], cfg["num_stages"])
     if splits > 1:
         rows = B * H * Nq
         block_r = 16
-        _merge_kernel[(triton.cdiv(rows, block_r),)](
-            po, pl, o, lse, splits, B * H, H, Nq, po.stride(0), o.stride(0), o.stride(1), o.stride(2),
-            HEAD_DIM=D, BLOCK_D=bd, BLOCK_R=block_r, num_warps=4)
+        MERGE((triton.cdiv(rows, block_r), 1),
+              (po, pl, o, lse, splits, B * H, H, Nq, po.stride(0), o.stride(0), o.stride(1), o.stride(2)),
+              (D, bd, block_r), 4, None)
     return o, lse
 
 

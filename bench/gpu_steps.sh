@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Session 5's GPU steps (issues 21-23) in one device call of at most ~9.5 min on one H100 or H200
-# (STEPS picks; the default is the call that was made):
-#   tests        CUDA-only tests of this session's code: the cuDNN backend, the AttentionPlan's CUDA-graph
-#                capture, the public calls on CUDA tensors, the patched model's prefill memory
+# The GPU steps of a session, in one device call of at most ~9.5 min on one H100 or H200 (STEPS picks;
+# session 5 ran `tests decode exact generate` of this script as bench/gpu_session5.sh, commit 5d77b4a):
+#   tests        CUDA-only tests: the cuDNN backend, the AttentionPlan's CUDA-graph capture, the pre-bound
+#                Triton launches against the JIT's, the public calls on CUDA tensors, the patched model's
+#                prefill memory
 #   conformance  the conformance suite's cudnn cases and FlashAttention's ported grid on Triton and Flex
 #   decode       bench/host_overhead.py --device cuda: one decode step (B = 1, H = 32, D = 128, bf16) per
-#                method through the plan and the public call: enqueue, wall, GPU-event, graph-replay time
+#                method through the plan (pre-bound and JIT launches) and the public call: enqueue, wall,
+#                GPU-event, graph-replay time, at DECODE_NK cached keys; a host-time profile at the first
 #   exact        bench/exact_gpu.py: exact ALiBi through poslsh.attention (cudnn, triton, flex, auto) beside
 #                bias-free SDPA (cuDNN and flash), 16K-256K, forward and forward + backward, within a budget;
 #                the shipped speed table with those measurements merged ($OUT/speed_table.json)
+#   sweep        bench/kernel_sweep.py: the Triton kernels' variants, forward and forward + backward per method
 #   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm, within a budget
 #   moonshot     bench/generate_gpu.sh's BLOOM-7b1 step (window + eviction, chunked prefill up to 1M)
 # The cuDNN frontend travels as a wheel (.whl, carried) and is installed into /tmp/site first.
-#     OUT=/tmp/out bash bench/gpu_session5.sh
+#     OUT=/tmp/out STEPS="tests decode" bash bench/gpu_steps.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-/tmp/out}
-STEPS=${STEPS:-tests decode exact generate}
+STEPS=${STEPS:-tests decode}
 mkdir -p "$OUT"
 log=$OUT/log.txt
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -31,20 +34,27 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$log"
 if has tests; then
   step ${T_TESTS:-120} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_cudnn.py tests/test_plan.py \
-    tests/test_cuda_public_calls.py tests/test_hf_integration.py -k "cuda or cudnn or graph"
+    tests/test_cuda_public_calls.py tests/test_hf_integration.py tests/test_launcher.py -k "cuda or cudnn or graph or prebound"
 fi
 if has conformance; then
-  step 120 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_conformance.py tests/test_flash_grid.py -k "cudnn or cuda"
+  step ${T_CONF:-120} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_conformance.py tests/test_flash_grid.py -k "cudnn or cuda"
 fi
 if has decode; then
-  for nk in ${DECODE_NK:-65536 1048576}; do
-    step 45 python3 bench/host_overhead.py --device cuda --nk $nk --reps 200 --json "$OUT/decode_$nk.json"
+  profile=--profile
+  for nk in ${DECODE_NK:-65536 262144 1048576}; do
+    step 60 python3 bench/host_overhead.py --device cuda --nk $nk --reps ${DECODE_REPS:-30} $profile \
+      --json "$OUT/decode_$nk.json"
+    profile=
   done
 fi
 if has exact; then
   cp poslsh/attention/speed_table.json "$OUT/"
   step ${T_EXACT:-110} python3 bench/exact_gpu.py --out "$OUT/exact_gpu" --write-table "$OUT/speed_table.json" \
     --budget-s $(( ${T_EXACT:-110} - 20 ))
+fi
+if has sweep; then
+  step ${T_SWEEP:-240} python3 bench/kernel_sweep.py --budget-s $(( ${T_SWEEP:-240} - 30 )) --json "$OUT/kernel_sweep.json" \
+    --write-tuned "$OUT/tuned.json"
 fi
 if has generate; then
   step ${T_GEN:-210} python3 -m poslsh_lab.cli generate-bench --shape bloom-560m --oom-chunk 32768 \
