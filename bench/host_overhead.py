@@ -20,8 +20,9 @@ alone, without launch overhead), for the plan call and the public call; bf16.
         [--json PATH] [--profile]
 
 On CUDA the plan call is also timed with every Triton launch through the JIT's own dispatch ("plan, JIT
-launches", ``launch.PREBOUND = False``) beside the pre-bound launches, and ``--profile`` prints where a
-plan call's host time goes.
+launches", ``launch.PREBOUND = False``) beside the pre-bound launches, and with session 5's split-key
+schedule ("plan, 2-wave splits", ``launch.SPLIT_WAVES = 2``) and with one launch ("plan, no split"); exact beside bias-free dense SDPA (the
+yardstick of an exact decode); ``--profile`` prints where a plan call's host time goes.
 
 ``torch.set_num_threads(--threads)`` (default 1). Runs on a tree without ``AttentionPlan`` too (the
 plan's rows are then left out): the before/after of a change.
@@ -99,7 +100,21 @@ def _calls(method: str, q, k, v, nk0: int, backend: str):
                 finally:
                     launch.PREBOUND = True
 
+            def plan_with_waves(w):  # launch.SPLIT_WAVES = w for the call (0: one launch, no split)
+                def call(i):
+                    launch.SPLIT_WAVES = w
+                    try:
+                        return plan(q, *kv(i))
+                    finally:
+                        launch.SPLIT_WAVES = waves
+                return call
+
+            waves = launch.SPLIT_WAVES
             out["plan, JIT launches"] = plan_jit
+            out["plan, 2-wave splits"] = plan_with_waves(2)
+            out["plan, no split"] = plan_with_waves(0)
+    if q.is_cuda and method == "exact" and q.shape[1] == k.shape[1]:  # the yardstick: bias-free dense SDPA
+        out["sdpa, no bias"] = lambda i: torch.nn.functional.scaled_dot_product_attention(q, *kv(i))
     return out
 
 
@@ -173,7 +188,7 @@ def cuda_rows(args) -> list[dict]:
             torch.cuda.synchronize()
             events = begin.elapsed_time(end) / args.reps * 1e3
             graph_us = math.nan
-            if name == "plan":  # static shapes: one length captured once, replayed
+            if name.startswith("plan") and "JIT" not in name:  # static shapes: one length captured, replayed
                 try:
                     stream = torch.cuda.Stream()
                     stream.wait_stream(torch.cuda.current_stream())

@@ -265,6 +265,13 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+# Split-key decoding: programs for SPLIT_WAVES waves of the multiprocessors (2 waves, session 5's choice,
+# left a third of an H100 idle in a 256K exact decode's last wave: 288 programs on 132), each split at
+# least SPLIT_MIN_TILES key tiles; ``config={"split_waves": w}`` overrides.
+SPLIT_WAVES = 8
+SPLIT_MIN_TILES = 4
+
+
 def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: torch.device) -> tuple[int, int]:
     """(splits, key tiles per split) for the forward: split the key range only when the query tiles
     alone cannot fill the GPU (decoding, short chunks against a long cache). Sized by the keys a
@@ -273,11 +280,11 @@ def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: tor
         want = int(cfg["splits"])
     elif nq > DECODE_ROWS:
         return 1, 0
-    else:
+    else:  # enough programs for several waves, so the last, partial wave idles few multiprocessors
         programs = triton.cdiv(nq, cfg["BLOCK_M"]) * b * h
-        want = triton.cdiv(2 * _multiprocessors(device), programs)
+        want = triton.cdiv(cfg.get("split_waves", SPLIT_WAVES) * _multiprocessors(device), programs)
     tiles = triton.cdiv(min(plan.reach, nk) + cfg["BLOCK_M"], cfg["BLOCK_N"]) + 1
-    want = max(1, min(want, tiles // 2, 128))
+    want = max(1, min(want, tiles // SPLIT_MIN_TILES, 128))
     if want == 1:
         return 1, 0
     per = triton.cdiv(tiles, want)
