@@ -19,9 +19,10 @@ alone, without launch overhead), for the plan call and the public call; bf16.
     python bench/host_overhead.py [--nk 65536] [--heads 32] [--dim 128] [--reps 200] [--device cpu|cuda]
         [--json PATH] [--profile]
 
-On CUDA the plan call is also timed with every Triton launch through the JIT's own dispatch ("plan, JIT
-launches", ``launch.PREBOUND = False``) beside the pre-bound launches, and with session 5's split-key
-schedule ("plan, 2-wave splits", ``launch.SPLIT_WAVES = 2``) and with one launch ("plan, no split"); exact beside bias-free dense SDPA (the
+On CUDA the plan call is also timed with every Triton launch through the JIT's own dispatch ("plan triton,
+JIT launches", ``launch.PREBOUND = False``) beside the pre-bound launches, and with session 5's split-key
+schedule ("plan triton, 2-wave splits", ``launch.SPLIT_WAVES = 2``) and with one launch ("plan triton, no split"),
+the "triton" backend named (``auto`` may choose another); exact beside bias-free dense SDPA (the
 yardstick of an exact decode); ``--profile`` prints where a plan call's host time goes.
 
 ``torch.set_num_threads(--threads)`` (default 1). Runs on a tree without ``AttentionPlan`` too (the
@@ -90,17 +91,17 @@ def _calls(method: str, q, k, v, nk0: int, backend: str):
         plan = AttentionPlan(spec, num_heads=h, num_kv_heads=k.shape[1], slopes=slopes, device=q.device,
                              partitions=layer, backend=backend)
         out["plan"] = lambda i: plan(q, *kv(i))
-        if q.is_cuda:  # the same plan call with every Triton launch through the JIT's dispatch
+        if q.is_cuda:  # the plan call on the Triton kernels, variants
             from poslsh.attention.triton import launch
 
             def plan_jit(i):
                 launch.PREBOUND = False
                 try:
-                    return plan(q, *kv(i))
+                    return tplan(q, *kv(i))
                 finally:
                     launch.PREBOUND = True
 
-            def plan_with_waves(w):  # launch.SPLIT_WAVES = w for the call (0: one launch, no split)
+            def plan_with_waves(plan, w):  # launch.SPLIT_WAVES = w for the call (0: one launch, no split)
                 def call(i):
                     launch.SPLIT_WAVES = w
                     try:
@@ -110,9 +111,13 @@ def _calls(method: str, q, k, v, nk0: int, backend: str):
                 return call
 
             waves = launch.SPLIT_WAVES
-            out["plan, JIT launches"] = plan_jit
-            out["plan, 2-wave splits"] = plan_with_waves(2)
-            out["plan, no split"] = plan_with_waves(0)
+            # the Triton kernels by name too: "auto" may pick another backend (Flex for exact decoding)
+            tplan = AttentionPlan(spec, num_heads=h, num_kv_heads=k.shape[1], slopes=slopes, device=q.device,
+                                  partitions=layer, backend="triton")
+            out["plan triton"] = lambda i: tplan(q, *kv(i))
+            out["plan triton, JIT launches"] = plan_jit
+            out["plan triton, 2-wave splits"] = plan_with_waves(tplan, 2)
+            out["plan triton, no split"] = plan_with_waves(tplan, 0)
     if q.is_cuda and method == "exact" and q.shape[1] == k.shape[1]:  # the yardstick: bias-free dense SDPA
         out["sdpa, no bias"] = lambda i: torch.nn.functional.scaled_dot_product_attention(q, *kv(i))
     return out
@@ -255,7 +260,7 @@ def main(argv=None) -> list[dict]:
             print(f"{row['what']:4s} {row['method']:7s} {row['way']:12s} nk={row['nk']:<7d} {value:9.2f} {unit} per call"
                   + (f"  ({row['note']})" if "note" in row else ""))
         else:
-            print(f"{row['method']:7s} {row['way']:19s} nk={row['nk']} enqueue {row['enqueue_us']:7.1f} us  wall "
+            print(f"{row['method']:7s} {row['way']:27s} nk={row['nk']} enqueue {row['enqueue_us']:7.1f} us  wall "
                   f"{row['wall_us']:7.1f} us  events {row['events_us']:7.1f} us  graph {row['graph_us']:7.1f} us")
     if args.json:
         with open(args.json, "w") as f:
