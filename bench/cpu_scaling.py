@@ -6,7 +6,8 @@ included in the time. Time is the best of ``--repeats`` runs; the ratio is taken
 (with one torch thread, the work done), because wall time on a shared, loaded machine measures the
 other tenants too; the wall-time ratio is recorded beside it. Memory: the process's peak resident
 set during the call (VmHWM, reset before it; includes Python, torch and the inputs) and its growth
-over the resident set at the start of the call (see ``poslsh_lab.experiments.scaling.measure``).
+over the resident set at the start of the call (see
+``poslsh_lab.experiments.metrics.cpu_time_and_memory``).
 
     python bench/cpu_scaling.py                     # writes bench/results/cpu_scaling.json
     python bench/cpu_scaling.py --backends fused split --schemes grid cut
@@ -23,7 +24,9 @@ from pathlib import Path
 import torch
 
 from poslsh_lab.util import save_results
-from poslsh_lab.experiments.scaling import Config, measure, run_method
+from poslsh_lab.experiments.metrics import cpu_time_and_memory
+from poslsh_lab.experiments.scaling import Config
+from poslsh_lab.experiments.scaling.measure import run_method
 
 TARGET_RATIO, TARGET_BYTES = 12.0, 2 * 10**9
 
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 g = torch.Generator().manual_seed(n)
                 q, k, v = (torch.randn(1, args.heads, n, args.head_dim, generator=g) for _ in range(3))
                 gen = torch.Generator().manual_seed(0)
-                stats[n] = measure(lambda: run_method(method, q, k, v, cfg, gen), args.repeats)
+                stats[n] = cpu_time_and_memory(lambda: run_method(method, q, k, v, cfg, gen), args.repeats)
                 del q, k, v
             ratio = stats[large]["cpu_seconds"] / stats[small]["cpu_seconds"]
             wall_ratio = stats[large]["seconds"] / stats[small]["seconds"]

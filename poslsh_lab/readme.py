@@ -13,7 +13,6 @@ measurements. Each section of RESULTS.md is a function of one JSON document: to 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,34 +321,6 @@ def cpu_scaling(doc: Doc) -> str:
                                          "wall-time ratio", f"peak RSS at {large}"], rows)
 
 
-def mask_error(doc: Doc) -> str:
-    """Fitted rate of the mean mask's error against r, per scheme, length and slope."""
-    from .experiments import mask_error as me
-    from .experiments.metrics import loglog_slope
-
-    cfg = doc["config"]
-    rows = []
-    for n in cfg["lengths"]:
-        for slope in cfg["slopes"]:
-            for scheme in cfg["schemes"]:
-                rs, mx, _, _ = me._series(doc, n, slope, scheme, "max")
-                _, sp, _, _ = me._series(doc, n, slope, scheme, "spectral")
-                rows.append([n, me._slope_label(slope).removeprefix("m = "), scheme, fmt(mx[-1]),
-                             fmt(loglog_slope(rs, mx)), fmt(sp[-1]), fmt(loglog_slope(rs, sp))])
-    return (f"The mean of r sampled block masks against the ALiBi kernel B, medians over {cfg['seeds']} seeds; "
-            f"\"rate\" is the fitted exponent of the error against r (a 1/sqrt(r) law is -0.5). Errors at "
-            f"r = {max(cfg['samples'])}.\n\n"
-            + markdown_table(["n", "slope", "scheme", "max error", "max rate", "spectral error", "spectral rate"], rows))
-
-
-def attn_error(doc: Doc) -> str:
-    cfg = doc["config"]
-    return (f"Attention output error of positional LSH against exact ALiBi versus r (n = {cfg['n']}, {cfg['heads']} "
-            f"heads, D = {cfg['head_dim']}), per scheme and logit scale, beside the window given the same number of "
-            "(query, key) pairs (dashed). Both schemes follow the 1/sqrt(r) law; the window at equal pairs is more "
-            "accurate almost everywhere.")
-
-
 @dataclass(frozen=True)
 class Section:
     """One block of docs/RESULTS.md: a JSON file under bench/results, its heading, its renderer."""
@@ -476,9 +447,9 @@ SECTIONS: list[Section] = [
     Section("pareto_h200_heavy/pareto.json", "A heavy-tailed kernel at 64K tokens on the GPU", _experiment("pareto"),
             ("pareto_h200_heavy/pareto.png",)),
     Section("mask-error/mask-error.json", "The paper's first claim: the mean of r masks approaches the ALiBi kernel",
-            mask_error, ("mask-error/mask_error_spectral.png",)),
-    Section("attn-error/attn-error.json", "The paper's second claim: attention output error against r", attn_error,
-            ("attn-error/attn_error_vs_r.png",)),
+            _experiment("mask_error"), ("mask-error/mask_error_spectral.png",)),
+    Section("attn-error/attn-error.json", "The paper's second claim: attention output error against r",
+            _experiment("attn_error"), ("attn-error/attn_error_vs_r.png",)),
     Section("pareto_cpu/pareto.json", "On the CPU: correlated sampling, the hybrid and a heavy-tailed kernel",
             _experiment("pareto"), ("pareto_cpu/pareto.png", "pareto_cpu/pareto_convergence.png")),
     Section("cpu_scaling.json", "On the CPU: time and memory against the context", cpu_scaling),

@@ -10,6 +10,7 @@ import pytest
 
 from poslsh_lab.cli import main
 from poslsh_lab.experiments import cp_bench
+from poslsh_lab.experiments.cp_bench.design import METHODS, PLOT
 from poslsh_lab.util import load_results
 
 TOY = ["--lengths", "96", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "0",
@@ -18,7 +19,7 @@ TOY = ["--lengths", "96", "--heads", "2", "--head-dim", "8", "--repeats", "1", "
 
 def _check_doc(doc, world_sizes):
     rows = doc["results"]["rows"]
-    for method in cp_bench.METHODS:
+    for method in METHODS:
         for w in world_sizes:
             mine = [r for r in rows if r["method"] == method and r["world_size"] == w and r["halo"] in (None, "head")]
             assert len(mine) == 1, (method, w)
@@ -45,13 +46,13 @@ def test_spawned(tmp_path):
     _check_doc(doc, [1, 2])
     text = cp_bench.summarize(doc, tmp_path)
     assert "Weak scaling" in text and "| window | head | 2 | 96 |" in text
-    (tmp_path / cp_bench.PLOT).unlink()
+    (tmp_path / PLOT).unlink()
     cp_bench.replot(doc, tmp_path)  # the plot from the JSON alone
-    assert (tmp_path / cp_bench.PLOT).stat().st_size > 0
+    assert (tmp_path / PLOT).stat().st_size > 0
     # and through the CLI, as every experiment: --replot launches nothing and rewrites plot and report
     again = tmp_path / "again"
     assert main(["cp-bench", "--replot", str(tmp_path / "cp-bench.json"), "--out", str(again)]) == 0
-    assert (again / cp_bench.PLOT).stat().st_size > 0 and "| window | head | 2 | 96 |" in (again / "report.md").read_text()
+    assert (again / PLOT).stat().st_size > 0 and "| window | head | 2 | 96 |" in (again / "report.md").read_text()
     assert not (again / "cp-bench.json").exists()
 
 
@@ -110,4 +111,4 @@ def test_demo_report_carries_the_committed_cpu_run(tmp_path):
     shutil.copy(committed_results_dir() / "cp_cpu" / "cp-bench.json", results / "cp_cpu" / "cp-bench.json")
     sections = cli.committed_sections(tmp_path / "demo", results_dir=results)
     assert len(sections) == 1 and sections[0].startswith("## Context parallelism (cp-bench)")
-    assert "Committed result `cp-bench.json`" in sections[0] and (tmp_path / "demo" / cp_bench.PLOT).stat().st_size > 0
+    assert "Committed result `cp-bench.json`" in sections[0] and (tmp_path / "demo" / PLOT).stat().st_size > 0

@@ -44,7 +44,7 @@ def test_json_reloads_with_provenance(tiny):
 
 def test_pngs_exist(tiny):
     _, _, out = tiny
-    for name in mask_error.PLOTS.values():
+    for name in mask_error.design.PLOTS.values():
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
@@ -55,7 +55,7 @@ def test_summary_markdown(tiny):
     assert text.startswith("## ")
     assert "| n | slope | scheme |" in text
     assert text.count("\n| 600 |") == 4 and text.count("\n| 32 |") == 4  # one row per slope and scheme
-    for name in mask_error.PLOTS.values():
+    for name in mask_error.design.PLOTS.values():
         assert f"]({name})" in text
 
 

@@ -160,7 +160,7 @@ def test_computed_tiles_exact_causal_by_hand():
 
 def test_committed_attn_error_pair_counts_regenerate():
     """attn-error's pair counts (now from this module) reproduce the committed JSON exactly."""
-    from poslsh_lab.experiments import attn_error as ae
+    from poslsh_lab.experiments.attn_error.measure import lsh_pairs, matched_widths, window_pairs
     from poslsh.seeds import crc32_seed
 
     doc = json.loads((RESULTS / "attn-error" / "attn-error.json").read_text())
@@ -174,9 +174,9 @@ def test_committed_attn_error_pair_counts_regenerate():
             for r in res["samples"]:
                 gen = torch.Generator().manual_seed(crc32_seed(cfg["seed"], curve["logit_scale"], seed, curve["scheme"], r))
                 parts = sample_partitions(n, slopes, r, scheme=curve["scheme"], generator=gen)
-                union, total = ae.lsh_pairs(parts, cfg["causal"])
-                width = ae.matched_widths(n, union, cfg["causal"])
-                for key, val in zip(keys, (union, total, ae.window_pairs(n, width, cfg["causal"]), width)):
+                union, total = lsh_pairs(parts, cfg["causal"])
+                width = matched_widths(n, union, cfg["causal"])
+                for key, val in zip(keys, (union, total, window_pairs(n, width, cfg["causal"]), width)):
                     rows[key].append(val.tolist())
             for key in keys:
                 per_seed[key].append(rows[key])

@@ -1,137 +1,16 @@
-"""Max-norm and spectral error of the mean of r sampled block masks against the ALiBi kernel, vs r.
-
-For each sequence length n, slope m, scheme ("grid", "cut") and seed, draw r_max partitions once
-and measure the errors of B-hat built from the first r of them, r = 1, 2, 4, ..., r_max (nested
-prefixes: each is a valid set of r independent samples; nesting makes each curve smoother, seeds
-give the spread). Beside every measurement stand the theoretical levels from ``poslsh.theory``
-(the eps that the Hoeffding and matrix-Bernstein sample counts guarantee with probability
->= 1 - delta at that r) and the block-size bound.
-"""
+"""mask-error, reporting: the error and block-size figures, the summary and the results section,
+computed from the JSON document alone (so the committed run regenerates them)."""
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 
-from poslsh import theory
-from poslsh.hashing import Partitions, sample_partitions
-from poslsh.mask_errors import mask_errors
-from poslsh.seeds import crc32_seed
-from ..util import Count, Fraction, Positive, check_fields, markdown_table, progress, pyplot, replot_saved, save_figure, save_results
-from .metrics import loglog_slope
-
-NAME = "mask-error"
-
-PLOTS = {"max": "mask_error_max.png", "spectral": "mask_error_spectral.png", "blocks": "block_sizes.png"}
-
-
-@dataclass
-class Config:
-    """What to measure. The defaults take ~30 s on a 2-core CPU; ``--lengths 100000`` scales up.
-
-    Attributes:
-        lengths: Sequence lengths n, one row of panels each.
-        slopes: ALiBi slopes m, one column of panels each.
-        samples: Numbers of masks r averaged (nested prefixes of one draw of the largest).
-        schemes: Positional LSH schemes to compare.
-        seeds: Independent draws per (n, slope, scheme), for the spread.
-        delta: Failure probability of the plotted bounds.
-        seed: Base seed of every draw.
-        method: How the errors are computed: dense n x n matrices, structured (no n x n matrix), or auto (dense up to n = 512).
-        rtol: Relative Lanczos residual of the structured spectral norm (1e-2 puts the value within about 0.3 percent).
-        replot: A saved mask-error.json: only redraw its PNGs into --out (every other flag is ignored).
-    """
-
-    lengths: tuple[Count, ...] = (256, 4096)
-    slopes: tuple[Positive, ...] = (2.0, 0.5, 1 / 16, 1 / 256)
-    samples: tuple[Count, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    schemes: tuple[Literal["grid", "cut"], ...] = ("grid", "cut")
-    seeds: Count = 3
-    delta: Fraction = 0.1
-    seed: int = 0
-    method: Literal["auto", "dense", "structured"] = "auto"
-    rtol: Positive = 1e-2
-    replot: str = ""
-
-
-def _prefix(parts: Partitions, r: int) -> Partitions:
-    """The first r samples of every head (a valid draw of r independent samples)."""
-    if parts.scheme == "grid":
-        return Partitions(parts.n, parts.slopes, "grid", widths=parts.widths[:, :r].contiguous(),
-                          offsets=parts.offsets[:, :r].contiguous())
-    assert parts.num_heads == 1, "prefixes of cut partitions are taken one head at a time"
-    ptr = parts.cut_pointers[: r + 1]
-    return Partitions(parts.n, parts.slopes, "cut", cut_positions=parts.cut_positions[: int(ptr[-1])],
-                      cut_pointers=ptr)
-
-
-def _num_blocks(parts: Partitions) -> torch.Tensor:
-    """Number of blocks of each head and sample, int64 [H, r], from the compact representation."""
-    if parts.scheme == "grid":
-        return torch.div(parts.n - 1 + parts.offsets, parts.widths, rounding_mode="floor") + 1
-    return (parts.cut_pointers.diff() + 1).reshape(parts.num_heads, parts.num_samples)
-
-
-
-
-def run(config: Config, out_dir: str | Path) -> dict:
-    """Measure, write ``out_dir/mask-error.json`` and the PNGs, and return the saved document (with
-    ``replot``: only redraw that JSON's PNGs)."""
-    if config.replot:
-        return replot_saved(config.replot, NAME, out_dir, replot)
-    check_fields(config)
-    if not config.samples:
-        raise ValueError("samples must name at least one r")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples = sorted(set(config.samples))
-    r_max = samples[-1]
-    records: list[dict[str, Any]] = []
-    jobs = [(n, m, s, k) for n in config.lengths for m in config.slopes for s in config.schemes
-            for k in range(config.seeds)]
-    start = time.perf_counter()
-    for n, slope, scheme, k in progress(jobs, desc=NAME):
-        gen = torch.Generator().manual_seed(crc32_seed(config.seed, n, slope, scheme, k))
-        parts = sample_partitions(n, [slope], r_max, scheme=scheme, generator=gen)
-        largest = parts.max_block_size()[0]  # [r_max]
-        blocks = _num_blocks(parts)[0]  # [r_max]
-        for r in samples:
-            sub = _prefix(parts, r)
-            t0 = time.perf_counter()
-            err = mask_errors(sub, config.method, rtol=config.rtol)
-            records.append({
-                "n": n, "slope": slope, "scheme": scheme, "seed": k, "samples": r,
-                "max": float(err["max"][0]), "spectral": float(err["spectral"][0]),
-                "row_sum": float(err["row_sum"][0]), "spectral_residual": float(err["spectral_residual"][0]),
-                "largest_block": int(largest[:r].max()),
-                "mean_largest_block": float(largest[:r].double().mean()),
-                "mean_block": float(n / blocks[:r].double().mean()),
-                "seconds": time.perf_counter() - t0,
-            })
-    theory_rows = []
-    for n in config.lengths:
-        for slope in config.slopes:
-            for r in samples:
-                theory_rows.append({
-                    "n": n, "slope": slope, "samples": r,
-                    "max_eps": theory.max_norm_eps(n, r, config.delta),
-                    "spectral_eps": theory.spectral_eps(n, slope, r, config.delta),
-                    "row_sum_bound": theory.row_sum_error_bound(n, slope, r, config.delta),
-                    "block_bound": theory.block_size_bound(n, slope, r, config.delta),
-                    "kernel_norm": theory.kernel_norm_bound(n, slope),
-                })
-    results = {"records": records, "theory": theory_rows, "seconds": time.perf_counter() - start}
-    doc = save_results(out_dir / f"{NAME}.json", config, results)
-    _plot(doc, out_dir)
-    return doc
-
-
-# ----------------------------------------------------------------------------- aggregation and plots
+from ...util import fmt, markdown_table, pyplot, save_figure
+from ..metrics import loglog_slope
+from .design import PLOTS
 
 
 def _series(doc: dict, n: int, slope: float, scheme: str, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -283,3 +162,21 @@ Took {secs:.1f} s.
 
 ![block sizes vs r]({PLOTS['blocks']})
 """
+
+
+def readme_section(doc: dict) -> str:
+    """The results section (docs/RESULTS.md) of a committed run: the fitted rate of the mean mask's error
+    against r, per scheme, length and slope."""
+    cfg = doc["config"]
+    rows = []
+    for n in cfg["lengths"]:
+        for slope in cfg["slopes"]:
+            for scheme in cfg["schemes"]:
+                rs, mx, _, _ = _series(doc, n, slope, scheme, "max")
+                _, sp, _, _ = _series(doc, n, slope, scheme, "spectral")
+                rows.append([n, _slope_label(slope).removeprefix("m = "), scheme, fmt(mx[-1]),
+                             fmt(loglog_slope(rs, mx)), fmt(sp[-1]), fmt(loglog_slope(rs, sp))])
+    return (f"The mean of r sampled block masks against the ALiBi kernel B, medians over {cfg['seeds']} seeds; "
+            f"\"rate\" is the fitted exponent of the error against r (a 1/sqrt(r) law is -0.5). Errors at "
+            f"r = {max(cfg['samples'])}.\n\n"
+            + markdown_table(["n", "slope", "scheme", "max error", "max rate", "spectral error", "spectral rate"], rows))

@@ -1,4 +1,4 @@
-"""Context parallelism benchmark: time, memory and bytes per rank of ``poslsh.distributed`` vs world size.
+"""cp-bench, measuring: the launch (torchrun or spawned processes) and what every rank measures.
 
 Runs under ``torchrun`` (RANK / WORLD_SIZE set: NCCL on CUDA, one GPU per process) or, without it,
 spawns ``max(world_sizes)`` local processes itself (gloo on the CPU, ``threads`` torch threads each).
@@ -24,9 +24,8 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,80 +36,10 @@ from poslsh.attention.window import hybrid_widths, window_sizes
 from poslsh.distributed import context_parallel_attention, count_traffic, gather, shard
 from poslsh.distributed.launch import init_from_env, run_local
 from poslsh.distributed.layout import shard_positions
-from ..util import (Count, CountOrZero, Fraction, Positive, check_fields, fmt, markdown_table, pyplot, replot_saved,
-                    save_figure, save_results, synchronize)
-from .metrics import relative_error
-from .scaling import measure
-
-NAME = "cp-bench"
-PLOT = "cp_bench.png"
-METHODS = ("window", "lsh", "hybrid", "exact")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Config:
-    """What to run. Defaults: the committed CPU run (about 25 minutes on 2 shared cores).
-
-    Attributes:
-        world_sizes: Ranks W to measure (sub-groups 0..W-1 of the launched processes; without torchrun the
-            largest is the number of processes spawned).
-        lengths: Tokens per rank n (the sequence is W x n: weak scaling).
-        methods: Methods to measure.
-        batch: Batch size B.
-        heads: Query heads H, with Press slopes.
-        kv_heads: Key/value heads (grouped KV); 0 means as many as the query heads.
-        head_dim: Head dimension D.
-        dtype: Dtype of q, k, v.
-        causal: Causal attention (--no-causal: bidirectional).
-        window_eps: Truncation level of the window method.
-        samples: Partitions r of lsh and hybrid.
-        hybrid_eps: Target error of the hybrid (sets its near-field widths).
-        scheme: Positional LSH scheme.
-        halo: Halo per KV head (head) or every head the widest head's (max).
-        halo_max: Also measure halo max (forward time and bytes) at the largest world size.
-        exact_layout: Layout of the causal exact ring (zigzag balances its work).
-        exact_max_local: Longest per-rank length timed for exact attention (a ring: quadratic).
-        check_max_total: Check against one process on the gathered sequence up to this total length.
-        check_lengths: Extra per-rank lengths where only the check runs (not timed).
-        backward: Also time forward+backward and check the gradients.
-        repeats: Timed calls per point (the median is kept).
-        warmup: Untimed calls before the timed ones.
-        threads: Torch CPU threads per process; 0 keeps torch's default.
-        device: Where to run; auto is CUDA under torchrun when it is available, else the CPU.
-        backend: Backend of the local attention calls (auto picks per call).
-        seed: Seed of inputs and partitions.
-        replot: A saved cp-bench.json: only redraw its PNG and report into --out (every other flag is
-            ignored; nothing is launched).
-    """
-
-    world_sizes: tuple[Count, ...] = (1, 2, 4)
-    lengths: tuple[Count, ...] = (2048, 8192)
-    methods: tuple[Literal["window", "lsh", "hybrid", "exact"], ...] = METHODS
-    batch: Count = 1
-    heads: Count = 8
-    kv_heads: CountOrZero = 0
-    head_dim: Count = 64
-    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
-    causal: bool = True
-    window_eps: Fraction = 1e-3
-    samples: Count = 8
-    hybrid_eps: Positive = 1e-2
-    scheme: Literal["grid", "cut"] = "grid"
-    halo: Literal["head", "max"] = "head"
-    halo_max: bool = True
-    exact_layout: Literal["zigzag", "contiguous"] = "zigzag"
-    exact_max_local: CountOrZero = 2048
-    check_max_total: CountOrZero = 8192
-    check_lengths: tuple[Count, ...] = ()
-    backward: bool = True
-    repeats: Count = 3
-    warmup: CountOrZero = 1
-    threads: CountOrZero = 1
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: str = "auto"
-    seed: int = 0
-    replot: str = ""
+from ...util import replot_saved, save_results, synchronize
+from ..metrics import cpu_time_and_memory, relative_error
+from .design import DTYPES, NAME, Config, check
+from .report import replot
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -226,7 +155,7 @@ def _peak_memory(fn, device: torch.device) -> int | None:
         fn()
         synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
-    return measure(fn)["peak_rss_delta"]
+    return cpu_time_and_memory(fn)["peak_rss_delta"]
 
 
 def _halo_bound(config: Config, method: str, halo: str, total: int, k: torch.Tensor, v: torch.Tensor) -> int | None:
@@ -408,14 +337,7 @@ def run(config: Config, out_dir: str | Path) -> dict:
     """Measure on every process; rank 0 writes ``out_dir/cp-bench.json`` and the plot."""
     if config.replot:
         return replot_saved(config.replot, NAME, out_dir, replot)
-    unknown = set(config.methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"methods must be among {METHODS}, got {sorted(unknown)}")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    check_fields(config)
-    if not config.world_sizes:
-        raise ValueError("world_sizes must name one or more process counts")
+    check(config)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         rank, world = init_from_env("gloo" if config.device == "cpu" else None)
         if config.threads > 0 and not torch.cuda.is_available():
@@ -451,115 +373,3 @@ def _nccl_version() -> str | None:
         return ".".join(str(x) for x in torch.cuda.nccl.version()) if torch.cuda.is_available() else None
     except (AttributeError, RuntimeError):
         return None
-
-
-def replot(doc: dict, out_dir: str | Path) -> None:
-    """cp_bench.png from the JSON: time per call vs world size (weak scaling), bytes per rank vs total length."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    plt = pyplot()
-    rows = [r for r in doc["results"]["rows"] if r["timed"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    main = [r for r in rows if r["halo"] in (None, doc["config"]["halo"])]
-    for (method, n), color in zip(dict.fromkeys((r["method"], r["n_local"]) for r in main), plt.cm.tab10.colors * 3):
-        mine = sorted((r for r in main if (r["method"], r["n_local"]) == (method, n)), key=lambda r: r["world_size"])
-        ws = [r["world_size"] for r in mine]
-        phase = "fwd_bwd" if all("fwd_bwd" in r for r in mine) else "fwd"
-        axes[0].plot(ws, [r[phase]["ms"] for r in mine], "o-", color=color, label=f"{method}, {n} / rank")
-        axes[0].plot(ws, [r[phase]["cpu_ms"] for r in mine], "x:", color=color, alpha=0.6)
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("ranks W (sequence W x n: weak scaling)")
-    axes[0].set_ylabel("ms per call, fwd+bwd")
-    axes[0].set_title("o: wall time of the slowest rank; x: its CPU time", fontsize=8)
-    axes[0].grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
-    colors = dict(zip(dict.fromkeys((r["method"], r["halo"]) for r in rows), plt.cm.tab10.colors * 3))
-    sizes = sorted({r["world_size"] for r in rows if r["world_size"] > 1})
-    styles = dict(zip(reversed(sizes), ["-", "--", ":", "-."] * 4))
-    for (method, halo, w) in dict.fromkeys((r["method"], r["halo"], r["world_size"]) for r in rows):
-        pts = sorted((r["total"], max(r["bytes_fwd"])) for r in rows
-                     if (r["method"], r["halo"], r["world_size"]) == (method, halo, w))
-        if w > 1 and method != "exact":
-            label = (method if halo in (None, doc["config"]["halo"]) else f"{method}, halo={halo}") + f", W={w}"
-            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "o", ls=styles[w], color=colors[(method, halo)],
-                         label=label)
-    for w in sizes:  # what a ring sends at each length (the exact rows measured it where they ran)
-        ring = sorted({(r["total"], r["ring_bytes_fwd"]) for r in rows if r["world_size"] == w})
-        axes[1].plot([p[0] for p in ring], [p[1] for p in ring], "k", ls=styles[w], alpha=0.5,
-                     label=f"a ring, W={w}: (W-1) x shard K,V")
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("total sequence length")
-    axes[1].set_ylabel("bytes sent per rank, forward (max over ranks)")
-    axes[1].grid(True, alpha=0.3)
-    if axes[1].get_legend_handles_labels()[0]:  # a one-rank run sends nothing: no lines to label
-        axes[1].legend(fontsize=7)
-    else:
-        axes[1].text(0.5, 0.5, "one rank: nothing sent", ha="center", va="center", transform=axes[1].transAxes)
-    env, cfg = doc["environment"], doc["config"]
-    fig.suptitle(f"context parallelism on {env['device']} ({doc['results']['launch']['backend']}): B={cfg['batch']}, "
-                 f"H={cfg['heads']}, D={cfg['head_dim']}, {cfg['dtype']}, {'causal' if cfg['causal'] else 'bidirectional'}",
-                 fontsize=10)
-    save_figure(fig, Path(out_dir) / PLOT)
-
-
-def summarize(results: dict, out_dir: str | Path) -> str:
-    """The run's report.md: a heading, the plot and ``readme_section``."""
-    return f"## Context parallelism ({NAME})\n\n![time and bytes]({PLOT})\n\n" + readme_section(results)
-
-
-def readme_section(results: dict) -> str:
-    """Markdown: per (method, W, n) time, memory, bytes and check; weak scaling; bytes vs length (the
-    last two where the run has more than one world size)."""
-    res, cfg = results["results"], results["config"]
-    rows = sorted(res["rows"], key=lambda r: (r["method"], str(r["halo"]), r["n_local"], r["world_size"]))
-    checked = [r for r in rows if r.get("check")]
-    rows = [r for r in rows if r["timed"]]
-    mib = lambda b: "–" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
-
-    table = markdown_table(
-        ["method", "halo", "W", "n / rank", "fwd ms", "fwd+bwd ms", "fwd+bwd CPU ms", "peak MiB beyond the inputs (max rank)",
-         "sent fwd KiB (max rank)", "sent bwd KiB", "ring fwd KiB"],
-        [[r["method"], r["halo"] or r["layout"], r["world_size"], r["n_local"], r["fwd"]["ms"],
-          r["fwd_bwd"]["ms"] if "fwd_bwd" in r else "–", r["fwd_bwd"]["cpu_ms"] if "fwd_bwd" in r else "–",
-          mib(max((m for m in r["peak_memory"] if m is not None), default=None)), max(r["bytes_fwd"]) / 1024,
-          max(b or 0 for b in r["bytes_bwd"]) / 1024, r["ring_bytes_fwd"] / 1024] for r in rows])
-    names = ("out", "dq", "dk", "dv")
-    checks = markdown_table(
-        ["method", "halo", "W", "n / rank", "ok"] + [f"{n} vs 1 process" for n in names]
-        + [f"{n}: CP / 1 process vs {checked[0]['check']['reference_dtype'] if checked else 'ref'}" for n in names],
-        [[r["method"], r["halo"] or r["layout"], r["world_size"], r["n_local"],
-          "yes" if r["check"]["ok"] else "**NO**"] + [r["check"]["vs_single"].get(n) for n in names]
-         + [f"{fmt(r['check']['cp_vs_ref'][n])} / {fmt(r['check']['single_vs_ref'][n])}"
-            if n in r["check"]["cp_vs_ref"] else "–" for n in names] for r in checked])
-    weak = markdown_table(
-        ["method", "halo", "n / rank", "W", "fwd time ratio", "fwd+bwd time ratio", "fwd+bwd CPU ratio"],
-        [[w["method"], w["halo"] or "–", w["n_local"], w["world_size"], w.get("fwd_time_ratio"),
-          w.get("fwd_bwd_time_ratio"), w.get("fwd_bwd_cpu_ratio")] for w in res["weak_scaling"]])
-    join = lambda xs: " / ".join("–" if x is None else str(x) for x in xs)  # noqa: E731
-    traffic = markdown_table(
-        ["method", "halo", "W", "total lengths", "max bytes sent fwd", "halo bound (bytes)", "ring bytes fwd"],
-        [[t["method"], t["halo"] or "–", t["world_size"], join(t["totals"]), join(t["max_bytes_fwd"]),
-          join(t.get("halo_bound_bytes_fwd", [None] * len(t["totals"]))), join(t["ring_bytes_fwd"])]
-         for t in res["traffic_vs_length"]])
-    launch = res["launch"]
-    parts = [
-        f"{launch['processes']} process{'es' if launch['processes'] > 1 else ''} ({launch['launcher']}, {launch['backend']}); B={cfg['batch']}, H={cfg['heads']}, "
-        f"Hkv={cfg['kv_heads'] or cfg['heads']}, D={cfg['head_dim']}, {cfg['dtype']}, "
-        f"{'causal' if cfg['causal'] else 'bidirectional'}, Press slopes; window eps={cfg['window_eps']}, "
-        f"lsh/hybrid r={cfg['samples']} ({cfg['scheme']}), hybrid eps={cfg['hybrid_eps']}; exact: ring, "
-        f"layout {cfg['exact_layout'] if cfg['causal'] else 'contiguous'}. Times: median of {cfg['repeats']} calls of "
-        "the slowest rank (wall), and that rank's process CPU time.",
-        table,
-        "Correctness: the gathered result against one process on the whole sequence (relative Frobenius "
-        "difference), and both against a wider-dtype reference of the same method; ok = CP's error within 2x "
-        "of the single process's own.",
-        checks]
-    if res["weak_scaling"]:
-        parts += ["Weak scaling: time at W ranks and W x the length over time at 1 rank and 1 x the length "
-                  "(1 = perfect).", weak]
-    if res["traffic_vs_length"]:
-        parts += ["Bytes sent per rank (forward, largest over ranks) at each total length, against the halo bound "
-                  "(keys and values of each KV head's largest reach, per side: window w_h, grid LSH max W - 1; the "
-                  "same at every N) and a ring's ((W - 1) x the shard's keys and values).", traffic]
-    return "\n\n".join(parts) + "\n"
