@@ -1,6 +1,7 @@
 """The split into the library ``poslsh`` and the lab ``poslsh_lab``: ``import poslsh`` (every library
 module) needs no matplotlib and no lab; the old module names keep working, with a DeprecationWarning,
-as the moved modules themselves."""
+as the moved modules themselves. The attention backends moved into folders: the old module names that
+are folders now export what the modules did, the others are aliases."""
 
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ OLD_NAMES = [("poslsh.lm", "poslsh_lab.lm"), ("poslsh.lm.model", "poslsh_lab.lm.
              ("poslsh.experiments.pareto", "poslsh_lab.experiments.pareto"), ("poslsh.readme", "poslsh_lab.readme"),
              ("poslsh.cli", "poslsh_lab.cli"), ("poslsh.util", "poslsh_lab.util"),
              ("poslsh.integrations.cli", "poslsh_lab.eval_hf"), ("poslsh.kernels", "poslsh.positional_kernels"),
-             ("poslsh.masks", "poslsh.mask_errors")]
+             ("poslsh.masks", "poslsh.mask_errors"), ("poslsh.attention.tiled", "poslsh.attention.fused.tiled"),
+             ("poslsh.attention.primitives", "poslsh.attention.split.primitives"),
+             ("poslsh.attention.split_merge", "poslsh.attention.split.merge")]
+
+# Old attention modules that are backend folders now (their module is the folder's backend.py).
+BACKEND_FOLDERS = ("reference", "fused", "flex", "split", "cudnn")
 
 
 def test_the_library_imports_without_matplotlib_or_the_lab():
@@ -104,3 +110,16 @@ def test_new_names_do_not_warn():
         warnings.simplefilter("error", DeprecationWarning)
         for _, new in OLD_NAMES:
             importlib.import_module(new)
+
+
+@pytest.mark.parametrize("folder", BACKEND_FOLDERS)
+def test_a_backend_folder_exports_what_its_old_module_did(folder):
+    """``from poslsh.attention.fused import fused_attention`` works as before, without a warning: the
+    folder's __init__ exports every public name of its backend module, the same objects."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        package = importlib.import_module(f"poslsh.attention.{folder}")
+        backend = importlib.import_module(f"poslsh.attention.{folder}.backend")
+    assert sorted(package.__all__) == sorted(backend.__all__)
+    assert [name for name in backend.__all__ if getattr(package, name) is not getattr(backend, name)] == []
+

@@ -1,4 +1,4 @@
-"""The split backend's one-kernel merge (``split_merge.merge_slots_triton``, used on CUDA) run by
+"""The split backend's one-kernel merge (``split/merge.py: merge_slots_triton``, used on CUDA) run by
 Triton's interpreter on the CPU and held to the torch merge on the same partial results: run outputs
 read in place through the pointer table (strided views, several blocks per run, batch > 1), the
 rest buffer, empty rows, and the one-run-per-slot layout of the document (Flex) plan.
@@ -22,10 +22,10 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from poslsh.attention import resolve_spec  # noqa: E402
-from poslsh.attention.primitives import resolve_primitive  # noqa: E402
-from poslsh.attention.split import _Inputs, document_plan, plan_split, run_calls  # noqa: E402
+from poslsh.attention.split.backend import _Inputs, document_plan, plan_split, run_calls  # noqa: E402
+from poslsh.attention.split.primitives import resolve_primitive  # noqa: E402
 
-merge_mod = importlib.reload(importlib.import_module("poslsh.attention.split_merge"))
+merge_mod = importlib.reload(importlib.import_module("poslsh.attention.split.merge"))
 
 
 def test_kernel_really_interpreted():

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .core import EMPTY_LSE, last_dim_contiguous
+from ..core import EMPTY_LSE, last_dim_contiguous
 
 __all__ = ["merge_slots", "merge_slots_torch", "merge_slots_triton", "merge_slots_into", "triton_merge_available"]
 
