@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 
 import poslsh
-from poslsh.attention import flex
+from poslsh.attention.flex import backend as flex
 from poslsh.attention.dispatch import METHODS, register_backend, resolve_spec
 
 

@@ -41,8 +41,8 @@ import torch
 
 import poslsh
 from poslsh.attention import resolve_spec
-from poslsh.attention.primitives import Primitive, resolve_primitive
-from poslsh.attention.split import plan_split, split_bytes
+from poslsh.attention.split.primitives import Primitive, resolve_primitive
+from poslsh.attention.split.backend import plan_split, split_bytes
 from poslsh_lab.util import save_results
 
 NAME = "split_gpu"

@@ -1,8 +1,8 @@
 """The old names of modules that moved, kept working for a while with a DeprecationWarning.
 
 The lab (experiments, the small LM, the README generator, the command line, its helpers) moved out of
-the installed library into the ``poslsh_lab`` package, and two library modules were renamed for what
-they hold. ``import poslsh.lm.model`` (any old name, submodules included) gives the moved module
+the installed library into the ``poslsh_lab`` package, two library modules were renamed for what
+they hold, and three attention modules moved into their backend's folder. ``import poslsh.lm.model`` (any old name, submodules included) gives the moved module
 itself, the same object as ``import poslsh_lab.lm.model`` (so classes, monkeypatching and pickling
 agree), and ``python -m poslsh.readme`` / ``python -m poslsh.cli`` run the new module. Nothing here
 imports the lab until an old name is asked for, so ``import poslsh`` does not need it.
@@ -26,6 +26,11 @@ MOVED = {
     "poslsh.integrations.cli": "poslsh_lab.eval_hf",
     "poslsh.kernels": "poslsh.positional_kernels",
     "poslsh.masks": "poslsh.mask_errors",
+    # attention backends, each now in its own folder (poslsh.attention.fused, .flex, .split, .cudnn and
+    # .reference are those folders, whose __init__ exports what the module of that name did)
+    "poslsh.attention.tiled": "poslsh.attention.fused.tiled",
+    "poslsh.attention.primitives": "poslsh.attention.split.primitives",
+    "poslsh.attention.split_merge": "poslsh.attention.split.merge",
 }
 
 

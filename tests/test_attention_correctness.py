@@ -11,8 +11,8 @@ import torch
 import poslsh
 from poslsh import alibi_kernel, sample_partitions
 from poslsh.attention import EMPTY_LSE, window_sizes
-from poslsh.attention import split as split_mod
-from poslsh.attention import tiled as tiled_mod
+from poslsh.attention.fused import tiled as tiled_mod
+from poslsh.attention.split import backend as split_mod
 
 # Several heads with different slopes, one of them 0 (no decay: a single block / plain attention).
 SLOPES = torch.tensor([0.9, 0.3, 0.08, 0.0], dtype=torch.float64)

@@ -15,7 +15,7 @@ import torch
 
 import poslsh
 from poslsh.attention import BACKENDS, available_backends, register_backend, resolve_spec
-from poslsh.attention import cudnn as cudnn_backend
+from poslsh.attention.cudnn import backend as cudnn_backend
 
 from cudnn_fake import FakeCudnn, cudnn_alibi_slopes
 from tolerances import low_precision_bound, rel_err

@@ -19,8 +19,8 @@ pytest.importorskip("torch.nn.attention.flex_attention")
 
 from poslsh import alibi_slopes  # noqa: E402
 from poslsh.attention import EMPTY_LSE, resolve_spec  # noqa: E402
-from poslsh.attention.flex import (_mods, _ranges, flex_attention_spec, normalize_grid,  # noqa: E402
-                                   range_block_mask, supports_flex)
+from poslsh.attention.flex.backend import (_mods, _ranges, flex_attention_spec, normalize_grid,  # noqa: E402
+                                           range_block_mask, supports_flex)
 from poslsh.attention.reference import dense_log_weights, reference_attention  # noqa: E402
 
 
@@ -179,7 +179,7 @@ def test_hybrid_mods_split_at_the_window():
 
 import importlib  # noqa: E402
 
-flex_mod = importlib.import_module("poslsh.attention.flex")  # poslsh.attention is also the function
+flex_mod = importlib.import_module("poslsh.attention.flex.backend")  # poslsh.attention is also the function
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The repository's imports point down its layers: a module may import its own layer and the layers
 below, never one above. Every import counts, the lazy ones inside functions too (they are edges all the
-same). Two packages: the installed library ``poslsh`` (layers 0-5) and the lab ``poslsh_lab`` above it
-(layers 6-9), which uses the library as any user does; the library never imports the lab.
+same). Two packages: the installed library ``poslsh`` (layers 0-7) and the lab ``poslsh_lab`` above it
+(layers 8-11), which uses the library as any user does; the library never imports the lab.
 
 The layers, bottom first (a module belongs to the longest prefix listed):
 
@@ -11,14 +11,19 @@ layer           modules
 0 base          poslsh.checks (argument coercion), poslsh.seeds (stable seeds), poslsh._aliases (the
                 old module names, deprecated; it imports nothing, and names the lab only as strings)
 1 core math     alibi, positional_kernels, hashing, layer_partitions, mask_errors, theory, method
-2 attention     attention (dispatch, backends, ranges, kernels), flash (FlashAttention's interface)
-3 nn            nn (ALiBiAttention), distributed (context parallelism over torch.distributed)
-4 integrations  integrations (the transformers patch)
-5 library front poslsh's own __init__ (its public names)
-6 lab base      poslsh_lab.util (results files, environment record, tables, plotting, Config -> flags)
-7 lm            poslsh_lab.lm (the small language model: data, model, train, evaluate, its commands)
-8 experiments   poslsh_lab.experiments (each claim as a measurement -> JSON -> report)
-9 lab front     poslsh_lab.cli, poslsh_lab.eval_hf, poslsh_lab.readme, poslsh_lab's __init__
+2 attention     what every attention backend shares: attention.core (AttentionSpec, conventions),
+  base          .registry (register_backend), .speed (measured order), .ranges, .window
+3 attention     one folder per backend: attention.reference, .fused, .flex, .split, .cudnn, .triton
+  backends      (a backend may use another's pieces: split's flex primitive, its Triton merge)
+4 attention     the dispatcher and the entry points: attention.dispatch, .plan, .public, the package's
+  front         __init__; flash (FlashAttention's interface)
+5 nn            nn (ALiBiAttention), distributed (context parallelism over torch.distributed)
+6 integrations  integrations (the transformers patch)
+7 library front poslsh's own __init__ (its public names)
+8 lab base      poslsh_lab.util (results files, environment record, tables, plotting, Config -> flags)
+9 lm            poslsh_lab.lm (the small language model: data, model, train, evaluate, its commands)
+10 experiments  poslsh_lab.experiments (each claim as a measurement -> JSON -> report)
+11 lab front    poslsh_lab.cli, poslsh_lab.eval_hf, poslsh_lab.readme, poslsh_lab's __init__
 =============== ==================================================================================
 """
 
@@ -36,7 +41,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("poslsh.checks", "poslsh.seeds", "poslsh._aliases")),
     ("core math", ("poslsh.alibi", "poslsh.positional_kernels", "poslsh.hashing", "poslsh.layer_partitions",
                    "poslsh.mask_errors", "poslsh.theory", "poslsh.method")),
-    ("attention", ("poslsh.attention", "poslsh.flash")),
+    ("attention base", ("poslsh.attention.core", "poslsh.attention.registry", "poslsh.attention.speed",
+                        "poslsh.attention.ranges", "poslsh.attention.window")),
+    ("attention backends", ("poslsh.attention.reference", "poslsh.attention.fused", "poslsh.attention.flex",
+                            "poslsh.attention.split", "poslsh.attention.cudnn", "poslsh.attention.triton")),
+    ("attention front", ("poslsh.attention", "poslsh.attention.dispatch", "poslsh.attention.plan",
+                         "poslsh.attention.public", "poslsh.flash")),
     ("nn", ("poslsh.nn", "poslsh.distributed")),
     ("integrations", ("poslsh.integrations",)),
     ("library front", ("poslsh",)),
@@ -45,7 +55,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("experiments", ("poslsh_lab.experiments",)),
     ("lab front", ("poslsh_lab.cli", "poslsh_lab.eval_hf", "poslsh_lab.readme", "poslsh_lab")),
 ]
-LIBRARY_LAYERS = 6  # LAYERS[:6] is the installed library
+LIBRARY_LAYERS = 8  # LAYERS[:8] is the installed library
 
 # The one library module allowed to name the lab: it serves the old names (poslsh.<lm, cli, ...>)
 # of the modules that moved there, by import hook, so old code keeps working for a deprecation period.
@@ -165,6 +175,22 @@ def test_every_module_has_a_layer():
     assert [m for m in MODULES if layer_of(m) is None] == []
 
 
+def test_every_attention_module_is_named_in_the_table():
+    """A module or folder directly under poslsh.attention is a shared piece or a backend named in its row
+    (the "poslsh.attention" prefix would otherwise take a new loose module into the front silently)."""
+    named = {p for _, prefixes in LAYERS for p in prefixes}
+    top = {".".join(m.split(".")[:3]) for m in MODULES if m.startswith("poslsh.attention.")}
+    assert sorted(top - named) == []
+
+
+def test_a_loose_attention_module_is_reported(tmp_path, monkeypatch):
+    fake = tmp_path / "loose.py"
+    fake.write_text("")
+    monkeypatch.setitem(MODULES, "poslsh.attention.loose", fake)
+    with pytest.raises(AssertionError):
+        test_every_attention_module_is_named_in_the_table()
+
+
 def test_the_library_is_below_the_lab():
     assert all(p.startswith("poslsh.") or p == "poslsh" for _, ps in LAYERS[:LIBRARY_LAYERS] for p in ps)
     assert all(p.startswith("poslsh_lab") for _, ps in LAYERS[LIBRARY_LAYERS:] for p in ps)
@@ -202,8 +228,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_walker_sees_relative_lazy_and_submodule_imports():
     """The checker itself: it resolves ``from ..x import y`` inside a function and ``from .. import mod``."""
-    assert layer_of("poslsh.attention.triton.launch") == 2 and layer_of("poslsh") == 5
-    assert layer_of("poslsh_lab") == 9 and layer_of("poslsh_lab.experiments.pareto.measure") == 8
+    assert layer_of("poslsh.attention.triton.launch") == 3 and layer_of("poslsh") == 7
+    assert layer_of("poslsh_lab") == 11 and layer_of("poslsh_lab.experiments.pareto.measure") == 10
     assert "poslsh.hashing" in [t for _, t in imports_of("poslsh.method")]  # from .hashing import ...
     lazy = [t for _, t in imports_of("poslsh.hashing")]
     assert "poslsh.positional_kernels" in lazy  # ``from .positional_kernels import sample_widths`` in a function
@@ -212,6 +238,9 @@ def test_the_walker_sees_relative_lazy_and_submodule_imports():
 
 @pytest.mark.parametrize("target,upward", [("poslsh_lab.lm.model", "from ..experiments import pareto"),
                                            ("poslsh.attention.window", "from poslsh_lab.cli import main"),
+                                           ("poslsh.attention.window", "from .fused import fused_attention"),
+                                           ("poslsh.attention.fused.backend", "from ..dispatch import resolve_spec"),
+                                           ("poslsh.attention.triton.launch", "from ..plan import AttentionPlan"),
                                            ("poslsh.hashing", "import poslsh.nn"),
                                            ("poslsh.nn", "import poslsh_lab.util")])
 def test_an_upward_import_is_reported(tmp_path, monkeypatch, target, upward):

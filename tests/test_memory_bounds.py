@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves
 import poslsh
 from poslsh import alibi_slopes, sample_partitions
 from poslsh.attention import EMPTY_LSE
-from poslsh.attention import tiled as tiled_mod
+from poslsh.attention.fused import tiled as tiled_mod
 
 TILE_BYTES = tiled_mod.TILE_BYTES
 MiB = 1 << 20

@@ -1,6 +1,7 @@
 """The split into the library ``poslsh`` and the lab ``poslsh_lab``: ``import poslsh`` (every library
 module) needs no matplotlib and no lab; the old module names keep working, with a DeprecationWarning,
-as the moved modules themselves."""
+as the moved modules themselves. The attention backends moved into folders: the old module names that
+are folders now export what the modules did, the others are aliases."""
 
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ OLD_NAMES = [("poslsh.lm", "poslsh_lab.lm"), ("poslsh.lm.model", "poslsh_lab.lm.
              ("poslsh.experiments.pareto", "poslsh_lab.experiments.pareto"), ("poslsh.readme", "poslsh_lab.readme"),
              ("poslsh.cli", "poslsh_lab.cli"), ("poslsh.util", "poslsh_lab.util"),
              ("poslsh.integrations.cli", "poslsh_lab.eval_hf"), ("poslsh.kernels", "poslsh.positional_kernels"),
-             ("poslsh.masks", "poslsh.mask_errors")]
+             ("poslsh.masks", "poslsh.mask_errors"), ("poslsh.attention.tiled", "poslsh.attention.fused.tiled"),
+             ("poslsh.attention.primitives", "poslsh.attention.split.primitives"),
+             ("poslsh.attention.split_merge", "poslsh.attention.split.merge")]
+
+# Old attention modules that are backend folders now (their module is the folder's backend.py).
+BACKEND_FOLDERS = ("reference", "fused", "flex", "split", "cudnn")
 
 
 def test_the_library_imports_without_matplotlib_or_the_lab():
@@ -104,3 +110,49 @@ def test_new_names_do_not_warn():
         warnings.simplefilter("error", DeprecationWarning)
         for _, new in OLD_NAMES:
             importlib.import_module(new)
+
+
+@pytest.mark.parametrize("folder", BACKEND_FOLDERS)
+def test_a_backend_folder_exports_what_its_old_module_did(folder):
+    """``from poslsh.attention.fused import fused_attention`` works as before, without a warning: the
+    folder's __init__ exports every public name of its backend module, the same objects."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        package = importlib.import_module(f"poslsh.attention.{folder}")
+        backend = importlib.import_module(f"poslsh.attention.{folder}.backend")
+    assert sorted(package.__all__) == sorted(backend.__all__)
+    assert [name for name in backend.__all__ if getattr(package, name) is not getattr(backend, name)] == []
+
+
+_MOVED_MERGE_PROBE = """
+import importlib, json, warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    from poslsh.attention.split_merge import merge_slots_into, merge_slots_torch, merge_slots_triton
+kernel = importlib.import_module("poslsh.attention.triton.split_merge")
+plain = importlib.import_module("poslsh.attention.split.merge")
+try:
+    plain.nonexistent
+    missing = None
+except AttributeError as err:
+    missing = str(err)
+print(json.dumps({"kernel": merge_slots_triton is kernel.merge_slots_triton and merge_slots_into is kernel.merge_slots_into,
+                  "plain": merge_slots_torch is plain.merge_slots_torch, "missing": missing,
+                  "warnings": [str(w.message) for w in caught if w.category is DeprecationWarning]}))
+"""
+
+
+def test_the_old_split_merge_names_reach_the_triton_merge():
+    """``poslsh.attention.split_merge.merge_slots_triton``: the kernel's function in its new module,
+    ``triton/split_merge.py``, with a warning naming it (a fresh interpreter: importing the Triton package
+    here would decorate its kernels for a GPU before the interpreted tests ask for the interpreter)."""
+    pytest.importorskip("triton")
+    import json
+    out = subprocess.run([sys.executable, "-c", _MOVED_MERGE_PROBE], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    found = json.loads(out.splitlines()[-1])
+    assert found["kernel"] and found["plain"]
+    assert "has no attribute 'nonexistent'" in found["missing"]
+    assert any("poslsh.attention.split_merge moved to poslsh.attention.split.merge" in w for w in found["warnings"])
+    for name in ("merge_slots_triton", "merge_slots_into"):
+        assert any(f"{name} moved to poslsh.attention.triton.split_merge.{name}" in w for w in found["warnings"])

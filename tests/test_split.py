@@ -14,9 +14,9 @@ import torch
 
 import poslsh
 from poslsh import sample_partitions
-from poslsh.attention import primitives as prim_mod
 from poslsh.attention import resolve_spec
-from poslsh.attention.primitives import Primitive, torch_attention
+from poslsh.attention.split import primitives as prim_mod
+from poslsh.attention.split.primitives import Primitive, torch_attention
 from poslsh.attention.split import plan_split, split_bytes
 
 # Steep (blocks of 1-2), medium, shallow and flat (one block over everything).
@@ -73,7 +73,7 @@ def test_longer_sequence_left_and_right_padding_and_chunked_tiles(scheme, monkey
     """n = 300 (many blocks per head, runs of many blocks), contiguous left/right padding per batch row
     (the runs are trimmed around it) and tiny score-tile budgets (masked path and torch primitive
     process a few blocks / rows at a time)."""
-    from poslsh.attention import split as split_mod
+    from poslsh.attention.split import backend as split_mod
 
     monkeypatch.setattr(split_mod, "TILE_BUDGET", 500)
     monkeypatch.setattr(prim_mod, "TORCH_TILE_BUDGET", 700)

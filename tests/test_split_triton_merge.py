@@ -1,7 +1,8 @@
-"""The split backend's one-kernel merge (``split_merge.merge_slots_triton``, used on CUDA) run by
-Triton's interpreter on the CPU and held to the torch merge on the same partial results: run outputs
-read in place through the pointer table (strided views, several blocks per run, batch > 1), the
-rest buffer, empty rows, and the one-run-per-slot layout of the document (Flex) plan.
+"""The split backend's one-kernel merge (``triton/split_merge.py: merge_slots_triton``, used on CUDA) run
+by Triton's interpreter on the CPU and held to its plain version, the torch merge (``split/merge.py:
+merge_slots_torch``), on the same partial results: run outputs read in place through the pointer table
+(strided views, several blocks per run, batch > 1), the rest buffer, empty rows, and the
+one-run-per-slot layout of the document (Flex) plan.
 
 TRITON_INTERPRET must be set before the kernel is decorated (on its first use), so it is set here at
 import and the module reloaded (dropping a kernel decorated earlier in the session).
@@ -22,14 +23,15 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from poslsh.attention import resolve_spec  # noqa: E402
-from poslsh.attention.primitives import resolve_primitive  # noqa: E402
-from poslsh.attention.split import _Inputs, document_plan, plan_split, run_calls  # noqa: E402
+from poslsh.attention.split.backend import _Inputs, document_plan, plan_split, run_calls  # noqa: E402
+from poslsh.attention.split.merge import merge_slots, merge_slots_torch  # noqa: E402
+from poslsh.attention.split.primitives import resolve_primitive  # noqa: E402
 
-merge_mod = importlib.reload(importlib.import_module("poslsh.attention.split_merge"))
+triton_merge = importlib.reload(importlib.import_module("poslsh.attention.triton.split_merge"))
 
 
 def test_kernel_really_interpreted():
-    assert type(merge_mod._merge_kernel()).__name__ == "InterpretedFunction"
+    assert type(triton_merge._merge_kernel()).__name__ == "InterpretedFunction"
 
 
 def partials(scheme, causal, document=False, dtype=torch.float32):
@@ -57,8 +59,8 @@ def partials(scheme, causal, document=False, dtype=torch.float32):
 def test_triton_merge_equals_torch_merge(scheme, causal):
     plan, run_out, rest = partials(scheme, causal)
     assert scheme == "cut" or any(run.nb > 1 for run in plan.runs)
-    want = merge_mod.merge_slots_torch(plan, run_out, rest, 2, 8, torch.float32)
-    got = merge_mod.merge_slots_triton(plan, run_out, rest, 2, 8, torch.float32, block_i=16)
+    want = merge_slots_torch(plan, run_out, rest, 2, 8, torch.float32)
+    got = triton_merge.merge_slots_triton(plan, run_out, rest, 2, 8, torch.float32, block_i=16)
     torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-6)
     if causal:  # rows 0..2 of batch 0 (positions 3..5) see only padded keys
@@ -67,11 +69,11 @@ def test_triton_merge_equals_torch_merge(scheme, causal):
 
 def test_triton_merge_document_layout_and_half_outputs():
     plan, run_out, rest = partials("grid", True, document=True)
-    want = merge_mod.merge_slots_torch(plan, run_out, rest, 2, 8, torch.float32)
-    got = merge_mod.merge_slots_triton(plan, run_out, rest, 2, 8, torch.float32, block_i=16)
+    want = merge_slots_torch(plan, run_out, rest, 2, 8, torch.float32)
+    got = triton_merge.merge_slots_triton(plan, run_out, rest, 2, 8, torch.float32, block_i=16)
     torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
     half = [(o.half(), lse) for o, lse in run_out]
-    got16 = merge_mod.merge_slots_triton(plan, half, (rest[0].half(), rest[1]), 2, 8, torch.float16, block_i=16)
+    got16 = triton_merge.merge_slots_triton(plan, half, (rest[0].half(), rest[1]), 2, 8, torch.float16, block_i=16)
     torch.testing.assert_close(got16[0].float(), want[0], atol=2e-3, rtol=2e-3)
 
 
@@ -83,14 +85,14 @@ def test_triton_merge_offsets_past_2_31_elements():
     head 3 lands inside it (a wrong value here, not a crash); of the 8 GiB of virtual memory only
     the written rows are touched."""
     plan, run_out, rest = partials("grid", True, dtype=torch.float16)
-    want = merge_mod.merge_slots_torch(plan, run_out, rest, 2, 8, torch.float16)
+    want = merge_slots_torch(plan, run_out, rest, 2, 8, torch.float16)
     s = 2**30 - 2**20
     base = 2**32 - 3 * s
     store = torch.empty(base + 3 * s + 2 * 37 * 8, dtype=torch.float16)
     out = store.as_strided((2, 4, 37, 8), (37 * 8, s, 8, 1), base)
     out.fill_(math.nan)
     lse = torch.empty(2, 4, 37)
-    merge_mod.merge_slots_into(plan, run_out, rest, out, lse, block_i=16)
+    triton_merge.merge_slots_into(plan, run_out, rest, out, lse, block_i=16)
     torch.testing.assert_close(out, want[0], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(lse, want[1], atol=1e-5, rtol=1e-6)
 
@@ -99,13 +101,13 @@ def test_merge_into_checks_its_buffers():
     plan, run_out, rest = partials("grid", True)
     out = torch.empty(2, 4, 37, 8)
     with pytest.raises(ValueError, match=r"lse \[B, H, Nq\] float32 with unit last strides"):
-        merge_mod.merge_slots_into(plan, run_out, rest, out, torch.empty(2, 4, 37, dtype=torch.float64))
+        triton_merge.merge_slots_into(plan, run_out, rest, out, torch.empty(2, 4, 37, dtype=torch.float64))
     with pytest.raises(ValueError, match="unit last strides"):
-        merge_mod.merge_slots_into(plan, run_out, rest, out.transpose(2, 3).contiguous().transpose(2, 3),
+        triton_merge.merge_slots_into(plan, run_out, rest, out.transpose(2, 3).contiguous().transpose(2, 3),
                                    torch.empty(2, 4, 37))
 
 
 def test_merge_dispatch_uses_torch_on_cpu(monkeypatch):
     plan, run_out, rest = partials("grid", True)
-    monkeypatch.setattr(merge_mod, "merge_slots_triton", lambda *a, **k: pytest.fail("triton merge on the CPU"))
-    merge_mod.merge_slots(plan, run_out, rest, 2, 8, torch.float32)
+    monkeypatch.setattr(triton_merge, "merge_slots_triton", lambda *a, **k: pytest.fail("triton merge on the CPU"))
+    merge_slots(plan, run_out, rest, 2, 8, torch.float32)

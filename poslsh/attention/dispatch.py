@@ -52,7 +52,8 @@ from .window import hybrid_widths, kernel_window_sizes, window_size_widths, wind
 __all__ = ["AttentionSpec", "Backend", "BACKENDS", "register_backend", "available_backends",
            "resolve_spec", "select_backend"]
 
-# Modules that register optional (GPU) backends when imported; tried once, on first dispatch.
+# Backend folders that register an optional (GPU) backend when imported (their ``backend.py``, or
+# triton's ``__init__``); tried once, on first dispatch.
 OPTIONAL_BACKEND_MODULES = ("poslsh.attention.triton", "poslsh.attention.flex", "poslsh.attention.cudnn")
 _optional_loaded = False
 

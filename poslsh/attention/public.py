@@ -19,7 +19,7 @@ from ..hashing import Partitions
 from ..method import MethodSpec, method_options
 from .dispatch import BACKENDS, _load_optional_backends, available_backends, resolve_spec, select_backend
 from .plan import public_call, remember_public_call
-from .primitives import resolve_primitive
+from .split.primitives import resolve_primitive
 
 __all__ = ["attention", "attention_with_widths", "LayoutWarning", "FOREIGN_KEYWORDS"]
 
@@ -111,7 +111,7 @@ def attention(
             Torch backends only (fused, reference; split for lsh).
         backend: "auto" or a name in ``available_backends()``.
         primitive: backend "split" only: the attention it runs inside the blocks, "sdpa", "flex",
-            "torch" or a callable ``fn(q, k, v, causal) -> (out, lse)`` (``poslsh.attention.primitives``);
+            "torch" or a callable ``fn(q, k, v, causal) -> (out, lse)`` (``poslsh.attention.split.primitives``);
             None picks "sdpa" on CUDA for fp16/bf16, else "torch".
         q_offset: key position of query row 0, in [0, Nk - Nq]; default Nk - Nq (the queries are the
             last Nq keys). Smaller values place the queries inside the keys, with keys on both sides

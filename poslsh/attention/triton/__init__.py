@@ -5,6 +5,7 @@ backward, one kernel family (``poslsh.attention(..., backend="triton")``).
     forward.py   the forward kernel (all methods; split-key decoding) and the partials' merge
     backward.py  dK/dV and dQ kernels (all methods)
     launch.py    host side: cached per-method plans, tile configs (tuned.json), launches, autograd
+    split_merge.py  the split backend's merge as one kernel (its plain version: split/merge.py)
 
 The definition every kernel is held to is ``poslsh.attention.reference`` (dense, float64); the tests
 run these kernels under TRITON_INTERPRET=1 on the CPU against it.

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .core import AttentionSpec, attend, compute_dtype, has_nonfinite, merge_partials
+from ..core import AttentionSpec, attend, compute_dtype, has_nonfinite, merge_partials
 
 __all__ = ["PositionRule", "tiled_attention", "tile_shape", "TILE_BYTES"]
 

@@ -37,8 +37,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .core import EMPTY_LSE, AttentionSpec
-from .ranges import TileRanges, key_ranges, key_tiles, normalize_grid
+from ..core import EMPTY_LSE, AttentionSpec
+from ..ranges import TileRanges, key_ranges, key_tiles, normalize_grid
 
 __all__ = ["flex_attention_spec", "flex_mods", "supports_flex", "range_block_mask", "flex_available",
            "alibi_score", "lsh_score", "where_score", "band_mask", "causal_mask", "padding_mask",
@@ -429,7 +429,7 @@ def supports_flex(q: Tensor, spec: AttentionSpec) -> bool:
 
 def _register() -> None:
     try:
-        from .registry import register_backend
+        from ..registry import register_backend
     except ImportError:  # pragma: no cover
         return
     # Below the Triton kernel, above the torch backends: the fallback for shapes Triton does not cover.

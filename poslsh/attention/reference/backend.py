@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .core import AttentionSpec, attend, compute_dtype, has_nonfinite
+from ..core import AttentionSpec, attend, compute_dtype, has_nonfinite
 
 __all__ = ["dense_log_weights", "reference_attention", "supports_reference"]
 

@@ -18,11 +18,11 @@ import functools
 import torch
 from torch import Tensor
 
-from ..hashing import Partitions
+from ...hashing import Partitions
 from . import tiled
-from .core import AttentionSpec
+from ..core import AttentionSpec
 from .tiled import tiled_attention
-from .window import BandRule, band_rules
+from ..window import BandRule, band_rules
 
 __all__ = ["CollisionRule", "HybridRule", "collision_rules", "fused_attention", "supports_fused"]
 

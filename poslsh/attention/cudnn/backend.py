@@ -46,8 +46,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..alibi import alibi_slopes
-from .core import AttentionSpec
+from ...alibi import alibi_slopes
+from ..core import AttentionSpec
 
 __all__ = ["cudnn_attention", "supports_cudnn", "explain_cudnn", "refusal", "probe_error", "cudnn_available", "padding_lengths",
            "lse_gradient_rows", "clear_cache", "MIN_BACKEND_VERSION"]
@@ -490,7 +490,7 @@ def _register() -> None:
     _cudnn = _import_cudnn()
     if _cudnn is None or not torch.cuda.is_available():
         return
-    from .registry import register_backend
+    from ..registry import register_backend
 
     # Below the Triton kernel: "auto" picks it where the shipped speed table measured it fastest.
     register_backend("cudnn", cudnn_attention, supports_cudnn, priority=90, methods=("exact",),

@@ -24,7 +24,7 @@ How the blocks reach a dense primitive ``prim(q, k, v, causal)`` (equal lengths,
 
 Every query row of a (head, sample) lies in exactly one block, so each of the H r "slots" has one
 partial result per row: a run's output (used in place) or a row of the *rest* buffer (gathered and
-masked blocks). The merge (``split_merge``) reads each slot once: in torch ops, or on CUDA one
+masked blocks). The merge (``merge``) reads each slot once: in torch ops, or on CUDA one
 Triton kernel that reads the run outputs in place through a table of their addresses.
 
 A primitive with a document mask (``FlexPrimitive``) is used differently: one call per sample over
@@ -52,10 +52,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..hashing import Partitions
-from .core import EMPTY_LSE, AttentionSpec, compute_dtype, merge_partials, softmax_with_lse
+from ...hashing import Partitions
+from ..core import EMPTY_LSE, AttentionSpec, compute_dtype, merge_partials, softmax_with_lse
 from .primitives import Primitive, check_result, recompute_backward, resolve_primitive
-from .split_merge import merge_slots
+from .merge import merge_slots
 
 __all__ = ["split_attention", "supports_split", "SplitPlan", "plan_split", "split_bytes", "sample_partition"]
 
@@ -163,7 +163,7 @@ def sample_partition(parts: Partitions, t: int) -> Partitions:
 def _grid_blocks(parts: Partitions, nk: int, qo: int, dirty_pos: Tensor | None):
     """Grid scheme: per slot the run (first block id, end block id, width, offset) and the other
     query blocks as flat tensors (slot, start, end)."""
-    from .ranges import normalize_grid
+    from ..ranges import normalize_grid
 
     w, u = (x.to("cpu", torch.int64).reshape(-1) for x in normalize_grid(parts.widths, parts.offsets, nk))
     first = torch.div(qo + u, w, rounding_mode="floor")  # block of the first query

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .core import EMPTY_LSE, compute_dtype
+from ..core import EMPTY_LSE, compute_dtype
 
 __all__ = ["Primitive", "SDPAPrimitive", "FlexPrimitive", "torch_attention", "resolve_primitive",
            "PRIMITIVES", "default_primitive", "recompute_backward", "flash_forward", "flash_backward",
@@ -324,7 +324,7 @@ class FlexPrimitive(Primitive):
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        from .flex import _flex_fn
+        from ..flex.backend import _flex_fn
 
         length = q.shape[2]
         bm = create_block_mask(lambda b, h, i, j: j <= i, None, None, length, length, device=q.device) if causal else None
@@ -350,8 +350,8 @@ def flex_document(q: Tensor, k: Tensor, v: Tensor, spec) -> tuple[Tensor, Tensor
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, float64 for float64 inputs); rows
         whose block keys are all padded get 0 and EMPTY_LSE.
     """
-    from .flex import DEFAULT_BLOCK, _flex_fn, range_block_mask
-    from .ranges import key_ranges, normalize_grid
+    from ..flex.backend import DEFAULT_BLOCK, _flex_fn, range_block_mask
+    from ..ranges import key_ranges, normalize_grid
 
     parts = spec.partitions
     nq, nk = q.shape[2], k.shape[2]

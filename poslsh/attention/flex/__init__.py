@@ -1,0 +1,13 @@
+"""The "flex" backend: PyTorch's FlexAttention (compiled on CUDA) with each method composed from small
+score and mask mods and a BlockMask built from the analytic key ranges (``backend.py``); exact, window,
+lsh, hybrid. Registered on import when FlexAttention exists; held to the reference's dense weights in
+tests/test_flex.py and to the oracle in test_conformance.py.
+"""
+
+from .backend import (alibi_score, band_mask, causal_mask, clear_cache, collision_mask, cut_counts, flex_attention_spec,
+                      flex_available, flex_mods, grid_counts, lsh_score, normalize_grid, padding_mask, range_block_mask,
+                      supports_flex, where_score)
+
+__all__ = ["flex_attention_spec", "flex_mods", "supports_flex", "range_block_mask", "flex_available",
+           "alibi_score", "lsh_score", "where_score", "band_mask", "causal_mask", "padding_mask",
+           "collision_mask", "grid_counts", "cut_counts", "clear_cache", "normalize_grid"]
