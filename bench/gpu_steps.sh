@@ -40,11 +40,11 @@ if has conformance; then
   step ${T_CONF:-120} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_conformance.py tests/test_flash_grid.py -k "cudnn or cuda"
 fi
 if has decode; then
-  profile=--profile
+  profile=--profile limit=${T_DECODE:-120}  # the first length compiles every variant's kernels (disk-cached after)
   for nk in ${DECODE_NK:-65536 262144 1048576}; do
-    step 60 python3 bench/host_overhead.py --device cuda --nk $nk --reps ${DECODE_REPS:-30} $profile \
+    step $limit python3 bench/host_overhead.py --device cuda --nk $nk --reps ${DECODE_REPS:-30} $profile \
       --json "$OUT/decode_$nk.json"
-    profile=
+    profile= limit=70
   done
 fi
 if has exact; then
