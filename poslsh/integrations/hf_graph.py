@@ -48,7 +48,10 @@ is finite), the families the patch supports, one unpadded sequence (batch 1), gr
 Refused with a ValueError: "exact" (every cached key stays reachable, so the cache grows with the
 sequence and no fixed shape holds it), "lsh" and "hybrid" (their partitions depend on the absolute
 position, so a step would need per-step block offsets on the device, which a recorded graph cannot
-take yet), a batch of several sequences or a padded one.
+take yet), a batch of several sequences or a padded one. The eager step is tested on transformers 5.2 and
+5.25. Recording was written against 5.25's source, where no BLOOM, MPT or Falcon forward reads the device
+or copies host values to it; older releases may (5.2's BLOOM builds its slopes with
+``torch.tensor(..., device=...)``), and if a capture refuses that, its error names the line.
 """
 
 from __future__ import annotations
