@@ -89,6 +89,26 @@ def test_static_window_decoding_equals_generate_and_recomputation(family, n, evi
     assert len(set(static[0, n:].tolist())) > 5  # the tokens depend on the context: a real comparison
 
 
+@pytest.mark.parametrize("n", [40, 7])
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_static_window_step_logits_equal_the_dynamic_caches(n):
+    """Each step's logits over the static window equal those of the same token fed to the patched model with
+    its DynamicCache (to float32 rounding): the empty front slots after a short prompt weigh nothing."""
+    model = _model("bloom")
+    ids = _prompt(n)
+    with patch_model(model, **WINDOW):
+        decoder = GraphedDecoder(model)
+        first = decoder.prefill(ids)
+        cache, logits = hf.chunked_prefill(model, ids, n)
+        assert torch.equal(decoder.logits, first) and torch.allclose(first, logits, atol=1e-5)
+        for _ in range(NEW):
+            token = decoder.token.clone()
+            decoder.step()
+            logits = model(input_ids=token, **{hf._cache_argument(model): cache, "use_cache": True}).logits[:, -1]
+            torch.testing.assert_close(decoder.logits, logits, rtol=1e-5, atol=1e-5)
+
+
 @torch.no_grad()
 @pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
 def test_static_cache_keeps_its_shape_addresses_and_reported_length():
@@ -209,6 +229,7 @@ def test_cuda_graph_replay_equals_the_eager_step_and_generate(family, dtype):
             replayed = graphed.generate(ids, NEW, chunk_size=16)
             assert graphed.cuda_graph is not None
             assert torch.equal(replayed, eager.generate(ids, NEW, chunk_size=16)), n
+            assert torch.equal(graphed.logits, eager.logits)  # the last replay's logits, read from the graph's output
             reference = _generate(model, ids, NEW)
             assert torch.equal(replayed, reference), (n, replayed[0, n:], reference[0, n:])
             assert len(set(replayed[0, n:].tolist())) > 5

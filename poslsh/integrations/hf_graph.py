@@ -148,8 +148,9 @@ class GraphedDecoder:
 
     Attributes:
         window: C, the slots per layer (the window's reach + 1). cache: the ``StaticWindowCache`` (after
-        the first prefill). token: [1, 1] the newest token (the graph's input and output). length: the
-        positions the cache has seen (prompt + decoded steps).
+        the first prefill). token: [1, 1] the newest token (the graph's input and output). logits: [1, vocab]
+        those it is the argmax of (the prompt's last, then each step's). length: the positions the cache has
+        seen (prompt + decoded steps).
     """
 
     def __init__(self, model: nn.Module, graph: bool | None = None) -> None:
@@ -172,6 +173,7 @@ class GraphedDecoder:
         self.window = max(reaches) + 1
         self.cache: StaticWindowCache | None = None
         self.token: Tensor | None = None
+        self.logits: Tensor | None = None
         self.length = 0
         self.ready = False  # a prefill has filled the cache and nothing has left it inconsistent since
         self.cuda_graph: Any = None
@@ -202,6 +204,9 @@ class GraphedDecoder:
         self.ready = False
         dynamic, logits = chunked_prefill(self.model, input_ids, n if chunk_size is None else chunk_size)
         self._load(dynamic.layers, min(n, self.window - 1))
+        if self.logits is None:
+            self.logits = torch.empty_like(logits)
+        self.logits.copy_(logits)
         self.token.copy_(logits.argmax(-1, keepdim=True))
         self.length, self.ready = n, True
         return logits
@@ -235,7 +240,8 @@ class GraphedDecoder:
         """One greedy step: the model reads ``token`` against the cache and ``token`` becomes the next token.
 
         Returns:
-            ``token`` [1, 1] itself (overwritten by the next step or prefill: clone it to keep it).
+            ``token`` [1, 1] itself (overwritten by the next step or prefill: clone it to keep it); ``logits``
+            holds the step's logits.
         """
         if not self.ready:
             raise RuntimeError("call prefill (or generate) first: the static cache holds no prompt")
@@ -268,10 +274,12 @@ class GraphedDecoder:
         return out
 
     def _forward(self) -> None:
-        """The decode step, as recorded: shift the filled slots, run the model on ``token``, write its argmax."""
+        """The decode step, as recorded: shift the filled slots, run the model on ``token``, write its logits
+        and their argmax into the decoder's buffers (what a replay leaves to read)."""
         self.cache.advance()
         out = self.model(input_ids=self.token, use_cache=True, **{self.cache_argument: self.cache})
-        self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        self.logits.copy_(out.logits[:, -1])
+        self.token.copy_(self.logits.argmax(-1, keepdim=True))
 
     def _capture(self) -> None:
         """Run the step eagerly on a side stream (the host work of first calls), then record it."""
