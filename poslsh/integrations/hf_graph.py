@@ -102,6 +102,8 @@ class StaticWindowLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        """C - 1, the positions held before a step appends one: every length transformers derives from it
+        (mask sizes, ALiBi tensors, position ids) is the same at every step."""
         return self.keys.shape[-2] - 1
 
 
