@@ -334,6 +334,7 @@ def _warm(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int,
         reason = unavailable(arm, device.type)
         if reason:
             results["warmup_s"][arm] = f"skipped: {reason}"
+            clock.log(f"warm-up {arm}: skipped ({reason}); its points too")
             continue
         t = time.perf_counter()
         try:
