@@ -59,6 +59,11 @@ def test_every_arm_runs_and_is_measured(tiny_run):
     for r in res["rows"]:
         if r["arm"] == "native" and r["context"] >= OOM_AT:
             continue
+        if r["arm"] in gb.GRAPHED:  # on the CPU: recorded as skipped, with the reason
+            assert r == {"arm": r["arm"], "context": r["context"], "skipped": "needs CUDA: a CUDA graph records the "
+                                                                              "decode step"}
+            assert res["warmup_s"][r["arm"]] == "skipped: needs CUDA: a CUDA graph records the decode step"
+            continue
         assert r["phase"] == "done", r
         assert len(r["tokens"]) == 4 + 2 and len(r["step_ms"]) == 4 and r["ms_per_token"] > 0
         assert r["prefill_s"] > 0 and r["kv"]["positions"] == r["context"] + 4 + 1  # the last token is not cached
@@ -125,6 +130,27 @@ def test_chunked_prefill_equals_one_call():
     assert gb.cache_bytes(whole)["held_bytes"] == 2 * 2 * 50 * 32 * 4  # layers x (k, v) x positions x hidden x fp32
     with pytest.raises(ValueError, match="chunk_size"):
         gb.chunked_prefill(model, ids, 0)
+
+
+@torch.no_grad()
+def test_the_graphed_arm_measures_the_static_window_step(tmp_path):
+    """window_graph's point, measured directly on the CPU (where the run skips it): GraphedDecoder's static
+    step run eagerly gives window_evict's tokens; its KV cache is the window's buffers, whatever the prompt."""
+    cfg = gb.effective(gb.Config(tiny=True, window_eps=0.3, device="cpu"))
+    model, info = gb.build_model(cfg, torch.device("cpu"), torch.float32, 400)
+    ids = measure._prompt(cfg, 320, info["vocab"], torch.device("cpu"))
+    rows = {}
+    for arm in ("window_evict", "window_graph"):
+        rows[arm] = {"arm": arm, "context": 320}
+        gb.measure_point(model, cfg, arm, ids, torch.device("cpu"), rows[arm], 128)
+    graph, evict = rows["window_graph"], rows["window_evict"]
+    assert graph["phase"] == "done" and graph["tokens"] == evict["tokens"] and len(set(graph["tokens"])) > 1
+    assert len(graph["step_ms"]) == cfg.new_tokens and graph["prefill_chunk"] == 128
+    kv = graph["kv"]
+    assert kv["positions"] == evict["kv"]["positions"] == 320 + cfg.new_tokens + 1
+    assert kv["full_bytes"] == evict["kv"]["full_bytes"]
+    assert kv["held_bytes"] < kv["full_bytes"] and kv["evicted_bytes"] == kv["full_bytes"] - kv["held_bytes"]
+    assert kv["per_head_reachable_bytes"] <= kv["held_bytes"]
 
 
 def test_replot_and_json_round_trip(tiny_run, tmp_path):

@@ -440,14 +440,16 @@ def test_private_use_detector_sees_each_form():
     assert sorted(name for _, name in uses) == ["_attn_implementation", "_private", "_split_heads", "_x"]
 
 
-def test_no_private_upstream_internals():
-    """hf.py reaches no private attribute or method of transformers (or torch) objects; the private
-    names it does use are its own and appear nowhere in the transformers modules it works with."""
+@pytest.mark.parametrize("module", ["hf", "hf_graph"])
+def test_no_private_upstream_internals(module):
+    """hf.py and hf_graph.py reach no private attribute or method of transformers (or torch) objects; the
+    private names they do use are their own and appear nowhere in the transformers modules they work with."""
+    import importlib
     import pathlib
 
-    source = pathlib.Path(hf.__file__).read_text()
+    source = pathlib.Path(importlib.import_module(f"poslsh.integrations.{module}").__file__).read_text()
     defined, uses = _private_uses(source)
-    assert uses == [], f"private names of other libraries used in hf.py (line, name): {uses}"
+    assert uses == [], f"private names of other libraries used in {module}.py (line, name): {uses}"
     root = pathlib.Path(transformers.__file__).parent
     upstream = "".join(p.read_text() for p in [*root.glob("*.py"), *root.glob("models/bloom/*.py"),
                                                  *root.glob("models/falcon/*.py"), *root.glob("models/mpt/*.py")])
@@ -455,7 +457,7 @@ def test_no_private_upstream_internals():
 
     ours = {name for name in defined if name.startswith("_") and name != "_" and not name.startswith("__")}
     clashes = {name for name in ours if re.search(rf"\b{re.escape(name)}\b", upstream)}
-    assert not clashes, f"hf.py's private names also used by transformers (rename ours): {clashes}"
+    assert not clashes, f"{module}.py's private names also used by transformers (rename ours): {clashes}"
 
 
 def test_version_outside_the_tested_range_warns_once(monkeypatch):

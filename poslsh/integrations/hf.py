@@ -71,7 +71,9 @@ not build; and what a static cache is for, a captured graph of fixed shapes, nee
 capturable decode path (issue 22 item 1) which the per-call partition windows here are not yet. Once it
 is, a static cache without eviction is ``keys[:, :, :length]``; with eviction it would be a ring buffer
 whose wrap-around ``poslsh.attention`` (keys at contiguous positions start..start+Nk-1) cannot take
-without a copy per step.
+without a copy per step. ``hf_graph.StaticWindowCache`` (method "window") is that copy: fixed buffers of
+the reach + 1 newest positions, shifted by one per step, which ``attend`` and ``_update_cache`` recognise
+by its ``poslsh_static_window`` marker (hf_graph builds on this module, so it is not imported here).
 
 Chunked prefill. ``chunked_prefill(model, input_ids, chunk_size)`` feeds a prompt C tokens at a time
 against the cache (transformers' ``past_key_values`` convention, the 2-D mask covering past + chunk):
@@ -356,6 +358,8 @@ class PoslshPatch:
         Returns:
             [B, H, Nq, D]; rows of padding queries are 0.
         """
+        if getattr(cache, "poslsh_static_window", False):  # hf_graph's fixed-shape cache: no host work here
+            return cache.attend(self.layer_plan(info, q.device), q, k, v)
         layer = None
         if self.options.evict and not self.options.spec.rule.all_exact:
             layer = _evicting_layer(cache, info.module.layer_idx)
@@ -429,20 +433,25 @@ class PoslshPatch:
 
     def _call(self, info: _LayerInfo, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
         """The layer's attention over keys at positions start..start+Nk-1 (``start``: the evicted prefix),
-        through the layer's ``AttentionPlan``: the method, slopes, partitions and (hybrid) fixed widths
-        resolved once per layer and device, so a decode step does constant host work whatever the cache.
+        through the layer's ``AttentionPlan`` (``layer_plan``), so a decode step does constant host work
+        whatever the cache.
 
         The one place the patch calls the operator."""
-        plan = self.plans.get((info.index, q.device))
+        return self.layer_plan(info, q.device)(q, k, v, key_start=start)
+
+    def layer_plan(self, info: _LayerInfo, device: torch.device) -> Any:
+        """The layer's ``AttentionPlan`` on ``device``: the method, slopes, partitions and (hybrid) fixed
+        widths resolved once per layer and device, then reused."""
+        plan = self.plans.get((info.index, device))
         if plan is None:
             from ..attention.plan import AttentionPlan
 
             o = self.options
-            plan = self.plans[(info.index, q.device)] = AttentionPlan(
-                o.spec, num_heads=info.num_heads, num_kv_heads=k.shape[1], slopes=self.slopes, causal=True,
-                scale=self.scale, device=q.device, partitions=info.parts, backend=o.backend,
+            plan = self.plans[(info.index, device)] = AttentionPlan(
+                o.spec, num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, slopes=self.slopes, causal=True,
+                scale=self.scale, device=device, partitions=info.parts, backend=o.backend,
                 widths=self.widths if o.spec.rule.near_far else None)  # fixed widths: decoding = recomputation
-        return plan(q, k, v, key_start=start)
+        return plan
 
     # ------------------------------------------------------------------ eviction
     def _reach_start(self, info: _LayerInfo, t: int) -> int:
@@ -740,7 +749,7 @@ def _update_cache(patch: PoslshPatch, cache: Any, k: Tensor, v: Tensor, layer_id
         return k, v
     from transformers import DynamicCache
 
-    if not isinstance(cache, DynamicCache):
+    if not isinstance(cache, DynamicCache) and not getattr(cache, "poslsh_static_window", False):
         raise NotImplementedError(f"the poslsh patch supports DynamicCache (the default) or no cache, got "
                                   f"{type(cache).__name__}")
     if patch.options.evict and not patch.options.spec.rule.all_exact:

@@ -1,7 +1,8 @@
 """Long-context generation, end to end: a model of a published ALiBi checkpoint's shape (BLOOM-560m's by
 default; BLOOM-7b1, MPT-7b, Falcon-RW-1b, or a local checkpoint) with random weights reads a random
 prompt and generates greedily, with transformers' own attention ("native") and the poslsh patch
-(exact, window, window with eviction, LSH, LSH with eviction).
+(exact, window, window with eviction, LSH, LSH with eviction; and the window with eviction decoding
+from a CUDA graph over a static window cache, ``poslsh.integrations.hf_graph``, on CUDA only).
 
 Per prompt length and arm: prefill time and peak memory (in one call, or in chunks against the cache
 with ``--prefill-chunk``), wall time per generated token (and kernel time from the profiler), the KV
@@ -14,12 +15,14 @@ Three modules, the JSON document between them: ``design`` (the Config, the shape
 README sentence, plot).
 """
 
-from .design import ARMS, LABELS, NAME, SHAPES, TINY, Config, check, chunk_for, config_of, effective, method_of
-from .measure import build_model, cache_bytes, chunked_prefill, measure_point, run
+from .design import (ARMS, GRAPHED, LABELS, NAME, SHAPES, TINY, Config, check, chunk_for, config_of, effective,
+                     method_of, unavailable)
+from .measure import build_model, cache_bytes, chunked_prefill, graph_cache_bytes, measure_point, run
 from .report import (PLOT, agreement, aims, failures, make_plots, readme_line, readme_section, reference, replot,
                      summarize, table)
 
-__all__ = ["ARMS", "LABELS", "NAME", "SHAPES", "TINY", "Config", "check", "chunk_for", "config_of", "effective",
-           "method_of", "build_model", "cache_bytes", "chunked_prefill", "measure_point", "run", "PLOT", "agreement",
+__all__ = ["ARMS", "GRAPHED", "LABELS", "NAME", "SHAPES", "TINY", "Config", "check", "chunk_for", "config_of",
+           "effective", "method_of", "unavailable", "build_model", "cache_bytes", "chunked_prefill", "graph_cache_bytes",
+           "measure_point", "run", "PLOT", "agreement",
            "aims", "failures", "make_plots", "readme_line", "readme_section", "reference", "replot", "summarize",
            "table"]

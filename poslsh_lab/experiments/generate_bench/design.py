@@ -41,9 +41,13 @@ ARMS: dict[str, tuple[str, str | None, bool]] = {
     "window_evict": ("poslsh window + eviction", "window", True),
     "lsh": ("poslsh LSH", "lsh", False),
     "lsh_evict": ("poslsh LSH + eviction", "lsh", True),
+    "window_graph": ("poslsh window + eviction, CUDA graph", "window", True),
 }
-Arm = Literal["native", "exact", "window", "window_evict", "lsh", "lsh_evict"]
+Arm = Literal["native", "exact", "window", "window_evict", "lsh", "lsh_evict", "window_graph"]
 LABELS = {arm: label for arm, (label, _, _) in ARMS.items()}
+# Arms that decode with ``poslsh.integrations.hf_graph.GraphedDecoder``: the prompt read as the patched
+# arms read it, then each step replayed from one CUDA graph over a static window cache.
+GRAPHED = ("window_graph",)
 # Arms whose prefill costs grow with the square of the prompt (every query reads every earlier key):
 # the deadline's estimate of a longer point scales their last time quadratically, the others linearly.
 QUADRATIC = ("native", "exact")
@@ -70,7 +74,8 @@ class Config:
         init_std: Standard deviation of the random weights (0: the shape's initializer_range).
         contexts: Prompt lengths in tokens.
         arms: Attention of each measured arm: native (transformers' own), or the poslsh patch's exact, window,
-            window_evict, lsh, lsh_evict.
+            window_evict, lsh, lsh_evict, or window_graph (window_evict's prompt, then each step replayed from a
+            CUDA graph over a static window cache; CUDA only).
         new_tokens: Greedy tokens timed per point (after one from the prompt's logits and one untimed step).
         window_eps: Truncation level of the window arms.
         samples: Partitions r of the LSH arms.
@@ -178,6 +183,13 @@ def chunks(cfg: Config, arm: str, chunk: int) -> bool:
 def chunk_for(cfg: Config, arm: str, n: int) -> int:
     """Tokens per prefill call of an arm at prompt length n (n: one call)."""
     return min(cfg.prefill_chunk, n) if chunks(cfg, arm, cfg.prefill_chunk) else n
+
+
+def unavailable(arm: str, device_type: str) -> str | None:
+    """Why an arm cannot run on a device of this type (recorded as the row's ``skipped``), or None."""
+    if arm in GRAPHED and device_type != "cuda":
+        return "needs CUDA: a CUDA graph records the decode step"
+    return None
 
 
 def config_of(res: dict) -> Config:

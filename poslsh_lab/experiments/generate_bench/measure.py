@@ -13,15 +13,15 @@ import inspect
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ...util import replot_saved, require_package, synchronize
 from ..harness import Run, describe_failure
-from .design import (NAME, QUADRATIC, SIZE_KEYS, Config, check, chunk_for, chunks, effective, method_of,
-                     model_config_kwargs, size_overrides)
+from .design import (GRAPHED, NAME, QUADRATIC, SIZE_KEYS, Config, check, chunk_for, chunks, effective, method_of,
+                     model_config_kwargs, size_overrides, unavailable)
 from .report import make_plots, replot
 
 # Seconds kept free before the deadline for the plot and the last save.
@@ -155,16 +155,42 @@ def cache_bytes(cache: Any) -> dict[str, int]:
     return {"held_bytes": held, "storage_bytes": storage, "full_bytes": full, "positions": positions}
 
 
-def _greedy(model: torch.nn.Module, cache: Any, logits: Tensor, steps: int, device: torch.device
-            ) -> tuple[list[int], list[float], float]:
-    """Greedy decoding: the token of ``logits``, one untimed step, then ``steps`` timed steps.
+def graph_cache_bytes(decoder: Any) -> dict[str, int]:
+    """``cache_bytes`` of a ``GraphedDecoder``'s static window cache: its buffers are held (and are the
+    storage), a full cache would hold every position it has seen, the rest counts as evicted."""
+    held = decoder.cache.nbytes()
+    full = held // decoder.window * decoder.length
+    return {"held_bytes": held, "storage_bytes": held, "full_bytes": full, "positions": decoder.length,
+            "evicted_bytes": max(full - held, 0)}
+
+
+Step = Callable[[Tensor], Tensor]  # a decoding step: token [1, 1] on the device -> the next token [1, 1]
+
+
+def _read_prompt(model: torch.nn.Module, arm: str, ids: Tensor, chunk: int, device: torch.device
+                 ) -> tuple[Tensor, Step, Any]:
+    """Read a prompt as an arm does: (last logits [1, V], its decoding step, what holds its cache: the
+    ``DynamicCache``, or the ``GraphedDecoder`` of a graphed arm, whose step replays its CUDA graph)."""
+    if arm in GRAPHED:
+        from poslsh.integrations.hf_graph import GraphedDecoder
+
+        decoder = GraphedDecoder(model, graph=device.type == "cuda")
+        logits = decoder.prefill(ids, chunk)
+        return logits, lambda token: decoder.step().clone(), decoder  # clone: the next step overwrites it
+    cache, logits = chunked_prefill(model, ids, chunk)
+    return logits, lambda token: _forward(model, token, cache).argmax(-1, keepdim=True), cache
+
+
+def _greedy(step: Step, logits: Tensor, steps: int, device: torch.device) -> tuple[list[int], list[float], float]:
+    """Greedy decoding: the token of ``logits``, one untimed step (a graphed arm records its graph there),
+    then ``steps`` timed steps.
 
     Returns:
         (every generated token, ms of each timed step (CUDA events on the GPU), wall ms per timed step
         from the first timed step's start to the last one's end, synchronised: kernel time included).
     """
     tokens = [logits.argmax(-1, keepdim=True)]  # [1, 1] on the device: no host read per step
-    tokens.append(_forward(model, tokens[-1], cache).argmax(-1, keepdim=True))
+    tokens.append(step(tokens[-1]))
     cuda = device.type == "cuda"
     marks: list[Any] = []
 
@@ -179,7 +205,7 @@ def _greedy(model: torch.nn.Module, cache: Any, logits: Tensor, steps: int, devi
     start = time.perf_counter()
     mark()
     for _ in range(steps):
-        tokens.append(_forward(model, tokens[-1], cache).argmax(-1, keepdim=True))
+        tokens.append(step(tokens[-1]))
         mark()
     synchronize(device)
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
@@ -187,7 +213,7 @@ def _greedy(model: torch.nn.Module, cache: Any, logits: Tensor, steps: int, devi
     return torch.cat(tokens, -1)[0].tolist(), step_ms, wall_ms
 
 
-def _kernel_ms_per_token(model: torch.nn.Module, cache: Any, token: Tensor, steps: int) -> float:
+def _kernel_ms_per_token(step: Step, token: Tensor, steps: int) -> float:
     """Device (kernel and copy) time per decoding step, from the profiler: the sum the profiler's own
     table calls "Self CUDA time total", over ``steps`` more steps (not the timed ones: profiling slows the
     host)."""
@@ -196,7 +222,7 @@ def _kernel_ms_per_token(model: torch.nn.Module, cache: Any, token: Tensor, step
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            token = _forward(model, token, cache).argmax(-1, keepdim=True)
+            token = step(token)
         torch.cuda.synchronize()
     us = sum(e.self_device_time_total for e in prof.events()
              if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
@@ -235,23 +261,24 @@ def measure_point(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, de
     row["phase"] = "prefill"
     synchronize(device)
     t = time.perf_counter()
-    cache, logits = chunked_prefill(model, ids, chunk)
+    logits, step, held = _read_prompt(model, arm, ids, chunk, device)
     synchronize(device)
     row["prefill_s"] = time.perf_counter() - t
     row["prompt_tokens_per_s"] = n / row["prefill_s"]
     if cuda:
         row["prefill_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     row["phase"] = "decode"
-    tokens, step_ms, wall_ms = _greedy(model, cache, logits, cfg.new_tokens, device)
+    tokens, step_ms, wall_ms = _greedy(step, logits, cfg.new_tokens, device)
     del logits
     row.update(tokens=tokens, step_ms=step_ms, ms_per_token=wall_ms)
     if cuda:
         row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    row["kv"] = cache_bytes(cache)
+    row["kv"] = graph_cache_bytes(held) if arm in GRAPHED else cache_bytes(held)
     if patch is not None and patch.options.evict:
         from poslsh.integrations.hf import cache_report
 
-        row["kv"]["evicted_bytes"] = patch.cache_memory(cache)["evicted_bytes"]
+        if arm not in GRAPHED:
+            row["kv"]["evicted_bytes"] = patch.cache_memory(held)["evicted_bytes"]
         # what a cache evicting per KV head (not one prefix per layer) would hold: the keys some future
         # query of that head can reach
         report = cache_report(patch, row["kv"]["positions"], dtype=model.dtype)
@@ -260,10 +287,10 @@ def measure_point(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, de
     if cuda and cfg.profile_steps:
         last = torch.tensor([[tokens[-1]]], device=device)
         try:
-            row["kernel_ms_per_token"] = _kernel_ms_per_token(model, cache, last, cfg.profile_steps)
+            row["kernel_ms_per_token"] = _kernel_ms_per_token(step, last, cfg.profile_steps)
         except Exception as err:  # the profiler is an extra: the point's measurements stand without it
             row["kernel_time_error"] = describe_failure(err)
-    _release(cache)
+    _release(held)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -304,6 +331,11 @@ def _warm(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int,
     for arm in cfg.arms:
         if clock.late():
             break
+        reason = unavailable(arm, device.type)
+        if reason:
+            results["warmup_s"][arm] = f"skipped: {reason}"
+            clock.log(f"warm-up {arm}: skipped ({reason}); its points too")
+            continue
         t = time.perf_counter()
         try:
             _use_arm(model, cfg, arm)
@@ -311,9 +343,9 @@ def _warm(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int,
             # run's chunk size where the warm-up prompt holds two of them
             given = [c for c in (cfg.prefill_chunk, cfg.oom_chunk) if chunks(cfg, arm, c)]
             chunk = min([max(1, n // 2)] + given) if given else n
-            cache, logits = chunked_prefill(model, ids, chunk)
-            _greedy(model, cache, logits, 1, device)
-            _release(cache)
+            logits, step, held = _read_prompt(model, arm, ids, chunk, device)
+            _greedy(step, logits, 1, device)
+            _release(held)
             results["warmup_s"][arm] = time.perf_counter() - t
         except Exception as err:  # measured again (and recorded) at the first context
             results["warmup_s"][arm] = describe_failure(err)
@@ -403,14 +435,7 @@ def _measure_all(model: torch.nn.Module, cfg: Config, device: torch.device, voca
     for n in sorted(cfg.contexts):
         ids = _prompt(cfg, n, vocab, device)
         for arm in cfg.arms:
-            skip = None
-            estimate = _estimate_s(rows, arm, n)
-            if arm in out_of_memory:
-                skip = f"out of memory at {out_of_memory[arm]} tokens"
-            elif clock.late():
-                skip = "deadline"
-            elif estimate is not None and time.perf_counter() + estimate > clock.deadline - RESERVE_S:
-                skip = f"deadline (estimated {estimate:.0f} s)"
+            skip = unavailable(arm, device.type) or _skip(rows, arm, n, out_of_memory, clock)
             if skip:
                 rows.append({"arm": arm, "context": n, "skipped": skip})
                 clock.save()
@@ -425,6 +450,19 @@ def _measure_all(model: torch.nn.Module, cfg: Config, device: torch.device, voca
             if "out_of_memory" in row:
                 out_of_memory[arm] = n
         del ids
+
+
+def _skip(rows: list[dict], arm: str, n: int, out_of_memory: dict[str, int], clock: Run) -> str | None:
+    """Why an arm that can run is not measured at context n (out of memory at a shorter one, the
+    deadline), or None."""
+    estimate = _estimate_s(rows, arm, n)
+    if arm in out_of_memory:
+        return f"out of memory at {out_of_memory[arm]} tokens"
+    if clock.late():
+        return "deadline"
+    if estimate is not None and time.perf_counter() + estimate > clock.deadline - RESERVE_S:
+        return f"deadline (estimated {estimate:.0f} s)"
+    return None
 
 
 def _line(row: dict) -> str:
