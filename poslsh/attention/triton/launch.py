@@ -337,8 +337,8 @@ def _kpm_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
 
 def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
          q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
-    if cfg.get("wide") and q.shape[2] > DECODE_ROWS and "splits" not in cfg:
-        return _fwd_by_width(q, k, v, kpm, plan, causal, scale, q_offset, cfg)
+    if (cfg.get("wide") or cfg.get("maxnreg")) and q.shape[2] > DECODE_ROWS and "splits" not in cfg:
+        return _fwd_grouped(q, k, v, kpm, plan, causal, scale, q_offset, cfg)
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     bd = max(16, triton.next_power_of_2(D))
@@ -371,11 +371,13 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     return o, lse
 
 
-def _fwd_by_width(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
-                  q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
+def _fwd_grouped(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
+                 q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
     """The prefill forward as one launch per group of heads (``head_groups``: wide heads with their own
-    tiles), each program's head read from its group's order; no split keys. (The launch is ``_fwd``'s
-    without the split: if this variant is adopted, ``_fwd``'s prefill launch becomes this loop.)"""
+    tiles), each program's head read from its group's order, with a register cap per thread where the
+    config has one (``maxnreg``: more programs per multiprocessor, spilling outside the key loops); no split
+    keys. (The launch is ``_fwd``'s without the split: if this variant is adopted, ``_fwd``'s prefill launch
+    becomes this loop.)"""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     bd = max(16, triton.next_power_of_2(D))
@@ -392,7 +394,7 @@ def _fwd_by_width(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Pla
             METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
             BLOCK_M=bm, BLOCK_N=sub["BLOCK_N"], PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
             HAS_KPM=kpm is not None, SPLIT=False, LAZY=bool(sub.get("lazy", False)), num_warps=sub["num_warps"],
-            num_stages=sub["num_stages"])
+            num_stages=sub["num_stages"], maxnreg=sub.get("maxnreg"))
     return o, lse
 
 
@@ -502,7 +504,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             unless given (``bench/kernel_sweep.py`` measures them): ``bwd_fused`` (dQ by atomics in the
             dK/dV kernel), ``lazy`` (lazy rescaling), ``delta="kernel"`` (the backward's rowsum(dO * O)
             by a kernel, not fp32 copies), ``wide={"min_work": t, <tile keys>}`` (heads whose work
-            reaches t launched apart with their own tiles, forward and backward: ``head_groups``).
+            reaches t launched apart with their own tiles, forward and backward: ``head_groups``),
+            ``maxnreg`` (the prefill forward's register cap per thread).
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, the natural log of
