@@ -87,6 +87,9 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("fwd_wide128x64w8_narrow64x32", "fwd",
              {"BLOCK_N": 32, "wide": wide_fwd(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}),
             ("fwd_wide64x64_narrow64x32", "fwd", {"BLOCK_N": 32, "wide": wide_fwd(BLOCK_N=64)}),
+            ("fwd_wide128x64w8_narrow64x32_s2_reg128", "fwd",
+             {"BLOCK_N": 32, "num_stages": 2, "maxnreg": 128,
+              "wide": wide_fwd(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=None)}),
             ("fwd_narrow128x64w8", "fwd",
              {"BLOCK_M": 128, "num_warps": 8, "wide": wide_fwd(BLOCK_M=64, num_warps=4)}),
             ("bwd_delta", "bwd", delta),
@@ -157,7 +160,7 @@ class Sweep:
         self.doc = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-            "device": torch.cuda.get_device_name() if self.device == "cuda" else f"cpu ({platform.processor()}), "
+            "device": torch.cuda.get_device_name() if self.device == "cuda" else f"cpu ({platform.machine()}), "
                                                                                "TRITON_INTERPRET=1",
             "torch": torch.__version__, "triton": triton.__version__,
             "shape": dict(B=1, H=self.h, D=self.d, dtype=str(self.dtype).removeprefix("torch."), causal=True,
@@ -231,23 +234,36 @@ class Sweep:
 
     def time_all(self):
         for method, n in self.cases:
-            if self.left() <= 0:
+            todo = [(name, cfg) for name, _, cfg in self.variant_list(method)]
+            if not self.time_case(method, n, todo):
                 self.doc["stopped_by_budget"] = True
                 return
-            for name, _, cfg in self.variant_list(method):
-                if self.left() <= 0:
-                    self.doc["stopped_by_budget"] = True
-                    return
-                if self.checked(method, name, cfg):
-                    self.measure(method, n, name, cfg)
 
-    def measure(self, method, n, name, cfg):
+    def time_case(self, method, n, todo) -> bool:
+        """Time the checked variants of ``todo`` [(name, config)] on one set of inputs; False when the
+        budget ran out first."""
+        data = None
+        try:
+            for name, cfg in todo:
+                if self.left() <= 0:
+                    return False
+                if not self.checked(method, name, cfg):
+                    continue
+                if data is None:
+                    data = inputs(method, n, self.h, self.d, self.dtype, self.device, self.samples, grad=True)
+                self.measure(method, n, name, cfg, *data)
+            return True
+        finally:
+            data = None
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+
+    def measure(self, method, n, name, cfg, q, k, v, spec):
         base = base_config(method, self.dtype, self.device, self.d)
         full = join(base, cfg)
         row = dict(method=method, n=n, variant=name, config=cfg, max_rel_err=self.doc["checks"][method][name]
                    .get("max_rel_err"))
         try:
-            q, k, v, spec = inputs(method, n, self.h, self.d, self.dtype, self.device, self.samples, grad=True)
             do = torch.randn_like(q)
 
             def fwd():
@@ -264,10 +280,6 @@ class Sweep:
             row["fwd_bwd_over_fwd"] = row["fwd_bwd_ms"] / row["fwd_ms"]
         except Exception as err:  # a variant that fails here (e.g. out of resources) is recorded, not fatal
             row["error"] = f"{type(err).__name__}: {err}"[:500]
-        finally:
-            q = k = v = do = spec = None
-            if self.device == "cuda":
-                torch.cuda.empty_cache()
         self.doc["results"].append(row)
         if "error" in row:
             print(f"time  {method:7s} {n:7d} {name:34s} ERROR {row['error'][:200]}", flush=True)
@@ -299,12 +311,9 @@ class Sweep:
                                               full_config=join(base_config(method, self.dtype, self.device,
                                                                            self.d), picked))
             self.save()
-            if picked and self.left() > 0:
-                self.doc["checks"].setdefault(method, {})
-                if self.checked(method, "picked", picked):
-                    for m, n in self.cases:
-                        if m == method and self.left() > 0:
-                            self.measure(method, n, "picked", picked)
+            for m, n in self.cases:
+                if m == method and picked and self.left() > 0:
+                    self.time_case(method, n, [("picked", picked)])
 
     def table(self) -> str:
         lines = [f"{'method':7s} {'n':>7s} {'variant':34s} {'fwd ms':>9s} {'fwd+bwd':>9s} {'bwd/fwd':>7s} {'err':>8s}"]

@@ -74,6 +74,53 @@ def ptxas_info(ptx: str) -> str:
     return ", ".join(re.findall(r"Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads", err))
 
 
+def occupancy(kernel, warps: int) -> dict:
+    """Registers, spills, shared memory and the CTAs one multiprocessor holds (64K registers, 227 KB shared)."""
+    info = ptxas_info(kernel.asm["ptx"])
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    smem = kernel.metadata.shared
+    ctas = min(65536 // (regs * 32 * warps), (227 * 1024) // max(smem + 1024, 1))
+    return dict(ptxas=info, registers=regs, shared_kb=round(smem / 1024, 1), ctas_per_sm=ctas, warps=warps)
+
+
+def sweep_variants() -> dict:
+    """Every kernel launch of bench/kernel_sweep.py's variants (bf16, D = 128, causal, r = 8; each head group
+    of a "wide" split apart), compiled for sm_90a: {method/variant/kernel[/group]: occupancy}."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from kernel_sweep import base_config, join, variants
+
+    out, seen = {}, {}
+    for method in ("window", "lsh", "hybrid", "exact"):
+        alibi = not METHOD_RULES[method].collisions
+        common = dict(METHOD=METHOD_RULES[method].kernel_id, R=1 if alibi else 8, CUT=False, CAUSAL=True, HEAD_DIM=128,
+                      BLOCK_D=128, PREC="tf32", FDIV=True, HAS_KPM=False)
+        for name, _, var in variants(method):
+            cfg = join(base_config(method, torch.bfloat16, "cuda", 128), var)
+            groups = [("", cfg)]
+            if cfg.get("wide"):
+                narrow = {k: v for k, v in cfg.items() if k != "wide"}
+                groups = [("/wide", dict(narrow, **{k: v for k, v in cfg["wide"].items() if k != "min_work"})),
+                          ("/narrow", narrow)]
+            for tag, c in groups:
+                launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], SPLIT=False,
+                                                      LAZY=False), c["num_warps"], c["num_stages"], c.get("maxnreg")),
+                            "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=c["BWD_BLOCK_M"], BLOCK_N=c["BWD_BLOCK_N"],
+                                                            FUSED_DQ=bool(c.get("bwd_fused"))),
+                                     c["bwd_num_warps"], c["bwd_num_stages"], None)}
+                if not c.get("bwd_fused"):
+                    launches["dq"] = (_bwd_dq_kernel, dict(common, BLOCK_M=c["DQ_BLOCK_M"], BLOCK_N=c["DQ_BLOCK_N"]),
+                                      c["dq_num_warps"], c["dq_num_stages"], None)
+                if c.get("delta") == "kernel":
+                    launches["delta"] = (_bwd_delta_kernel, DELTA_CONST, 4, 3, None)
+                for kname, (fn, const, warps, stages, maxnreg) in launches.items():
+                    key = (kname, tuple(sorted(const.items())), warps, stages, maxnreg)
+                    if key not in seen:
+                        seen[key] = occupancy(compile_kernel(fn, const, warps, stages, maxnreg), warps)
+                    out[f"{method}/{name}/{kname}{tag}"] = seen[key]
+    return out
+
+
 def sass(cubin: bytes) -> str:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
@@ -114,10 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--integer-positions", action="store_true", help="the FDIV=False path (n >= 2^23)")
     p.add_argument("--sass", type=Path, help="also write the whole SASS here")
     p.add_argument("--json", action="store_true", help="print {ptxas, loops: [{instructions, ops}]} as JSON")
+    p.add_argument("--sweep-variants", action="store_true",
+                   help="compile every launch of bench/kernel_sweep.py's variants; print registers, spills, shared "
+                        "memory and CTAs per multiprocessor of each (JSON with --json)")
     p.add_argument("--every-variant", action="store_true",
                    help="compile every method's forward with padding and split keys, the merge, and every "
                         "method's backward with padding (fused and not); print {variant: ptxas} as JSON")
     args = p.parse_args(argv)
+    if args.sweep_variants:
+        report = sweep_variants()
+        if args.json:
+            print(json.dumps(report))
+        for name, info in report.items():
+            if not args.json:
+                print(f"{name:60s} {info['registers']:3d} regs, {info['shared_kb']:6.1f} KB, {info['warps']} warps, "
+                      f"{info['ctas_per_sm']} CTAs/SM  [{info['ptxas']}]")
+        return 0
     if args.every_variant:
         out = {}
         for method in sorted(METHOD_RULES):

@@ -26,11 +26,14 @@ def _sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def test_tiny_sweep_checks_times_and_picks(tmp_path):
     out, tuned = tmp_path / "sweep.json", tmp_path / "tuned.json"
     variants = ["fwd_wide128x64w8", "bwd_delta_fused64x64w8", "fwd_reg128", "bwd_delta"]
-    _sweep("--methods", "window", "lsh", "--variants", *variants, "--json", str(out), "--write-tuned", str(tuned))
+    # one worker process: the GPU run's parallel check phase (its results reach the main process)
+    _sweep("--methods", "window", "lsh", "--variants", *variants, "--workers", "1", "--json", str(out),
+           "--write-tuned", str(tuned))
     doc = json.loads(out.read_text())
     for key in ("date", "device", "torch", "triton", "command", "results", "checks", "picked"):
         assert key in doc, key
     assert not doc["stopped_by_budget"]
+    assert {(m, v) for m, checks in doc["checks"].items() for v in checks} >= {("window", "base"), ("lsh", "bwd_delta")}
     measured = {(r["method"], r["variant"]) for r in doc["results"]}
     assert {("window", v) for v in ("base", "fwd_wide128x64w8", "bwd_delta_fused64x64w8", "bwd_delta")} <= measured
     assert {("lsh", v) for v in ("base", "fwd_reg128", "bwd_delta")} <= measured
