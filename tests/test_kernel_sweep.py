@@ -41,6 +41,7 @@ def test_tiny_sweep_checks_times_and_picks(tmp_path):
         assert r["max_rel_err"] <= 1e-5, r  # fp32 in the interpreter: the variants compute the same function
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["bwd_over_fwd"] == pytest.approx(
             (r["fwd_bwd_ms"] - r["fwd_ms"]) / r["fwd_ms"])
+    assert {(s["method"], s["n"]) for s in doc["summary"]} == {("window", 40), ("lsh", 40)}
     table = json.loads(tuned.read_text())
     assert set(table["configs"]) == {"window/prefill/float32/d16", "lsh/prefill/float32/d16"}
     assert table["provenance"]["device"] == doc["device"]
