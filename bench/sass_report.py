@@ -32,21 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("bench/sass_report.py compiles for the GPU: run it without TRITON_INTERPRET")
 
-from poslsh.attention.triton.backward import _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
+from poslsh.attention.triton.backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
 from poslsh.attention.triton.forward import _fwd_kernel, _merge_kernel  # noqa: E402
 from poslsh.method import METHOD_RULES  # noqa: E402
 
-KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "merge": _merge_kernel}
+KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "merge": _merge_kernel,
+           "delta": _bwd_delta_kernel}
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
             "DV": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "SLOPE2": "*fp32", "W": "*i32", "U": "*i32",
-            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32", "WIN_R": "*i32", "KPM": "*i8", "DQA": "*fp32", "PO": "*fp32", "PL": "*fp32"}
+            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32", "WIN_R": "*i32", "KPM": "*i8", "DQA": "*fp32", "PO": "*fp32", "PL": "*fp32",
+            "DLSE": "*fp32"}
 FLOATS = {"qk_scale", "log2_r", "scale"}
 SHAPE = dict(B=1, group=1, H=32, Hkv=32, Nq=262144, Nk=262144, q_offset=0, stride_os=0, stride_kpmb=0,
              split_tiles=0)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+DELTA_CONST = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=64, HAS_DLSE=False)  # as launch._delta launches it
 
 
-def compile_kernel(fn, constexprs: dict, warps: int, stages: int):
+def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int | None = None):
     sig, attrs, const = {}, {}, dict(constexprs)
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -58,7 +61,8 @@ def compile_kernel(fn, constexprs: dict, warps: int, stages: int):
             if name in POINTERS or name.startswith("stride") or SHAPE.get(name, 1) % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs={k: v for k, v in const.items() if k in fn.arg_names}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages,
+                                                                                   maxnreg=maxnreg))
 
 
 def ptxas_info(ptx: str) -> str:
@@ -68,6 +72,53 @@ def ptxas_info(ptx: str) -> str:
         err = subprocess.run([str(BIN / "ptxas"), "--gpu-name", "sm_90a", "-v", path, "-o", os.path.join(d, "k.o")],
                              capture_output=True, text=True).stderr
     return ", ".join(re.findall(r"Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads", err))
+
+
+def occupancy(kernel, warps: int) -> dict:
+    """Registers, spills, shared memory and the CTAs one multiprocessor holds (64K registers, 227 KB shared)."""
+    info = ptxas_info(kernel.asm["ptx"])
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    smem = kernel.metadata.shared
+    ctas = min(65536 // (regs * 32 * warps), (227 * 1024) // max(smem + 1024, 1))
+    return dict(ptxas=info, registers=regs, shared_kb=round(smem / 1024, 1), ctas_per_sm=ctas, warps=warps)
+
+
+def sweep_variants() -> dict:
+    """Every kernel launch of bench/kernel_sweep.py's variants (bf16, D = 128, causal, r = 8; each head group
+    of a "wide" split apart), compiled for sm_90a: {method/variant/kernel[/group]: occupancy}."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from kernel_sweep import base_config, join, variants
+
+    out, seen = {}, {}
+    for method in ("window", "lsh", "hybrid", "exact"):
+        alibi = not METHOD_RULES[method].collisions
+        common = dict(METHOD=METHOD_RULES[method].kernel_id, R=1 if alibi else 8, CUT=False, CAUSAL=True, HEAD_DIM=128,
+                      BLOCK_D=128, PREC="tf32", FDIV=True, HAS_KPM=False)
+        for name, _, var in variants(method):
+            cfg = join(base_config(method, torch.bfloat16, "cuda", 128), var)
+            groups = [("", cfg)]
+            if cfg.get("wide"):
+                narrow = {k: v for k, v in cfg.items() if k != "wide"}
+                groups = [("/wide", dict(narrow, **{k: v for k, v in cfg["wide"].items() if k != "min_work"})),
+                          ("/narrow", narrow)]
+            for tag, c in groups:
+                launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], SPLIT=False,
+                                                      LAZY=False), c["num_warps"], c["num_stages"], c.get("maxnreg")),
+                            "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=c["BWD_BLOCK_M"], BLOCK_N=c["BWD_BLOCK_N"],
+                                                            FUSED_DQ=bool(c.get("bwd_fused"))),
+                                     c["bwd_num_warps"], c["bwd_num_stages"], None)}
+                if not c.get("bwd_fused"):
+                    launches["dq"] = (_bwd_dq_kernel, dict(common, BLOCK_M=c["DQ_BLOCK_M"], BLOCK_N=c["DQ_BLOCK_N"]),
+                                      c["dq_num_warps"], c["dq_num_stages"], None)
+                if c.get("delta") == "kernel":
+                    launches["delta"] = (_bwd_delta_kernel, DELTA_CONST, 4, 3, None)
+                for kname, (fn, const, warps, stages, maxnreg) in launches.items():
+                    key = (kname, tuple(sorted(const.items())), warps, stages, maxnreg)
+                    if key not in seen:
+                        seen[key] = occupancy(compile_kernel(fn, const, warps, stages, maxnreg), warps)
+                    out[f"{method}/{name}/{kname}{tag}"] = seen[key]
+    return out
 
 
 def sass(cubin: bytes) -> str:
@@ -99,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-n", type=int, default=16)
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--maxnreg", type=int, help="register cap per thread (the kernels' maxnreg config key)")
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--cut", action="store_true")
     p.add_argument("--method", choices=sorted(METHOD_RULES), default="lsh")
@@ -109,10 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--integer-positions", action="store_true", help="the FDIV=False path (n >= 2^23)")
     p.add_argument("--sass", type=Path, help="also write the whole SASS here")
     p.add_argument("--json", action="store_true", help="print {ptxas, loops: [{instructions, ops}]} as JSON")
+    p.add_argument("--sweep-variants", action="store_true",
+                   help="compile every launch of bench/kernel_sweep.py's variants; print registers, spills, shared "
+                        "memory and CTAs per multiprocessor of each (JSON with --json)")
     p.add_argument("--every-variant", action="store_true",
                    help="compile every method's forward with padding and split keys, the merge, and every "
                         "method's backward with padding (fused and not); print {variant: ptxas} as JSON")
     args = p.parse_args(argv)
+    if args.sweep_variants:
+        report = sweep_variants()
+        if args.json:
+            print(json.dumps(report))
+        for name, info in report.items():
+            if not args.json:
+                print(f"{name:60s} {info['registers']:3d} regs, {info['shared_kb']:6.1f} KB, {info['warps']} warps, "
+                      f"{info['ctas_per_sm']} CTAs/SM  [{info['ptxas']}]")
+        return 0
     if args.every_variant:
         out = {}
         for method in sorted(METHOD_RULES):
@@ -129,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             out[f"dq {method} padded"] = ptxas_info(compile_kernel(_bwd_dq_kernel, dq, 8, 2).asm["ptx"])
         out["merge"] = ptxas_info(compile_kernel(_merge_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16), 4, 1)
                                   .asm["ptx"])
+        out["delta"] = ptxas_info(compile_kernel(_bwd_delta_kernel, DELTA_CONST, 4, 1).asm["ptx"])
         print(json.dumps(out))
         return 0
     alibi = not METHOD_RULES[args.method].collisions
@@ -137,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
                  BLOCK_N=args.block_n, PREC="tf32", FDIV=not args.integer_positions, HAS_KPM=args.padding)
     if args.kernel == "merge":
         const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16)
+    elif args.kernel == "delta":
+        const = dict(DELTA_CONST)
     elif args.kernel == "fwd":
         const.update(SPLIT=args.split, LAZY=args.lazy)
     if args.kernel == "dkdv":
         const["FUSED_DQ"] = args.fused
-    kernel = compile_kernel(KERNELS[args.kernel], const, args.warps, args.stages)
+    kernel = compile_kernel(KERNELS[args.kernel], const, args.warps, args.stages, args.maxnreg)
     text = sass(kernel.asm["cubin"])
     if args.sass:
         args.sass.write_text(text)
@@ -149,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"ptxas": ptxas_info(kernel.asm["ptx"]),
                           "loops": [{"instructions": n, "ops": dict(ops)} for n, ops in loops(text)]}))
         return 0
-    print(f"{args.kernel} {const} warps={args.warps} stages={args.stages}: {ptxas_info(kernel.asm['ptx'])}")
+    print(f"{args.kernel} {const} warps={args.warps} stages={args.stages} maxnreg={args.maxnreg}: "
+          f"{ptxas_info(kernel.asm['ptx'])}")
     for i, (n, ops) in enumerate(loops(text)):
         print(f"  loop {i}: {n} instructions per iteration per thread: "
               + ", ".join(f"{op} {k}" for op, k in ops.most_common(14)))

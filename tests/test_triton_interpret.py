@@ -265,16 +265,17 @@ def test_fused_backward(method):
     run(method, False, 2, 2, 1, 21, 21, 16, config=cfg, kpm=torch.rand(2, 21) > 0.2)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_lse_gradient(method):
+@pytest.mark.parametrize("method,config", [(m, None) for m in METHODS] + [("window", {"delta": "kernel"})])
+def test_lse_gradient(method, config):
     """The LSE is differentiable (merges of partial results by LSE, ring and split forms, need it): the
-    gradients of out . dO + lse . dL match the reference's, padding included."""
+    gradients of out . dO + lse . dL match the reference's, padding included (and with the delta kernel,
+    which subtracts dL itself)."""
     torch.manual_seed(7)
     q, k, v = (torch.randn(1, 2, 30, 16, requires_grad=True) for _ in range(3))
     kpm = torch.rand(1, 30) > 0.2
     spec = resolve_spec(q, k, v, method=method, slopes=[0.3, 0.05], samples=2, key_padding_mask=kpm, window_eps=0.1,
                         generator=torch.Generator().manual_seed(7))
-    out, lse = triton_attention(q, k, v, spec)
+    out, lse = triton_attention(q, k, v, spec, config)
     qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     ro, rl = reference_attention(qd, kd, vd, spec)
     do, dl = torch.randn_like(out), torch.randn_like(lse)
@@ -283,3 +284,49 @@ def test_lse_gradient(method):
     ref = torch.autograd.grad((ro * do.double()).sum() + (rl * dl.double() * live).sum(), (qd, kd, vd))
     for name, a, b in zip("qkv", grads, ref):
         assert rel(a, b) <= 1e-5, (name, rel(a, b))
+
+
+# The candidate variants of bench/kernel_sweep.py (issue 23), off by default: each is a config key. "wide"
+# splits the heads at work 10 (window widths 30, 200 -> capped 40 vs 0, 5; LSH mean block widths 14, 39 vs
+# 3, 7 here), so both launches run, each with its own tiles (maxnreg: a launch option the interpreter ignores;
+# here it routes the forward through the grouped launch, as on the GPU).
+VARIANTS = {
+    "delta_kernel": {"delta": "kernel"},
+    "fused_delta_kernel": {"bwd_fused": True, "delta": "kernel"},
+    "wide": {"maxnreg": 128, "wide": {"min_work": 10, "BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 2, "BWD_BLOCK_M": 32,
+                                      "BWD_BLOCK_N": 16, "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 32, "maxnreg": 168}},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("method", METHODS)
+def test_variants(method, variant):
+    """Each variant against the reference: GQA, odd lengths, Nq < Nk (causal); padding, two batch rows,
+    MQA (bidirectional)."""
+    cfg = VARIANTS[variant]
+    spec, _, _ = run(method, True, 1, 4, 2, 33, 40, 16, config=cfg)
+    if "wide" in cfg:  # both launches ran (exact: every head has the same work, so one)
+        plan = launch.plan_for(spec, 40, torch.device("cpu"))
+        expect = 1 if method == "exact" else 2
+        assert len(launch.head_groups(plan, cfg)) == expect and len(launch.head_groups(plan, cfg, 2)) == expect
+    run(method, False, 2, 2, 1, 21, 21, 16, config=cfg, kpm=torch.rand(2, 21) > 0.2)
+
+
+def test_head_groups_partition():
+    """``head_groups``: every head in exactly one launch, wide heads (work >= min_work) with the wide entry's
+    keys over the config's, each launch in decreasing work; KV heads by their widest query head."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 20, 16)
+    spec = resolve_spec(q, q, q, method="window", slopes=[0.1] * 6, window_eps=0.1)
+    spec = dataclasses.replace(spec, window=torch.tensor([3, 50, 7, 90, 1, 12]))
+    plan = launch.plan_for(spec, 20, torch.device("cpu"))
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, wide={"min_work": 10, "BLOCK_N": 64})
+    (wide_order, wide_cfg), (narrow_order, narrow_cfg) = launch.head_groups(plan, cfg)
+    assert wide_order.tolist() == [3, 1, 5] and narrow_order.tolist() == [2, 0, 4]
+    assert wide_cfg == dict(BLOCK_M=16, BLOCK_N=64) and narrow_cfg == dict(BLOCK_M=16, BLOCK_N=16)
+    # KV heads of (3, 50), (7, 90), (1, 12): all wide at 10 (no empty narrow launch), split at 60
+    assert [o.tolist() for o, _ in launch.head_groups(plan, cfg, 2)] == [[1, 0, 2]]
+    assert [o.tolist() for o, _ in launch.head_groups(plan, dict(cfg, wide={"min_work": 60}), 2)] == [[1], [0, 2]]
+    assert launch.head_groups(plan, dict(BLOCK_M=16))[0][0] is plan.order
+    with pytest.raises(ValueError, match="min_work"):
+        launch.head_groups(plan, dict(cfg, wide={"BLOCK_N": 64}))

@@ -20,6 +20,32 @@ from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, in_band, load_tile, 
 
 
 @triton.jit
+def _bwd_delta_kernel(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+                      H, Nq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                      HAS_DLSE: tl.constexpr):
+    """delta [B, H, Nq] (fp32, contiguous) = rowsum(dO * O) - dLSE for BLOCK_R rows of one (batch, head) per
+    program: dO and O read once in their dtype (torch's ``(do.float() * o.float()).sum(-1)`` writes and
+    rereads two fp32 copies, ~7x the bytes). DLSE: fp32 [B, H, Nq] contiguous, read when HAS_DLSE."""
+    n_rt = tl.cdiv(Nq, BLOCK_R)
+    bh = tl.program_id(0) // n_rt
+    first = (tl.program_id(0) % n_rt) * BLOCK_R
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    o_tile = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + first.to(tl.int64) * stride_on
+    do_tile = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + first.to(tl.int64) * stride_don
+    o = load_tile(o_tile, stride_on, rows, offs_d, first, Nq, HEAD_DIM, True).to(tl.float32)
+    do = load_tile(do_tile, stride_don, rows, offs_d, first, Nq, HEAD_DIM, True).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    offs = bh.to(tl.int64) * Nq + first + rows
+    ok = first + rows < Nq
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + offs, mask=ok, other=0.0)
+    tl.store(DELTA + offs, delta, mask=ok)
+
+
+@triton.jit
 def _weights(sT, q_pos, k_pos, k_pos_c, q_pos_c, lse2, keep, hR, W, U, S, E, Nk, log2_r, slope2, wh, wr,
              METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
              BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, FDIV: tl.constexpr, KEYS_ARE_ROWS: tl.constexpr):
@@ -83,7 +109,7 @@ def _weights(sT, q_pos, k_pos, k_pos_c, q_pos_c, lse2, keep, hR, W, U, S, E, Nk,
 @triton.jit
 def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn, stride_don,
                   start, stop, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r, slope2, wh, wr,
-                  METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
+                  scale, METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                   BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, FUSED_DQ: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
@@ -112,7 +138,8 @@ def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
         if FUSED_DQ:  # dQ from the same P: fp32 atomics into [B, H, Nq, BLOCK_D] (FlashAttention-2 style)
-            dq_part = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC)
+            # scaled here (one FMUL per element of a tile) so the host only converts the sum to q's dtype
+            dq_part = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * scale
             tl.atomic_add(dqa_tile + rows[:, None] * BLOCK_D + offs_d[None, :], dq_part,
                           mask=offs_m[:, None] < Nq, sem="relaxed")
             dqa_tile += BLOCK_M * BLOCK_D
@@ -176,17 +203,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
                                stride_don,
                                a, e1, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
-                               slope2, wh, wr, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
+                               slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
                                PREC, FDIV, FUSED_DQ)
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
                                stride_don,
                                bnd, c, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
-                               slope2, wh, wr, METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
+                               slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
                                PREC, FDIV, FUSED_DQ)
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
                                stride_don,
                                s3, d, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
-                               slope2, wh, wr, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
+                               slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
                                PREC, FDIV, FUSED_DQ)
 
     dk = dk * scale

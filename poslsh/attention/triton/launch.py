@@ -13,7 +13,7 @@ import json
 import math
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from ...method import method_rule
 from ..core import AttentionSpec, last_dim_contiguous
 from ..ranges import normalize_grid
 from ..speed import DECODE_ROWS
-from .backward import _bwd_dkdv_kernel, _bwd_dq_kernel
+from .backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 from .forward import _fwd_kernel, _merge_kernel
 
 __all__ = ["triton_attention", "default_config", "supports_triton", "interpreting", "Plan", "plan_for", "build_plan",
@@ -71,6 +71,7 @@ class Plan:
         span: the key counts the plan serves: every Nk <= span (exact, window, grid), or Nk == span
             (cut, whose block bounds are per position). Nothing in a plan depends on Nk otherwise, so a
             decode step's growing cache reuses it.
+        by_width: ``head_groups``' cache: (threshold, group) -> the head orders of its wide and narrow heads.
     """
 
     method: int
@@ -88,6 +89,7 @@ class Plan:
     reach_fn: Any = None
     _reach: int | None = None
     span: int = MAX_KEYS
+    by_width: dict = field(default_factory=dict)
 
     @property
     def reach(self) -> int:
@@ -102,6 +104,33 @@ class Plan:
     def kv_order(self, group: int) -> Tensor:
         w = self.work.reshape(-1, group).sum(1)
         return torch.argsort(w, descending=True, stable=True).to(torch.int32)
+
+
+def head_groups(plan: Plan, cfg: dict, group: int = 0) -> list[tuple[Tensor, dict]]:
+    """The launches of one kernel as [(head order int32 [heads], config)]: one, (the plan's order, ``cfg``),
+    unless ``cfg["wide"]`` = {"min_work": t, tile keys...} splits the heads by their work (window:
+    band width; LSH: mean block width; hybrid: the larger) into heads with work >= t, launched with
+    ``cfg`` updated by the wide entry's tile keys, and the rest with ``cfg`` (the narrow heads' short key
+    loops and the wide heads' long ones want different tiles). ``group`` > 0: KV heads of ``group`` query
+    heads (the dK/dV kernel; a KV head is as wide as its widest query head); 0: query heads.
+
+    The split reads the plan's work on the host once per plan and threshold (cached in the plan): a call
+    with this option is CUDA-graph capturable only after a first call outside the capture."""
+    wide = cfg.get("wide")
+    if not wide:
+        return [(plan.order if group == 0 else plan.kv_order(group), cfg)]
+    if "min_work" not in wide:
+        raise ValueError(f"config['wide'] needs 'min_work' (the work threshold of a wide head), got {wide!r}")
+    key = (float(wide["min_work"]), group)
+    if key not in plan.by_width:
+        work = plan.work.detach().float().cpu().reshape(-1, max(group, 1)).amax(1)
+        order = torch.argsort(work, descending=True, stable=True)
+        n_wide = int((work[order] >= key[0]).sum())
+        plan.by_width[key] = [part.to(device=plan.order.device, dtype=torch.int32)
+                              for part in (order[:n_wide], order[n_wide:])]
+    narrow_cfg = {k: v for k, v in cfg.items() if k != "wide"}
+    wide_cfg = dict(narrow_cfg, **{k: v for k, v in wide.items() if k != "min_work"})
+    return [(order, c) for order, c in zip(plan.by_width[key], (wide_cfg, narrow_cfg)) if order.numel()]
 
 
 _PLANS: OrderedDict = OrderedDict()
@@ -367,6 +396,8 @@ def _kpm_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
 
 def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
          q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
+    if (cfg.get("wide") or cfg.get("maxnreg")) and q.shape[2] > DECODE_ROWS and "splits" not in cfg:
+        return _fwd_grouped(q, k, v, kpm, plan, causal, scale, q_offset, cfg)
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     bd = max(16, triton.next_power_of_2(D))
@@ -398,6 +429,57 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     return o, lse
 
 
+def _fwd_grouped(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
+                 q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
+    """The prefill forward as one launch per group of heads (``head_groups``: wide heads with their own
+    tiles), each program's head read from its group's order, with a register cap per thread where the
+    config has one (``maxnreg``: more programs per multiprocessor, spilling outside the key loops); no split
+    keys. (The launch is ``_fwd``'s without the split: if this variant is adopted, ``_fwd``'s prefill launch
+    becomes this loop.)"""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    bd = max(16, triton.next_power_of_2(D))
+    kpm8, kpm_stride = _kpm_arg(kpm, q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    for order, sub in head_groups(plan, cfg):
+        bm = sub["BLOCK_M"]
+        _fwd_kernel[(triton.cdiv(Nq, bm) * B * order.numel(), 1)](
+            q, k, v, o, lse, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), 0, o.stride(0), o.stride(1), o.stride(2), kpm_stride,
+            B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), 0,
+            METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
+            BLOCK_M=bm, BLOCK_N=sub["BLOCK_N"], PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
+            HAS_KPM=kpm is not None, SPLIT=False, LAZY=bool(sub.get("lazy", False)), num_warps=sub["num_warps"],
+            num_stages=sub["num_stages"], maxnreg=sub.get("maxnreg"))
+    return o, lse
+
+
+def _delta(do: Tensor, o: Tensor, dlse: Tensor | None, cfg: dict) -> Tensor:
+    """delta = rowsum(dO * O) - dLSE, fp32 [B, H, Nq] contiguous: dS = P (dP - delta) (a gradient of the
+    LSE adds P * dLSE; the merges of partial results by LSE, ring and split forms, need it).
+    ``cfg["delta"]``: "torch" (default; fp32 copies of dO and O) or "kernel" (``_bwd_delta_kernel``:
+    dO and O read once)."""
+    how = cfg.get("delta", "torch")
+    if how == "torch":
+        delta = (do.float() * o.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.float()
+        return delta.contiguous()
+    if how != "kernel":
+        raise ValueError(f"config['delta'] must be 'torch' or 'kernel', got {how!r}")
+    B, H, Nq, D = o.shape
+    delta = torch.empty(B, H, Nq, dtype=torch.float32, device=o.device)
+    dl = delta if dlse is None else dlse.float().contiguous()
+    block_r = 64
+    _bwd_delta_kernel[(triton.cdiv(Nq, block_r) * B * H,)](
+        o, do, dl, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Nq,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_R=block_r, HAS_DLSE=dlse is not None,
+        num_warps=4)
+    return delta
+
+
 def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
          kpm: Tensor | None, plan: Plan, causal: bool, scale: float, q_offset: int,
          cfg: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -405,44 +487,43 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
     Hkv, Nk = k.shape[1], k.shape[2]
     group = H // Hkv
     do = do if do.stride(-1) == 1 else do.contiguous()
-    # dS = P (dP - delta) with delta = rowsum(dO * O); a gradient of the LSE adds P * dLSE, i.e.
-    # delta - dLSE (the merges of partial results by LSE, ring and split forms, need it).
-    delta = (do.float() * o.float()).sum(-1)  # [B, H, Nq]
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = _delta(do, o, dlse, cfg)  # [B, H, Nq] fp32
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     kpm8, kpm_stride = _kpm_arg(kpm, q.device)
-    bm, bn = cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]
     bd = max(16, triton.next_power_of_2(D))
     fused = bool(cfg.get("bwd_fused", False))
     # fused: one kernel, dQ accumulated with fp32 atomics (P and the counts computed once, not twice)
     dq_acc = torch.zeros(B, H, Nq, bd, dtype=torch.float32, device=q.device) if fused else dk
-    common = dict(METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
-                  BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, cfg),
-                  HAS_KPM=kpm is not None, num_warps=cfg["bwd_num_warps"], num_stages=cfg["bwd_num_stages"])
-    _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * Hkv,)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, kpm8, plan.W, plan.U, plan.S, plan.E, plan.kv_order(group),
-        plan.slope2, plan.win, plan.win_r,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kpm_stride,
-        B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused, **common)
-    if fused:
-        return (dq_acc[..., :D] * scale).to(q.dtype), dk, dv
-    # The dQ kernel has its own tiles (defaults: the dK/dV kernel's): its MMAs have M = query rows, so a
-    # 128-row tile takes Hopper's warpgroup MMA where the dK/dV kernel wants a 64-key M.
-    bm, bn = cfg.get("DQ_BLOCK_M", bm), cfg.get("DQ_BLOCK_N", bn)
-    common.update(BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.get("dq_num_warps", cfg["bwd_num_warps"]),
-                  num_stages=cfg.get("dq_num_stages", cfg["bwd_num_stages"]))
+    for order, sub in head_groups(plan, cfg, group):
+        bm, bn = sub["BWD_BLOCK_M"], sub["BWD_BLOCK_N"]
+        _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * order.numel(),)](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, kpm8, plan.W, plan.U, plan.S, plan.E, order,
+            plan.slope2, plan.win, plan.win_r,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kpm_stride,
+            B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused,
+            METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
+            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
+            HAS_KPM=kpm is not None, num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
+    if fused:  # the kernel added scale * dQ
+        return dq_acc[..., :D].to(q.dtype), dk, dv
     dq = torch.empty_like(q)
-    _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * H,)](
-        q, k, v, do, lse, delta, dq, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win,
-        plan.win_r,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
-        B, H, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, **common)
+    for order, sub in head_groups(plan, cfg):
+        # The dQ kernel has its own tiles (defaults: the dK/dV kernel's): its MMAs have M = query rows, so a
+        # 128-row tile takes Hopper's warpgroup MMA where the dK/dV kernel wants a 64-key M.
+        bm, bn = sub.get("DQ_BLOCK_M", sub["BWD_BLOCK_M"]), sub.get("DQ_BLOCK_N", sub["BWD_BLOCK_N"])
+        _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * order.numel(),)](
+            q, k, v, do, lse, delta, dq, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win,
+            plan.win_r,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
+            B, H, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale,
+            METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
+            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
+            HAS_KPM=kpm is not None, num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
+            num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
     return dq, dk, dv
 
 
@@ -477,7 +558,12 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             Dv != D is zero-padded to one head dim).
         spec: from ``poslsh.attention.resolve_spec`` (queries at spec.q_offset .. q_offset + Nq - 1).
         config: overrides of ``default_config`` (tile sizes, warps, stages; ``splits`` forces the
-            split-key forward; ``float_positions=False`` the integer position path).
+            split-key forward; ``float_positions=False`` the integer position path). Variants, off
+            unless given (``bench/kernel_sweep.py`` measures them): ``bwd_fused`` (dQ by atomics in the
+            dK/dV kernel), ``lazy`` (lazy rescaling), ``delta="kernel"`` (the backward's rowsum(dO * O)
+            by a kernel, not fp32 copies), ``wide={"min_work": t, <tile keys>}`` (heads whose work
+            reaches t launched apart with their own tiles, forward and backward: ``head_groups``),
+            ``maxnreg`` (the prefill forward's register cap per thread).
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, the natural log of
