@@ -78,15 +78,6 @@ SMALL_N = 40  # largest Nk for the slow backends
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fresh_dynamo_after_this_module():
-    # Eager FlexAttention still traces a wrapper through torch._dynamo, once per score_mod closure: the
-    # hundreds of closures here left its guard cache in a state that broke test_flex.py's later calls
-    # ("'int' object has no attribute '__closure__'"). Start the next module clean.
-    yield
-    torch._dynamo.reset()
-
-
 # --------------------------------------------------------------------------------------------------
 # The oracle
 # --------------------------------------------------------------------------------------------------
