@@ -37,7 +37,7 @@ if has tests; then
     tests/test_cuda_public_calls.py tests/test_hf_integration.py tests/test_launcher.py -k "cuda or cudnn or graph or prebound"
 fi
 if has conformance; then
-  step ${T_CONF:-120} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_conformance.py tests/test_flash_grid.py -k "cudnn or cuda"
+  step ${T_CONF:-120} env TRITON_INTERPRET=0 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_conformance.py tests/test_flash_grid.py -k "cudnn or cuda"
 fi
 if has decode; then
   profile=--profile limit=${T_DECODE:-120}  # the first length compiles every variant's kernels (disk-cached after)

@@ -1,9 +1,16 @@
 """Shared test setup."""
 
+import os
 import sys
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be chosen before Triton is
+# first imported; set here, before any test module is imported, the choice no longer depends on which
+# module pytest imports first. (On a GPU machine nothing is set: the kernels compile.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
