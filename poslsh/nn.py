@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .alibi import alibi_slopes
 from .attention import attention, available_backends
 from .attention.plan import AttentionPlan
+from .cache_keys import version_key
 from .checks import as_bool, as_int
 from .hashing import Partitions, sample_partitions
 from .layer_partitions import LayerPartitions
@@ -113,13 +114,14 @@ class ALiBiAttention(nn.Module):
         """The eval-mode ``AttentionPlan`` of this module on ``device`` (built once, kept until
         ``set_method`` or a change of ``slopes``)."""
         device = torch.device(device)
-        key = (device, id(self.slopes), self.slopes._version)
-        plan = self._plans.get(key)
+        key = (device, version_key(self.slopes))
+        plan = None if key[1] is None else self._plans.get(key)
         if plan is None:
             plan = AttentionPlan(self.spec, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                                  slopes=self.slopes, causal=self.causal, device=device,
                                  partitions=self.eval_partitions, backend=self.backend)
-            self._plans = {key: plan, **{k: p for k, p in self._plans.items() if k[1:] == key[1:]}}
+            if key[1] is not None:  # (slopes made under inference_mode track no version: not kept)
+                self._plans = {key: plan, **{k: p for k, p in self._plans.items() if k[1:] == key[1:]}}
         return plan
 
     # The method's fields, read from the spec (change them with ``set_method``).

@@ -8,7 +8,7 @@ The layers, bottom first (a module belongs to the longest prefix listed):
 =============== ==================================================================================
 layer           modules
 =============== ==================================================================================
-0 base          poslsh.checks (argument coercion), poslsh.seeds (stable seeds), poslsh._aliases (the
+0 base          poslsh.checks (argument coercion), poslsh.cache_keys (tensor identity + version), poslsh.seeds (stable seeds), poslsh._aliases (the
                 old module names, deprecated; it imports nothing, and names the lab only as strings)
 1 core math     alibi, positional_kernels, hashing, layer_partitions, mask_errors, theory, method
 2 attention     what every attention backend shares: attention.core (AttentionSpec, conventions),
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("poslsh", "poslsh_lab")
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("poslsh.checks", "poslsh.seeds", "poslsh._aliases")),
+    ("base", ("poslsh.checks", "poslsh.seeds", "poslsh._aliases", "poslsh.cache_keys")),
     ("core math", ("poslsh.alibi", "poslsh.positional_kernels", "poslsh.hashing", "poslsh.layer_partitions",
                    "poslsh.mask_errors", "poslsh.theory", "poslsh.method")),
     ("attention base", ("poslsh.attention.core", "poslsh.attention.registry", "poslsh.attention.speed",

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ..alibi import alibi_slopes, check_slopes
+from ..cache_keys import version_key
 from ..checks import as_bool, as_float, as_int
 from ..hashing import UNBOUNDED_WIDTH, Partitions
 from ..layer_partitions import LayerPartitions
@@ -410,7 +411,10 @@ def _public_key(q, k, options: dict, slopes, partitions, causal, scale, backend)
     elif isinstance(slopes, Tensor):
         if slopes.requires_grad:
             return None
-        skey, held = ("tensor", id(slopes), slopes._version), [slopes]
+        version = version_key(slopes)
+        if version is None:  # made under inference_mode: nothing to recognise it by
+            return None
+        skey, held = ("tensor",) + version, [slopes]
     elif isinstance(slopes, (list, tuple)) and all(type(x) in (int, float) for x in slopes):
         skey = ("list", tuple(slopes))
     else:
@@ -420,9 +424,10 @@ def _public_key(q, k, options: dict, slopes, partitions, causal, scale, backend)
         if not rule.only_collisions or not isinstance(partitions, Partitions) or partitions.scheme != "grid" \
                 or partitions.kernels is not None:
             return None
-        w, u, s = partitions.widths, partitions.offsets, partitions.slopes
-        pkey = (id(w), w._version, id(u), u._version, id(s), s._version)
-        held += [w, u, s]
+        held += [partitions.widths, partitions.offsets, partitions.slopes]
+        pkey = tuple(version_key(t) for t in held[-3:])
+        if None in pkey:
+            return None
     elif rule.collisions:
         return None
     key = (tuple(options.values()), skey, pkey, causal, scale, q.shape[1], k.shape[1], q.device, backend)

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ...alibi import alibi_slopes
+from ...cache_keys import version_key
 from ..core import AttentionSpec
 
 __all__ = ["cudnn_attention", "supports_cudnn", "explain_cudnn", "refusal", "probe_error", "cudnn_available", "padding_lengths",
@@ -97,8 +98,8 @@ def padding_lengths(key_padding_mask: Tensor) -> tuple[Tensor | None, str | None
     (bool [B, Nk], True = keep) keeps a non-empty prefix of its keys, else (None, why not).
 
     One host sync the first time a mask object is seen (per in-place version); cached."""
-    key = (id(key_padding_mask), key_padding_mask._version)
-    hit = _mask_cache.get(key)
+    key = version_key(key_padding_mask)
+    hit = None if key is None else _mask_cache.get(key)
     if hit is not None and hit[0] is key_padding_mask:
         _mask_cache.move_to_end(key)
         return hit[1], hit[2]
@@ -112,6 +113,8 @@ def padding_lengths(key_padding_mask: Tensor) -> tuple[Tensor | None, str | None
     elif not ok_nonempty:
         why = "every batch row must keep at least one key"
     result = (lengths.reshape(-1, 1, 1, 1).contiguous() if why is None else None), why
+    if key is None:  # an inference tensor: nothing to recognise it by later
+        return result
     _mask_cache[key] = (key_padding_mask, *result)
     while len(_mask_cache) > MASK_CACHE_ENTRIES:
         _mask_cache.popitem(last=False)

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ...cache_keys import version_key
 from ..core import EMPTY_LSE, AttentionSpec
 from ..ranges import TileRanges, key_ranges, key_tiles, normalize_grid
 
@@ -327,8 +328,9 @@ def _cache_key(spec: AttentionSpec, nq: int, nk: int, device: torch.device, bloc
                with_q_blocks: bool) -> tuple[tuple, tuple]:
     """(key, held): the key from the spec's content (values of slopes and window, which are small CPU
     tensors) and its large tensors by identity and version (partitions, key padding mask: no copy, no
-    device sync; an in-place change bumps ``_version``). ``held`` keeps those tensors alive with the
-    entry, so their ids cannot be reused by other tensors while it exists. The scale is not part of it:
+    device sync; ``cache_keys.version_key``, None for an inference tensor: then nothing is cached).
+    ``held`` keeps those tensors alive with the entry, so their ids cannot be reused by other tensors
+    while it exists. The scale is not part of it:
     it is passed to flex_attention, not captured by the mods."""
     parts = spec.partitions
     held = () if parts is None else tuple(x for x in (parts.widths, parts.offsets, parts.cut_positions,
@@ -338,7 +340,7 @@ def _cache_key(spec: AttentionSpec, nq: int, nk: int, device: torch.device, bloc
     key = (spec.method, spec.causal, spec.q_offset, nq, nk, device, block,
            tuple(spec.slopes.tolist()), None if spec.window is None else tuple(spec.window.tolist()),
            None if spec.window_right is None else tuple(spec.window_right.tolist()),
-           None if parts is None else (parts.scheme, parts.n), tuple((id(x), x._version) for x in held),
+           None if parts is None else (parts.scheme, parts.n), tuple(version_key(x) for x in held),
            with_q_blocks)
     return key, held
 
@@ -354,6 +356,7 @@ def flex_mods(spec: AttentionSpec, nq: int, nk: int, device: torch.device, block
     An entry built with the transposed lists (``with_q_blocks``) also serves calls without them."""
     device = torch.device(device)
     key, held = _cache_key(spec, nq, nk, device, block, with_q_blocks)
+    cache = cache and None not in key[-2]  # a tensor without a version (inference mode): not cached
     if cache:
         for k in (key[:-1] + (True,), key) if not with_q_blocks else (key,):
             hit = _cache.get(k)

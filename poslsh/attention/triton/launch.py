@@ -22,6 +22,7 @@ from torch import Tensor
 
 import triton
 
+from ...cache_keys import version_key
 from ...method import method_rule
 from ..core import AttentionSpec, last_dim_contiguous
 from ..ranges import normalize_grid
@@ -191,10 +192,6 @@ def build_plan(spec: AttentionSpec, nk: int, device: torch.device, reach: int | 
     return Plan(method, r, parts.scheme == "cut", W, U, S, E, slope2, win, win_r, order, work, reach_fn, reach, span)
 
 
-def _tensor_key(t: Tensor | None):
-    return None if t is None else (id(t), t._version)
-
-
 def plan_for(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
     """The cached ``Plan`` of a spec: a model's layers and decode steps reuse it (no host -> device
     copies of slopes and widths per call). Keyed by content (slopes, widths, method, causality, the
@@ -203,13 +200,15 @@ def plan_for(spec: AttentionSpec, nk: int, device: torch.device) -> Plan:
     parts = spec.partitions
     pkey = None
     if parts is not None:
-        pkey = (parts.scheme, _tensor_key(parts.widths), _tensor_key(parts.offsets),
-                _tensor_key(parts.cut_positions), _tensor_key(parts.cut_pointers))
+        tensors = (parts.widths, parts.offsets, parts.cut_positions, parts.cut_pointers)
+        pkey = (parts.scheme,) + tuple(None if t is None else version_key(t) or "untracked" for t in tensors)
     # The key count only where the plan depends on it (``Plan.span``): a decode step's new length hits.
     span = None if parts is None else nk if parts.scheme == "cut" else grid_span(nk)
     key = (spec.method, spec.causal, span, str(device), tuple(spec.slopes.tolist()),
            None if spec.window is None else tuple(spec.window.tolist()),
            None if spec.window_right is None else tuple(spec.window_right.tolist()), pkey)
+    if pkey is not None and "untracked" in pkey:  # inference tensors: no version to recognise them by
+        return build_plan(spec, nk, device)
     hit = _PLANS.get(key)
     if hit is not None and (hit[0] is None or hit[0]() is parts):
         _PLANS.move_to_end(key)
