@@ -3,7 +3,7 @@
 # session 5 ran `tests decode exact generate` of this script as bench/gpu_session5.sh, commit 5d77b4a):
 #   tests        CUDA-only tests: the cuDNN backend, the AttentionPlan's CUDA-graph capture, the pre-bound
 #                Triton launches against the JIT's, the public calls on CUDA tensors, the patched model's
-#                prefill memory
+#                prefill memory, a patched model's decode step replayed from a CUDA graph (hf_graph)
 #   conformance  the conformance suite's cudnn cases and FlashAttention's ported grid on Triton and Flex
 #   decode       bench/host_overhead.py --device cuda: one decode step (B = 1, H = 32, D = 128, bf16) per
 #                method through the plan (pre-bound and JIT launches) and the public call: enqueue, wall,
@@ -34,7 +34,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$log"
 if has tests; then
   step ${T_TESTS:-120} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_cudnn.py tests/test_plan.py \
-    tests/test_cuda_public_calls.py tests/test_hf_integration.py tests/test_launcher.py -k "cuda or cudnn or graph or prebound"
+    tests/test_cuda_public_calls.py tests/test_hf_integration.py tests/test_launcher.py tests/test_hf_graph.py \
+    -k "cuda or cudnn or graph or prebound"
 fi
 if has conformance; then
   step ${T_CONF:-120} env TRITON_INTERPRET=0 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_conformance.py tests/test_flash_grid.py -k "cudnn or cuda"
