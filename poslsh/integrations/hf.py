@@ -51,19 +51,24 @@ recomputing the full sequence, and a batch attends like its rows one at a time.
 KV cache. With "lsh", "hybrid" or "window" a cached key becomes unreachable once no future query can
 see it: a query at position i >= T sees key j < T in sample t iff j lies in the block of T, so the
 reachable keys are j >= min_t start_t(T) (window: j >= T - w_h; hybrid: the smaller of the two).
-``cache_report`` counts them for any length. ``patch_model(..., evict=True)`` swaps each layer of a
-``DynamicCache`` for an ``EvictingLayer`` (a ``DynamicLayer`` subclass: one buffer per tensor, the stored
-keys a window of it) and, after every forward, drops the prefix unreachable for all heads and rows, so
-the memory a layer holds is bounded by its reachable keys (at most 4x, 2x after an append), not by the
+``cache_report`` counts them for any length.
+
+The cache's layers. Every layer of a ``DynamicCache`` a patched model uses is an ``InPlaceLayer`` (a
+``DynamicLayer`` subclass, swapped in at the layer's first update: one buffer per tensor, the stored
+keys a window of it), evicting or not. ``DynamicLayer.update`` concatenates (``torch.cat``), which copies
+the whole cached layer at every step: O(n) per layer and token, the cost that grew with the cache when
+decoding without eviction (``bench/host_overhead.py --model tiny-bloom --cache-grid`` times a decode
+step at several cache lengths with either layer). The buffer appends in place and grows by half its
+need when full (``grown``), so each position is copied O(1) times on average and a layer holds at most
+1.5x its stored keys after an append (the prompt's update stores it exactly). ``patch_model(...,
+evict=True)`` also drops, after every forward, the prefix unreachable for all heads and rows, so the
+memory a layer holds is bounded by its reachable keys (at most 4x, 1.5x after an append), not by the
 sequence; its ``get_seq_length`` is the logical length (stored + evicted), from which transformers
-derives positions and masks. Before, eviction sliced ``DynamicLayer.keys``: the slice kept the whole
-tensor (the full prompt after prefill) alive until the next ``torch.cat``, which then copied the whole
-kept cache at every step; the buffer appends in place (amortised O(1) copies per position) and frees a
-dropped prefix once the stored keys fill less than a quarter of it. ``PoslshPatch.cache_memory(cache)``
-reports stored, held and evicted bytes; ``evict=True`` warns once when it cannot act (method "exact", no
-cache: ``use_cache=False``, MPT's default, or a cache other than ``DynamicCache``). Eviction is
-rectangular (a [B, Hkv, N, D] cache cannot drop keys of one head only), so the head with the smallest
-slope sets how much goes; ``cache_report`` also gives the per-head figure a ragged cache could reach.
+derives positions and masks. ``PoslshPatch.cache_memory(cache)`` reports stored, held and evicted
+bytes; ``evict=True`` warns once when it cannot act (method "exact", no cache: ``use_cache=False``,
+MPT's default, or a cache other than ``DynamicCache``). Eviction is rectangular (a [B, Hkv, N, D] cache
+cannot drop keys of one head only), so the head with the smallest slope sets how much goes;
+``cache_report`` also gives the per-head figure a ragged cache could reach.
 
 Static caches are refused (NotImplementedError). ``StaticLayer.update`` returns its whole
 ``max_cache_len`` buffer, the valid length reaching attention only through the 4-D mask this patch does
@@ -358,7 +363,7 @@ class PoslshPatch:
         """
         layer = None
         if self.options.evict and not self.options.spec.rule.all_exact:
-            layer = _evicting_layer(cache, info.module.layer_idx)
+            layer = _in_place_layer(cache, info.module.layer_idx)
             if layer is None:
                 self._warn_once("no-cache", "evict=True has no effect: this forward ran without a transformers "
                                 "DynamicCache (use_cache=False, MPT's default: pass use_cache=True; static, "
@@ -576,28 +581,37 @@ class _Rows:
     keep_host: Tensor | None = None
 
 
-_EVICTING_LAYER: Any = None
+_IN_PLACE_LAYER: Any = None
 
 
-def _evicting_layer_class() -> type:
-    """``EvictingLayer``, a transformers ``DynamicLayer`` whose memory is bounded by the reachable keys
+def grown(columns: int) -> int:
+    """The capacity an ``InPlaceLayer`` buffer is reallocated to when ``columns`` must fit: 1.5x (a full
+    exact cache at a long context is the largest allocation a patched model makes; doubling it would let
+    the first decoding step after a prompt need 3x the cache), at least one spare column."""
+    return columns + max(1, columns // 2)
+
+
+def _in_place_layer_class() -> type:
+    """``InPlaceLayer``, a transformers ``DynamicLayer`` that appends in place and can drop a prefix
     (built on first use: importing this module does not import transformers)."""
-    global _EVICTING_LAYER
-    if _EVICTING_LAYER is not None:
-        return _EVICTING_LAYER
+    global _IN_PLACE_LAYER
+    if _IN_PLACE_LAYER is not None:
+        return _IN_PLACE_LAYER
     from transformers.cache_utils import DynamicLayer
 
-    class EvictingLayer(DynamicLayer):
+    class InPlaceLayer(DynamicLayer):
         """A cache layer that stores keys and values in one buffer [B, Hkv, capacity, D] per tensor, the
-        stored ones in its columns begin..end-1, so dropping a prefix (``drop``) is moving ``begin``.
+        stored ones in its columns begin..end-1, so appending is a write after ``end`` and dropping a
+        prefix (``drop``, eviction) is moving ``begin``.
 
-        ``keys``/``values`` (what transformers and the patch read) are views of the stored columns.
-        Appending writes after ``end``; when the buffer is full, the stored columns are moved to its front
-        (they fit in its first half, so source and target never overlap) or, when more than half full,
-        copied into a buffer twice their size; a drop that leaves the buffer less than a quarter full
-        copies the stored columns into a buffer of twice their size, which frees the dropped prefix. Each
-        appended position is copied O(1) times on average, and a layer holds at most ~4x its stored keys
-        (2x after any append), where DynamicLayer's ``torch.cat`` copies the whole cache at every step.
+        ``keys``/``values`` (what transformers and the patch read) are views of the stored columns. The
+        first update stores its keys exactly (a prompt takes no spare room). When an append does not fit,
+        the stored columns are moved to the buffer's front if they fit in its first half (source and
+        target never overlap), else copied into a buffer of ``grown(stored + new)`` columns (1.5x); a drop
+        that leaves the buffer less than a quarter full copies the stored columns into a buffer of twice
+        their size, which frees the dropped prefix. Each appended position is copied O(1) times on
+        average, and a layer holds at most 1.5x its stored keys after an append (4x after a drop), where
+        DynamicLayer's ``torch.cat`` copies the whole cache at every step.
         ``get_seq_length`` is the logical length (``evicted`` + stored), so transformers' positions and
         masks count the dropped tokens. Operations transformers applies to ``keys`` itself (crop, beam
         reordering, batch selection) leave a tensor the next ``update`` adopts as its buffer.
@@ -655,7 +669,7 @@ def _evicting_layer_class() -> type:
                     self.buffer_values[:, :, :stored] = self.values
                     self.begin, self.end = 0, stored
                 else:
-                    self.reallocate(2 * (stored + n))
+                    self.reallocate(grown(stored + n))
             self.buffer_keys[:, :, self.end:self.end + n] = key_states
             self.buffer_values[:, :, self.end:self.end + n] = value_states
             self.end += n
@@ -699,20 +713,22 @@ def _evicting_layer_class() -> type:
             self.evicted = 0
             self.begin = self.end = 0
 
-    _EVICTING_LAYER = EvictingLayer
-    return EvictingLayer
+    _IN_PLACE_LAYER = InPlaceLayer
+    return InPlaceLayer
 
 
-def _evicting_layer(cache: Any, layer_idx: int) -> Any:
-    """The cache's layer ``layer_idx`` as an ``EvictingLayer`` (a plain ``DynamicLayer`` is replaced by
+def _in_place_layer(cache: Any, layer_idx: int) -> Any:
+    """The cache's layer ``layer_idx`` as an ``InPlaceLayer`` (a plain ``DynamicLayer`` is replaced by
     one that adopts its keys), or None when the cache is not a ``DynamicCache`` of such layers."""
+    cls = _in_place_layer_class()
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is cls:
+        return layers[layer_idx]  # every step after the first: no import, no isinstance of the cache
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     if not isinstance(cache, DynamicCache):
         return None
-    cls = _evicting_layer_class()
-    layers = cache.layers
     while len(layers) <= layer_idx:
         layers.append(cls())
     layer = layers[layer_idx]
@@ -735,16 +751,17 @@ def _find_cache(args: dict[str, Any]) -> Any:
     return None
 
 
-def _update_cache(patch: PoslshPatch, cache: Any, k: Tensor, v: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
+def _update_cache(cache: Any, k: Tensor, v: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
+    """The layer's keys and values [B, Hkv, Nk, D] after appending k, v [B, Hkv, n, D] to the cache (the
+    module docstring's "The cache's layers": an ``InPlaceLayer`` in place of a ``DynamicLayer``)."""
     if cache is None:
         return k, v
-    from transformers import DynamicCache
+    if _in_place_layer(cache, layer_idx) is None:  # before the update, so the prompt goes into its buffer
+        from transformers import DynamicCache
 
-    if not isinstance(cache, DynamicCache):
-        raise NotImplementedError(f"the poslsh patch supports DynamicCache (the default) or no cache, got "
-                                  f"{type(cache).__name__}")
-    if patch.options.evict and not patch.options.spec.rule.all_exact:
-        _evicting_layer(cache, layer_idx)  # before the update, so the prompt goes into its buffer
+        if not isinstance(cache, DynamicCache):
+            raise NotImplementedError(f"the poslsh patch supports DynamicCache (the default) or no cache, got "
+                                      f"{type(cache).__name__}")
     return cache.update(k, v, layer_idx)
 
 
@@ -759,7 +776,7 @@ def _bloom_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dic
     qkv = self.query_key_value(hidden).view(b, n, info.num_heads, 3, info.head_dim)
     q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
     cache = _find_cache(a)
-    k, v = _update_cache(patch, cache, k, v, self.layer_idx)
+    k, v = _update_cache(cache, k, v, self.layer_idx)
     out = self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache)))
     out = residual + F.dropout(out, p=self.hidden_dropout, training=self.training)
     return out, None
@@ -773,7 +790,7 @@ def _mpt_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[
         qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     q, k, v = (x.reshape(b, n, info.num_heads, info.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
     cache = _find_cache(a)
-    k, v = _update_cache(patch, cache, k, v, self.layer_idx)
+    k, v = _update_cache(cache, k, v, self.layer_idx)
     return self.out_proj(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
 
 
@@ -798,7 +815,7 @@ def _falcon_split(info: _LayerInfo, fused: Tensor) -> tuple[Tensor, Tensor, Tens
 def _falcon_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[str, Any]):
     q, k, v = (x.transpose(1, 2) for x in _falcon_split(info, self.query_key_value(a["hidden_states"])))
     cache = _find_cache(a)
-    k, v = _update_cache(patch, cache, k, v, self.layer_idx)
+    k, v = _update_cache(cache, k, v, self.layer_idx)
     return self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
 
 
