@@ -19,6 +19,20 @@ alone, without launch overhead), for the plan call and the public call; bf16.
     python bench/host_overhead.py [--nk 65536] [--heads 32] [--dim 128] [--reps 200] [--device cpu|cuda]
         [--json PATH]
 
+A whole model (``--model tiny-bloom``): a BLOOM of random weights (``--layers`` layers, hidden 64, 4 heads,
+vocabulary 512, float32, CPU), where compute is negligible, so its time per generated token is host work:
+per context in ``--contexts``, each arm (``--arms``: transformers' own attention "native", and the poslsh
+patch's exact, window, window_evict, lsh, lsh_evict) reads a random prompt (``hf.chunked_prefill``, chunks
+of at most 1024) and greedily decodes ``--tokens`` tokens; one round runs every arm in turn (so a load on
+the shared machine hits them alike), the median over ``--rounds`` rounds is reported, with its ratio to
+native's median (native is skipped above ``--native-max`` tokens: its prefill is quadratic). Each row also
+says whether the arm's tokens equal native's (exact must; the approximations need not).
+
+    python bench/host_overhead.py --model tiny-bloom [--layers 4] [--contexts 256] [--tokens 32] [--rounds 5]
+        [--arms native exact window window_evict lsh] [--json PATH]
+    python bench/host_overhead.py --model tiny-bloom --contexts 1024 4096 16384 --arms window window_evict
+        (the decode step's growth with the cache)
+
 ``torch.set_num_threads(--threads)`` (default 1). Runs on a tree without ``AttentionPlan`` too (the
 plan's rows are then left out): the before/after of a change.
 """
@@ -183,6 +197,86 @@ def cuda_rows(args) -> list[dict]:
     return rows
 
 
+# arm -> (method, evict) of the patch; None: transformers' own attention
+MODEL_ARMS = {"native": None, "exact": ("exact", False), "window": ("window", False),
+              "window_evict": ("window", True), "lsh": ("lsh", False), "lsh_evict": ("lsh", True)}
+PREFILL_CHUNK = 1024
+
+
+def tiny_bloom(layers: int):
+    """A BLOOM of random weights, CPU float32, wide initialisation (its tokens depend on attention)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=512, hidden_size=64, n_layer=layers, n_head=4,
+                                      initializer_range=0.3)
+    return transformers.BloomForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def _decode_ms(model, arm: str, ids, tokens: int) -> tuple[float, list[int]]:
+    """(ms per greedy token over ``tokens`` steps after a prefill and one untimed step, the tokens)."""
+    from poslsh.integrations import hf
+
+    hf.unpatch_model(model)
+    if MODEL_ARMS[arm] is not None:
+        method, evict = MODEL_ARMS[arm]
+        hf.patch_model(model, method, evict=evict)
+    import inspect
+
+    kwargs = {hf._cache_argument(model): None, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    cache, logits = hf.chunked_prefill(model, ids, PREFILL_CHUNK)
+    token = logits.argmax(-1, keepdim=True)
+    out = [token]
+    kwargs[hf._cache_argument(model)] = cache
+
+    def step(token):
+        logits = model(input_ids=token, **kwargs).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    out.append(step(out[-1]))
+    start = time.perf_counter()
+    for _ in range(tokens):
+        out.append(step(out[-1]))
+    ms = (time.perf_counter() - start) * 1e3 / tokens
+    hf.unpatch_model(model)
+    return ms, torch.cat(out, 1)[0].tolist()
+
+
+def model_rows(args) -> list[dict]:
+    import statistics
+
+    model = tiny_bloom(args.layers)
+    rows = []
+    for n in args.contexts:
+        ids = torch.randint(1, 512, (1, n), generator=torch.Generator().manual_seed(n))
+        arms = [a for a in args.arms if a != "native" or n <= args.native_max]
+        times, tokens = {a: [] for a in arms}, {}
+        for _ in range(args.rounds):
+            for arm in arms:
+                ms, tokens[arm] = _decode_ms(model, arm, ids, args.tokens)
+                times[arm].append(ms)
+        native = statistics.median(times["native"]) if "native" in times else None
+        for arm in arms:
+            median = statistics.median(times[arm])
+            rows.append({"model": "tiny-bloom", "layers": args.layers, "context": n, "arm": arm,
+                         "tokens": args.tokens, "threads": args.threads, "ms_per_token": median,
+                         "ms_per_token_rounds": times[arm], "ratio_to_native": None if native is None else median / native,
+                         "tokens_equal_native": None if native is None else tokens[arm] == tokens["native"]})
+    return rows
+
+
+def _print_model(rows: list[dict]) -> None:
+    for row in rows:
+        ratio = "" if row["ratio_to_native"] is None else f"  {row['ratio_to_native']:5.2f}x native"
+        same = "" if row["tokens_equal_native"] is None else f"  tokens {'=' if row['tokens_equal_native'] else '!='} native"
+        spread = f"(rounds {min(row['ms_per_token_rounds']):.2f}-{max(row['ms_per_token_rounds']):.2f})"
+        print(f"tiny-bloom L={row['layers']} n={row['context']:<6d} {row['arm']:13s} {row['ms_per_token']:7.3f} ms/token "
+              f"{spread}{ratio}{same}")
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nk", type=int, default=65536)
@@ -193,8 +287,23 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--model", choices=("tiny-bloom",), default=None,
+                   help="time a whole model's decoding per token instead of one attention call")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--contexts", type=int, nargs="+", default=[256])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--arms", nargs="+", choices=tuple(MODEL_ARMS), default=["native", "exact", "window", "window_evict", "lsh"])
+    p.add_argument("--native-max", type=int, default=4096, help="longest context native runs at")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.model is not None:
+        rows = model_rows(args)
+        _print_model(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return rows
     register_backend("null", _null, priority=-100, methods=METHODS, kernels=True, slope_grad=True)
     try:
         rows = cpu_rows(args) if args.device == "cpu" else cuda_rows(args)
