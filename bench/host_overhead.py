@@ -23,10 +23,12 @@ A whole model (``--model tiny-bloom``): a BLOOM of random weights (``--layers`` 
 vocabulary 512, float32, CPU), where compute is negligible, so its time per generated token is host work:
 per context in ``--contexts``, each arm (``--arms``: transformers' own attention "native", and the poslsh
 patch's exact, window, window_evict, lsh, lsh_evict) reads a random prompt (``hf.chunked_prefill``, chunks
-of at most 1024) and greedily decodes ``--tokens`` tokens; one round runs every arm in turn (so a load on
-the shared machine hits them alike), the median over ``--rounds`` rounds is reported, with its ratio to
-native's median (native is skipped above ``--native-max`` tokens: its prefill is quadratic). Each row also
-says whether the arm's tokens equal native's (exact must; the approximations need not).
+of at most 1024) and greedily decodes ``--tokens`` tokens, timed one by one (a round's figure is the
+median step); one round runs every arm in turn (so a load on the shared machine hits them alike), the
+median over ``--rounds`` rounds is reported, with its ratio to
+native's median (native is skipped above ``--native-max`` tokens: its prefill is quadratic), in wall time
+and in this process's CPU time (``time.process_time``: on a shared machine the steadier measure of host
+work). Each row also says whether the arm's tokens equal native's (exact must; the others need not).
 
     python bench/host_overhead.py --model tiny-bloom [--layers 4] [--contexts 256] [--tokens 32] [--rounds 5]
         [--arms native exact window window_evict lsh] [--json PATH]
@@ -215,7 +217,9 @@ def tiny_bloom(layers: int):
 
 @torch.no_grad()
 def _decode_ms(model, arm: str, ids, tokens: int) -> tuple[float, list[int]]:
-    """(ms per greedy token over ``tokens`` steps after a prefill and one untimed step, the tokens)."""
+    """(wall ms, process CPU ms, tokens) of greedy decoding: each time the median of ``tokens`` timed steps
+    after a prefill and one untimed step (a burst of load on a shared machine moves a median less than a
+    mean; CPU time counts this process's work only, not the time other processes took the cores)."""
     from poslsh.integrations import hf
 
     hf.unpatch_model(model)
@@ -237,12 +241,13 @@ def _decode_ms(model, arm: str, ids, tokens: int) -> tuple[float, list[int]]:
         return logits[:, -1].argmax(-1, keepdim=True)
 
     out.append(step(out[-1]))
-    start = time.perf_counter()
+    marks = [(time.perf_counter(), time.process_time())]
     for _ in range(tokens):
         out.append(step(out[-1]))
-    ms = (time.perf_counter() - start) * 1e3 / tokens
+        marks.append((time.perf_counter(), time.process_time()))
     hf.unpatch_model(model)
-    return ms, torch.cat(out, 1)[0].tolist()
+    wall, cpu = (sorted(b[i] - a[i] for a, b in zip(marks, marks[1:])) for i in (0, 1))
+    return wall[tokens // 2] * 1e3, cpu[tokens // 2] * 1e3, torch.cat(out, 1)[0].tolist()
 
 
 def model_rows(args) -> list[dict]:
@@ -253,28 +258,33 @@ def model_rows(args) -> list[dict]:
     for n in args.contexts:
         ids = torch.randint(1, 512, (1, n), generator=torch.Generator().manual_seed(n))
         arms = [a for a in args.arms if a != "native" or n <= args.native_max]
-        times, tokens = {a: [] for a in arms}, {}
+        times, cpu, tokens = {a: [] for a in arms}, {a: [] for a in arms}, {}
         for _ in range(args.rounds):
             for arm in arms:
-                ms, tokens[arm] = _decode_ms(model, arm, ids, args.tokens)
-                times[arm].append(ms)
-        native = statistics.median(times["native"]) if "native" in times else None
+                wall_ms, cpu_ms, tokens[arm] = _decode_ms(model, arm, ids, args.tokens)
+                times[arm].append(wall_ms)
+                cpu[arm].append(cpu_ms)
+        native = {name: statistics.median(d["native"]) if "native" in d else None
+                  for name, d in (("wall", times), ("cpu", cpu))}
         for arm in arms:
-            median = statistics.median(times[arm])
+            wall_ms, cpu_ms = statistics.median(times[arm]), statistics.median(cpu[arm])
             rows.append({"model": "tiny-bloom", "layers": args.layers, "context": n, "arm": arm,
-                         "tokens": args.tokens, "threads": args.threads, "ms_per_token": median,
-                         "ms_per_token_rounds": times[arm], "ratio_to_native": None if native is None else median / native,
-                         "tokens_equal_native": None if native is None else tokens[arm] == tokens["native"]})
+                         "tokens": args.tokens, "threads": args.threads, "ms_per_token": wall_ms,
+                         "ms_per_token_rounds": times[arm], "cpu_ms_per_token": cpu_ms, "cpu_ms_per_token_rounds": cpu[arm],
+                         "ratio_to_native": None if native["wall"] is None else wall_ms / native["wall"],
+                         "cpu_ratio_to_native": None if native["cpu"] is None else cpu_ms / native["cpu"],
+                         "tokens_equal_native": None if native["wall"] is None else tokens[arm] == tokens["native"]})
     return rows
 
 
 def _print_model(rows: list[dict]) -> None:
     for row in rows:
-        ratio = "" if row["ratio_to_native"] is None else f"  {row['ratio_to_native']:5.2f}x native"
+        ratio = "" if row["ratio_to_native"] is None else \
+            f"  {row['ratio_to_native']:5.2f}x native (cpu {row['cpu_ratio_to_native']:5.2f}x)"
         same = "" if row["tokens_equal_native"] is None else f"  tokens {'=' if row['tokens_equal_native'] else '!='} native"
         spread = f"(rounds {min(row['ms_per_token_rounds']):.2f}-{max(row['ms_per_token_rounds']):.2f})"
-        print(f"tiny-bloom L={row['layers']} n={row['context']:<6d} {row['arm']:13s} {row['ms_per_token']:7.3f} ms/token "
-              f"{spread}{ratio}{same}")
+        print(f"tiny-bloom L={row['layers']} n={row['context']:<6d} {row['arm']:13s} wall {row['ms_per_token']:7.3f} ms/token "
+              f"{spread} cpu {row['cpu_ms_per_token']:7.3f} ms/token{ratio}{same}")
 
 
 def main(argv=None) -> list[dict]:

@@ -115,3 +115,27 @@ def test_few_rows_window_with_different_sides():
     ref_out, ref_lse = reference_attention(q, k, v, spec)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method,opts", [("exact", {}), ("window", {"window_eps": 0.05})])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_plan_decoding_table_equals_reference(method, opts, hkv):
+    """AttentionPlan's decoding weights (a view of its per-plan table, rebuilt as the cache outgrows it)
+    give the reference backend's result at every step of a growing cache, with a padded key; the table
+    grows a few times over 150 steps (twice the length each time), not at every step."""
+    from poslsh import MethodSpec
+    from poslsh.attention.plan import AttentionPlan
+
+    q, k, v = _inputs(2, 4, hkv, 1, 200)
+    kpm = torch.ones(2, 200, dtype=torch.bool)
+    kpm[0, 5] = False
+    slopes = [0.5, 0.25, 0.1, 0.02]
+    plans = [AttentionPlan(MethodSpec(method, **opts), num_heads=4, num_kv_heads=hkv, slopes=slopes, backend=b)
+             for b in ("fused", "reference")]
+    tables = set()
+    for nk in range(50, 200):
+        out, ref = (plan(q, k[:, :, :nk], v[:, :, :nk], key_padding_mask=kpm[:, :nk], return_lse=True)
+                    for plan in plans)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        tables.add(plans[0]._band_weights[(q.device, torch.float64)].shape[2])
+    assert 2 <= len(tables) <= 4

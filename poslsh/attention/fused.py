@@ -35,7 +35,7 @@ from .tiled import tiled_attention
 from .window import BandRule, band_rules
 
 __all__ = ["CollisionRule", "HybridRule", "collision_rules", "fused_attention", "few_rows_attention",
-           "few_rows_log_weights", "supports_fused"]
+           "few_rows_log_weights", "supports_fused", "takes_few_rows"]
 
 class CollisionRule:
     """Weights c_pj = #{t : start_t(p) <= j < end_t(p)} / r for one head (and j <= p when causal).
@@ -135,8 +135,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, float64 for float64 inputs).
     """
-    b, h, nq, _ = q.shape
-    if nq <= DECODE_ROWS and spec.kernels is None and b * h * nq * (k.shape[2] + 1) * 8 <= tiled.TILE_BYTES:
+    if takes_few_rows(q, k, spec):
         return few_rows_attention(q, k, v, spec)
     if spec.rule.only_collisions:
         rules = collision_rules(spec)
@@ -147,7 +146,16 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
     return tiled_attention(q, k, v, spec, rules)
 
 
-def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+def takes_few_rows(q: Tensor, k: Tensor, spec: AttentionSpec) -> bool:
+    """Whether ``fused_attention`` runs a call as ``few_rows_attention``: at most ``DECODE_ROWS`` query
+    rows, ALiBi weights, and [B, H, Nq, Nk] scores within ``tiled.TILE_BYTES`` (counted at 8 bytes: the
+    scores and the weights of the same size live at once)."""
+    b, h, nq, _ = q.shape
+    return nq <= DECODE_ROWS and spec.kernels is None and b * h * nq * (k.shape[2] + 1) * 8 <= tiled.TILE_BYTES
+
+
+def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
+                       log_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``fused_attention`` of a few query rows (decoding), every head at once: the weights of
     ``few_rows_log_weights`` [H, Nq, Nk], then one dense softmax (``reference.dense_attention``). Memory
     O(B * H * Nq * Nk): ``fused_attention`` sends a call here only when that fits ``tiled.TILE_BYTES``.
@@ -155,12 +163,16 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> 
 
     Args:
         q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv].
+        log_weights: [H, Nq, Nk] (broadcastable), what ``few_rows_log_weights`` would give, from a caller
+            that keeps them (``AttentionPlan``'s decoding table); None: computed here.
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] in the compute dtype).
     """
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return dense_attention(q, k, v, spec, few_rows_log_weights(spec, q.shape[2], k.shape[2], q.device, dtype))
+    if log_weights is None:
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        log_weights = few_rows_log_weights(spec, q.shape[2], k.shape[2], q.device, dtype)
+    return dense_attention(q, k, v, spec, log_weights)
 
 
 def few_rows_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.device, dtype: torch.dtype) -> Tensor:

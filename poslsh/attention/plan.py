@@ -59,6 +59,7 @@ from ..layer_partitions import LayerPartitions
 from ..method import METHOD_RULES, MethodSpec, as_method
 from .core import AttentionSpec
 from .dispatch import Backend, available_backends, select_backend
+from .fused import few_rows_attention, takes_few_rows
 from .ranges import normalize_grid
 from .speed import DECODE_ROWS
 from .window import hybrid_widths, window_sizes
@@ -129,6 +130,9 @@ class AttentionPlan:
         self._tplan_start, self._shifted = 0, None  # its first position (cut), its grid seen from a key_start
         self._backends: dict = {}  # (dtype, regime, grad, length bucket, mask, D == Dv) -> Backend
         self._configs: dict = {}  # (dtype, D, decode) -> the Triton tile configuration
+        # (device, compute dtype) -> the decoding weights' table (``_last_row_weights``): causal "exact" and
+        # "window" only (the other methods' weights depend on the partitions seen from each step's keys)
+        self._band_weights: dict | None = {} if self.causal and not self.method.random else None
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -339,9 +343,30 @@ class AttentionPlan:
     def _run_sliced(self, backend: Backend, q, k, v, nq, nk, q_offset, kpm, scale, start) -> tuple[Tensor, Tensor]:
         lo, hi = self._band(nq, nk, q_offset)
         if (lo, hi) != (0, nk):  # views: the keys no row reaches have weight 0, so the result is the same
-            k, v = k[:, :, lo:hi], v[:, :, lo:hi]
+            k, v = k.narrow(2, lo, hi - lo), v.narrow(2, lo, hi - lo)
             kpm = None if kpm is None else kpm[:, lo:hi]
-        return backend(q, k, v, self._spec(lo, hi, q_offset - lo, kpm, scale, start))
+        spec = self._spec(lo, hi, q_offset - lo, kpm, scale, start)
+        if backend.name == "fused" and nq == 1 and q_offset == nk - 1 and self._band_weights is not None \
+                and takes_few_rows(q, k, spec):  # a decoding step: its weights are a view of the plan's table
+            return few_rows_attention(q, k, v, spec, self._last_row_weights(hi - lo, q.device, q.dtype))
+        return backend(q, k, v, spec)
+
+    def _last_row_weights(self, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """log W of a causal query at the last of n keys, "exact" or "window": [H, 1, n], a view of a table
+        [H, 1, T] of -m_h * d (-inf for d > w_h) at distances d = T - 1 .. 0, kept per device and compute
+        dtype and rebuilt at twice the length when n > T, so a decoding step computes no weights (the
+        fused backend's ``few_rows_log_weights`` would take a dozen operations; it is the reference)."""
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (device, dtype)
+        table = self._band_weights.get(key)
+        if table is None or table.shape[2] < n:
+            length = max(64, 2 * n)
+            dist = torch.arange(length - 1, -1, -1, device=device)
+            table = dist * self.slopes.to(device, dtype).neg()[:, None]
+            if self._window is not None:
+                table = table.masked_fill(dist > self._window.to(device)[:, None], float("-inf"))
+            table = self._band_weights[key] = table[:, None, :]
+        return table.narrow(2, table.shape[2] - n, n)
 
     def _run_triton(self, q, k, v, nq, nk, q_offset, kpm, scale, start) -> tuple[Tensor, Tensor]:
         from .triton import launch  # present: the registry chose "triton"

@@ -778,8 +778,9 @@ def _bloom_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dic
     cache = _find_cache(a)
     k, v = _update_cache(cache, k, v, self.layer_idx)
     out = self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache)))
-    out = residual + F.dropout(out, p=self.hidden_dropout, training=self.training)
-    return out, None
+    if self.training:
+        out = F.dropout(out, p=self.hidden_dropout, training=True)
+    return residual + out, None
 
 
 def _mpt_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[str, Any]):
@@ -822,22 +823,41 @@ def _falcon_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: di
 _FORWARDS = {"bloom": _bloom_forward, "mpt": _mpt_forward, "falcon": _falcon_forward}
 
 
+def _argument_names(function: Any) -> tuple[inspect.Signature, tuple[str, ...]]:
+    """(signature, names of the positional parameters after the first) of a method or function."""
+    signature = inspect.signature(function)
+    names = tuple(p.name for p in signature.parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    return signature, names
+
+
+def _arguments(signature: inspect.Signature, names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments by name: positional ones named by ``names``, keywords as given (extra keywords
+    stay at the top level: ``_find_cache`` and the hook look there and under "kwargs"). ``signature.bind``
+    (which also checks the call) only when the positional arguments overflow ``names``; binding every
+    call cost more than the rest of a layer's host work for a decoding step."""
+    if len(args) > len(names):
+        return signature.bind_partial(*args, **kwargs).arguments
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
 def _make_forward(patch: PoslshPatch, info: _LayerInfo, family: str):
-    signature = inspect.signature(type(info.module).forward)
+    signature, names = _argument_names(type(info.module).forward)
     body = _FORWARDS[family]
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any):
-        bound = signature.bind(self, *args, **kwargs)
-        return body(patch, info, self, bound.arguments)
+        return body(patch, info, self, _arguments(signature, names, (self, *args), kwargs))
 
     return types.MethodType(forward, info.module)
 
 
 def _mask_hook(patch: PoslshPatch, base: nn.Module):
-    signature = inspect.signature(base.forward)
+    signature, names = _argument_names(base.forward)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound = _arguments(signature, names, args, kwargs)
         mask = bound.get("attention_mask")
         if mask is None:
             mask = (bound.get("kwargs") or {}).get("attention_mask")
