@@ -809,3 +809,15 @@ def test_patched_cache_appends_in_place_without_eviction(model, method):
     assert len(set(cached.flatten().tolist())) > 2
     if method == "exact":
         assert torch.equal(cached, native)
+
+
+def test_window_reach_start_equals_the_per_head_starts():
+    """The window's eviction point in closed form (t - the widest head's half-width) is the minimum over
+    heads of ``_layer_starts``, before and past the widest window, a slope-0 head included."""
+    model = _steep_bloom()
+    for slopes in ([0.9, 0.6, 0.4, 0.3], [0.9, 0.6, 0.4, 0.0]):
+        with patch_model(model, method="window", window_eps=0.01, slopes=slopes, evict=True) as patch:
+            info = patch.layers[1]
+            for t in (0, 1, 5, 15, 16, 17, 40, 1000):
+                patch.forward_rows = {}
+                assert patch._reach_start(info, t) == int(patch._layer_starts(info, t).min()), (slopes, t)

@@ -27,7 +27,9 @@ partials of a decoding row), and runs:
 * any other backend on the keys the method can reach only: k, v (and the padding mask) are sliced to
   ``[q_offset - reach, q_offset + Nq + reach)`` (right reach 0 when causal) and the queries re-placed in
   the slice, which is exact (the keys cut off have weight 0) and makes a CPU decoding step O(reach),
-  not O(cache).
+  not O(cache). A decoding step (one causal query at the last key) of "exact" or "window" on the fused
+  backend takes its positional weights as a view of a per-plan table (``_last_row_weights``) and runs
+  ``fused.few_rows_attention`` on them: no weights computed per step.
 
 CUDA graphs: a plan's call reads nothing from the device, so once one call has run (it builds the
 plan's device arrays and picks the backend), a call whose shapes, strides, dtypes, ``q_offset``, mask

@@ -70,13 +70,19 @@ MPT's default, or a cache other than ``DynamicCache``). Eviction is rectangular 
 cannot drop keys of one head only), so the head with the smallest slope sets how much goes;
 ``cache_report`` also gives the per-head figure a ragged cache could reach.
 
-Static caches are refused (NotImplementedError). ``StaticLayer.update`` returns its whole
-``max_cache_len`` buffer, the valid length reaching attention only through the 4-D mask this patch does
-not build; and what a static cache is for, a captured graph of fixed shapes, needs the operator's
-capturable decode path (issue 22 item 1) which the per-call partition windows here are not yet. Once it
-is, a static cache without eviction is ``keys[:, :, :length]``; with eviction it would be a ring buffer
-whose wrap-around ``poslsh.attention`` (keys at contiguous positions start..start+Nk-1) cannot take
-without a copy per step.
+Static caches are refused (NotImplementedError), for these reasons (read in transformers 5.25's
+``cache_utils``). ``StaticLayer.update`` writes the new keys with ``index_copy_`` and returns its whole
+[B, Hkv, max_cache_len, D] buffer, zeros past the valid length; that length lives in
+``StaticLayer.cumulative_length``, a device tensor (reading it is a host-device synchronisation per layer
+and step), and in the 4-D mask this patch does not build. The patch could slice the buffer to the 2-D
+mask's length, which it reads on the host, but the keys' shape would then change at every step, and a
+static cache exists for fixed shapes (``torch.compile`` without recompiling, CUDA graph capture): it would
+work as a slower ``DynamicCache``. Keeping the shapes fixed would need the attention call to take the
+whole buffer and the valid length as a device value; ``AttentionPlan``'s calls take the length from the
+keys' shape (its CUDA graph capture holds Nk fixed), and the patched forward does host work per step that
+a captured graph cannot replay (the 2-D mask's rows, slicing to the method's reach, eviction). With
+eviction a static cache would be a ring buffer, whose wrap-around ``poslsh.attention`` (keys at contiguous
+positions start..start+Nk-1) cannot take without a copy per step.
 
 Chunked prefill. ``chunked_prefill(model, input_ids, chunk_size)`` feeds a prompt C tokens at a time
 against the cache (transformers' ``past_key_values`` convention, the 2-D mask covering past + chunk):
@@ -86,7 +92,12 @@ Host work per decode step. The mask pre-hook reads the 2-D mask once per model f
 ``all()``, and one host copy when some position is masked); the row offsets, kept positions and
 eviction arithmetic every layer needs are derived from it on the host once per forward (``_rows``) and
 reused, so a layer does no host-device synchronisation of its own. ``_call`` is the one place the
-operator is called.
+operator is called, through the layer's ``AttentionPlan``. A layer's forward names its arguments without
+``inspect.Signature.bind`` (``_arguments``), finds its cache layer without an import or type check after
+the first step, appends in place, and computes the window's eviction point in closed form; a decoding
+step on the torch backends computes every head at once (``fused.few_rows_attention``, its exact/window
+weights a view of the plan's table). ``bench/host_overhead.py --model tiny-bloom`` times a tiny BLOOM's
+decoding per token (compute negligible, so host work) against transformers' own attention.
 
 Supported: transformers >=5.2,<5.26 (``TESTED_TRANSFORMERS``; tested 5.2.0 and 5.25.0; ``patch_model``
 warns once outside that range and refuses below 4.54). 5.2 is the first release in which all three
@@ -303,6 +314,7 @@ class PoslshPatch:
     active: bool = True
     widths: Tensor | None = None  # hybrid: fixed near-field half-widths [H] (UNBOUNDED_WIDTH = every key)
     plans: dict = field(default_factory=dict)  # (layer index, device) -> the layer's AttentionPlan
+    window_reach: int | None = None  # window: the widest head's half-width, uncapped (set at the first eviction)
     _warned: set = field(default_factory=set)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -451,11 +463,17 @@ class PoslshPatch:
 
     # ------------------------------------------------------------------ eviction
     def _reach_start(self, info: _LayerInfo, t: int) -> int:
-        """First position (among kept tokens) any query at position >= t can see, over all heads (host
-        arithmetic on the slopes and partitions; the window's is the same for every layer, so it is
-        computed once per forward)."""
-        rule = self.options.spec.rule  # window: the same reach in every layer (no partitions)
-        key = ("reach", None if rule.band_only else info.index, t)
+        """First position (among kept tokens) any query at position >= t can see, over all heads: the
+        minimum of ``_layer_starts`` (host arithmetic on the slopes and partitions, once per forward and
+        layer; the window's in closed form, ``t - max_h w_h``: its widths do not depend on t)."""
+        rule = self.options.spec.rule
+        if rule.band_only:  # window: t - w_h for the widest head, every layer alike, no tensor work
+            if self.window_reach is None:
+                from ..attention import window_sizes
+
+                self.window_reach = int(window_sizes(self.slopes, self.options.spec.window_eps, UNBOUNDED_WIDTH + 1).max())
+            return max(0, t - self.window_reach)
+        key = ("reach", info.index, t)
         start = self.forward_rows.get(key)
         if start is None:
             start = self.forward_rows[key] = int(self._layer_starts(info, t).min())
@@ -501,7 +519,7 @@ class PoslshPatch:
         Returns:
             {"stored_bytes", "held_bytes", "evicted_bytes", "saved_fraction",
             "layers": [{"layer", "stored", "held", "evicted"}]}: ``stored``/``held``/``evicted`` counted in key
-            positions; ``held`` is what the layer's buffers occupy (stored keys plus the evicting layer's
+            positions; ``held`` is what the layer's buffers occupy (stored keys plus the in-place layer's
             free room), ``held_bytes`` the bytes of the storages behind its keys and values.
         """
         stored = held = evicted = 0
