@@ -139,3 +139,29 @@ def test_plan_decoding_table_equals_reference(method, opts, hkv):
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
         tables.add(plans[0]._band_weights[(q.device, torch.float64)].shape[2])
     assert 2 <= len(tables) <= 4
+
+
+@pytest.mark.parametrize("method,opts", [("exact", {}), ("window", {"window_eps": 0.05})])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_plan_decoding_without_lse_equals_reference_and_keeps_nonfinite_keys_out(method, opts, hkv):
+    """A decoding step without LSE or padding (``fused.last_row_sdpa``: SDPA with the plan's table as its
+    mask) gives the reference's output in float64 and, for float32, within float32 rounding; a NaN key
+    the window excludes for some heads (SDPA would spread it to them) leaves those heads' output as the
+    reference gives it (the call falls back to the careful path)."""
+    from poslsh import MethodSpec
+    from poslsh.attention.plan import AttentionPlan
+
+    slopes = [0.5, 0.25, 0.1, 0.02]
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        q, k, v = _inputs(2, 4, hkv, 1, 120, dtype=dtype)
+        plans = [AttentionPlan(MethodSpec(method, **opts), num_heads=4, num_kv_heads=hkv, slopes=slopes, backend=b)
+                 for b in ("fused", "reference")]
+        for nk in (30, 119, 120):
+            out, ref = (plan(q, k[:, :, :nk], v[:, :, :nk]) for plan in plans)
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    if method == "window":  # widths [6, 12, 30, 150]: key 80 of 120 is outside the first three heads' bands
+        k = k.clone()
+        k[:, :, 80] = float("nan")
+        out, ref = (plan(q, k, v) for plan in plans)
+        assert torch.isnan(ref[:, 3]).all() and not torch.isnan(ref[:, :3]).any()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)

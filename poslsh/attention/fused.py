@@ -16,14 +16,18 @@ the arithmetic of a few rows (on a CPU, a 4-head BLOOM layer's decode step: ~1.2
 the model's own attention takes a few operations). ``few_rows_attention`` computes the same weights for
 every head at once (``few_rows_log_weights``: the band as ``BandRule``, the collision counts as
 ``CollisionRule``, by scattering each row's block bounds and a cumulative sum) and attends with
-``reference.dense_attention``: a constant number of operations whatever the head count.
+``reference.dense_attention``: a constant number of operations whatever the head count. A decoding step
+through an ``AttentionPlan`` that needs no LSE and has no padding goes on to ``last_row_sdpa`` (torch's
+SDPA with the plan's weights as its mask), falling back here when its output is not finite.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..hashing import Partitions
@@ -35,7 +39,7 @@ from .tiled import tiled_attention
 from .window import BandRule, band_rules
 
 __all__ = ["CollisionRule", "HybridRule", "collision_rules", "fused_attention", "few_rows_attention",
-           "few_rows_log_weights", "supports_fused", "takes_few_rows"]
+           "few_rows_log_weights", "last_row_sdpa", "supports_fused", "takes_few_rows"]
 
 class CollisionRule:
     """Weights c_pj = #{t : start_t(p) <= j < end_t(p)} / r for one head (and j <= p when causal).
@@ -173,6 +177,28 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         log_weights = few_rows_log_weights(spec, q.shape[2], k.shape[2], q.device, dtype)
     return dense_attention(q, k, v, spec, log_weights)
+
+
+def last_row_sdpa(q: Tensor, k: Tensor, v: Tensor, log_weights: Tensor, scale: float) -> Tensor | None:
+    """``few_rows_attention``'s output for one query row per head without its LSE, by torch's
+    ``scaled_dot_product_attention`` with the weights as its float mask (one operation for what
+    ``core.attend`` does in about ten), in the compute dtype; for a decoding step whose row sees at least
+    one key (a causal query at the last key, no padding: its own key has weight 1).
+
+    Args:
+        q: [B, H, 1, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]; log_weights: [H, 1, Nk] (-inf where W = 0).
+
+    Returns:
+        out [B, H, 1, Dv] in q's dtype, or None when it is not finite: SDPA lets a non-finite key or value
+        reach rows that give it weight 0, so such a call is left to ``few_rows_attention``'s careful path.
+    """
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = (x if x.dtype == cdt else x.to(cdt) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=log_weights, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    if not math.isfinite(out.sum().item()):
+        return None
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def few_rows_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.device, dtype: torch.dtype) -> Tensor:

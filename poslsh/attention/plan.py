@@ -29,7 +29,8 @@ partials of a decoding row), and runs:
   the slice, which is exact (the keys cut off have weight 0) and makes a CPU decoding step O(reach),
   not O(cache). A decoding step (one causal query at the last key) of "exact" or "window" on the fused
   backend takes its positional weights as a view of a per-plan table (``_last_row_weights``) and runs
-  ``fused.few_rows_attention`` on them: no weights computed per step.
+  ``fused.few_rows_attention`` on them (without the LSE and padding: ``fused.last_row_sdpa``, torch's
+  SDPA with the weights as its mask): no weights computed per step, a handful of operations.
 
 CUDA graphs: a plan's call reads nothing from the device, so once one call has run (it builds the
 plan's device arrays and picks the backend), a call whose shapes, strides, dtypes, ``q_offset``, mask
@@ -61,7 +62,7 @@ from ..layer_partitions import LayerPartitions
 from ..method import METHOD_RULES, MethodSpec, as_method
 from .core import AttentionSpec
 from .dispatch import Backend, available_backends, select_backend
-from .fused import few_rows_attention, takes_few_rows
+from .fused import few_rows_attention, last_row_sdpa, takes_few_rows
 from .ranges import normalize_grid
 from .speed import DECODE_ROWS
 from .window import hybrid_widths, window_sizes
@@ -292,7 +293,7 @@ class AttentionPlan:
         if backend.name == "triton" and v.shape[3] == q.shape[3]:
             out, lse = self._run_triton(q, k, v, nq, nk, q_offset, key_padding_mask, scale, start)
         else:
-            out, lse = self._run_sliced(backend, q, k, v, nq, nk, q_offset, key_padding_mask, scale, start)
+            out, lse = self._run_sliced(backend, q, k, v, nq, nk, q_offset, key_padding_mask, scale, start, return_lse)
         return (out, lse) if return_lse else out
 
     def _spec(self, lo: int, hi: int, q_offset: int, kpm: Tensor | None, scale: float,
@@ -342,7 +343,8 @@ class AttentionPlan:
             self._backends[key] = backend
         return backend
 
-    def _run_sliced(self, backend: Backend, q, k, v, nq, nk, q_offset, kpm, scale, start) -> tuple[Tensor, Tensor]:
+    def _run_sliced(self, backend: Backend, q, k, v, nq, nk, q_offset, kpm, scale, start,
+                    return_lse: bool = True) -> tuple[Tensor, Tensor | None]:
         lo, hi = self._band(nq, nk, q_offset)
         if (lo, hi) != (0, nk):  # views: the keys no row reaches have weight 0, so the result is the same
             k, v = k.narrow(2, lo, hi - lo), v.narrow(2, lo, hi - lo)
@@ -350,7 +352,12 @@ class AttentionPlan:
         spec = self._spec(lo, hi, q_offset - lo, kpm, scale, start)
         if backend.name == "fused" and nq == 1 and q_offset == nk - 1 and self._band_weights is not None \
                 and takes_few_rows(q, k, spec):  # a decoding step: its weights are a view of the plan's table
-            return few_rows_attention(q, k, v, spec, self._last_row_weights(hi - lo, q.device, q.dtype))
+            weights = self._last_row_weights(hi - lo, q.device, q.dtype)
+            if not return_lse and kpm is None:  # its own key has weight 1: the row is never empty
+                out = last_row_sdpa(q, k, v, weights, scale)
+                if out is not None:
+                    return out, None
+            return few_rows_attention(q, k, v, spec, weights)
         return backend(q, k, v, spec)
 
     def _last_row_weights(self, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:

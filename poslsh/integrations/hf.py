@@ -792,7 +792,7 @@ def _bloom_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dic
     hidden, residual = a["hidden_states"], a["residual"]
     b, n, _ = hidden.shape
     qkv = self.query_key_value(hidden).view(b, n, info.num_heads, 3, info.head_dim)
-    q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
+    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(3))
     cache = _find_cache(a)
     k, v = _update_cache(cache, k, v, self.layer_idx)
     out = self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache)))
