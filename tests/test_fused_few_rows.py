@@ -141,11 +141,12 @@ def test_plan_decoding_table_equals_reference(method, opts, hkv):
     assert 2 <= len(tables) <= 4
 
 
-@pytest.mark.parametrize("method,opts", [("exact", {}), ("window", {"window_eps": 0.05})])
+@pytest.mark.parametrize("method,opts", [("exact", {}), ("window", {"window_eps": 0.05}), ("lsh", {"samples": 4}),
+                                         ("hybrid", {"samples": 4, "hybrid_eps": 0.2})])
 @pytest.mark.parametrize("hkv", [4, 2])
 def test_plan_decoding_without_lse_equals_reference_and_keeps_nonfinite_keys_out(method, opts, hkv):
-    """A decoding step without LSE or padding (``fused.last_row_sdpa``: SDPA with the plan's table as its
-    mask) gives the reference's output in float64 and, for float32, within float32 rounding; a NaN key
+    """A decoding step without LSE or padding (``fused.last_row_sdpa``: SDPA with the step's weights as its
+    mask, exact/window's from the plan's table) gives the reference's output in float64 and, for float32, within float32 rounding; a NaN key
     the window excludes for some heads (SDPA would spread it to them) leaves those heads' output as the
     reference gives it (the call falls back to the careful path)."""
     from poslsh import MethodSpec

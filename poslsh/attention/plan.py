@@ -27,10 +27,10 @@ partials of a decoding row), and runs:
 * any other backend on the keys the method can reach only: k, v (and the padding mask) are sliced to
   ``[q_offset - reach, q_offset + Nq + reach)`` (right reach 0 when causal) and the queries re-placed in
   the slice, which is exact (the keys cut off have weight 0) and makes a CPU decoding step O(reach),
-  not O(cache). A decoding step (one causal query at the last key) of "exact" or "window" on the fused
-  backend takes its positional weights as a view of a per-plan table (``_last_row_weights``) and runs
-  ``fused.few_rows_attention`` on them (without the LSE and padding: ``fused.last_row_sdpa``, torch's
-  SDPA with the weights as its mask): no weights computed per step, a handful of operations.
+  not O(cache). A decoding step (one causal query at the last key) on the fused backend runs
+  ``fused.few_rows_attention`` (without the LSE and padding: ``fused.last_row_sdpa``, torch's SDPA with
+  the weights as its mask), "exact" and "window" with their positional weights a view of a per-plan
+  table (``_last_row_weights``): no weights computed per step, a handful of operations.
 
 CUDA graphs: a plan's call reads nothing from the device, so once one call has run (it builds the
 plan's device arrays and picks the backend), a call whose shapes, strides, dtypes, ``q_offset``, mask
@@ -62,7 +62,7 @@ from ..layer_partitions import LayerPartitions
 from ..method import METHOD_RULES, MethodSpec, as_method
 from .core import AttentionSpec
 from .dispatch import Backend, available_backends, select_backend
-from .fused import few_rows_attention, last_row_sdpa, takes_few_rows
+from .fused import few_rows_attention, few_rows_log_weights, last_row_sdpa, takes_few_rows
 from .ranges import normalize_grid
 from .speed import DECODE_ROWS
 from .window import hybrid_widths, window_sizes
@@ -350,10 +350,13 @@ class AttentionPlan:
             k, v = k.narrow(2, lo, hi - lo), v.narrow(2, lo, hi - lo)
             kpm = None if kpm is None else kpm[:, lo:hi]
         spec = self._spec(lo, hi, q_offset - lo, kpm, scale, start)
-        if backend.name == "fused" and nq == 1 and q_offset == nk - 1 and self._band_weights is not None \
-                and takes_few_rows(q, k, spec):  # a decoding step: its weights are a view of the plan's table
-            weights = self._last_row_weights(hi - lo, q.device, q.dtype)
-            if not return_lse and kpm is None:  # its own key has weight 1: the row is never empty
+        if backend.name == "fused" and nq == 1 and self.causal and q_offset == nk - 1 and takes_few_rows(q, k, spec):
+            # a decoding step: exact/window weights are a view of the plan's table, the others computed
+            weights = None if self._band_weights is None else self._last_row_weights(hi - lo, q.device, q.dtype)
+            if not return_lse and kpm is None:  # its own key has weight 1 in every method: never an empty row
+                if weights is None:
+                    weights = few_rows_log_weights(spec, 1, hi - lo, q.device,
+                                                   torch.float64 if q.dtype == torch.float64 else torch.float32)
                 out = last_row_sdpa(q, k, v, weights, scale)
                 if out is not None:
                     return out, None
