@@ -57,8 +57,8 @@ The cache's layers. Every layer of a ``DynamicCache`` a patched model uses is an
 ``DynamicLayer`` subclass, swapped in at the layer's first update: one buffer per tensor, the stored
 keys a window of it), evicting or not. ``DynamicLayer.update`` concatenates (``torch.cat``), which copies
 the whole cached layer at every step: O(n) per layer and token, the cost that grew with the cache when
-decoding without eviction (``bench/host_overhead.py --model tiny-bloom --cache-grid`` times a decode
-step at several cache lengths with either layer). The buffer appends in place and grows by half its
+decoding without eviction (``bench/host_overhead.py --model tiny-bloom --contexts 1024 4096 16384``
+times a decoding step at several cache lengths). The buffer appends in place and grows by half its
 need when full (``grown``), so each position is copied O(1) times on average and a layer holds at most
 1.5x its stored keys after an append (the prompt's update stores it exactly). ``patch_model(...,
 evict=True)`` also drops, after every forward, the prefix unreachable for all heads and rows, so the
