@@ -25,6 +25,22 @@ schedule ("plan triton, 2-wave splits", ``launch.SPLIT_WAVES = 2``) and with one
 the "triton" backend named (``auto`` may choose another); exact beside bias-free dense SDPA (the
 yardstick of an exact decode); ``--profile`` prints where a plan call's host time goes.
 
+A whole model (``--model tiny-bloom``): a BLOOM of random weights (``--layers`` layers, hidden 64, 4 heads,
+vocabulary 512, float32, CPU), where compute is negligible, so its time per generated token is host work:
+per context in ``--contexts``, each arm (``--arms``: transformers' own attention "native", and the poslsh
+patch's exact, window, window_evict, lsh, lsh_evict) reads a random prompt (``hf.chunked_prefill``, chunks
+of at most 1024) and greedily decodes ``--tokens`` tokens, timed one by one (a round's figure is the
+median step); one round runs every arm in turn (so a load on the shared machine hits them alike), the
+median over ``--rounds`` rounds is reported, with its ratio to
+native's median (native is skipped above ``--native-max`` tokens: its prefill is quadratic), in wall time
+and in this process's CPU time (``time.process_time``: on a shared machine the steadier measure of host
+work). Each row also says whether the arm's tokens equal native's (exact must; the others need not).
+
+    python bench/host_overhead.py --model tiny-bloom [--layers 4] [--contexts 256] [--tokens 32] [--rounds 5]
+        [--arms native exact window window_evict lsh] [--json PATH]
+    python bench/host_overhead.py --model tiny-bloom --contexts 1024 4096 16384 --arms window window_evict
+        (the decode step's growth with the cache)
+
 ``torch.set_num_threads(--threads)`` (default 1). Runs on a tree without ``AttentionPlan`` too (the
 plan's rows are then left out): the before/after of a change.
 """
@@ -235,6 +251,94 @@ def _profile(fn, reps: int, title: str) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
+# arm -> (method, evict) of the patch; None: transformers' own attention
+MODEL_ARMS = {"native": None, "exact": ("exact", False), "window": ("window", False),
+              "window_evict": ("window", True), "lsh": ("lsh", False), "lsh_evict": ("lsh", True)}
+PREFILL_CHUNK = 1024
+
+
+def tiny_bloom(layers: int):
+    """A BLOOM of random weights, CPU float32, wide initialisation (its tokens depend on attention)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=512, hidden_size=64, n_layer=layers, n_head=4,
+                                      initializer_range=0.3)
+    return transformers.BloomForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def _decode_ms(model, arm: str, ids, tokens: int) -> tuple[float, list[int]]:
+    """(wall ms, process CPU ms, tokens) of greedy decoding: each time the median of ``tokens`` timed steps
+    after a prefill and one untimed step (a burst of load on a shared machine moves a median less than a
+    mean; CPU time counts this process's work only, not the time other processes took the cores)."""
+    from poslsh.integrations import hf
+
+    hf.unpatch_model(model)
+    if MODEL_ARMS[arm] is not None:
+        method, evict = MODEL_ARMS[arm]
+        hf.patch_model(model, method, evict=evict)
+    import inspect
+
+    kwargs = {hf._cache_argument(model): None, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    cache, logits = hf.chunked_prefill(model, ids, PREFILL_CHUNK)
+    token = logits.argmax(-1, keepdim=True)
+    out = [token]
+    kwargs[hf._cache_argument(model)] = cache
+
+    def step(token):
+        logits = model(input_ids=token, **kwargs).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    out.append(step(out[-1]))
+    marks = [(time.perf_counter(), time.process_time())]
+    for _ in range(tokens):
+        out.append(step(out[-1]))
+        marks.append((time.perf_counter(), time.process_time()))
+    hf.unpatch_model(model)
+    wall, cpu = (sorted(b[i] - a[i] for a, b in zip(marks, marks[1:])) for i in (0, 1))
+    return wall[tokens // 2] * 1e3, cpu[tokens // 2] * 1e3, torch.cat(out, 1)[0].tolist()
+
+
+def model_rows(args) -> list[dict]:
+    import statistics
+
+    model = tiny_bloom(args.layers)
+    rows = []
+    for n in args.contexts:
+        ids = torch.randint(1, 512, (1, n), generator=torch.Generator().manual_seed(n))
+        arms = [a for a in args.arms if a != "native" or n <= args.native_max]
+        times, cpu, tokens = {a: [] for a in arms}, {a: [] for a in arms}, {}
+        for _ in range(args.rounds):
+            for arm in arms:
+                wall_ms, cpu_ms, tokens[arm] = _decode_ms(model, arm, ids, args.tokens)
+                times[arm].append(wall_ms)
+                cpu[arm].append(cpu_ms)
+        native = {name: statistics.median(d["native"]) if "native" in d else None
+                  for name, d in (("wall", times), ("cpu", cpu))}
+        for arm in arms:
+            wall_ms, cpu_ms = statistics.median(times[arm]), statistics.median(cpu[arm])
+            rows.append({"model": "tiny-bloom", "layers": args.layers, "context": n, "arm": arm,
+                         "tokens": args.tokens, "threads": args.threads, "ms_per_token": wall_ms,
+                         "ms_per_token_rounds": times[arm], "cpu_ms_per_token": cpu_ms, "cpu_ms_per_token_rounds": cpu[arm],
+                         "ratio_to_native": None if native["wall"] is None else wall_ms / native["wall"],
+                         "cpu_ratio_to_native": None if native["cpu"] is None else cpu_ms / native["cpu"],
+                         "tokens_equal_native": None if native["wall"] is None else tokens[arm] == tokens["native"]})
+    return rows
+
+
+def _print_model(rows: list[dict]) -> None:
+    for row in rows:
+        ratio = "" if row["ratio_to_native"] is None else \
+            f"  {row['ratio_to_native']:5.2f}x native (cpu {row['cpu_ratio_to_native']:5.2f}x)"
+        same = "" if row["tokens_equal_native"] is None else f"  tokens {'=' if row['tokens_equal_native'] else '!='} native"
+        spread = f"(rounds {min(row['ms_per_token_rounds']):.2f}-{max(row['ms_per_token_rounds']):.2f})"
+        print(f"tiny-bloom L={row['layers']} n={row['context']:<6d} {row['arm']:13s} wall {row['ms_per_token']:7.3f} ms/token "
+              f"{spread} cpu {row['cpu_ms_per_token']:7.3f} ms/token{ratio}{same}")
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nk", type=int, default=65536)
@@ -246,8 +350,23 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--profile", action="store_true", help="CUDA: print a cProfile of each method's plan call")
+    p.add_argument("--model", choices=("tiny-bloom",), default=None,
+                   help="time a whole model's decoding per token instead of one attention call")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--contexts", type=int, nargs="+", default=[256])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--arms", nargs="+", choices=tuple(MODEL_ARMS), default=["native", "exact", "window", "window_evict", "lsh"])
+    p.add_argument("--native-max", type=int, default=4096, help="longest context native runs at")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.model is not None:
+        rows = model_rows(args)
+        _print_model(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return rows
     register_backend("null", _null, priority=-100, methods=METHODS, kernels=True, slope_grad=True)
     try:
         rows = cpu_rows(args) if args.device == "cpu" else cuda_rows(args)

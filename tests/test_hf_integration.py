@@ -700,10 +700,10 @@ def test_mask_registry_is_restored_and_other_models_untouched():
 
 
 def test_evicting_layer_equals_concatenation_with_drops():
-    """EvictingLayer against the plain reference (torch.cat, then slicing off the dropped prefix), over
+    """InPlaceLayer against the plain reference (torch.cat, then slicing off the dropped prefix), over
     appends of 1 and several positions, drops that trigger in-place moves and reallocations, and a crop
     and a batch selection done by transformers' own DynamicLayer code (adopted at the next update)."""
-    layer = hf._evicting_layer_class()()
+    layer = hf._in_place_layer_class()()
     g = torch.Generator().manual_seed(0)
     ref_k = ref_v = None
     evicted = 0
@@ -763,3 +763,63 @@ def test_cuda_prefill_peak_memory_is_linear_in_the_length(method):
     if method == "window":
         chunked = peak(1 << 15, 1 << 12, evict=True)
         assert chunked < large / 2, (chunked, large)
+
+
+@pytest.mark.parametrize("method", ["exact", "window", "lsh"])
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:.past_key_values. is deprecated")
+def test_patched_cache_appends_in_place_without_eviction(model, method):
+    """Without eviction too, a patched model's DynamicCache layers append in place (transformers'
+    DynamicLayer concatenates: every step copied the whole cache, so a decode step's cost grew with it):
+    after a chunked prefill, 30 greedy steps reallocate each layer's buffer a few times (1.5x growth), not
+    at every step; the storage behind a layer's keys stays within 2x its stored keys; the tokens equal
+    those of recomputing the whole sequence at every step and, for exact, those of transformers' own
+    attention with its DynamicCache."""
+    ids = torch.randint(1, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    steps = 30
+
+    def recomputed():
+        seq = ids
+        for _ in range(steps):
+            token = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, token], 1)
+        return seq[:, ids.shape[1]:]
+
+    if method == "exact":
+        native_cache, native_logits = hf.chunked_prefill(model, ids, 7)  # unpatched: transformers' DynamicLayer
+        native = _greedy_after(model, native_cache, native_logits, None, steps)
+    with patch_model(model, method=method, samples=4, seed=2, window_eps=0.05):
+        cache, logits = hf.chunked_prefill(model, ids, 7)
+        layers = list(cache.layers)
+        assert all(type(layer).__name__ == "InPlaceLayer" for layer in layers)
+        buffers, moved = [layer.keys.untyped_storage().data_ptr() for layer in layers], 0
+        tokens, token = [], logits.argmax(-1, keepdim=True)
+        for _ in range(steps):
+            tokens.append(token)
+            out = model(input_ids=token, **_cache_kw(model, cache))
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            now = [layer.keys.untyped_storage().data_ptr() for layer in cache.layers]
+            moved += sum(a != b for a, b in zip(now, buffers))
+            buffers = now
+            for layer in cache.layers:
+                stored = layer.keys.shape[2] * layer.keys[:, :, :1].numel() * layer.keys.element_size()
+                assert layer.keys.untyped_storage().nbytes() <= 2 * stored
+        assert moved <= 3 * len(layers), moved  # DynamicLayer: one new tensor per layer and step
+        assert cache.get_seq_length() == ids.shape[1] + steps
+        cached = torch.cat(tokens, 1)
+        assert torch.equal(cached, recomputed())
+    assert len(set(cached.flatten().tolist())) > 2
+    if method == "exact":
+        assert torch.equal(cached, native)
+
+
+def test_window_reach_start_equals_the_per_head_starts():
+    """The window's eviction point in closed form (t - the widest head's half-width) is the minimum over
+    heads of ``_layer_starts``, before and past the widest window, a slope-0 head included."""
+    model = _steep_bloom()
+    for slopes in ([0.9, 0.6, 0.4, 0.3], [0.9, 0.6, 0.4, 0.0]):
+        with patch_model(model, method="window", window_eps=0.01, slopes=slopes, evict=True) as patch:
+            info = patch.layers[1]
+            for t in (0, 1, 5, 15, 16, 17, 40, 1000):
+                patch.forward_rows = {}
+                assert patch._reach_start(info, t) == int(patch._layer_starts(info, t).min()), (slopes, t)

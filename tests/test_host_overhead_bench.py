@@ -25,3 +25,24 @@ def test_host_overhead_runs_at_toy_size(tmp_path):
             {"old path", "public", "plan"}
     assert all(math.isfinite(row["us_per_call"]) and row["us_per_call"] > 0 for row in rows)
     assert any(row.get("note") == "band keys only" for row in rows)
+
+
+def test_host_overhead_tiny_bloom_runs_at_toy_size(tmp_path):
+    """--model tiny-bloom: every arm decodes, per-token wall and CPU times are finite, native's ratio is
+    1, and exact's tokens equal native's."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("host_overhead", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "model.json"
+    arms = list(mod.MODEL_ARMS)
+    rows = mod.main(["--model", "tiny-bloom", "--layers", "1", "--contexts", "24", "--tokens", "3", "--rounds", "1",
+                     "--arms", *arms, "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [row["arm"] for row in rows] == arms
+    assert all(math.isfinite(row["ms_per_token"]) and row["cpu_ms_per_token"] > 0 for row in rows)
+    by_arm = {row["arm"]: row for row in rows}
+    assert by_arm["native"]["ratio_to_native"] == 1.0
+    assert by_arm["exact"]["tokens_equal_native"] is True

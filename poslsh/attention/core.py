@@ -94,12 +94,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def has_nonfinite(*tensors: Tensor) -> bool:
-    """Whether any of the tensors may hold a NaN or an infinity: one sum each and one host sync, no
-    temporary of the tensor's size. (A sum that overflows sends a finite call down the careful
-    path, which is exact too, only slower.)"""
+    """Whether any of the tensors may hold a NaN or an infinity: one sum each, their total and one host
+    sync, no temporary of the tensor's size. (A sum that overflows in the tensors' dtype sends a finite
+    call down the careful path, which is exact too, only slower.)"""
     if not tensors:
         return False
-    return not bool(torch.isfinite(torch.stack([t.sum().to(torch.float64) for t in tensors])).all())
+    total = tensors[0].sum()  # a NaN or infinity anywhere makes the total non-finite
+    for t in tensors[1:]:
+        total = total + t.sum()
+    return not math.isfinite(total.item())  # item(): one host read, cheaper than isfinite's operations
 
 
 def last_dim_contiguous(x: Tensor) -> Tensor:
@@ -121,6 +124,12 @@ def softmax_with_lse(scores: Tensor, v: Tensor, keep: Tensor | None = None) -> t
     Returns:
         (out [..., M, Dv], lse [..., M]); an all -inf row gives out 0 and lse EMPTY_LSE.
     """
+    if keep is None and not (torch.is_grad_enabled() and (scores.requires_grad or v.requires_grad)):
+        # Without gradients (inference, decoding): three operations instead of a dozen. logsumexp gives
+        # -inf for an all -inf row, clamped to EMPTY_LSE, so exp(-inf - EMPTY_LSE) = 0 gives output 0.
+        # (With gradients the general path below: logsumexp's backward is NaN on such rows.)
+        lse = torch.logsumexp(scores, -1, keepdim=True).clamp(min=EMPTY_LSE)
+        return torch.matmul(torch.exp(scores - lse), v), lse.squeeze(-1)
     poisoned = None
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))

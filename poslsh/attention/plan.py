@@ -27,7 +27,10 @@ partials of a decoding row), and runs:
 * any other backend on the keys the method can reach only: k, v (and the padding mask) are sliced to
   ``[q_offset - reach, q_offset + Nq + reach)`` (right reach 0 when causal) and the queries re-placed in
   the slice, which is exact (the keys cut off have weight 0) and makes a CPU decoding step O(reach),
-  not O(cache).
+  not O(cache). A decoding step (one causal query at the last key) on the fused backend runs
+  ``fused.few_rows_attention`` (without the LSE and padding: ``fused.last_row_sdpa``, torch's SDPA with
+  the weights as its mask), "exact" and "window" with their positional weights a view of a per-plan
+  table (``_last_row_weights``): no weights computed per step, a handful of operations.
 
 CUDA graphs: a plan's call reads nothing from the device, so once one call has run (it builds the
 plan's device arrays and picks the backend), a call whose shapes, strides, dtypes, ``q_offset``, mask
@@ -60,6 +63,7 @@ from ..layer_partitions import LayerPartitions
 from ..method import METHOD_RULES, MethodSpec, as_method
 from .core import AttentionSpec
 from .dispatch import Backend, available_backends, select_backend
+from .fused import few_rows_attention, few_rows_log_weights, last_row_sdpa, takes_few_rows
 from .ranges import normalize_grid
 from .speed import DECODE_ROWS
 from .window import hybrid_widths, window_sizes
@@ -130,6 +134,9 @@ class AttentionPlan:
         self._tplan_start, self._shifted = 0, None  # its first position (cut), its grid seen from a key_start
         self._backends: dict = {}  # (dtype, regime, grad, length bucket, mask, D == Dv) -> Backend
         self._configs: dict = {}  # (dtype, D, decode) -> the Triton tile configuration
+        # (device, compute dtype) -> the decoding weights' table (``_last_row_weights``): causal "exact" and
+        # "window" only (the other methods' weights depend on the partitions seen from each step's keys)
+        self._band_weights: dict | None = {} if self.causal and not self.method.random else None
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -287,7 +294,7 @@ class AttentionPlan:
         if backend.name == "triton" and v.shape[3] == q.shape[3]:
             out, lse = self._run_triton(q, k, v, nq, nk, q_offset, key_padding_mask, scale, start)
         else:
-            out, lse = self._run_sliced(backend, q, k, v, nq, nk, q_offset, key_padding_mask, scale, start)
+            out, lse = self._run_sliced(backend, q, k, v, nq, nk, q_offset, key_padding_mask, scale, start, return_lse)
         return (out, lse) if return_lse else out
 
     def _spec(self, lo: int, hi: int, q_offset: int, kpm: Tensor | None, scale: float,
@@ -337,12 +344,42 @@ class AttentionPlan:
             self._backends[key] = backend
         return backend
 
-    def _run_sliced(self, backend: Backend, q, k, v, nq, nk, q_offset, kpm, scale, start) -> tuple[Tensor, Tensor]:
+    def _run_sliced(self, backend: Backend, q, k, v, nq, nk, q_offset, kpm, scale, start,
+                    return_lse: bool = True) -> tuple[Tensor, Tensor | None]:
         lo, hi = self._band(nq, nk, q_offset)
         if (lo, hi) != (0, nk):  # views: the keys no row reaches have weight 0, so the result is the same
-            k, v = k[:, :, lo:hi], v[:, :, lo:hi]
+            k, v = k.narrow(2, lo, hi - lo), v.narrow(2, lo, hi - lo)
             kpm = None if kpm is None else kpm[:, lo:hi]
-        return backend(q, k, v, self._spec(lo, hi, q_offset - lo, kpm, scale, start))
+        spec = self._spec(lo, hi, q_offset - lo, kpm, scale, start)
+        if backend.name == "fused" and nq == 1 and self.causal and q_offset == nk - 1 and takes_few_rows(q, k, spec):
+            # a decoding step: exact/window weights are a view of the plan's table, the others computed
+            weights = None if self._band_weights is None else self._last_row_weights(hi - lo, q.device, q.dtype)
+            if not return_lse and kpm is None:  # its own key has weight 1 in every method: never an empty row
+                if weights is None:
+                    weights = few_rows_log_weights(spec, 1, hi - lo, q.device,
+                                                   torch.float64 if q.dtype == torch.float64 else torch.float32)
+                out = last_row_sdpa(q, k, v, weights, scale)
+                if out is not None:
+                    return out, None
+            return few_rows_attention(q, k, v, spec, weights)
+        return backend(q, k, v, spec)
+
+    def _last_row_weights(self, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """log W of a causal query at the last of n keys, "exact" or "window": [H, 1, n], a view of a table
+        [H, 1, T] of -m_h * d (-inf for d > w_h) at distances d = T - 1 .. 0, kept per device and compute
+        dtype and rebuilt at twice the length when n > T, so a decoding step computes no weights (the
+        fused backend's ``few_rows_log_weights`` would take a dozen operations; it is the reference)."""
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (device, dtype)
+        table = self._band_weights.get(key)
+        if table is None or table.shape[2] < n:
+            length = max(64, 2 * n)
+            dist = torch.arange(length - 1, -1, -1, device=device)
+            table = dist * self.slopes.to(device, dtype).neg()[:, None]
+            if self._window is not None:
+                table = table.masked_fill(dist > self._window.to(device)[:, None], float("-inf"))
+            table = self._band_weights[key] = table[:, None, :]
+        return table.narrow(2, table.shape[2] - n, n)
 
     def _run_triton(self, q, k, v, nq, nk, q_offset, kpm, scale, start) -> tuple[Tensor, Tensor]:
         from .triton import launch  # present: the registry chose "triton"

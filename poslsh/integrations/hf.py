@@ -51,27 +51,38 @@ recomputing the full sequence, and a batch attends like its rows one at a time.
 KV cache. With "lsh", "hybrid" or "window" a cached key becomes unreachable once no future query can
 see it: a query at position i >= T sees key j < T in sample t iff j lies in the block of T, so the
 reachable keys are j >= min_t start_t(T) (window: j >= T - w_h; hybrid: the smaller of the two).
-``cache_report`` counts them for any length. ``patch_model(..., evict=True)`` swaps each layer of a
-``DynamicCache`` for an ``EvictingLayer`` (a ``DynamicLayer`` subclass: one buffer per tensor, the stored
-keys a window of it) and, after every forward, drops the prefix unreachable for all heads and rows, so
-the memory a layer holds is bounded by its reachable keys (at most 4x, 2x after an append), not by the
-sequence; its ``get_seq_length`` is the logical length (stored + evicted), from which transformers
-derives positions and masks. Before, eviction sliced ``DynamicLayer.keys``: the slice kept the whole
-tensor (the full prompt after prefill) alive until the next ``torch.cat``, which then copied the whole
-kept cache at every step; the buffer appends in place (amortised O(1) copies per position) and frees a
-dropped prefix once the stored keys fill less than a quarter of it. ``PoslshPatch.cache_memory(cache)``
-reports stored, held and evicted bytes; ``evict=True`` warns once when it cannot act (method "exact", no
-cache: ``use_cache=False``, MPT's default, or a cache other than ``DynamicCache``). Eviction is
-rectangular (a [B, Hkv, N, D] cache cannot drop keys of one head only), so the head with the smallest
-slope sets how much goes; ``cache_report`` also gives the per-head figure a ragged cache could reach.
+``cache_report`` counts them for any length.
 
-Static caches are refused (NotImplementedError). ``StaticLayer.update`` returns its whole
-``max_cache_len`` buffer, the valid length reaching attention only through the 4-D mask this patch does
-not build; and what a static cache is for, a captured graph of fixed shapes, needs the operator's
-capturable decode path (issue 22 item 1) which the per-call partition windows here are not yet. Once it
-is, a static cache without eviction is ``keys[:, :, :length]``; with eviction it would be a ring buffer
-whose wrap-around ``poslsh.attention`` (keys at contiguous positions start..start+Nk-1) cannot take
-without a copy per step. ``hf_graph.StaticWindowCache`` (method "window") is that copy: fixed buffers of
+The cache's layers. Every layer of a ``DynamicCache`` a patched model uses is an ``InPlaceLayer`` (a
+``DynamicLayer`` subclass, swapped in at the layer's first update: one buffer per tensor, the stored
+keys a window of it), evicting or not. ``DynamicLayer.update`` concatenates (``torch.cat``), which copies
+the whole cached layer at every step: O(n) per layer and token, the cost that grew with the cache when
+decoding without eviction (``bench/host_overhead.py --model tiny-bloom --contexts 1024 4096 16384``
+times a decoding step at several cache lengths). The buffer appends in place and grows by half its
+need when full (``grown``), so each position is copied O(1) times on average and a layer holds at most
+1.5x its stored keys after an append (the prompt's update stores it exactly). ``patch_model(...,
+evict=True)`` also drops, after every forward, the prefix unreachable for all heads and rows, so the
+memory a layer holds is bounded by its reachable keys (at most 4x, 1.5x after an append), not by the
+sequence; its ``get_seq_length`` is the logical length (stored + evicted), from which transformers
+derives positions and masks. ``PoslshPatch.cache_memory(cache)`` reports stored, held and evicted
+bytes; ``evict=True`` warns once when it cannot act (method "exact", no cache: ``use_cache=False``,
+MPT's default, or a cache other than ``DynamicCache``). Eviction is rectangular (a [B, Hkv, N, D] cache
+cannot drop keys of one head only), so the head with the smallest slope sets how much goes;
+``cache_report`` also gives the per-head figure a ragged cache could reach.
+
+Static caches are refused (NotImplementedError), for these reasons (read in transformers 5.25's
+``cache_utils``). ``StaticLayer.update`` writes the new keys with ``index_copy_`` and returns its whole
+[B, Hkv, max_cache_len, D] buffer, zeros past the valid length; that length lives in
+``StaticLayer.cumulative_length``, a device tensor (reading it is a host-device synchronisation per layer
+and step), and in the 4-D mask this patch does not build. The patch could slice the buffer to the 2-D
+mask's length, which it reads on the host, but the keys' shape would then change at every step, and a
+static cache exists for fixed shapes (``torch.compile`` without recompiling, CUDA graph capture): it would
+work as a slower ``DynamicCache``. Keeping the shapes fixed would need the attention call to take the
+whole buffer and the valid length as a device value; ``AttentionPlan``'s calls take the length from the
+keys' shape (its CUDA graph capture holds Nk fixed), and the patched forward does host work per step that
+a captured graph cannot replay (the 2-D mask's rows, slicing to the method's reach, eviction). With
+eviction a static cache would be a ring buffer, whose wrap-around ``poslsh.attention`` (keys at contiguous
+positions start..start+Nk-1) cannot take without a copy per step. ``hf_graph.StaticWindowCache`` (method "window") is that copy: fixed buffers of
 the reach + 1 newest positions, shifted by one per step, which ``attend`` and ``_update_cache`` recognise
 by its ``poslsh_static_window`` marker (hf_graph builds on this module, so it is not imported here).
 
@@ -83,7 +94,12 @@ Host work per decode step. The mask pre-hook reads the 2-D mask once per model f
 ``all()``, and one host copy when some position is masked); the row offsets, kept positions and
 eviction arithmetic every layer needs are derived from it on the host once per forward (``_rows``) and
 reused, so a layer does no host-device synchronisation of its own. ``_call`` is the one place the
-operator is called.
+operator is called, through the layer's ``AttentionPlan``. A layer's forward names its arguments without
+``inspect.Signature.bind`` (``_arguments``), finds its cache layer without an import or type check after
+the first step, appends in place, and computes the window's eviction point in closed form; a decoding
+step on the torch backends computes every head at once (``fused.few_rows_attention``, its exact/window
+weights a view of the plan's table). ``bench/host_overhead.py --model tiny-bloom`` times a tiny BLOOM's
+decoding per token (compute negligible, so host work) against transformers' own attention.
 
 Supported: transformers >=5.2,<5.26 (``TESTED_TRANSFORMERS``; tested 5.2.0 and 5.25.0; ``patch_model``
 warns once outside that range and refuses below 4.54). 5.2 is the first release in which all three
@@ -300,6 +316,7 @@ class PoslshPatch:
     active: bool = True
     widths: Tensor | None = None  # hybrid: fixed near-field half-widths [H] (UNBOUNDED_WIDTH = every key)
     plans: dict = field(default_factory=dict)  # (layer index, device) -> the layer's AttentionPlan
+    window_reach: int | None = None  # window: the widest head's half-width, uncapped (set at the first eviction)
     _warned: set = field(default_factory=set)
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -362,7 +379,7 @@ class PoslshPatch:
             return cache.attend(self.layer_plan(info, q.device), q, k, v)
         layer = None
         if self.options.evict and not self.options.spec.rule.all_exact:
-            layer = _evicting_layer(cache, info.module.layer_idx)
+            layer = _in_place_layer(cache, info.module.layer_idx)
             if layer is None:
                 self._warn_once("no-cache", "evict=True has no effect: this forward ran without a transformers "
                                 "DynamicCache (use_cache=False, MPT's default: pass use_cache=True; static, "
@@ -455,11 +472,17 @@ class PoslshPatch:
 
     # ------------------------------------------------------------------ eviction
     def _reach_start(self, info: _LayerInfo, t: int) -> int:
-        """First position (among kept tokens) any query at position >= t can see, over all heads (host
-        arithmetic on the slopes and partitions; the window's is the same for every layer, so it is
-        computed once per forward)."""
-        rule = self.options.spec.rule  # window: the same reach in every layer (no partitions)
-        key = ("reach", None if rule.band_only else info.index, t)
+        """First position (among kept tokens) any query at position >= t can see, over all heads: the
+        minimum of ``_layer_starts`` (host arithmetic on the slopes and partitions, once per forward and
+        layer; the window's in closed form, ``t - max_h w_h``: its widths do not depend on t)."""
+        rule = self.options.spec.rule
+        if rule.band_only:  # window: t - w_h for the widest head, every layer alike, no tensor work
+            if self.window_reach is None:
+                from ..attention import window_sizes
+
+                self.window_reach = int(window_sizes(self.slopes, self.options.spec.window_eps, UNBOUNDED_WIDTH + 1).max())
+            return max(0, t - self.window_reach)
+        key = ("reach", info.index, t)
         start = self.forward_rows.get(key)
         if start is None:
             start = self.forward_rows[key] = int(self._layer_starts(info, t).min())
@@ -505,7 +528,7 @@ class PoslshPatch:
         Returns:
             {"stored_bytes", "held_bytes", "evicted_bytes", "saved_fraction",
             "layers": [{"layer", "stored", "held", "evicted"}]}: ``stored``/``held``/``evicted`` counted in key
-            positions; ``held`` is what the layer's buffers occupy (stored keys plus the evicting layer's
+            positions; ``held`` is what the layer's buffers occupy (stored keys plus the in-place layer's
             free room), ``held_bytes`` the bytes of the storages behind its keys and values.
         """
         stored = held = evicted = 0
@@ -585,28 +608,37 @@ class _Rows:
     keep_host: Tensor | None = None
 
 
-_EVICTING_LAYER: Any = None
+_IN_PLACE_LAYER: Any = None
 
 
-def _evicting_layer_class() -> type:
-    """``EvictingLayer``, a transformers ``DynamicLayer`` whose memory is bounded by the reachable keys
+def grown(columns: int) -> int:
+    """The capacity an ``InPlaceLayer`` buffer is reallocated to when ``columns`` must fit: 1.5x (a full
+    exact cache at a long context is the largest allocation a patched model makes; doubling it would let
+    the first decoding step after a prompt need 3x the cache), at least one spare column."""
+    return columns + max(1, columns // 2)
+
+
+def _in_place_layer_class() -> type:
+    """``InPlaceLayer``, a transformers ``DynamicLayer`` that appends in place and can drop a prefix
     (built on first use: importing this module does not import transformers)."""
-    global _EVICTING_LAYER
-    if _EVICTING_LAYER is not None:
-        return _EVICTING_LAYER
+    global _IN_PLACE_LAYER
+    if _IN_PLACE_LAYER is not None:
+        return _IN_PLACE_LAYER
     from transformers.cache_utils import DynamicLayer
 
-    class EvictingLayer(DynamicLayer):
+    class InPlaceLayer(DynamicLayer):
         """A cache layer that stores keys and values in one buffer [B, Hkv, capacity, D] per tensor, the
-        stored ones in its columns begin..end-1, so dropping a prefix (``drop``) is moving ``begin``.
+        stored ones in its columns begin..end-1, so appending is a write after ``end`` and dropping a
+        prefix (``drop``, eviction) is moving ``begin``.
 
-        ``keys``/``values`` (what transformers and the patch read) are views of the stored columns.
-        Appending writes after ``end``; when the buffer is full, the stored columns are moved to its front
-        (they fit in its first half, so source and target never overlap) or, when more than half full,
-        copied into a buffer twice their size; a drop that leaves the buffer less than a quarter full
-        copies the stored columns into a buffer of twice their size, which frees the dropped prefix. Each
-        appended position is copied O(1) times on average, and a layer holds at most ~4x its stored keys
-        (2x after any append), where DynamicLayer's ``torch.cat`` copies the whole cache at every step.
+        ``keys``/``values`` (what transformers and the patch read) are views of the stored columns. The
+        first update stores its keys exactly (a prompt takes no spare room). When an append does not fit,
+        the stored columns are moved to the buffer's front if they fit in its first half (source and
+        target never overlap), else copied into a buffer of ``grown(stored + new)`` columns (1.5x); a drop
+        that leaves the buffer less than a quarter full copies the stored columns into a buffer of twice
+        their size, which frees the dropped prefix. Each appended position is copied O(1) times on
+        average, and a layer holds at most 1.5x its stored keys after an append (4x after a drop), where
+        DynamicLayer's ``torch.cat`` copies the whole cache at every step.
         ``get_seq_length`` is the logical length (``evicted`` + stored), so transformers' positions and
         masks count the dropped tokens. Operations transformers applies to ``keys`` itself (crop, beam
         reordering, batch selection) leave a tensor the next ``update`` adopts as its buffer.
@@ -664,7 +696,7 @@ def _evicting_layer_class() -> type:
                     self.buffer_values[:, :, :stored] = self.values
                     self.begin, self.end = 0, stored
                 else:
-                    self.reallocate(2 * (stored + n))
+                    self.reallocate(grown(stored + n))
             self.buffer_keys[:, :, self.end:self.end + n] = key_states
             self.buffer_values[:, :, self.end:self.end + n] = value_states
             self.end += n
@@ -708,20 +740,22 @@ def _evicting_layer_class() -> type:
             self.evicted = 0
             self.begin = self.end = 0
 
-    _EVICTING_LAYER = EvictingLayer
-    return EvictingLayer
+    _IN_PLACE_LAYER = InPlaceLayer
+    return InPlaceLayer
 
 
-def _evicting_layer(cache: Any, layer_idx: int) -> Any:
-    """The cache's layer ``layer_idx`` as an ``EvictingLayer`` (a plain ``DynamicLayer`` is replaced by
+def _in_place_layer(cache: Any, layer_idx: int) -> Any:
+    """The cache's layer ``layer_idx`` as an ``InPlaceLayer`` (a plain ``DynamicLayer`` is replaced by
     one that adopts its keys), or None when the cache is not a ``DynamicCache`` of such layers."""
+    cls = _in_place_layer_class()
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is cls:
+        return layers[layer_idx]  # every step after the first: no import, no isinstance of the cache
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     if not isinstance(cache, DynamicCache):
         return None
-    cls = _evicting_layer_class()
-    layers = cache.layers
     while len(layers) <= layer_idx:
         layers.append(cls())
     layer = layers[layer_idx]
@@ -744,16 +778,19 @@ def _find_cache(args: dict[str, Any]) -> Any:
     return None
 
 
-def _update_cache(patch: PoslshPatch, cache: Any, k: Tensor, v: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
+def _update_cache(cache: Any, k: Tensor, v: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
+    """The layer's keys and values [B, Hkv, Nk, D] after appending k, v [B, Hkv, n, D] to the cache (the
+    module docstring's "The cache's layers": an ``InPlaceLayer`` in place of a ``DynamicLayer``)."""
     if cache is None:
         return k, v
-    from transformers import DynamicCache
+    if getattr(cache, "poslsh_static_window", False):  # hf_graph's fixed buffers: nothing to swap in
+        return cache.update(k, v, layer_idx)
+    if _in_place_layer(cache, layer_idx) is None:  # before the update, so the prompt goes into its buffer
+        from transformers import DynamicCache
 
-    if not isinstance(cache, DynamicCache) and not getattr(cache, "poslsh_static_window", False):
-        raise NotImplementedError(f"the poslsh patch supports DynamicCache (the default) or no cache, got "
-                                  f"{type(cache).__name__}")
-    if patch.options.evict and not patch.options.spec.rule.all_exact:
-        _evicting_layer(cache, layer_idx)  # before the update, so the prompt goes into its buffer
+        if not isinstance(cache, DynamicCache):
+            raise NotImplementedError(f"the poslsh patch supports DynamicCache (the default) or no cache, got "
+                                      f"{type(cache).__name__}")
     return cache.update(k, v, layer_idx)
 
 
@@ -766,12 +803,13 @@ def _bloom_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dic
     hidden, residual = a["hidden_states"], a["residual"]
     b, n, _ = hidden.shape
     qkv = self.query_key_value(hidden).view(b, n, info.num_heads, 3, info.head_dim)
-    q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
+    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(3))
     cache = _find_cache(a)
-    k, v = _update_cache(patch, cache, k, v, self.layer_idx)
+    k, v = _update_cache(cache, k, v, self.layer_idx)
     out = self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache)))
-    out = residual + F.dropout(out, p=self.hidden_dropout, training=self.training)
-    return out, None
+    if self.training:
+        out = F.dropout(out, p=self.hidden_dropout, training=True)
+    return residual + out, None
 
 
 def _mpt_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[str, Any]):
@@ -782,7 +820,7 @@ def _mpt_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[
         qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     q, k, v = (x.reshape(b, n, info.num_heads, info.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
     cache = _find_cache(a)
-    k, v = _update_cache(patch, cache, k, v, self.layer_idx)
+    k, v = _update_cache(cache, k, v, self.layer_idx)
     return self.out_proj(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
 
 
@@ -807,29 +845,48 @@ def _falcon_split(info: _LayerInfo, fused: Tensor) -> tuple[Tensor, Tensor, Tens
 def _falcon_forward(patch: PoslshPatch, info: _LayerInfo, self: nn.Module, a: dict[str, Any]):
     q, k, v = (x.transpose(1, 2) for x in _falcon_split(info, self.query_key_value(a["hidden_states"])))
     cache = _find_cache(a)
-    k, v = _update_cache(patch, cache, k, v, self.layer_idx)
+    k, v = _update_cache(cache, k, v, self.layer_idx)
     return self.dense(_heads_to_hidden(patch.attend(info, q, k, v, cache))), None
 
 
 _FORWARDS = {"bloom": _bloom_forward, "mpt": _mpt_forward, "falcon": _falcon_forward}
 
 
+def _argument_names(function: Any) -> tuple[inspect.Signature, tuple[str, ...]]:
+    """(signature, names of the positional parameters after the first) of a method or function."""
+    signature = inspect.signature(function)
+    names = tuple(p.name for p in signature.parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    return signature, names
+
+
+def _arguments(signature: inspect.Signature, names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments by name: positional ones named by ``names``, keywords as given (extra keywords
+    stay at the top level: ``_find_cache`` and the hook look there and under "kwargs"). ``signature.bind``
+    (which also checks the call) only when the positional arguments overflow ``names``; binding every
+    call cost more than the rest of a layer's host work for a decoding step."""
+    if len(args) > len(names):
+        return signature.bind_partial(*args, **kwargs).arguments
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
 def _make_forward(patch: PoslshPatch, info: _LayerInfo, family: str):
-    signature = inspect.signature(type(info.module).forward)
+    signature, names = _argument_names(type(info.module).forward)
     body = _FORWARDS[family]
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any):
-        bound = signature.bind(self, *args, **kwargs)
-        return body(patch, info, self, bound.arguments)
+        return body(patch, info, self, _arguments(signature, names, (self, *args), kwargs))
 
     return types.MethodType(forward, info.module)
 
 
 def _mask_hook(patch: PoslshPatch, base: nn.Module):
-    signature = inspect.signature(base.forward)
+    signature, names = _argument_names(base.forward)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound = _arguments(signature, names, args, kwargs)
         mask = bound.get("attention_mask")
         if mask is None:
             mask = (bound.get("kwargs") or {}).get("attention_mask")

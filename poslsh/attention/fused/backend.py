@@ -9,22 +9,37 @@ blocks, not the sum of their sizes. Memory per step is bounded by ``tiled.TILE_B
 
 "hybrid" (``HybridRule``): the band rule's exact weights for |p - j| <= w_h and the collision rule's
 weights beyond; the tile's key range is the union of the band's and the blocks' ranges.
+
+Decoding (at most ``speed.DECODE_ROWS`` query rows, ALiBi weights, scores within ``tiled.TILE_BYTES``):
+the tiled engine's loop over heads costs ~25 small tensor operations per head, host work that dwarfs
+the arithmetic of a few rows (on a CPU, a 4-head BLOOM layer's decode step: ~1.2 ms in the loop, where
+the model's own attention takes a few operations). ``few_rows_attention`` computes the same weights for
+every head at once (``few_rows_log_weights``: the band as ``BandRule``, the collision counts as
+``CollisionRule``, by scattering each row's block bounds and a cumulative sum) and attends with
+``reference.dense_attention``: a constant number of operations whatever the head count. A decoding step
+through an ``AttentionPlan`` that needs no LSE and has no padding goes on to ``last_row_sdpa`` (torch's
+SDPA with the plan's weights as its mask), falling back here when its output is not finite.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ...hashing import Partitions
 from . import tiled
 from ..core import AttentionSpec
+from ..reference.backend import dense_attention
+from ..speed import DECODE_ROWS
 from .tiled import tiled_attention
 from ..window import BandRule, band_rules
 
-__all__ = ["CollisionRule", "HybridRule", "collision_rules", "fused_attention", "supports_fused"]
+__all__ = ["CollisionRule", "HybridRule", "collision_rules", "fused_attention", "few_rows_attention",
+           "few_rows_log_weights", "last_row_sdpa", "supports_fused", "takes_few_rows"]
 
 class CollisionRule:
     """Weights c_pj = #{t : start_t(p) <= j < end_t(p)} / r for one head (and j <= p when causal).
@@ -124,6 +139,8 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, float64 for float64 inputs).
     """
+    if takes_few_rows(q, k, spec):
+        return few_rows_attention(q, k, v, spec)
     if spec.rule.only_collisions:
         rules = collision_rules(spec)
     elif spec.rule.near_far:
@@ -131,6 +148,92 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
     else:
         rules = band_rules(spec, k.shape[2])
     return tiled_attention(q, k, v, spec, rules)
+
+
+def takes_few_rows(q: Tensor, k: Tensor, spec: AttentionSpec) -> bool:
+    """Whether ``fused_attention`` runs a call as ``few_rows_attention``: at most ``DECODE_ROWS`` query
+    rows, ALiBi weights, and [B, H, Nq, Nk] scores within ``tiled.TILE_BYTES`` (counted at 8 bytes: the
+    scores and the weights of the same size live at once)."""
+    b, h, nq, _ = q.shape
+    return nq <= DECODE_ROWS and spec.kernels is None and b * h * nq * (k.shape[2] + 1) * 8 <= tiled.TILE_BYTES
+
+
+def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
+                       log_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``fused_attention`` of a few query rows (decoding), every head at once: the weights of
+    ``few_rows_log_weights`` [H, Nq, Nk], then one dense softmax (``reference.dense_attention``). Memory
+    O(B * H * Nq * Nk): ``fused_attention`` sends a call here only when that fits ``tiled.TILE_BYTES``.
+    ALiBi only (``spec.kernels`` None).
+
+    Args:
+        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv].
+        log_weights: [H, Nq, Nk] (broadcastable), what ``few_rows_log_weights`` would give, from a caller
+            that keeps them (``AttentionPlan``'s decoding table); None: computed here.
+
+    Returns:
+        (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] in the compute dtype).
+    """
+    if log_weights is None:
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        log_weights = few_rows_log_weights(spec, q.shape[2], k.shape[2], q.device, dtype)
+    return dense_attention(q, k, v, spec, log_weights)
+
+
+def last_row_sdpa(q: Tensor, k: Tensor, v: Tensor, log_weights: Tensor, scale: float) -> Tensor | None:
+    """``few_rows_attention``'s output for one query row per head without its LSE, by torch's
+    ``scaled_dot_product_attention`` with the weights as its float mask (one operation for what
+    ``core.attend`` does in about ten), in the compute dtype; for a decoding step whose row sees at least
+    one key (a causal query at the last key, no padding: its own key has weight 1).
+
+    Args:
+        q: [B, H, 1, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]; log_weights: [H, 1, Nk] (-inf where W = 0).
+
+    Returns:
+        out [B, H, 1, Dv] in q's dtype, or None when it is not finite: SDPA lets a non-finite key or value
+        reach rows that give it weight 0, so such a call is left to ``few_rows_attention``'s careful path.
+    """
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = (x if x.dtype == cdt else x.to(cdt) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=log_weights, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    if not math.isfinite(out.sum().item()):
+        return None
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def few_rows_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """log W of every head for query positions q_offset .. q_offset + Nq - 1 against keys 0 .. Nk - 1:
+    [H, Nq, Nk] in ``dtype``, -inf where W = 0. What ``BandRule`` (exact, window, the hybrid's near
+    field), ``CollisionRule`` (lsh, the hybrid's far field) and ``HybridRule`` give head by head, for all
+    heads in a constant number of tensor operations; the collision counts from the rows' block bounds
+    (``Partitions.bounds_at``, [H, r, Nq]) scattered as +1/-1 steps and summed along the keys, O(H * Nq *
+    (Nk + r)), never the [H, Nk, Nk] mean mask the reference builds."""
+    rule = spec.rule
+    pos_q = torch.arange(spec.q_offset, spec.q_offset + nq, device=device)
+    diff = pos_q[:, None] - torch.arange(nk, device=device)  # p - j, [Nq, Nk]
+    logw = None
+    if rule.collisions:
+        parts = spec.partitions
+        start, end = parts.bounds_at(pos_q, parts.cut_table() if parts.scheme == "cut" else None)  # [H, r, Nq]
+        h, r = start.shape[:2]
+        steps = torch.zeros(h, nq, nk + 1, dtype=dtype, device=device)
+        ones = torch.ones(h, nq, r, dtype=dtype, device=device)
+        steps.scatter_add_(2, start.clamp(0, nk).transpose(1, 2), ones)
+        steps.scatter_add_(2, end.clamp(0, nk).transpose(1, 2), -ones)
+        logw = torch.log(steps[..., :nk].cumsum(-1) / r)  # log 0 = -inf: never in a common block
+    if rule.exact_band:
+        exact = diff.abs() * spec.slopes.to(device, dtype).neg().view(-1, 1, 1)  # -m_h |p - j|, in dtype
+        if rule.bounded:
+            w = spec.window.to(device).view(-1, 1, 1)
+            outside = diff > w
+            if not spec.causal:  # a causal call drops every j > p below anyway
+                outside = outside | (diff < -(w if spec.window_right is None else spec.window_right.to(device).view(-1, 1, 1)))
+            logw = exact.masked_fill(outside, float("-inf")) if logw is None else torch.where(outside, logw, exact)
+        else:
+            logw = exact
+    if spec.causal:
+        logw = logw.masked_fill(diff < 0, float("-inf"))
+    return logw
 
 
 def supports_fused(q: Tensor, spec: AttentionSpec) -> bool:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..core import AttentionSpec, attend, compute_dtype, has_nonfinite
 
-__all__ = ["dense_log_weights", "reference_attention", "supports_reference"]
+__all__ = ["dense_attention", "dense_log_weights", "reference_attention", "supports_reference"]
 
 
 def dense_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.device) -> Tensor:
@@ -63,18 +63,35 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) ->
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] in the compute dtype).
     """
+    return dense_attention(q, k, v, spec, dense_log_weights(spec, q.shape[2], k.shape[2], q.device))
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, log_weights: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax_j(scale q_i . k_j + log_weights[h, i, j]) v over the kept keys, every head at once.
+
+    Args:
+        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]; H divisible by Hkv.
+        spec: scale and key_padding_mask are read.
+        log_weights: [H, Nq, Nk], -inf where the weight is 0 (any float dtype: cast to the compute dtype).
+
+    Returns:
+        (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] in the compute dtype).
+    """
     b, h, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = h // hkv
-    cdt = compute_dtype(q.dtype)
-    # Grouped KV: view the query heads as [Hkv, G] and broadcast K/V over G instead of repeating them.
-    qg = q.to(cdt).reshape(b, hkv, g, nq, -1)
-    kk, vv = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]
-    logw = dense_log_weights(spec, nq, nk, q.device).to(cdt).reshape(hkv, g, nq, nk)
+    cdt, q_dtype = compute_dtype(q.dtype), q.dtype
+    q, k, v, logw = (x if x.dtype == cdt else x.to(cdt) for x in (q, k, v, log_weights))  # no-op casts cost too
     kpm = spec.key_padding_mask
+    if g == 1:  # no grouping: the plain [B, H, ...] layout, without the views below (fewer operations)
+        keep = None if kpm is None else kpm[:, None, None, :]
+        out, lse = attend(q, k, v, spec.scale, logw, keep, careful=has_nonfinite(k, v))
+        return (out if out.dtype == q_dtype else out.to(q_dtype)), lse
+    # Grouped KV: view the query heads as [Hkv, G] and broadcast K/V over G instead of repeating them.
+    qg, kk, vv = q.reshape(b, hkv, g, nq, -1), k[:, :, None], v[:, :, None]
     keep = None if kpm is None else kpm[:, None, None, None, :]
-    out, lse = attend(qg, kk, vv, spec.scale, logw, keep, careful=has_nonfinite(kk, vv))  # [B, Hkv, G, Nq, *]
-    return out.reshape(b, h, nq, -1).to(q.dtype), lse.reshape(b, h, nq)
+    out, lse = attend(qg, kk, vv, spec.scale, logw.reshape(hkv, g, nq, nk), keep, careful=has_nonfinite(kk, vv))
+    return out.reshape(b, h, nq, -1).to(q_dtype), lse.reshape(b, h, nq)  # from [B, Hkv, G, Nq, *]
 
 
 def supports_reference(q: Tensor, spec: AttentionSpec) -> bool:

@@ -1,0 +1,168 @@
+"""The fused backend's decoding path (``fused.few_rows_attention``: every head at once for at most
+``DECODE_ROWS`` query rows) against the dense reference and the tiled engine it replaces there, for every
+method, causal or not, grouped KV, padding, rows that see no key, and gradients; and the no-gradient
+branch of ``core.softmax_with_lse`` against its general branch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from poslsh.attention import EMPTY_LSE
+from poslsh.attention.core import softmax_with_lse
+from poslsh.attention.dispatch import resolve_spec
+from poslsh.attention.fused import few_rows_attention, fused_attention, few_rows_log_weights
+from poslsh.attention.reference import dense_log_weights, reference_attention
+from poslsh.attention.speed import DECODE_ROWS
+from poslsh.attention.tiled import tiled_attention
+from poslsh.attention.window import band_rules
+
+CASES = [("exact", "grid", {}), ("window", "grid", {"window_eps": 0.05}), ("lsh", "grid", {"samples": 5}),
+         ("lsh", "cut", {"samples": 3}), ("hybrid", "grid", {"samples": 4, "hybrid_eps": 0.2})]
+
+
+def _inputs(b, h, hkv, nq, nk, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, 8, generator=g, dtype=dtype)
+    k = torch.randn(b, hkv, nk, 8, generator=g, dtype=dtype)
+    v = torch.randn(b, hkv, nk, 6, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _spec(q, k, v, method, scheme, opts, **kw):
+    return resolve_spec(q, k, v, slopes=[0.5, 0.25, 0.1, 0.02], method=method, scheme=scheme,
+                        generator=torch.Generator().manual_seed(3), **opts, **kw)
+
+
+@pytest.mark.parametrize("method,scheme,opts", CASES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_few_rows_equal_reference(method, scheme, opts, causal, hkv):
+    """Decode-shaped calls (1 and DECODE_ROWS rows, queries inside the keys and at their end, a padded
+    key) give the reference's output and LSE in float64."""
+    for nq, q_offset in ((1, None), (DECODE_ROWS, 7)):
+        q, k, v = _inputs(2, 4, hkv, nq, 40)
+        kpm = torch.ones(2, 40, dtype=torch.bool)
+        kpm[1, 3] = False
+        spec = _spec(q, k, v, method, scheme, opts, causal=causal, q_offset=q_offset, key_padding_mask=kpm)
+        out, lse = few_rows_attention(q, k, v, spec)
+        ref_out, ref_lse = reference_attention(q, k, v, spec)
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(few_rows_log_weights(spec, nq, 40, q.device, torch.float64),
+                                   dense_log_weights(spec, nq, 40, q.device))
+
+
+def test_fused_takes_the_few_rows_path_for_decoding_only(monkeypatch):
+    """fused_attention sends at most DECODE_ROWS rows to the decoding path (same result as the tiled
+    engine it replaces there), more rows to the tiled engine."""
+    from poslsh.attention import fused
+
+    taken = []
+    monkeypatch.setattr(fused, "few_rows_attention", lambda *a: taken.append(a) or few_rows_attention(*a))
+    for nq in (1, DECODE_ROWS, DECODE_ROWS + 1):
+        q, k, v = _inputs(1, 4, 4, nq, 50, dtype=torch.float32)
+        spec = _spec(q, k, v, "window", "grid", {"window_eps": 0.05})
+        out, lse = fused_attention(q, k, v, spec)
+        tiled_out, tiled_lse = tiled_attention(q, k, v, spec, band_rules(spec, 50))
+        torch.testing.assert_close(out, tiled_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse, tiled_lse, rtol=1e-5, atol=1e-5)
+    assert len(taken) == 2
+
+
+@pytest.mark.parametrize("method,scheme,opts", CASES)
+def test_few_rows_rows_without_keys_and_gradients(method, scheme, opts):
+    """A row whose keys are all padded out gives 0 and EMPTY_LSE; gradients match the reference's."""
+    q, k, v = _inputs(2, 4, 4, 3, 30)
+    kpm = torch.ones(2, 30, dtype=torch.bool)
+    kpm[0] = False
+    spec = _spec(q, k, v, method, scheme, opts, key_padding_mask=kpm)
+    out, lse = few_rows_attention(q, k, v, spec)
+    assert (out[0] == 0).all() and (lse[0] == EMPTY_LSE).all()
+    grads = []
+    for fn in (few_rows_attention, reference_attention):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        o, l_ = fn(qq, kk, vv, spec)
+        (o[1].square().sum() + l_[1].sum()).backward()
+        grads.append([x.grad for x in (qq, kk, vv)])
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_softmax_without_gradients_equals_the_general_branch():
+    """The no-gradient branch (logsumexp) gives the general branch's output and LSE, rows that are all
+    -inf included (output 0, EMPTY_LSE)."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 5, 9, generator=g, dtype=torch.float64) * 4
+    scores[0, 1] = float("-inf")
+    scores[2, :, ::2] = float("-inf")
+    v = torch.randn(3, 9, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out, lse = softmax_with_lse(scores, v)
+    general = softmax_with_lse(scores.clone().requires_grad_(), v)
+    torch.testing.assert_close(out, general[0].detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, general[1].detach(), rtol=1e-12, atol=1e-12)
+    assert (out[0, 1] == 0).all() and lse[0, 1] == EMPTY_LSE
+
+
+def test_few_rows_window_with_different_sides():
+    """FlashAttention's window_size=(left, right), non-causal: the right side comes from window_right."""
+    q, k, v = _inputs(1, 4, 4, 4, 30)
+    spec = resolve_spec(q, k, v, causal=False, window_size=(5, 2), q_offset=10)
+    assert spec.window_right is not None
+    out, lse = few_rows_attention(q, k, v, spec)
+    ref_out, ref_lse = reference_attention(q, k, v, spec)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method,opts", [("exact", {}), ("window", {"window_eps": 0.05})])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_plan_decoding_table_equals_reference(method, opts, hkv):
+    """AttentionPlan's decoding weights (a view of its per-plan table, rebuilt as the cache outgrows it)
+    give the reference backend's result at every step of a growing cache, with a padded key; the table
+    grows a few times over 150 steps (twice the length each time), not at every step."""
+    from poslsh import MethodSpec
+    from poslsh.attention.plan import AttentionPlan
+
+    q, k, v = _inputs(2, 4, hkv, 1, 200)
+    kpm = torch.ones(2, 200, dtype=torch.bool)
+    kpm[0, 5] = False
+    slopes = [0.5, 0.25, 0.1, 0.02]
+    plans = [AttentionPlan(MethodSpec(method, **opts), num_heads=4, num_kv_heads=hkv, slopes=slopes, backend=b)
+             for b in ("fused", "reference")]
+    tables = set()
+    for nk in range(50, 200):
+        out, ref = (plan(q, k[:, :, :nk], v[:, :, :nk], key_padding_mask=kpm[:, :nk], return_lse=True)
+                    for plan in plans)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        tables.add(plans[0]._band_weights[(q.device, torch.float64)].shape[2])
+    assert 2 <= len(tables) <= 4
+
+
+@pytest.mark.parametrize("method,opts", [("exact", {}), ("window", {"window_eps": 0.05}), ("lsh", {"samples": 4}),
+                                         ("hybrid", {"samples": 4, "hybrid_eps": 0.2})])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_plan_decoding_without_lse_equals_reference_and_keeps_nonfinite_keys_out(method, opts, hkv):
+    """A decoding step without LSE or padding (``fused.last_row_sdpa``: SDPA with the step's weights as its
+    mask, exact/window's from the plan's table) gives the reference's output in float64 and, for float32, within float32 rounding; a NaN key
+    the window excludes for some heads (SDPA would spread it to them) leaves those heads' output as the
+    reference gives it (the call falls back to the careful path)."""
+    from poslsh import MethodSpec
+    from poslsh.attention.plan import AttentionPlan
+
+    slopes = [0.5, 0.25, 0.1, 0.02]
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        q, k, v = _inputs(2, 4, hkv, 1, 120, dtype=dtype)
+        plans = [AttentionPlan(MethodSpec(method, **opts), num_heads=4, num_kv_heads=hkv, slopes=slopes, backend=b)
+                 for b in ("fused", "reference")]
+        for nk in (30, 119, 120):
+            out, ref = (plan(q, k[:, :, :nk], v[:, :, :nk]) for plan in plans)
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    if method == "window":  # widths [6, 12, 30, 150]: key 80 of 120 is outside the first three heads' bands
+        k = k.clone()
+        k[:, :, 80] = float("nan")
+        out, ref = (plan(q, k, v) for plan in plans)
+        assert torch.isnan(ref[:, 3]).all() and not torch.isnan(ref[:, :3]).any()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
