@@ -56,7 +56,7 @@ def test_few_rows_equal_reference(method, scheme, opts, causal, hkv):
 def test_fused_takes_the_few_rows_path_for_decoding_only(monkeypatch):
     """fused_attention sends at most DECODE_ROWS rows to the decoding path (same result as the tiled
     engine it replaces there), more rows to the tiled engine."""
-    from poslsh.attention import fused
+    from poslsh.attention.fused import backend as fused
 
     taken = []
     monkeypatch.setattr(fused, "few_rows_attention", lambda *a: taken.append(a) or few_rows_attention(*a))

@@ -33,7 +33,7 @@ from torch import Tensor
 from ...hashing import Partitions
 from . import tiled
 from ..core import AttentionSpec
-from ..reference.backend import dense_attention
+from ..reference import dense_attention
 from ..speed import DECODE_ROWS
 from .tiled import tiled_attention
 from ..window import BandRule, band_rules

@@ -4,6 +4,6 @@ version every fast backend is checked against (tests/test_attention_correctness.
 test_flex.py, test_triton_interpret.py); it is itself held to test_conformance.py's independent oracle.
 """
 
-from .backend import dense_log_weights, reference_attention, supports_reference
+from .backend import dense_attention, dense_log_weights, reference_attention, supports_reference
 
-__all__ = ["dense_log_weights", "reference_attention", "supports_reference"]
+__all__ = ["dense_attention", "dense_log_weights", "reference_attention", "supports_reference"]
