@@ -12,7 +12,8 @@
 #                bias-free SDPA (cuDNN and flash), 16K-256K, forward and forward + backward, within a budget;
 #                the shipped speed table with those measurements merged ($OUT/speed_table.json)
 #   sweep        bench/kernel_sweep.py: the Triton kernels' variants, forward and forward + backward per method
-#   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm, within a budget
+#   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm (GEN_ARMS, GEN_CONTEXTS pick), within
+#                a budget, into $OUT/$GEN_NAME (default generate_bench)
 #   moonshot     bench/generate_gpu.sh's BLOOM-7b1 step (window + eviction, chunked prefill up to 1M)
 # The cuDNN frontend travels as a wheel (.whl, carried) and is installed into /tmp/site first.
 #     OUT=/tmp/out STEPS="tests decode" bash bench/gpu_steps.sh
@@ -59,7 +60,8 @@ if has sweep; then
 fi
 if has generate; then
   step ${T_GEN:-210} python3 -m poslsh_lab.cli generate-bench --shape bloom-560m --oom-chunk 32768 \
-    --budget-s $(( ${T_GEN:-210} - 25 )) --out "$OUT/generate_bench"
+    ${GEN_ARMS:+--arms $GEN_ARMS} ${GEN_CONTEXTS:+--contexts $GEN_CONTEXTS} \
+    --budget-s $(( ${T_GEN:-210} - 25 )) --out "$OUT/${GEN_NAME:-generate_bench}"
 fi
 if has moonshot; then
   STEPS=7b1 OUT=$OUT bash bench/generate_gpu.sh
