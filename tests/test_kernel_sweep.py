@@ -25,25 +25,25 @@ def _sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def test_tiny_sweep_checks_times_and_picks(tmp_path):
     out, tuned = tmp_path / "sweep.json", tmp_path / "tuned.json"
-    variants = ["fwd_wide128x64w8", "bwd_delta_fused64x64w8", "fwd_reg128", "bwd_delta"]
-    # one worker process: the GPU run's parallel check phase (its results reach the main process)
-    _sweep("--methods", "window", "lsh", "--variants", *variants, "--workers", "1", "--json", str(out),
+    # one method, a forward and a backward variant (the interpreter's variants are held to the reference in
+    # tests/test_triton_interpret.py); one worker process: the GPU run's parallel check phase
+    variants = ["fwd_wide128x64w8", "bwd_delta"]
+    _sweep("--methods", "window", "--variants", *variants, "--workers", "1", "--json", str(out),
            "--write-tuned", str(tuned))
     doc = json.loads(out.read_text())
     for key in ("date", "device", "torch", "triton", "command", "results", "checks", "picked"):
         assert key in doc, key
     assert not doc["stopped_by_budget"]
-    assert {(m, v) for m, checks in doc["checks"].items() for v in checks} >= {("window", "base"), ("lsh", "bwd_delta")}
+    assert {(m, v) for m, checks in doc["checks"].items() for v in checks} >= {("window", "base"), ("window", "bwd_delta")}
     measured = {(r["method"], r["variant"]) for r in doc["results"]}
-    assert {("window", v) for v in ("base", "fwd_wide128x64w8", "bwd_delta_fused64x64w8", "bwd_delta")} <= measured
-    assert {("lsh", v) for v in ("base", "fwd_reg128", "bwd_delta")} <= measured
+    assert {("window", v) for v in ("base", "fwd_wide128x64w8", "bwd_delta")} <= measured
     for r in doc["results"]:
         assert r["max_rel_err"] <= 1e-5, r  # fp32 in the interpreter: the variants compute the same function
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["bwd_over_fwd"] == pytest.approx(
             (r["fwd_bwd_ms"] - r["fwd_ms"]) / r["fwd_ms"])
-    assert {(s["method"], s["n"]) for s in doc["summary"]} == {("window", 40), ("lsh", 40)}
+    assert {(s["method"], s["n"]) for s in doc["summary"]} == {("window", 40)}
     table = json.loads(tuned.read_text())
-    assert set(table["configs"]) == {"window/prefill/float32/d16", "lsh/prefill/float32/d16"}
+    assert set(table["configs"]) == {"window/prefill/float32/d16"}
     assert table["provenance"]["device"] == doc["device"]
     for method, pick in doc["picked"].items():
         cfg = table["configs"][f"{method}/prefill/float32/d16"]
