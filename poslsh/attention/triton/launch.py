@@ -364,7 +364,7 @@ class Launcher:
         if compiled is None:
             self.compiled[key] = self._jit(grid, args, constexprs, num_warps, num_stages)
         else:
-            compiled[grid](*args, *constexprs)
+            compiled[(grid[0], grid[1], 1)](*args, *constexprs)  # its launcher reads three grid sizes
 
     def _jit(self, grid, args, constexprs, num_warps, num_stages):
         names = self.kernel.arg_names[len(args):]
