@@ -93,6 +93,8 @@ class FakeGraph:
             raise GraphNotSupported("hidden_dim should be multiple of 8")
         if self.fake.refuse is not None:
             raise GraphNotSupported(self.fake.refuse)
+        if kind == "bwd" and self.fake.refuse_backward is not None:
+            raise GraphNotSupported(self.fake.refuse_backward)
         self.fake.builds.append(kind)
 
     def build_operation_graph(self):
@@ -156,14 +158,15 @@ class FakeGraph:
 
 class FakeCudnn(SimpleNamespace):
     """The module stand-in: ``builds`` lists the graphs validated ("fwd"/"bwd"); set ``refuse`` to a
-    message to make every graph build fail as cuDNN does for an unsupported graph."""
+    message to make every graph build fail as cuDNN does for an unsupported graph, ``refuse_backward``
+    the backward graphs only (as cuDNN 9.19 does for one query row)."""
 
     def __init__(self):
         super().__init__(
             data_type=SimpleNamespace(HALF="HALF", BFLOAT16="BFLOAT16", FLOAT="FLOAT", INT32="INT32"),
             diagonal_alignment=SimpleNamespace(TOP_LEFT="TOP_LEFT", BOTTOM_RIGHT="BOTTOM_RIGHT"),
             heur_mode=SimpleNamespace(A="A", FALLBACK="FALLBACK"),
-            cudnnGraphNotSupportedError=GraphNotSupported, builds=[], refuse=None)
+            cudnnGraphNotSupportedError=GraphNotSupported, builds=[], refuse=None, refuse_backward=None)
 
     def backend_version(self):
         return 91900

@@ -182,7 +182,8 @@ def probe_error(q: Tensor, spec: AttentionSpec, device: int) -> str | None:
     sig = _Signature(device, q.dtype, probe, probe, probe, probe, spec.key_padding_mask is not None,
                      float(spec.scale))
     training = torch.is_grad_enabled() and q.requires_grad
-    return _graphs(sig, backward_stride=probe.stride if training else None).error
+    built = _graphs(sig, backward_stride=probe.stride if training else None)
+    return built.error or (built.backward_error if training else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,10 +216,13 @@ class _Signature:
 
 @dataclass
 class _Built:
-    """A signature's graphs: forward always, backward (per dO stride) on first need; or why cuDNN refused."""
+    """A signature's graphs: forward always, backward (per dO stride) on first need; or why cuDNN refused
+    the forward (``error``: no call of the shape runs) or the backward (``backward_error``: forward calls
+    still run; cuDNN 9.19 builds no backward for one query row)."""
     forward: Any = None
     backward: dict | None = None
     error: str | None = None
+    backward_error: str | None = None
 
 
 _graph_cache: OrderedDict[_Signature, _Built] = OrderedDict()
@@ -339,13 +343,13 @@ def _graphs_on_device(sig: _Signature, backward_stride: tuple[int, ...] | None) 
             _graph_cache.popitem(last=False)
     else:
         _graph_cache.move_to_end(sig)
-    if built.error is None and backward_stride is not None:
+    if built.error is None and built.backward_error is None and backward_stride is not None:
         built.backward = built.backward or {}
         if backward_stride not in built.backward:
             try:
                 built.backward[backward_stride] = _build_backward(sig, backward_stride)
             except Exception as err:
-                built.error = f"cuDNN refused the backward graph: {err}"
+                built.backward_error = f"cuDNN refused the backward graph: {err}"
     return built
 
 
@@ -358,9 +362,10 @@ def _execute(graph, sig: _Signature, pack: dict[int, Tensor], device: torch.devi
         graph.execute(pack, ws, handle=handle)
 
 
-def _checked(built: _Built) -> _Built:
-    if built.error is not None:
-        raise RuntimeError(built.error)
+def _checked(built: _Built, backward: bool = False) -> _Built:
+    error = built.error or (built.backward_error if backward else None)
+    if error is not None:
+        raise RuntimeError(error)
     return built
 
 
@@ -392,7 +397,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, scale: flo
 def _backward(sig: _Signature, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor, do: Tensor,
               lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     do = _ready(do)
-    graph = _checked(_graphs(sig, backward_stride=tuple(do.stride()))).backward[tuple(do.stride())]
+    graph = _checked(_graphs(sig, backward_stride=tuple(do.stride())), backward=True).backward[tuple(do.stride())]
     dq, dk, dv = _empty_as(q), _empty_as(k), _empty_as(v)  # the layouts the graph declares for them
     _execute(graph, sig, _pack(sig, lengths, q=q, k=k, v=v, o=o, stats=stats, do=do, dq=dq, dk=dk, dv=dv), q.device)
     return dq, dk, dv
