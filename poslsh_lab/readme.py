@@ -282,15 +282,20 @@ def readme_block() -> str:
             + ("\n\n" + generate if generate else ""))
 
 
-# generate-bench's runs: a BLOOM-560m-shaped model at every context, a BLOOM-7b1-shaped one's long prompt.
-GENERATE_RUNS = ("generate_bench/generate-bench.json", "generate_bench_7b1/generate-bench.json")
+# generate-bench's runs: a BLOOM-560m-shaped model at every context, a BLOOM-7b1-shaped one's long prompt, the
+# 560m shape decoding from a CUDA graph beside the eager patch and native.
+GENERATE_RUNS = ("generate_bench/generate-bench.json", "generate_bench_7b1/generate-bench.json",
+                 "generate_graph/generate-bench.json")
 
 
 def generate_lines() -> str:
     """The README's sentences on generate-bench's committed runs ("" while none is committed)."""
     from .experiments import generate_bench
 
-    return " ".join(generate_bench.readme_line(_committed(path)) for path in GENERATE_RUNS if (RESULTS / path).exists())
+    lines = [generate_bench.readme_line(_committed(path)) for path in GENERATE_RUNS[:2] if (RESULTS / path).exists()]
+    if (RESULTS / GENERATE_RUNS[2]).exists():  # the graph run: its graph-replayed arm against native
+        lines.append(generate_bench.graph_line(_committed(GENERATE_RUNS[2])))
+    return " ".join(lines)
 
 
 # ----------------------------------------------------------------------------- RESULTS.md sections
@@ -423,6 +428,8 @@ SECTIONS: list[Section] = [
             "length", _experiment("generate_bench"), ("generate_bench/generate_bench.png",)),
     Section(GENERATE_RUNS[1], "A 7B model reading a long prompt in chunks, with the window and eviction",
             _experiment("generate_bench"), ("generate_bench_7b1/generate_bench.png",)),
+    Section(GENERATE_RUNS[2], "A model generating text, each decode step replayed from one CUDA graph",
+            _experiment("generate_bench"), ("generate_graph/generate_bench.png",)),
     Section("exact_gpu/exact_gpu.json", "Exact ALiBi on every backend, cuDNN's included (the speed table's source)",
             exact_gpu),
     Section("pareto_h200_256k/pareto.json", "How accurate for the time: error against time at 256K tokens on the GPU",

@@ -18,11 +18,11 @@ README sentence, plot).
 from .design import (ARMS, GRAPHED, LABELS, NAME, SHAPES, TINY, Config, check, chunk_for, config_of, effective,
                      method_of, unavailable)
 from .measure import build_model, cache_bytes, chunked_prefill, graph_cache_bytes, measure_point, run
-from .report import (PLOT, agreement, aims, failures, make_plots, readme_line, readme_section, reference, replot,
+from .report import (PLOT, agreement, aims, failures, make_plots, graph_line, readme_line, readme_section, reference, replot,
                      summarize, table)
 
 __all__ = ["ARMS", "GRAPHED", "LABELS", "NAME", "SHAPES", "TINY", "Config", "check", "chunk_for", "config_of",
            "effective", "method_of", "unavailable", "build_model", "cache_bytes", "chunked_prefill", "graph_cache_bytes",
            "measure_point", "run", "PLOT", "agreement",
-           "aims", "failures", "make_plots", "readme_line", "readme_section", "reference", "replot", "summarize",
+           "aims", "failures", "make_plots", "graph_line", "readme_line", "readme_section", "reference", "replot", "summarize",
            "table"]

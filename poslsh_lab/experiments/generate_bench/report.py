@@ -204,10 +204,29 @@ def readme_line(doc: dict[str, Any]) -> str:
     return text.strip()
 
 
+def graph_line(doc: dict[str, Any]) -> str:
+    """The README's sentence on a run's graph-replayed decoding (``window_graph``) against native in the same
+    run ("" when the run has no such arm)."""
+    rows = doc["results"]["rows"]
+    graph = [r for r in rows if r["arm"] == "window_graph" and r.get("phase") == "done"]
+    if not graph:
+        return ""
+    lo, hi = min(graph, key=lambda r: r["context"]), max(graph, key=lambda r: r["context"])
+    native = longest_native(rows)
+    pairs = [a for r in graph if (a := agreement(rows, r))]
+    return (f"Each decode step replayed from one CUDA graph (`hf_graph.GraphedDecoder`, window + eviction, "
+            f"{doc['environment'].get('device', '?')}, another run): {fmt(lo['ms_per_token'])} ms per token at "
+            f"{tokens_label(lo['context'])} and {fmt(hi['ms_per_token'])} at {tokens_label(hi['context'])}"
+            + (f", {fmt(hi['ms_per_token'] / native['ms_per_token'])}x transformers' own attention at its longest "
+               f"({fmt(native['ms_per_token'])} ms at {tokens_label(native['context'])}, same run)" if native else "")
+            + (f"; greedy tokens equal native's in {sum(a['first_divergence'] is None for a in pairs)} of "
+               f"{len(pairs)} runs" if pairs else "") + ".")
+
+
 def summarize(doc: dict[str, Any], out_dir: Path) -> str:
     """Markdown: the README sentence, the section, the plot."""
-    lines = [f"## Generating text ({doc['environment'].get('device', '?')})", "", readme_line(doc), "",
-             readme_section(doc)]
+    lines = [f"## Generating text ({doc['environment'].get('device', '?')})", "",
+             " ".join(filter(None, (readme_line(doc), graph_line(doc)))), "", readme_section(doc)]
     if (Path(out_dir) / PLOT).exists():
         lines += ["", f"![{PLOT}]({PLOT})"]
     return "\n".join(lines)
