@@ -135,7 +135,13 @@ def _calls(method: str, q, k, v, nk0: int, backend: str):
             out["plan triton, 2-wave splits"] = plan_with_waves(tplan, 2)
             out["plan triton, no split"] = plan_with_waves(tplan, 0)
     if q.is_cuda and method == "exact" and q.shape[1] == k.shape[1]:  # the yardstick: bias-free dense SDPA
-        out["sdpa, no bias"] = lambda i: torch.nn.functional.scaled_dot_product_attention(q, *kv(i))
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa(i):  # flash / memory-efficient only: SDPA's cuDNN backend builds a graph for every new length
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                return torch.nn.functional.scaled_dot_product_attention(q, *kv(i))
+
+        out["sdpa, no bias"] = sdpa
     return out
 
 
