@@ -354,22 +354,21 @@ class Launcher:
         self.kernel = kernel
         self.compiled: dict = {}
 
-    def __call__(self, grid: tuple[int, int], args: tuple, constexprs: tuple, num_warps: int,
-                 num_stages: int | None) -> None:
+    def __call__(self, grid: tuple[int, int], args: tuple, constexprs: tuple, **options) -> None:
+        """Launch on ``grid`` with the kernel's non-constexpr ``args`` and its ``constexprs`` (both in the
+        kernel's parameter order) and the compile ``options`` (num_warps, num_stages, maxnreg)."""
         if not PREBOUND or interpreting():
-            self._jit(grid, args, constexprs, num_warps, num_stages)
+            self._jit(grid, args, constexprs, options)
             return
-        key = (tuple(map(_specialization, args)), constexprs, num_warps, num_stages, torch.cuda.current_device())
+        key = (tuple(map(_specialization, args)), constexprs, tuple(options.items()), torch.cuda.current_device())
         compiled = self.compiled.get(key)
         if compiled is None:
-            self.compiled[key] = self._jit(grid, args, constexprs, num_warps, num_stages)
+            self.compiled[key] = self._jit(grid, args, constexprs, options)
         else:
             compiled[(grid[0], grid[1], 1)](*args, *constexprs)  # its launcher reads three grid sizes
 
-    def _jit(self, grid, args, constexprs, num_warps, num_stages):
+    def _jit(self, grid, args, constexprs, options):
         names = self.kernel.arg_names[len(args):]
-        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps,
-                                                                        "num_stages": num_stages}
         return self.kernel[grid](*args, **dict(zip(names, constexprs)), **options)
 
 
@@ -395,8 +394,6 @@ def _kpm_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
 
 def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
          q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
-    if (cfg.get("wide") or cfg.get("maxnreg")) and q.shape[2] > DECODE_ROWS and "splits" not in cfg:
-        return _fwd_grouped(q, k, v, kpm, plan, causal, scale, q_offset, cfg)
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     bd = max(16, triton.next_power_of_2(D))
@@ -410,48 +407,27 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
         out, out_lse, so = po, pl, po.stride()
     else:
         out, out_lse, so = o, lse, (0,) + o.stride()[:3]
-    bm = cfg["BLOCK_M"]
-    FWD((triton.cdiv(Nq, bm) * B * H, splits),
-        (q, k, v, out, out_lse, kpm8, plan.W, plan.U, plan.S, plan.E, plan.order, plan.slope2, plan.win, plan.win_r,
-         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-         v.stride(0), v.stride(1), v.stride(2), so[0], so[1], so[2], so[3], kpm_stride,
-         B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), per),
-        (plan.method, plan.r, plan.cut, causal, D, bd, bm, cfg["BLOCK_N"], _prec(q.dtype), _float_positions(Nk, cfg),
-         kpm is not None, splits > 1, bool(cfg.get("lazy", False))),
-        cfg["num_warps"], cfg["num_stages"])
+    # One launch per group of heads (``head_groups``: one group, every head, unless the config's "wide"
+    # gives wide heads their own tiles); a group's programs take their heads from its order.
+    for order, sub in (head_groups(plan, cfg) if splits == 1 else [(plan.order, cfg)]):
+        bm = sub["BLOCK_M"]
+        options = dict(num_warps=sub["num_warps"], num_stages=sub["num_stages"])
+        if sub.get("maxnreg"):  # a register cap: more programs per multiprocessor, spills outside the key loops
+            options["maxnreg"] = sub["maxnreg"]
+        FWD((triton.cdiv(Nq, bm) * B * order.numel(), splits),
+            (q, k, v, out, out_lse, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r,
+             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+             v.stride(0), v.stride(1), v.stride(2), so[0], so[1], so[2], so[3], kpm_stride,
+             B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), per),
+            (plan.method, plan.r, plan.cut, causal, D, bd, bm, sub["BLOCK_N"], _prec(q.dtype),
+             _float_positions(Nk, sub), kpm is not None, splits > 1, bool(sub.get("lazy", False))),
+            **options)
     if splits > 1:
         rows = B * H * Nq
         block_r = 16
         MERGE((triton.cdiv(rows, block_r), 1),
               (po, pl, o, lse, splits, B * H, H, Nq, po.stride(0), o.stride(0), o.stride(1), o.stride(2)),
-              (D, bd, block_r), 4, None)
-    return o, lse
-
-
-def _fwd_grouped(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
-                 q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
-    """The prefill forward as one launch per group of heads (``head_groups``: wide heads with their own
-    tiles), each program's head read from its group's order, with a register cap per thread where the
-    config has one (``maxnreg``: more programs per multiprocessor, spilling outside the key loops); no split
-    keys. (The launch is ``_fwd``'s without the split: if this variant is adopted, ``_fwd``'s prefill launch
-    becomes this loop.)"""
-    B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    bd = max(16, triton.next_power_of_2(D))
-    kpm8, kpm_stride = _kpm_arg(kpm, q.device)
-    o = torch.empty_like(q)
-    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    for order, sub in head_groups(plan, cfg):
-        bm = sub["BLOCK_M"]
-        _fwd_kernel[(triton.cdiv(Nq, bm) * B * order.numel(), 1)](
-            q, k, v, o, lse, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), 0, o.stride(0), o.stride(1), o.stride(2), kpm_stride,
-            B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), 0,
-            METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
-            BLOCK_M=bm, BLOCK_N=sub["BLOCK_N"], PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
-            HAS_KPM=kpm is not None, SPLIT=False, LAZY=bool(sub.get("lazy", False)), num_warps=sub["num_warps"],
-            num_stages=sub["num_stages"], maxnreg=sub.get("maxnreg"))
+              (D, bd, block_r), num_warps=4)
     return o, lse
 
 
@@ -562,7 +538,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             dK/dV kernel), ``lazy`` (lazy rescaling), ``delta="kernel"`` (the backward's rowsum(dO * O)
             by a kernel, not fp32 copies), ``wide={"min_work": t, <tile keys>}`` (heads whose work
             reaches t launched apart with their own tiles, forward and backward: ``head_groups``),
-            ``maxnreg`` (the prefill forward's register cap per thread).
+            ``maxnreg`` (the forward launches' register cap per thread).
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, the natural log of
