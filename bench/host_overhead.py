@@ -110,30 +110,23 @@ def _calls(method: str, q, k, v, nk0: int, backend: str):
         if q.is_cuda:  # the plan call on the Triton kernels, variants
             from poslsh.attention.triton import launch
 
-            def plan_jit(i):
-                launch.PREBOUND = False
-                try:
-                    return tplan(q, *kv(i))
-                finally:
-                    launch.PREBOUND = True
-
-            def plan_with_waves(plan, w):  # launch.SPLIT_WAVES = w for the call (0: one launch, no split)
+            def with_setting(name, value):  # the Triton plan's call with launch.<name> = value for its duration
                 def call(i):
-                    launch.SPLIT_WAVES = w
+                    before = getattr(launch, name)
+                    setattr(launch, name, value)
                     try:
-                        return plan(q, *kv(i))
+                        return tplan(q, *kv(i))
                     finally:
-                        launch.SPLIT_WAVES = waves
+                        setattr(launch, name, before)
                 return call
 
-            waves = launch.SPLIT_WAVES
             # the Triton kernels by name too: "auto" may pick another backend (Flex for exact decoding)
             tplan = AttentionPlan(spec, num_heads=h, num_kv_heads=k.shape[1], slopes=slopes, device=q.device,
                                   partitions=layer, backend="triton")
             out["plan triton"] = lambda i: tplan(q, *kv(i))
-            out["plan triton, JIT launches"] = plan_jit
-            out["plan triton, 2-wave splits"] = plan_with_waves(tplan, 2)
-            out["plan triton, no split"] = plan_with_waves(tplan, 0)
+            out["plan triton, JIT launches"] = with_setting("PREBOUND", False)
+            out["plan triton, 2-wave splits"] = with_setting("SPLIT_WAVES", 2)
+            out["plan triton, no split"] = with_setting("SPLIT_WAVES", 0)  # one launch
     if q.is_cuda and method == "exact" and q.shape[1] == k.shape[1]:  # the yardstick: bias-free dense SDPA
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -157,6 +157,16 @@ class _HostRead(torch.Tensor):
             cls.sites.append([frame.filename for frame in traceback.extract_stack()])
         return super().__torch_function__(func, types, args, kwargs or {})
 
+    @classmethod
+    def watch(cls, decoder: GraphedDecoder) -> None:
+        """Make the decoder's token and static cache record every host read of their values from now on."""
+        decoder.token = decoder.token.as_subclass(cls)
+        cache = decoder.cache
+        cache.filled = cache.filled.as_subclass(cls)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.as_subclass(cls), layer.values.as_subclass(cls)
+        cls.sites = []
+
 
 @pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
 @torch.no_grad()
@@ -172,12 +182,7 @@ def test_decode_step_reads_nothing_on_the_host_outside_the_operator(family):
         decoder = GraphedDecoder(model)
         decoder.prefill(_prompt(40))
         decoder.step()  # first calls (backend choice) done
-        decoder.token = decoder.token.as_subclass(_HostRead)
-        cache = decoder.cache
-        cache.filled = cache.filled.as_subclass(_HostRead)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.as_subclass(_HostRead), layer.values.as_subclass(_HostRead)
-        _HostRead.sites = []
+        _HostRead.watch(decoder)
         decoder.step()
     assert type(decoder.token) is _HostRead  # the step's values did flow through the recording tensors
     outside = [files[-3:] for files in _HostRead.sites if not any(f.startswith(operator) for f in files)]

@@ -37,12 +37,7 @@ def test_triton_static_step_reads_nothing_on_the_host_and_equals_generate():
         static = decoder.generate(ids, 14, chunk_size=4)
         assert all(plan._tplan is not None for plan in patch.plans.values())  # the Triton path ran
         assert torch.equal(static, _generate(model, ids, 14)) and len(set(static[0, 7:].tolist())) > 3
-        decoder.token = decoder.token.as_subclass(_HostRead)
-        cache = decoder.cache
-        cache.filled = cache.filled.as_subclass(_HostRead)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys.as_subclass(_HostRead), layer.values.as_subclass(_HostRead)
-        _HostRead.sites = []
+        _HostRead.watch(decoder)
         decoder.step()
     assert type(decoder.token) is _HostRead
     assert [files[-3:] for files in _HostRead.sites] == []
