@@ -48,7 +48,7 @@ def _link(path: Path, page: Path) -> str:
 
 
 def _provenance(doc: Doc, path: Path, page: Path) -> str:
-    env = doc["environment"]
+    env = doc.get("environment", doc)  # bench scripts that write the environment's keys at the top level
     return (f"<sub>From [`{path.relative_to(ROOT)}`]({_link(path, page)}): {env['date'][:10]}, {env.get('device', '?')}, "
             f"torch {env['torch']}, triton {env.get('triton')}, command `{env['command']}`.</sub>")
 
@@ -398,6 +398,34 @@ def exact_gpu(doc: Doc) -> str:
                                   "SDPA flash, no bias"], body)
 
 
+def kernel_sweep(doc: Doc) -> str:
+    """bench/kernel_sweep.py's run: per method and length, the shipped config ("base"), the fastest checked
+    variant of each pass and the joined pick, forward and forward + backward median ms and their ratio."""
+    shape = doc["shape"]
+    checks = [c for per in doc["checks"].values() for c in per.values()]
+    ok = sum("error" not in c and c.get("max_rel_err", 1.0) <= 1e-2 for c in checks)
+    head = (f"The Triton kernels' candidate variants (config keys of `triton_attention`), B = {shape['B']}, "
+            f"H = {shape['H']}, D = {shape['D']}, {shape['dtype']}, causal, {shape['slopes']} slopes; window eps "
+            f"{shape['window_eps']:g}, hybrid eps {shape['hybrid_eps']:g} and LSH with r = {shape['samples']} "
+            f"({shape['scheme']}); {doc['timing']}. {ok} of {len(checks)} variants within 1e-2 of float64 "
+            f"(forward and gradients, {shape['check_n']} tokens); only those were timed. \"picked\" joins the "
+            "fastest forward variant and the fastest backward variant of a method. The issue's aim: forward + "
+            "backward at most 3x the forward (4x if it is the backward alone that must stay within 3x).\n\n")
+    rows = {(r["method"], r["n"], r["variant"]): r for r in doc["results"] if "error" not in r}
+    body = []
+    for s in doc.get("summary", []):
+        m, n = s["method"], s["n"]
+        pick = doc["picked"].get(m, {})
+        best_fwd = min((r for (rm, rn, _), r in rows.items() if rm == m and rn == n), key=lambda r: r["fwd_ms"])
+        body.append([m, f"{n // 1024}K" if n >= 1024 else str(n), fmt(s["base_fwd_ms"]), fmt(s["base_fwd_bwd_ms"]),
+                     f"{s['base_fwd_bwd_over_fwd']:.2f}", f"{best_fwd['variant']} ({fmt(best_fwd['fwd_ms'])})",
+                     *([f"{pick.get('fwd')} + {pick.get('bwd')}", fmt(s["picked_fwd_ms"]), fmt(s["picked_fwd_bwd_ms"]),
+                        f"{s['picked_fwd_bwd_over_fwd']:.2f}"] if (m, n, "picked") in rows else ["not timed", "", "", ""])])
+    return head + markdown_table(["method", "n", "base fwd ms", "base fwd+bwd ms", "base ratio",
+                                  "fastest forward variant (ms)", "picked (fwd + bwd variant)", "picked fwd ms",
+                                  "picked fwd+bwd ms", "picked ratio"], body)
+
+
 def lsh_native(doc: Doc) -> str:
     """The lsh-native section, its plots linked from docs/RESULTS.md's folder."""
     from .experiments import lsh_native as ln
@@ -432,6 +460,8 @@ SECTIONS: list[Section] = [
             _experiment("generate_bench"), ("generate_graph/generate_bench.png",)),
     Section("exact_gpu/exact_gpu.json", "Exact ALiBi on every backend, cuDNN's included (the speed table's source)",
             exact_gpu),
+    Section("kernel_sweep/kernel_sweep.json", "The Triton kernels' variants, forward and training, and the picks "
+            "shipped in tuned.json", kernel_sweep),
     Section("pareto_h200_256k/pareto.json", "How accurate for the time: error against time at 256K tokens on the GPU",
             _experiment("pareto"), ("pareto_h200_256k/pareto.png",)),
     Section("pareto_h200_256k_flex/pareto.json", "Against FlexAttention at equal error (256K tokens)", against_flex,

@@ -49,6 +49,14 @@ def test_tiny_sweep_checks_times_and_picks(tmp_path):
         cfg = table["configs"][f"{method}/prefill/float32/d16"]
         assert {"BLOCK_M", "BWD_BLOCK_M", "DQ_BLOCK_M"} <= set(cfg) and cfg == pick["full_config"]
         assert all(cfg.get(k) == v for k, v in pick["config"].items() if k != "wide")
+    # docs/RESULTS.md's section: the base's times and the timed pick, from this document
+    from poslsh_lab.readme import kernel_sweep
+
+    section = kernel_sweep(doc)
+    pick, summary = doc["picked"]["window"], doc["summary"][0]
+    row = next(line for line in section.splitlines() if line.startswith("| window | 40 |"))
+    assert f"{pick['fwd']} + {pick['bwd']}" in row and f"{summary['picked_fwd_bwd_over_fwd']:.2f}" in row
+    assert f"{summary['base_fwd_bwd_over_fwd']:.2f}" in row
 
 
 def test_tiny_sweep_stops_at_its_budget(tmp_path):
