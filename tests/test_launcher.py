@@ -123,8 +123,8 @@ def test_cached_recipes_launch_as_the_jit_path(method, dtype):
 
 
 def test_a_changed_call_shape_misses_the_cached_launch():
-    """A launch is reused only for its call shape: another q stride, dtype or KV head count builds its own
-    recipe; a key count that divides by 16, a misaligned k, or the strides of a concatenated cache
+    """A launch is reused only for its call shape: another q stride, dtype, mask presence, position
+    arithmetic, KV head count or scale builds its own recipe; a key count that divides by 16, a misaligned k, or the strides of a concatenated cache
     (head dim 24: Nk * 24 divides by 16 for even Nk only) go through the JIT first (their specialisation
     differs), and the next call like them reuses what it compiled."""
     from poslsh.attention.plan import AttentionPlan
@@ -150,9 +150,21 @@ def test_a_changed_call_shape_misses_the_cached_launch():
         assert kinds(q, *cache(36)) == {"compiled"}  # Nk, q_offset: neither 1 nor a multiple of 16, as before
         assert kinds(q, *cache(48)) == {"jit"}  # Nk % 16 == 0
         recipes = len(plan._tplan.recipes)
+        # 1000 and 2^23 + 3 keys (never read by the stubs: one position, expanded), alike but for the
+        # positions past float32's exact range, which take the integer path (a constexpr of the recipe's)
+        one = torch.empty(1, 4, 1, 24)
+        assert kinds(q, one.expand(1, 4, 1000, 24), one.expand(1, 4, 1000, 24)) == {"jit"}
+        recipes = len(plan._tplan.recipes)
+        assert kinds(q, one.expand(1, 4, 2**23 + 3, 24), one.expand(1, 4, 2**23 + 3, 24)) == {"jit"}
+        assert len(plan._tplan.recipes) == recipes + 1
+        assert all(entry[4][9] is False for entry in record if entry[1] == "_fwd_kernel")  # FDIV
+        recipes += 1
         q_t = torch.randn(1, 1, 4, 24, generator=g).transpose(1, 2)  # other strides
         assert kinds(q_t, *cache(36)) == {"jit"} and len(plan._tplan.recipes) == recipes + 1
         assert kinds(q.half(), *(t.half() for t in cache(36))) == {"jit"} and len(plan._tplan.recipes) == recipes + 2
+        record.clear()
+        plan(q, *cache(36), key_padding_mask=torch.ones(1, 36, dtype=torch.bool))  # a mask: HAS_KPM
+        assert {entry[0] for entry in record} == {"jit"} and len(plan._tplan.recipes) == recipes + 3
         flat = torch.randn(4 * 80 * 24 + 1, generator=g)[1:].view(1, 4, 80, 24)
         assert kinds(q, flat[:, :, :36], cache(36)[1]) == {"jit"}  # misaligned k
         assert kinds(q, *(t.contiguous() for t in cache(37))) == {"jit"}  # head stride 37 * 24: not a multiple of 16
@@ -167,3 +179,8 @@ def test_a_changed_call_shape_misses_the_cached_launch():
             record.clear()
             launch.triton_attention(q, k, v, spec)
             assert {entry[0] for entry in record} == {kind}, hkv
+        for scale in (0.3, 0.7):  # the scale too (a float: the JIT does not specialise on it; the recipe holds it)
+            spec = resolve_spec(q, k, v, slopes=slopes, method="window", window_eps=0.01, scale=scale)
+            record.clear()
+            launch.triton_attention(q, k, v, spec)
+            assert [entry[3][34] for entry in record] == [scale * launch.LOG2E]  # qk_scale

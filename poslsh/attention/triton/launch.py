@@ -1,5 +1,6 @@
 """Host side of the Triton kernels: what a call needs on the device (``Plan``, cached per method and
-partitions), tile configurations, launches, split-key decoding, and the autograd Function.
+partitions), tile configurations, launches (the forward's built once per call shape: ``ForwardRecipe``),
+split-key decoding, and the autograd Function.
 
 ``triton_attention(q, k, v, spec)`` runs a resolved ``AttentionSpec`` (``poslsh.attention.resolve_spec``)
 and is what the dispatcher's "triton" backend calls; benchmarks call it to time the kernels without
