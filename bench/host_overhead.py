@@ -11,6 +11,16 @@ On the CPU (the default):
 * ``cpu``: the whole call on the torch backends, ms per call (fastest of 3 rounds of ``--reps``/50), at Nk and, for the window, at its band
   (the keys it reaches): a decode step should cost O(reach), not O(cache).
 
+``--launch-stub`` (CPU): the Triton backend's decode as on CUDA, its kernels replaced by stubs
+(``poslsh.attention.triton.host_stub``): CPU bf16 tensors take the pre-bound launch path with the CUDA
+tile configurations and an H100's split schedule, so what is timed is the library's Python per call
+(plan and spec lookups, checks, allocations, the split schedule, launch keys, argument tuples), for the
+plan call and the public call, µs (the fastest of ``--rounds`` rounds of ``--reps`` calls). A stub measurement:
+Triton's compiled launcher (its C argument parsing), the driver and the kernels are not in it, so the
+GPU's figure must still be measured on a GPU; ``--profile`` prints where a stub call's time goes.
+
+    python bench/host_overhead.py --launch-stub [--nk 65536] [--methods window lsh] [--rounds 5] [--profile]
+
 On CUDA (``--device cuda``): per call, the enqueue time (host, no synchronisation), the wall time
 (``--reps`` calls then one synchronisation: the larger of host and GPU time), the GPU time between CUDA
 events over those calls, and the time of one call captured in a CUDA graph and replayed (the kernels
@@ -179,6 +189,28 @@ def cpu_rows(args) -> list[dict]:
     return rows
 
 
+def stub_rows(args) -> list[dict]:
+    """``--launch-stub``: the Triton decode's host work on the CPU, kernels stubbed (module docstring)."""
+    from poslsh.attention.triton.host_stub import stub_launches
+
+    h, d, nk = args.heads, args.dim, args.nk
+    q = torch.zeros(1, h, 1, d, dtype=torch.bfloat16)
+    # never read by the stubs: uninitialised, so a 1M-key cache costs no memory
+    k, v = (torch.empty(1, h, nk + args.rounds * args.reps + 8, d, dtype=torch.bfloat16) for _ in range(2))
+    rows = []
+    with stub_launches():
+        for method in args.methods:
+            for name, fn in _calls(method, q, k, v, nk, "triton").items():
+                if name not in ("plan", "public"):
+                    continue
+                rows.append({"device": "cpu", "what": "stub", "method": method, "way": name, "nk": nk,
+                             "us_per_call": _per_call_us(fn, args.reps, rounds=args.rounds),
+                             "note": "Triton launches stubbed: host Python only, no compiled launcher"})
+                if args.profile:
+                    _profile(fn, args.reps, f"{method} {name} call, stub launches, nk={nk}")
+    return rows
+
+
 def cuda_rows(args) -> list[dict]:
     h, d, nk = args.heads, args.dim, args.nk
     dev = torch.device("cuda")
@@ -245,7 +277,8 @@ def _profile(fn, reps: int, title: str) -> None:
     for i in range(reps):
         fn(i)
     prof.disable()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     print(f"--- profile: {title}, {reps} calls")
     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
@@ -348,7 +381,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--json", default=None, help="also write the rows here")
-    p.add_argument("--profile", action="store_true", help="CUDA: print a cProfile of each method's plan call")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA: print a cProfile of each method's plan call; --launch-stub: of each stubbed call")
+    p.add_argument("--launch-stub", action="store_true",
+                   help="CPU: the Triton decode's host work with its kernels stubbed (a stub measurement)")
     p.add_argument("--model", choices=("tiny-bloom",), default=None,
                    help="time a whole model's decoding per token instead of one attention call")
     p.add_argument("--layers", type=int, default=4)
@@ -368,12 +404,13 @@ def main(argv=None) -> list[dict]:
         return rows
     register_backend("null", _null, priority=-100, methods=METHODS, kernels=True, slope_grad=True)
     try:
-        rows = cpu_rows(args) if args.device == "cpu" else cuda_rows(args)
+        rows = (stub_rows(args) if args.launch_stub else cpu_rows(args) if args.device == "cpu"
+                else cuda_rows(args))
     finally:  # the registry as it was (the benchmark may run inside a test session)
         dispatch.BACKENDS.pop("null", None)
     for row in rows:
         if args.device == "cpu":
-            unit = "us" if row["what"] == "host" else "ms"
+            unit = "ms" if row["what"] == "cpu" else "us"
             value = row["us_per_call"] if unit == "us" else row["us_per_call"] / 1e3
             print(f"{row['what']:4s} {row['method']:7s} {row['way']:12s} nk={row['nk']:<7d} {value:9.2f} {unit} per call"
                   + (f"  ({row['note']})" if "note" in row else ""))

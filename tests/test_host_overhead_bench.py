@@ -46,3 +46,17 @@ def test_host_overhead_tiny_bloom_runs_at_toy_size(tmp_path):
     by_arm = {row["arm"]: row for row in rows}
     assert by_arm["native"]["ratio_to_native"] == 1.0
     assert by_arm["exact"]["tokens_equal_native"] is True
+
+
+def test_host_overhead_launch_stub_runs_at_toy_size():
+    """--launch-stub: the Triton decode's host work with stubbed kernels, plan and public call per method,
+    finite per-call times, labelled as a stub measurement."""
+    spec = importlib.util.spec_from_file_location("host_overhead", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--launch-stub", "--nk", "300", "--heads", "4", "--dim", "16", "--reps", "3",
+                     "--methods", "window", "lsh"])
+    ways = {(m, w) for m in ("window", "lsh") for w in ("plan", "public")}
+    assert {(row["method"], row["way"]) for row in rows} == ways
+    assert all(row["what"] == "stub" and "stubbed" in row["note"] for row in rows)
+    assert all(math.isfinite(row["us_per_call"]) and row["us_per_call"] > 0 for row in rows)

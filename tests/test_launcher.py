@@ -1,6 +1,8 @@
-"""The pre-bound Triton launches (``triton.launch.Launcher``): a launch reuses a compiled kernel only for
-arguments that specialise alike, and on CUDA its results are the JIT's, bit for bit, as the specialisations
-change (key counts 1, multiples of 16 and not, aligned and misaligned tensors), and the reference's."""
+"""The pre-bound Triton launches (``triton.launch.Launcher``, ``ForwardRecipe``): a launch reuses a compiled
+kernel only for arguments that specialise alike; a recipe cached from earlier calls launches what a recipe
+built for the call does (``launch.PREBOUND = False``: the JIT path), on the CPU through the launch stubs
+(``host_stub``); on CUDA its results are the JIT's, bit for bit, as the specialisations change (key counts
+1, multiples of 16 and not, aligned and misaligned tensors), and the reference's."""
 
 from __future__ import annotations
 
@@ -19,53 +21,166 @@ else:  # the package loaded interpreted, as the other CPU test modules load it (
     from interpreted_triton import load_interpreted
 
     launch = load_interpreted()
-_specialization = launch._specialization
 
 
-def test_specialization_separates_what_the_jit_specialises_on():
-    """Ints: 1, multiples of 16, others, and int32 / int64 widths differ; floats never do; a tensor's
-    dtype and 16-byte alignment do."""
-    keys = [_specialization(x) for x in (1, 16, 17, 2**31 + 16, 2**64)]
+def _int_key(x):
+    return launch._launch_key((), (x,))
+
+
+def _tensor_key(t):
+    return launch._launch_key((t,), ())
+
+
+def test_launch_key_separates_what_the_jit_specialises_on():
+    """Ints: 1, multiples of 16, others, and int32 / int64 widths differ; a tensor's dtype and 16-byte
+    alignment do."""
+    keys = [_int_key(x) for x in (1, 16, 17, 2**31 + 16, 2**64)]
     assert len(set(keys)) == 5
-    assert _specialization(33) == _specialization(35) and _specialization(32) == _specialization(48)
-    assert _specialization(0.5) == _specialization(3.0)
+    assert _int_key(33) == _int_key(35) and _int_key(32) == _int_key(48)
     buf = torch.zeros(64, dtype=torch.float16)
     aligned, misaligned = buf[:32], buf[1:33]  # 2-byte offset
-    assert _specialization(aligned) == _specialization(buf[8:40])  # 16 bytes further: aligned too
-    assert _specialization(aligned) != _specialization(misaligned)
-    assert _specialization(aligned) != _specialization(aligned.float())
+    assert _tensor_key(aligned) == _tensor_key(buf[8:40])  # 16 bytes further: aligned too
+    assert _tensor_key(aligned) != _tensor_key(misaligned)
+    assert _tensor_key(aligned) != _tensor_key(aligned.float())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton launches need a CUDA device")
+def _cache_steps(hkv, d, dtype, g):
+    """(name, k, v) of decode steps: a growing cache (key counts 1, 15, 16, 17, 31, 32, 33, 64, 65, and 700,
+    701, 1024, which split their keys), the same counts on a cache whose base is 2 bytes off 16-byte
+    alignment, and caches grown by concatenation (new contiguous tensors each step: k's and v's strides
+    change with Nk)."""
+    counts = (1, 15, 16, 17, 31, 32, 33, 64, 65, 700, 701, 1024)
+    n = counts[-1]
+    buf = torch.randn(2, 1, hkv, n, d, generator=g).to(dtype)
+    flat = torch.randn(2, hkv * n * d + 1, generator=g).to(dtype)
+    shifted = flat[:, 1:].view(2, 1, hkv, n, d)  # misaligned base pointers
+    steps = [("aligned", buf[0][:, :, :n], buf[1][:, :, :n]) for n in counts]
+    steps += [("misaligned", shifted[0][:, :, :n], shifted[1][:, :, :n]) for n in counts]
+    steps += [("concatenated", buf[0][:, :, :n].contiguous(), buf[1][:, :, :n].contiguous()) for n in (40, 41, 48)]
+    return steps
+
+
+def _launches(record, inputs):
+    """The recorded launches as (kernel, grid, arguments then constexprs), tensors by what they are:
+    an input or plan array by its address, a tensor allocated by the call (its address differs between
+    calls) by its dtype, allocation size, offset in it and alignment."""
+    known = {t.untyped_storage().data_ptr() for t in inputs}
+
+    def norm(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.untyped_storage().data_ptr() in known:
+            return "input", x.dtype, x.data_ptr()
+        return "allocated", x.dtype, x.untyped_storage().nbytes(), x.storage_offset(), x.data_ptr() % 16
+
+    out = []
+    for entry in record:
+        args = entry[3] + entry[4] if entry[0] == "jit" else entry[3]  # a compiled kernel takes both in one list
+        out.append((entry[1], tuple(entry[2]), tuple(map(norm, args))))
+    return out
+
+
 @pytest.mark.parametrize("method", ["window:0.01", "lsh:4", "exact"])
-def test_prebound_launches_equal_the_jit_and_the_reference(method):
-    """A decode sequence with changing key counts (1, 15, 16, 17, 31, 32, 33, ...), then the same calls on
-    tensors whose base is 2 bytes off 16-byte alignment: the pre-bound launches give the JIT's bits, and
-    both agree with the float64 reference."""
-    import poslsh
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cached_recipes_launch_as_the_jit_path(method, dtype):
+    """Each decode step (growing, misaligned and concatenated caches; Nk crossing multiples of 16; Nk = 1)
+    through a plan whose recipes and compiled kernels were cached by the earlier steps launches exactly
+    what the JIT path (``PREBOUND = False``: a recipe built for the call, every launch through the JIT)
+    launches for it: kernels, grids, arguments (the key counts, offsets, strides, tiles per split, the
+    plan's arrays, the allocated outputs' layout), constexprs. CUDA tiles and an H100's split schedule
+    (the stubs), so the exact and window decodes of 700+ keys split them and merge."""
     from poslsh.attention.plan import AttentionPlan
+    from poslsh.attention.triton.host_stub import stub_launches
 
     h, hkv, d = 4, 2, 64
-    g = torch.Generator(device="cuda").manual_seed(3)
-    plan = AttentionPlan(method, num_heads=h, num_kv_heads=hkv, device="cuda", backend="triton")
-    buf = torch.randn(3, 1, hkv, 300, d, generator=g, device="cuda", dtype=torch.float16)
-    flat = torch.randn(1 * hkv * 300 * d + 1, generator=g, device="cuda", dtype=torch.float16)
-    shifted = flat[1:].view(1, hkv, 300, d)  # misaligned base pointer
-    q = torch.randn(1, h, 1, d, generator=g, device="cuda", dtype=torch.float16)
-    for k_all, v_all in ((buf[0], buf[1]), (shifted, buf[2])):
-        for nk in (1, 15, 16, 17, 31, 32, 33, 64, 257):
-            k, v = k_all[:, :, :nk], v_all[:, :, :nk]
-            launch.PREBOUND = True
-            fast = plan(q, k, v, return_lse=True)
-            fast2 = plan(q, k, v, return_lse=True)  # the second launch of a specialisation is pre-bound
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, h, 1, d, generator=g).to(dtype)
+    record, kinds, kernels = [], [], set()
+    with stub_launches(record=record):
+        plan = AttentionPlan(method, num_heads=h, num_kv_heads=hkv, slopes=[0.5, 0.1, 0.05, 0.01], backend="triton")
+        for name, k, v in _cache_steps(hkv, d, dtype, g):
+            record.clear()
+            plan(q, k, v)
+            cached = list(record)
+            kinds += [(name, k.shape[2], entry[0]) for entry in cached]
+            record.clear()
             launch.PREBOUND = False
             try:
-                slow = plan(q, k, v, return_lse=True)
+                plan(q, k, v)
             finally:
                 launch.PREBOUND = True
-            for a, b, c in zip(fast, fast2, slow):
-                assert torch.equal(a, c) and torch.equal(b, c), (method, nk)
-            ref = poslsh.attention(q.double(), k.double(), v.double(), method=plan.method, backend="reference",
-                                   partitions=plan._partitions(0, nk))
-            err = (fast[0].double() - ref).norm() / ref.norm()
-            assert err < 2e-3, (method, nk, float(err))
+            tplan = plan._tplan
+            inputs = [q, k, v] + [getattr(tplan, f) for f in ("W", "U", "S", "E", "order", "slope2", "win", "win_r")]
+            inputs += list(launch._NO_KPM.values())
+            assert all(entry[0] == "jit" for entry in record)
+            assert _launches(cached, inputs) == _launches(record, inputs), (name, k.shape[2])
+            kernels |= {entry[1] for entry in record}
+    if not method.startswith("lsh"):  # the split path ran (its partials and merge compared too)
+        assert "_merge_kernel" in kernels
+    # a launch whose varying arguments specialise as an earlier one's reuses its compiled kernel
+    assert ("aligned", 33, "compiled") in kinds and ("aligned", 65, "compiled") in kinds
+    assert ("misaligned", 1, "jit") in kinds  # k misaligned: never the aligned launch's kernel
+
+
+def test_a_changed_call_shape_misses_the_cached_launch():
+    """A launch is reused only for its call shape: another q stride, dtype, mask presence, position
+    arithmetic, KV head count or scale builds its own recipe; a key count that divides by 16, a misaligned k, or the strides of a concatenated cache
+    (head dim 24: Nk * 24 divides by 16 for even Nk only) go through the JIT first (their specialisation
+    differs), and the next call like them reuses what it compiled."""
+    from poslsh.attention.plan import AttentionPlan
+    from poslsh.attention.triton.host_stub import stub_launches
+
+    g = torch.Generator().manual_seed(6)
+    record = []
+    slopes = [0.5, 0.1, 0.05, 0.01]
+    q = torch.randn(1, 4, 1, 24, generator=g)
+    kv = torch.randn(2, 1, 4, 80, 24, generator=g)
+    with stub_launches(record=record):
+        plan = AttentionPlan("window:0.01", num_heads=4, slopes=slopes, backend="triton")
+
+        def kinds(q, k, v):
+            record.clear()
+            plan(q, k, v)
+            return {entry[0] for entry in record}
+
+        def cache(n):
+            return kv[0][:, :, :n], kv[1][:, :, :n]
+
+        assert kinds(q, *cache(34)) == {"jit"}
+        assert kinds(q, *cache(36)) == {"compiled"}  # Nk, q_offset: neither 1 nor a multiple of 16, as before
+        assert kinds(q, *cache(48)) == {"jit"}  # Nk % 16 == 0
+        recipes = len(plan._tplan.recipes)
+        # 1000 and 2^23 + 3 keys (never read by the stubs: one position, expanded), alike but for the
+        # positions past float32's exact range, which take the integer path (a constexpr of the recipe's)
+        one = torch.empty(1, 4, 1, 24)
+        assert kinds(q, one.expand(1, 4, 1000, 24), one.expand(1, 4, 1000, 24)) == {"jit"}
+        recipes = len(plan._tplan.recipes)
+        assert kinds(q, one.expand(1, 4, 2**23 + 3, 24), one.expand(1, 4, 2**23 + 3, 24)) == {"jit"}
+        assert len(plan._tplan.recipes) == recipes + 1
+        assert all(entry[4][9] is False for entry in record if entry[1] == "_fwd_kernel")  # FDIV
+        recipes += 1
+        q_t = torch.randn(1, 1, 4, 24, generator=g).transpose(1, 2)  # other strides
+        assert kinds(q_t, *cache(36)) == {"jit"} and len(plan._tplan.recipes) == recipes + 1
+        assert kinds(q.half(), *(t.half() for t in cache(36))) == {"jit"} and len(plan._tplan.recipes) == recipes + 2
+        record.clear()
+        plan(q, *cache(36), key_padding_mask=torch.ones(1, 36, dtype=torch.bool))  # a mask: HAS_KPM
+        assert {entry[0] for entry in record} == {"jit"} and len(plan._tplan.recipes) == recipes + 3
+        flat = torch.randn(4 * 80 * 24 + 1, generator=g)[1:].view(1, 4, 80, 24)
+        assert kinds(q, flat[:, :, :36], cache(36)[1]) == {"jit"}  # misaligned k
+        assert kinds(q, *(t.contiguous() for t in cache(37))) == {"jit"}  # head stride 37 * 24: not a multiple of 16
+        assert kinds(q, *(t.contiguous() for t in cache(39))) == {"compiled"}
+        # triton_attention's plans are cached per spec (``plan_for``), whatever the KV heads: the recipe's
+        # key holds them
+        from poslsh.attention.dispatch import resolve_spec
+
+        for hkv, kind in ((4, "jit"), (4, "compiled"), (2, "jit")):
+            k, v = kv[0][:, :hkv, :36], kv[1][:, :hkv, :36]
+            spec = resolve_spec(q, k, v, slopes=slopes, method="window", window_eps=0.01)
+            record.clear()
+            launch.triton_attention(q, k, v, spec)
+            assert {entry[0] for entry in record} == {kind}, hkv
+        for scale in (0.3, 0.7):  # the scale too (a float: the JIT does not specialise on it; the recipe holds it)
+            spec = resolve_spec(q, k, v, slopes=slopes, method="window", window_eps=0.01, scale=scale)
+            record.clear()
+            launch.triton_attention(q, k, v, spec)
+            assert [entry[3][34] for entry in record] == [scale * launch.LOG2E]  # qk_scale

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import weakref
 from collections import OrderedDict
 
@@ -382,8 +383,7 @@ class AttentionPlan:
         return table.narrow(2, table.shape[2] - n, n)
 
     def _run_triton(self, q, k, v, nq, nk, q_offset, kpm, scale, start) -> tuple[Tensor, Tensor]:
-        from .triton import launch  # present: the registry chose "triton"
-
+        launch = sys.modules["poslsh.attention.triton.launch"]  # imported: the registry chose "triton"
         tplan = self._tplan
         cut_start = 0 if self._grid is not None else start  # cut block bounds are built per window
         if tplan is None or not tplan.serves(nk) or self._tplan_start != cut_start:

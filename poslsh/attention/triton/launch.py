@@ -1,5 +1,6 @@
 """Host side of the Triton kernels: what a call needs on the device (``Plan``, cached per method and
-partitions), tile configurations, launches, split-key decoding, and the autograd Function.
+partitions), tile configurations, launches (the forward's built once per call shape: ``ForwardRecipe``),
+split-key decoding, and the autograd Function.
 
 ``triton_attention(q, k, v, spec)`` runs a resolved ``AttentionSpec`` (``poslsh.attention.resolve_spec``)
 and is what the dispatcher's "triton" backend calls; benchmarks call it to time the kernels without
@@ -73,6 +74,8 @@ class Plan:
             (cut, whose block bounds are per position). Nothing in a plan depends on Nk otherwise, so a
             decode step's growing cache reuses it.
         by_width: ``head_groups``' cache: (threshold, group) -> the head orders of its wide and narrow heads.
+        recipes: the forward's launch recipes of its call shapes (``ForwardRecipe``); a copy of the plan
+            with other arrays (``dataclasses.replace``) starts without any.
     """
 
     method: int
@@ -91,6 +94,7 @@ class Plan:
     _reach: int | None = None
     span: int = MAX_KEYS
     by_width: dict = field(default_factory=dict)
+    recipes: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def reach(self) -> int:
@@ -242,6 +246,7 @@ def set_tuned(configs: dict[str, dict]) -> None:
     """Make ``configs`` (keys "method/prefill|decode/dtype/dD") this process's defaults (the benchmark
     does so after its sweep)."""
     _TUNED.update({k: dict(v) for k, v in configs.items()})
+    _CALL_CONFIGS.clear()
 
 
 def write_tuned(path: Path, configs: dict[str, dict], provenance: dict) -> None:
@@ -277,11 +282,34 @@ def default_config(method: str, dtype: torch.dtype, head_dim: int, device_type: 
                 BWD_BLOCK_M=64, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=2)
 
 
+_CALL_CONFIGS: OrderedDict = OrderedDict()
+
+
+def _call_config(method: str, dtype: torch.dtype, head_dim: int, device_type: str, decode: bool,
+                 config: dict | None) -> dict:
+    """``default_config`` updated by ``config``, one dict per distinct content (not to be modified): the
+    forward's recipes know a config by its identity (``_recipe``), so equal calls find theirs."""
+    frozen = None if not config else tuple(sorted(
+        (name, tuple(sorted(value.items())) if isinstance(value, dict) else value) for name, value in config.items()))
+    key = (method, dtype, head_dim, device_type, decode, frozen)
+    cfg = _CALL_CONFIGS.get(key)
+    if cfg is None:
+        cfg = _CALL_CONFIGS[key] = default_config(method, dtype, head_dim, device_type, decode)
+        cfg.update(config or {})
+        while len(_CALL_CONFIGS) > 64:
+            _CALL_CONFIGS.popitem(last=False)
+    return cfg
+
+
 def _float_positions(nk: int, cfg: dict[str, Any]) -> bool:
     """Positions and block bounds as float32 (block starts by reciprocal, compares on the FP32 pipe)
     when every position + offset < 2^24 is exact; ``config={"float_positions": False}`` forces the
     integer path, which longer sequences take (tests run it at small sizes)."""
     return 2 * nk < 2**24 and bool(cfg.get("float_positions", True))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv on ints, without its constexpr wrapper (microseconds per host call)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -309,14 +337,14 @@ def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: tor
     elif nq > DECODE_ROWS:
         return 1, 0
     else:  # enough programs for several waves, so the last, partial wave idles few multiprocessors
-        programs = triton.cdiv(nq, cfg["BLOCK_M"]) * b * h
-        want = triton.cdiv(cfg.get("split_waves", SPLIT_WAVES) * _multiprocessors(device), programs)
-    tiles = triton.cdiv(min(plan.reach, nk) + cfg["BLOCK_M"], cfg["BLOCK_N"]) + 1
+        programs = _cdiv(nq, cfg["BLOCK_M"]) * b * h
+        want = _cdiv(cfg.get("split_waves", SPLIT_WAVES) * _multiprocessors(device), programs)
+    tiles = _cdiv(min(plan.reach, nk) + cfg["BLOCK_M"], cfg["BLOCK_N"]) + 1
     want = max(1, min(want, tiles // SPLIT_MIN_TILES, 128))
     if want == 1:
         return 1, 0
-    per = triton.cdiv(tiles, want)
-    return triton.cdiv(tiles, per), per
+    per = _cdiv(tiles, want)
+    return _cdiv(tiles, per), per
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,56 +352,55 @@ def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: tor
 # --------------------------------------------------------------------------------------------------
 
 
-def _specialization(arg) -> object:
-    """What Triton's JIT may specialise a launch argument on, or finer: a tensor's dtype and 16-byte
-    alignment; an int's ``== 1``, divisibility by 16 and width (int32 / int64 / wider); floats not at all;
-    anything else its value."""
-    kind = type(arg)
-    if kind is int:
-        return (arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31, -2**63 <= arg < 2**63)
-    if kind is float:
-        return float
-    if isinstance(arg, Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    return kind, arg
-
-
-class Launcher:
-    """A Triton kernel launched at the cost of its compiled launcher, not of the JIT's dispatch.
-
-    ``launcher(grid, args, constexprs, num_warps, num_stages)`` launches ``kernel[grid](*args,
-    *constexprs)``. The first launch of each specialisation goes through the JIT (which compiles or finds
-    the kernel and returns it); later launches whose arguments specialise alike (``_specialization``: a
-    key at least as fine as the JIT's, so a launch never takes a kernel compiled for other alignments or
-    constants) call that compiled kernel directly, as Triton's fused-softmax tutorial does. A decoding
-    step launches with ~40 arguments: this saves the JIT's per-call binding and cache lookup.
-    ``PREBOUND = False`` (module attribute) sends every launch through the JIT (the comparison in
-    ``bench/host_overhead.py`` and the tests)."""
-
-    def __init__(self, kernel) -> None:
-        self.kernel = kernel
-        self.compiled: dict = {}
-
-    def __call__(self, grid: tuple[int, int], args: tuple, constexprs: tuple, **options) -> None:
-        """Launch on ``grid`` with the kernel's non-constexpr ``args`` and its ``constexprs`` (both in the
-        kernel's parameter order) and the compile ``options`` (num_warps, num_stages, maxnreg)."""
-        if not PREBOUND or interpreting():
-            self._jit(grid, args, constexprs, options)
-            return
-        key = (tuple(map(_specialization, args)), constexprs, tuple(options.items()), torch.cuda.current_device())
-        compiled = self.compiled.get(key)
-        if compiled is None:
-            self.compiled[key] = self._jit(grid, args, constexprs, options)
-        else:
-            compiled[(grid[0], grid[1], 1)](*args, *constexprs)  # its launcher reads three grid sizes
-
-    def _jit(self, grid, args, constexprs, options):
-        names = self.kernel.arg_names[len(args):]
-        return self.kernel[grid](*args, **dict(zip(names, constexprs)), **options)
+def _launch_key(tensors: tuple, ints: tuple) -> tuple:
+    """What Triton's JIT may specialise launch arguments on, or finer: a tensor's dtype and 16-byte
+    alignment; an int's ``== 1``, divisibility by 16 and width (int32 / int64 / wider). (Floats it does
+    not specialise on; a launch's floats are among its fixed arguments.)"""
+    return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors] +
+                 [(x == 1, x % 16 == 0, -2**31 <= x < 2**31, -2**63 <= x < 2**63) for x in ints])
 
 
 PREBOUND = True
-FWD, MERGE = Launcher(_fwd_kernel), Launcher(_merge_kernel)
+
+
+def prebound() -> bool:
+    """Whether launches reuse compiled kernels: ``PREBOUND`` (module attribute; False sends every launch
+    through the JIT: the comparison in ``bench/host_overhead.py`` and the tests) and compiled kernels
+    (the interpreter has none)."""
+    return PREBOUND and not interpreting()
+
+
+class Launcher:
+    """One launch of a Triton kernel whose grid, constexprs and compile options are fixed (one of a
+    ``ForwardRecipe``'s), at the cost of its compiled launcher, not of the JIT's dispatch.
+
+    ``launcher(args, key)`` launches ``kernel[grid](*args, *constexprs)``. ``key`` is ``_launch_key`` of
+    the arguments that may change between its launches (the caller fixes the others: the same values at
+    every launch) and the current device, or None: through the JIT (``prebound()`` is False). The first
+    launch of each key goes through the JIT (which compiles or finds the kernel and returns it); later
+    ones call that compiled kernel directly, as Triton's fused-softmax tutorial does. With the fixed
+    arguments the key is at least as fine as the JIT's specialisation, so a launch never takes a kernel
+    compiled for another device, alignment or constant."""
+
+    def __init__(self, kernel, grid: tuple[int, int], constexprs: tuple, options: dict) -> None:
+        self.kernel, self.grid, self.constexprs, self.options = kernel, (grid[0], grid[1], 1), constexprs, options
+        self.compiled: dict = {}
+
+    def __call__(self, args: tuple, key: tuple | None) -> None:
+        if key is None:
+            self.jit(args)
+            return
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            self.compiled[key] = self.jit(args)
+        else:
+            compiled[self.grid](*args, *self.constexprs)
+
+    def jit(self, args: tuple):
+        """Launch through the JIT; returns the compiled kernel."""
+        names = self.kernel.arg_names[len(args):]
+        return self.kernel[self.grid](*args, **dict(zip(names, self.constexprs)), **self.options)
+
 
 _NO_KPM: dict[torch.device, Tensor] = {}  # the kernels' unread mask argument, one per device
 
@@ -392,42 +419,116 @@ def _kpm_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
     return k8, k8.stride(0)
 
 
+@dataclass(eq=False)
+class ForwardRecipe:
+    """The forward's launches for one call shape, built once, so that a decoding step fills in only the
+    arguments its growing cache changes.
+
+    Fixed, with the recipe's key (``_recipe``): the plan (which holds its recipes), the config dict (by
+    identity: ``AttentionPlan`` keeps one per dtype, head dim and regime), causality, the scale, q's shape,
+    strides and dtype, the KV heads, the mask's presence, the split count and the position arithmetic
+    (``_float_positions``); and what they determine: each launch's grid, constexprs and compile options
+    (a ``Launcher`` per head group and the merge), the plan's arrays with the group's head order, q's and
+    the outputs' strides (``empty_like(q)`` lays out alike for alike q), the sizes and the scalars. Per
+    call (``_fwd``): the tensors (q, k, v, mask, outputs, partials), k's and v's strides (a cache grown by
+    concatenation changes them), the mask's row stride, Nk, q_offset and the key tiles per split.
+
+    Attributes:
+        cfg: the config it was built for; splits: split-key programs per query tile (1: none).
+        groups: [(Launcher, (W, U, S, E, order, slope2, win, win_r))], one per head group.
+        q_strides, out_strides: of q (B, H, Nq) and of the forward's output (split, B, H, Nq).
+        sizes: (B, H, Nq); scalars: (query heads per KV head, scale * log2(e), log2(r)).
+        partials: fp32 elements of the split partials, out [splits, B, H, Nq, BLOCK_D] then their LSEs
+            [splits, B, H, Nq] (one allocation); lse_start: where the LSEs begin. 0 without splits.
+        merge: the merge's Launcher (None without splits); merge_args: its arguments after the tensors.
+    """
+
+    cfg: dict
+    splits: int
+    groups: list
+    q_strides: tuple
+    out_strides: tuple
+    sizes: tuple
+    scalars: tuple
+    partials: int
+    lse_start: int
+    merge: Launcher | None
+    merge_args: tuple
+
+    @classmethod
+    def build(cls, plan: Plan, q: Tensor, k: Tensor, o: Tensor, has_kpm: bool, causal: bool, scale: float,
+              cfg: dict, splits: int, nk: int) -> "ForwardRecipe":
+        B, H, Nq, D = q.shape
+        bd = max(16, triton.next_power_of_2(D))
+        if splits > 1:  # normalised fp32 partials [splits, B, H, Nq, BLOCK_D] (contiguous), then their LSEs
+            partials, lse_start = splits * B * H * Nq * (bd + 1), splits * B * H * Nq * bd
+            out_strides = (B * H * Nq * bd, H * Nq * bd, Nq * bd, bd)
+        else:
+            partials = lse_start = 0
+            out_strides = (0,) + o.stride()[:3]
+        groups = []
+        # One launch per group of heads (``head_groups``: one group, every head, unless the config's "wide"
+        # gives wide heads their own tiles); a group's programs take their heads from its order.
+        for order, sub in (head_groups(plan, cfg) if splits == 1 else [(plan.order, cfg)]):
+            bm = sub["BLOCK_M"]
+            options = dict(num_warps=sub["num_warps"], num_stages=sub["num_stages"])
+            if sub.get("maxnreg"):  # a register cap: more programs per multiprocessor, spills outside the key loops
+                options["maxnreg"] = sub["maxnreg"]
+            constexprs = (plan.method, plan.r, plan.cut, causal, D, bd, bm, sub["BLOCK_N"], _prec(q.dtype),
+                          _float_positions(nk, sub), has_kpm, splits > 1, bool(sub.get("lazy", False)))
+            launcher = Launcher(_fwd_kernel, (_cdiv(Nq, bm) * B * order.numel(), splits), constexprs, options)
+            groups.append((launcher, (plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r)))
+        merge, merge_args = None, ()
+        if splits > 1:
+            block_r = 16
+            merge = Launcher(_merge_kernel, (_cdiv(B * H * Nq, block_r), 1), (D, bd, block_r), dict(num_warps=4))
+            merge_args = (splits, B * H, H, Nq, out_strides[0]) + o.stride()[:3]
+        return cls(cfg, splits, groups, q.stride()[:3], out_strides, (B, H, Nq),
+                   (H // k.shape[1], scale * LOG2E, math.log2(plan.r)), partials, lse_start, merge, merge_args)
+
+
+_RECIPES_PER_PLAN = 16
+
+
+def _recipe(plan: Plan, q: Tensor, k: Tensor, o: Tensor, has_kpm: bool, causal: bool, scale: float, cfg: dict,
+            splits: int, nk: int) -> ForwardRecipe:
+    """The plan's recipe of this call shape (``ForwardRecipe``), built on its first call; with
+    ``PREBOUND = False`` one built afresh (the plain path the cached recipes are held to)."""
+    if not PREBOUND:
+        return ForwardRecipe.build(plan, q, k, o, has_kpm, causal, scale, cfg, splits, nk)
+    key = (id(cfg), splits, 2 * nk < 2**24, q.shape, q.stride(), q.dtype, k.shape[1], has_kpm, causal, scale)
+    recipe = plan.recipes.get(key)
+    if recipe is None or recipe.cfg is not cfg:  # (it holds its cfg alive, so the id is that dict's)
+        recipe = plan.recipes[key] = ForwardRecipe.build(plan, q, k, o, has_kpm, causal, scale, cfg, splits, nk)
+        while len(plan.recipes) > _RECIPES_PER_PLAN:
+            del plan.recipes[next(iter(plan.recipes))]
+    return recipe
+
+
 def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal: bool, scale: float,
          q_offset: int, cfg: dict) -> tuple[Tensor, Tensor]:
-    B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    bd = max(16, triton.next_power_of_2(D))
-    kpm8, kpm_stride = _kpm_arg(kpm, q.device)
-    o = torch.empty_like(q)
-    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
     splits, per = _splits(plan, B, H, Nq, Nk, cfg, q.device)
-    if splits > 1:  # normalised fp32 partials [splits, B, H, Nq, BLOCK_D], merged below
-        po = torch.empty(splits, B, H, Nq, bd, dtype=torch.float32, device=q.device)
-        pl = torch.empty(splits, B, H, Nq, dtype=torch.float32, device=q.device)
-        out, out_lse, so = po, pl, po.stride()
-    else:
-        out, out_lse, so = o, lse, (0,) + o.stride()[:3]
-    # One launch per group of heads (``head_groups``: one group, every head, unless the config's "wide"
-    # gives wide heads their own tiles); a group's programs take their heads from its order.
-    for order, sub in (head_groups(plan, cfg) if splits == 1 else [(plan.order, cfg)]):
-        bm = sub["BLOCK_M"]
-        options = dict(num_warps=sub["num_warps"], num_stages=sub["num_stages"])
-        if sub.get("maxnreg"):  # a register cap: more programs per multiprocessor, spills outside the key loops
-            options["maxnreg"] = sub["maxnreg"]
-        FWD((triton.cdiv(Nq, bm) * B * order.numel(), splits),
-            (q, k, v, out, out_lse, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r,
-             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-             v.stride(0), v.stride(1), v.stride(2), so[0], so[1], so[2], so[3], kpm_stride,
-             B, H, Nq, Nk, q_offset, H // Hkv, scale * LOG2E, math.log2(plan.r), per),
-            (plan.method, plan.r, plan.cut, causal, D, bd, bm, sub["BLOCK_N"], _prec(q.dtype),
-             _float_positions(Nk, sub), kpm is not None, splits > 1, bool(sub.get("lazy", False))),
-            **options)
-    if splits > 1:
-        rows = B * H * Nq
-        block_r = 16
-        MERGE((triton.cdiv(rows, block_r), 1),
-              (po, pl, o, lse, splits, B * H, H, Nq, po.stride(0), o.stride(0), o.stride(1), o.stride(2)),
-              (D, bd, block_r), num_warps=4)
+    o = torch.empty_like(q)
+    recipe = _recipe(plan, q, k, o, kpm is not None, causal, scale, cfg, splits, Nk)
+    kpm8, kpm_stride = _kpm_arg(kpm, q.device)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    out, out_lse = o, lse
+    if splits > 1:  # the split partials and their LSEs, merged below
+        out = torch.empty(recipe.partials, dtype=torch.float32, device=q.device)
+        out_lse = out[recipe.lse_start:]
+    tensors = (q, k, v, out, out_lse, kpm8)
+    kv_strides = k.stride()[:3] + v.stride()[:3]
+    tail = (kpm_stride,) + recipe.sizes + (Nk, q_offset) + recipe.scalars + (per,)
+    key = None  # one key for the call's launches: what varies in either, and the device
+    if prebound():
+        key = _launch_key(tensors + (o, lse), kv_strides + (kpm_stride, Nk, q_offset, per)) + \
+            (torch.cuda.current_device(),)
+    for launcher, plan_arrays in recipe.groups:  # the kernel's parameters, in order
+        launcher(tensors + plan_arrays + recipe.q_strides + kv_strides + recipe.out_strides + tail, key)
+    if recipe.merge is not None:
+        recipe.merge((out, out_lse, o, lse) + recipe.merge_args, key)
     return o, lse
 
 
@@ -553,10 +654,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
         pad = lambda x: torch.nn.functional.pad(x, (0, m - x.shape[-1]))  # noqa: E731
         out, lse = triton_attention(pad(q), pad(k), pad(v), spec, config)
         return out[..., :dv_dim], lse
-    decode = Nq <= DECODE_ROWS
-    cfg = default_config(spec.method, q.dtype, D, q.device.type, decode)
-    if config:
-        cfg.update(config)
+    cfg = _call_config(spec.method, q.dtype, D, q.device.type, Nq <= DECODE_ROWS, config)
     plan = plan_for(spec, Nk, q.device)
     return run_plan(q, k, v, spec.key_padding_mask, plan, spec.causal, float(spec.scale), int(spec.q_offset), cfg)
 
