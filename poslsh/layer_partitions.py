@@ -149,8 +149,8 @@ class LayerPartitions:
         return start.reshape(h, r)
 
     def first_reachable(self, t: int) -> int:
-        """The smallest of ``block_starts_at(t)`` over heads and samples: the first position a query at
-        position >= t shares a block with. Grid: t - max (t + U) mod W, at least 0 (three operations and
+        """The smallest of ``block_starts_at(t)`` over heads and samples: the first position any query at
+        position >= t can share a block with. Grid: t - max (t + U) mod W, at least 0 (three operations and
         one read, where the [H, r] starts and their minimum take seven: eviction asks it of every layer at
         every decoding step)."""
         if self.scheme == "grid":

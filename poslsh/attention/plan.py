@@ -355,7 +355,7 @@ class AttentionPlan:
             k, v = k.narrow(2, lo, hi - lo), v.narrow(2, lo, hi - lo)
             kpm = None if kpm is None else kpm[:, lo:hi]
 
-        def spec() -> AttentionSpec:  # built where it is read only (LSH's partitions seen from lo take ~15 us)
+        def spec() -> AttentionSpec:  # built where it is read only (LSH's partitions seen from lo cost operations)
             return self._spec(lo, hi, q_offset - lo, kpm, scale, start)
 
         if backend.name == "fused" and nq == 1 and self.causal and q_offset == nk - 1 and takes_few_rows(q, k):
