@@ -147,3 +147,13 @@ class LayerPartitions:
         start = torch.zeros(h * r, dtype=torch.int64)
         start.scatter_reduce_(0, rows, parts.cut_positions, reduce="amax")  # the last cut <= t, else 0
         return start.reshape(h, r)
+
+    def first_reachable(self, t: int) -> int:
+        """The smallest of ``block_starts_at(t)`` over heads and samples: the first position any query at
+        position >= t can share a block with. Grid: t - max (t + U) mod W, at least 0 (three operations and
+        one read, where the [H, r] starts and their minimum take seven: eviction asks it of every layer at
+        every decoding step)."""
+        if self.scheme == "grid":
+            w, u = self._grid
+            return max(0, t - int((u + t).remainder_(w).max()))
+        return int(self.block_starts_at(t).min())

@@ -1,7 +1,8 @@
 """The fused backend's decoding path (``fused.few_rows_attention``: every head at once for at most
 ``DECODE_ROWS`` query rows) against the dense reference and the tiled engine it replaces there, for every
-method, causal or not, grouped KV, padding, rows that see no key, and gradients; and the no-gradient
-branch of ``core.softmax_with_lse`` against its general branch."""
+method, causal or not, grouped KV, padding, rows that see no key, and gradients; the no-gradient
+branch of ``core.softmax_with_lse`` against its general branch; and ``AttentionPlan``'s decoding steps
+(exact/window weights from a table, grid LSH's from ``fused.GridLastRow``) against the reference."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from poslsh.attention import EMPTY_LSE
 from poslsh.attention.core import softmax_with_lse
 from poslsh.attention.dispatch import resolve_spec
-from poslsh.attention.fused import few_rows_attention, fused_attention, few_rows_log_weights
+from poslsh.attention.core import AttentionSpec
+from poslsh.attention.fused import GridLastRow, few_rows_attention, fused_attention, few_rows_log_weights
 from poslsh.attention.reference import dense_log_weights, reference_attention
 from poslsh.attention.speed import DECODE_ROWS
 from poslsh.attention.tiled import tiled_attention
@@ -166,3 +168,65 @@ def test_plan_decoding_without_lse_equals_reference_and_keeps_nonfinite_keys_out
         out, ref = (plan(q, k, v) for plan in plans)
         assert torch.isnan(ref[:, 3]).all() and not torch.isnan(ref[:, :3]).any()
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("slopes", [[1.0, 0.5, 0.25, 0.1], [0.7, 0.03, 0.0, 0.2]])
+def test_grid_last_row_equals_reference(dtype, slopes):
+    """``GridLastRow`` (a decoding step's LSH weights on grid partitions) gives the reference's log W (the
+    log of the partitions' mean mask, ``dense_log_weights``) of the last of n keys, n = 1 and 2^k +- 1,
+    from the sequence's first position and deep into it, heads of different slopes (slope 0: one block,
+    an unbounded width); n below and above the widest block (a block that starts before the keys)."""
+    from poslsh.layer_partitions import LayerPartitions
+
+    layer = LayerPartitions(torch.tensor(slopes, dtype=torch.float64), 6, "grid", seed=2, layer=1)
+    w, u = layer.get(1).widths, layer.get(1).offsets
+    row = GridLastRow(w, u, dtype)
+    sizes = (1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129)
+    assert min(sizes) < row.widest and (row.widest >= 2**62 or max(sizes) >= row.widest)
+    for n in sizes:
+        for position in (n - 1, n + 4, 1000 + 3 * n):
+            start = position - n + 1
+            spec = AttentionSpec(slopes=layer.slopes, causal=True, method="lsh", scale=1.0, q_offset=n - 1,
+                                 partitions=layer.window(start, n))
+            got = row(position, n)
+            assert got.shape == (4, 1, n) and got.dtype == dtype
+            ref = dense_log_weights(spec, 1, n, torch.device("cpu")).to(dtype)
+            torch.testing.assert_close(got, ref, rtol=1e-14 if dtype == torch.float64 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_plan_lsh_decoding_on_grid_partitions_equals_reference(hkv, monkeypatch):
+    """A decoding step of "lsh" on grid partitions takes its weights from ``GridLastRow`` (never from
+    ``few_rows_log_weights``, here made to fail) and gives the reference backend's output at every step
+    of a growing cache from Nk = 1 (keys beyond the widest block sliced off once the cache outgrows it),
+    with and without an evicted prefix (``key_start``), in float64 and float32, with and without the LSE
+    and a padded key."""
+    from poslsh import MethodSpec
+    from poslsh.attention import plan as plan_module
+    from poslsh.attention.fused import backend as fused_backend
+    from poslsh.attention.plan import AttentionPlan
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a grid LSH decoding step computed its weights with few_rows_log_weights")
+
+    slopes = [1.0, 0.5, 0.25, 0.1]
+    plans = [AttentionPlan(MethodSpec("lsh", samples=4), num_heads=4, num_kv_heads=hkv, slopes=slopes, seed=5,
+                           backend=b) for b in ("fused", "reference")]
+    assert plans[0].reach < 90  # the longest caches below are sliced to the band
+    monkeypatch.setattr(plan_module, "few_rows_log_weights", refuse)
+    monkeypatch.setattr(fused_backend, "few_rows_log_weights", refuse)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        q, k, v = _inputs(2, 4, hkv, 1, 100, dtype=dtype)
+        kpm = torch.ones(2, 100, dtype=torch.bool)
+        kpm[1, 0] = False
+        for key_start in (0, 9, 4097):
+            for nk in list(range(1, 40)) + [63, 64, 65, 99, 100]:
+                call = dict(key_start=key_start)
+                out, ref = (plan(q, k[:, :, :nk], v[:, :, :nk], **call) for plan in plans)
+                torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+                if nk % 8 == 1:  # the paths with the LSE (few_rows_attention) and with padding
+                    call.update(key_padding_mask=kpm[:, :nk], return_lse=True)
+                    (out, lse), (ref, ref_lse) = (plan(q, k[:, :, :nk], v[:, :, :nk], **call) for plan in plans)
+                    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+                    torch.testing.assert_close(lse, ref_lse, rtol=tol, atol=tol)

@@ -813,6 +813,24 @@ def test_patched_cache_appends_in_place_without_eviction(model, method):
         assert torch.equal(cached, native)
 
 
+@pytest.mark.parametrize("scheme", ["grid", "cut"])
+def test_lsh_reach_start_equals_the_per_head_starts(scheme):
+    """LSH's eviction point (``LayerPartitions.first_reachable``: for grid t - max (t + U) mod W) is the
+    minimum over heads of ``_layer_starts`` (the block starts of position t), from the first positions
+    (blocks clipped at 0) deep into the sequence, a slope-0 head (one block) included."""
+    model = _steep_bloom()
+    for slopes in ([0.9, 0.6, 0.4, 0.3], [0.9, 0.6, 0.4, 0.0]):
+        with patch_model(model, method="lsh", samples=3, scheme=scheme, slopes=slopes, evict=True) as patch:
+            info = patch.layers[1]
+            starts = set()
+            for t in list(range(0, 40)) + [1000, 4095, 4096, 4097, 9000]:
+                patch.forward_rows = {}
+                start = patch._reach_start(info, t)
+                assert start == int(patch._layer_starts(info, t).min()), (slopes, t)
+                starts.add(t - start)
+            assert len(starts) > 3
+
+
 def test_window_reach_start_equals_the_per_head_starts():
     """The window's eviction point in closed form (t - the widest head's half-width) is the minimum over
     heads of ``_layer_starts``, before and past the widest window, a slope-0 head included."""

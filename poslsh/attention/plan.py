@@ -30,7 +30,8 @@ partials of a decoding row), and runs:
   not O(cache). A decoding step (one causal query at the last key) on the fused backend runs
   ``fused.few_rows_attention`` (without the LSE and padding: ``fused.last_row_sdpa``, torch's SDPA with
   the weights as its mask), "exact" and "window" with their positional weights a view of a per-plan
-  table (``_last_row_weights``): no weights computed per step, a handful of operations.
+  table (``_last_row_weights``): no weights computed per step, a handful of operations; "lsh" on grid
+  partitions with its collision counts from ``fused.GridLastRow`` (``_grid_row``: about eight operations).
 
 CUDA graphs: a plan's call reads nothing from the device, so once one call has run (it builds the
 plan's device arrays and picks the backend), a call whose shapes, strides, dtypes, ``q_offset``, mask
@@ -64,7 +65,7 @@ from ..layer_partitions import LayerPartitions
 from ..method import METHOD_RULES, MethodSpec, as_method
 from .core import AttentionSpec
 from .dispatch import Backend, available_backends, select_backend
-from .fused import few_rows_attention, few_rows_log_weights, last_row_sdpa, takes_few_rows
+from .fused import GridLastRow, few_rows_attention, few_rows_log_weights, last_row_sdpa, takes_few_rows
 from .ranges import normalize_grid
 from .speed import DECODE_ROWS
 from .window import hybrid_widths, window_sizes
@@ -138,6 +139,9 @@ class AttentionPlan:
         # (device, compute dtype) -> the decoding weights' table (``_last_row_weights``): causal "exact" and
         # "window" only (the other methods' weights depend on the partitions seen from each step's keys)
         self._band_weights: dict | None = {} if self.causal and not self.method.random else None
+        # (device, compute dtype) -> ``fused.GridLastRow`` of causal "lsh" on grid partitions (``_grid_row``)
+        grid_lsh = self._grid is not None and self.method.rule.only_collisions
+        self._grid_rows: dict | None = {} if self.causal and grid_lsh else None
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -351,19 +355,27 @@ class AttentionPlan:
         if (lo, hi) != (0, nk):  # views: the keys no row reaches have weight 0, so the result is the same
             k, v = k.narrow(2, lo, hi - lo), v.narrow(2, lo, hi - lo)
             kpm = None if kpm is None else kpm[:, lo:hi]
-        spec = self._spec(lo, hi, q_offset - lo, kpm, scale, start)
-        if backend.name == "fused" and nq == 1 and self.causal and q_offset == nk - 1 and takes_few_rows(q, k, spec):
-            # a decoding step: exact/window weights are a view of the plan's table, the others computed
-            weights = None if self._band_weights is None else self._last_row_weights(hi - lo, q.device, q.dtype)
+
+        def spec() -> AttentionSpec:  # built where it is read only (LSH's partitions seen from lo cost operations)
+            return self._spec(lo, hi, q_offset - lo, kpm, scale, start)
+
+        if backend.name == "fused" and nq == 1 and self.causal and q_offset == nk - 1 and takes_few_rows(q, k):
+            # a decoding step: exact/window weights are a view of the plan's table, grid LSH's a few operations
+            # (``_grid_row``), the others computed
+            weights = None
+            if self._band_weights is not None:
+                weights = self._last_row_weights(hi - lo, q.device, q.dtype)
+            elif self._grid_rows is not None:
+                weights = self._grid_row(start + q_offset, hi - lo, q.device, q.dtype)
             if not return_lse and kpm is None:  # its own key has weight 1 in every method: never an empty row
                 if weights is None:
-                    weights = few_rows_log_weights(spec, 1, hi - lo, q.device,
+                    weights = few_rows_log_weights(spec(), 1, hi - lo, q.device,
                                                    torch.float64 if q.dtype == torch.float64 else torch.float32)
                 out = last_row_sdpa(q, k, v, weights, scale)
                 if out is not None:
                     return out, None
-            return few_rows_attention(q, k, v, spec, weights)
-        return backend(q, k, v, spec)
+            return few_rows_attention(q, k, v, spec(), weights)
+        return backend(q, k, v, spec())
 
     def _last_row_weights(self, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """log W of a causal query at the last of n keys, "exact" or "window": [H, 1, n], a view of a table
@@ -381,6 +393,16 @@ class AttentionPlan:
                 table = table.masked_fill(dist > self._window.to(device)[:, None], float("-inf"))
             table = self._band_weights[key] = table[:, None, :]
         return table.narrow(2, table.shape[2] - n, n)
+
+    def _grid_row(self, position: int, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """log W of a causal "lsh" query at sequence position ``position``, the last of n keys, on grid
+        partitions: [H, 1, n] from the plan's ``fused.GridLastRow`` (per device and compute dtype)."""
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        row = self._grid_rows.get((device, dtype))
+        if row is None:
+            w, u, _ = self._grid
+            row = self._grid_rows[(device, dtype)] = GridLastRow(w.to(device), u.to(device), dtype)
+        return row(position, n)
 
     def _run_triton(self, q, k, v, nq, nk, q_offset, kpm, scale, start) -> tuple[Tensor, Tensor]:
         launch = sys.modules["poslsh.attention.triton.launch"]  # imported: the registry chose "triton"

@@ -474,7 +474,8 @@ class PoslshPatch:
     def _reach_start(self, info: _LayerInfo, t: int) -> int:
         """First position (among kept tokens) any query at position >= t can see, over all heads: the
         minimum of ``_layer_starts`` (host arithmetic on the slopes and partitions, once per forward and
-        layer; the window's in closed form, ``t - max_h w_h``: its widths do not depend on t)."""
+        layer; the window's in closed form, ``t - max_h w_h``: its widths do not depend on t; LSH's the
+        partitions' ``first_reachable``)."""
         rule = self.options.spec.rule
         if rule.band_only:  # window: t - w_h for the widest head, every layer alike, no tensor work
             if self.window_reach is None:
@@ -485,7 +486,8 @@ class PoslshPatch:
         key = ("reach", info.index, t)
         start = self.forward_rows.get(key)
         if start is None:
-            start = self.forward_rows[key] = int(self._layer_starts(info, t).min())
+            start = self.forward_rows[key] = (info.parts.first_reachable(t) if rule.only_collisions
+                                              else int(self._layer_starts(info, t).min()))
         return start
 
     def _layer_starts(self, info: _LayerInfo, t: int) -> Tensor:

@@ -4,8 +4,8 @@ all four methods and positional kernels, trainable slopes. Held to the reference
 tests/test_attention_correctness.py and test_memory_bounds.py, and to the oracle in test_conformance.py.
 """
 
-from .backend import (CollisionRule, HybridRule, collision_rules, few_rows_attention, few_rows_log_weights,
+from .backend import (CollisionRule, GridLastRow, HybridRule, collision_rules, few_rows_attention, few_rows_log_weights,
                       fused_attention, last_row_sdpa, supports_fused, takes_few_rows)
 
-__all__ = ["CollisionRule", "HybridRule", "collision_rules", "fused_attention", "few_rows_attention",
+__all__ = ["CollisionRule", "GridLastRow", "HybridRule", "collision_rules", "fused_attention", "few_rows_attention",
            "few_rows_log_weights", "last_row_sdpa", "supports_fused", "takes_few_rows"]

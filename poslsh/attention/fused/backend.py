@@ -18,7 +18,9 @@ every head at once (``few_rows_log_weights``: the band as ``BandRule``, the coll
 ``CollisionRule``, by scattering each row's block bounds and a cumulative sum) and attends with
 ``reference.dense_attention``: a constant number of operations whatever the head count. A decoding step
 through an ``AttentionPlan`` that needs no LSE and has no padding goes on to ``last_row_sdpa`` (torch's
-SDPA with the plan's weights as its mask), falling back here when its output is not finite.
+SDPA with the plan's weights as its mask), falling back here when its output is not finite. Its
+weights for "lsh" on grid partitions come from ``GridLastRow`` (eight operations for one causal row at
+the last key, where ``few_rows_log_weights`` takes about 25 for general rows).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ..speed import DECODE_ROWS
 from .tiled import tiled_attention
 from ..window import BandRule, band_rules
 
-__all__ = ["CollisionRule", "HybridRule", "collision_rules", "fused_attention", "few_rows_attention",
+__all__ = ["CollisionRule", "GridLastRow", "HybridRule", "collision_rules", "fused_attention", "few_rows_attention",
            "few_rows_log_weights", "last_row_sdpa", "supports_fused", "takes_few_rows"]
 
 class CollisionRule:
@@ -139,7 +141,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, float64 for float64 inputs).
     """
-    if takes_few_rows(q, k, spec):
+    if takes_few_rows(q, k, spec.kernels):
         return few_rows_attention(q, k, v, spec)
     if spec.rule.only_collisions:
         rules = collision_rules(spec)
@@ -150,12 +152,12 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
     return tiled_attention(q, k, v, spec, rules)
 
 
-def takes_few_rows(q: Tensor, k: Tensor, spec: AttentionSpec) -> bool:
+def takes_few_rows(q: Tensor, k: Tensor, kernels: tuple | None = None) -> bool:
     """Whether ``fused_attention`` runs a call as ``few_rows_attention``: at most ``DECODE_ROWS`` query
-    rows, ALiBi weights, and [B, H, Nq, Nk] scores within ``tiled.TILE_BYTES`` (counted at 8 bytes: the
-    scores and the weights of the same size live at once)."""
+    rows, ALiBi weights (``kernels``, the spec's, None), and [B, H, Nq, Nk] scores within
+    ``tiled.TILE_BYTES`` (counted at 8 bytes: the scores and the weights of the same size live at once)."""
     b, h, nq, _ = q.shape
-    return nq <= DECODE_ROWS and spec.kernels is None and b * h * nq * (k.shape[2] + 1) * 8 <= tiled.TILE_BYTES
+    return nq <= DECODE_ROWS and kernels is None and b * h * nq * (k.shape[2] + 1) * 8 <= tiled.TILE_BYTES
 
 
 def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
@@ -234,6 +236,38 @@ def few_rows_log_weights(spec: AttentionSpec, nq: int, nk: int, device: torch.de
     if spec.causal:
         logw = logw.masked_fill(diff < 0, float("-inf"))
     return logw
+
+
+class GridLastRow:
+    """log W of the LSH collision counts on grid partitions for one causal query at the last of n keys (a
+    decoding step), every head at once: ``few_rows_log_weights``'s row (the reference) in eight tensor
+    operations (nine while the keys are fewer than the widest block), where that takes about 25.
+
+    The query at sequence position P lies phi_t = (P + U_t) mod W_t positions past the start of its block in
+    sample t, so of the keys P - n + 1 .. P (indices 0 .. n - 1) it shares that block with those from index
+    max(0, n - 1 - phi_t) on (causal: the keys end at P). The count of key i is the number of samples whose
+    first shared key is at or before i, a cumulative sum of r unit steps, and log(count / r) is a lookup in
+    a table of its r + 1 values: no logarithm per key (on the CPU, that of count 0 takes a slow path).
+    """
+
+    def __init__(self, widths: Tensor, offsets: Tensor, dtype: torch.dtype) -> None:
+        """widths, offsets: the grid's (W, U), int64 [H, r], on the device of the calls; dtype: the weights'."""
+        self.widths, self.offsets = widths, offsets
+        self.ones = torch.ones_like(widths)
+        r = widths.shape[1]
+        self.log_mean = torch.log(torch.arange(r + 1, dtype=dtype, device=widths.device) / r)  # log(c / r), c = 0..r
+        self.widest = int(widths.max())
+
+    def __call__(self, position: int, n: int) -> Tensor:
+        """log W [H, 1, n] (-inf where no block is shared) of the query at sequence position ``position``
+        (>= n - 1) over the keys at positions position - n + 1 .. position."""
+        phi = (self.offsets + position).remainder_(self.widths)
+        if n < self.widest:  # a block may start before the first key (it then shares them all)
+            phi = phi.clamp_(max=n - 1)
+        h = phi.shape[0]
+        steps = torch.zeros(h, n, dtype=torch.int64, device=phi.device)
+        count = steps.scatter_add_(1, torch.rsub(phi, n - 1), self.ones).cumsum_(1)
+        return self.log_mean.index_select(0, count.view(-1)).view(h, 1, n)
 
 
 def supports_fused(q: Tensor, spec: AttentionSpec) -> bool:
