@@ -336,3 +336,18 @@ def test_a_config_file_gives_the_shape(tmp_path):
     transformers.GPT2Config(n_layer=1).save_pretrained(other)
     with pytest.raises(ValueError, match="'gpt2' model, not one of bloom, mpt, falcon"):
         gb.run(gb.Config(config_file=str(other), device="cpu"), tmp_path / "out2")
+
+
+def test_warm_up_decodes_past_a_multiple_of_16(monkeypatch, tmp_path):
+    """Each arm's warm-up decodes enough steps that the key count crosses a multiple of 16 (both of Triton's
+    integer specialisations compile before the timings); session 7's GPU run warmed up with one step."""
+    steps = []
+    monkeypatch.setattr(measure, "_use_arm", lambda model, cfg, arm: None)
+    monkeypatch.setattr(measure, "_read_prompt", lambda model, arm, ids, chunk, device: (None, None, None))
+    monkeypatch.setattr(measure, "_greedy", lambda step, logits, n, device: steps.append(n))
+    monkeypatch.setattr(measure, "_release", lambda held: None)
+    cfg = gb.Config(tiny=True, arms=("exact", "window_evict"), warmup_context=48)
+    results = {"warmup_s": {}}
+    clock = measure.Run("generate-bench", tmp_path / "x.json", cfg, results)
+    measure._warm(None, cfg, torch.device("cpu"), 64, clock, results)
+    assert len(steps) == 2 and all(n >= 17 for n in steps), steps

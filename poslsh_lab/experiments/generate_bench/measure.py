@@ -320,10 +320,16 @@ def _estimate_s(rows: list[dict], arm: str, n: int) -> float | None:
     return last["seconds"] * ratio ** (2 if arm in QUADRATIC else 1)
 
 
+# Decoding steps of each arm's warm-up: Triton specialises integer arguments (key counts, offsets) on
+# divisibility by 16, so a warm-up of fewer than 17 steps can leave a specialisation to compile inside the
+# timed steps (session 7's H100 run: 32-105 ms per token at 4K, where the kernels took 1.6 ms).
+WARMUP_STEPS = 17
+
+
 def _warm(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int, clock: Run,
           results: dict) -> None:
-    """Each arm once at ``warmup_context`` tokens (in chunks where the arm may chunk), two decoding steps:
-    the kernels compile here, not inside the timings."""
+    """Each arm once at ``warmup_context`` tokens (in chunks where the arm may chunk), then
+    ``WARMUP_STEPS`` decoding steps: the kernels compile here, not inside the timings."""
     n = cfg.warmup_context
     if not n:
         return
@@ -344,7 +350,7 @@ def _warm(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int,
             given = [c for c in (cfg.prefill_chunk, cfg.oom_chunk) if chunks(cfg, arm, c)]
             chunk = min([max(1, n // 2)] + given) if given else n
             logits, step, held = _read_prompt(model, arm, ids, chunk, device)
-            _greedy(step, logits, 1, device)
+            _greedy(step, logits, WARMUP_STEPS, device)
             _release(held)
             results["warmup_s"][arm] = time.perf_counter() - t
         except Exception as err:  # measured again (and recorded) at the first context
