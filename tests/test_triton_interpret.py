@@ -154,11 +154,12 @@ def test_float16_forward():
 
 
 def test_offsets_past_2_31_elements():
-    """A strided view whose rows lie 2^20 elements apart (as a [B, N, H, D] view of a long sequence
-    puts them H x D apart): position x stride passes 2^31 at position 2048, where 32-bit offsets
+    """A strided view whose rows lie 2^24 elements apart (as a [B, N, H, D] view of a long sequence
+    puts them H x D apart): position x stride passes 2^31 at position 128, where 32-bit offsets
     wrapped and read the wrong rows (or crashed). Only the touched rows are ever written (pages of
-    the 4 GiB virtual buffer stay unmapped), forward and backward, against the float64 reference."""
-    n, d, stride = 2100, 16, 2**20
+    the 10 GiB virtual buffer stay unmapped), forward and backward, against the float64 reference.
+    (The stride fits 32 bits, so the kernel gets it as an int32 and only the products overflow.)"""
+    n, d, stride = 160, 16, 2**24
     store = torch.empty(n * stride + d, dtype=torch.float32)
 
     def spread(x):  # [1, 1, n, d] -> the same values in rows 2^20 elements apart
@@ -243,9 +244,11 @@ def test_plain_tiles_where_predicted(causal):
     """``ranges.computed_tiles`` mirrors the kernel's ranges: exact and window have plain tiles (every pair
     kept, no per-element test), the hybrid's near field adds plain tiles where plain LSH (r = 4, narrow
     blocks) has none; edges on and off the tile grid (w = 46, 30 = 14 mod 16, 47). The results are
-    exact against the reference (``run``), so a plain tile that should have been tested would show."""
+    exact against the reference (``run``), so a plain tile that should have been tested would show.
+    The hybrid's backward here bidirectionally (both edges of each band; its causal backward is held to
+    the reference in test_fused_backward, test_key_padding and test_grouped_kv_odd_length)."""
     slopes, widths = [0.5, 0.25, 0.1], [46, 30, 47]
-    spec, _, _ = run("hybrid", causal, 1, 3, 3, 100, 100, 16, r=4, slopes=slopes, widths=widths)
+    spec, _, _ = run("hybrid", causal, 1, 3, 3, 100, 100, 16, r=4, slopes=slopes, widths=widths, backward=not causal)
     lsh = dataclasses.replace(spec, method="lsh", window=None)
     assert computed_tiles(lsh, 100, 100, 16, 16)["interior"] == 0
     tiles = computed_tiles(spec, 100, 100, 16, 16)
