@@ -13,6 +13,7 @@
 #                bias-free SDPA (cuDNN and flash), 16K-256K, forward and forward + backward, within a budget;
 #                the shipped speed table with those measurements merged ($OUT/speed_table.json)
 #   sweep        bench/kernel_sweep.py: the Triton kernels' variants, forward and forward + backward per method
+#                (SWEEP_ARGS: more arguments, e.g. "--methods window lsh --variants ...")
 #   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm (GEN_ARMS, GEN_CONTEXTS pick), within
 #                a budget, into $OUT/$GEN_NAME (default generate_bench)
 #   moonshot     bench/generate_gpu.sh's BLOOM-7b1 step (window + eviction, chunked prefill up to 1M)
@@ -60,7 +61,7 @@ if has exact; then
 fi
 if has sweep; then
   step ${T_SWEEP:-240} python3 bench/kernel_sweep.py --budget-s $(( ${T_SWEEP:-240} - 30 )) --json "$OUT/kernel_sweep.json" \
-    --write-tuned "$OUT/tuned.json"
+    --write-tuned "$OUT/tuned.json" ${SWEEP_ARGS:-}
 fi
 if has generate; then
   step ${T_GEN:-210} python3 -m poslsh_lab.cli generate-bench --shape bloom-560m --oom-chunk 32768 \

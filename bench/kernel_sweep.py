@@ -126,7 +126,36 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("bwd_delta_fused32x128w8", "bwd",
              {**delta, "bwd_fused": True, "BWD_BLOCK_N": 128, "bwd_num_warps": 8}),
         ]
+    out += round2(method)
     return out
+
+
+def round2(method: str) -> list[tuple[str, str, dict]]:
+    """Session 8's candidates, layered on the config session 7's sweep shipped (its JSON:
+    ``bench/results/kernel_sweep/``), for the backward's ratio to the forward (issue 23 item 2). What the
+    machine code says (``bench/sass_report.py``, sm_90a, 256K, causal):
+    - window dK/dV: today's 32 x 64 with 4 warps takes 255 registers and spills (60/92 bytes); with 8
+      warps 200 registers (207 with 3 stages), no spill, still warpgroup MMAs; 16 x 64 with 4 warps 245,
+      no spill. dQ on 128 x 32 with 8 warps (187 registers, no spill) halves the dQ programs.
+    - LSH/hybrid dK/dV: today's 64 x 32 with 4 warps runs on mma.sync (HMMA: a 32-key tile is below the
+      warpgroup MMA's 64 rows) with spills (12/24 bytes LSH, 48/96 hybrid); with 8 warps, no spill
+      (hybrid 4 bytes); 32 x 64 with 8 warps takes warpgroup MMAs, no spill, but its boundary tiles
+      compute the counts for twice the keys per thread (1473 instructions per tile against 648).
+    - window forward with 2 stages: 164 registers and 32 KB less shared memory per program."""
+    if method == "window":
+        return [
+            ("fwd_64x32_s2", "fwd", {"num_stages": 2}),
+            ("bwd_dkdv32x64w8", "bwd", {"bwd_num_warps": 8}),
+            ("bwd_dkdv32x64w8s3", "bwd", {"bwd_num_warps": 8, "bwd_num_stages": 3}),
+            ("bwd_dkdv16x64", "bwd", {"BWD_BLOCK_M": 16}),
+            ("bwd_dkdv32x64w8_dq128x32w8", "bwd", {"bwd_num_warps": 8, "DQ_BLOCK_M": 128, "dq_num_warps": 8}),
+        ]
+    if method in ("lsh", "hybrid"):
+        return [
+            ("bwd_dkdv64x32w8", "bwd", {"bwd_num_warps": 8}),
+            ("bwd_dkdv32x64w8", "bwd", {"BWD_BLOCK_M": 32, "BWD_BLOCK_N": 64, "bwd_num_warps": 8}),
+        ]
+    return []
 
 
 def base_config(method: str, dtype: torch.dtype, device_type: str, head_dim: int) -> dict:
