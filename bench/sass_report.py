@@ -51,9 +51,12 @@ DELTA_CONST = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=64, HAS_DLSE=False)  # as 
 
 def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int | None = None):
     sig, attrs, const = {}, {}, dict(constexprs)
+    plain = set(getattr(fn, "do_not_specialize", ()) or ())  # ints the runtime leaves unspecialised
     for i, name in enumerate(fn.arg_names):
         if name in const:
             sig[name] = "constexpr"
+        elif name in plain:
+            sig[name] = "i32"
         elif SHAPE.get(name) == 1:
             sig[name], const[name] = "constexpr", 1
         else:

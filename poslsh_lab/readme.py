@@ -431,6 +431,27 @@ def kernel_sweep(doc: Doc) -> str:
                                   "picked fwd+bwd ms", "picked bwd/fwd", "picked (fwd+bwd)/fwd"], body)
 
 
+def specialize_check(doc: Doc) -> str:
+    """bench/specialize_check.py's run: per kernel binding (as shipped, and with Triton's integer
+    specialisation of Nk, q_offset and split_tiles off), decoding steps' wall times (their slowest is a
+    compile inside generation), the compiled forward variants after them, and the prefill forward."""
+    runs = {r["variant"]: r for r in doc["runs"] if "decode" in r}
+    names = {"spec": "Triton's default: every int specialised (session 7)",
+             "nospec": f"as shipped: do_not_specialize={doc['do_not_specialize']}"}
+    steps, prefill = doc["steps"], doc["prefill_n"]
+    head = (f"{steps} decoding steps per method through `poslsh.attention(backend=\"triton\")` (B = 1, H = 32, D = 128, "
+            f"bfloat16, one query row, the cache growing by one key per step from {doc['nk']} keys, each binding in its own process and a "
+            f"fresh Triton cache), then the causal prefill forward (Nq = Nk, `do_bench` median). The first step "
+            f"compiles the method's kernel; a later step over {doc['stall_ms']:g} ms (a stall) compiled another "
+            f"inside generation. \"compiled\" counts the forward kernel's compiled variants after the method's "
+            f"steps (cumulative over the methods above it).\n\n")
+    body = [[names.get(v, v), m, fmt(d["first_ms"]), str(d["stalls"]), fmt(d["max_later_ms"]), fmt(d["median_ms"]),
+             str(d["compiled_variants_after"]), fmt(r["prefill_ms"][m])]
+            for v, r in runs.items() for m, d in r["decode"].items()]
+    return head + markdown_table(["kernel binding", "method", "first step ms", "stalls", "slowest later step ms",
+                                  "median step ms", "compiled", f"prefill ms (n = {prefill})"], body)
+
+
 def lsh_native(doc: Doc) -> str:
     """The lsh-native section, its plots linked from docs/RESULTS.md's folder."""
     from .experiments import lsh_native as ln

@@ -184,3 +184,14 @@ def test_a_changed_call_shape_misses_the_cached_launch():
             record.clear()
             launch.triton_attention(q, k, v, spec)
             assert [entry[3][34] for entry in record] == [scale * launch.LOG2E]  # qk_scale
+
+
+def test_decoding_arguments_are_not_specialised():
+    """A decoding step changes Nk, q_offset and the key tiles per split at every call. The forward kernel
+    asks Triton not to specialise them (``forward.DECODE_VARYING``): otherwise a generation compiles a new
+    variant whenever one changes class (== 1, divisible by 16), a stall of a second mid-generation
+    (bench/specialize_check.py counts them on a GPU). The names must stay the kernel's parameters."""
+    kernel = launch._fwd_kernel
+    asked = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize")
+    assert set(asked or ()) == {"Nk", "q_offset", "split_tiles"}
+    assert set(asked) <= set(kernel.arg_names)

@@ -108,7 +108,15 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_v
     return acc, l_i, m_i
 
 
-@triton.jit
+# A decoding step changes these every call (the cache grows by one key). Triton would specialise each on
+# "== 1" and divisibility by 16 and compile a new variant whenever one changes class: stalls of a second in
+# the middle of a user's generation. They only bound loops and masks (pointer offsets step by constexpr
+# tiles), so the machine code is the same without (bench/sass_report.py: registers equal, +2% instructions
+# outside the key loops).
+DECODE_VARYING = ("Nk", "q_offset", "split_tiles")
+
+
+@triton.jit(do_not_specialize=DECODE_VARYING)
 def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_os, stride_ob, stride_oh, stride_on, stride_kpmb,
