@@ -49,7 +49,7 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 DELTA_CONST = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=64, HAS_DLSE=False)  # as launch._delta launches it
 
 
-def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int | None = None):
+def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int | None = None, dtype: str = "bf16"):
     sig, attrs, const = {}, {}, dict(constexprs)
     plain = set(getattr(fn, "do_not_specialize", ()) or ())  # ints the runtime leaves unspecialised
     for i, name in enumerate(fn.arg_names):
@@ -60,7 +60,7 @@ def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int |
         elif SHAPE.get(name) == 1:
             sig[name], const[name] = "constexpr", 1
         else:
-            sig[name] = POINTERS.get(name) or ("fp32" if name in FLOATS else "i32")
+            sig[name] = (POINTERS.get(name) or ("fp32" if name in FLOATS else "i32")).replace("bf16", dtype)
             if name in POINTERS or name.startswith("stride") or SHAPE.get(name, 1) % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs={k: v for k, v in const.items() if k in fn.arg_names}, attrs=attrs)
@@ -124,6 +124,40 @@ def sweep_variants() -> dict:
     return out
 
 
+def fits_shared(methods, dtypes, head_dims, limits) -> list[dict]:
+    """Each kernel of ``launch.default_config`` fitted to each shared-memory limit, compiled for sm_90a:
+    Triton's shared memory beside ``launch.shared_bytes``' figure (exact for the forward, an upper bound
+    for the backward) and the limit."""
+    import torch
+
+    from poslsh.attention.triton import launch
+
+    out = []
+    for method, dtype, d, limit in ((m, t, d, lim) for m in methods for t in dtypes for d in head_dims for lim in limits):
+        tdt = getattr(torch, dtype)
+        cfg = launch.default_config(method, tdt, d, "cuda", False, limit)
+        alibi = not METHOD_RULES[method].collisions
+        bd = max(16, triton.next_power_of_2(d))
+        common = dict(METHOD=METHOD_RULES[method].kernel_id, R=1 if alibi else 8, CUT=False, CAUSAL=True, HEAD_DIM=d,
+                      BLOCK_D=bd, PREC="ieee" if dtype == "float32" else "tf32", FDIV=True, HAS_KPM=False)
+        dq = {k: cfg.get(f"DQ_{k}" if k.startswith("BLOCK") else f"dq_{k}", cfg[f"BWD_{k}" if k.startswith("BLOCK")
+                                                                                 else f"bwd_{k}"])
+              for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+        launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT=False,
+                                              LAZY=False), cfg["num_warps"], cfg["num_stages"]),
+                    "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"],
+                                                    FUSED_DQ=False), cfg["bwd_num_warps"], cfg["bwd_num_stages"]),
+                    "dq": (_bwd_dq_kernel, dict(common, BLOCK_M=dq["BLOCK_M"], BLOCK_N=dq["BLOCK_N"]),
+                           dq["num_warps"], dq["num_stages"])}
+        bound = launch.shared_bytes(cfg, d, tdt)
+        for kname, (fn, const, warps, stages) in launches.items():
+            k = compile_kernel(fn, const, warps, stages, None, {"float16": "fp16", "bfloat16": "bf16",
+                                                                "float32": "fp32"}[dtype])
+            out.append(dict(method=method, dtype=dtype, head_dim=d, limit=limit, kernel=kname, shared=k.metadata.shared,
+                            bound=bound[kname], tiles=[const["BLOCK_M"], const["BLOCK_N"], warps, stages]))
+    return out
+
+
 def sass(cubin: bytes) -> str:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
@@ -170,7 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every-variant", action="store_true",
                    help="compile every method's forward with padding and split keys, the merge, and every "
                         "method's backward with padding (fused and not); print {variant: ptxas} as JSON")
+    p.add_argument("--fits-shared", action="store_true",
+                   help="compile the default tiles of --methods, --dtypes, --head-dims fitted to each of --limits "
+                        "bytes of shared memory; print [{kernel, shared, bound, limit, ...}] as JSON")
+    p.add_argument("--methods", nargs="+", default=["exact"])
+    p.add_argument("--dtypes", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--head-dims", nargs="+", type=int, default=[256])
+    p.add_argument("--limits", nargs="+", type=int, default=[232448])
     args = p.parse_args(argv)
+    if args.fits_shared:
+        print(json.dumps(fits_shared(args.methods, args.dtypes, args.head_dims, args.limits)))
+        return 0
     if args.sweep_variants:
         report = sweep_variants()
         if args.json:

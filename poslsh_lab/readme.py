@@ -486,6 +486,8 @@ SECTIONS: list[Section] = [
             _experiment("generate_bench"), ("generate_graph/generate_bench.png",)),
     Section(GENERATE_RUNS[3], "Short prompts (4K, 8K): does the patch cost more than it saves? Every arm against "
             "transformers' own attention", _experiment("generate_bench"), ("generate_short/generate_bench.png",)),
+    Section("specialize/specialize.json", "Decoding without compiles: Triton's integer specialisation of the key "
+            "count, before and after", specialize_check),
     Section("exact_gpu/exact_gpu.json", "Exact ALiBi on every backend, cuDNN's included (the speed table's source)",
             exact_gpu),
     Section("kernel_sweep/kernel_sweep.json", "The Triton kernels' variants, forward and training, and the "

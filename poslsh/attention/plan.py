@@ -428,7 +428,8 @@ class AttentionPlan:
         cfg = self._configs.get(key)
         if cfg is None:
             cfg = self._configs[key] = launch.default_config(self.method.method, q.dtype, q.shape[3],
-                                                             self.device.type, key[2])
+                                                             self.device.type, key[2],
+                                                             launch.shared_limit_of(q.device))
         return launch.run_plan(q, k, v, kpm, tplan, self.causal, scale, q_offset, cfg)
 
 

@@ -182,7 +182,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
     tl.store(lse_ptr, lse, mask=offs_m < Nq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])  # the split count follows the growing cache, as DECODE_VARYING
 def _merge_kernel(PO, PL, O, LSE, SPLITS, BH, H, Nq, stride_ps, stride_ob, stride_oh, stride_on,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     """Combine SPLITS partial (out, lse) of rows [BH * Nq] (fp32, [SPLITS, BH, Nq, BLOCK_D] contiguous)

@@ -65,8 +65,8 @@ def stub_launches(multiprocessors: int = 132, record: list | None = None) -> Ite
         return _StubCompiled(name, record)
 
     launch.interpreting = lambda: False  # the Launcher's pre-bound branch, even where the kernels are interpreted
-    launch.default_config = lambda method, dtype, head_dim, device_type="cuda", decode=False: \
-        cuda_config(method, dtype, head_dim, "cuda", decode)
+    launch.default_config = lambda method, dtype, head_dim, device_type="cuda", decode=False, \
+        shared_limit=launch.HOPPER_SHARED: cuda_config(method, dtype, head_dim, "cuda", decode, shared_limit)
     launch._multiprocessors = lambda device: multiprocessors
     launch.Launcher.jit = jit
     torch.cuda.current_device = lambda: 0  # the launch key's device; a CPU-only torch has none

@@ -254,13 +254,22 @@ def write_tuned(path: Path, configs: dict[str, dict], provenance: dict) -> None:
     Path(path).write_text(json.dumps({"provenance": provenance, "configs": configs}, indent=1, sort_keys=True) + "\n")
 
 
+HOPPER_SHARED = 232448  # bytes of shared memory a program may take on an H100/H200 (227 KB)
+SHARED_SCRATCH = 2048  # beyond the tiles: Triton's reduction scratch (1 KB seen in the dK/dV kernel)
+
+
 def default_config(method: str, dtype: torch.dtype, head_dim: int, device_type: str = "cuda",
-                   decode: bool = False) -> dict[str, int]:
+                   decode: bool = False, shared_limit: int = HOPPER_SHARED) -> dict[str, int]:
     """Tile sizes and launch parameters: the measured table ``tuned.json`` (written by ``poslsh bench``
-    on an H200) where it has the case, else these defaults."""
+    on an H200) where it has the case, else these defaults; on CUDA shrunk until every kernel's shared
+    memory fits ``shared_limit`` bytes (``fit_shared_memory``; ``shared_limit_of`` a device)."""
     if device_type != "cuda":  # the interpreter: small tiles give many boundary/interior cases
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1,
                     BWD_BLOCK_M=16, BWD_BLOCK_N=16, bwd_num_warps=4, bwd_num_stages=1)
+    return fit_shared_memory(_cuda_config(method, dtype, head_dim, decode), head_dim, dtype, shared_limit)
+
+
+def _cuda_config(method: str, dtype: torch.dtype, head_dim: int, decode: bool) -> dict[str, int]:
     key = f"{method}/{'decode' if decode else 'prefill'}/{str(dtype).removeprefix('torch.')}/d{head_dim}"
     if key in _TUNED:
         return dict(_TUNED[key])
@@ -282,19 +291,73 @@ def default_config(method: str, dtype: torch.dtype, head_dim: int, device_type: 
                 BWD_BLOCK_M=64, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stages=2)
 
 
+def shared_bytes(cfg: dict, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """Shared memory of each kernel of ``cfg``, bytes, at least what Triton allocates on sm_90a: the
+    forward's tiles (q tile plus num_stages k and v tiles; exact), the backward's an upper bound (dK/dV: its k and v
+    tiles plus at least 2 stages of q and dO tiles; dQ: its q and dO tiles plus the stages of k and v);
+    measured against Triton 3.6's allocation for head dims 64-256 (tests/test_triton_sass.py)."""
+    bd, e = max(16, triton.next_power_of_2(head_dim)), dtype.itemsize
+    dq_m, dq_n = cfg.get("DQ_BLOCK_M", cfg["BWD_BLOCK_M"]), cfg.get("DQ_BLOCK_N", cfg["BWD_BLOCK_N"])
+    dq_stages = cfg.get("dq_num_stages", cfg["bwd_num_stages"])
+    return {"fwd": e * bd * (cfg["BLOCK_M"] + 2 * cfg["num_stages"] * cfg["BLOCK_N"]) + SHARED_SCRATCH,
+            "dkdv": e * bd * (2 * cfg["BWD_BLOCK_N"] + 2 * max(cfg["bwd_num_stages"], 2) * cfg["BWD_BLOCK_M"])
+            + SHARED_SCRATCH,
+            "dq": e * bd * (2 * dq_m + 2 * max(dq_stages, 2) * dq_n) + SHARED_SCRATCH}
+
+
+def fit_shared_memory(cfg: dict, head_dim: int, dtype: torch.dtype, limit: int) -> dict:
+    """``cfg`` with its tiles shrunk until each kernel's shared memory (``shared_bytes``) is at most
+    ``limit``: fewer pipeline stages first (down to 2), then narrower key tiles, then fewer query rows (down
+    to 16; 4 warps). The tuned head dims (64, 128) fit an H100's; without this, head dims above 128 asked
+    for up to 256 KB and Triton refused the launch (OutOfResources, the GPU conformance run)."""
+    cfg = dict(cfg)
+    for kernel, (rows, keys, stages, warps) in {
+            "fwd": ("BLOCK_M", "BLOCK_N", "num_stages", "num_warps"),
+            "dkdv": ("BWD_BLOCK_M", "BWD_BLOCK_N", "bwd_num_stages", "bwd_num_warps"),
+            "dq": ("DQ_BLOCK_M", "DQ_BLOCK_N", "dq_num_stages", "dq_num_warps")}.items():
+        if kernel == "dq" and shared_bytes(cfg, head_dim, dtype)["dq"] > limit:  # its own keys from here on
+            for own, shared in zip((rows, keys, stages, warps), ("BWD_BLOCK_M", "BWD_BLOCK_N", "bwd_num_stages",
+                                                                 "bwd_num_warps")):
+                cfg.setdefault(own, cfg[shared])
+        # the dQ kernel's key tiles are its inner loop (its stages' tiles), dK/dV's its query tiles
+        inner, outer = (rows, keys) if kernel == "dkdv" else (keys, rows)
+        while shared_bytes(cfg, head_dim, dtype)[kernel] > limit:
+            if cfg.get(stages, 1) > 2:
+                cfg[stages] -= 1
+            elif cfg.get(inner, 16) > 16:
+                cfg[inner] //= 2
+            elif cfg.get(outer, 16) > 16:
+                cfg[outer] //= 2
+                cfg[warps] = min(cfg.get(warps, 4), 4)
+            else:
+                break  # the smallest tiles: Triton reports what it cannot fit
+    return cfg
+
+
+@functools.lru_cache(maxsize=16)
+def shared_limit_of(device: torch.device) -> int:
+    """The shared memory one program may take on ``device`` (opt-in), bytes; an H100's where torch does
+    not report it."""
+    if device.type != "cuda":
+        return HOPPER_SHARED
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or HOPPER_SHARED)
+
+
 _CALL_CONFIGS: OrderedDict = OrderedDict()
 
 
-def _call_config(method: str, dtype: torch.dtype, head_dim: int, device_type: str, decode: bool,
+def _call_config(method: str, dtype: torch.dtype, head_dim: int, device: torch.device, decode: bool,
                  config: dict | None) -> dict:
-    """``default_config`` updated by ``config``, one dict per distinct content (not to be modified): the
-    forward's recipes know a config by its identity (``_recipe``), so equal calls find theirs."""
+    """``default_config`` for ``device`` updated by ``config``, one dict per distinct content (not to be
+    modified): the forward's recipes know a config by its identity (``_recipe``), so equal calls find theirs."""
     frozen = None if not config else tuple(sorted(
         (name, tuple(sorted(value.items())) if isinstance(value, dict) else value) for name, value in config.items()))
-    key = (method, dtype, head_dim, device_type, decode, frozen)
+    key = (method, dtype, head_dim, device, decode, frozen)
     cfg = _CALL_CONFIGS.get(key)
     if cfg is None:
-        cfg = _CALL_CONFIGS[key] = default_config(method, dtype, head_dim, device_type, decode)
+        cfg = _CALL_CONFIGS[key] = default_config(method, dtype, head_dim, device.type, decode,
+                                                  shared_limit_of(device))
         cfg.update(config or {})
         while len(_CALL_CONFIGS) > 64:
             _CALL_CONFIGS.popitem(last=False)
@@ -654,7 +717,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
         pad = lambda x: torch.nn.functional.pad(x, (0, m - x.shape[-1]))  # noqa: E731
         out, lse = triton_attention(pad(q), pad(k), pad(v), spec, config)
         return out[..., :dv_dim], lse
-    cfg = _call_config(spec.method, q.dtype, D, q.device.type, Nq <= DECODE_ROWS, config)
+    cfg = _call_config(spec.method, q.dtype, D, q.device, Nq <= DECODE_ROWS, config)
     plan = plan_for(spec, Nk, q.device)
     return run_plan(q, k, v, spec.key_padding_mask, plan, spec.causal, float(spec.scale), int(spec.q_offset), cfg)
 
