@@ -30,7 +30,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-step() { local t=$1; shift; echo "=== $(date +%T) $*" | tee -a "$log"; timeout "$t" "$@" >>"$log" 2>&1;
+# SIGINT at the limit (then KILL 15 s later): pytest prints the failures it has seen (session 8's cut
+# conformance run lost its reports to the default SIGTERM), the benchmarks stop on KeyboardInterrupt
+step() { local t=$1; shift; echo "=== $(date +%T) $*" | tee -a "$log"; timeout -s INT -k 15 "$t" "$@" >>"$log" 2>&1;
          echo "=== rc=$?" | tee -a "$log"; tail -4 "$log"; }
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
