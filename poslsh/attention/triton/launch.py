@@ -295,7 +295,7 @@ def shared_bytes(cfg: dict, head_dim: int, dtype: torch.dtype) -> dict[str, int]
     """Shared memory of each kernel of ``cfg``, bytes, at least what Triton allocates on sm_90a: the
     forward's tiles (q tile plus num_stages k and v tiles; exact), the backward's an upper bound (dK/dV: its k and v
     tiles plus at least 2 stages of q and dO tiles; dQ: its q and dO tiles plus the stages of k and v);
-    measured against Triton 3.6's allocation for head dims 64-256 (tests/test_triton_sass.py)."""
+    measured against Triton 3.6's allocation for head dims 128, 160 and 256 (tests/test_triton_sass.py)."""
     bd, e = max(16, triton.next_power_of_2(head_dim)), dtype.itemsize
     dq_m, dq_n = cfg.get("DQ_BLOCK_M", cfg["BWD_BLOCK_M"]), cfg.get("DQ_BLOCK_N", cfg["BWD_BLOCK_N"])
     dq_stages = cfg.get("dq_num_stages", cfg["bwd_num_stages"])
