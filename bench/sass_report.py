@@ -140,15 +140,15 @@ def fits_shared(methods, dtypes, head_dims, limits) -> list[dict]:
         bd = max(16, triton.next_power_of_2(d))
         common = dict(METHOD=METHOD_RULES[method].kernel_id, R=1 if alibi else 8, CUT=False, CAUSAL=True, HEAD_DIM=d,
                       BLOCK_D=bd, PREC="ieee" if dtype == "float32" else "tf32", FDIV=True, HAS_KPM=False)
-        dq = {k: cfg.get(f"DQ_{k}" if k.startswith("BLOCK") else f"dq_{k}", cfg[f"BWD_{k}" if k.startswith("BLOCK")
-                                                                                 else f"bwd_{k}"])
-              for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+        dq = {own: cfg.get(own, cfg[shared]) for own, shared in  # the dQ kernel's keys, else the backward's
+              (("DQ_BLOCK_M", "BWD_BLOCK_M"), ("DQ_BLOCK_N", "BWD_BLOCK_N"), ("dq_num_warps", "bwd_num_warps"),
+               ("dq_num_stages", "bwd_num_stages"))}
         launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT=False,
                                               LAZY=False), cfg["num_warps"], cfg["num_stages"]),
                     "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"],
                                                     FUSED_DQ=False), cfg["bwd_num_warps"], cfg["bwd_num_stages"]),
-                    "dq": (_bwd_dq_kernel, dict(common, BLOCK_M=dq["BLOCK_M"], BLOCK_N=dq["BLOCK_N"]),
-                           dq["num_warps"], dq["num_stages"])}
+                    "dq": (_bwd_dq_kernel, dict(common, BLOCK_M=dq["DQ_BLOCK_M"], BLOCK_N=dq["DQ_BLOCK_N"]),
+                           dq["dq_num_warps"], dq["dq_num_stages"])}
         bound = launch.shared_bytes(cfg, d, tdt)
         for kname, (fn, const, warps, stages) in launches.items():
             k = compile_kernel(fn, const, warps, stages, None, {"float16": "fp16", "bfloat16": "bf16",
