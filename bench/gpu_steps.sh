@@ -16,6 +16,8 @@
 #                (SWEEP_ARGS: more arguments, e.g. "--methods window lsh --variants ...")
 #   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm (GEN_ARMS, GEN_CONTEXTS pick), within
 #                a budget, into $OUT/$GEN_NAME (default generate_bench)
+#   first        bench/first_call.py: an exact prefill's first call at new prompt lengths per backend (cuDNN's
+#                graph build against Triton's, T_FIRST)
 #   moonshot     bench/generate_gpu.sh's BLOOM-7b1 step (window + eviction, chunked prefill up to 1M)
 # The cuDNN frontend travels as a wheel (.whl, carried) and is installed into /tmp/site first.
 #     OUT=/tmp/out STEPS="tests decode" bash bench/gpu_steps.sh
@@ -69,6 +71,9 @@ if has generate; then
   step ${T_GEN:-210} python3 -m poslsh_lab.cli generate-bench --shape bloom-560m --oom-chunk 32768 \
     ${GEN_ARMS:+--arms $GEN_ARMS} ${GEN_CONTEXTS:+--contexts $GEN_CONTEXTS} \
     --budget-s $(( ${T_GEN:-210} - 25 )) --out "$OUT/${GEN_NAME:-generate_bench}"
+fi
+if has first; then
+  step ${T_FIRST:-90} python3 bench/first_call.py --json "$OUT/first_call.json"
 fi
 if has moonshot; then
   STEPS=7b1 OUT=$OUT bash bench/generate_gpu.sh
