@@ -12,7 +12,7 @@ On the CPU (the default):
   (the keys it reaches): a decode step should cost O(reach), not O(cache).
 
 ``--launch-stub`` (CPU): the Triton backend's decode as on CUDA, its kernels replaced by stubs
-(``poslsh.attention.triton.host_stub``): CPU bf16 tensors take the pre-bound launch path with the CUDA
+(``poslsh_lab.host_stub``): CPU bf16 tensors take the pre-bound launch path with the CUDA
 tile configurations and an H100's split schedule, so what is timed is the library's Python per call
 (plan and spec lookups, checks, allocations, the split schedule, launch keys, argument tuples), for the
 plan call and the public call, µs (the fastest of ``--rounds`` rounds of ``--reps`` calls). A stub measurement:
@@ -191,7 +191,7 @@ def cpu_rows(args) -> list[dict]:
 
 def stub_rows(args) -> list[dict]:
     """``--launch-stub``: the Triton decode's host work on the CPU, kernels stubbed (module docstring)."""
-    from poslsh.attention.triton.host_stub import stub_launches
+    from poslsh_lab.host_stub import stub_launches
 
     h, d, nk = args.heads, args.dim, args.nk
     q = torch.zeros(1, h, 1, d, dtype=torch.bfloat16)

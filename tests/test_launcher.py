@@ -90,7 +90,7 @@ def test_cached_recipes_launch_as_the_jit_path(method, dtype):
     plan's arrays, the allocated outputs' layout), constexprs. CUDA tiles and an H100's split schedule
     (the stubs), so the exact and window decodes of 700+ keys split them and merge."""
     from poslsh.attention.plan import AttentionPlan
-    from poslsh.attention.triton.host_stub import stub_launches
+    from poslsh_lab.host_stub import stub_launches
 
     h, hkv, d = 4, 2, 64
     g = torch.Generator().manual_seed(5)
@@ -128,7 +128,7 @@ def test_a_changed_call_shape_misses_the_cached_launch():
     (head dim 24: Nk * 24 divides by 16 for even Nk only) go through the JIT first (their specialisation
     differs), and the next call like them reuses what it compiled."""
     from poslsh.attention.plan import AttentionPlan
-    from poslsh.attention.triton.host_stub import stub_launches
+    from poslsh_lab.host_stub import stub_launches
 
     g = torch.Generator().manual_seed(6)
     record = []

@@ -23,7 +23,7 @@ layer           modules
 8 lab base      poslsh_lab.util (results files, environment record, tables, plotting, Config -> flags)
 9 lm            poslsh_lab.lm (the small language model: data, model, train, evaluate, its commands)
 10 experiments  poslsh_lab.experiments (each claim as a measurement -> JSON -> report)
-11 lab front    poslsh_lab.cli, poslsh_lab.eval_hf, poslsh_lab.readme, poslsh_lab's __init__
+11 lab front    poslsh_lab.cli, poslsh_lab.eval_hf, poslsh_lab.readme, poslsh_lab.host_stub, poslsh_lab's __init__
 =============== ==================================================================================
 """
 
@@ -53,7 +53,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("lab base", ("poslsh_lab.util",)),
     ("lm", ("poslsh_lab.lm",)),
     ("experiments", ("poslsh_lab.experiments",)),
-    ("lab front", ("poslsh_lab.cli", "poslsh_lab.eval_hf", "poslsh_lab.readme", "poslsh_lab")),
+    ("lab front", ("poslsh_lab.cli", "poslsh_lab.eval_hf", "poslsh_lab.readme", "poslsh_lab.host_stub", "poslsh_lab")),
 ]
 LIBRARY_LAYERS = 8  # LAYERS[:8] is the installed library
 

@@ -6,7 +6,6 @@ backward, one kernel family (``poslsh.attention(..., backend="triton")``).
     backward.py  dK/dV and dQ kernels (all methods)
     launch.py    host side: cached per-method plans, tile configs (tuned.json), launches, autograd
     split_merge.py  the split backend's merge as one kernel (its plain version: split/merge.py)
-    host_stub.py the launch path on CPU tensors with stub kernels: host time and launch tests without a GPU
 
 The definition every kernel is held to is ``poslsh.attention.reference`` (dense, float64); the tests
 run these kernels under TRITON_INTERPRET=1 on the CPU against it.

@@ -44,8 +44,8 @@ def stub_launches(multiprocessors: int = 132, record: list | None = None) -> Ite
     tensors meanwhile; the cached Triton plans and configs and the plans of public calls are forgotten
     on entry and on exit. A plan object called inside keeps CUDA tile configurations and stub kernels: call it inside
     only."""
-    from .. import registry
-    from . import launch
+    from poslsh.attention import registry
+    from poslsh.attention.triton import launch
 
     def clear_public_plans():  # (the plans live a layer up: reached as the registry reaches them)
         plans = sys.modules.get("poslsh.attention.plan")
