@@ -452,6 +452,20 @@ def specialize_check(doc: Doc) -> str:
                                   "median step ms", "compiled", f"prefill ms (n = {prefill})"], body)
 
 
+def first_call(doc: Doc) -> str:
+    """bench/first_call.py's run: per head shape, prompt length and backend, an exact causal prefill's first
+    call at that length (cuDNN builds its graph there) and its warm median, and what ``auto`` picked."""
+    head = ("An exact causal prefill (B = 1, bfloat16, Press slopes) through `poslsh.attention`, each length "
+            "new to the process: the first call's wall time (cuDNN builds an execution graph per shape; Triton's "
+            "kernels were compiled before the first length and do not specialise on it) and the warm "
+            "`do_bench` median. \"auto\" names the backend `auto` took.\n\n")
+    body = [[f"{r['heads']} x {r['head_dim']}", f"{r['n']}", r["backend"] + (f" ({r['auto_picks']})" if "auto_picks"
+                                                                          in r else ""),
+             fmt(r["first_ms"]) if "first_ms" in r else r.get("error", "")[:80], fmt(r["warm_ms"]) if "warm_ms" in r
+             else ""] for r in doc["rows"]]
+    return head + markdown_table(["heads x head dim", "n", "backend", "first call ms", "warm ms"], body)
+
+
 def lsh_native(doc: Doc) -> str:
     """The lsh-native section, its plots linked from docs/RESULTS.md's folder."""
     from .experiments import lsh_native as ln

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import poslsh
-from poslsh.attention import BACKENDS, available_backends, register_backend, resolve_spec
+from poslsh.attention import BACKENDS, available_backends, dispatch, register_backend, resolve_spec
 from poslsh.attention.cudnn import backend as cudnn_backend
 
 from cudnn_fake import FakeCudnn, cudnn_alibi_slopes
@@ -284,6 +284,25 @@ def test_probe_refuses_shapes_cudnn_refuses(fake):
     assert "cuDNN refused" in probe(q2, spec, -1) and fake.builds == ["fwd", "bwd"]  # the refusal cached
 
 
+def test_auto_builds_a_shape_only_once_its_calls_paid_for_the_build(fake):
+    """``ready_for_auto``'s rule: a shape without graphs is ready once the estimated work of its calls
+    reaches one build (AUTO_BUILD_AFTER_S), a built shape at once, and the count is per shape."""
+    q, k, v = qkv(h=4, nq=16)
+    spec = resolve_spec(q, k, v)
+    sig = cudnn_backend._probe_signature(q, spec, -1)
+    third = cudnn_backend.AUTO_BUILD_AFTER_S * 0.4
+    assert [cudnn_backend._built_or_paid_for(sig, third) for _ in range(3)] == [False, False, True]
+    other = cudnn_backend._probe_signature(qkv(h=4, nq=17)[0], spec, -1)
+    assert not cudnn_backend._built_or_paid_for(other, third)  # its own count
+    assert cudnn_backend.probe_error(qkv(h=4, nq=17)[0], spec, -1) is None  # built (e.g. by a named call)
+    assert cudnn_backend._built_or_paid_for(other, 0.0) and fake.builds == ["fwd"]
+    # a causal call's estimated seconds: 2 matmuls over N (N + 1) / 2 pairs; training 3.5x
+    big = torch.empty(1, 32, 16384, 128)
+    fwd = cudnn_backend.call_seconds(big, training=False)
+    assert fwd == pytest.approx(4 * 32 * 128 * 16384 * 16385 / 2 / cudnn_backend.ASSUMED_FLOP_RATE)
+    assert cudnn_backend.call_seconds(big, training=True) == pytest.approx(3.5 * fwd)
+
+
 def test_a_refused_backward_leaves_the_forward_served(fake):
     """cuDNN refusing a shape's backward graph (one query row on the H100) refuses training calls of that
     shape, and only those: a later forward call of the same query shape (the probe's key; any key count)
@@ -373,3 +392,21 @@ def test_cudnn_on_gpu_refuses_with_reason():
             poslsh.attention(q, k, v, backend="cudnn", **kw)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         poslsh.attention(q.float(), k.float(), v.float(), backend="cudnn")
+
+
+@needs_gpu
+def test_auto_on_gpu_does_not_build_a_graph_for_a_new_shape():
+    """Where the speed table ranks cuDNN first (long causal calls), "auto" at a shape without graphs runs
+    another backend and builds nothing (a graph costs ~1 s: every new prompt length would pay it); once
+    the shape's graphs exist (a call named "cudnn", or enough work at the shape), "auto" takes cuDNN."""
+    from poslsh.attention.speed import measured_order
+
+    q, k, v = qkv(device="cuda", h=32, nq=16384 + 8, d=128)
+    spec = resolve_spec(q, k, v)
+    if (measured_order(q.device, "exact", q.shape[2], q.shape[2]) or [None])[0] != "cudnn":
+        pytest.skip("the shipped speed table does not rank cuDNN first on this GPU at 16K")
+    cudnn_backend.clear_cache()
+    assert dispatch.select_backend(q, spec, "auto", False).name != "cudnn"
+    assert not cudnn_backend._graph_cache  # nothing built
+    poslsh.attention(q, k, v, backend="cudnn")
+    assert dispatch.select_backend(q, spec, "auto", False).name == "cudnn"

@@ -340,3 +340,35 @@ def test_public_reuse_refuses_what_the_dispatcher_refuses(count_resolutions):
     poslsh.attention(q, k, v)
     with pytest.raises(TypeError, match="q must be float16, bfloat16, float32 or float64"):
         poslsh.attention(q.int(), k.int(), v.int())
+
+
+def test_auto_passes_over_a_backend_not_ready_and_a_plan_asks_again():
+    """A backend whose ``ready`` says no (cuDNN before a shape's calls paid for its graph) is passed over
+    by "auto" and named in ``deferred``; a plan does not keep that choice, so it takes the backend once
+    ready. Failed before ``Backend.ready``: the plan kept its first choice for the length bucket."""
+    calls = {"ready": 0, "ran": 0}
+
+    def ready(q, spec):
+        calls["ready"] += 1
+        return calls["ready"] >= 3
+
+    def run(q, k, v, spec):
+        calls["ran"] += 1
+        return reference_attention(q, k, v, spec)
+
+    register_backend("slow-to-build", run, priority=1000, methods=("exact",), ready=ready)
+    try:
+        q, k, v = make(1, 4, 4, 9, 9, 8, torch.float64, seed=5)
+        deferred = []
+        spec = dispatch.resolve_spec(q, k, v, slopes=SLOPES)
+        assert dispatch.select_backend(q, spec, "auto", False, deferred).name != "slow-to-build"
+        assert deferred == ["slow-to-build"]
+        assert dispatch.select_backend(q, spec, "slow-to-build").name == "slow-to-build"  # named: no question
+        plan = AttentionPlan("exact", num_heads=4, slopes=SLOPES)
+        want = reference(plan, q, k, v)[0]
+        for ran in (0, 1, 2):  # ready's 2nd call (the plan's 1st) says no, its 3rd yes, then kept
+            assert rel_err(plan(q, k, v), want) <= 1e-12
+            assert calls == {"ready": min(3, 2 + ran), "ran": ran}
+    finally:
+        dispatch.BACKENDS.pop("slow-to-build")
+        clear_public_plans()

@@ -82,11 +82,14 @@ def available_backends() -> list[str]:
     return [b.name for b in sorted(BACKENDS.values(), key=lambda b: -b.priority)]
 
 
-def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto", grad: bool | None = None) -> Backend:
+def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto", grad: bool | None = None,
+                   deferred: list[str] | None = None) -> Backend:
     """The backend that will run: the named one (checked to support the call) or, for "auto", the
     fastest measured one that supports it (``speed.measured_order``; forward + backward times when the
     call needs gradients: ``grad``, by default whether grad mode is on and q or the slopes require it),
-    else the highest-priority one."""
+    else the highest-priority one. "auto" passes over a backend that is not ``ready`` for the call yet
+    (cuDNN before the calls at a shape have paid for its graph build) and names it in ``deferred``,
+    if given: a caller that remembers the choice should ask again later."""
     _load_optional_backends()
     if backend == "auto":
         if grad is None:
@@ -94,8 +97,13 @@ def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto", grad: 
         measured = [b for b in measured_order(q.device, spec.method, q.shape[2], spec.q_offset + q.shape[2], grad)
                     if b in BACKENDS]
         for name in measured + available_backends():
-            if BACKENDS[name].accepts(q, spec):
-                return BACKENDS[name]
+            candidate = BACKENDS[name]
+            if candidate.ready is not None and not candidate.ready(q, spec):
+                if deferred is not None:
+                    deferred.append(name)
+                continue
+            if candidate.accepts(q, spec):
+                return candidate
         raise RuntimeError("no registered attention backend supports this call")  # reference always does
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")

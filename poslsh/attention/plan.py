@@ -345,8 +345,10 @@ class AttentionPlan:
         backend = self._backends.get(key)
         if backend is None:
             spec = self._spec(0, nk, q_offset, kpm, scale, start)
-            backend = select_backend(q, spec, self.backend, grad)
-            self._backends[key] = backend
+            deferred: list[str] = []
+            backend = select_backend(q, spec, self.backend, grad, deferred)
+            if not deferred:  # else asked again next call: a faster backend may become ready (cuDNN's build)
+                self._backends[key] = backend
         return backend
 
     def _run_sliced(self, backend: Backend, q, k, v, nq, nk, q_offset, kpm, scale, start,

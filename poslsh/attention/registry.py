@@ -31,6 +31,10 @@ class Backend:
     kernels: bool = False
     slope_grad: bool = False
     explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None  # why supports is False
+    # "auto" asks it before ``accepts``: is the backend set up for this call, or worth setting up now? A
+    # backend that builds something per shape (cuDNN's graphs) says no until the calls at a shape have
+    # done about as much work as the build costs; None: always set up.
+    ready: Callable[[Tensor, AttentionSpec], bool] | None = None
 
     def accepts(self, q: Tensor, spec: AttentionSpec) -> bool:
         """Declared capabilities first (method, kernels, slope gradients), then its own ``supports``."""
@@ -51,15 +55,17 @@ BACKENDS: dict[str, Backend] = {}
 def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = None, *,
                      priority: int = 0, methods: tuple[str, ...] = ("exact", "window", "lsh"),
                      kernels: bool = False, slope_grad: bool = False,
-                     explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None) -> Backend:
+                     explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None,
+                     ready: Callable[[Tensor, AttentionSpec], bool] | None = None) -> Backend:
     """Add (or replace) a backend. ``supports`` defaults to "always"; "auto" tries higher
     ``priority`` first (torch backends use 0..20, so GPU kernels should use e.g. 100).
     ``methods``, ``kernels`` and ``slope_grad`` declare what it computes (see module docstring);
-    ``explain(q, spec)``, if given, says why ``supports`` refuses a call (named in the error)."""
+    ``explain(q, spec)``, if given, says why ``supports`` refuses a call (named in the error);
+    ``ready(q, spec)``, if given, whether "auto" may take it for this call yet (``Backend.ready``)."""
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
     backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
-                      tuple(methods), bool(kernels), bool(slope_grad), explain)
+                      tuple(methods), bool(kernels), bool(slope_grad), explain, ready)
     BACKENDS[name] = backend
     plans = sys.modules.get("poslsh.attention.plan")  # plans of public calls chose among the old registry
     if plans is not None:

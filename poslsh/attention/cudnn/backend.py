@@ -29,8 +29,10 @@ dS = P (dP - delta). That term is computed by a second backward call whose value
 dP = 0) and whose output O2 and output gradient dO2 are built so that delta = rowsum(dO2 * O2) =
 -dLSE to float32 accuracy (``lse_gradient_rows``): its dQ and dK are exactly the LSE's share.
 
-Graphs are built once per (device, dtype, shapes, strides, padding, scale) and kept in a bounded
-LRU cache; the workspace comes from PyTorch's allocator on the current stream. Not capturable in a
+"auto" takes it where the shipped speed table measured it fastest, and for a shape without built graphs
+only once the calls at that shape have done work worth a build (``ready_for_auto``): a prompt of a
+new length does not wait a second for a graph. Graphs are built once per (device, dtype, shapes,
+strides, padding, scale) and kept in a bounded LRU cache; the workspace comes from PyTorch's allocator on the current stream. Not capturable in a
 CUDA graph (the frontend copies the slopes into the workspace from host memory on every call).
 """
 
@@ -51,7 +53,7 @@ from ...cache_keys import version_key
 from ..core import AttentionSpec
 
 __all__ = ["cudnn_attention", "supports_cudnn", "explain_cudnn", "refusal", "probe_error", "cudnn_available", "padding_lengths",
-           "lse_gradient_rows", "clear_cache", "MIN_BACKEND_VERSION"]
+           "lse_gradient_rows", "clear_cache", "ready_for_auto", "MIN_BACKEND_VERSION"]
 
 MIN_BACKEND_VERSION = 90000  # cuDNN 9: ALiBi, padding and GQA in the fused SDPA graph (tested on 9.19)
 SLOPE_RTOL = 1e-6  # slopes equal to the Press slopes up to float32 rounding (cuDNN's are float32)
@@ -172,18 +174,67 @@ def explain_cudnn(q: Tensor, spec: AttentionSpec) -> str | None:
     return refusal(q, spec) or probe_error(q, spec, q.device.index)
 
 
-def probe_error(q: Tensor, spec: AttentionSpec, device: int) -> str | None:
-    """Why cuDNN refuses to build the graphs for q's shape on ``device`` (K and V taken multi-head like
-    q, all in [B, H, N, D] order), or None: the forward graph, and the backward one for a training
-    call (q requires grad). Built once per shape (cached, a refusal too)."""
+def _probe_signature(q: Tensor, spec: AttentionSpec, device: int) -> _Signature:
+    """The signature whose graphs stand for q's shape (K and V taken multi-head like q, all in
+    [B, H, N, D] order)."""
     b, h, n, d = q.shape
     dp = _padded_dim(d)
     probe = _Layout((b, h, n, dp), (h * n * dp, n * dp, dp, 1))
-    sig = _Signature(device, q.dtype, probe, probe, probe, probe, spec.key_padding_mask is not None,
-                     float(spec.scale))
+    return _Signature(device, q.dtype, probe, probe, probe, probe, spec.key_padding_mask is not None,
+                      float(spec.scale))
+
+
+def probe_error(q: Tensor, spec: AttentionSpec, device: int) -> str | None:
+    """Why cuDNN refuses to build the graphs for q's shape on ``device``, or None: the forward graph,
+    and the backward one for a training call (q requires grad). Built once per shape (cached, a
+    refusal too)."""
+    sig = _probe_signature(q, spec, device)
     training = torch.is_grad_enabled() and q.requires_grad
-    built = _graphs(sig, backward_stride=probe.stride if training else None)
+    built = _graphs(sig, backward_stride=sig.q.stride if training else None)
     return built.error or (built.backward_error if training else None)
+
+
+# "auto" and cuDNN's build per shape. A graph build costs about a second (the exact arm of
+# bench/results/generate_short: an 8K prompt read in 1.19 s against 0.04 s on Triton); it saves ~20 %
+# of a call's time (1.2x forward, 1.5x training). A generation workload whose prompts all differ in
+# length would pay a build at every prompt, so "auto" takes cuDNN for a new shape only once the calls
+# at that shape have done work worth about one build (a ski-rental rule: never much more than twice
+# the time of the better choice in hindsight), training at a fixed length after a few steps, a
+# benchmark after its warm-up. Work is counted in estimated seconds on the fallback kernel.
+AUTO_BUILD_AFTER_S = 1.0
+ASSUMED_FLOP_RATE = 4e14  # Triton's exact forward on an H100, FLOP/s (issue 23: 436-448 TFLOP/s)
+TRAINING_WORK = 3.5  # forward + backward against the forward alone
+AUTO_WORK_ENTRIES = 256
+_auto_work: OrderedDict[_Signature, float] = OrderedDict()
+
+
+def call_seconds(q: Tensor, training: bool) -> float:
+    """Estimated seconds of a causal call at q's shape [B, H, N, D] (q_offset 0) on the fallback kernel."""
+    b, h, n, d = q.shape
+    flops = 4.0 * b * h * d * n * (n + 1) / 2  # two matmuls over the causal half
+    return flops / ASSUMED_FLOP_RATE * (TRAINING_WORK if training else 1.0)
+
+
+def _built_or_paid_for(sig: _Signature, seconds: float) -> bool:
+    """Whether ``sig``'s graphs are built, else add ``seconds`` of work at ``sig`` and say whether the work
+    so far reaches one build."""
+    if sig in _graph_cache:
+        return True
+    total = _auto_work.pop(sig, 0.0) + seconds
+    _auto_work[sig] = total
+    while len(_auto_work) > AUTO_WORK_ENTRIES:
+        _auto_work.popitem(last=False)
+    return total >= AUTO_BUILD_AFTER_S
+
+
+def ready_for_auto(q: Tensor, spec: AttentionSpec) -> bool:
+    """Whether "auto" may take cuDNN for this call now (``Backend.ready``): its graphs for q's shape are
+    built, or the calls at that shape have done work worth a build. A call cuDNN would refuse anyway is
+    left to ``supports_cudnn`` (True here, so its cheap refusal, not a build, decides)."""
+    if _cudnn is None or q.device.type != "cuda" or refusal(q, spec) is not None:
+        return True
+    training = torch.is_grad_enabled() and q.requires_grad
+    return _built_or_paid_for(_probe_signature(q, spec, q.device.index), call_seconds(q, training))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,9 +281,10 @@ _handles: dict[int, Any] = {}
 
 
 def clear_cache() -> None:
-    """Drop every built graph and analysed padding mask."""
+    """Drop every built graph, analysed padding mask and "auto"'s work count per shape."""
     _graph_cache.clear()
     _mask_cache.clear()
+    _auto_work.clear()
 
 
 def _layout(t: Tensor) -> _Layout:
@@ -502,7 +554,7 @@ def _register() -> None:
 
     # Below the Triton kernel: "auto" picks it where the shipped speed table measured it fastest.
     register_backend("cudnn", cudnn_attention, supports_cudnn, priority=90, methods=("exact",),
-                     explain=explain_cudnn)
+                     explain=explain_cudnn, ready=ready_for_auto)
 
 
 _register()
