@@ -53,7 +53,7 @@ from ...cache_keys import version_key
 from ..core import AttentionSpec
 
 __all__ = ["cudnn_attention", "supports_cudnn", "explain_cudnn", "refusal", "probe_error", "cudnn_available", "padding_lengths",
-           "lse_gradient_rows", "clear_cache", "ready_for_auto", "MIN_BACKEND_VERSION"]
+           "lse_gradient_rows", "clear_cache", "MIN_BACKEND_VERSION"]
 
 MIN_BACKEND_VERSION = 90000  # cuDNN 9: ALiBi, padding and GQA in the fused SDPA graph (tested on 9.19)
 SLOPE_RTOL = 1e-6  # slopes equal to the Press slopes up to float32 rounding (cuDNN's are float32)
