@@ -285,7 +285,8 @@ def readme_block() -> str:
 # generate-bench's runs: a BLOOM-560m-shaped model at every context, a BLOOM-7b1-shaped one's long prompt, the
 # 560m shape decoding from a CUDA graph beside the eager patch and native.
 GENERATE_RUNS = ("generate_bench/generate-bench.json", "generate_bench_7b1/generate-bench.json",
-                 "generate_graph/generate-bench.json", "generate_short/generate-bench.json")
+                 "generate_graph/generate-bench.json", "generate_short/generate-bench.json",
+                 "generate_graph_short/generate-bench.json")
 
 
 def generate_lines() -> str:
@@ -454,15 +455,22 @@ def specialize_check(doc: Doc) -> str:
 
 def first_call(doc: Doc) -> str:
     """bench/first_call.py's run: per head shape, prompt length and backend, an exact causal prefill's first
-    call at that length (cuDNN builds its graph there) and its warm median, and what ``auto`` picked."""
-    head = ("An exact causal prefill (B = 1, bfloat16, Press slopes) through `poslsh.attention`, each length "
-            "new to the process: the first call's wall time (cuDNN builds an execution graph per shape; Triton's "
-            "kernels were compiled before the first length and do not specialise on it) and the warm "
-            "`do_bench` median. \"auto\" names the backend `auto` took.\n\n")
-    body = [[f"{r['heads']} x {r['head_dim']}", f"{r['n']}", r["backend"] + (f" ({r['auto_picks']})" if "auto_picks"
-                                                                          in r else ""),
-             fmt(r["first_ms"]) if "first_ms" in r else r.get("error", "")[:80], fmt(r["warm_ms"]) if "warm_ms" in r
-             else ""] for r in doc["rows"]]
+    call at that length (a cuDNN graph build, where one happens) and its warm median, and what ``auto``
+    took once warm. The order of the backends per length is the run's (auto first: its first call meets
+    the length cold)."""
+    order = [r["backend"] for r in doc["rows"] if (r["heads"], r["n"]) == (doc["rows"][0]["heads"], doc["rows"][0]["n"])]
+    head = (f"An exact causal prefill (B = 1, bfloat16, Press slopes) through `poslsh.attention` on {doc['device']}, "
+            f"each length new to the process, the backends in the order {', '.join(order)} per length: the first "
+            "call's wall time (where cuDNN builds an execution graph for the shape, the build) and the warm "
+            "`do_bench` median. Triton's kernels were compiled before the first length (a new length compiles "
+            "nothing, except the first launch of a variant, e.g. a length that is a multiple of the tile). "
+            "In parentheses, the backend `auto` took after its warm median.\n\n")
+    body = []
+    for r in doc["rows"]:
+        took = r.get("auto_picks_warm", r.get("auto_picks"))
+        body.append([f"{r['heads']} x {r['head_dim']}", str(r["n"]), r["backend"] + (f" ({took})" if took else ""),
+                     fmt(r["first_ms"]) if "first_ms" in r else r.get("error", "")[:80],
+                     fmt(r["warm_ms"]) if "warm_ms" in r else ""])
     return head + markdown_table(["heads x head dim", "n", "backend", "first call ms", "warm ms"], body)
 
 
@@ -500,12 +508,20 @@ SECTIONS: list[Section] = [
             _experiment("generate_bench"), ("generate_graph/generate_bench.png",)),
     Section(GENERATE_RUNS[3], "Short prompts (4K, 8K): does the patch cost more than it saves? Every arm against "
             "transformers' own attention", _experiment("generate_bench"), ("generate_short/generate_bench.png",)),
+    Section(GENERATE_RUNS[4], "Short prompts again, with the CUDA-graph decoder (and exact, no longer waiting for a "
+            "cuDNN graph at 8K)", _experiment("generate_bench"), ("generate_graph_short/generate_bench.png",)),
     Section("specialize/specialize.json", "Decoding without compiles: Triton's integer specialisation of the key "
             "count, before and after", specialize_check),
     Section("exact_gpu/exact_gpu.json", "Exact ALiBi on every backend, cuDNN's included (the speed table's source)",
             exact_gpu),
+    Section("first_call/first_call_builds.json", "A prompt of a new length: what cuDNN's graph build costs (auto "
+            "timed last, after cuDNN had built its graphs)", first_call),
+    Section("first_call/first_call.json", "A prompt of a new length: auto serves it at once, and takes cuDNN once "
+            "the calls at that length have paid for its build", first_call),
     Section("kernel_sweep/kernel_sweep.json", "The Triton kernels' variants, forward and training, and the "
             "configurations the library ships", kernel_sweep),
+    Section("kernel_sweep_2/kernel_sweep.json", "The training kernels' second round: tiles against the backward's "
+            "register spills (none shipped: the base config stays fastest)", kernel_sweep),
     Section("pareto_h200_256k/pareto.json", "How accurate for the time: error against time at 256K tokens on the GPU",
             _experiment("pareto"), ("pareto_h200_256k/pareto.png",)),
     Section("pareto_h200_256k_flex/pareto.json", "Against FlexAttention at equal error (256K tokens)", against_flex,

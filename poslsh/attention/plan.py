@@ -347,7 +347,9 @@ class AttentionPlan:
             spec = self._spec(0, nk, q_offset, kpm, scale, start)
             deferred: list[str] = []
             backend = select_backend(q, spec, self.backend, grad, deferred)
-            if not deferred:  # else asked again next call: a faster backend may become ready (cuDNN's build)
+            # Kept for the bucket unless a faster backend was deferred or this one is set up per shape
+            # (cuDNN: a new length in the bucket would build a graph): those are asked again per call.
+            if not deferred and backend.ready is None:
                 self._backends[key] = backend
         return backend
 

@@ -194,15 +194,17 @@ def probe_error(q: Tensor, spec: AttentionSpec, device: int) -> str | None:
     return built.error or (built.backward_error if training else None)
 
 
-# "auto" and cuDNN's build per shape. A graph build costs about a second (the exact arm of
-# bench/results/generate_short: an 8K prompt read in 1.19 s against 0.04 s on Triton); it saves ~20 %
-# of a call's time (1.2x forward, 1.5x training). A generation workload whose prompts all differ in
+# "auto" and cuDNN's build per shape. A graph build at a new length costs 52-78 ms on an H100 (the
+# process's first, with cuDNN's own start, 0.5-0.9 s: bench/results/first_call); it saves 10-20 % of a
+# call's time (1.2x forward, 1.5x training). A generation workload whose prompts all differ in
 # length would pay a build at every prompt, so "auto" takes cuDNN for a new shape only once the calls
 # at that shape have done work worth about one build (a ski-rental rule: never much more than twice
 # the time of the better choice in hindsight), training at a fixed length after a few steps, a
 # benchmark after its warm-up. Work is counted in estimated seconds on the fallback kernel.
-AUTO_BUILD_AFTER_S = 1.0
-ASSUMED_FLOP_RATE = 4e14  # Triton's exact forward on an H100, FLOP/s (issue 23: 436-448 TFLOP/s)
+AUTO_BUILD_AFTER_S = 0.1
+# Triton's exact forward on an H100 runs at 130 (H = 16, D = 64) to 440 (H = 32, D = 128) TFLOP/s
+# (bench/results/first_call): the estimate is within 2x of the time spent.
+ASSUMED_FLOP_RATE = 2e14
 TRAINING_WORK = 3.5  # forward + backward against the forward alone
 AUTO_WORK_ENTRIES = 256
 _auto_work: OrderedDict[_Signature, float] = OrderedDict()
