@@ -262,9 +262,24 @@ def cuda_rows(args) -> list[dict]:
                     print(f"{method} {name}: graph capture failed: {err}")
             rows.append({"device": torch.cuda.get_device_name(), "method": method, "way": name, "nk": nk,
                          "enqueue_us": host, "wall_us": wall, "events_us": events, "graph_us": graph_us})
+            # each row printed and saved as it is measured: session 9's call at 1M keys was cut inside the
+            # hybrid's slow old path (its widths recomputed per call) and lost every finished row
+            _print_cuda_row(rows[-1])
+            if args.json:
+                _save(rows, args.json)
             if name == "plan" and args.profile:
                 _profile(fn, args.reps, f"{method} plan call, nk={nk}")
     return rows
+
+
+def _print_cuda_row(row: dict) -> None:
+    print(f"{row['method']:7s} {row['way']:27s} nk={row['nk']} enqueue {row['enqueue_us']:7.1f} us  wall "
+          f"{row['wall_us']:7.1f} us  events {row['events_us']:7.1f} us  graph {row['graph_us']:7.1f} us", flush=True)
+
+
+def _save(rows: list[dict], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 def _profile(fn, reps: int, title: str) -> None:
@@ -399,8 +414,7 @@ def main(argv=None) -> list[dict]:
         rows = model_rows(args)
         _print_model(rows)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+            _save(rows, args.json)
         return rows
     register_backend("null", _null, priority=-100, methods=METHODS, kernels=True, slope_grad=True)
     try:
@@ -414,12 +428,8 @@ def main(argv=None) -> list[dict]:
             value = row["us_per_call"] if unit == "us" else row["us_per_call"] / 1e3
             print(f"{row['what']:4s} {row['method']:7s} {row['way']:12s} nk={row['nk']:<7d} {value:9.2f} {unit} per call"
                   + (f"  ({row['note']})" if "note" in row else ""))
-        else:
-            print(f"{row['method']:7s} {row['way']:27s} nk={row['nk']} enqueue {row['enqueue_us']:7.1f} us  wall "
-                  f"{row['wall_us']:7.1f} us  events {row['events_us']:7.1f} us  graph {row['graph_us']:7.1f} us")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        _save(rows, args.json)
     return rows
 
 

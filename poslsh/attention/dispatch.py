@@ -20,7 +20,8 @@ grad (``slope_grad``: trainable ALiBi slopes for exact and window; reference and
 defaults, ("exact", "window", "lsh"), no kernels and no slope gradients, are what every backend
 did before "hybrid" and kernels existed, so a backend registered without them is never handed a
 call it would silently compute as something else (or silently detach); ``supports`` is only asked
-once the capabilities match.
+once the capabilities match. A backend may also declare ``ready(q, spec)``: "auto" passes over it while
+that says no (cuDNN at a shape whose graph build the calls at that shape have not yet paid for).
 
 GPU backends register themselves from ``poslsh.attention.triton``,
 ``poslsh.attention.flex`` and ``poslsh.attention.cudnn`` with one call, e.g.
