@@ -397,8 +397,9 @@ def test_cudnn_on_gpu_refuses_with_reason():
 @needs_gpu
 def test_auto_on_gpu_does_not_build_a_graph_for_a_new_shape():
     """Where the speed table ranks cuDNN first (long causal calls), "auto" at a shape without graphs runs
-    another backend and builds nothing (a graph costs ~1 s: every new prompt length would pay it); once
-    the shape's graphs exist (a call named "cudnn", or enough work at the shape), "auto" takes cuDNN."""
+    another backend and builds nothing (a graph costs 50-80 ms on an H100: every new prompt length would
+    pay it); once the shape's graphs exist (a call named "cudnn", or enough work at the shape), "auto"
+    takes cuDNN."""
     from poslsh.attention.speed import measured_order
 
     q, k, v = qkv(device="cuda", h=32, nq=16384 + 8, d=128)

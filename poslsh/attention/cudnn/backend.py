@@ -31,9 +31,10 @@ dP = 0) and whose output O2 and output gradient dO2 are built so that delta = ro
 
 "auto" takes it where the shipped speed table measured it fastest, and for a shape without built graphs
 only once the calls at that shape have done work worth a build (``ready_for_auto``): a prompt of a
-new length does not wait a second for a graph. Graphs are built once per (device, dtype, shapes,
-strides, padding, scale) and kept in a bounded LRU cache; the workspace comes from PyTorch's allocator on the current stream. Not capturable in a
-CUDA graph (the frontend copies the slopes into the workspace from host memory on every call).
+new length does not wait for a graph. Graphs are built once per (device, dtype, shapes, strides,
+padding, scale) and kept in a bounded LRU cache; the workspace comes from PyTorch's allocator on the
+current stream. Not capturable in a CUDA graph (the frontend copies the slopes into the workspace
+from host memory on every call).
 """
 
 from __future__ import annotations
@@ -198,9 +199,9 @@ def probe_error(q: Tensor, spec: AttentionSpec, device: int) -> str | None:
 # process's first, with cuDNN's own start, 0.5-0.9 s: bench/results/first_call); it saves 10-20 % of a
 # call's time (1.2x forward, 1.5x training). A generation workload whose prompts all differ in
 # length would pay a build at every prompt, so "auto" takes cuDNN for a new shape only once the calls
-# at that shape have done work worth about one build (a ski-rental rule: never much more than twice
-# the time of the better choice in hindsight), training at a fixed length after a few steps, a
-# benchmark after its warm-up. Work is counted in estimated seconds on the fallback kernel.
+# at that shape have done work worth about one build (a ski-rental rule: the time either choice
+# loses stays within a small factor of the better one in hindsight), training at a fixed length after
+# a few steps, a benchmark within its warm-up. Work is counted in estimated seconds on the fallback kernel.
 AUTO_BUILD_AFTER_S = 0.1
 # Triton's exact forward on an H100 runs at 130 (H = 16, D = 64) to 440 (H = 32, D = 128) TFLOP/s
 # (bench/results/first_call): the estimate is within 2x of the time spent.
