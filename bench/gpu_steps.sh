@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU steps of a session, in one device call of at most ~9.5 min on one H100 or H200 (STEPS picks;
-# session 5 ran `tests decode exact generate` of this script as bench/gpu_session5.sh, commit 5d77b4a):
+# The GPU steps of a session, in one device call of at most ~9.5 min on one H100 or H200 (STEPS picks them
+# and their order; session 5 ran `tests decode exact generate` of this script as bench/gpu_session5.sh, commit 5d77b4a):
 #   tests        CUDA-only tests: the cuDNN backend, the AttentionPlan's CUDA-graph capture, the pre-bound
 #                Triton launches against the JIT's, the public calls on CUDA tensors, the patched model's
 #                prefill memory, a patched model's decode step replayed from a CUDA graph (hf_graph)
@@ -31,7 +31,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-has() { [[ " $STEPS " == *" $1 "* ]]; }
 # SIGINT at the limit (then KILL 15 s later): pytest prints the failures it has seen (session 8's cut
 # conformance run lost its reports to the default SIGTERM), the benchmarks stop on KeyboardInterrupt
 step() { local t=$1; shift; echo "=== $(date +%T) $*" | tee -a "$log"; timeout -s INT -k 15 "$t" "$@" >>"$log" 2>&1;
@@ -39,42 +38,52 @@ step() { local t=$1; shift; echo "=== $(date +%T) $*" | tee -a "$log"; timeout -
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$log"
-if has tests; then
+
+run_tests() {
   step ${T_TESTS:-120} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_cudnn.py tests/test_plan.py \
     tests/test_cuda_public_calls.py tests/test_hf_integration.py tests/test_launcher.py tests/test_hf_graph.py \
     -k "cuda or cudnn or graph or prebound"
-fi
-if has conformance; then
+}
+run_conformance() {
   # --maxfail: a failure's report reaches the log before the step's limit (session 7's run was cut at 80 s
   # with 5 failures and no report)
   step ${T_CONF:-120} env TRITON_INTERPRET=0 python3 -m pytest -q -n 4 -p no:cacheprovider --maxfail=3 --tb=short \
     tests/test_conformance.py tests/test_flash_grid.py -k "cudnn or cuda"
-fi
-if has decode; then
-  profile=--profile limit=${T_DECODE:-120}  # the first length compiles every variant's kernels (disk-cached after)
+}
+run_decode() {
+  local profile=--profile limit=${T_DECODE:-120}  # the first length compiles every variant's kernels (disk-cached after)
   for nk in ${DECODE_NK:-65536 262144 1048576}; do
     step $limit python3 bench/host_overhead.py --device cuda --nk $nk --reps ${DECODE_REPS:-30} $profile \
       --json "$OUT/decode_$nk.json"
     profile= limit=${T_DECODE_NEXT:-100}  # 1M: session 7's 70 s cut it
   done
-fi
-if has exact; then
+}
+run_exact() {
   cp poslsh/attention/speed_table.json "$OUT/"
   step ${T_EXACT:-110} python3 bench/exact_gpu.py --out "$OUT/exact_gpu" --write-table "$OUT/speed_table.json" \
     --budget-s $(( ${T_EXACT:-110} - 20 ))
-fi
-if has sweep; then
+}
+run_sweep() {
   step ${T_SWEEP:-240} python3 bench/kernel_sweep.py --budget-s $(( ${T_SWEEP:-240} - 30 )) --json "$OUT/kernel_sweep.json" \
     --write-tuned "$OUT/tuned.json" ${SWEEP_ARGS:-}
-fi
-if has generate; then
+}
+run_generate() {
   step ${T_GEN:-210} python3 -m poslsh_lab.cli generate-bench --shape bloom-560m --oom-chunk 32768 \
     ${GEN_ARMS:+--arms $GEN_ARMS} ${GEN_CONTEXTS:+--contexts $GEN_CONTEXTS} \
     --budget-s $(( ${T_GEN:-210} - 25 )) --out "$OUT/${GEN_NAME:-generate_bench}"
-fi
-if has first; then
+}
+run_first() {
   step ${T_FIRST:-90} python3 bench/first_call.py --json "$OUT/first_call.json"
-fi
-if has moonshot; then
+}
+run_moonshot() {
   STEPS=7b1 OUT=$OUT bash bench/generate_gpu.sh
-fi
+}
+
+# The steps run in the order STEPS lists them (so the most wanted goes first: a call can be cut).
+for name in $STEPS; do
+  if declare -F "run_$name" >/dev/null; then
+    "run_$name"
+  else
+    echo "=== unknown step: $name (tests conformance decode exact sweep generate first moonshot)" | tee -a "$log"
+  fi
+done
