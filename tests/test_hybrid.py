@@ -181,6 +181,27 @@ def test_hybrid_widths_match_the_closed_form():
     assert bool((hybrid_widths(slopes[:3], 1e-3, r, n) >= hybrid_widths(slopes[:3], 1e-2, r, n)).all())
 
 
+def test_hybrid_widths_of_long_caches_come_from_one_cached_entry():
+    """Past TAIL_DECAYS / m keys the widths equal those computed over all n keys, and a decode loop (one
+    more key per call) computes them once, not per call (before: one O(n) computation per new n, 0.1 s
+    per call at 256K keys and H = 32, a hybrid decode step's whole host time)."""
+    from poslsh.attention.window import TAIL_DECAYS, _hybrid_widths
+
+    slopes = poslsh.alibi_slopes(8)
+    reach = math.ceil(TAIL_DECAYS / float(slopes.min()))
+    for eps in (0.1, 1e-3, 1e-6):
+        for n in (reach + 1, 3 * reach + 7):
+            full = _hybrid_widths.__wrapped__(tuple(slopes.tolist()), False, eps, 8, n)
+            assert hybrid_widths(slopes, eps, 8, n).tolist() == list(full), (eps, n)
+    _hybrid_widths.cache_clear()
+    for n in range(2 * reach, 2 * reach + 6):
+        hybrid_widths(slopes, 1e-3, 8, n)
+    assert _hybrid_widths.cache_info().currsize == 1
+    assert hybrid_widths(slopes, 1e-3, 8, 50).max() <= 49  # short caches: computed over their n, capped
+    zero = torch.cat([slopes[:3], torch.zeros(1)])  # a slope-0 head reads every key: its width is n - 1
+    assert hybrid_widths(zero, 1e-3, 8, 5 * reach)[-1] == 5 * reach - 1
+
+
 def test_hybrid_beats_lsh_at_equal_r():
     """Same partitions, 6 seeds, n = 128: the hybrid's mean relative output error is below LSH's."""
     n, r = 128, 4

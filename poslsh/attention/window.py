@@ -132,8 +132,20 @@ def hybrid_widths(slopes: Tensor, eps: float, samples: int, n: int, kernels=None
     # O(n) per head on the host (~0.1 s at n = 256K, H = 32): cached, since the same widths are asked
     # for at every call of a layer (without the cache the hybrid's host time exceeded its GPU time).
     per_head = tuple(kernels) if kernels is not None else tuple(float(m) for m in slopes.detach().cpu().tolist())
-    return torch.tensor(_hybrid_widths(per_head, kernels is not None, float(eps), int(samples), int(n)),
-                        dtype=torch.int64)
+    eps, samples, n = float(eps), int(samples), int(n)
+    if kernels is None and all(m > 0 for m in per_head):
+        # A decode loop asks at every key count. ALiBi's weights past TAIL_DECAYS / m are below e^-80 of a
+        # row's weight, so the widths computed over that many keys hold for every longer n: one cached
+        # entry, not an O(n) computation per step. Where a head needs more (eps below ~1e-17), the whole n.
+        reach = max(math.ceil(TAIL_DECAYS / m) for m in per_head)
+        if n > reach:
+            widths = _hybrid_widths(per_head, False, eps, samples, reach)
+            if all(w < reach - 1 for w in widths):
+                return torch.tensor(widths, dtype=torch.int64)
+    return torch.tensor(_hybrid_widths(per_head, kernels is not None, eps, samples, n), dtype=torch.int64)
+
+
+TAIL_DECAYS = 80.0  # e^-80 ~ 1.8e-35: far below float64's resolution of any sum the widths compare
 
 
 @functools.lru_cache(maxsize=64)
