@@ -100,6 +100,11 @@ def kernel_window_sizes(kernels, eps: float, n: int) -> Tensor:
     return torch.tensor([k.window(eps, n) for k in kernels], dtype=torch.int64)
 
 
+# ALiBi weights past TAIL_DECAYS / m are below e^-80 of a row's (~1.8e-35: far below float64's resolution
+# of any sum the hybrid's widths compare).
+TAIL_DECAYS = 80.0
+
+
 def hybrid_widths(slopes: Tensor, eps: float, samples: int, n: int, kernels=None) -> Tensor:
     """Near-field half-widths w_h of the hybrid estimator for a target error ``eps``.
 
@@ -144,8 +149,6 @@ def hybrid_widths(slopes: Tensor, eps: float, samples: int, n: int, kernels=None
                 return torch.tensor(widths, dtype=torch.int64)
     return torch.tensor(_hybrid_widths(per_head, kernels is not None, eps, samples, n), dtype=torch.int64)
 
-
-TAIL_DECAYS = 80.0  # e^-80 ~ 1.8e-35: far below float64's resolution of any sum the widths compare
 
 
 @functools.lru_cache(maxsize=64)
