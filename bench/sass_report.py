@@ -33,15 +33,15 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("bench/sass_report.py compiles for the GPU: run it without TRITON_INTERPRET")
 
 from poslsh.attention.triton.backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
-from poslsh.attention.triton.forward import _fwd_kernel, _merge_kernel  # noqa: E402
+from poslsh.attention.triton.forward import _fwd_kernel  # noqa: E402
 from poslsh.method import METHOD_RULES  # noqa: E402
 
-KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel, "merge": _merge_kernel,
+KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel,
            "delta": _bwd_delta_kernel}
-POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
-            "DV": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "SLOPE2": "*fp32", "W": "*i32", "U": "*i32",
-            "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32", "WIN_R": "*i32", "KPM": "*i8", "DQA": "*fp32", "PO": "*fp32", "PL": "*fp32",
-            "DLSE": "*fp32"}
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "OUT": "*bf16", "DO": "*bf16", "DQ": "*bf16",
+            "DK": "*bf16", "DV": "*bf16", "LSE": "*fp32", "OUT_LSE": "*fp32", "DELTA": "*fp32", "SLOPE2": "*fp32",
+            "W": "*i32", "U": "*i32", "S": "*i32", "E": "*i32", "ORDER": "*i32", "WIN": "*i32", "WIN_R": "*i32",
+            "TICKETS": "*i32", "KPM": "*i8", "DQA": "*fp32", "DLSE": "*fp32"}
 FLOATS = {"qk_scale", "log2_r", "scale"}
 SHAPE = dict(B=1, group=1, H=32, Hkv=32, Nq=262144, Nk=262144, q_offset=0, stride_os=0, stride_kpmb=0,
              split_tiles=0)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="compile every launch of bench/kernel_sweep.py's variants; print registers, spills, shared "
                         "memory and CTAs per multiprocessor of each (JSON with --json)")
     p.add_argument("--every-variant", action="store_true",
-                   help="compile every method's forward with padding and split keys, the merge, and every "
+                   help="compile every method's forward with padding and split keys (its merge inside), and every "
                         "method's backward with padding (fused and not); print {variant: ptxas} as JSON")
     p.add_argument("--fits-shared", action="store_true",
                    help="compile the default tiles of --methods, --dtypes, --head-dims fitted to each of --limits "
@@ -238,8 +238,6 @@ def main(argv: list[str] | None = None) -> int:
                     compile_kernel(_bwd_dkdv_kernel, bwd, 4, 2).asm["ptx"])
             dq = dict(base, BLOCK_M=128, BLOCK_N=64)
             out[f"dq {method} padded"] = ptxas_info(compile_kernel(_bwd_dq_kernel, dq, 8, 2).asm["ptx"])
-        out["merge"] = ptxas_info(compile_kernel(_merge_kernel, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16), 4, 1)
-                                  .asm["ptx"])
         out["delta"] = ptxas_info(compile_kernel(_bwd_delta_kernel, DELTA_CONST, 4, 1).asm["ptx"])
         print(json.dumps(out))
         return 0
@@ -247,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     const = dict(METHOD=METHOD_RULES[args.method].kernel_id, R=1 if alibi else args.r, CUT=args.cut and not alibi,
                  CAUSAL=not args.bidirectional, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=args.block_m,
                  BLOCK_N=args.block_n, PREC="tf32", FDIV=not args.integer_positions, HAS_KPM=args.padding)
-    if args.kernel == "merge":
-        const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=16)
-    elif args.kernel == "delta":
+    if args.kernel == "delta":
         const = dict(DELTA_CONST)
     elif args.kernel == "fwd":
         const.update(SPLIT=args.split, LAZY=args.lazy)

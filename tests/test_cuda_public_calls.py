@@ -92,3 +92,27 @@ def test_attention_auto_on_cuda_matches_reference(method):
     out = poslsh.attention(q.cuda(), k.cuda(), v.cuda(), key_padding_mask=mask.cuda(), **kw)
     ref = poslsh.attention(q.double(), k.double(), v.double(), key_padding_mask=mask, backend="reference", **kw)
     assert out.dtype == torch.bfloat16 and relative_error(out.cpu(), ref) < bound(ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", ["exact", "window", "lsh"])
+def test_split_decode_on_cuda_is_repeatable(method):
+    """Decode steps (one query row, B = 2, H = 32, 8K-40K cached keys) split their keys over programs of
+    which the last of each query tile merges the others' partials (``forward._merge_splits``, after a
+    ticket): a merge that read a partial before its writer's stores were visible would give a different
+    output now and then, and a ticket left non-zero would leave the next call's output unwritten. Fifty
+    calls per length give bitwise the first's output, within the bf16 bound of the float64 reference."""
+    h, hkv, d = 32, 8, 128
+    slopes = poslsh.alibi_slopes(h).double()
+    g = torch.Generator().manual_seed(7)
+    for nk in (8191, 20000, 40000):
+        q = torch.randn(2, h, 1, d, generator=g, dtype=torch.float64).to(torch.bfloat16)
+        k, v = (torch.randn(2, hkv, nk, d, generator=g, dtype=torch.float64).to(torch.bfloat16) for _ in range(2))
+        parts = (poslsh.sample_partitions(nk, slopes, 4, generator=torch.Generator().manual_seed(nk))
+                 if method == "lsh" else None)
+        kw = dict(slopes=slopes, is_causal=True, method=method, partitions=parts, window_eps=1e-3)
+        qc, kc, vc = q.cuda(), k.cuda(), v.cuda()
+        first = poslsh.attention(qc, kc, vc, backend="triton", **kw)
+        for _ in range(50):
+            assert torch.equal(poslsh.attention(qc, kc, vc, backend="triton", **kw), first), (method, nk)
+        ref = poslsh.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+        assert relative_error(first.cpu(), ref) < bound(ref, torch.bfloat16), (method, nk)

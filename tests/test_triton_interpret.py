@@ -34,7 +34,7 @@ triton_attention = launch.triton_attention
 def test_kernels_really_interpreted():
     from poslsh.attention.triton import backward, forward
 
-    for k in (forward._fwd_kernel, forward._merge_kernel, backward._bwd_dkdv_kernel, backward._bwd_dq_kernel):
+    for k in (forward._fwd_kernel, forward._merge_splits, backward._bwd_dkdv_kernel, backward._bwd_dq_kernel):
         assert type(k).__name__ == "InterpretedFunction"
 
 
@@ -333,3 +333,20 @@ def test_head_groups_partition():
     assert launch.head_groups(plan, dict(BLOCK_M=16))[0][0] is plan.order
     with pytest.raises(ValueError, match="min_work"):
         launch.head_groups(plan, dict(cfg, wide={"BLOCK_N": 64}))
+
+
+def test_split_tickets_are_zero_between_calls():
+    """Each split query tile's last program merges and zeroes its ticket: repeated calls through one
+    cached recipe (the tickets it holds) give the same output as the first and as no split, and leave
+    every ticket at 0 (a ticket left at 1 would make the next call's merge wait for a split that never
+    comes: its output never written)."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 16, dtype=torch.float16) for n in (1, 150, 150))
+    spec = resolve_spec(q, k, v, slopes=torch.tensor([0.3, 0.05]), method="window", window_eps=1e-3, q_offset=149)
+    plain, plain_lse = triton_attention(q, k, v, spec, config={"splits": 1})
+    outs = [triton_attention(q, k, v, spec, config={"splits": 4}) for _ in range(3)]
+    recipes = [r for r in launch.plan_for(spec, 150, q.device).recipes.values() if r.tickets is not None]
+    assert recipes and all(int(r.tickets.abs().sum()) == 0 for r in recipes)
+    for out, lse in outs:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+        assert rel(out, plain) < 1e-3 and rel(lse, plain_lse) < 1e-5

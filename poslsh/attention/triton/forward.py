@@ -13,8 +13,10 @@ The frame keeps logits near the diagonal small (|m (i - pa)| <= m BLOCK_M), so f
 LSH and hybrid weights enter multiplicatively as raw counts, p_ij = (r c_ij) exp(s_ij - m_i), so no
 log or division is evaluated per element (r cancels in the output and leaves through the LSE).
 
-Decoding (few query rows against a long cache) splits each program's key range over SPLIT programs
-(grid axis 1) that write normalised partial outputs and LSEs; ``_merge_kernel`` combines them.
+Decoding (few query rows against a long cache) splits each program's key range over the programs of
+grid axis 1: each writes a normalised partial output and LSE, then takes a ticket, and the last of a
+query tile's programs to finish merges the tile's partials (``_merge_splits``): one launch per call,
+where a second kernel for the merge cost a launch's host time (~35 us on an H100's host, session 7).
 """
 
 from __future__ import annotations
@@ -108,6 +110,38 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_v
     return acc, l_i, m_i
 
 
+@triton.jit
+def _merge_splits(PO, PL, OUT, OUT_LSE, b, h, m0, offs_m, rows_m, offs_d, q_mask, B, H, Nq, stride_ps, stride_pb,
+                  stride_ph, stride_pn, stride_outb, stride_outh, stride_outn, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """One query tile's partials (fp32 PO [splits, B, H, Nq, BLOCK_D], PL [splits, B, H, Nq]) combined by
+    softmax over their LSEs into OUT and OUT_LSE [B, H, Nq]: a row no split saw stays empty (output 0,
+    lse EMPTY_LSE). The loads bypass L1 (.cg): other programs wrote these lines."""
+    row_ok = offs_m < Nq
+    m = tl.full([BLOCK_M], EMPTY_LSE, dtype=tl.float32)
+    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    po = PO + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph + m0.to(tl.int64) * stride_pn \
+        + rows_m[:, None] * stride_pn + offs_d[None, :]
+    pl = PL + (b * H + h).to(tl.int64) * Nq + offs_m
+    for _ in range(0, tl.num_programs(1)):
+        lse = tl.load(pl, mask=row_ok, other=EMPTY_LSE, cache_modifier=".cg")
+        o = tl.load(po, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        po += stride_ps
+        pl += B * H * Nq
+        m_new = tl.maximum(m, lse)
+        a = tl.exp(m - m_new)
+        w = tl.exp(lse - m_new)
+        acc = acc * a[:, None] + o * w[:, None]
+        den = den * a + w
+        m = m_new
+    out = acc / den[:, None]
+    lse = tl.where(m <= EMPTY_LSE * 0.5, EMPTY_LSE, m + tl.log(den))
+    out_base = OUT + b.to(tl.int64) * stride_outb + h.to(tl.int64) * stride_outh + m0.to(tl.int64) * stride_outn
+    tl.store(out_base + rows_m[:, None] * stride_outn + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=q_mask)
+    tl.store(OUT_LSE + (b * H + h).to(tl.int64) * Nq + offs_m, lse, mask=row_ok)
+
+
 # A decoding step changes these every call (the cache grows by one key). Triton would specialise each on
 # "== 1" and divisibility by 16 and compile a new variant whenever one changes class: stalls of a second in
 # the middle of a user's generation. They only bound loops and masks (pointer offsets step by constexpr
@@ -117,14 +151,19 @@ DECODE_VARYING = ("Nk", "q_offset", "split_tiles")
 
 
 @triton.jit(do_not_specialize=DECODE_VARYING)
-def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
+def _fwd_kernel(Q, K, V, O, LSE, OUT, OUT_LSE, TICKETS, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                stride_vb, stride_vh, stride_vn, stride_os, stride_ob, stride_oh, stride_on, stride_kpmb,
+                stride_vb, stride_vh, stride_vn, stride_os, stride_ob, stride_oh, stride_on,
+                stride_outb, stride_outh, stride_outn, stride_kpmb,
                 B, H, Nq, Nk, q_offset, group, qk_scale, log2_r, split_tiles,
                 METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, SPLIT: tl.constexpr,
                 LAZY: tl.constexpr):
+    """O [B, H, Nq, D] and LSE [B, H, Nq] (fp32) receive each program's result: the output itself, or with
+    SPLIT the split's partials (fp32 O [splits, B, H, Nq, BLOCK_D] at stride_os per split, LSE [splits, B,
+    H, Nq]), merged into OUT (its strides stride_out*) and OUT_LSE [B, H, Nq] by the tile's last program.
+    TICKETS (SPLIT): int32 [programs of axis 0], zero before the launch, and left zero after it."""
     b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M)
     hk = h // group
     hR = h * R
@@ -180,36 +219,12 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(o_base + rows_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty), mask=q_mask)
     tl.store(lse_ptr, lse, mask=offs_m < Nq)
-
-
-@triton.jit(do_not_specialize=["SPLITS"])  # the split count follows the growing cache, as DECODE_VARYING
-def _merge_kernel(PO, PL, O, LSE, SPLITS, BH, H, Nq, stride_ps, stride_ob, stride_oh, stride_on,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Combine SPLITS partial (out, lse) of rows [BH * Nq] (fp32, [SPLITS, BH, Nq, BLOCK_D] contiguous)
-    by softmax over their LSEs into O (the caller's strides) and LSE [BH, Nq]."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = rows < BH * Nq
-    m = tl.full([BLOCK_R], EMPTY_LSE, dtype=tl.float32)
-    den = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    pl = PL + rows
-    po = PO + rows[:, None].to(tl.int64) * BLOCK_D + offs_d[None, :]
-    for _ in range(0, SPLITS):
-        lse = tl.load(pl, mask=ok, other=EMPTY_LSE)
-        o = tl.load(po, mask=ok[:, None], other=0.0)
-        pl += BH * Nq
-        po += stride_ps
-        m_new = tl.maximum(m, lse)
-        a = tl.exp(m - m_new)
-        w = tl.exp(lse - m_new)
-        acc = acc * a[:, None] + o * w[:, None]
-        den = den * a + w
-        m = m_new
-    out = acc / den[:, None]
-    lse = tl.where(m <= EMPTY_LSE * 0.5, EMPTY_LSE, m + tl.log(den))
-    bh = rows // Nq
-    i = rows % Nq
-    ptr = O + (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh + i.to(tl.int64) * stride_on
-    tl.store(ptr[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(LSE + rows, lse, mask=ok)
+    if SPLIT:
+        # Every thread's stores come before the ticket, which releases them (acq_rel, GPU scope); the last
+        # program's ticket acquires every other's, so its loads below see all partials.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(TICKETS + tl.program_id(0), 1, sem="acq_rel")
+        if ticket == tl.num_programs(1) - 1:
+            tl.store(TICKETS + tl.program_id(0), 0)  # every split has its ticket: zero for the next launch
+            _merge_splits(O, LSE, OUT, OUT_LSE, b, h, m0, offs_m, rows_m, offs_d, q_mask, B, H, Nq, stride_os,
+                          stride_ob, stride_oh, stride_on, stride_outb, stride_outh, stride_outn, BLOCK_M, BLOCK_D)

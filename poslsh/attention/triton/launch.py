@@ -29,7 +29,7 @@ from ..core import AttentionSpec, last_dim_contiguous
 from ..ranges import normalize_grid
 from ..speed import DECODE_ROWS
 from .backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
-from .forward import _fwd_kernel, _merge_kernel
+from .forward import _fwd_kernel
 
 __all__ = ["triton_attention", "default_config", "supports_triton", "interpreting", "Plan", "plan_for", "build_plan",
            "run_plan", "set_tuned", "write_tuned", "WIDTH_CAP", "MAX_KEYS"]
@@ -465,16 +465,22 @@ class Launcher:
         return self.kernel[self.grid](*args, **dict(zip(names, self.constexprs)), **self.options)
 
 
-_NO_KPM: dict[torch.device, Tensor] = {}  # the kernels' unread mask argument, one per device
+_UNREAD: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # one-element stand-ins for unread arguments
+
+
+def _unread(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A one-element tensor for a kernel argument the launch does not read (no mask, no tickets),
+    allocated once per device and dtype."""
+    if (device, dtype) not in _UNREAD:
+        _UNREAD[device, dtype] = torch.zeros(1, dtype=dtype, device=device)
+    return _UNREAD[device, dtype]
 
 
 def _kpm_arg(kpm: Tensor | None, device: torch.device) -> tuple[Tensor, int]:
     """The mask as int8 rows: a view of a bool mask whose keys are contiguous (no copy, no allocation
-    per call), else a copy; without a mask a one-element placeholder allocated once per device."""
+    per call), else a copy; without a mask a placeholder (``_unread``)."""
     if kpm is None:
-        if device not in _NO_KPM:
-            _NO_KPM[device] = torch.zeros(1, dtype=torch.int8, device=device)
-        return _NO_KPM[device], 0
+        return _unread(device, torch.int8), 0
     if kpm.dtype == torch.bool and kpm.stride(-1) == 1 and kpm.device == device:
         k8 = kpm.view(torch.int8)
     else:
@@ -491,19 +497,22 @@ class ForwardRecipe:
     identity: ``AttentionPlan`` keeps one per dtype, head dim and regime), causality, the scale, q's shape,
     strides and dtype, the KV heads, the mask's presence, the split count and the position arithmetic
     (``_float_positions``); and what they determine: each launch's grid, constexprs and compile options
-    (a ``Launcher`` per head group and the merge), the plan's arrays with the group's head order, q's and
-    the outputs' strides (``empty_like(q)`` lays out alike for alike q), the sizes and the scalars. Per
-    call (``_fwd``): the tensors (q, k, v, mask, outputs, partials), k's and v's strides (a cache grown by
-    concatenation changes them), the mask's row stride, Nk, q_offset and the key tiles per split.
+    (a ``Launcher`` per head group), the plan's arrays with the group's head order, q's and the outputs'
+    strides (``empty_like(q)`` lays out alike for alike q), the sizes, the scalars and the split tickets.
+    Per call (``_fwd``): the tensors (q, k, v, mask, outputs, partials), k's and v's strides (a cache grown
+    by concatenation changes them), the mask's row stride, Nk, q_offset and the key tiles per split.
 
     Attributes:
         cfg: the config it was built for; splits: split-key programs per query tile (1: none).
         groups: [(Launcher, (W, U, S, E, order, slope2, win, win_r))], one per head group.
-        q_strides, out_strides: of q (B, H, Nq) and of the forward's output (split, B, H, Nq).
+        q_strides: of q (B, H, Nq); out_strides: of what each program writes (split, B, H, Nq): the
+            partials with splits, else the output; final_strides: of the output (B, H, Nq).
         sizes: (B, H, Nq); scalars: (query heads per KV head, scale * log2(e), log2(r)).
         partials: fp32 elements of the split partials, out [splits, B, H, Nq, BLOCK_D] then their LSEs
             [splits, B, H, Nq] (one allocation); lse_start: where the LSEs begin. 0 without splits.
-        merge: the merge's Launcher (None without splits); merge_args: its arguments after the tensors.
+        tickets: int32 [query tiles x B x H], zero between launches, with which the last split program
+            of a query tile knows it is last and merges (``forward._merge_splits``); None without splits.
+            Launches of one recipe share it, so they must not run concurrently (on two streams at once).
     """
 
     cfg: dict
@@ -511,12 +520,12 @@ class ForwardRecipe:
     groups: list
     q_strides: tuple
     out_strides: tuple
+    final_strides: tuple
     sizes: tuple
     scalars: tuple
     partials: int
     lse_start: int
-    merge: Launcher | None
-    merge_args: tuple
+    tickets: Tensor | None
 
     @classmethod
     def build(cls, plan: Plan, q: Tensor, k: Tensor, o: Tensor, has_kpm: bool, causal: bool, scale: float,
@@ -541,13 +550,11 @@ class ForwardRecipe:
                           _float_positions(nk, sub), has_kpm, splits > 1, bool(sub.get("lazy", False)))
             launcher = Launcher(_fwd_kernel, (_cdiv(Nq, bm) * B * order.numel(), splits), constexprs, options)
             groups.append((launcher, (plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r)))
-        merge, merge_args = None, ()
-        if splits > 1:
-            block_r = 16
-            merge = Launcher(_merge_kernel, (_cdiv(B * H * Nq, block_r), 1), (D, bd, block_r), dict(num_warps=4))
-            merge_args = (splits, B * H, H, Nq, out_strides[0]) + o.stride()[:3]
-        return cls(cfg, splits, groups, q.stride()[:3], out_strides, (B, H, Nq),
-                   (H // k.shape[1], scale * LOG2E, math.log2(plan.r)), partials, lse_start, merge, merge_args)
+        tickets = None
+        if splits > 1:  # one per program of grid axis 0 (one head group with splits)
+            tickets = torch.zeros(groups[0][0].grid[0], dtype=torch.int32, device=q.device)
+        return cls(cfg, splits, groups, q.stride()[:3], out_strides, o.stride()[:3], (B, H, Nq),
+                   (H // k.shape[1], scale * LOG2E, math.log2(plan.r)), partials, lse_start, tickets)
 
 
 _RECIPES_PER_PLAN = 16
@@ -578,20 +585,18 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     kpm8, kpm_stride = _kpm_arg(kpm, q.device)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     out, out_lse = o, lse
-    if splits > 1:  # the split partials and their LSEs, merged below
+    if splits > 1:  # the split partials and their LSEs, merged by each query tile's last program
         out = torch.empty(recipe.partials, dtype=torch.float32, device=q.device)
         out_lse = out[recipe.lse_start:]
-    tensors = (q, k, v, out, out_lse, kpm8)
+    tickets = recipe.tickets if recipe.tickets is not None else _unread(q.device, torch.int32)
+    tensors = (q, k, v, out, out_lse, o, lse, tickets, kpm8)
     kv_strides = k.stride()[:3] + v.stride()[:3]
-    tail = (kpm_stride,) + recipe.sizes + (Nk, q_offset) + recipe.scalars + (per,)
-    key = None  # one key for the call's launches: what varies in either, and the device
+    tail = recipe.final_strides + (kpm_stride,) + recipe.sizes + (Nk, q_offset) + recipe.scalars + (per,)
+    key = None  # one key for the call's launches: what varies in any, and the device
     if prebound():
-        key = _launch_key(tensors + (o, lse), kv_strides + (kpm_stride, Nk, q_offset, per)) + \
-            (torch.cuda.current_device(),)
+        key = _launch_key(tensors, kv_strides + (kpm_stride, Nk, q_offset, per)) + (torch.cuda.current_device(),)
     for launcher, plan_arrays in recipe.groups:  # the kernel's parameters, in order
         launcher(tensors + plan_arrays + recipe.q_strides + kv_strides + recipe.out_strides + tail, key)
-    if recipe.merge is not None:
-        recipe.merge((out, out_lse, o, lse) + recipe.merge_args, key)
     return o, lse
 
 
