@@ -147,10 +147,10 @@ def test_plan_decoding_table_equals_reference(method, opts, hkv):
                                          ("hybrid", {"samples": 4, "hybrid_eps": 0.2})])
 @pytest.mark.parametrize("hkv", [4, 2])
 def test_plan_decoding_without_lse_equals_reference_and_keeps_nonfinite_keys_out(method, opts, hkv):
-    """A decoding step without LSE or padding (``fused.last_row_sdpa``: SDPA with the step's weights as its
-    mask, exact/window's from the plan's table) gives the reference's output in float64 and, for float32, within float32 rounding; a NaN key
-    the window excludes for some heads (SDPA would spread it to them) leaves those heads' output as the
-    reference gives it (the call falls back to the careful path)."""
+    """A decoding step without LSE or padding (``fused.last_row_attention``: three matrix operations with the
+    step's weights, exact/window's from the plan's table) gives the reference's output in float64 and, for
+    float32, within float32 rounding; a NaN key the window excludes for some heads (0 x NaN would spread it to
+    them) leaves those heads' output as the reference gives it (the call falls back to the careful path)."""
     from poslsh import MethodSpec
     from poslsh.attention.plan import AttentionPlan
 

@@ -28,8 +28,8 @@ partials of a decoding row), and runs:
   ``[q_offset - reach, q_offset + Nq + reach)`` (right reach 0 when causal) and the queries re-placed in
   the slice, which is exact (the keys cut off have weight 0) and makes a CPU decoding step O(reach),
   not O(cache). A decoding step (one causal query at the last key) on the fused backend runs
-  ``fused.few_rows_attention`` (without the LSE and padding: ``fused.last_row_sdpa``, torch's SDPA with
-  the weights as its mask), "exact" and "window" with their positional weights a view of a per-plan
+  ``fused.few_rows_attention`` (without the LSE and padding: ``fused.last_row_attention``, three matrix
+  operations with the weights), "exact" and "window" with their positional weights a view of a per-plan
   table (``_last_row_weights``): no weights computed per step, a handful of operations; "lsh" on grid
   partitions with its collision counts from ``fused.GridLastRow`` (``_grid_row``: about eight operations).
 
@@ -65,7 +65,7 @@ from ..layer_partitions import LayerPartitions
 from ..method import METHOD_RULES, MethodSpec, as_method
 from .core import AttentionSpec
 from .dispatch import Backend, available_backends, select_backend
-from .fused import GridLastRow, few_rows_attention, few_rows_log_weights, last_row_sdpa, takes_few_rows
+from .fused import GridLastRow, few_rows_attention, few_rows_log_weights, last_row_attention, takes_few_rows
 from .ranges import normalize_grid
 from .speed import DECODE_ROWS
 from .window import hybrid_widths, window_sizes
@@ -375,7 +375,7 @@ class AttentionPlan:
                 if weights is None:
                     weights = few_rows_log_weights(spec(), 1, hi - lo, q.device,
                                                    torch.float64 if q.dtype == torch.float64 else torch.float32)
-                out = last_row_sdpa(q, k, v, weights, scale)
+                out = last_row_attention(q, k, v, weights, scale)
                 if out is not None:
                     return out, None
             return few_rows_attention(q, k, v, spec(), weights)

@@ -5,7 +5,7 @@ tests/test_attention_correctness.py and test_memory_bounds.py, and to the oracle
 """
 
 from .backend import (CollisionRule, GridLastRow, HybridRule, collision_rules, few_rows_attention, few_rows_log_weights,
-                      fused_attention, last_row_sdpa, supports_fused, takes_few_rows)
+                      fused_attention, last_row_attention, supports_fused, takes_few_rows)
 
 __all__ = ["CollisionRule", "GridLastRow", "HybridRule", "collision_rules", "fused_attention", "few_rows_attention",
-           "few_rows_log_weights", "last_row_sdpa", "supports_fused", "takes_few_rows"]
+           "few_rows_log_weights", "last_row_attention", "supports_fused", "takes_few_rows"]

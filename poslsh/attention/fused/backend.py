@@ -17,8 +17,8 @@ the model's own attention takes a few operations). ``few_rows_attention`` comput
 every head at once (``few_rows_log_weights``: the band as ``BandRule``, the collision counts as
 ``CollisionRule``, by scattering each row's block bounds and a cumulative sum) and attends with
 ``reference.dense_attention``: a constant number of operations whatever the head count. A decoding step
-through an ``AttentionPlan`` that needs no LSE and has no padding goes on to ``last_row_sdpa`` (torch's
-SDPA with the plan's weights as its mask), falling back here when its output is not finite. Its
+through an ``AttentionPlan`` that needs no LSE and has no padding goes on to ``last_row_attention`` (three
+matrix operations with the plan's weights), falling back here when its output is not finite. Its
 weights for "lsh" on grid partitions come from ``GridLastRow`` (eight operations for one causal row at
 the last key, where ``few_rows_log_weights`` takes about 25 for general rows).
 """
@@ -29,7 +29,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...hashing import Partitions
@@ -41,7 +40,7 @@ from .tiled import tiled_attention
 from ..window import BandRule, band_rules
 
 __all__ = ["CollisionRule", "GridLastRow", "HybridRule", "collision_rules", "fused_attention", "few_rows_attention",
-           "few_rows_log_weights", "last_row_sdpa", "supports_fused", "takes_few_rows"]
+           "few_rows_log_weights", "last_row_attention", "supports_fused", "takes_few_rows"]
 
 class CollisionRule:
     """Weights c_pj = #{t : start_t(p) <= j < end_t(p)} / r for one head (and j <= p when causal).
@@ -181,23 +180,29 @@ def few_rows_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
     return dense_attention(q, k, v, spec, log_weights)
 
 
-def last_row_sdpa(q: Tensor, k: Tensor, v: Tensor, log_weights: Tensor, scale: float) -> Tensor | None:
-    """``few_rows_attention``'s output for one query row per head without its LSE, by torch's
-    ``scaled_dot_product_attention`` with the weights as its float mask (one operation for what
-    ``core.attend`` does in about ten), in the compute dtype; for a decoding step whose row sees at least
-    one key (a causal query at the last key, no padding: its own key has weight 1).
+def last_row_attention(q: Tensor, k: Tensor, v: Tensor, log_weights: Tensor, scale: float) -> Tensor | None:
+    """``few_rows_attention``'s output for one query row per head without its LSE, as three matrix
+    operations in the compute dtype: the scores of each KV head's query group against its keys (grouped
+    KV by broadcasting, never a copy of the keys per query head), plus the weights, softmax, times V.
+    For a decoding step whose row sees at least one key (a causal query at the last key, no padding: its
+    own key has weight 1). torch's SDPA with the weights as a float mask took 2-48x as long on a CPU
+    (H = 32, 8 KV heads, D = 128: 22 ms against 2.3 ms on 1770 keys, 2.3 s against 48 ms on 16K keys).
 
     Args:
         q: [B, H, 1, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]; log_weights: [H, 1, Nk] (-inf where W = 0).
 
     Returns:
-        out [B, H, 1, Dv] in q's dtype, or None when it is not finite: SDPA lets a non-finite key or value
-        reach rows that give it weight 0, so such a call is left to ``few_rows_attention``'s careful path.
+        out [B, H, 1, Dv] in q's dtype, or None when it is not finite: a non-finite key or value reaches
+        the rows that give it weight 0 (0 x inf), so such a call is left to ``few_rows_attention``'s
+        careful path.
     """
+    b, h, _, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (x if x.dtype == cdt else x.to(cdt) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=log_weights, scale=scale,
-                                         enable_gqa=k.shape[1] != q.shape[1])
+    scores = torch.matmul(qc.reshape(b, hkv, h // hkv, d), kc.transpose(-1, -2))  # [B, Hkv, group, Nk]
+    scores.mul_(scale).add_(log_weights.reshape(hkv, h // hkv, nk))
+    out = torch.matmul(torch.softmax(scores, dim=-1), vc).reshape(b, h, 1, dv)
     if not math.isfinite(out.sum().item()):
         return None
     return out if out.dtype == q.dtype else out.to(q.dtype)
