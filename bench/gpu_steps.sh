@@ -19,6 +19,8 @@
 #   first        bench/first_call.py: an exact prefill's first call at new prompt lengths per backend (cuDNN's
 #                graph build against Triton's, T_FIRST)
 #   moonshot     bench/generate_gpu.sh's BLOOM-7b1 step (window + eviction, chunked prefill up to 1M)
+#   bwdparts     bench/backward_parts.py: each Triton kernel's GPU time in a forward + backward step per method,
+#                64K and 256K (T_BWDPARTS)
 # The cuDNN frontend travels as a wheel (.whl, carried) and is installed into /tmp/site first.
 #     OUT=/tmp/out STEPS="tests decode" bash bench/gpu_steps.sh
 set -u
@@ -74,6 +76,10 @@ run_generate() {
 }
 run_first() {
   step ${T_FIRST:-90} python3 bench/first_call.py --json "$OUT/first_call.json"
+}
+run_bwdparts() {
+  step ${T_BWDPARTS:-100} python3 bench/backward_parts.py --budget-s $(( ${T_BWDPARTS:-100} - 30 )) \
+    --json "$OUT/backward_parts.json"
 }
 run_moonshot() {
   STEPS=7b1 OUT=$OUT bash bench/generate_gpu.sh
