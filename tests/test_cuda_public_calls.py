@@ -100,11 +100,13 @@ def test_split_decode_on_cuda_is_repeatable(method):
     which the last of each query tile merges the others' partials (``forward._merge_splits``, after a
     ticket): a merge that read a partial before its writer's stores were visible would give a different
     output now and then, and a ticket left non-zero would leave the next call's output unwritten. Fifty
-    calls per length give bitwise the first's output, within the bf16 bound of the float64 reference."""
+    calls per length give bitwise the first's output, within the bf16 bound of a float64 oracle.
+    (On an H100, session 10: exact and window passed; lsh's first version, against the dense reference,
+    ran out of its time building that reference.)"""
     h, hkv, d = 32, 8, 128
     slopes = poslsh.alibi_slopes(h).double()
     g = torch.Generator().manual_seed(7)
-    for nk in (8191, 20000, 40000):
+    for nk in (8191, 20000) if method == "lsh" else (8191, 20000, 40000):  # lsh's oracle: 11 s at 20K keys
         q = torch.randn(2, h, 1, d, generator=g, dtype=torch.float64).to(torch.bfloat16)
         k, v = (torch.randn(2, hkv, nk, d, generator=g, dtype=torch.float64).to(torch.bfloat16) for _ in range(2))
         parts = (poslsh.sample_partitions(nk, slopes, 4, generator=torch.Generator().manual_seed(nk))
@@ -114,5 +116,8 @@ def test_split_decode_on_cuda_is_repeatable(method):
         first = poslsh.attention(qc, kc, vc, backend="triton", **kw)
         for _ in range(50):
             assert torch.equal(poslsh.attention(qc, kc, vc, backend="triton", **kw), first), (method, nk)
-        ref = poslsh.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+        # lsh's reference builds the [H, Nk, Nk] mean mask (410 GB at 40K keys): its oracle is the fused
+        # backend's decoding row in float64, which the CPU suite holds to that reference
+        oracle = "fused" if method == "lsh" else "reference"
+        ref = poslsh.attention(q.double(), k.double(), v.double(), backend=oracle, **kw)
         assert relative_error(first.cpu(), ref) < bound(ref, torch.bfloat16), (method, nk)

@@ -48,7 +48,7 @@ def test_readme_starts_with_the_two_commands():
     for command in (demo, tests):
         assert command.startswith("python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e "), command
     assert demo.endswith(".venv/bin/poslsh demo") and '".[demo]"' in demo
-    assert tests.endswith(".venv/bin/python -m pytest -q") and '".[test]"' in tests
+    assert tests.endswith(".venv/bin/python -m pytest -q -n auto --dist loadfile") and '".[test]"' in tests
 
 
 def test_ci_runs_the_readme_test_command_exactly():
