@@ -286,7 +286,7 @@ def readme_block() -> str:
 # 560m shape decoding from a CUDA graph beside the eager patch and native.
 GENERATE_RUNS = ("generate_bench/generate-bench.json", "generate_bench_7b1/generate-bench.json",
                  "generate_graph/generate-bench.json", "generate_short/generate-bench.json",
-                 "generate_graph_short/generate-bench.json")
+                 "generate_graph_short/generate-bench.json", "generate_short_s10/generate-bench.json")
 
 
 def generate_lines() -> str:
@@ -453,6 +453,29 @@ def specialize_check(doc: Doc) -> str:
                                   "median step ms", "compiled", f"prefill ms (n = {prefill})"], body)
 
 
+def backward_parts(doc: Doc) -> str:
+    """bench/backward_parts.py's run: each Triton kernel's GPU time in one forward + backward step, per
+    method and length, and the backward's ratio to the forward."""
+    shape = doc["shape"]
+    head = (f"Each Triton kernel's GPU time in one forward + backward step ({doc['timing']}) on {doc['device']}, "
+            f"B = {shape['B']}, H = {shape['H']}, D = {shape['D']}, {shape['dtype']}, causal, {shape['slopes']} "
+            f"slopes, window eps {shape['window_eps']:g}, hybrid eps {shape['hybrid_eps']:g}, LSH r = "
+            f"{shape['samples']} ({shape['scheme']}). The backward is three kernels: delta = rowsum(dO * O), dK/dV "
+            "(one program per key tile) and dQ (one per query tile), seven matrix products per tile pair against "
+            "the forward's two; \"other\" is torch's small operations. The aim: the backward at most 3x the "
+            "forward.\n\n")
+    parts = (("_bwd_delta_kernel", "delta"), ("_bwd_dkdv_kernel", "dK/dV"), ("_bwd_dq_kernel", "dQ"))
+    body = []
+    for r in doc["rows"]:
+        k = r["kernels"]
+        other = r["backward_ms"] - sum(k.get(name, 0.0) for name, _ in parts)
+        ratio = r["backward_over_forward"]
+        body.append([r["method"], f"{r['n'] // 1024}K", fmt(r["forward_ms"]), *(fmt(k.get(name, 0.0)) for name, _ in parts),
+                     fmt(other), fmt(r["backward_ms"]), "" if ratio is None else f"{ratio:.2f}"])
+    return head + markdown_table(["method", "n", "forward ms", *(label + " ms" for _, label in parts), "other ms",
+                                  "backward ms", "backward / forward"], body)
+
+
 def first_call(doc: Doc) -> str:
     """bench/first_call.py's run: per head shape, prompt length and backend, an exact causal prefill's first
     call at that length (a cuDNN graph build, where one happens) and its warm median, and what ``auto``
@@ -508,16 +531,23 @@ SECTIONS: list[Section] = [
             _experiment("generate_bench"), ("generate_graph/generate_bench.png",)),
     Section(GENERATE_RUNS[3], "Short prompts (4K, 8K): does the patch cost more than it saves? Every arm against "
             "transformers' own attention", _experiment("generate_bench"), ("generate_short/generate_bench.png",)),
+    Section(GENERATE_RUNS[5], "Short prompts after the one-launch decode (split keys merged in the same launch): "
+            "every eager arm and the CUDA-graph decoder against transformers' own attention", _experiment("generate_bench"),
+            ("generate_short_s10/generate_bench.png",)),
     Section(GENERATE_RUNS[4], "Short prompts again, with the CUDA-graph decoder (and exact, no longer waiting for a "
             "cuDNN graph at 8K)", _experiment("generate_bench"), ("generate_graph_short/generate_bench.png",)),
     Section("specialize/specialize.json", "Decoding without compiles: Triton's integer specialisation of the key "
             "count, before and after", specialize_check),
-    Section("exact_gpu/exact_gpu.json", "Exact ALiBi on every backend, cuDNN's included (the speed table's source)",
+    Section("exact_gpu_s10/exact_gpu.json", "Exact ALiBi on every backend, rerun after `auto`'s deferral of cuDNN's "
+            "graph builds (the speed table's H100 rows)", exact_gpu),
+    Section("exact_gpu/exact_gpu.json", "Exact ALiBi on every backend, cuDNN's included (its first run)",
             exact_gpu),
     Section("first_call/first_call_builds.json", "A prompt of a new length: what cuDNN's graph build costs (auto "
             "timed last, after cuDNN had built its graphs)", first_call),
     Section("first_call/first_call.json", "A prompt of a new length: auto serves it at once, and takes cuDNN once "
             "the calls at that length have paid for its build", first_call),
+    Section("backward_parts/backward_parts.json", "Where the training time goes: each kernel of a forward + "
+            "backward step", backward_parts),
     Section("kernel_sweep/kernel_sweep.json", "The Triton kernels' variants, forward and training, and the "
             "configurations the library ships", kernel_sweep),
     Section("kernel_sweep_2/kernel_sweep.json", "The training kernels' second round: tiles against the backward's "
