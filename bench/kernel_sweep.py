@@ -126,8 +126,15 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("bwd_delta_fused32x128w8", "bwd",
              {**delta, "bwd_fused": True, "BWD_BLOCK_N": 128, "bwd_num_warps": 8}),
         ]
-    out += round2(method)
+    out += round2(method) + round3(method)
     return out
+
+
+def round3(method: str) -> list[tuple[str, str, dict]]:
+    """Session 10's candidate, from the backward's kernel times (``bench/backward_parts.py``: the delta kernel
+    is 0.23x the window's forward at 256K): delta = rowsum(dO * O) computed by the dQ kernel, which loads dO
+    already (one O tile per query tile instead of a kernel reading dO and O again), on the shipped tiles."""
+    return [("bwd_delta_dq", "bwd", {"delta": "dq"})]
 
 
 def round2(method: str) -> list[tuple[str, str, dict]]:

@@ -49,7 +49,12 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 DELTA_CONST = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=64, HAS_DLSE=False)  # as launch._delta launches it
 
 
+# Flags a kernel takes that the callers here leave at their launch default unless they name them
+FLAG_DEFAULTS = {"DELTA_HERE": False, "HAS_DLSE": False}
+
+
 def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int | None = None, dtype: str = "bf16"):
+    constexprs = {**{k: v for k, v in FLAG_DEFAULTS.items() if k in fn.arg_names}, **constexprs}
     sig, attrs, const = {}, {}, dict(constexprs)
     plain = set(getattr(fn, "do_not_specialize", ()) or ())  # ints the runtime leaves unspecialised
     for i, name in enumerate(fn.arg_names):
@@ -112,7 +117,8 @@ def sweep_variants() -> dict:
                                                             FUSED_DQ=bool(c.get("bwd_fused"))),
                                      c["bwd_num_warps"], c["bwd_num_stages"], None)}
                 if not c.get("bwd_fused"):
-                    launches["dq"] = (_bwd_dq_kernel, dict(common, BLOCK_M=c["DQ_BLOCK_M"], BLOCK_N=c["DQ_BLOCK_N"]),
+                    launches["dq"] = (_bwd_dq_kernel, dict(common, BLOCK_M=c["DQ_BLOCK_M"], BLOCK_N=c["DQ_BLOCK_N"],
+                                                           DELTA_HERE=c.get("delta") == "dq"),
                                       c["dq_num_warps"], c["dq_num_stages"], None)
                 if c.get("delta") == "kernel":
                     launches["delta"] = (_bwd_delta_kernel, DELTA_CONST, 4, 3, None)

@@ -268,11 +268,12 @@ def test_fused_backward(method):
     run(method, False, 2, 2, 1, 21, 21, 16, config=cfg, kpm=torch.rand(2, 21) > 0.2)
 
 
-@pytest.mark.parametrize("method,config", [(m, None) for m in METHODS] + [("window", {"delta": "kernel"})])
+@pytest.mark.parametrize("method,config", [(m, None) for m in METHODS] + [("window", {"delta": "kernel"}),
+                                                                         ("lsh", {"delta": "dq"})])
 def test_lse_gradient(method, config):
     """The LSE is differentiable (merges of partial results by LSE, ring and split forms, need it): the
-    gradients of out . dO + lse . dL match the reference's, padding included (and with the delta kernel,
-    which subtracts dL itself)."""
+    gradients of out . dO + lse . dL match the reference's, padding included (and with the delta kernel or
+    the dQ kernel's delta, which subtract dL themselves)."""
     torch.manual_seed(7)
     q, k, v = (torch.randn(1, 2, 30, 16, requires_grad=True) for _ in range(3))
     kpm = torch.rand(1, 30) > 0.2
@@ -296,6 +297,7 @@ def test_lse_gradient(method, config):
 VARIANTS = {
     "delta_kernel": {"delta": "kernel"},
     "fused_delta_kernel": {"bwd_fused": True, "delta": "kernel"},
+    "delta_dq": {"delta": "dq"},
     "wide": {"maxnreg": 128, "wide": {"min_work": 10, "BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 2, "BWD_BLOCK_M": 32,
                                       "BWD_BLOCK_N": 16, "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 32, "maxnreg": 168}},
 }

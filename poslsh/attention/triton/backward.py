@@ -252,14 +252,19 @@ def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, str
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, O, DLSE, DQ, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                   stride_dqb, stride_dqh, stride_dqn, stride_kpmb,
+                   stride_ob, stride_oh, stride_on, stride_dqb, stride_dqh, stride_dqn, stride_kpmb,
                    B, H, Nq, Nk, q_offset, group, qk_scale, log2_r, scale,
                    METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr):
+                   PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, DELTA_HERE: tl.constexpr,
+                   HAS_DLSE: tl.constexpr):
+    """dQ of one query tile. DELTA [B, H, Nq] fp32 is read, or with DELTA_HERE computed here from the tile's
+    dO and O (rowsum(dO * O), less DLSE [B, H, Nq] fp32 with HAS_DLSE) and stored for the dK/dV kernel,
+    launched after this one: the tile's dO is loaded anyway, so the delta costs one O tile, not a kernel
+    that reads dO and O again."""
     b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M)
     hk = h // group
     hR = h * R
@@ -273,7 +278,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, W, U, S, E, ORDER, SLOPE2, 
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + m64 * stride_don
                  + rows[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
     lse2 = tl.load(LSE + (b * H + h).to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + (b * H + h).to(tl.int64) * Nq + offs_m, mask=row_ok, other=0.0)
+    rows_bh = (b * H + h).to(tl.int64) * Nq + offs_m
+    if DELTA_HERE:
+        o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + m64 * stride_on
+                    + rows[:, None] * stride_on + offs_d[None, :], mask=q_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if HAS_DLSE:
+            delta = delta - tl.load(DLSE + rows_bh, mask=row_ok, other=0.0)
+        tl.store(DELTA + rows_bh, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + rows_bh, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     kpm_base = KPM + b.to(tl.int64) * stride_kpmb

@@ -603,16 +603,18 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
 def _delta(do: Tensor, o: Tensor, dlse: Tensor | None, cfg: dict) -> Tensor:
     """delta = rowsum(dO * O) - dLSE, fp32 [B, H, Nq] contiguous: dS = P (dP - delta) (a gradient of the
     LSE adds P * dLSE; the merges of partial results by LSE, ring and split forms, need it).
-    ``cfg["delta"]``: "torch" (default; fp32 copies of dO and O) or "kernel" (``_bwd_delta_kernel``:
-    dO and O read once)."""
+    ``cfg["delta"]``: "torch" (default; fp32 copies of dO and O), "kernel" (``_bwd_delta_kernel``: dO and
+    O read once) or "dq" (computed by the dQ kernel, ``_bwd``; here, where no dQ kernel runs: "kernel")."""
     how = cfg.get("delta", "torch")
+    if how == "dq":
+        how = "kernel"
     if how == "torch":
         delta = (do.float() * o.float()).sum(-1)
         if dlse is not None:
             delta = delta - dlse.float()
         return delta.contiguous()
     if how != "kernel":
-        raise ValueError(f"config['delta'] must be 'torch' or 'kernel', got {how!r}")
+        raise ValueError(f"config['delta'] must be 'torch', 'kernel' or 'dq', got {how!r}")
     B, H, Nq, D = o.shape
     delta = torch.empty(B, H, Nq, dtype=torch.float32, device=o.device)
     dl = delta if dlse is None else dlse.float().contiguous()
@@ -631,43 +633,57 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
     Hkv, Nk = k.shape[1], k.shape[2]
     group = H // Hkv
     do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = _delta(do, o, dlse, cfg)  # [B, H, Nq] fp32
+    fused = bool(cfg.get("bwd_fused", False))
+    # fused: one kernel, dQ accumulated with fp32 atomics (P and the counts computed once, not twice)
+    delta_in_dq = cfg.get("delta") == "dq" and not fused
+    if delta_in_dq:  # [B, H, Nq] fp32, written by the dQ kernels (launched before the dK/dV kernels)
+        delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+        dl = delta if dlse is None else dlse.float().contiguous()
+    else:
+        delta = dl = _delta(do, o, dlse, cfg)  # [B, H, Nq] fp32
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     kpm8, kpm_stride = _kpm_arg(kpm, q.device)
     bd = max(16, triton.next_power_of_2(D))
-    fused = bool(cfg.get("bwd_fused", False))
-    # fused: one kernel, dQ accumulated with fp32 atomics (P and the counts computed once, not twice)
     dq_acc = torch.zeros(B, H, Nq, bd, dtype=torch.float32, device=q.device) if fused else dk
-    for order, sub in head_groups(plan, cfg, group):
-        bm, bn = sub["BWD_BLOCK_M"], sub["BWD_BLOCK_N"]
-        _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * order.numel(),)](
-            q, k, v, do, lse, delta, dk, dv, dq_acc, kpm8, plan.W, plan.U, plan.S, plan.E, order,
-            plan.slope2, plan.win, plan.win_r,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kpm_stride,
-            B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused,
-            METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
-            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
-            HAS_KPM=kpm is not None, num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
-    if fused:  # the kernel added scale * dQ
+
+    def dkdv() -> None:
+        for order, sub in head_groups(plan, cfg, group):
+            bm, bn = sub["BWD_BLOCK_M"], sub["BWD_BLOCK_N"]
+            _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * order.numel(),)](
+                q, k, v, do, lse, delta, dk, dv, dq_acc, kpm8, plan.W, plan.U, plan.S, plan.E, order,
+                plan.slope2, plan.win, plan.win_r,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kpm_stride,
+                B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused,
+                METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
+                BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
+                HAS_KPM=kpm is not None, num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
+
+    def dq_into(dq: Tensor) -> None:
+        for order, sub in head_groups(plan, cfg):
+            # The dQ kernel has its own tiles (defaults: the dK/dV kernel's): its MMAs have M = query rows, so a
+            # 128-row tile takes Hopper's warpgroup MMA where the dK/dV kernel wants a 64-key M.
+            bm, bn = sub.get("DQ_BLOCK_M", sub["BWD_BLOCK_M"]), sub.get("DQ_BLOCK_N", sub["BWD_BLOCK_N"])
+            _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * order.numel(),)](
+                q, k, v, do, lse, delta, o, dl, dq, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2,
+                plan.win, plan.win_r,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                o.stride(0), o.stride(1), o.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
+                B, H, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale,
+                METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
+                BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
+                HAS_KPM=kpm is not None, DELTA_HERE=delta_in_dq, HAS_DLSE=delta_in_dq and dlse is not None,
+                num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
+                num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
+
+    if fused:  # the dK/dV kernel added scale * dQ
+        dkdv()
         return dq_acc[..., :D].to(q.dtype), dk, dv
     dq = torch.empty_like(q)
-    for order, sub in head_groups(plan, cfg):
-        # The dQ kernel has its own tiles (defaults: the dK/dV kernel's): its MMAs have M = query rows, so a
-        # 128-row tile takes Hopper's warpgroup MMA where the dK/dV kernel wants a 64-key M.
-        bm, bn = sub.get("DQ_BLOCK_M", sub["BWD_BLOCK_M"]), sub.get("DQ_BLOCK_N", sub["BWD_BLOCK_N"])
-        _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * order.numel(),)](
-            q, k, v, do, lse, delta, dq, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win,
-            plan.win_r,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
-            B, H, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale,
-            METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
-            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
-            HAS_KPM=kpm is not None, num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
-            num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
+    dq_into(dq)  # first: with config delta "dq" it writes the delta the dK/dV kernels read
+    dkdv()
     return dq, dk, dv
 
 
@@ -705,7 +721,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             split-key forward; ``float_positions=False`` the integer position path). Variants, off
             unless given (``bench/kernel_sweep.py`` measures them): ``bwd_fused`` (dQ by atomics in the
             dK/dV kernel), ``lazy`` (lazy rescaling), ``delta="kernel"`` (the backward's rowsum(dO * O)
-            by a kernel, not fp32 copies), ``wide={"min_work": t, <tile keys>}`` (heads whose work
+            by a kernel, not fp32 copies; ``delta="dq"``: by the dQ kernel, which loads dO anyway), ``wide={"min_work": t, <tile keys>}`` (heads whose work
             reaches t launched apart with their own tiles, forward and backward: ``head_groups``),
             ``maxnreg`` (the forward launches' register cap per thread).
 
