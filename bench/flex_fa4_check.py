@@ -317,15 +317,9 @@ def time_ms(fn: Callable[[], Any], warmup_ms: int, rep_ms: int, dev: torch.devic
     if est <= 200:
         ms, how = float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")), "do_bench median"
     else:
-        times = [est]
-        for _ in range(2):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        ms, how = statistics.median(times), "median of 3 calls (first wall-clock timed)"
+        from poslsh_lab.experiments.metrics import event_times
+
+        ms, how = statistics.median([est] + event_times(fn, 2)), "median of 3 calls (first wall-clock timed)"
     return {"ms": ms, "how": how, "first_call_s": round(first, 3), "step_s": round(time.perf_counter() - t0, 2)}
 
 
