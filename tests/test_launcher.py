@@ -213,3 +213,29 @@ def test_fitted_tiles_stay_within_the_limit():
                     assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BWD_BLOCK_M"], cfg["BWD_BLOCK_N"]) >= 16
         assert launch.default_config(method, torch.bfloat16, 128) == launch._cuda_config(method, torch.bfloat16, 128,
                                                                                          False)
+
+
+def test_split_tickets_outlive_evicted_recipes():
+    """The split forward's tickets belong to the plan, not to the recipe that first used them: a CUDA graph
+    that captured a split launch writes them at every replay, so evicting that recipe (more call shapes
+    than ``_RECIPES_PER_PLAN``) must not free them; launches of one grid size share them."""
+    from poslsh.attention.plan import AttentionPlan
+    from poslsh_lab.host_stub import stub_launches
+
+    g = torch.Generator().manual_seed(9)
+    k, v = (torch.randn(1, 4, 1000, 64, generator=g) for _ in range(2))
+    record = []
+    with stub_launches(record=record):
+        plan = AttentionPlan("window:0.001", num_heads=4, slopes=[0.5, 0.1, 0.05, 0.001], backend="triton")
+        plan(torch.randn(1, 4, 1, 64, generator=g), k, v)
+        first = [entry[3][7] for entry in record if entry[1] == "_fwd_kernel" and entry[2][1] > 1]
+        assert first, "the decode step split its keys"
+        first_recipes = list(plan._tplan.recipes.values())
+        for nq in range(2, 17):  # other call shapes (one recipe each), up to DECODE_ROWS query rows
+            for mask in (None, torch.ones(1, 1000, dtype=torch.bool)):
+                plan(torch.randn(1, 4, nq, 64, generator=g), k, v, key_padding_mask=mask)
+        tplan = plan._tplan
+        assert not any(r is f for r in tplan.recipes.values() for f in first_recipes)  # evicted
+        assert any(t is first[0] for t in tplan.tickets.values())
+        assert all(r.tickets is None or any(r.tickets is t for t in tplan.tickets.values())
+                   for r in tplan.recipes.values())

@@ -76,6 +76,9 @@ class Plan:
         by_width: ``head_groups``' cache: (threshold, group) -> the head orders of its wide and narrow heads.
         recipes: the forward's launch recipes of its call shapes (``ForwardRecipe``); a copy of the plan
             with other arrays (``dataclasses.replace``) starts without any.
+        tickets: the split forward's tickets (``ForwardRecipe.tickets``), int32 [count] per (device, count),
+            held here, not in the recipes, which are evicted: a CUDA graph that captured a split launch
+            keeps writing them for as long as the plan, whose arrays it reads too, lives.
     """
 
     method: int
@@ -95,6 +98,7 @@ class Plan:
     span: int = MAX_KEYS
     by_width: dict = field(default_factory=dict)
     recipes: dict = field(default_factory=dict, init=False, repr=False)
+    tickets: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def reach(self) -> int:
@@ -512,7 +516,8 @@ class ForwardRecipe:
             [splits, B, H, Nq] (one allocation); lse_start: where the LSEs begin. 0 without splits.
         tickets: int32 [query tiles x B x H], zero between launches, with which the last split program
             of a query tile knows it is last and merges (``forward._merge_splits``); None without splits.
-            Launches of one recipe share it, so they must not run concurrently (on two streams at once).
+            The plan's (``Plan.tickets``), shared by its launches of one grid size: those must not run
+            concurrently (on two streams at once).
     """
 
     cfg: dict
@@ -551,8 +556,11 @@ class ForwardRecipe:
             launcher = Launcher(_fwd_kernel, (_cdiv(Nq, bm) * B * order.numel(), splits), constexprs, options)
             groups.append((launcher, (plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r)))
         tickets = None
-        if splits > 1:  # one per program of grid axis 0 (one head group with splits)
-            tickets = torch.zeros(groups[0][0].grid[0], dtype=torch.int32, device=q.device)
+        if splits > 1:  # one per program of grid axis 0 (one head group with splits), the plan's
+            count = groups[0][0].grid[0]
+            tickets = plan.tickets.get((q.device, count))
+            if tickets is None:
+                tickets = plan.tickets[q.device, count] = torch.zeros(count, dtype=torch.int32, device=q.device)
         return cls(cfg, splits, groups, q.stride()[:3], out_strides, o.stride()[:3], (B, H, Nq),
                    (H // k.shape[1], scale * LOG2E, math.log2(plan.r)), partials, lse_start, tickets)
 
