@@ -374,3 +374,23 @@ def test_auto_passes_over_a_backend_not_ready_and_a_plan_asks_again():
     finally:
         dispatch.BACKENDS.pop("slow-to-build")
         clear_public_plans()
+
+
+def test_given_partitions_decide_r():
+    """A plan given partitions of r samples is the method with r samples, as ``poslsh.attention`` makes it:
+    before, "hybrid" kept the method's default r = 8 for its near field while estimating with the
+    partitions' r = 2 (a near field sized for 8 samples: narrower than eps needs for 2), and the plan and
+    the public call disagreed on the same arguments."""
+    from poslsh.attention.plan import HYBRID_WIDTH_N
+    from poslsh.attention.window import hybrid_widths
+
+    slopes = torch.tensor([0.5, 0.25, 0.1, 0.05], dtype=torch.float64)
+    layer = LayerPartitions(slopes, 2, "grid", 0, 0)
+    for method in ("lsh", "hybrid"):
+        plan = AttentionPlan(method, num_heads=4, slopes=slopes, partitions=layer, backend="fused")
+        assert plan.method.samples == 2, method
+    assert plan.widths == hybrid_widths(slopes, 1e-2, 2, HYBRID_WIDTH_N).tolist()
+    n = 1700  # past 80 / min(slope) keys: the public call's widths at n are the plan's
+    q, k, v = make(1, 4, 4, 1, n, 8, torch.float64, seed=3)
+    public = poslsh.attention(q, k, v, slopes=slopes, method="hybrid", partitions=layer.get(n), backend="fused")
+    assert rel_err(plan(q, k, v), public) <= 1e-12

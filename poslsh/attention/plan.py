@@ -96,7 +96,8 @@ class AttentionPlan:
         partitions: "lsh"/"hybrid" only: a ``LayerPartitions`` (fixed per layer, any length), or
             ``Partitions`` (grid: their widths and offsets, which define blocks at every position; cut:
             calls take Nk <= its n); default ``LayerPartitions(slopes, r, scheme,
-            seed, layer, sampling)``.
+            seed, layer, sampling)``. Given partitions decide r (the plan's ``method.samples`` becomes
+            theirs, and the hybrid's near field is sized for it), as in ``poslsh.attention``.
         seed, layer: of the default partitions.
         widths: H ints >= 0 instead of the method's half-widths ("window", the near field of
             "hybrid"), e.g. FlashAttention's ``window_size``; ``hashing.UNBOUNDED_WIDTH`` for "all".
@@ -122,6 +123,11 @@ class AttentionPlan:
             raise ValueError(f"slopes must have one value per query head ({h}), got {s.numel()}")
         if backend != "auto" and backend not in available_backends():
             raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+        drawn = getattr(partitions, "samples", None) or getattr(partitions, "num_samples", None)
+        if spec.random and isinstance(drawn, int) and drawn != spec.samples:
+            # Given partitions decide r, as in ``poslsh.attention`` (the hybrid's near field is sized for it):
+            # the plan's description says so, rather than the method's default samples
+            spec = dataclasses.replace(spec, samples=drawn)
         self.method, self.num_heads, self.num_kv_heads, self.slopes = spec, h, hkv, s
         self.causal = as_bool(causal, "causal")
         self.scale = None if scale is None else as_float(scale, "scale")
