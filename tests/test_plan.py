@@ -394,3 +394,21 @@ def test_given_partitions_decide_r():
     q, k, v = make(1, 4, 4, 1, n, 8, torch.float64, seed=3)
     public = poslsh.attention(q, k, v, slopes=slopes, method="hybrid", partitions=layer.get(n), backend="fused")
     assert rel_err(plan(q, k, v), public) <= 1e-12
+
+
+def test_public_hybrid_decode_resolves_once_its_near_field_settled(count_resolutions):
+    """A hybrid decode-shaped public call is resolved at every step while its near field still follows Nk
+    (below 283 keys here: widths [17, 34, 87, 175] from there on, as a plan holds them), then once, and
+    held by a plan from there on (it cost ~700 us of host work per call on the GPU machine, session 10,
+    against 70 for a plan); every step equals the call resolved afresh."""
+    calls, resolve = count_resolutions
+    slopes = torch.tensor([0.5, 0.25, 0.1, 0.05], dtype=torch.float64)
+    layer = LayerPartitions(slopes, 3, "grid", 0, 0)
+    q_all, k_all, v_all = make(1, 4, 2, 302, 302, 8, torch.float64, seed=8)
+    for nk in (200, 201, 300, 301, 302):
+        q, k, v = q_all[:, :, nk - 1:nk], k_all[:, :, :nk], v_all[:, :, :nk]
+        kw = dict(slopes=slopes, method="hybrid", partitions=layer.get(nk), backend="fused")
+        out = poslsh.attention(q, k, v, **kw)
+        spec = resolve(q, k, v, slopes=slopes, method="hybrid", partitions=layer.get(nk))
+        assert rel_err(out, dispatch.select_backend(q, spec, "fused")(q, k, v, spec)[0]) <= 1e-12, nk
+    assert len(calls) == 3  # 200, 201, then 300 (stored); 301 and 302 from the plan

@@ -467,11 +467,12 @@ _PLAIN = (int, float, str, type(None))
 
 def _public_key(q, k, options: dict, slopes, partitions, causal, scale, backend):
     """(key, objects the key refers to by identity) of a public call whose resolution a plan can hold,
-    else None: hybrid (its widths depend on Nk), lsh without partitions (drawn afresh per call), cut
-    partitions (per length), trainable slopes, or arguments of types the key does not cover."""
+    else None: hybrid at a key count where its near field still depends on Nk (``_hybrid_settled``), lsh
+    or hybrid without partitions (drawn afresh per call), cut partitions (per length), trainable slopes,
+    or arguments of types the key does not cover."""
     name = options["method"]
     rule = METHOD_RULES.get(name) if isinstance(name, str) else None  # None: the dispatcher reports it
-    if rule is None or rule.near_far or not all(type(x) in _PLAIN for x in options.values()):
+    if rule is None or not all(type(x) in _PLAIN for x in options.values()):
         return None
     if type(causal) is not bool or type(scale) not in (int, float, type(None)):
         return None
@@ -491,17 +492,29 @@ def _public_key(q, k, options: dict, slopes, partitions, causal, scale, backend)
         return None
     pkey = None
     if partitions is not None:
-        if not rule.only_collisions or not isinstance(partitions, Partitions) or partitions.scheme != "grid" \
+        if not rule.collisions or not isinstance(partitions, Partitions) or partitions.scheme != "grid" \
                 or partitions.kernels is not None:
             return None
         held += [partitions.widths, partitions.offsets, partitions.slopes]
         pkey = tuple(version_key(t) for t in held[-3:])
         if None in pkey:
             return None
+        if rule.near_far and not _hybrid_settled(partitions, options["hybrid_eps"], k.shape[2]):
+            return None
     elif rule.collisions:
         return None
     key = (tuple(options.values()), skey, pkey, causal, scale, q.shape[1], k.shape[1], q.device, backend)
     return key, held
+
+
+def _hybrid_settled(partitions: Partitions, eps, nk: int) -> bool:
+    """Whether the hybrid's near field at Nk keys (what ``resolve_spec`` gives a call) is the one a plan
+    holds for every length (``HYBRID_WIDTH_N``): true past 80 / m keys of the smallest slope
+    (``window.TAIL_DECAYS``), where both are one cached computation; a shorter cache is resolved per call."""
+    if type(eps) not in (int, float) or not eps > 0:
+        return False  # the dispatcher reports it
+    slopes, r = partitions.slopes, partitions.num_samples
+    return torch.equal(hybrid_widths(slopes, eps, r, nk), hybrid_widths(slopes, eps, r, HYBRID_WIDTH_N))
 
 
 def public_call(q, k, v, *, options: dict, slopes, partitions, causal, scale, key_padding_mask, q_offset,
