@@ -32,16 +32,15 @@ def _tensor_key(t):
 
 
 def test_launch_key_separates_what_the_jit_specialises_on():
-    """Ints: 1, multiples of 16, others, and int32 / int64 widths differ; a tensor's dtype and 16-byte
-    alignment do."""
-    keys = [_int_key(x) for x in (1, 16, 17, 2**31 + 16, 2**64)]
-    assert len(set(keys)) == 5
+    """Ints: 1, multiples of 16, others, and int32 / int64 widths differ (0 from a non-multiple of 16 too:
+    False == 0 in a tuple key); a tensor's 16-byte alignment does (its dtype is the recipe's)."""
+    keys = [_int_key(x) for x in (0, 1, 16, 17, 2**31 + 16, 2**64)]
+    assert len(set(keys)) == 6
     assert _int_key(33) == _int_key(35) and _int_key(32) == _int_key(48)
     buf = torch.zeros(64, dtype=torch.float16)
     aligned, misaligned = buf[:32], buf[1:33]  # 2-byte offset
     assert _tensor_key(aligned) == _tensor_key(buf[8:40])  # 16 bytes further: aligned too
     assert _tensor_key(aligned) != _tensor_key(misaligned)
-    assert _tensor_key(aligned) != _tensor_key(aligned.float())
 
 
 def _cache_steps(hkv, d, dtype, g):
@@ -149,7 +148,7 @@ def test_a_changed_call_shape_misses_the_cached_launch():
 
         assert kinds(q, *cache(34)) == {"jit"}
         assert kinds(q, *cache(36)) == {"compiled"}  # Nk, q_offset: neither 1 nor a multiple of 16, as before
-        assert kinds(q, *cache(48)) == {"jit"}  # Nk % 16 == 0
+        assert kinds(q, *cache(48)) == {"compiled"}  # Nk % 16 == 0: not specialised (forward.DECODE_VARYING)
         recipes = len(plan._tplan.recipes)
         # 1000 and 2^23 + 3 keys (never read by the stubs: one position, expanded), alike but for the
         # positions past float32's exact range, which take the integer path (a constexpr of the recipe's)
@@ -239,3 +238,7 @@ def test_split_tickets_outlive_evicted_recipes():
         assert any(t is first[0] for t in tplan.tickets.values())
         assert all(r.tickets is None or any(r.tickets is t for t in tplan.tickets.values())
                    for r in tplan.recipes.values())
+        # the partials too: what the first split launch wrote into lies in a buffer the plan holds
+        held = [b.data_ptr() for b in tplan.partials.values()]
+        assert all(entry[3][3].untyped_storage().data_ptr() in held for entry in record
+                   if entry[1] == "_fwd_kernel" and entry[2][1] > 1)

@@ -76,9 +76,11 @@ class Plan:
         by_width: ``head_groups``' cache: (threshold, group) -> the head orders of its wide and narrow heads.
         recipes: the forward's launch recipes of its call shapes (``ForwardRecipe``); a copy of the plan
             with other arrays (``dataclasses.replace``) starts without any.
-        tickets: the split forward's tickets (``ForwardRecipe.tickets``), int32 [count] per (device, count),
-            held here, not in the recipes, which are evicted: a CUDA graph that captured a split launch
-            keeps writing them for as long as the plan, whose arrays it reads too, lives.
+        tickets: the split forward's tickets (``ForwardRecipe.tickets``), int32 [count] per (device, count);
+            partials: its fp32 partial results (``ForwardRecipe.partials``) per (device, elements). Held
+            here, not in the recipes, which are evicted: a CUDA graph that captured a split launch keeps
+            writing them for as long as the plan, whose arrays it reads too, lives. Scratch of one launch,
+            so the plan's launches on one stream share them (no allocation per decode step).
     """
 
     method: int
@@ -99,6 +101,7 @@ class Plan:
     by_width: dict = field(default_factory=dict)
     recipes: dict = field(default_factory=dict, init=False, repr=False)
     tickets: dict = field(default_factory=dict, init=False, repr=False)
+    partials: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def reach(self) -> int:
@@ -399,19 +402,22 @@ def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: tor
     """(splits, key tiles per split) for the forward: split the key range only when the query tiles
     alone cannot fill the GPU (decoding, short chunks against a long cache). Sized by the keys a
     query reaches (``min(plan.reach, Nk)``), not by the cache length."""
+    if nq > DECODE_ROWS and "splits" not in cfg:
+        return 1, 0
+    block_m = cfg["BLOCK_M"]
+    tiles = -(-(min(plan.reach, nk) + block_m) // cfg["BLOCK_N"]) + 1  # (_cdiv inlined: a decode step's host time)
+    if tiles < 2 * SPLIT_MIN_TILES and "splits" not in cfg:
+        return 1, 0  # too few key tiles to split
     if "splits" in cfg:
         want = int(cfg["splits"])
-    elif nq > DECODE_ROWS:
-        return 1, 0
     else:  # enough programs for several waves, so the last, partial wave idles few multiprocessors
-        programs = _cdiv(nq, cfg["BLOCK_M"]) * b * h
-        want = _cdiv(cfg.get("split_waves", SPLIT_WAVES) * _multiprocessors(device), programs)
-    tiles = _cdiv(min(plan.reach, nk) + cfg["BLOCK_M"], cfg["BLOCK_N"]) + 1
+        programs = -(-nq // block_m) * b * h
+        want = -(-cfg.get("split_waves", SPLIT_WAVES) * _multiprocessors(device) // programs)
     want = max(1, min(want, tiles // SPLIT_MIN_TILES, 128))
     if want == 1:
         return 1, 0
-    per = _cdiv(tiles, want)
-    return _cdiv(tiles, per), per
+    per = -(-tiles // want)
+    return -(-tiles // per), per
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,11 +426,13 @@ def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: tor
 
 
 def _launch_key(tensors: tuple, ints: tuple) -> tuple:
-    """What Triton's JIT may specialise launch arguments on, or finer: a tensor's dtype and 16-byte
-    alignment; an int's ``== 1``, divisibility by 16 and width (int32 / int64 / wider). (Floats it does
-    not specialise on; a launch's floats are among its fixed arguments.)"""
-    return tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors] +
-                 [(x == 1, x % 16 == 0, -2**31 <= x < 2**31, -2**63 <= x < 2**63) for x in ints])
+    """What Triton's JIT may specialise launch arguments on, or finer: a tensor's 16-byte alignment; an
+    int's ``== 1``, divisibility by 16 and width (int32 or not: the value itself outside 2..2^31-1, where
+    ints are rare). The caller names only the arguments that vary between launches of one ``Launcher``:
+    its recipe fixes the dtypes (q's, which k and v share) and the allocations it makes (aligned), and
+    ``forward.DECODE_VARYING`` are not specialised (int32 below ``MAX_KEYS``). (Floats the JIT does not
+    specialise on; a launch's floats are among its fixed arguments.)"""
+    return tuple([t.data_ptr() % 16 == 0 for t in tensors] + [x % 16 == 0 if 1 < x < 2**31 else -x - 1 for x in ints])
 
 
 PREBOUND = True
@@ -457,11 +465,11 @@ class Launcher:
         if key is None:
             self.jit(args)
             return
-        compiled = self.compiled.get(key)
-        if compiled is None:
-            self.compiled[key] = self.jit(args)
+        run = self.compiled.get(key)
+        if run is None:
+            self.compiled[key] = self.jit(args)[self.grid]  # the compiled kernel's runner for this grid
         else:
-            compiled[self.grid](*args, *self.constexprs)
+            run(*args, *self.constexprs)
 
     def jit(self, args: tuple):
         """Launch through the JIT; returns the compiled kernel."""
@@ -512,8 +520,8 @@ class ForwardRecipe:
         q_strides: of q (B, H, Nq); out_strides: of what each program writes (split, B, H, Nq): the
             partials with splits, else the output; final_strides: of the output (B, H, Nq).
         sizes: (B, H, Nq); scalars: (query heads per KV head, scale * log2(e), log2(r)).
-        partials: fp32 elements of the split partials, out [splits, B, H, Nq, BLOCK_D] then their LSEs
-            [splits, B, H, Nq] (one allocation); lse_start: where the LSEs begin. 0 without splits.
+        partials, partial_lses: the split partials, fp32 out [splits, B, H, Nq, BLOCK_D] and their LSEs
+            [splits, B, H, Nq], views of one plan buffer (``Plan.partials``); None without splits.
         tickets: int32 [query tiles x B x H], zero between launches, with which the last split program
             of a query tile knows it is last and merges (``forward._merge_splits``); None without splits.
             The plan's (``Plan.tickets``), shared by its launches of one grid size: those must not run
@@ -528,8 +536,8 @@ class ForwardRecipe:
     final_strides: tuple
     sizes: tuple
     scalars: tuple
-    partials: int
-    lse_start: int
+    partials: Tensor | None
+    partial_lses: Tensor | None
     tickets: Tensor | None
 
     @classmethod
@@ -537,11 +545,15 @@ class ForwardRecipe:
               cfg: dict, splits: int, nk: int) -> "ForwardRecipe":
         B, H, Nq, D = q.shape
         bd = max(16, triton.next_power_of_2(D))
+        partials = partial_lses = tickets = None
         if splits > 1:  # normalised fp32 partials [splits, B, H, Nq, BLOCK_D] (contiguous), then their LSEs
-            partials, lse_start = splits * B * H * Nq * (bd + 1), splits * B * H * Nq * bd
+            size, lse_start = splits * B * H * Nq * (bd + 1), splits * B * H * Nq * bd  # (16-byte aligned LSEs)
+            buffer = plan.partials.get((q.device, size))
+            if buffer is None:
+                buffer = plan.partials[q.device, size] = torch.empty(size, dtype=torch.float32, device=q.device)
+            partials, partial_lses = buffer[:lse_start], buffer[lse_start:]
             out_strides = (B * H * Nq * bd, H * Nq * bd, Nq * bd, bd)
         else:
-            partials = lse_start = 0
             out_strides = (0,) + o.stride()[:3]
         groups = []
         # One launch per group of heads (``head_groups``: one group, every head, unless the config's "wide"
@@ -555,14 +567,13 @@ class ForwardRecipe:
                           _float_positions(nk, sub), has_kpm, splits > 1, bool(sub.get("lazy", False)))
             launcher = Launcher(_fwd_kernel, (_cdiv(Nq, bm) * B * order.numel(), splits), constexprs, options)
             groups.append((launcher, (plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r)))
-        tickets = None
         if splits > 1:  # one per program of grid axis 0 (one head group with splits), the plan's
             count = groups[0][0].grid[0]
             tickets = plan.tickets.get((q.device, count))
             if tickets is None:
                 tickets = plan.tickets[q.device, count] = torch.zeros(count, dtype=torch.int32, device=q.device)
         return cls(cfg, splits, groups, q.stride()[:3], out_strides, o.stride()[:3], (B, H, Nq),
-                   (H // k.shape[1], scale * LOG2E, math.log2(plan.r)), partials, lse_start, tickets)
+                   (H // k.shape[1], scale * LOG2E, math.log2(plan.r)), partials, partial_lses, tickets)
 
 
 _RECIPES_PER_PLAN = 16
@@ -589,20 +600,18 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     Nk = k.shape[2]
     splits, per = _splits(plan, B, H, Nq, Nk, cfg, q.device)
     o = torch.empty_like(q)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     recipe = _recipe(plan, q, k, o, kpm is not None, causal, scale, cfg, splits, Nk)
     kpm8, kpm_stride = _kpm_arg(kpm, q.device)
-    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    out, out_lse = o, lse
-    if splits > 1:  # the split partials and their LSEs, merged by each query tile's last program
-        out = torch.empty(recipe.partials, dtype=torch.float32, device=q.device)
-        out_lse = out[recipe.lse_start:]
-    tickets = recipe.tickets if recipe.tickets is not None else _unread(q.device, torch.int32)
-    tensors = (q, k, v, out, out_lse, o, lse, tickets, kpm8)
+    if splits > 1:  # the programs write the split partials, each query tile's last program merges them
+        tensors = (q, k, v, recipe.partials, recipe.partial_lses, o, lse, recipe.tickets, kpm8)
+    else:
+        tensors = (q, k, v, o, lse, o, lse, _unread(q.device, torch.int32), kpm8)
     kv_strides = k.stride()[:3] + v.stride()[:3]
     tail = recipe.final_strides + (kpm_stride,) + recipe.sizes + (Nk, q_offset) + recipe.scalars + (per,)
-    key = None  # one key for the call's launches: what varies in any, and the device
+    key = None  # one key for the call's launches: what varies in any (``_launch_key``), and the device
     if prebound():
-        key = _launch_key(tensors, kv_strides + (kpm_stride, Nk, q_offset, per)) + (torch.cuda.current_device(),)
+        key = _launch_key((q, k, v, kpm8), kv_strides + (kpm_stride,)) + (torch.cuda.current_device(),)
     for launcher, plan_arrays in recipe.groups:  # the kernel's parameters, in order
         launcher(tensors + plan_arrays + recipe.q_strides + kv_strides + recipe.out_strides + tail, key)
     return o, lse
