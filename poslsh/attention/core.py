@@ -107,7 +107,7 @@ def has_nonfinite(*tensors: Tensor) -> bool:
 
 def last_dim_contiguous(x: Tensor) -> Tensor:
     """x itself when its last dim is contiguous (what the Triton kernels need), else a contiguous copy."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return x if x.stride()[-1] == 1 else x.contiguous()  # (stride() then index: faster than stride(-1))
 
 
 def softmax_with_lse(scores: Tensor, v: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -68,7 +68,7 @@ from .dispatch import Backend, available_backends, select_backend
 from .fused import GridLastRow, few_rows_attention, few_rows_log_weights, last_row_attention, takes_few_rows
 from .ranges import normalize_grid
 from .speed import DECODE_ROWS
-from .window import hybrid_widths, window_sizes
+from .window import hybrid_widths, hybrid_widths_settled, window_sizes
 
 __all__ = ["AttentionPlan", "HYBRID_WIDTH_N", "public_call", "remember_public_call", "clear_public_plans"]
 
@@ -140,6 +140,7 @@ class AttentionPlan:
         self.reach = self._resolve_reach()
         self._tplan = None  # the Triton kernels' arrays (triton.launch.Plan), built on the first Triton call
         self._tplan_start, self._shifted = 0, None  # its first position (cut), its grid seen from a key_start
+        self._random = spec.random  # (read at every call)
         self._backends: dict = {}  # (dtype, regime, grad, length bucket, mask, D == Dv) -> Backend
         self._configs: dict = {}  # (dtype, D, decode) -> the Triton tile configuration
         # (device, compute dtype) -> the decoding weights' table (``_last_row_weights``): causal "exact" and
@@ -239,26 +240,31 @@ class AttentionPlan:
             return None
 
     def _check(self, q, k, v, q_offset, kpm, key_start: int = 0) -> tuple[int, int, int, int]:
-        """Shapes, dtypes and devices of a call, on Python values only: (B, Nq, Nk, q_offset)."""
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(x, Tensor) or x.ndim != 4:
-                raise ValueError(f"{name} must be a 4-D tensor [B, heads, N, D], got "
-                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        """Shapes, dtypes and devices of a call, on Python values only: (B, Nq, Nk, q_offset). (Written for a
+        decode step's few microseconds: one pass over the shapes, no intermediate tuples.)"""
+        if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+                and q.ndim == 4 and k.ndim == 4 and v.ndim == 4):
+            for name, x in (("q", q), ("k", k), ("v", v)):
+                if not isinstance(x, Tensor) or x.ndim != 4:
+                    raise ValueError(f"{name} must be a 4-D tensor [B, heads, N, D], got "
+                                     f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         b, h, nq, d = q.shape
-        nk = k.shape[2]
-        if h != self.num_heads or k.shape[1] != self.num_kv_heads:
+        kb, hkv, nk, kd = k.shape
+        vb, vh, vn, dv = v.shape
+        if h != self.num_heads or hkv != self.num_kv_heads:
             raise ValueError(f"this plan takes q with {self.num_heads} heads and k, v with {self.num_kv_heads}, got "
                              f"q {tuple(q.shape)}, k {tuple(k.shape)}")
-        if k.shape[0] != b or k.shape[3] != d or tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        if kb != b or kd != d or vb != b or vh != hkv or vn != nk:
             raise ValueError(f"q [B, H, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] do not match: q {tuple(q.shape)}, "
                              f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-        if min(b, nq, d, nk, v.shape[3]) < 1 or nq > nk:
+        if b < 1 or nq < 1 or d < 1 or dv < 1 or nq > nk:
             raise ValueError(f"need 1 <= Nq <= Nk and non-empty tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-        if q.dtype != k.dtype or q.dtype != v.dtype:
+        dtype, device = q.dtype, self.device
+        if k.dtype != dtype or v.dtype != dtype:
             raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-        if q.dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-        if q.device != self.device or k.device != self.device or v.device != self.device:
+        if q.device != device or k.device != device or v.device != device:
             raise ValueError(f"this plan's tensors live on {self.device}; got q on {q.device}, k on {k.device}, "
                              f"v on {v.device}")
         if q_offset is None:
@@ -299,10 +305,11 @@ class AttentionPlan:
 
     def _run(self, q, k, v, nq: int, nk: int, q_offset: int, key_padding_mask, return_lse: bool, start: int = 0):
         """A call whose arguments ``_check`` accepted."""
-        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[3])
-        start = start if self.method.random else 0
-        backend = self._backend_for(q, k, v, nk, q_offset, key_padding_mask, scale, start)
-        if backend.name == "triton" and v.shape[3] == q.shape[3]:
+        d = q.shape[3]
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
+        start = start if start and self._random else 0
+        backend = self._backend_for(q, k, v, nq, nk, q_offset, key_padding_mask, scale, start)
+        if backend.name == "triton" and v.shape[3] == d:
             out, lse = self._run_triton(q, k, v, nq, nk, q_offset, key_padding_mask, scale, start)
         else:
             out, lse = self._run_sliced(backend, q, k, v, nq, nk, q_offset, key_padding_mask, scale, start, return_lse)
@@ -343,11 +350,11 @@ class AttentionPlan:
             hi = min(nk, q_offset + nq + self.reach)
         return lo, hi
 
-    def _backend_for(self, q, k, v, nk, q_offset, kpm, scale, start) -> Backend:
+    def _backend_for(self, q, k, v, nq, nk, q_offset, kpm, scale, start) -> Backend:
         """The backend of a call, chosen once per dtype, regime (decoding or not, gradient or not),
         power-of-two length bucket (the speed table's lengths), mask presence and head dims."""
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        key = (q.dtype, q.shape[2] <= DECODE_ROWS, grad, nk.bit_length(), kpm is None, q.shape[3] == v.shape[3])
+        key = (q.dtype, nq <= DECODE_ROWS, grad, nk.bit_length(), kpm is None, q.shape[3] == v.shape[3])
         backend = self._backends.get(key)
         if backend is None:
             spec = self._spec(0, nk, q_offset, kpm, scale, start)
@@ -514,6 +521,8 @@ def _hybrid_settled(partitions: Partitions, eps, nk: int) -> bool:
     if type(eps) not in (int, float) or not eps > 0:
         return False  # the dispatcher reports it
     slopes, r = partitions.slopes, partitions.num_samples
+    if hybrid_widths_settled(slopes, eps, r, nk) and hybrid_widths_settled(slopes, eps, r, HYBRID_WIDTH_N):
+        return True  # both past the tail (a decode step: no width computed)
     return torch.equal(hybrid_widths(slopes, eps, r, nk), hybrid_widths(slopes, eps, r, HYBRID_WIDTH_N))
 
 
