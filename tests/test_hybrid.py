@@ -185,7 +185,7 @@ def test_hybrid_widths_of_long_caches_come_from_one_cached_entry():
     """Past TAIL_DECAYS / m keys the widths equal those computed over all n keys, and a decode loop (one
     more key per call) computes them once, not per call (before: one O(n) computation per new n, 0.1 s
     per call at 256K keys and H = 32, a hybrid decode step's whole host time)."""
-    from poslsh.attention.window import TAIL_DECAYS, _hybrid_widths
+    from poslsh.attention.window import TAIL_DECAYS, _hybrid_widths, _tail_widths
 
     slopes = poslsh.alibi_slopes(8)
     reach = math.ceil(TAIL_DECAYS / float(slopes.min()))
@@ -194,12 +194,32 @@ def test_hybrid_widths_of_long_caches_come_from_one_cached_entry():
             full = _hybrid_widths.__wrapped__(tuple(slopes.tolist()), False, eps, 8, n)
             assert hybrid_widths(slopes, eps, 8, n).tolist() == list(full), (eps, n)
     _hybrid_widths.cache_clear()
+    _tail_widths.cache_clear()
     for n in range(2 * reach, 2 * reach + 6):
         hybrid_widths(slopes, 1e-3, 8, n)
     assert _hybrid_widths.cache_info().currsize == 1
     assert hybrid_widths(slopes, 1e-3, 8, 50).max() <= 49  # short caches: computed over their n, capped
     zero = torch.cat([slopes[:3], torch.zeros(1)])  # a slope-0 head reads every key: its width is n - 1
     assert hybrid_widths(zero, 1e-3, 8, 5 * reach)[-1] == 5 * reach - 1
+
+
+def test_settled_widths_are_those_of_every_longer_cache():
+    """``hybrid_widths_settled(n)``: True only where the widths at n are those at 4n (and past the tail,
+    not before it), False with a slope-0 head; a decode loop's check computes no widths after the first."""
+    from poslsh.attention.window import TAIL_DECAYS, _hybrid_widths, hybrid_widths_settled
+
+    slopes = poslsh.alibi_slopes(8)
+    reach = math.ceil(TAIL_DECAYS / float(slopes.min()))
+    for eps in (0.1, 1e-3):
+        for n in (50, reach - 1, reach, reach + 1, 2 * reach):
+            settled = hybrid_widths_settled(slopes, eps, 8, n)
+            assert settled == (n > reach), (eps, n)
+            if settled:
+                assert torch.equal(hybrid_widths(slopes, eps, 8, n), hybrid_widths(slopes, eps, 8, 4 * n))
+    computed = _hybrid_widths.cache_info().misses
+    assert all(hybrid_widths_settled(slopes, 1e-3, 8, n) for n in range(2 * reach, 2 * reach + 50))
+    assert _hybrid_widths.cache_info().misses == computed
+    assert not hybrid_widths_settled(torch.cat([slopes[:3], torch.zeros(1)]), 1e-3, 8, 5 * reach)
 
 
 def test_hybrid_beats_lsh_at_equal_r():

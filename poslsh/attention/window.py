@@ -138,17 +138,39 @@ def hybrid_widths(slopes: Tensor, eps: float, samples: int, n: int, kernels=None
     # for at every call of a layer (without the cache the hybrid's host time exceeded its GPU time).
     per_head = tuple(kernels) if kernels is not None else tuple(float(m) for m in slopes.detach().cpu().tolist())
     eps, samples, n = float(eps), int(samples), int(n)
-    if kernels is None and all(m > 0 for m in per_head):
-        # A decode loop asks at every key count. ALiBi's weights past TAIL_DECAYS / m are below e^-80 of a
-        # row's weight, so the widths computed over that many keys hold for every longer n: one cached
-        # entry, not an O(n) computation per step. Where a head needs more (eps below ~1e-17), the whole n.
-        reach = max(math.ceil(TAIL_DECAYS / m) for m in per_head)
-        if n > reach:
-            widths = _hybrid_widths(per_head, False, eps, samples, reach)
-            if all(w < reach - 1 for w in widths):
+    if kernels is None:  # a decode loop asks at every key count: past the tail, one cached entry
+        reach = _tail_reach(per_head)
+        if reach is not None and n > reach:
+            widths = _tail_widths(per_head, eps, samples)
+            if widths is not None:
                 return torch.tensor(widths, dtype=torch.int64)
     return torch.tensor(_hybrid_widths(per_head, kernels is not None, eps, samples, n), dtype=torch.int64)
 
+
+def hybrid_widths_settled(slopes: Tensor, eps: float, samples: int, n: int) -> bool:
+    """Whether ``hybrid_widths(slopes, eps, samples, n)`` are the widths of every longer n too (n past the
+    ALiBi tail ``_tail_reach``; False where unknown): host arithmetic on cached values, no width computed."""
+    per_head = tuple(float(m) for m in slopes.detach().cpu().tolist())
+    reach = _tail_reach(per_head)
+    return reach is not None and n > reach and _tail_widths(per_head, float(eps), int(samples)) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _tail_reach(per_head: tuple) -> int | None:
+    """ALiBi weights past TAIL_DECAYS / m keys are below e^-80 of a row's weight, so widths computed over
+    that many keys (the widest head's) hold for every longer n; None with a slope 0."""
+    if not all(m > 0 for m in per_head):
+        return None
+    return max(math.ceil(TAIL_DECAYS / m) for m in per_head)
+
+
+@functools.lru_cache(maxsize=64)
+def _tail_widths(per_head: tuple, eps: float, samples: int) -> tuple[int, ...] | None:
+    """The widths over ``_tail_reach`` keys, or None where one reaches the end (eps below ~1e-17: then each n
+    is computed over its own keys)."""
+    reach = _tail_reach(per_head)
+    widths = _hybrid_widths(per_head, False, eps, samples, reach)
+    return widths if all(w < reach - 1 for w in widths) else None
 
 
 @functools.lru_cache(maxsize=64)
