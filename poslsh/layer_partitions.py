@@ -48,6 +48,7 @@ class LayerPartitions:
         self._grid_copies: dict = {}  # device -> (W, U) there
         self._chunks: list[tuple[Tensor, Tensor]] = []  # per chunk: (row ids, positions) of its cuts
         self._cache: OrderedDict[tuple, Partitions] = OrderedDict()
+        self._first_reachable: tuple[int, int, int] | None = None  # grid: (from t, until t, the value)
         if scheme == "grid":
             g = torch.Generator().manual_seed(seed_for(seed, layer, "grid"))
             p = sample_partitions(1, slopes, samples, scheme="grid", generator=g, sampling=sampling)
@@ -150,10 +151,20 @@ class LayerPartitions:
 
     def first_reachable(self, t: int) -> int:
         """The smallest of ``block_starts_at(t)`` over heads and samples: the first position any query at
-        position >= t can share a block with. Grid: t - max (t + U) mod W, at least 0 (three operations and
-        one read, where the [H, r] starts and their minimum take seven: eviction asks it of every layer at
-        every decoding step)."""
+        position >= t can share a block with.
+
+        Grid: the block starts t - (t + U) mod W never decrease with t, so the smallest holds until a block
+        attaining it ends: kept with that range, it is computed again only past it (eviction asks it of
+        every layer at every decoding step; tensor operations cost ~20-50 us a step on the host, a range
+        check nothing)."""
         if self.scheme == "grid":
+            known = self._first_reachable
+            if known is not None and known[0] <= t < known[1]:
+                return known[2]
             w, u = self._grid
-            return max(0, t - int((u + t).remainder_(w).max()))
+            starts = t - torch.remainder(u + t, w)  # [H, r], unclipped
+            first = int(starts.min())
+            until = int((starts + w)[starts == first].min())  # the first end of a block that attains it
+            self._first_reachable = (t, until, max(0, first))
+            return max(0, first)
         return int(self.block_starts_at(t).min())

@@ -831,6 +831,22 @@ def test_lsh_reach_start_equals_the_per_head_starts(scheme):
             assert len(starts) > 3
 
 
+def test_grid_first_reachable_kept_over_its_range():
+    """A decode loop's ``first_reachable`` (kept until a block attaining it ends) equals t - max (t + U) mod W
+    at every position, forward and back, and is computed again only a few times per hundred positions."""
+    from poslsh.layer_partitions import LayerPartitions
+
+    layer = LayerPartitions(torch.tensor([0.5, 0.1, 0.02, 0.0], dtype=torch.float64), 4, "grid", 0, 3)
+    w, u = layer._grid
+    computed = 0
+    for t in list(range(2000, 2600)) + [10, 11, 5, 2599]:
+        before = layer._first_reachable
+        got = layer.first_reachable(t)
+        computed += layer._first_reachable is not before
+        assert got == max(0, t - int(torch.remainder(u + t, w).max())), t
+    assert computed < 40
+
+
 def test_window_reach_start_equals_the_per_head_starts():
     """The window's eviction point in closed form (t - the widest head's half-width) is the minimum over
     heads of ``_layer_starts``, before and past the widest window, a slope-0 head included."""
