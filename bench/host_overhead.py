@@ -51,6 +51,11 @@ work). Each row also says whether the arm's tokens equal native's (exact must; t
     python bench/host_overhead.py --model tiny-bloom --contexts 1024 4096 16384 --arms window window_evict
         (the decode step's growth with the cache)
 
+With ``--launch-stub`` the patched arms run the GPU's path (the Triton backend, its launches stubbed as
+above) on the CPU: each decode step is the patch's host work as on a GPU host, against native's own
+attention (CPU kernels of a tiny model: mostly host work too). A proxy for where both are host-bound on
+a GPU (BLOOM-560m at 4K-8K context); tokens are not compared (the stubs compute nothing).
+
 ``torch.set_num_threads(--threads)`` (default 1). Runs on a tree without ``AttentionPlan`` too (the
 plan's rows are then left out): the before/after of a change.
 """
@@ -58,6 +63,7 @@ plan's rows are then left out): the before/after of a change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -315,7 +321,7 @@ def tiny_bloom(layers: int):
 
 
 @torch.no_grad()
-def _decode_ms(model, arm: str, ids, tokens: int) -> tuple[float, list[int]]:
+def _decode_ms(model, arm: str, ids, tokens: int, stub: bool = False) -> tuple[float, list[int]]:
     """(wall ms, process CPU ms, tokens) of greedy decoding: each time the median of ``tokens`` timed steps
     after a prefill and one untimed step (a burst of load on a shared machine moves a median less than a
     mean; CPU time counts this process's work only, not the time other processes took the cores)."""
@@ -324,7 +330,7 @@ def _decode_ms(model, arm: str, ids, tokens: int) -> tuple[float, list[int]]:
     hf.unpatch_model(model)
     if MODEL_ARMS[arm] is not None:
         method, evict = MODEL_ARMS[arm]
-        hf.patch_model(model, method, evict=evict)
+        hf.patch_model(model, method, evict=evict, backend="triton" if stub else "auto")
     import inspect
 
     kwargs = {hf._cache_argument(model): None, "use_cache": True}
@@ -360,7 +366,12 @@ def model_rows(args) -> list[dict]:
         times, cpu, tokens = {a: [] for a in arms}, {a: [] for a in arms}, {}
         for _ in range(args.rounds):
             for arm in arms:
-                wall_ms, cpu_ms, tokens[arm] = _decode_ms(model, arm, ids, args.tokens)
+                with contextlib.ExitStack() as stack:
+                    if args.launch_stub:
+                        from poslsh_lab.host_stub import stub_launches
+
+                        stack.enter_context(stub_launches())
+                    wall_ms, cpu_ms, tokens[arm] = _decode_ms(model, arm, ids, args.tokens, args.launch_stub)
                 times[arm].append(wall_ms)
                 cpu[arm].append(cpu_ms)
         native = {name: statistics.median(d["native"]) if "native" in d else None
@@ -372,7 +383,9 @@ def model_rows(args) -> list[dict]:
                          "ms_per_token_rounds": times[arm], "cpu_ms_per_token": cpu_ms, "cpu_ms_per_token_rounds": cpu[arm],
                          "ratio_to_native": None if native["wall"] is None else wall_ms / native["wall"],
                          "cpu_ratio_to_native": None if native["cpu"] is None else cpu_ms / native["cpu"],
-                         "tokens_equal_native": None if native["wall"] is None else tokens[arm] == tokens["native"]})
+                         "launch_stub": args.launch_stub,
+                         "tokens_equal_native": None if native["wall"] is None or args.launch_stub  # (stubs compute nothing)
+                         else tokens[arm] == tokens["native"]})
     return rows
 
 
