@@ -121,3 +121,42 @@ def test_split_decode_on_cuda_is_repeatable(method):
         oracle = "fused" if method == "lsh" else "reference"
         ref = poslsh.attention(q.double(), k.double(), v.double(), backend=oracle, **kw)
         assert relative_error(first.cpu(), ref) < bound(ref, torch.bfloat16), (method, nk)
+
+
+@pytest.mark.parametrize("method", ["exact", "window", "lsh"])
+def test_prebound_launches_equal_the_jit_on_cuda(method):
+    """A plan's decode steps launch compiled kernels it keeps per ``launch._launch_key`` (pointer alignment
+    of q, k, v and the mask, k/v strides): a key coarser than Triton's specialisation would run a kernel
+    compiled for other alignments or strides. Steps on an aligned cache, a cache 2 bytes off 16-byte
+    alignment, caches grown by concatenation (strides change with Nk), key counts crossing multiples of
+    16 and a misaligned mask view: each output bitwise that of the same call through the JIT
+    (``PREBOUND = False``), and within the bf16 bound of the float64 oracle."""
+    from poslsh.attention.plan import AttentionPlan
+    from poslsh.attention.triton import launch
+
+    h, hkv, d, n = 8, 2, 64, 1200
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, h, 1, d, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    flat = torch.randn(2, hkv * n * d + 1, generator=g, dtype=torch.float64).to(torch.bfloat16)
+    aligned, shifted = flat[:, :-1].view(2, 1, hkv, n, d), flat[:, 1:].view(2, 1, hkv, n, d)
+    mask_flat = torch.ones(n + 1, dtype=torch.bool)
+    mask_flat[1:40] = False
+    steps = [(c, aligned[0][:, :, :c], aligned[1][:, :, :c], None) for c in (15, 16, 17, 31, 32, 33, 700, 1024)]
+    steps += [(c, shifted[0][:, :, :c], shifted[1][:, :, :c], None) for c in (15, 16, 17, 700)]
+    steps += [(c, aligned[0][:, :, :c].contiguous(), aligned[1][:, :, :c].contiguous(), None) for c in (40, 41, 48)]
+    steps += [(c, aligned[0][:, :, :c], aligned[1][:, :, :c], mask_flat[1:c + 1][None]) for c in (64, 65, 1100)]
+    plan = AttentionPlan(method, num_heads=h, num_kv_heads=hkv, slopes=SLOPES, backend="triton", device="cuda")
+    for c, k, v, mask in steps:
+        qc, kc, vc = q.cuda(), k.cuda(), v.cuda()
+        mc = None if mask is None else mask.cuda()
+        first = plan(qc, kc, vc, key_padding_mask=mc)
+        again = plan(qc, kc, vc, key_padding_mask=mc)  # (the second call of a key: the kept kernel)
+        launch.PREBOUND = False
+        try:
+            jit = plan(qc, kc, vc, key_padding_mask=mc)
+        finally:
+            launch.PREBOUND = True
+        assert torch.equal(first, jit) and torch.equal(again, jit), (method, c)
+        ref = poslsh.attention(q.double(), k.double(), v.double(), slopes=SLOPES, method=plan.method,
+                               key_padding_mask=mask, partitions=plan._partitions(0, c), backend="reference")
+        assert relative_error(jit.cpu(), ref) < bound(ref, torch.bfloat16), (method, c)

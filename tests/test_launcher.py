@@ -1,7 +1,7 @@
 """The pre-bound Triton launches (``triton.launch.Launcher``, ``ForwardRecipe``): a launch reuses a compiled
 kernel only for arguments that specialise alike; a recipe cached from earlier calls launches what a recipe
 built for the call does (``launch.PREBOUND = False``: the JIT path), on the CPU through the launch stubs
-(``host_stub``); on CUDA its results are the JIT's, bit for bit, as the specialisations change (key counts
+(``host_stub``); on CUDA (tests/test_cuda_public_calls.py) its outputs are the JIT's, bit for bit, as the specialisations change (key counts
 1, multiples of 16 and not, aligned and misaligned tensors), and the reference's."""
 
 from __future__ import annotations
