@@ -469,7 +469,7 @@ def _check_same_slopes(drawn: Tensor, slopes: Tensor) -> None:
 
 _PUBLIC: OrderedDict = OrderedDict()  # key -> (plan, weak references that must still hold)
 PUBLIC_CACHE_SIZE = 128
-_PLAIN = (int, float, str, type(None))
+_PLAIN = frozenset((int, float, str, type(None)))
 
 
 def _public_key(q, k, options: dict, slopes, partitions, causal, scale, backend):
@@ -479,7 +479,7 @@ def _public_key(q, k, options: dict, slopes, partitions, causal, scale, backend)
     or arguments of types the key does not cover."""
     name = options["method"]
     rule = METHOD_RULES.get(name) if isinstance(name, str) else None  # None: the dispatcher reports it
-    if rule is None or not all(type(x) in _PLAIN for x in options.values()):
+    if rule is None or not _PLAIN.issuperset(map(type, options.values())):
         return None
     if type(causal) is not bool or type(scale) not in (int, float, type(None)):
         return None
