@@ -15,7 +15,8 @@ call, else the median of 3 event-timed calls (2 over 1 s a call). The order puts
 issue needs first (cudnn, triton, flex at every n), then the SDPA ceilings, then auto (which at the
 largest n is only asked which backend it selects); a measurement predicted to pass ``--budget-s`` is
 recorded as skipped. (iii) ``DIR/exact_gpu.json``: environment (date, device, versions incl. the
-cuDNN frontend and library, command), config, checks, rows, what auto selected, and
+cuDNN frontend and library, command), config, checks, rows (auto's with ``ran_on``: the backends its timed
+calls ran on, ``backends_run``), what auto selected at first, and
 ``speed_table``: the measured poslsh backends in ``poslsh.attention.speed``'s table format, regime
 "prefill" (forward) and "prefill+backward" (forward + backward, ``speed.BACKWARD``); ``--write-table PATH`` merges it into that table
 (entries of the same device, method, regime and n replaced backend by backend). The JSON is rewritten
@@ -25,12 +26,14 @@ after every measurement.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +149,28 @@ def time_ms(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float, 
     return statistics.median(times), how, first, time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def backends_run() -> Iterator[collections.Counter]:
+    """Within it, a count of the backend each ``poslsh.attention`` call ran on, by name, as its plan chose it
+    (``AttentionPlan._backend_for``; a call resolved afresh, the first of its arguments, is not counted):
+    what "auto" ran while it was timed (it may defer cuDNN until a shape's calls have paid for its graphs)."""
+    from poslsh.attention.plan import AttentionPlan
+
+    counts: collections.Counter = collections.Counter()
+    chosen = AttentionPlan._backend_for
+
+    def counted(self, *args, **kwargs):
+        backend = chosen(self, *args, **kwargs)
+        counts[backend.name] += 1
+        return backend
+
+    AttentionPlan._backend_for = counted
+    try:
+        yield counts
+    finally:
+        AttentionPlan._backend_for = chosen
+
+
 def call_fn(column: str, q, k, v, do, backward: bool) -> Callable[[], Any]:
     if column in SDPA:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -213,8 +238,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "fwd+bwd": select_backend(q.detach().requires_grad_(), spec).name}
                 q, k, v, do = inputs[n]
                 q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
-                ms, how, first, spent = time_ms(call_fn(column, q, k, v, do, backward), args.warmup_ms,
-                                                args.rep_ms)
+                with backends_run() as ran:
+                    ms, how, first, spent = time_ms(call_fn(column, q, k, v, do, backward), args.warmup_ms,
+                                                    args.rep_ms)
+                if column == "auto":
+                    row["ran_on"] = dict(ran)
                 flop = 4 * d * h * n * (n + 1) / 2 * (3.5 if backward else 1)  # fwd 2 matmuls; bwd 2.5x more
                 row.update(ms=ms, how=how, tflops=flop / ms / 1e9, first_call_s=first, wall_s=spent)
                 last_ms[(column, pas)] = (n, ms)

@@ -47,3 +47,23 @@ def test_speed_table_and_merge(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_needs_a_gpu(tmp_path):
     assert load().main(["--out", str(tmp_path)]) == 2
+
+
+def test_backends_run_counts_what_auto_ran_on():
+    """``backends_run`` counts the backend of each planned call (the first call of its arguments is
+    resolved afresh, not counted), and leaves AttentionPlan as it was."""
+    import poslsh
+    from poslsh.attention.plan import AttentionPlan, clear_public_plans
+
+    bench = load()
+    chosen = AttentionPlan._backend_for
+    clear_public_plans()  # (other tests' calls of the same arguments)
+    q = torch.randn(1, 2, 8, 4)
+    poslsh.attention(q, q, q, backend="fused")  # the plan of these arguments
+    with bench.backends_run() as ran:
+        for _ in range(3):
+            poslsh.attention(q, q, q, backend="fused")
+        poslsh.attention(q, q, q, backend="reference")  # a first call: resolved afresh
+        poslsh.attention(q, q, q, backend="reference")
+    assert dict(ran) == {"fused": 3, "reference": 1}
+    assert AttentionPlan._backend_for is chosen
