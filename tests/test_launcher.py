@@ -34,8 +34,8 @@ def _tensor_key(t):
 def test_launch_key_separates_what_the_jit_specialises_on():
     """Ints: 1, multiples of 16, others, and int32 / int64 widths differ (0 from a non-multiple of 16 too:
     False == 0 in a tuple key); a tensor's 16-byte alignment does (its dtype is the recipe's)."""
-    keys = [_int_key(x) for x in (0, 1, 16, 17, 2**31 + 16, 2**64)]
-    assert len(set(keys)) == 6
+    keys = [_int_key(x) for x in (0, 1, 16, 17, 2**31 + 16, 2**64, -1, -2)]
+    assert len(set(keys)) == 8
     assert _int_key(33) == _int_key(35) and _int_key(32) == _int_key(48)
     buf = torch.zeros(64, dtype=torch.float16)
     aligned, misaligned = buf[:32], buf[1:33]  # 2-byte offset

@@ -402,14 +402,13 @@ def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: tor
     """(splits, key tiles per split) for the forward: split the key range only when the query tiles
     alone cannot fill the GPU (decoding, short chunks against a long cache). Sized by the keys a
     query reaches (``min(plan.reach, Nk)``), not by the cache length."""
-    if nq > DECODE_ROWS and "splits" not in cfg:
+    forced = cfg.get("splits")
+    if forced is None and nq > DECODE_ROWS:
         return 1, 0
     block_m = cfg["BLOCK_M"]
     tiles = -(-(min(plan.reach, nk) + block_m) // cfg["BLOCK_N"]) + 1  # (_cdiv inlined: a decode step's host time)
-    if tiles < 2 * SPLIT_MIN_TILES and "splits" not in cfg:
-        return 1, 0  # too few key tiles to split
-    if "splits" in cfg:
-        want = int(cfg["splits"])
+    if forced is not None:
+        want = int(forced)
     else:  # enough programs for several waves, so the last, partial wave idles few multiprocessors
         programs = -(-nq // block_m) * b * h
         want = -(-cfg.get("split_waves", SPLIT_WAVES) * _multiprocessors(device) // programs)
@@ -427,12 +426,12 @@ def _splits(plan: Plan, b: int, h: int, nq: int, nk: int, cfg: dict, device: tor
 
 def _launch_key(tensors: tuple, ints: tuple) -> tuple:
     """What Triton's JIT may specialise launch arguments on, or finer: a tensor's 16-byte alignment; an
-    int's ``== 1``, divisibility by 16 and width (int32 or not: the value itself outside 2..2^31-1, where
-    ints are rare). The caller names only the arguments that vary between launches of one ``Launcher``:
+    int's ``== 1``, divisibility by 16 and width (int32 or not: the value itself, in a tuple, outside
+    2..2^31-1, where ints are rare). The caller names only the arguments that vary between launches of one ``Launcher``:
     its recipe fixes the dtypes (q's, which k and v share) and the allocations it makes (aligned), and
     ``forward.DECODE_VARYING`` are not specialised (int32 below ``MAX_KEYS``). (Floats the JIT does not
     specialise on; a launch's floats are among its fixed arguments.)"""
-    return tuple([t.data_ptr() % 16 == 0 for t in tensors] + [x % 16 == 0 if 1 < x < 2**31 else -x - 1 for x in ints])
+    return tuple([t.data_ptr() % 16 == 0 for t in tensors] + [x % 16 == 0 if 1 < x < 2**31 else (x,) for x in ints])
 
 
 PREBOUND = True
