@@ -176,11 +176,15 @@ class MethodSpec:
 
 
 OPTIONS = ("samples", "scheme", "sampling", "window_eps", "hybrid_eps")
+_DEFAULTS = {name: getattr(MethodSpec, name) for name in OPTIONS}
+
+
 class IgnoredOptionWarning(UserWarning):
     """An option was given beside a method name that does not read it (``method_options``)."""
 
 
-# The options each method reads; the others mean nothing to it (given beside its name: an error).
+# The options each method reads; the others mean nothing to it (given beside its name: a warning,
+# ``method_options``).
 METHOD_OPTIONS = {name: rule.options for name, rule in METHOD_RULES.items()}
 
 
@@ -217,9 +221,8 @@ def method_options(method: str | MethodSpec = "exact", **options: Any) -> dict[s
     is a fair use, which the library's own experiments and tests make; a lone call that sets an option
     its method ignores is most likely a mistake, which the warning shows)."""
     given = {name: value for name, value in options.items() if value is not None}
-    unknown = set(given) - set(OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown method options {sorted(unknown)}; the options are {OPTIONS}")
+    if not _DEFAULTS.keys() >= given.keys():
+        raise TypeError(f"unknown method options {sorted(set(given) - set(OPTIONS))}; the options are {OPTIONS}")
     if isinstance(method, str) and method in METHOD_OPTIONS:
         ignored = [name for name in given if name not in METHOD_OPTIONS[method]]
         if ignored:
@@ -233,7 +236,7 @@ def method_options(method: str | MethodSpec = "exact", **options: Any) -> dict[s
             raise TypeError(f"method={method.label!r} holds its options: give {sorted(given)} in it, not beside it")
         given = {name: getattr(method, name) for name in OPTIONS}
         method = method.method
-    return {"method": method, **{name: given.get(name, getattr(MethodSpec, name)) for name in OPTIONS}}
+    return {"method": method, **_DEFAULTS, **given}
 
 
 def parse_method(text: str) -> MethodSpec:
