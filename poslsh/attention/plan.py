@@ -521,8 +521,8 @@ def _hybrid_settled(partitions: Partitions, eps, nk: int) -> bool:
     if type(eps) not in (int, float) or not eps > 0:
         return False  # the dispatcher reports it
     slopes, r = partitions.slopes, partitions.num_samples
-    if hybrid_widths_settled(slopes, eps, r, nk) and hybrid_widths_settled(slopes, eps, r, HYBRID_WIDTH_N):
-        return True  # both past the tail (a decode step: no width computed)
+    if hybrid_widths_settled(slopes, eps, r, min(nk, HYBRID_WIDTH_N)):
+        return True  # both lengths past the tail (a decode step: no width computed)
     return torch.equal(hybrid_widths(slopes, eps, r, nk), hybrid_widths(slopes, eps, r, HYBRID_WIDTH_N))
 
 
