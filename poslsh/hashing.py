@@ -114,15 +114,14 @@ class Partitions:
         """Build from parts of checked partitions (a device move, one head) without checking again:
         each check is a reduction, i.e. a host synchronisation when the tensors are on a GPU."""
         parts = object.__new__(cls)
-        for f in dataclasses.fields(cls):
-            object.__setattr__(parts, f.name, fields.get(f.name))
+        for name in _PARTITION_FIELDS:
+            object.__setattr__(parts, name, fields.get(name))
         return parts
 
     def _derived(self, **changes) -> "Partitions":
         """``dataclasses.replace`` without the checks, for partitions valid by construction from these
         (a sample of them, a window of their positions)."""
-        return Partitions._unchecked(**{**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-                                        **changes})
+        return Partitions._unchecked(**{**{name: getattr(self, name) for name in _PARTITION_FIELDS}, **changes})
 
     @property
     def num_heads(self) -> int:
@@ -295,6 +294,9 @@ class Partitions:
             steps.scatter_add_(2, end, torch.full(end.shape, -1.0, dtype=torch.float64, device=self.device))
             out[:, p0:p0 + pos.numel()] = steps[..., :n].cumsum(-1) / r  # integer counts: exact
         return out
+
+
+_PARTITION_FIELDS = tuple(f.name for f in dataclasses.fields(Partitions))  # (read per decode step)
 
 
 def normalize_grid(widths: Tensor, offsets: Tensor, n: int) -> tuple[Tensor, Tensor]:

@@ -211,6 +211,14 @@ def as_method(method: str | MethodSpec = "exact", **options: Any) -> MethodSpec:
     return MethodSpec(method, **given)
 
 
+def ignored_options(method, **options: Any) -> list[str]:
+    """The options given (not None) beside a method name that the method does not read; [] for a spec,
+    its text form or a name that is not a method's (the dispatcher reports that)."""
+    if not isinstance(method, str) or method not in METHOD_OPTIONS:
+        return []
+    return [name for name, value in options.items() if value is not None and name not in METHOD_OPTIONS[method]]
+
+
 def method_options(method: str | MethodSpec = "exact", **options: Any) -> dict[str, Any]:
     """The method and every option of ``poslsh.attention`` (and ``context_parallel_attention``), from
     what the caller gave: a method name with options beside it (None: the default), a ``MethodSpec``
@@ -223,12 +231,11 @@ def method_options(method: str | MethodSpec = "exact", **options: Any) -> dict[s
     given = {name: value for name, value in options.items() if value is not None}
     if not _DEFAULTS.keys() >= given.keys():
         raise TypeError(f"unknown method options {sorted(set(given) - set(OPTIONS))}; the options are {OPTIONS}")
-    if isinstance(method, str) and method in METHOD_OPTIONS:
-        ignored = [name for name in given if name not in METHOD_OPTIONS[method]]
-        if ignored:
-            uses = ", ".join(METHOD_OPTIONS[method]) or "none"
-            warnings.warn(f"method={method!r} ignores {', '.join(ignored)} (its options: {uses})",
-                          IgnoredOptionWarning, stacklevel=3)
+    ignored = ignored_options(method, **given)
+    if ignored:
+        uses = ", ".join(METHOD_OPTIONS[method]) or "none"
+        warnings.warn(f"method={method!r} ignores {', '.join(ignored)} (its options: {uses})",
+                      IgnoredOptionWarning, stacklevel=3)
     if isinstance(method, str) and ":" in method:
         method = parse_method(method)
     if isinstance(method, MethodSpec):

@@ -204,9 +204,13 @@ def test_hybrid_widths_of_long_caches_come_from_one_cached_entry():
 
 
 def test_settled_widths_are_those_of_every_longer_cache():
-    """``hybrid_widths_settled(n)``: True only where the widths at n are those at 4n (and past the tail,
-    not before it), False with a slope-0 head; a decode loop's check computes no widths after the first."""
-    from poslsh.attention.window import TAIL_DECAYS, _hybrid_widths, hybrid_widths_settled
+    """``hybrid_widths_settle_past``: the tail's reach, past which the widths at n are those at 4n (and not
+    before it), None with a slope-0 head; a decode loop's check computes no widths after the first."""
+    from poslsh.attention.window import TAIL_DECAYS, _hybrid_widths, hybrid_widths_settle_past
+
+    def hybrid_widths_settled(slopes, eps, samples, n):
+        past = hybrid_widths_settle_past(slopes, eps, samples)
+        return past is not None and n > past
 
     slopes = poslsh.alibi_slopes(8)
     reach = math.ceil(TAIL_DECAYS / float(slopes.min()))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import poslsh
-from poslsh.attention import dispatch, public, speed
+from poslsh.attention import dispatch, plan as plan_module, public, speed
 from poslsh.attention.dispatch import register_backend
 from poslsh.attention.plan import AttentionPlan, clear_public_plans
 from poslsh.attention.reference import reference_attention
@@ -412,3 +412,34 @@ def test_public_hybrid_decode_resolves_once_its_near_field_settled(count_resolut
         spec = resolve(q, k, v, slopes=slopes, method="hybrid", partitions=layer.get(nk))
         assert rel_err(out, dispatch.select_backend(q, spec, "fused")(q, k, v, spec)[0]) <= 1e-12, nk
     assert len(calls) == 3  # 200, 201, then 300 (stored); 301 and 302 from the plan
+
+
+def test_public_reuse_keyed_on_the_arguments_as_given(count_resolutions):
+    """``poslsh.attention`` finds its plan from the arguments as given, before ``method_options`` (2.5 us
+    a call): so a call that sets an option its method ignores is never held (its warning comes at every
+    call), an argument equal to a stored one but of a rejected type (hybrid_eps=True after hybrid_eps=1)
+    is refused, and a hybrid call at a length where its near field still follows Nk is resolved afresh
+    after a plan was stored at a longer one."""
+    calls, resolve = count_resolutions
+    q, k, v = make(1, 2, 2, 1, 8, 8, torch.float64, seed=4)
+    for _ in range(3):
+        with pytest.warns(IgnoredOptionWarning, match="method='window' ignores samples"):
+            poslsh.attention(q, k, v, method="window", samples=8)
+    assert len(calls) == 3
+    slopes = torch.tensor([0.5, 0.25, 0.1, 0.05], dtype=torch.float64)
+    layer = LayerPartitions(slopes, 3, "grid", 0, 0)
+    q_all, k_all, v_all = make(1, 4, 2, 302, 302, 8, torch.float64, seed=8)
+    calls.clear()
+    for nk in (300, 301, 200, 201, 302):  # settled from 283 keys (the test above)
+        q, k, v = q_all[:, :, nk - 1:nk], k_all[:, :, :nk], v_all[:, :, :nk]
+        kw = dict(slopes=slopes, method="hybrid", partitions=layer.get(nk), hybrid_eps=0.01)
+        out = poslsh.attention(q, k, v, backend="fused", **kw)
+        spec = resolve(q, k, v, **kw)
+        assert rel_err(out, dispatch.select_backend(q, spec, "fused")(q, k, v, spec)[0]) <= 1e-12, nk
+    assert len(calls) == 3  # 300 (stored), then 200 and 201 afresh; 301 and 302 from the plan
+    poslsh.attention(q, k, v, backend="fused", slopes=slopes, method="hybrid", partitions=layer.get(302),
+                     hybrid_eps=1)
+    assert len(calls) == 4 and len(plan_module._PUBLIC) == 2  # held
+    with pytest.raises(TypeError, match="hybrid_eps must be a real number, got bool"):
+        poslsh.attention(q, k, v, backend="fused", slopes=slopes, method="hybrid", partitions=layer.get(302),
+                         hybrid_eps=True)

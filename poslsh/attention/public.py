@@ -145,18 +145,19 @@ def attention(
     _load_optional_backends()
     if backend != "auto" and backend not in BACKENDS:  # before any partition is sampled
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
-    options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
-                             hybrid_eps=hybrid_eps)
     pending = None
     if kernel is None and primitive is None and generator is None and window_size is None:
         # (window_size makes the method a cut window, which the plans' key does not hold.)
         # A call resolved before with the same arguments runs on that resolution (``plan.public_call``:
         # constant host work per decode step); a first call is validated and resolved below.
-        done, pending = public_call(q, k, v, options=options, slopes=slopes, partitions=partitions, causal=causal,
-                                    scale=scale, key_padding_mask=key_padding_mask, q_offset=q_offset,
-                                    return_lse=return_lse, backend=backend)
+        done, pending = public_call(q, k, v, method_args=(method, samples, scheme, sampling, window_eps, hybrid_eps),
+                                    slopes=slopes, partitions=partitions, causal=causal, scale=scale,
+                                    key_padding_mask=key_padding_mask, q_offset=q_offset, return_lse=return_lse,
+                                    backend=backend)
         if done is not None:
             return done
+    options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
+                             hybrid_eps=hybrid_eps)
     spec = resolve_spec(q, k, v, slopes=slopes, causal=causal, partitions=partitions, generator=generator, scale=scale,
                         key_padding_mask=key_padding_mask, kernel=kernel, q_offset=q_offset,
                         window_size=window_size, **options)

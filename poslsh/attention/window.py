@@ -147,12 +147,12 @@ def hybrid_widths(slopes: Tensor, eps: float, samples: int, n: int, kernels=None
     return torch.tensor(_hybrid_widths(per_head, kernels is not None, eps, samples, n), dtype=torch.int64)
 
 
-def hybrid_widths_settled(slopes: Tensor, eps: float, samples: int, n: int) -> bool:
-    """Whether ``hybrid_widths(slopes, eps, samples, n)`` are the widths of every longer n too (n past the
-    ALiBi tail ``_tail_reach``; False where unknown): host arithmetic on cached values, no width computed."""
+def hybrid_widths_settle_past(slopes: Tensor, eps: float, samples: int) -> int | None:
+    """The key count past which ``hybrid_widths(slopes, eps, samples, n)`` no longer depend on n (the ALiBi
+    tail ``_tail_reach``), or None where unknown (a slope 0, eps below ~1e-17)."""
     per_head = tuple(float(m) for m in slopes.detach().cpu().tolist())
     reach = _tail_reach(per_head)
-    return reach is not None and n > reach and _tail_widths(per_head, float(eps), int(samples)) is not None
+    return reach if reach is not None and _tail_widths(per_head, float(eps), int(samples)) is not None else None
 
 
 @functools.lru_cache(maxsize=64)
