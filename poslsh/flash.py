@@ -119,8 +119,9 @@ def _keys_from_first_query(k: Tensor, v: Tensor, nq: int) -> tuple[Tensor, Tenso
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
                     causal: bool = False, window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
                     deterministic: bool = False, return_attn_probs: bool = False, *, return_lse: bool = False,
-                    method: str = "exact", samples: int = 8, scheme: str = "grid", sampling: str = "iid",
-                    window_eps: float = 1e-3, hybrid_eps: float = 1e-2, partitions=None,
+                    method: str = "exact", samples: int | None = None, scheme: str | None = None,
+                    sampling: str | None = None, window_eps: float | None = None, hybrid_eps: float | None = None,
+                    partitions=None,
                     generator: torch.Generator | None = None, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor]:
     """FlashAttention-2's ``flash_attn_func`` computed by ``poslsh.attention`` (see the module docstring).
 
@@ -132,9 +133,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
         alibi_slopes: [H] or [B, H], >= 0, bias -slope * |i + Nk - Nq - j|; None: no bias.
         return_lse: also return the LSE (see Returns).
         method, samples, scheme, sampling, window_eps, hybrid_eps, partitions, generator, backend: as in
-            ``poslsh.attention``; "window" takes its widths from the slopes and ``window_eps`` and cannot
-            be combined with a cutting ``window_size``, nor can "lsh" and "hybrid". With Nq > Nk,
-            partitions cover the Nq positions of the left-padded keys.
+            ``poslsh.attention`` (None: its default); "window" takes its widths from the slopes and
+            ``window_eps`` and cannot be combined with a cutting ``window_size``, nor can "lsh" and
+            "hybrid". With Nq > Nk, partitions cover the Nq positions of the left-padded keys.
 
     Returns:
         out [B, Nq, H, Dv], contiguous, q's dtype and device; with ``return_lse`` (out, lse [B, H, Nq]

@@ -299,6 +299,20 @@ class Partitions:
 _PARTITION_FIELDS = tuple(f.name for f in dataclasses.fields(Partitions))  # (read per decode step)
 
 
+def check_given_partitions(partitions, samples, scheme) -> None:
+    """Given partitions decide the number of samples and the scheme; a ``samples`` or ``scheme`` given
+    beside them that says otherwise was ignored without a word before (lsh, samples=16 with partitions of
+    8 ran with 8)."""
+    if not isinstance(partitions, Partitions):
+        return  # None, or the dispatcher reports the type
+    if samples is not None and samples != partitions.num_samples:
+        raise ValueError(f"samples={samples!r}, but the partitions given hold {partitions.num_samples} samples "
+                         "(partitions decide r: omit samples, or draw partitions of that many samples)")
+    if scheme is not None and scheme != partitions.scheme:
+        raise ValueError(f"scheme={scheme!r}, but the partitions given are of scheme {partitions.scheme!r} "
+                         "(omit scheme, or draw partitions of that scheme)")
+
+
 def normalize_grid(widths: Tensor, offsets: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Grid (W, U) int [H, r] -> int32 [H, r] giving the same blocks on positions 0..n-1.
 

@@ -40,6 +40,10 @@ BAD = [
     (Q, K, V, {"method": "lsh", "partitions": parts(n=12)}, ValueError, r"partitions must cover the Nk=10 key positions"),
     (Q, K, V, {"method": "lsh", "partitions": parts(heads=2)}, ValueError, r"partitions must have one set per query head \(4\)"),
     (Q, K, V, {"method": "lsh", "partitions": parts(), "slopes": [0.1] * 4}, ValueError, r"partitions were drawn for slopes"),
+    (Q, K, V, {"method": "lsh", "partitions": parts(), "samples": 8}, ValueError,
+     r"samples=8, but the partitions given hold 2 samples"),  # (ran with 2, silently)
+    (Q, K, V, {"method": "hybrid", "partitions": parts(), "scheme": "cut"}, ValueError,
+     r"scheme='cut', but the partitions given are of scheme 'grid'"),
     (Q, K, V, {"partitions": parts(), "method": "exact"}, ValueError, r"partitions are only used by method='lsh'"),
     (Q, K, V, {"method": "lsh", "partitions": "grid"}, TypeError, r"partitions must be a poslsh.Partitions"),
     (Q, K, V, {"method": "window", "window_eps": 1.5}, ValueError, r"window_eps must be in \(0, 1\)"),

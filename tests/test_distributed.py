@@ -119,6 +119,9 @@ def _worker(rank, world):
     results["ring-backend"] = _error(lambda: context_parallel_attention(q, k, v, method="exact", backend="split"))
     results["zigzag-window"] = _error(lambda: context_parallel_attention(q, k, v, method="window", layout="zigzag"))
     results["not-self"] = _error(lambda: context_parallel_attention(q[:, :, :3], k, v, method="window"))
+    parts = poslsh.sample_partitions(5 * world, poslsh.alibi_slopes(2), 3, generator=torch.Generator().manual_seed(0))
+    results["samples-beside-partitions"] = _error(lambda: context_parallel_attention(  # (ran with 3, silently)
+        q, k, v, method="lsh", partitions=parts, samples=8))
     # Traffic: window halo bytes per rank do not grow with the sequence at a fixed halo (w = 10, 19 keys;
     # shards of 32 and 96 keys, so the halo is clipped by neither the shard nor the sequence).
     sent = []
@@ -157,6 +160,7 @@ def test_errors_are_raised_on_every_rank(world_results):
         "ring-backend": r"ValueError: method='exact' \(a ring merging per-block LSEs, which needs their gradient\)",
         "zigzag-window": r"ValueError: layout='zigzag' balances the causal exact ring",
         "not-self": r"ValueError: q, k, v must hold the same positions of the sharded sequence",
+        "samples-beside-partitions": r"ValueError: samples=8, but the partitions given hold 3 samples",
     }
     for rank, res in enumerate(per_rank):
         for name, pattern in expect.items():

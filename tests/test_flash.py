@@ -7,6 +7,8 @@ causal meaning right = 0, fully masked rows giving 0), and to poslsh.attention o
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -134,6 +136,23 @@ def test_approximate_methods_through_keywords():
     widths = window_sizes(slopes, 0.1, 30).tolist()
     torch.testing.assert_close(out, fa_reference(q, k, v, causal=True, window=(widths, 0), slopes=slopes),
                                atol=1e-12, rtol=0)
+
+
+def test_calls_with_their_defaults_warn_nothing():
+    """flash_attn_func's method options defaulted to values, not None, so poslsh.attention saw every
+    option as given: each call of a method that reads none or few of them warned (exact: "ignores samples,
+    scheme, sampling, window_eps, hybrid_eps"). A call sets only what it passes."""
+    q, k, v = make(nq=9, nk=12)
+    slopes = poslsh.alibi_slopes(4)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cuk = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method in ("exact", "window", "lsh", "hybrid"):
+            flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes, method=method,
+                            generator=torch.Generator().manual_seed(0))
+            flash_attn_varlen_func(q[0], k[0], v[0], cu, cuk, 5, 7, causal=True, alibi_slopes=slopes,
+                                   method=method, generator=torch.Generator().manual_seed(0))
 
 
 def test_right_padded_keys_align_to_the_last_valid_key_in_varlen():

@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..hashing import Partitions
+from ..hashing import Partitions, check_given_partitions
 from ..method import MethodSpec, method_options
 from .dispatch import BACKENDS, _load_optional_backends, available_backends, resolve_spec, select_backend
 from .plan import public_call, remember_public_call
@@ -91,7 +91,8 @@ def attention(
         samples: r, for "lsh"/"hybrid" when ``partitions`` is None (default 8).
         scheme: "grid" (default) or "cut", for "lsh"/"hybrid" when ``partitions`` is None.
         partitions: ``Partitions`` over the Nk key positions with H heads (shared across the batch),
-            for method "lsh" or "hybrid".
+            for method "lsh" or "hybrid"; they decide r and the scheme (``samples`` or ``scheme``
+            given beside them must agree).
         generator: CPU generator for sampling partitions.
         window_eps: truncation level for "window" (default 1e-3).
         scale: multiplier of q . k; default 1/sqrt(D).
@@ -141,6 +142,7 @@ def attention(
         causal = window_size is None
     else:
         causal = causal if is_causal is None else is_causal
+    check_given_partitions(partitions, samples, scheme)
     _warn_if_flash_layout(q, k)
     _load_optional_backends()
     if backend != "auto" and backend not in BACKENDS:  # before any partition is sampled

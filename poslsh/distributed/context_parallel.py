@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..attention import METHODS, available_backends, resolve_spec
 from ..attention.window import hybrid_widths, window_sizes
-from ..hashing import Partitions, sample_partitions
+from ..hashing import Partitions, check_given_partitions, sample_partitions
 from ..method import METHOD_RULES, MethodSpec, method_options, method_rule
 from .exchange import all_gather_ints
 from .halo import halo_attention
@@ -154,6 +154,7 @@ def context_parallel_attention(
     n = q.shape[2] if isinstance(q, Tensor) and q.ndim == 4 else -1
     error, slopes_t = None, None
     try:
+        check_given_partitions(partitions, samples, scheme)
         options = method_options(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
                                  hybrid_eps=hybrid_eps)
         method, samples, scheme, sampling, window_eps, hybrid_eps = (
