@@ -16,7 +16,7 @@ from poslsh.attention.core import AttentionSpec
 from poslsh.attention.fused import GridLastRow, few_rows_attention, fused_attention, few_rows_log_weights
 from poslsh.attention.reference import dense_log_weights, reference_attention
 from poslsh.attention.speed import DECODE_ROWS
-from poslsh.attention.tiled import tiled_attention
+from poslsh.attention.fused.tiled import tiled_attention
 from poslsh.attention.window import band_rules
 
 CASES = [("exact", "grid", {}), ("window", "grid", {"window_eps": 0.05}), ("lsh", "grid", {"samples": 5}),
