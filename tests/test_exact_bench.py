@@ -53,7 +53,8 @@ def test_backends_run_counts_what_auto_ran_on():
     """``backends_run`` counts the backend of each planned call (the first call of its arguments is
     resolved afresh, not counted), and leaves AttentionPlan as it was."""
     import poslsh
-    from poslsh.attention.plan import AttentionPlan, clear_public_plans
+    from poslsh.attention.plan import AttentionPlan
+    from poslsh.attention.public_plans import clear_public_plans
 
     bench = load()
     chosen = AttentionPlan._backend_for

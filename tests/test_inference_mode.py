@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import poslsh
-from poslsh.attention.plan import clear_public_plans
+from poslsh.attention.public_plans import clear_public_plans
 
 BACKENDS = ["fused", "flex", "triton"]
 

@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("attention backends", ("poslsh.attention.reference", "poslsh.attention.fused", "poslsh.attention.flex",
                             "poslsh.attention.split", "poslsh.attention.cudnn", "poslsh.attention.triton")),
     ("attention front", ("poslsh.attention", "poslsh.attention.dispatch", "poslsh.attention.plan",
-                         "poslsh.attention.public", "poslsh.flash")),
+                         "poslsh.attention.public_plans", "poslsh.attention.public", "poslsh.flash")),
     ("nn", ("poslsh.nn", "poslsh.distributed")),
     ("integrations", ("poslsh.integrations",)),
     ("library front", ("poslsh",)),

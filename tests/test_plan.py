@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import poslsh
-from poslsh.attention import dispatch, plan as plan_module, public, speed
+from poslsh.attention import dispatch, public, public_plans, speed
 from poslsh.attention.dispatch import register_backend
-from poslsh.attention.plan import AttentionPlan, clear_public_plans
+from poslsh.attention.plan import AttentionPlan
+from poslsh.attention.public_plans import clear_public_plans
 from poslsh.attention.reference import reference_attention
 from poslsh.layer_partitions import LayerPartitions
 from poslsh.method import IgnoredOptionWarning
@@ -439,7 +440,7 @@ def test_public_reuse_keyed_on_the_arguments_as_given(count_resolutions):
     assert len(calls) == 3  # 300 (stored), then 200 and 201 afresh; 301 and 302 from the plan
     poslsh.attention(q, k, v, backend="fused", slopes=slopes, method="hybrid", partitions=layer.get(302),
                      hybrid_eps=1)
-    assert len(calls) == 4 and len(plan_module._PUBLIC) == 2  # held
+    assert len(calls) == 4 and len(public_plans._PUBLIC) == 2  # held
     with pytest.raises(TypeError, match="hybrid_eps must be a real number, got bool"):
         poslsh.attention(q, k, v, backend="fused", slopes=slopes, method="hybrid", partitions=layer.get(302),
                          hybrid_eps=True)

@@ -39,11 +39,7 @@ presence and tensor addresses stay the same can be captured and replayed (``torc
 what is static: B, H, Nq, Nk, D, ``q_offset``, the mask's presence and the addresses of q, k, v and
 mask; to decode into a growing cache, capture one graph per length bucket over a preallocated cache).
 
-``poslsh.attention`` reuses plans itself (``public_call``): its resolution is cached on what the call
-gives (method and options as given, before ``method_options`` reads them; slopes by content for a list
-and by identity and version for a tensor; the partitions' grid tensors by identity and version; head
-counts, causality, scale, device, backend), so a repeated decode-shaped public call does constant host
-work too; its first call goes through ``resolve_spec``, which validates everything.
+``poslsh.attention`` keeps plans of its earlier calls itself (``public_plans``).
 """
 
 from __future__ import annotations
@@ -51,26 +47,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import weakref
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
 
 from ..alibi import alibi_slopes, check_slopes
-from ..cache_keys import version_key
 from ..checks import as_bool, as_float, as_int
 from ..hashing import UNBOUNDED_WIDTH, Partitions
 from ..layer_partitions import LayerPartitions
-from ..method import METHOD_RULES, OPTIONS, MethodSpec, as_method, ignored_options
+from ..method import MethodSpec, as_method
 from .core import AttentionSpec
 from .dispatch import Backend, available_backends, select_backend
 from .fused import GridLastRow, few_rows_attention, few_rows_log_weights, last_row_attention, takes_few_rows
 from .ranges import normalize_grid
 from .speed import DECODE_ROWS
-from .window import hybrid_widths, hybrid_widths_settle_past, window_sizes
+from .window import hybrid_widths, window_sizes
 
-__all__ = ["AttentionPlan", "HYBRID_WIDTH_N", "public_call", "remember_public_call", "clear_public_plans"]
+__all__ = ["AttentionPlan", "HYBRID_WIDTH_N"]
 
 # The length the hybrid's near field is computed for, once, and used at every length (the widths of
 # ALiBi heads converge long before: the far-field variance lives within ~1/m of the query); widths that
@@ -141,7 +134,6 @@ class AttentionPlan:
         self._tplan = None  # the Triton kernels' arrays (triton.launch.Plan), built on the first Triton call
         self._tplan_start, self._shifted = 0, None  # its first position (cut), its grid seen from a key_start
         self._random = spec.random  # (read at every call)
-        self._hybrid_field = None  # (hybrid_eps, settle_past) where poslsh.attention holds it (remember_public_call)
         self._backends: dict = {}  # (dtype, regime, grad, length bucket, mask, D == Dv) -> Backend
         self._configs: dict = {}  # (dtype, D, decode) -> the Triton tile configuration
         # (device, compute dtype) -> the decoding weights' table (``_last_row_weights``): causal "exact" and
@@ -302,10 +294,11 @@ class AttentionPlan:
             out [B, H, Nq, Dv] in q's dtype, or (out, lse [B, H, Nq]), as ``poslsh.attention``.
         """
         _, nq, nk, q_offset = self._check(q, k, v, q_offset, key_padding_mask, key_start)
-        return self._run(q, k, v, nq, nk, q_offset, key_padding_mask, return_lse, key_start)
+        return self.run_checked(q, k, v, nq, nk, q_offset, key_padding_mask, return_lse, key_start)
 
-    def _run(self, q, k, v, nq: int, nk: int, q_offset: int, key_padding_mask, return_lse: bool, start: int = 0):
-        """A call whose arguments ``_check`` accepted."""
+    def run_checked(self, q, k, v, nq: int, nk: int, q_offset: int, key_padding_mask, return_lse: bool,
+                    start: int = 0):
+        """A call whose arguments ``checked`` (or ``_check``) accepted, with the (Nq, Nk, q_offset) it gave."""
         d = q.shape[3]
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
         start = start if start and self._random else 0
@@ -462,127 +455,3 @@ def _check_same_slopes(drawn: Tensor, slopes: Tensor) -> None:
     a, b = drawn.tolist(), slopes.tolist()
     if not all(abs(x - y) <= 1e-9 * abs(y) for x, y in zip(a, b)):
         raise ValueError(f"partitions were drawn for slopes {a}, but slopes={b}")
-
-
-# --------------------------------------------------------------------------------------------------
-# poslsh.attention's reuse of plans
-# --------------------------------------------------------------------------------------------------
-
-_PUBLIC: OrderedDict = OrderedDict()  # key -> (plan, weak references that must still hold)
-PUBLIC_CACHE_SIZE = 128
-_PLAIN = frozenset((int, float, str, type(None)))  # not bool: True == 1 would find the plan of a 1, unchecked
-
-
-def _public_key(q, k, method_args: tuple, slopes, partitions, causal, scale, backend):
-    """(key, objects the key refers to by identity) of a public call, from its arguments as given (so a
-    call found here needs no ``method_options``), else None where the key cannot tell calls apart:
-    arguments of types it does not cover, trainable slopes, partitions other than grid ones.
-    ``method_args``: (method, samples, scheme, sampling, window_eps, hybrid_eps) as the caller gave them.
-    Which keys may hold a plan is decided when one is stored (``remember_public_call``)."""
-    method = method_args[0]
-    if type(method) is not str and type(method) is not MethodSpec:
-        return None
-    if not _PLAIN.issuperset(map(type, method_args[1:])):
-        return None
-    if type(causal) is not bool or type(scale) not in (int, float, type(None)):
-        return None
-    held = []
-    if slopes is None:
-        skey = None
-    elif isinstance(slopes, Tensor):
-        if slopes.requires_grad:
-            return None
-        version = version_key(slopes)
-        if version is None:  # made under inference_mode: nothing to recognise it by
-            return None
-        skey, held = ("tensor",) + version, [slopes]
-    elif isinstance(slopes, (list, tuple)) and all(type(x) in (int, float) for x in slopes):
-        skey = ("list", tuple(slopes))
-    else:
-        return None
-    pkey = None
-    if partitions is not None:
-        if not isinstance(partitions, Partitions) or partitions.scheme != "grid" or partitions.kernels is not None:
-            return None
-        held += [partitions.widths, partitions.offsets, partitions.slopes]
-        pkey = tuple(version_key(t) for t in held[-3:])
-        if None in pkey:
-            return None
-    key = (method_args, skey, pkey, causal, scale, q.shape[1], k.shape[1], q.device, backend)
-    return key, held
-
-
-def _hybrid_settled(partitions: Partitions, eps, nk: int, settle_past: int | None = None) -> bool:
-    """Whether the hybrid's near field at Nk keys (what ``resolve_spec`` gives a call) is the one a plan
-    holds for every length (``HYBRID_WIDTH_N``): true past 80 / m keys of the smallest slope
-    (``window.TAIL_DECAYS``; ``settle_past``, that count where known), where both are one cached
-    computation; a shorter cache is resolved per call."""
-    if settle_past is not None and min(nk, HYBRID_WIDTH_N) > settle_past:
-        return True  # a decode step: no slopes read, no width computed
-    if type(eps) not in (int, float) or not eps > 0:
-        return False  # the dispatcher reports it
-    slopes, r = partitions.slopes, partitions.num_samples
-    settle_past = hybrid_widths_settle_past(slopes, eps, r)
-    if settle_past is not None and min(nk, HYBRID_WIDTH_N) > settle_past:
-        return True
-    return torch.equal(hybrid_widths(slopes, eps, r, nk), hybrid_widths(slopes, eps, r, HYBRID_WIDTH_N))
-
-
-def public_call(q, k, v, *, method_args: tuple, slopes, partitions, causal, scale, key_padding_mask, q_offset,
-                return_lse: bool, backend: str):
-    """``poslsh.attention``'s result from a plan of an earlier call with the same arguments, or (None, key)
-    when there is none (``remember_public_call`` then stores the call's resolution under key, if a plan
-    can hold it)."""
-    found = _public_key(q, k, method_args, slopes, partitions, causal, scale, backend)
-    if found is None:
-        return None, None
-    key, held = found
-    hit = _PUBLIC.get(key)
-    if hit is not None:
-        plan, refs = hit
-        checked = None
-        if all(ref() is obj for ref, obj in zip(refs, held)) and (partitions is None or partitions.n == k.shape[2]):
-            checked = plan.checked(q, k, v, q_offset, key_padding_mask)
-        if checked is not None and plan._hybrid_field is not None:  # hybrid: only where its near field settled
-            eps, settle_past = plan._hybrid_field
-            if not _hybrid_settled(partitions, eps, checked[2], settle_past):
-                checked = None
-        if checked is not None:  # else resolved below, which raises the dispatcher's own error
-            _PUBLIC.move_to_end(key)
-            _, nq, nk, q_offset = checked
-            return plan._run(q, k, v, nq, nk, q_offset, key_padding_mask, return_lse), None
-    return None, (key, held)
-
-
-def remember_public_call(pending, spec: AttentionSpec, k: Tensor, options: dict, backend: str) -> None:
-    """Store a plan of a resolved public call (``pending`` from ``public_call``; ``options`` from
-    ``method_options``) where one can hold its resolution for later calls with the same arguments: not
-    lsh or hybrid without partitions (drawn afresh per call), not hybrid at a key count where its near
-    field still depends on Nk (``_hybrid_settled``), and not a call whose arguments include an option
-    its method ignores (its ``IgnoredOptionWarning`` comes at every call: a stored call skips
-    ``method_options``)."""
-    key, held = pending
-    method_args, pkey = key[0], key[2]
-    rule = METHOD_RULES[options["method"]]
-    if rule.collisions and (pkey is None or spec.partitions is None):
-        return
-    if rule.near_far and not _hybrid_settled(spec.partitions, options["hybrid_eps"], k.shape[2]):
-        return
-    if ignored_options(method_args[0], **dict(zip(OPTIONS, method_args[1:]))):
-        return
-    method = MethodSpec(**options)
-    plan = AttentionPlan(method, num_heads=spec.num_heads, num_kv_heads=k.shape[1], slopes=spec.slopes,
-                         causal=spec.causal, scale=key[4], device=k.device, partitions=spec.partitions,
-                         backend=backend)
-    if rule.near_far:  # (the partitions' slopes, whose tail ``settle_past`` is, are held by the key)
-        eps, parts = options["hybrid_eps"], spec.partitions
-        plan._hybrid_field = (eps, hybrid_widths_settle_past(parts.slopes, eps, parts.num_samples))
-    _PUBLIC[key] = (plan, [weakref.ref(obj) for obj in held])
-    while len(_PUBLIC) > PUBLIC_CACHE_SIZE:
-        _PUBLIC.popitem(last=False)
-
-
-def clear_public_plans() -> None:
-    """Forget the plans of earlier public calls (tests; a changed backend registry)."""
-    _PUBLIC.clear()
-

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..hashing import Partitions, check_given_partitions
 from ..method import MethodSpec, method_options
 from .dispatch import BACKENDS, _load_optional_backends, available_backends, resolve_spec, select_backend
-from .plan import public_call, remember_public_call
+from .public_plans import public_call, remember_public_call
 from .split.primitives import resolve_primitive
 
 __all__ = ["attention", "attention_with_widths", "LayoutWarning", "FOREIGN_KEYWORDS"]
@@ -150,7 +150,7 @@ def attention(
     pending = None
     if kernel is None and primitive is None and generator is None and window_size is None:
         # (window_size makes the method a cut window, which the plans' key does not hold.)
-        # A call resolved before with the same arguments runs on that resolution (``plan.public_call``:
+        # A call resolved before with the same arguments runs on that resolution (``public_plans``:
         # constant host work per decode step); a first call is validated and resolved below.
         done, pending = public_call(q, k, v, method_args=(method, samples, scheme, sampling, window_eps, hybrid_eps),
                                     slopes=slopes, partitions=partitions, causal=causal, scale=scale,

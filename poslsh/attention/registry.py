@@ -67,7 +67,7 @@ def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = Non
     backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
                       tuple(methods), bool(kernels), bool(slope_grad), explain, ready)
     BACKENDS[name] = backend
-    plans = sys.modules.get("poslsh.attention.plan")  # plans of public calls chose among the old registry
+    plans = sys.modules.get("poslsh.attention.public_plans")  # plans of public calls chose among the old registry
     if plans is not None:
         plans.clear_public_plans()
     return backend
