@@ -83,7 +83,7 @@ def count_matrix(partitions: Partitions) -> Tensor:
     right. Cost O(H r n + H n^2). ``count_matrix(p) / r`` is B-hat.
     """
     _check_partitions(partitions)
-    h, r, n = partitions.num_heads, partitions.num_samples, partitions.n
+    h, n = partitions.num_heads, partitions.n
     _, end = partitions.block_bounds()  # [H, r, n], values in 1..n
     rows = torch.arange(h * n, device=end.device).reshape(h, 1, n)
     flat = (rows * (n + 1) + end).reshape(-1)

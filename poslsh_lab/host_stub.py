@@ -48,7 +48,7 @@ def stub_launches(multiprocessors: int = 132, record: list | None = None) -> Ite
     from poslsh.attention.triton import launch
 
     def clear_public_plans():  # (the plans live a layer up: reached as the registry reaches them)
-        plans = sys.modules.get("poslsh.attention.plan")
+        plans = sys.modules.get("poslsh.attention.public_plans")
         if plans is not None:
             plans.clear_public_plans()
 

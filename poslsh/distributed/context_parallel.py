@@ -147,7 +147,7 @@ def context_parallel_attention(
     Returns:
         out [B, H, n_r, Dv] in q's dtype, or (out, lse) with lse [B, H, n_r] in the compute dtype.
     """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    rank = dist.get_rank(group)
     if is_causal is not None and causal is not None:
         raise TypeError("pass is_causal (SDPA's name) or causal (its alias), not both")
     causal = True if is_causal is None and causal is None else (causal if is_causal is None else is_causal)

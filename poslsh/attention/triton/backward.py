@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import EXACT, HYBRID, LSH, WINDOW, as_pos, fdiff, in_band, load_tile, lsh_counts, method_ranges, \
+from .jit import EXACT, HYBRID, WINDOW, as_pos, fdiff, in_band, load_tile, lsh_counts, method_ranges, \
     near_field, query_tile, stretches
 
 
