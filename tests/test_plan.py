@@ -444,3 +444,25 @@ def test_public_reuse_keyed_on_the_arguments_as_given(count_resolutions):
     with pytest.raises(TypeError, match="hybrid_eps must be a real number, got bool"):
         poslsh.attention(q, k, v, backend="fused", slopes=slopes, method="hybrid", partitions=layer.get(302),
                          hybrid_eps=True)
+
+
+def test_a_new_backend_or_stubbed_launches_forget_the_public_plans(count_resolutions):
+    """The registry and ``host_stub`` reach the public plans by their module's name (they sit a layer
+    below it); a renamed module would leave stale plans choosing among the old backends, silently."""
+    from poslsh_lab.host_stub import stub_launches
+
+    def stubbed():
+        with stub_launches():
+            pass
+
+    q, k, v = make(1, 4, 4, 1, 30, 8, torch.float64, seed=2)
+    for forget in (lambda: register_backend("reference", dispatch.BACKENDS["reference"].fn, priority=0), stubbed):
+        poslsh.attention(q, k, v, method="window", window_eps=0.05)
+        assert len(public_plans._PUBLIC) == 1
+        before = dict(dispatch.BACKENDS)
+        try:
+            forget()
+        finally:
+            dispatch.BACKENDS.clear()
+            dispatch.BACKENDS.update(before)
+        assert len(public_plans._PUBLIC) == 0
