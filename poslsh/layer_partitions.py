@@ -45,7 +45,7 @@ class LayerPartitions:
         self.slopes, self.samples, self.scheme, self.seed, self.layer = slopes, samples, scheme, seed, layer
         self.cache_size = cache_size
         self._grid: tuple[Tensor, Tensor] | None = None
-        self._grid_copies: dict = {}  # device -> (W, U) there
+        self._grid_copies: dict = {}  # device, and its text as ``get`` is given it -> (W, U) there
         self._chunks: list[tuple[Tensor, Tensor]] = []  # per chunk: (row ids, positions) of its cuts
         self._cache: OrderedDict[tuple, Partitions] = OrderedDict()
         self._first_reachable: tuple[int, int, int] | None = None  # grid: (from t, until t, the value)
@@ -88,12 +88,16 @@ class LayerPartitions:
         return self._remember(key, parts.to(device))
 
     def _grid_on(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        """The grid's (W, U) on ``device``, copied there once."""
-        device = torch.device(device)
-        if device not in self._grid_copies:
-            w, u = self._grid
-            self._grid_copies[device] = (w.to(device), u.to(device))
-        return self._grid_copies[device]
+        """The grid's (W, U) on ``device``, copied there once (found by the device as given: a decode
+        step's lookup builds no ``torch.device``)."""
+        found = self._grid_copies.get(device)
+        if found is None:
+            where = torch.device(device)
+            if where not in self._grid_copies:
+                w, u = self._grid
+                self._grid_copies[where] = (w.to(where), u.to(where))
+            found = self._grid_copies[device] = self._grid_copies[where]
+        return found
 
     def window(self, start: int, n: int, device: torch.device | str = "cpu") -> Partitions:
         """Partitions of positions start..start+n-1, re-indexed to 0..n-1 (for a cache whose first
