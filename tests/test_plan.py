@@ -466,3 +466,14 @@ def test_a_new_backend_or_stubbed_launches_forget_the_public_plans(count_resolut
             dispatch.BACKENDS.clear()
             dispatch.BACKENDS.update(before)
         assert len(public_plans._PUBLIC) == 0
+
+
+def test_layer_partitions_share_one_grid_whatever_the_device_is_called():
+    """``poslsh.attention`` keys its plans by the grid tensors' identity: every length and every spelling
+    of one device ("cpu", torch.device("cpu")) must give the same (W, U) objects, or each decode step
+    would be resolved afresh."""
+    layer = LayerPartitions(torch.tensor(SLOPES), 3, "grid", 0, 0)
+    first = layer.get(40)
+    for n, device in ((41, "cpu"), (42, torch.device("cpu")), (43, "cpu")):
+        parts = layer.get(n, device)
+        assert parts.widths is first.widths and parts.offsets is first.offsets, (n, device)
