@@ -305,10 +305,12 @@ def check_given_partitions(partitions, samples, scheme) -> None:
     8 ran with 8)."""
     if not isinstance(partitions, Partitions):
         return  # None, or the dispatcher reports the type
-    if samples is not None and samples != partitions.num_samples:
+    if samples is not None and as_int(samples, "samples", minimum=1) != partitions.num_samples:
         raise ValueError(f"samples={samples!r}, but the partitions given hold {partitions.num_samples} samples "
                          "(partitions decide r: omit samples, or draw partitions of that many samples)")
     if scheme is not None and scheme != partitions.scheme:
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         raise ValueError(f"scheme={scheme!r}, but the partitions given are of scheme {partitions.scheme!r} "
                          "(omit scheme, or draw partitions of that scheme)")
 

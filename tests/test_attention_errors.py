@@ -44,6 +44,8 @@ BAD = [
      r"samples=8, but the partitions given hold 2 samples"),  # (ran with 2, silently)
     (Q, K, V, {"method": "hybrid", "partitions": parts(), "scheme": "cut"}, ValueError,
      r"scheme='cut', but the partitions given are of scheme 'grid'"),
+    (Q, K, V, {"method": "lsh", "partitions": parts(), "samples": "2"}, TypeError, r"samples must be an int"),
+    (Q, K, V, {"method": "lsh", "partitions": parts(), "scheme": "hex"}, ValueError, r"scheme must be one of"),
     (Q, K, V, {"partitions": parts(), "method": "exact"}, ValueError, r"partitions are only used by method='lsh'"),
     (Q, K, V, {"method": "lsh", "partitions": "grid"}, TypeError, r"partitions must be a poslsh.Partitions"),
     (Q, K, V, {"method": "window", "window_eps": 1.5}, ValueError, r"window_eps must be in \(0, 1\)"),
