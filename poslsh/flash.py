@@ -55,6 +55,7 @@ from torch import Tensor
 
 from .attention.core import EMPTY_LSE
 from .attention.public import attention
+from .checks import as_bool
 from .method import method_rule
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
@@ -142,6 +143,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
         float32, float64 for float64 inputs; -inf where a row sees no key).
     """
     _refuse_unsupported(dropout_p, softcap, return_attn_probs)
+    causal, return_lse = as_bool(causal, "causal"), as_bool(return_lse, "return_lse")  # ("yes" was true)
     _check_layout(q, k, v)
     b, nq, h, _ = q.shape
     slopes = _slopes(alibi_slopes, method, b, h)
@@ -151,7 +153,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     k, v, keep = _keys_from_first_query(k, v, nq)
     options = dict(method=method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
                    hybrid_eps=hybrid_eps, partitions=partitions, generator=generator, backend=backend,
-                   is_causal=bool(causal), scale=softmax_scale, window_size=window_size, return_lse=True)
+                   is_causal=causal, scale=softmax_scale, window_size=window_size, return_lse=True)
     groups, inverse = torch.unique(slopes, dim=0, return_inverse=True)
     outs, lses, order = [], [], []
     for g in range(groups.shape[0]):

@@ -45,6 +45,7 @@ BAD = [
     (Q, K, V, {"method": "hybrid", "partitions": parts(), "scheme": "cut"}, ValueError,
      r"scheme='cut', but the partitions given are of scheme 'grid'"),
     (Q, K, V, {"method": "lsh", "partitions": parts(), "samples": "2"}, TypeError, r"samples must be an int"),
+    (Q, K, V, {"return_lse": "yes"}, TypeError, r"return_lse must be a bool"),  # (taken as true before)
     (Q, K, V, {"method": "lsh", "partitions": parts(), "scheme": "hex"}, ValueError, r"scheme must be one of"),
     (Q, K, V, {"partitions": parts(), "method": "exact"}, ValueError, r"partitions are only used by method='lsh'"),
     (Q, K, V, {"method": "lsh", "partitions": "grid"}, TypeError, r"partitions must be a poslsh.Partitions"),

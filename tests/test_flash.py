@@ -223,6 +223,8 @@ BAD = [
     (dict(method="lsh"), ValueError, r"method='lsh' approximates ALiBi attention: pass alibi_slopes"),
     (dict(method="window", alibi_slopes=SLOPES, window_size=(3, 0)), ValueError, r"window_size sets the window itself"),
     (dict(method="magic", alibi_slopes=SLOPES), ValueError, r"method must be one of"),
+    (dict(causal="yes"), TypeError, r"causal must be a bool"),  # (both taken as true before)
+    (dict(return_lse="yes"), TypeError, r"return_lse must be a bool"),
 ]
 
 

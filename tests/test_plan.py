@@ -477,3 +477,12 @@ def test_layer_partitions_share_one_grid_whatever_the_device_is_called():
     for n, device in ((41, "cpu"), (42, torch.device("cpu")), (43, "cpu")):
         parts = layer.get(n, device)
         assert parts.widths is first.widths and parts.offsets is first.offsets, (n, device)
+
+
+def test_plan_call_refuses_a_return_lse_that_is_not_a_bool():
+    """``return_lse="no"`` was taken as true (a tuple came back where a tensor was asked for)."""
+    q, k, v = make(1, 4, 2, 1, 9, 8, torch.float64, seed=1)
+    plan = AttentionPlan("window", num_heads=4, num_kv_heads=2, slopes=SLOPES)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        plan(q, k, v, return_lse="no")
+    assert isinstance(plan(q, k, v, return_lse=torch.tensor(False)), torch.Tensor)

@@ -294,6 +294,8 @@ class AttentionPlan:
             out [B, H, Nq, Dv] in q's dtype, or (out, lse [B, H, Nq]), as ``poslsh.attention``.
         """
         _, nq, nk, q_offset = self._check(q, k, v, q_offset, key_padding_mask, key_start)
+        if return_lse is not True and return_lse is not False:
+            return_lse = as_bool(return_lse, "return_lse")
         return self.run_checked(q, k, v, nq, nk, q_offset, key_padding_mask, return_lse, key_start)
 
     def run_checked(self, q, k, v, nq: int, nk: int, q_offset: int, key_padding_mask, return_lse: bool,

@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..checks import as_bool
 from ..hashing import Partitions, check_given_partitions
 from ..method import MethodSpec, method_options
 from .dispatch import BACKENDS, _load_optional_backends, available_backends, resolve_spec, select_backend
@@ -136,6 +137,8 @@ def attention(
         8 to 256 positions).
     """
     _check_keywords(unsupported)
+    if return_lse is not True and return_lse is not False:
+        return_lse = as_bool(return_lse, "return_lse")  # (a string was taken as true before)
     if is_causal is not None and causal is not None:
         raise TypeError("pass is_causal (SDPA's name) or causal (its alias), not both")
     if is_causal is None and causal is None:  # window_size decides (right = 0: causal), as in FlashAttention
