@@ -15,6 +15,11 @@ CASES = [("reference", "exact"), ("fused", "exact"), ("reference", "window"), ("
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+# Its tests give one set of method options to every method they loop over: the fair use that
+# IgnoredOptionWarning does not flag as an error, and whose warnings would bury the log's others.
+pytestmark = pytest.mark.filterwarnings("ignore::poslsh.method.IgnoredOptionWarning")
+
+
 def call(q, k, v, backend, method, scheme="grid", samples=4, seed=0, **kw):
     """attention() with partitions fixed by seed, so different backends see the same masks."""
     nk = k.shape[2]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from poslsh import alibi_slopes, sample_partitions
+from poslsh.method import IgnoredOptionWarning
 from poslsh_lab.experiments import attn_error, scaling
 from poslsh_lab.experiments.attn_error.measure import lsh_pairs, matched_widths, window_pairs
 from poslsh_lab.experiments.metrics import cpu_time_and_memory
@@ -69,7 +71,9 @@ def test_attn_error_small_run(tmp_path):
 
 def test_scaling_small_run(tmp_path):
     cfg = scaling.Config(lengths=(256, 512), exact_max=256, heads=2, head_dim=16, samples=2)
-    doc = scaling.run(cfg, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IgnoredOptionWarning)  # exact was given window_eps: a warning per run
+        doc = scaling.run(cfg, tmp_path)
     rows = doc["results"]["rows"]
     assert [(r["n"], r["method"]) for r in rows] == [(256, m) for m in scaling.design.METHODS] + [
         (512, m) for m in scaling.design.METHODS if m != "exact"]

@@ -78,6 +78,11 @@ SMALL_N = 40  # largest Nk for the slow backends
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
+# Its tests give one set of method options to every method they loop over: the fair use that
+# IgnoredOptionWarning does not flag as an error, and whose warnings would bury the log's others.
+pytestmark = pytest.mark.filterwarnings("ignore::poslsh.method.IgnoredOptionWarning")
+
+
 # --------------------------------------------------------------------------------------------------
 # The oracle
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ from poslsh.attention.reference import reference_attention  # noqa: E402
 from q_offset_cases import B, D, H, METHODS, NK, OFFSETS, SLOPES, inputs as _inputs, method_kwargs as _kwargs  # noqa: E402
 
 
+# Its tests give one set of method options to every method they loop over: the fair use that
+# IgnoredOptionWarning does not flag as an error, and whose warnings would bury the log's others.
+pytestmark = pytest.mark.filterwarnings("ignore::poslsh.method.IgnoredOptionWarning")
+
+
 def _run(backend, q, k, v, o, nq, kw, fn=None):
     qs = q[:, :, o:o + nq].contiguous()
     spec = resolve_spec(qs, k, v, q_offset=o, **kw)

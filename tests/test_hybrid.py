@@ -25,6 +25,11 @@ from test_sampling_modes import chernoff_check
 SLOPES = [0.1, 0.3, 1.0]
 
 
+# Its tests give one set of method options to every method they loop over: the fair use that
+# IgnoredOptionWarning does not flag as an error, and whose warnings would bury the log's others.
+pytestmark = pytest.mark.filterwarnings("ignore::poslsh.method.IgnoredOptionWarning")
+
+
 def _qkv(b=2, h=3, hkv=3, nq=37, nk=37, d=8, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, nq, d, generator=g, dtype=dtype)

@@ -24,6 +24,11 @@ TILE_BYTES = tiled_mod.TILE_BYTES
 MiB = 1 << 20
 
 
+# Its tests give one set of method options to every method they loop over: the fair use that
+# IgnoredOptionWarning does not flag as an error, and whose warnings would bury the log's others.
+pytestmark = pytest.mark.filterwarnings("ignore::poslsh.method.IgnoredOptionWarning")
+
+
 class LargestAllocation(TorchDispatchMode):
     """Records the largest storage (bytes) among the outputs of every torch op run inside it."""
 

@@ -31,6 +31,11 @@ launch = load_interpreted()
 triton_attention = launch.triton_attention
 
 
+# Its tests give one set of method options to every method they loop over: the fair use that
+# IgnoredOptionWarning does not flag as an error, and whose warnings would bury the log's others.
+pytestmark = pytest.mark.filterwarnings("ignore::poslsh.method.IgnoredOptionWarning")
+
+
 def test_kernels_really_interpreted():
     from poslsh.attention.triton import backward, forward
 

@@ -33,6 +33,11 @@ EQUIVALENT = [
 ]
 
 
+# Its tests give one set of method options to every method they loop over: the fair use that
+# IgnoredOptionWarning does not flag as an error, and whose warnings would bury the log's others.
+pytestmark = pytest.mark.filterwarnings("ignore::poslsh.method.IgnoredOptionWarning")
+
+
 @pytest.mark.parametrize("name,value,plain", EQUIVALENT, ids=[f"{n}-{type(v).__name__}" for n, v, _ in EQUIVALENT])
 def test_numpy_scalars_and_0d_tensors_are_numbers(name, value, plain):
     method = {"window_eps": "window", "hybrid_eps": "hybrid"}.get(name, "lsh")

@@ -23,7 +23,7 @@ def run_method(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     with torch.no_grad():
         if method in ("exact", "window"):
             return attention(q, k, v, slopes=slopes, causal=config.causal, method=method,
-                             window_eps=config.window_eps, backend="fused")
+                             window_eps=config.window_eps if method == "window" else None, backend="fused")
         backend = method.split("-")[1]
         return attention(q, k, v, slopes=slopes, causal=config.causal, method="lsh", samples=config.samples,
                          scheme=config.scheme, generator=generator, backend=backend)
