@@ -171,8 +171,11 @@ class ALiBiAttention(nn.Module):
                 partitions: Partitions | None = None) -> Tensor:
         """x [B, N, E] -> [B, N, E]. key_padding_mask: bool [B, N], True = keep (padded positions'
         outputs are still computed; with causal left padding they are 0 before out_proj)."""
-        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must be [B, N, {self.embed_dim}], got shape {tuple(x.shape)}")
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be [B, N, {self.embed_dim}], got {got}")
+        if not x.is_floating_point():  # (torch's linear said "expected m1 and m2 to have the same dtype")
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)

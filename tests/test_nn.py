@@ -87,6 +87,10 @@ def test_bad_configuration(kwargs, match):
 def test_bad_input_shape():
     with pytest.raises(ValueError, match=r"x must be \[B, N, 16\]"):
         ALiBiAttention(16, 4)(torch.randn(2, 5, 12))
+    with pytest.raises(ValueError, match=r"x must be \[B, N, 16\], got list"):
+        ALiBiAttention(16, 4)([[0.0] * 16])
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor, got torch.int64"):
+        ALiBiAttention(16, 4)(torch.ones(2, 5, 16, dtype=torch.long))
 
 
 def test_hybrid_module_uses_fixed_partitions_in_eval():
