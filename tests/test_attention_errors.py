@@ -23,6 +23,8 @@ Q, K, V = qkv()
 BAD = [
     # (q, k, v, kwargs, exception, message)
     (Q[0], K, V, {}, ValueError, r"q must be 4-D"),
+    (Q[0, 0, 0], K, V, {}, ValueError, r"q must be 4-D"),  # (an IndexError of the plans' key before)
+    ([1.0], K, V, {}, TypeError, r"q must be a torch.Tensor"),  # (an AttributeError before)
     (Q, K, V[..., :3, :], {}, ValueError, r"k and v must share heads and length"),
     (Q, K[..., :3], V, {}, ValueError, r"q and k must share the head dim"),
     (Q, K[:1].expand(2, -1, -1, -1), V, {}, ValueError, r"batch size"),

@@ -39,6 +39,8 @@ def _public_key(q, k, method_args: tuple, slopes, partitions, causal, scale, bac
     arguments of types it does not cover, trainable slopes, partitions other than grid ones.
     ``method_args``: (method, samples, scheme, sampling, window_eps, hybrid_eps) as the caller gave them.
     Which keys may hold a plan is decided when one is stored (``remember_public_call``)."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and q.ndim == 4 and k.ndim == 4):
+        return None  # the dispatcher names what is wrong
     method = method_args[0]
     if type(method) is not str and type(method) is not MethodSpec:
         return None
