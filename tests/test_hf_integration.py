@@ -231,6 +231,13 @@ def test_rejects_unsupported_models():
     bloom = transformers.BloomForCausalLM(_config("bloom"))
     with pytest.raises(ValueError, match="method"):
         patch_model(bloom, method="fast")
+    # Each was accepted before: evict="yes" as true, seed=2.7 as 2, a backend that does not exist until
+    # the first forward (mid-generation) refused it.
+    for kwargs, error, match in [(dict(evict="yes"), TypeError, "evict must be a bool"),
+                                 (dict(seed=2.7), TypeError, "seed must be an int"),
+                                 (dict(backend="magic"), ValueError, "backend must be 'auto' or one of")]:
+        with pytest.raises(error, match=match):
+            patch_model(bloom, method="window", **kwargs)
     assert not hasattr(bloom, "_poslsh_patch")
 
 

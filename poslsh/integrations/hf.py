@@ -157,6 +157,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention.dispatch import BACKENDS, _load_optional_backends, available_backends
+from ..checks import as_bool, as_int
 from ..hashing import UNBOUNDED_WIDTH, Partitions
 from ..method import MethodSpec, as_method
 from ..layer_partitions import CUT_CHUNK, LayerPartitions
@@ -1018,6 +1020,10 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
     family = model_family(model)
     spec = as_method(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
                      hybrid_eps=hybrid_eps)  # every option checked here, once
+    seed, evict = as_int(seed, "seed"), as_bool(evict, "evict")  # ("yes" was true, 2.7 was 2)
+    _load_optional_backends()
+    if backend != "auto" and backend not in BACKENDS:  # (else refused at the first forward, mid-generation)
+        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
     unpatch_model(model)
     own, scale = model_slopes(model)
     if slopes is None:
@@ -1030,7 +1036,7 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
             raise ValueError(f"slopes must have one value per head ({own.numel()}), got {slopes.numel()}")
     if evict and spec.rule.all_exact:
         warnings.warn("evict=True has no effect with method='exact': every cached key stays reachable", stacklevel=2)
-    options = _Options(spec, int(seed), backend, bool(evict))
+    options = _Options(spec, seed, backend, evict)
     patch = PoslshPatch(model, family, options, slopes, scale)
     if spec.rule.near_far:
         from ..attention.window import hybrid_widths
