@@ -131,6 +131,8 @@ def test_calls_read_only_the_reachable_keys():
 def test_plan_arguments_checked_when_built_and_called():
     with pytest.raises(ValueError, match="num_heads=4 must be divisible by num_kv_heads=3"):
         AttentionPlan("exact", num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="device must be a torch.device or its name .* got 'tpu'"):
+        AttentionPlan("exact", num_heads=4, device="tpu")  # (torch's RuntimeError, naming no argument, before)
     with pytest.raises(ValueError, match="slopes must have one value per query head"):
         AttentionPlan("exact", num_heads=4, slopes=[0.5])
     with pytest.raises(ValueError, match="partitions are only used by method 'lsh' or 'hybrid'"):

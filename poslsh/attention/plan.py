@@ -447,7 +447,11 @@ class AttentionPlan:
 
 
 def _as_device(device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:  # (torch's message does not say which argument)
+        raise ValueError(f"device must be a torch.device or its name (e.g. 'cuda:0'), got {device!r}: {err}") \
+            from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
