@@ -74,19 +74,14 @@ def _public_key(q, k, method_args: tuple, slopes, partitions, causal, scale, bac
     return key, held
 
 
-def _hybrid_settled(partitions: Partitions, eps, nk: int, settle_past: int | None = None) -> bool:
+def _hybrid_settled(partitions: Partitions, eps: float, nk: int, settle_past: int | None) -> bool:
     """Whether the hybrid's near field at Nk keys (what ``resolve_spec`` gives a call) is the one a plan
-    holds for every length (``HYBRID_WIDTH_N``): true past 80 / m keys of the smallest slope
-    (``window.TAIL_DECAYS``; ``settle_past``, that count where known), where both are one cached
-    computation; a shorter cache is resolved per call."""
+    holds for every length (``HYBRID_WIDTH_N``): true past ``settle_past`` keys
+    (``window.hybrid_widths_settle_past``: 80 / m of the smallest slope), computed where that is unknown
+    (a slope 0); a shorter cache is resolved per call. ``eps`` is one a call was resolved with."""
     if settle_past is not None and min(nk, HYBRID_WIDTH_N) > settle_past:
         return True  # a decode step: no slopes read, no width computed
-    if type(eps) not in (int, float) or not eps > 0:
-        return False  # the dispatcher reports it
     slopes, r = partitions.slopes, partitions.num_samples
-    settle_past = hybrid_widths_settle_past(slopes, eps, r)
-    if settle_past is not None and min(nk, HYBRID_WIDTH_N) > settle_past:
-        return True
     return torch.equal(hybrid_widths(slopes, eps, r, nk), hybrid_widths(slopes, eps, r, HYBRID_WIDTH_N))
 
 
@@ -128,18 +123,17 @@ def remember_public_call(pending, spec: AttentionSpec, k: Tensor, options: dict,
     rule = METHOD_RULES[options["method"]]
     if rule.collisions and (pkey is None or spec.partitions is None):
         return
-    if rule.near_far and not _hybrid_settled(spec.partitions, options["hybrid_eps"], k.shape[2]):
-        return
-    if ignored_options(method_args[0], **dict(zip(OPTIONS, method_args[1:]))):
-        return
-    method = MethodSpec(**options)
-    plan = AttentionPlan(method, num_heads=spec.num_heads, num_kv_heads=k.shape[1], slopes=spec.slopes,
-                         causal=spec.causal, scale=key[4], device=k.device, partitions=spec.partitions,
-                         backend=backend)
     hybrid_field = None
     if rule.near_far:  # (the partitions' slopes, whose tail ``settle_past`` is, are held by the key)
         eps, parts = options["hybrid_eps"], spec.partitions
         hybrid_field = (eps, hybrid_widths_settle_past(parts.slopes, eps, parts.num_samples))
+        if not _hybrid_settled(parts, eps, k.shape[2], hybrid_field[1]):
+            return
+    if ignored_options(method_args[0], **dict(zip(OPTIONS, method_args[1:]))):
+        return
+    plan = AttentionPlan(MethodSpec(**options), num_heads=spec.num_heads, num_kv_heads=k.shape[1],
+                         slopes=spec.slopes, causal=spec.causal, scale=key[4], device=k.device,
+                         partitions=spec.partitions, backend=backend)
     _PUBLIC[key] = (plan, [weakref.ref(obj) for obj in held], hybrid_field)
     while len(_PUBLIC) > PUBLIC_CACHE_SIZE:
         _PUBLIC.popitem(last=False)
