@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from .alibi import alibi_slopes
-from .attention import attention, available_backends
+from .attention import attention
+from .attention.dispatch import check_backend_name
 from .attention.plan import AttentionPlan
 from .cache_keys import version_key
 from .checks import as_bool, as_int
@@ -101,8 +102,7 @@ class ALiBiAttention(nn.Module):
         eval partitions seed and backend; the weights stay."""
         spec = as_method(method, **options)
         seed = None if seed is None else as_int(seed, "seed")
-        if backend != "auto" and backend not in available_backends():
-            raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+        check_backend_name(backend)
         self.spec, self.seed, self.backend = spec, seed, backend
         self.eval_partitions = (LayerPartitions(self.slopes, spec.samples, spec.scheme, 0 if seed is None else seed,
                                                 self.layer, sampling=spec.sampling, cache_size=self.EVAL_CACHE_SIZE)

@@ -83,6 +83,14 @@ def available_backends() -> list[str]:
     return [b.name for b in sorted(BACKENDS.values(), key=lambda b: -b.priority)]
 
 
+def check_backend_name(backend) -> None:
+    """ValueError unless ``backend`` is "auto" or a registered backend's name (the one check of every
+    entry that takes ``backend=``, made before any work; loads the optional backends first)."""
+    _load_optional_backends()
+    if backend != "auto" and (not isinstance(backend, str) or backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+
+
 def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto", grad: bool | None = None,
                    deferred: list[str] | None = None) -> Backend:
     """The backend that will run: the named one (checked to support the call) or, for "auto", the
@@ -106,8 +114,7 @@ def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto", grad: 
             if candidate.accepts(q, spec):
                 return candidate
         raise RuntimeError("no registered attention backend supports this call")  # reference always does
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+    check_backend_name(backend)
     chosen = BACKENDS[backend]
     if not chosen.accepts(q, spec):
         grad = ", slopes that require grad" if spec.slopes.requires_grad and not chosen.slope_grad else ""

@@ -57,7 +57,7 @@ from ..hashing import UNBOUNDED_WIDTH, Partitions
 from ..layer_partitions import LayerPartitions
 from ..method import MethodSpec, as_method
 from .core import AttentionSpec
-from .dispatch import Backend, available_backends, select_backend
+from .dispatch import Backend, check_backend_name, select_backend
 from .fused import GridLastRow, few_rows_attention, few_rows_log_weights, last_row_attention, takes_few_rows
 from .ranges import normalize_grid
 from .speed import DECODE_ROWS
@@ -114,8 +114,7 @@ class AttentionPlan:
         s = alibi_slopes(h) if slopes is None else check_slopes(slopes, "slopes")
         if s.numel() != h:
             raise ValueError(f"slopes must have one value per query head ({h}), got {s.numel()}")
-        if backend != "auto" and backend not in available_backends():
-            raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+        check_backend_name(backend)
         drawn = getattr(partitions, "samples", None) or getattr(partitions, "num_samples", None)
         if spec.random and isinstance(drawn, int) and drawn != spec.samples:
             # Given partitions decide r, as in ``poslsh.attention`` (the hybrid's near field is sized for it):

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..checks import as_bool
 from ..hashing import Partitions, check_given_partitions
 from ..method import MethodSpec, method_options
-from .dispatch import BACKENDS, _load_optional_backends, available_backends, resolve_spec, select_backend
+from .dispatch import check_backend_name, resolve_spec, select_backend
 from .public_plans import public_call, remember_public_call
 from .split.primitives import resolve_primitive
 
@@ -147,9 +147,7 @@ def attention(
         causal = causal if is_causal is None else is_causal
     check_given_partitions(partitions, samples, scheme)
     _warn_if_flash_layout(q, k)
-    _load_optional_backends()
-    if backend != "auto" and backend not in BACKENDS:  # before any partition is sampled
-        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+    check_backend_name(backend)  # before any partition is sampled
     pending = None
     if kernel is None and primitive is None and generator is None and window_size is None:
         # (window_size makes the method a cut window, which the plans' key does not hold.)

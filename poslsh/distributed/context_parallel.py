@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..attention import METHODS, available_backends, resolve_spec
+from ..attention import METHODS, resolve_spec
+from ..attention.dispatch import check_backend_name
 from ..attention.window import hybrid_widths, window_sizes
 from ..hashing import Partitions, check_given_partitions, sample_partitions
 from ..method import METHOD_RULES, MethodSpec, method_options, method_rule
@@ -91,8 +92,7 @@ def _validate(q, k, v, *, method, slopes, causal, samples, scheme, sampling, par
                          "contiguous shards (its work is local to each shard already)")
     if halo not in HALO_MODES:
         raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
-    if backend != "auto" and backend not in available_backends():
-        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+    check_backend_name(backend)
     if rule.all_exact and backend not in RING_BACKENDS:
         raise ValueError(f"method='exact' (a ring merging per-block LSEs, which needs their gradient) runs with "
                          f"backend in {RING_BACKENDS}, got {backend!r}")

@@ -157,7 +157,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention.dispatch import BACKENDS, _load_optional_backends, available_backends
+from ..attention.dispatch import check_backend_name
 from ..checks import as_bool, as_int
 from ..hashing import UNBOUNDED_WIDTH, Partitions
 from ..method import MethodSpec, as_method
@@ -1021,9 +1021,7 @@ def patch_model(model: nn.Module, method: str | MethodSpec = "exact", samples: i
     spec = as_method(method, samples=samples, scheme=scheme, sampling=sampling, window_eps=window_eps,
                      hybrid_eps=hybrid_eps)  # every option checked here, once
     seed, evict = as_int(seed, "seed"), as_bool(evict, "evict")  # ("yes" was true, 2.7 was 2)
-    _load_optional_backends()
-    if backend != "auto" and backend not in BACKENDS:  # (else refused at the first forward, mid-generation)
-        raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
+    check_backend_name(backend)  # (else refused at the first forward, mid-generation)
     unpatch_model(model)
     own, scale = model_slopes(model)
     if slopes is None:
