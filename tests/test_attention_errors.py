@@ -34,6 +34,7 @@ BAD = [
     (Q.int(), K.int(), V.int(), {}, TypeError, r"q must be float16, bfloat16, float32 or float64"),
     (Q, K, V, {"method": "linear"}, ValueError, r"method must be one of"),
     (Q, K, V, {"backend": "cuda-magic"}, ValueError, r"backend must be 'auto' or one of"),
+    (Q, K, V, {"backend": ["fused"]}, ValueError, r"backend must be 'auto' or one of"),  # (unhashable, before)
     (Q, K, V, {"slopes": [0.5, 0.25]}, ValueError, r"slopes must have one value per query head \(4\)"),
     (Q, K, V, {"slopes": [0.5, float("nan"), 0.1, 0.1]}, ValueError, r"slopes must be finite"),
     (Q, K, V, {"slopes": [0.5, -0.1, 0.1, 0.1]}, ValueError, r"slopes must be >= 0"),
