@@ -12,9 +12,11 @@ gradients) the output's own bf16 rounding, as the test suite's. (ii) timings at 
 H = 32, D = 128, bf16, causal, Press slopes, random q, k, v ~ N(0, 1); forward and forward + backward
 (``torch.autograd.grad`` of out with a random dO); ``triton.testing.do_bench`` median under 0.2 s a
 call, else the median of 3 event-timed calls (2 over 1 s a call). The order puts the comparisons the
-issue needs first (cudnn, triton, flex at every n), then the SDPA ceilings, then auto (which at the
-largest n is only asked which backend it selects); a measurement predicted to pass ``--budget-s`` is
-recorded as skipped. (iii) ``DIR/exact_gpu.json``: environment (date, device, versions incl. the
+issue needs first (cudnn, triton, flex, and flex_fa4 where FlashAttention-4 is installed, at every n), then
+the SDPA ceilings, then auto at every n but the largest (where it is only asked which backend it selects):
+with ``--write-table`` the table is written before the auto rows and auto chooses by it (what it picked
+by the shipped table is ``auto_selects``, by the new one ``auto_selects_by_new_table``); a measurement
+predicted to pass ``--budget-s`` is recorded as skipped. (iii) ``DIR/exact_gpu.json``: environment (date, device, versions incl. the
 cuDNN frontend and library, command), config, checks, rows (auto's with ``ran_on``: the backends its timed
 calls ran on, ``backends_run``), what auto selected at first, and
 ``speed_table``: the measured poslsh backends in ``poslsh.attention.speed``'s table format, regime
@@ -40,12 +42,13 @@ import torch.nn.functional as F
 
 import poslsh
 from poslsh.attention import BACKENDS, available_backends, resolve_spec, select_backend
+from poslsh.attention import speed
 from poslsh.attention.speed import BACKWARD
 from poslsh_lab.experiments.metrics import event_times
 from poslsh_lab.util import save_results
 
 NAME = "exact_gpu"
-BACKENDS_TIMED = ("cudnn", "triton", "flex")
+BACKENDS_TIMED = ("cudnn", "triton", "flex", "flex_fa4")  # those registered here
 SDPA = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION"}
 
 
@@ -213,10 +216,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             plan += [(n, c, backward) for c in BACKENDS_TIMED if c in BACKENDS]
         for backward in (False, True):
             plan += [(n, c, backward) for c in SDPA]
-        if n != biggest:
-            plan += [(n, "auto", False), (n, "auto", True)]
+    # auto last, at every n but the biggest: with --write-table it chooses by the table this run wrote
+    plan += [(n, "auto", backward) for n in sorted(args.ns) if n != biggest for backward in (False, True)]
     inputs: dict[int, tuple] = {}
     for n, column, backward in plan:
+        if column == "auto" and args.write_table and "table_written" not in res:
+            res["table_written"] = str(args.write_table)
+            write_table(args, res)
+            speed.load_table(args.write_table)
+            inputs.clear()  # auto_selects are asked again, by the new table
         pas = "fwd+bwd" if backward else "fwd"
         row: dict[str, Any] = {"column": column, "n": n, "pass": pas}
         prev = last_ms.get((column, pas))
@@ -233,7 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    for _ in range(4))
                     inputs[n] = (q, k, v, do)
                     spec = resolve_spec(q, k, v, causal=True)
-                    res["auto_selects"][str(n)] = {
+                    picks = "auto_selects_by_new_table" if "table_written" in res else "auto_selects"
+                    res.setdefault(picks, {})[str(n)] = {
                         "fwd": select_backend(q, spec).name,
                         "fwd+bwd": select_backend(q.detach().requires_grad_(), spec).name}
                 q, k, v, do = inputs[n]
@@ -282,17 +291,23 @@ def merge_table(path: Path, fragment: dict[str, Any], provenance: dict[str, Any]
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
+def write_table(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """Merge this run's measurements (so far) into ``--write-table``'s speed table."""
+    doc = json.loads((args.out / f"{NAME}.json").read_text())
+    env = doc["environment"]
+    merge_table(args.write_table, speed_table(res["rows"], torch.cuda.get_device_name()),
+                {"device": env["device"], "date": env["date"][:10], "command": env["command"],
+                 "source": f"{NAME}.json"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if not torch.cuda.is_available():
         print("exact_gpu needs a CUDA device", file=sys.stderr)
         return 2
     res = run(args)
-    if args.write_table:
-        doc = json.loads((args.out / f"{NAME}.json").read_text())
-        env = doc["environment"]
-        merge_table(args.write_table, res["speed_table"], {"device": env["device"], "date": env["date"][:10],
-                                                           "command": env["command"], "source": f"{NAME}.json"})
+    if args.write_table and "table_written" not in res:  # a run without auto rows (one n)
+        write_table(args, res)
     bad = [c for c in res["checks"] if c.get("ok") is False]
     return 1 if bad else 0
 

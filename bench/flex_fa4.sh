@@ -4,6 +4,8 @@
 # Run from the repo root:
 #   call 1, carry [".whl_fa4/call1"]:  bash bench/flex_fa4.sh stage
 #   call 2, carry [".whl_fa4/call2"]:  bash bench/flex_fa4.sh run --json "$OUT/flex_fa4.json" [check args]
+#   or, for any command with FlashAttention-4 importable (the poslsh "flex_fa4" backend registered):
+#                                       bash bench/flex_fa4.sh with COMMAND...
 # (call 2 must come while the machine of call 1 is still warm: it needs part00 left by call 1.)
 # `run` reassembles the split wheel, checks every wheel's sha256, installs them with pip --target
 # /tmp/site_fa4 (no index, no deps: torch, triton, cuda-bindings, numpy, einops, protobuf, typing_extensions
@@ -21,7 +23,7 @@
 #     quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
 #   then split -b 50M the libs-cu13 wheel into <wheel>.part00 (call1/) and .part01 (call2/, with the other
 #   wheels) and write each folder's SHA256SUMS (call2's last line: the whole libs-cu13 wheel's).
-# Not yet run on a GPU (session 10 had no device time left for the two calls).
+# First run on an H100 in session 12 (bench/results/flex_fa4_h100_s12).
 set -u
 
 cd "$(dirname "$0")/.." || exit 2
@@ -46,7 +48,7 @@ stage() {
     echo "[flex_fa4.sh] staged part00 in $STAGE (and $DIR/call1); now call 2 within ~30 s"
 }
 
-run() {
+install() {
     local part01 split part00=""
     part01=$(ls "$DIR"/call2/*.whl.part01 2>/dev/null | head -n 1)
     if [ -z "$part01" ]; then
@@ -105,12 +107,19 @@ try:
     ok = ensure_flash_available()
     print(f"[flex_fa4.sh] import flash_attn.cute: OK in {time.time() - t:.1f} s ({flash_attn.cute.__file__}); "
           f"torch ensure_flash_available() = {ok}")
-    sys.exit(0 if ok else 1)
-except BaseException:
+except Exception:
     print("[flex_fa4.sh] import flash_attn.cute: FAILED")
     traceback.print_exc()
-    sys.exit(1)
+    ok = False
+sys.exit(0 if ok else 1)
 EOF
+    return "$import_rc"
+}
+
+run() {
+    local import_rc=0
+    install || import_rc=$?
+    [ "$import_rc" -gt 1 ] && return "$import_rc"
     local left=$(( ${FA4_BUDGET_S:-235} - ( $(date +%s) - T0 ) ))
     [ "$left" -lt 30 ] && left=30
     echo "[flex_fa4.sh] running bench/flex_fa4_check.py with --budget-s $((left - 15)) (hard limit ${left} s)"
@@ -131,5 +140,10 @@ case "$mode" in
             exit "${PIPESTATUS[0]}"
         fi
         run "$@" ;;
-    *) echo "usage: bash bench/flex_fa4.sh stage | run [--json PATH] [flex_fa4_check.py args]"; exit 2 ;;
+    with)  # install, then run the given command with FlashAttention-4 on PYTHONPATH
+        install 2>&1 | tee -a "${OUT:-/tmp}/flex_fa4.log"
+        [ "${PIPESTATUS[0]}" -gt 1 ] && exit 3
+        export PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+        "$@" ;;
+    *) echo "usage: bash bench/flex_fa4.sh stage | run [--json PATH] [flex_fa4_check.py args] | with COMMAND..."; exit 2 ;;
 esac

@@ -9,9 +9,11 @@
 #                others): one decode step (B = 1, H = 32, D = 128, bf16) per
 #                method through the plan (pre-bound and JIT launches) and the public call: enqueue, wall,
 #                GPU-event, graph-replay time, at DECODE_NK cached keys; a host-time profile at the first
-#   exact        bench/exact_gpu.py: exact ALiBi through poslsh.attention (cudnn, triton, flex, auto) beside
+#   exact        bench/exact_gpu.py: exact ALiBi through poslsh.attention (cudnn, triton, flex, flex_fa4 where
+#                FlashAttention-4 is installed: run as `bash bench/flex_fa4.sh with ... bash bench/gpu_steps.sh`, auto) beside
 #                bias-free SDPA (cuDNN and flash), 16K-256K, forward and forward + backward, within a budget;
-#                the shipped speed table with those measurements merged ($OUT/speed_table.json)
+#                the shipped speed table with those measurements merged ($OUT/speed_table.json); EXACT_ARGS: more
+#                arguments (e.g. "--ns 16384 65536")
 #   sweep        bench/kernel_sweep.py: the Triton kernels' variants, forward and forward + backward per method
 #                (SWEEP_ARGS: more arguments, e.g. "--methods window lsh --variants ...")
 #   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm (GEN_ARMS, GEN_CONTEXTS pick), within
@@ -30,7 +32,8 @@ STEPS=${STEPS:-tests decode}
 mkdir -p "$OUT"
 log=$OUT/log.txt
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"  # kept: bench/flex_fa4.sh with ... puts FlashAttention-4 there
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # SIGINT at the limit (then KILL 15 s later): pytest prints the failures it has seen (session 8's cut
@@ -44,7 +47,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 run_tests() {
   step ${T_TESTS:-120} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_cudnn.py tests/test_plan.py \
     tests/test_cuda_public_calls.py tests/test_hf_integration.py tests/test_launcher.py tests/test_hf_graph.py \
-    -k "cuda or cudnn or graph or prebound"
+    tests/test_flex_fa4.py -k "cuda or cudnn or graph or prebound or gpu or installed"
 }
 run_conformance() {
   # --maxfail: a failure's report reaches the log before the step's limit (session 7's run was cut at 80 s
@@ -63,7 +66,7 @@ run_decode() {
 run_exact() {
   cp poslsh/attention/speed_table.json "$OUT/"
   step ${T_EXACT:-110} python3 bench/exact_gpu.py --out "$OUT/exact_gpu" --write-table "$OUT/speed_table.json" \
-    --budget-s $(( ${T_EXACT:-110} - 20 ))
+    --budget-s $(( ${T_EXACT:-110} - 20 )) ${EXACT_ARGS:-}
 }
 run_sweep() {
   step ${T_SWEEP:-240} python3 bench/kernel_sweep.py --budget-s $(( ${T_SWEEP:-240} - 30 )) --json "$OUT/kernel_sweep.json" \

@@ -16,11 +16,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["measured_order", "regime", "TABLE_PATH", "DECODE_ROWS", "BACKWARD"]
+__all__ = ["measured_order", "regime", "load_table", "TABLE_PATH", "DECODE_ROWS", "BACKWARD"]
 
 TABLE_PATH = Path(__file__).with_name("speed_table.json")
 DECODE_ROWS = 16  # at most this many query rows: decoding (the Triton launcher's switch too)
@@ -33,14 +34,24 @@ def regime(nq: int, grad: bool = False) -> str:
     return ("decode" if nq <= DECODE_ROWS else "prefill") + (BACKWARD if grad else "")
 
 
-def _load() -> dict:
+def _load(path: Path = TABLE_PATH) -> dict:
     try:
-        return json.loads(TABLE_PATH.read_text()).get("devices", {})
+        return json.loads(Path(path).read_text()).get("devices", {})
     except (OSError, ValueError):
         return {}
 
 
 _TABLE = _load()
+
+
+def load_table(path: Path | str = TABLE_PATH) -> None:
+    """Consult the table at ``path`` from now on (a benchmark that has just measured and written one asks
+    "auto" what it picks by it); the plans of earlier public calls, which chose by the old one, are dropped."""
+    global _TABLE
+    _TABLE = _load(path)
+    plans = sys.modules.get("poslsh.attention.public_plans")
+    if plans is not None:
+        plans.clear_public_plans()
 
 
 @functools.lru_cache(maxsize=16)

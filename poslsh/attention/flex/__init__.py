@@ -4,6 +4,7 @@ lsh, hybrid. Registered on import when FlexAttention exists; held to the referen
 tests/test_flex.py and to the oracle in test_conformance.py.
 """
 
+from . import flash  # noqa: F401  (registers "flex_fa4" where FlashAttention-4 is installed)
 from .backend import (alibi_score, band_mask, causal_mask, clear_cache, collision_mask, cut_counts, flex_attention_spec,
                       flex_available, flex_mods, grid_counts, lsh_score, normalize_grid, padding_mask, range_block_mask,
                       supports_flex, where_score)

@@ -1,0 +1,184 @@
+"""The "flex_fa4" backend: the flex backend's score and mask mods run by FlexAttention's FlashAttention-4
+kernels (``kernel_options={"BACKEND": "FLASH"}``: the CuTe DSL kernels of the ``flash-attn-4`` package),
+for exact ALiBi and the per-head window, on Hopper and newer GPUs.
+
+On an H100 these run exact causal ALiBi at ~550 TFLOP/s where FlexAttention's Triton template runs ~400
+(``bench/results/flex_fa4_h100_s12``), with any slopes (cuDNN's built-in ALiBi takes only the Press
+slopes of the head count).
+
+One gap is closed here: FlashAttention-4's backward takes no gradient of the log-sum-exp (dLSE). The
+kernel's LSE is therefore returned detached from inside the compiled call (so its backward never sees a
+dLSE) and re-attached by ``LseGradient``, whose backward adds the LSE's share by two more kernel calls:
+with P the attention weights and s = scale,
+
+    d lse_i / d q_i = s sum_j P_ij k_j          = s (P k)_i          (attention with values k)
+    d lse_i / d k_j = s sum_i P_ij q_i dlse_i   = s (P^T (dlse q))_j (its value gradient)
+
+so training through ``return_lse=True`` or the split form's LSE merges is exact as well; the extra calls
+run only when the LSE gets a gradient. Slopes that require grad are not served (the kernels take no
+gradient of captured tensors).
+
+Installed by ``pip install flash-attn-4`` (which brings the CUTLASS DSL); registered when that package
+is importable and CUDA is present. The first call at a shape compiles (seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core import EMPTY_LSE, AttentionSpec
+from .backend import DEFAULT_BLOCK, flex_available, flex_mods
+
+__all__ = ["flex_fa4_attention", "supports_flex_fa4", "explain_flex_fa4", "fa4_installed", "LseGradient",
+           "HEAD_DIMS"]
+
+HEAD_DIMS = (64, 96, 128)  # FlashAttention-4's head dims on Hopper (q, k and v alike)
+FLASH = {"BACKEND": "FLASH"}
+
+
+@functools.lru_cache(maxsize=1)
+def fa4_installed() -> bool:
+    """Whether FlashAttention-4's CuTe kernels (``flash_attn.cute``) can be imported; not imported here
+    (its first import takes seconds)."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # a flash_attn without cute (FlashAttention-2), or a broken one
+        return False
+
+
+def _attend_detached_lse(q: Tensor, k: Tensor, v: Tensor, score_mod: Callable, block_mask: Any,
+                         scale: float, enable_gqa: bool, kernel_options: dict | None) -> tuple[Tensor, Tensor]:
+    """flex_attention's (out, lse), the LSE detached inside the call: FlashAttention-4's backward is then
+    asked for dO only (``LseGradient`` supplies the LSE's share)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                              enable_gqa=enable_gqa, return_lse=True, kernel_options=kernel_options)
+    return out, lse.detach()
+
+
+_compiled: Callable | None = None
+
+
+def _attend_fn(device: torch.device) -> Callable:
+    """``_attend_detached_lse`` compiled on CUDA (static shapes, as the flex backend's), eager elsewhere."""
+    global _compiled
+    if device.type != "cuda":
+        return _attend_detached_lse
+    if _compiled is None:
+        from .backend import _flex_fn
+
+        _flex_fn(device)  # raises the compile cache limits for one kernel per shape, as the flex backend does
+        _compiled = torch.compile(_attend_detached_lse, dynamic=False)
+    return _compiled
+
+
+class LseGradient(torch.autograd.Function):
+    """lse (from a detached kernel call) made differentiable in q and k: the backward adds
+    dq = s dlse (P k) and dk = s P^T (dlse q), each from one more call of ``attend`` (module docstring).
+
+    ``attend(q, k, v) -> (out, lse)`` is the same kernel with the same mods; q [B, H, Nq, D],
+    k [B, Hkv, Nk, D], lse [B, H, Nq] float32."""
+
+    @staticmethod
+    def forward(ctx: Any, lse: Tensor, q: Tensor, k: Tensor, attend: Callable, scale: float) -> Tensor:
+        ctx.save_for_backward(q, k)
+        ctx.attend, ctx.scale = attend, scale
+        ctx.set_materialize_grads(False)
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx: Any, dlse: Tensor | None):
+        if dlse is None:
+            return None, None, None, None, None
+        q, k = ctx.saved_tensors
+        weight = (ctx.scale * dlse).to(q.dtype)[..., None]  # [B, H, Nq, 1]
+        with torch.enable_grad():
+            values = k.detach().requires_grad_()
+            pk, _ = ctx.attend(q.detach(), k.detach(), values)  # P k: [B, H, Nq, D]
+            (dk,) = torch.autograd.grad(pk, values, grad_outputs=weight * q)  # P^T (s dlse q), GQA summed
+        dq = weight * pk.detach()
+        return None, dq if ctx.needs_input_grad[1] else None, dk if ctx.needs_input_grad[2] else None, None, None
+
+
+def flex_fa4_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, block: int = DEFAULT_BLOCK,
+                       kernel_options: dict | None = FLASH) -> tuple[Tensor, Tensor]:
+    """Run ``spec`` (exact or window) through FlexAttention's FlashAttention-4 kernels.
+
+    Args:
+        q: [B, H, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, D] (float16 or bfloat16, CUDA, D in
+            ``HEAD_DIMS``; ``supports_flex_fa4``).
+        spec: from ``poslsh.attention.resolve_spec``.
+        kernel_options: FlexAttention's; None runs its default template (the CPU tests of the LSE's
+            gradient use that, eagerly).
+
+    Returns:
+        (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] float32), both differentiable in q, k, v.
+    """
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv != d:  # zero columns: q.k and the first Dv output columns unchanged
+        if max(d, dv) not in HEAD_DIMS:
+            raise ValueError(f"the flex_fa4 backend takes q, k and v head dims in {HEAD_DIMS} (or a smaller v "
+                             f"dim, padded), got q {d} and v {dv}")
+        q, k, v = (F.pad(t, (0, max(d, dv) - t.shape[-1])) for t in (q, k, v))
+    nq, nk = q.shape[2], k.shape[2]
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    score_mod, block_mask = flex_mods(spec, nq, nk, q.device, block, with_q_blocks=need_grad)
+    fn, gqa = _attend_fn(q.device), q.shape[1] != k.shape[1]
+
+    def attend(q_: Tensor, k_: Tensor, v_: Tensor) -> tuple[Tensor, Tensor]:
+        return fn(q_, k_, v_, score_mod, block_mask, spec.scale, gqa, kernel_options)
+
+    # q, k, v carry the compute dtype already; autocast around compiled flex_attention is fragile (as the
+    # flex backend says), so it is switched off where it is on
+    autocast = torch.is_autocast_enabled(q.device.type)
+    with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        out, lse = attend(q, k, v)
+    lse = lse.float()
+    if need_grad and (q.requires_grad or k.requires_grad):
+        lse = LseGradient.apply(lse, q, k, attend, float(spec.scale))
+    if spec.key_padding_mask is not None:  # rows that see no key: the library's EMPTY_LSE, not -inf
+        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, EMPTY_LSE), lse)
+    return out[..., :dv], lse
+
+
+def explain_flex_fa4(q: Tensor, spec: AttentionSpec) -> str | None:
+    """Why the flex_fa4 backend cannot serve this call (the dispatcher's error names it), or None."""
+    if not fa4_installed():
+        return "FlashAttention-4 is not installed (pip install flash-attn-4)"
+    if q.device.type != "cuda":
+        return f"it runs on CUDA devices only, got {q.device}"
+    if torch.cuda.get_device_capability(q.device)[0] < 9:
+        return f"it needs a Hopper or newer GPU (compute capability 9.0+), got {torch.cuda.get_device_name(q.device)}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"it takes float16 or bfloat16, got {q.dtype}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"it takes head dims {HEAD_DIMS}, got {q.shape[-1]}"
+    return None
+
+
+def supports_flex_fa4(q: Tensor, spec: AttentionSpec) -> bool:
+    """FlashAttention-4 installed, a Hopper+ GPU, fp16/bf16, D in ``HEAD_DIMS`` (methods, slope gradients
+    and value dims are checked by the registry and the dispatcher)."""
+    return explain_flex_fa4(q, spec) is None
+
+
+def _register() -> None:
+    if not (flex_available and fa4_installed() and torch.cuda.is_available()):
+        return
+    from ..registry import register_backend
+
+    # Below the flex and Triton backends: "auto" takes it where the shipped speed table measured it
+    # fastest (its first call at a shape compiles for seconds).
+    register_backend("flex_fa4", flex_fa4_attention, supports_flex_fa4, priority=40, methods=("exact", "window"),
+                     explain=explain_flex_fa4)
+
+
+_register()

@@ -1,0 +1,167 @@
+"""The "flex_fa4" backend (FlexAttention's FlashAttention-4 kernels, ``poslsh/attention/flex/flash.py``).
+
+On the CPU: the LSE's gradient (``LseGradient``, the term FlashAttention-4's backward lacks) against the
+float64 reference's, with the reference as its kernel; the backend's forward through eager FlexAttention
+(``kernel_options=None``: FlexAttention has no CPU backward) against the reference; the error naming
+what is missing when FlashAttention-4 is not installed. On a GPU with ``flash-attn-4`` installed
+(``bench/flex_fa4.sh``): forward and backward, through out and lse, against the float64 reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import poslsh
+from poslsh.attention import resolve_spec
+from poslsh.attention.flex.flash import LseGradient, explain_flex_fa4, fa4_installed, flex_fa4_attention
+from poslsh.attention.reference import reference_attention
+from poslsh_lab.experiments.metrics import relative_error
+
+from tolerances import low_precision_bound
+
+pytest.importorskip("torch.nn.attention.flex_attention")
+
+H, HKV = 4, 2
+
+
+def inputs(nq: int, nk: int, d: int, dv: int, dtype=torch.float64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, H, nq, d, generator=g, dtype=dtype), torch.randn(2, HKV, nk, d, generator=g, dtype=dtype),
+            torch.randn(2, HKV, nk, dv, generator=g, dtype=dtype))
+
+
+def spec_of(q, k, v, method, causal, mask=None):
+    return resolve_spec(q, k, v, slopes=poslsh.alibi_slopes(H) * 0.3, causal=causal, method=method, window_eps=0.05,
+                        key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("method,causal", [("exact", True), ("exact", False), ("window", True)])
+def test_lse_gradient_equals_the_references(method, causal):
+    """out from the kernel (its own backward), lse detached and re-attached by LseGradient: the gradients of
+    a loss through both equal those of the reference's (out, lse) (grouped KV, Nq < Nk, float64)."""
+    q, k, v = (t.requires_grad_() for t in inputs(37, 70, 16, 16))
+    spec = spec_of(q, k, v, method, causal)
+
+    def attend(q_, k_, v_):
+        return reference_attention(q_, k_, v_, spec)
+
+    out, lse = attend(q, k, v)
+    lse = LseGradient.apply(lse.detach(), q, k, attend, spec.scale)
+    g, h = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * g).sum() + (lse * h).sum(), (q, k, v), retain_graph=True)
+    ro, rl = reference_attention(q, k, v, spec)
+    want = torch.autograd.grad((ro * g).sum() + (rl * h).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, want):
+        assert relative_error(a, b) < 1e-12, name
+    # and the LSE's share alone is not zero: without LseGradient the gradients differ
+    plain = torch.autograd.grad((out * g).sum() + (lse.detach() * h).sum(), (q, k), allow_unused=True)
+    assert relative_error(plain[0], want[0]) > 1e-3
+
+
+def test_lse_gradient_only_where_asked():
+    """No gradient of lse: LseGradient's backward makes no extra kernel call."""
+    q, k, v = (t.requires_grad_() for t in inputs(8, 8, 16, 16))
+    spec = spec_of(q, k, v, "exact", True)
+    calls = []
+
+    def attend(q_, k_, v_):
+        calls.append(1)
+        return reference_attention(q_, k_, v_, spec)
+
+    out, lse = attend(q, k, v)
+    lse = LseGradient.apply(lse.detach(), q, k, attend, spec.scale)
+    out.sum().backward()
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("method,causal,nq,d,dv,padded", [
+    ("exact", True, 45, 64, 64, False), ("exact", False, 70, 64, 64, True), ("window", True, 1, 64, 64, False),
+    ("exact", True, 33, 64, 32, False),  # a smaller value dim, zero-padded
+])
+def test_forward_matches_reference_on_cpu(method, causal, nq, d, dv, padded):
+    q, k, v = inputs(nq, 70, d, dv, torch.float32)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 70, dtype=torch.bool)
+        mask[1, 50:] = False
+    spec = spec_of(q, k, v, method, causal, mask)
+    out, lse = flex_fa4_attention(q, k, v, spec, block=16, kernel_options=None)
+    spec64 = spec_of(q.double(), k.double(), v.double(), method, causal, mask)
+    ro, rl = reference_attention(q.double(), k.double(), v.double(), spec64)
+    assert out.shape == ro.shape and relative_error(out, ro) < 1e-5 and relative_error(lse, rl) < 1e-5
+
+
+def test_value_dim_past_the_kernels_is_refused():
+    q, k, v = inputs(8, 8, 64, 160, torch.float32)
+    with pytest.raises(ValueError, match="head dims"):
+        flex_fa4_attention(q, k, v, spec_of(q, k, v, "exact", True), kernel_options=None)
+
+
+@pytest.mark.skipif(fa4_installed(), reason="FlashAttention-4 is installed here")
+def test_not_installed_is_named():
+    """Without flash-attn-4 the backend is not registered (asking for it names the registered ones), and
+    its explanation names the package."""
+    from poslsh.attention import available_backends
+
+    q, k, v = inputs(8, 8, 16, 16, torch.float32)
+    assert "flash-attn-4" in explain_flex_fa4(q, spec_of(q, k, v, "exact", True))
+    assert "flex_fa4" not in available_backends()
+    with pytest.raises(ValueError, match="backend must be"):
+        poslsh.attention(q, k, v, backend="flex_fa4")
+
+
+# --------------------------------------------------------------------------------------------------
+# On a Hopper GPU with flash-attn-4 installed
+# --------------------------------------------------------------------------------------------------
+
+on_fa4 = pytest.mark.skipif(not (torch.cuda.is_available() and fa4_installed()
+                                 and torch.cuda.get_device_capability()[0] >= 9),
+                            reason="a Hopper+ GPU with flash-attn-4 installed (bench/flex_fa4.sh)")
+
+GPU_CASES = {  # method, causal, nq, nk, d, gqa, padded, dtype
+    "causal exact d128": ("exact", True, 300, 300, 128, False, False, torch.bfloat16),
+    "causal exact d128 fp16": ("exact", True, 300, 300, 128, False, False, torch.float16),
+    "causal exact d64 gqa": ("exact", True, 300, 300, 64, True, False, torch.bfloat16),
+    "bidirectional exact": ("exact", False, 257, 257, 128, False, False, torch.bfloat16),
+    "exact nq < nk": ("exact", True, 129, 513, 128, False, False, torch.bfloat16),
+    "exact padded": ("exact", True, 256, 256, 128, False, True, torch.bfloat16),
+    "causal window": ("window", True, 513, 513, 128, False, False, torch.bfloat16),
+    "window gqa nq < nk": ("window", True, 100, 1025, 64, True, False, torch.bfloat16),
+}
+
+
+@on_fa4
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_flex_fa4_matches_reference_on_gpu(name):
+    """Through ``poslsh.attention(backend="flex_fa4", return_lse=True)``: out, lse and the q, k, v gradients
+    of a loss through both, against the float64 reference on the CPU."""
+    method, causal, nq, nk, d, gqa, padded, dtype = GPU_CASES[name]
+    g = torch.Generator().manual_seed(1)
+    hkv = HKV if gqa else H
+    q, k, v = (torch.randn(2, h, n, d, generator=g).to(dtype) for h, n in ((H, nq), (hkv, nk), (hkv, nk)))
+    mask = None
+    if padded:
+        mask = torch.ones(2, nk, dtype=torch.bool)
+        mask[1, nk - 60:] = False
+    kw = dict(slopes=poslsh.alibi_slopes(H).double() * 0.5, is_causal=causal, method=method, window_eps=1e-2,
+              return_lse=True)
+    xs = [t.cuda().requires_grad_() for t in (q, k, v)]
+    out, lse = poslsh.attention(*xs, key_padding_mask=None if mask is None else mask.cuda(), backend="flex_fa4", **kw)
+    gout, glse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    grads = torch.autograd.grad((out.float() * gout.cuda()).sum() + (lse * glse.cuda()).sum(), xs)
+    ys = [t.double().requires_grad_() for t in (q, k, v)]
+    ro, rl = poslsh.attention(*ys, key_padding_mask=mask, backend="reference", **kw)
+    want = torch.autograd.grad((ro * gout.double()).sum() + (rl * glse.double()).sum(), ys)
+    tol = low_precision_bound(ro, dtype)
+    assert relative_error(out.cpu(), ro) < tol
+    assert relative_error(lse.cpu(), rl) < 1e-3
+    for n, a, b in zip("qkv", grads, want):
+        assert relative_error(a.cpu(), b) < 4 * tol, n
+
+
+@on_fa4
+def test_registered_where_installed():
+    from poslsh.attention import available_backends
+
+    assert "flex_fa4" in available_backends()
