@@ -2,13 +2,15 @@
 that runs out of memory (simulated) recorded and skipped at longer prompts or retried in chunks, greedy
 tokens of the patched exact model equal to transformers' own, eviction changing no token, the JSON
 round trip and --replot, the README sentence and the docs/RESULTS.md section from a JSON, the aims on
-synthetic rows, the deadline, a local checkpoint and a config file in place of a shape, and bad flags;
+synthetic rows, the deadline, a local checkpoint and a config file in place of a shape, rounds of
+alternating arm order and the paired per-round ratio to native's, and bad flags;
 the GPU-only measurements (peak memory, CUDA events, kernel time) in a CUDA-only test."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -207,6 +209,8 @@ def test_deadline_estimate_skips_what_would_not_finish():
     (["--samples", "0"], r"samples:? must be >= 1"),
     (["--prefill-chunk", "-1"], r"prefill[-_]chunk:? must be >= 0"),
     (["--budget-s", "-1"], r"budget[-_]s:? must be >= 0"),
+    (["--rounds", "0"], r"rounds:? must be >= 1"),
+    (["--rounds", "1.5"], r"rounds: invalid int value"),
     (["--model", "/no/such/folder"], r"model must be a checkpoint folder"),
     (["--config-file", "/no/such/config.json"], r"config_file must be a config.json"),
 ])
@@ -351,3 +355,112 @@ def test_warm_up_decodes_past_a_multiple_of_16(monkeypatch, tmp_path):
     clock = measure.Run("generate-bench", tmp_path / "x.json", cfg, results)
     measure._warm(None, cfg, torch.device("cpu"), 64, clock, results)
     assert len(steps) == 2 and all(n >= 17 for n in steps), steps
+
+
+def test_rounds_alternate_the_arm_order_and_fold_into_one_row(tmp_path, monkeypatch):
+    """rounds=3: at each prompt length the arms run in the given order, reversed, then given again; a row keeps
+    each round's time per token and their median, the first round's tokens and whether every round generated
+    them; a round that runs out of memory gets a row of its own, and its arm is neither repeated nor measured
+    at longer prompts. (measure_point replaced: each arm's rounds take 3, 9 and 1 ms per token.)"""
+    calls = []
+    per_round_ms = (3.0, 9.0, 1.0)  # median 3, mean 4.33
+
+    def point(model, cfg, arm, ids, device, row, chunk):
+        n = ids.shape[1]
+        k = calls.count((arm, n))  # the arm's round at n, from 0
+        calls.append((arm, n))
+        row.update(prefill_chunk=None, phase="prefill")
+        if arm == "window" and k == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        tokens = [5, 6, 8 if arm == "exact" and k == 2 else 7]  # exact's third round generates another token
+        row.update(phase="done", prefill_s=0.1 * (k + 1), prompt_tokens_per_s=n / (0.1 * (k + 1)), tokens=tokens,
+                   step_ms=[per_round_ms[k]], ms_per_token=per_round_ms[k],
+                   kv={"held_bytes": 1, "full_bytes": 1, "positions": n})
+
+    monkeypatch.setattr(measure, "measure_point", point)
+    arms = ("native", "exact", "window")
+    doc = gb.run(gb.Config(tiny=True, contexts=(64, 96), arms=arms, rounds=3, warmup_context=0, plots=False,
+                           device="cpu"), tmp_path)
+    given, reversed_ = list(arms), list(arms[::-1])
+    assert calls == ([(arm, 64) for arm in given + reversed_ + ["native", "exact"]]  # window out of memory in round 2
+                     + [(arm, 96) for arm in ["native", "exact", "exact", "native", "native", "exact"]])
+    native = _row(doc, "native", 64)
+    assert (native["rounds"], native["rounds_ms_per_token"], native["ms_per_token"]) == (3, [3.0, 9.0, 1.0], 3.0)
+    assert native["prefill_s"] == pytest.approx(0.2) and native["tokens_equal_across_rounds"] is True
+    exact = _row(doc, "exact", 96)
+    assert exact["tokens"] == [5, 6, 7] and exact["tokens_equal_across_rounds"] is False
+    window = [r for r in doc["results"]["rows"] if r["arm"] == "window"]
+    assert [r.get("phase") for r in window] == ["done", "prefill", None]
+    assert (window[0]["rounds"], window[0]["rounds_ms_per_token"]) == (1, [3.0]) and "out_of_memory" in window[1]
+    assert window[2] == {"arm": "window", "context": 96, "skipped": "out of memory at 64 tokens"}
+    assert "rounds differ" in gb.table(doc)
+
+
+def test_two_rounds_through_the_command(tmp_path, monkeypatch):
+    """generate-bench --rounds 2, really measured: native, exact, then exact, native at each prompt length;
+    each completed row has two times per token and their median, both rounds generating the same tokens;
+    native's point that runs out of memory (simulated) is not repeated."""
+    calls = []
+    real_point, real_prefill = measure.measure_point, measure.chunked_prefill
+
+    def point(model, cfg, arm, ids, *rest):
+        calls.append((arm, ids.shape[1]))
+        real_point(model, cfg, arm, ids, *rest)
+
+    def prefill(model, input_ids, chunk_size, attention_mask=None):
+        if not hasattr(model, "_poslsh_patch") and input_ids.shape[1] >= 96:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_prefill(model, input_ids, chunk_size, attention_mask)
+
+    monkeypatch.setattr(measure, "measure_point", point)
+    monkeypatch.setattr(measure, "chunked_prefill", prefill)
+    assert main(["generate-bench", "--tiny", "--contexts", "64", "96", "--arms", "native", "exact", "--rounds", "2",
+                 "--no-plots", "--out", str(tmp_path)]) == 0
+    doc = load_results(tmp_path / f"{gb.NAME}.json")
+    assert calls == [("native", 64), ("exact", 64), ("exact", 64), ("native", 64),
+                     ("native", 96), ("exact", 96), ("exact", 96)]
+    done = [r for r in doc["results"]["rows"] if r.get("phase") == "done"]
+    assert len(done) == 3 and "out_of_memory" in _row(doc, "native", 96)
+    for r in done:
+        first, second = r["rounds_ms_per_token"]
+        assert r["rounds"] == 2 and r["ms_per_token"] == statistics.median([first, second]) == (first + second) / 2
+        assert r["tokens_equal_across_rounds"] is True and len(r["tokens"]) == 4 + 2
+    assert _row(doc, "exact", 64)["tokens"] == _row(doc, "native", 64)["tokens"]
+    assert "measured in 2 rounds" in gb.summarize(doc, tmp_path)
+
+
+@pytest.mark.parametrize("rounds", [0, -1, 1.5, "2"])
+def test_bad_rounds_are_refused_before_any_model_is_built(rounds, tmp_path, monkeypatch):
+    monkeypatch.setattr(measure, "build_model", lambda *args: pytest.fail("a model was built"))
+    with pytest.raises(ValueError, match=r"^rounds must be (an integer )?>= 1, got"):
+        gb.run(gb.Config(tiny=True, rounds=rounds, device="cpu"), tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def _rounds(arm, n, ms):
+    """A completed row of several rounds, each round's ms per token given."""
+    return {**_done(arm, n, statistics.median(ms)), "rounds": len(ms), "rounds_ms_per_token": ms}
+
+
+def test_ratio_to_native_is_the_median_of_paired_round_ratios():
+    """Against native at the same prompt length, round k over native's round k, the median over k: exact's
+    rounds over native's are 1.1, 1.1 and 3, so 1.1 (the aim met), where the ratio of the medians is 22/10;
+    rows of other round counts, without rounds (an older JSON) or of another prompt length keep the ratio of
+    their times; the report's method says how the arms were measured."""
+    native = _rounds("native", 4096, [10.0, 20.0, 10.0])
+    exact = _rounds("exact", 4096, [11.0, 22.0, 30.0])
+    rows = [native, exact, _rounds("window", 4096, [11.0, 22.0]),  # two rounds against three
+            _done("native", 8192, 10.0), _rounds("exact", 8192, [12.0])]
+    assert exact["ms_per_token"] / native["ms_per_token"] == pytest.approx(2.2)
+    found = {a["aim"]: (a["value"], a["met"]) for a in gb.aims({"rows": rows})}
+    assert found["poslsh exact at 4K: time per token over native's"] == (pytest.approx(1.1), True)
+    assert found["poslsh window at 4K: time per token over native's"] == (pytest.approx(1.65), False)
+    assert found["poslsh exact at 8K: time per token over native's"] == (pytest.approx(1.2), True)
+    # paired 3, 0.1, 0.1 (median 0.1), but rounds of 64K and 4K did not run close in time: 2 / 10
+    assert gb.time_ratio(_rounds("window_evict", 65536, [30.0, 2.0, 1.0]), native) == pytest.approx(0.2)
+    doc = {"results": {"rows": rows, "model": {}, "effective_config": {"new_tokens": 4, "window_eps": 1e-3,
+                                                                         "samples": 8, "rounds": 3}},
+           "environment": {}}
+    assert "measured in 3 rounds" in gb.readme_section(doc) and "paired per-round ratios" in gb.readme_section(doc)
+    del doc["results"]["effective_config"]["rounds"]  # a run from before rounds: one round, nothing said
+    assert "rounds" not in gb.readme_section(doc)

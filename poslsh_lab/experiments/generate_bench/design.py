@@ -77,6 +77,9 @@ class Config:
             window_evict, lsh, lsh_evict, or window_graph (window_evict's prompt, then each step replayed from a
             CUDA graph over a static window cache; CUDA only).
         new_tokens: Greedy tokens timed per point (after one from the prompt's logits and one untimed step).
+        rounds: Measurements of each arm per context, in rounds of alternating arm order (given, reversed,
+            given, ...), so that a slow stretch of a shared host falls on every arm alike; a row's time per token
+            is the median over rounds, and the report's ratio to native's the median of the per-round ratios.
         window_eps: Truncation level of the window arms.
         samples: Partitions r of the LSH arms.
         prefill_chunk: Feed prompts longer than this in chunks of this many tokens against the cache (0: one call);
@@ -106,6 +109,7 @@ class Config:
     contexts: tuple[TwoOrMore, ...] = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
     arms: tuple[Arm, ...] = tuple(ARMS)
     new_tokens: Count = 32
+    rounds: Count = 1
     window_eps: Fraction = 1e-3
     samples: Count = 8
     prefill_chunk: CountOrZero = 0
@@ -135,6 +139,9 @@ def effective(config: Config) -> Config:
 
 def check(cfg: Config) -> None:
     """ValueError naming the first bad field of an effective config (before any work)."""
+    # rounds counts loop passes: 1.5 would pass the range check below, and "2" would fail it with a TypeError
+    if not isinstance(cfg.rounds, int) or isinstance(cfg.rounds, bool):
+        raise ValueError(f"rounds must be an integer >= 1, got {cfg.rounds!r}")
     check_fields(cfg)  # the declared ranges, as the parser checks them
     if cfg.shape not in SHAPES:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {cfg.shape!r}")

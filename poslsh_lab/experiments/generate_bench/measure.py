@@ -1,7 +1,8 @@
 """generate-bench, measuring: build the model (random weights of a shape, or a local checkpoint), warm
 each arm up, then for every context and arm: prefill (in one call or in chunks), greedy decoding timed
-per token, peak memory and the KV cache held; a point that runs out of memory is recorded as such and
-its arm skipped at longer contexts. The JSON document is rewritten after every point
+per token, peak memory and the KV cache held, in ``rounds`` rounds of alternating arm order folded into
+one row per point (medians of the times); a point that runs out of memory is recorded as such and its
+arm skipped at longer contexts. The JSON document is rewritten after every point and round
 (``experiments.harness.Run``)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import functools
 import gc
 import inspect
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -410,9 +412,9 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _attempt(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, device: torch.device, chunk: int,
-             clock: Run, rows: list[dict]) -> dict[str, Any]:
-    """Measure one point (a failure recorded in its row, the run going on), log it, save the document."""
+def _measure(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, device: torch.device,
+             chunk: int) -> dict[str, Any]:
+    """One round of one point: its row, a failure recorded there (the run going on)."""
     row: dict[str, Any] = {"arm": arm, "context": ids.shape[1]}
     t = time.perf_counter()
     try:
@@ -424,37 +426,102 @@ def _attempt(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, device:
     # after the except block, where the traceback no longer holds the point's tensors
     _free(device, collect=row.get("phase") != "done")
     row["seconds"] = time.perf_counter() - t
+    return row
+
+
+def _attempt(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, device: torch.device, chunk: int,
+             clock: Run, rows: list[dict]) -> dict[str, Any]:
+    """Measure a point's first round, add its row to the document (a completed one as a row of one round,
+    which later rounds extend), log it, save the document."""
+    row = _measure(model, cfg, arm, ids, device, chunk)
+    if row.get("phase") == "done":
+        row.update(rounds=1, rounds_ms_per_token=[row["ms_per_token"]], rounds_prefill_s=[row["prefill_s"]],
+                   tokens_equal_across_rounds=True)
     rows.append(row)
     clock.log(_line(row))
     clock.save()
     return row
 
 
+def _add_round(row: dict[str, Any], again: dict[str, Any]) -> None:
+    """Fold a later round of a point into its row: time per token and prefill time become the medians over
+    the rounds (each round's kept in ``rounds_ms_per_token`` and ``rounds_prefill_s``), peak memory the max,
+    ``seconds`` the total; tokens, step and kernel times and the KV cache stay the first round's, and
+    ``tokens_equal_across_rounds`` says whether every round generated those tokens."""
+    row["rounds_ms_per_token"].append(again["ms_per_token"])
+    row["rounds_prefill_s"].append(again["prefill_s"])
+    row["rounds"] = len(row["rounds_ms_per_token"])
+    row["ms_per_token"] = statistics.median(row["rounds_ms_per_token"])
+    row["prefill_s"] = statistics.median(row["rounds_prefill_s"])
+    row["prompt_tokens_per_s"] = row["context"] / row["prefill_s"]
+    row["tokens_equal_across_rounds"] &= again["tokens"] == row["tokens"]
+    for key in ("prefill_peak_bytes", "peak_bytes"):
+        if key in row:
+            row[key] = max(row[key], again[key])
+    row["seconds"] += again["seconds"]
+
+
+def _repeat(model: torch.nn.Module, cfg: Config, row: dict[str, Any], ids: Tensor, device: torch.device,
+            clock: Run, rows: list[dict]) -> dict[str, Any]:
+    """Measure a completed point once more (its arm, prompt and chunks), log the round, save the document.
+    Returns the point's row with the round folded in, or the round's own row where it failed (added to
+    the document beside the point's row, whose completed rounds stand)."""
+    again = _measure(model, cfg, row["arm"], ids, device, row["prefill_chunk"] or ids.shape[1])
+    clock.log(f"{_line(again)}, round {row['rounds'] + 1}")
+    if again.get("phase") != "done":
+        rows.append(again)
+        clock.save()
+        return again
+    _add_round(row, again)
+    clock.save()
+    return row
+
+
+def _first_round(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, device: torch.device, clock: Run,
+                 rows: list[dict], out_of_memory: dict[str, int], chunked_after: dict[str, int]) -> dict[str, Any]:
+    """An arm's first round at a prompt: skipped (``_skip``), or measured, in chunks after its one-call
+    prefill ran out of memory (``chunked_after`` records where). Returns the row that stands for the point."""
+    n = ids.shape[1]
+    skip = unavailable(arm, device.type) or _skip(rows, arm, n, out_of_memory, clock)
+    if skip:
+        rows.append({"arm": arm, "context": n, "skipped": skip})
+        clock.save()
+        return rows[-1]
+    chunk = min(cfg.oom_chunk, n) if arm in chunked_after else chunk_for(cfg, arm, n)
+    row = _attempt(model, cfg, arm, ids, device, chunk, clock, rows)
+    if ("out_of_memory" in row and row.get("phase") == "prefill" and chunk == n > cfg.oom_chunk
+            and chunks(cfg, arm, cfg.oom_chunk)):
+        chunked_after[arm] = n
+        row = _attempt(model, cfg, arm, ids, device, cfg.oom_chunk, clock, rows)
+    return row
+
+
 def _measure_all(model: torch.nn.Module, cfg: Config, device: torch.device, vocab: int, clock: Run,
                  results: dict) -> None:
-    """Every (context, arm), shortest contexts first. An arm that runs out of memory is skipped at longer
-    contexts, unless its prefill was one call and ``oom_chunk`` is set: then the point is measured again
-    with the prompt in chunks, and so are the arm's longer prompts."""
+    """Every (context, arm), shortest contexts first, each arm ``cfg.rounds`` times per context in rounds
+    of alternating order (the given order, reversed, given, ...): a slow stretch of a shared host then
+    falls on every arm alike, and round k of each arm runs close in time to round k of the others. An arm
+    that runs out of memory is not repeated and is skipped at longer contexts, unless its prefill was one
+    call and ``oom_chunk`` is set: then the point is measured again with the prompt in chunks, and so are
+    the arm's longer prompts."""
     rows = results["rows"]
     out_of_memory: dict[str, int] = {}  # arm -> the context where it ran out of memory
     chunked_after: dict[str, int] = {}  # arm -> the context where its one-call prefill ran out of memory
     for n in sorted(cfg.contexts):
         ids = _prompt(cfg, n, vocab, device)
-        for arm in cfg.arms:
-            skip = unavailable(arm, device.type) or _skip(rows, arm, n, out_of_memory, clock)
-            if skip:
-                rows.append({"arm": arm, "context": n, "skipped": skip})
-                clock.save()
-                continue
-            chunk = min(cfg.oom_chunk, n) if arm in chunked_after else chunk_for(cfg, arm, n)
-            row = _attempt(model, cfg, arm, ids, device, chunk, clock, rows)
-            if "out_of_memory" not in row:
-                continue
-            if row.get("phase") == "prefill" and chunk == n > cfg.oom_chunk and chunks(cfg, arm, cfg.oom_chunk):
-                chunked_after[arm] = n
-                row = _attempt(model, cfg, arm, ids, device, cfg.oom_chunk, clock, rows)
-            if "out_of_memory" in row:
-                out_of_memory[arm] = n
+        completed: dict[str, dict] = {}  # arm -> its row at n while every round so far completed
+        for k in range(cfg.rounds):
+            for arm in cfg.arms if k % 2 == 0 else cfg.arms[::-1]:
+                if k == 0:
+                    row = _first_round(model, cfg, arm, ids, device, clock, rows, out_of_memory, chunked_after)
+                elif arm in completed and not clock.late():
+                    row = _repeat(model, cfg, completed.pop(arm), ids, device, clock, rows)
+                else:
+                    continue
+                if row.get("phase") == "done":
+                    completed[arm] = row
+                elif "out_of_memory" in row:
+                    out_of_memory[arm] = n
         del ids
 
 
