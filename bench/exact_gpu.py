@@ -4,6 +4,7 @@ bias-free causal SDPA with PyTorch's cuDNN and flash backends (the ceiling witho
 
     python bench/exact_gpu.py --out DIR                      # ~2.5 min on an H100 (16K, 64K, 256K)
     python bench/exact_gpu.py --out DIR --write-table poslsh/attention/speed_table.json
+    python bench/exact_gpu.py --out DIR --method window --ns 65536 262144   # the per-head window, eps 1e-3
 
 (i) checks: a small case (B = 2, H = 12: not a power of two, Hkv = 4, N = 1000, right padding in one
 row, D = 128, bf16) per backend, forward (out, lse) and q/k/v gradients of a loss through out and lse,
@@ -62,6 +63,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--method", choices=("exact", "window"), default="exact",
+                   help="window: the per-head window at --window-eps instead (no SDPA columns)")
+    p.add_argument("--window-eps", type=float, default=1e-3)
     p.add_argument("--write-table", type=Path, default=None, metavar="PATH",
                    help="merge the measured speed table into this speed_table.json")
     return p.parse_args(argv)
@@ -93,9 +97,15 @@ def versions() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def check(name: str) -> dict[str, Any]:
+def method_kw(args: argparse.Namespace) -> dict[str, Any]:
+    """The method's arguments of every poslsh.attention call (none for exact ALiBi)."""
+    return {} if args.method == "exact" else {"method": args.method, "window_eps": args.window_eps}
+
+
+def check(name: str, method: dict[str, Any]) -> dict[str, Any]:
     b, h, hkv, n, d = 2, 12, 4, 1000, 128
-    row: dict[str, Any] = {"backend": name, "case": f"B{b} H{h}/{hkv} N{n} D{d} bf16 causal Press, row 1 padded"}
+    row: dict[str, Any] = {"backend": name, "case": f"B{b} H{h}/{hkv} N{n} D{d} bf16 causal Press, row 1 padded",
+                           **method}
     try:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(b, hh, n, d, generator=g).to("cuda", torch.bfloat16) for hh in (h, hkv, hkv))
@@ -103,10 +113,11 @@ def check(name: str) -> dict[str, Any]:
         mask[1, 700:] = False
         do = torch.randn(b, h, n, d, generator=g).to("cuda", torch.bfloat16)
         dl = torch.randn(b, h, n, generator=g).to("cuda")
-        kw = dict(causal=True, key_padding_mask=mask, return_lse=True)
+        kw = dict(causal=True, key_padding_mask=mask, return_lse=True, **method)
         ins = [t.clone().requires_grad_() for t in (q, k, v)]
         ref_ins = [t.double().requires_grad_() for t in (q, k, v)]
-        if name != "auto" and not BACKENDS[name].accepts(q, resolve_spec(q, k, v, causal=True, key_padding_mask=mask)):
+        if name != "auto" and not BACKENDS[name].accepts(q, resolve_spec(q, k, v, causal=True, key_padding_mask=mask,
+                                                                          **method)):
             row.update(ok=None, skipped="refuses the call")
             return row
         out, lse = poslsh.attention(*ins, backend=name, **kw)
@@ -174,7 +185,7 @@ def backends_run() -> Iterator[collections.Counter]:
         AttentionPlan._backend_for = chosen
 
 
-def call_fn(column: str, q, k, v, do, backward: bool) -> Callable[[], Any]:
+def call_fn(column: str, q, k, v, do, backward: bool, method: dict[str, Any]) -> Callable[[], Any]:
     if column in SDPA:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -185,7 +196,7 @@ def call_fn(column: str, q, k, v, do, backward: bool) -> Callable[[], Any]:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         def fwd():
-            return poslsh.attention(q, k, v, causal=True, backend=column)
+            return poslsh.attention(q, k, v, causal=True, backend=column, **method)
     if not backward:
         return lambda: fwd()
     return lambda: torch.autograd.grad(fwd(), (q, k, v), do)
@@ -200,12 +211,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res["cudnn_missing"] = "the cudnn backend is not registered (nvidia-cudnn-frontend absent or no cuDNN 9)"
 
     def save():
-        res["speed_table"] = speed_table(res["rows"], torch.cuda.get_device_name())
+        res["speed_table"] = speed_table(res["rows"], torch.cuda.get_device_name(), args.method)
         save_results(out_path, vars(args), res)
 
     start = time.perf_counter()
     if not args.no_check:
-        res["checks"] = [check(name) for name in (*BACKENDS_TIMED, "auto") if name in BACKENDS or name == "auto"]
+        res["checks"] = [check(name, method_kw(args)) for name in (*BACKENDS_TIMED, "auto")
+                         if name in BACKENDS or name == "auto"]
         save()
     h, d = args.heads, args.head_dim
     last_ms: dict[tuple[str, str], tuple[int, float]] = {}
@@ -215,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for backward in (False, True):
             plan += [(n, c, backward) for c in BACKENDS_TIMED if c in BACKENDS]
         for backward in (False, True):
-            plan += [(n, c, backward) for c in SDPA]
+            plan += [(n, c, backward) for c in SDPA if args.method == "exact"]
     # auto last, at every n but the biggest: with --write-table it chooses by the table this run wrote
     plan += [(n, "auto", backward) for n in sorted(args.ns) if n != biggest for backward in (False, True)]
     inputs: dict[int, tuple] = {}
@@ -240,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     q, k, v, do = (torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
                                    for _ in range(4))
                     inputs[n] = (q, k, v, do)
-                    spec = resolve_spec(q, k, v, causal=True)
+                    spec = resolve_spec(q, k, v, causal=True, **method_kw(args))
                     picks = "auto_selects_by_new_table" if "table_written" in res else "auto_selects"
                     res.setdefault(picks, {})[str(n)] = {
                         "fwd": select_backend(q, spec).name,
@@ -248,12 +260,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 q, k, v, do = inputs[n]
                 q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
                 with backends_run() as ran:
-                    ms, how, first, spent = time_ms(call_fn(column, q, k, v, do, backward), args.warmup_ms,
+                    ms, how, first, spent = time_ms(call_fn(column, q, k, v, do, backward, method_kw(args)), args.warmup_ms,
                                                     args.rep_ms)
                 if column == "auto":
                     row["ran_on"] = dict(ran)
-                flop = 4 * d * h * n * (n + 1) / 2 * (3.5 if backward else 1)  # fwd 2 matmuls; bwd 2.5x more
-                row.update(ms=ms, how=how, tflops=flop / ms / 1e9, first_call_s=first, wall_s=spent)
+                row.update(ms=ms, how=how, first_call_s=first, wall_s=spent)
+                if args.method == "exact":  # fwd 2 matmuls per causal pair; bwd 2.5x more
+                    row["tflops"] = 4 * d * h * n * (n + 1) / 2 * (3.5 if backward else 1) / ms / 1e9
                 last_ms[(column, pas)] = (n, ms)
             except Exception as err:
                 row["error"] = error_text(err)
@@ -266,15 +279,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def speed_table(rows: list[dict[str, Any]], device: str) -> dict[str, Any]:
-    """The measured poslsh backends as ``poslsh.attention.speed``'s table: exact, regime "prefill"
+def speed_table(rows: list[dict[str, Any]], device: str, method: str = "exact") -> dict[str, Any]:
+    """The measured poslsh backends as ``poslsh.attention.speed``'s table: ``method``, regime "prefill"
     (forward ms) and "prefill+backward" (forward + backward ms), per n (str) and backend."""
     table: dict[str, dict] = {}
     for r in rows:
         if r["column"] in BACKENDS_TIMED and "ms" in r:
             regime = "prefill" + (BACKWARD if r["pass"] == "fwd+bwd" else "")
             table.setdefault(regime, {}).setdefault(str(r["n"]), {})[r["column"]] = r["ms"]
-    return {"devices": {device: {"exact": table}}}
+    return {"devices": {device: {method: table}}}
 
 
 def merge_table(path: Path, fragment: dict[str, Any], provenance: dict[str, Any]) -> None:
@@ -295,7 +308,7 @@ def write_table(args: argparse.Namespace, res: dict[str, Any]) -> None:
     """Merge this run's measurements (so far) into ``--write-table``'s speed table."""
     doc = json.loads((args.out / f"{NAME}.json").read_text())
     env = doc["environment"]
-    merge_table(args.write_table, speed_table(res["rows"], torch.cuda.get_device_name()),
+    merge_table(args.write_table, speed_table(res["rows"], torch.cuda.get_device_name(), args.method),
                 {"device": env["device"], "date": env["date"][:10], "command": env["command"],
                  "source": f"{NAME}.json"})
 

@@ -14,9 +14,12 @@
 #                bias-free SDPA (cuDNN and flash), 16K-256K, forward and forward + backward, within a budget;
 #                the shipped speed table with those measurements merged ($OUT/speed_table.json); EXACT_ARGS: more
 #                arguments (e.g. "--ns 16384 65536")
+#   window       bench/exact_gpu.py --method window: the per-head window (eps 1e-3) per backend, 64K and 256K
+#                (WINDOW_NS), merged into $OUT/speed_table.json
 #   sweep        bench/kernel_sweep.py: the Triton kernels' variants, forward and forward + backward per method
 #                (SWEEP_ARGS: more arguments, e.g. "--methods window lsh --variants ...")
-#   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm (GEN_ARMS, GEN_CONTEXTS pick), within
+#   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm (GEN_ARMS, GEN_CONTEXTS pick; GEN_ARGS more,
+#                e.g. "--rounds 3"), within
 #                a budget, into $OUT/$GEN_NAME (default generate_bench)
 #   first        bench/first_call.py: an exact prefill's first call at new prompt lengths per backend (cuDNN's
 #                graph build against Triton's, T_FIRST)
@@ -68,6 +71,11 @@ run_exact() {
   step ${T_EXACT:-110} python3 bench/exact_gpu.py --out "$OUT/exact_gpu" --write-table "$OUT/speed_table.json" \
     --budget-s $(( ${T_EXACT:-110} - 20 )) ${EXACT_ARGS:-}
 }
+run_window() {  # the exact step's comparison for the per-head window (eps 1e-3), merged into the same table
+  [ -f "$OUT/speed_table.json" ] || cp poslsh/attention/speed_table.json "$OUT/"
+  step ${T_WINDOW:-100} python3 bench/exact_gpu.py --method window --out "$OUT/window_gpu" \
+    --write-table "$OUT/speed_table.json" --budget-s $(( ${T_WINDOW:-100} - 20 )) --ns ${WINDOW_NS:-65536 262144}
+}
 run_sweep() {
   step ${T_SWEEP:-240} python3 bench/kernel_sweep.py --budget-s $(( ${T_SWEEP:-240} - 30 )) --json "$OUT/kernel_sweep.json" \
     --write-tuned "$OUT/tuned.json" ${SWEEP_ARGS:-}
@@ -75,7 +83,7 @@ run_sweep() {
 run_generate() {
   step ${T_GEN:-210} python3 -m poslsh_lab.cli generate-bench --shape bloom-560m --oom-chunk 32768 \
     ${GEN_ARMS:+--arms $GEN_ARMS} ${GEN_CONTEXTS:+--contexts $GEN_CONTEXTS} \
-    --budget-s $(( ${T_GEN:-210} - 25 )) --out "$OUT/${GEN_NAME:-generate_bench}"
+    --budget-s $(( ${T_GEN:-210} - 25 )) --out "$OUT/${GEN_NAME:-generate_bench}" ${GEN_ARGS:-}
 }
 run_first() {
   step ${T_FIRST:-90} python3 bench/first_call.py --json "$OUT/first_call.json"
@@ -93,6 +101,6 @@ for name in $STEPS; do
   if declare -F "run_$name" >/dev/null; then
     "run_$name"
   else
-    echo "=== unknown step: $name (tests conformance decode exact sweep generate first moonshot)" | tee -a "$log"
+    echo "=== unknown step: $name (tests conformance decode exact window sweep generate first moonshot bwdparts)" | tee -a "$log"
   fi
 done

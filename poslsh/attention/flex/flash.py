@@ -101,8 +101,11 @@ class LseGradient(torch.autograd.Function):
         q, k = ctx.saved_tensors
         weight = (ctx.scale * dlse).to(q.dtype)[..., None]  # [B, H, Nq, 1]
         with torch.enable_grad():
-            values = k.detach().requires_grad_()
-            pk, _ = ctx.attend(q.detach(), k.detach(), values)  # P k: [B, H, Nq, D]
+            # q and k require grad too, though only the values' gradient is asked for: the FLASH template's
+            # backward fails to compile for a call where v alone requires grad (torch 2.11, "AssertionError:
+            # buf3" on an H100)
+            q_, k_, values = (t.detach().requires_grad_() for t in (q, k, k))
+            pk, _ = ctx.attend(q_, k_, values)  # P k: [B, H, Nq, D]
             (dk,) = torch.autograd.grad(pk, values, grad_outputs=weight * q)  # P^T (s dlse q), GQA summed
         dq = weight * pk.detach()
         return None, dq if ctx.needs_input_grad[1] else None, dk if ctx.needs_input_grad[2] else None, None, None
