@@ -119,15 +119,14 @@ on_fa4 = pytest.mark.skipif(not (torch.cuda.is_available() and fa4_installed()
                                  and torch.cuda.get_device_capability()[0] >= 9),
                             reason="a Hopper+ GPU with flash-attn-4 installed (bench/flex_fa4.sh)")
 
-GPU_CASES = {  # method, causal, nq, nk, d, gqa, padded, dtype
-    "causal exact d128": ("exact", True, 300, 300, 128, False, False, torch.bfloat16),
-    "causal exact d128 fp16": ("exact", True, 300, 300, 128, False, False, torch.float16),
-    "causal exact d64 gqa": ("exact", True, 300, 300, 64, True, False, torch.bfloat16),
-    "bidirectional exact": ("exact", False, 257, 257, 128, False, False, torch.bfloat16),
-    "exact nq < nk": ("exact", True, 129, 513, 128, False, False, torch.bfloat16),
-    "exact padded": ("exact", True, 256, 256, 128, False, True, torch.bfloat16),
-    "causal window": ("window", True, 513, 513, 128, False, False, torch.bfloat16),
-    "window gqa nq < nk": ("window", True, 100, 1025, 64, True, False, torch.bfloat16),
+GPU_CASES = {  # method, causal, nq, nk, d, gqa, dtype
+    "causal exact d128": ("exact", True, 300, 300, 128, False, torch.bfloat16),
+    "causal exact d128 fp16": ("exact", True, 300, 300, 128, False, torch.float16),
+    "causal exact d64 gqa": ("exact", True, 300, 300, 64, True, torch.bfloat16),
+    "bidirectional exact": ("exact", False, 257, 257, 128, False, torch.bfloat16),
+    "exact nq < nk": ("exact", True, 129, 513, 128, False, torch.bfloat16),
+    "causal window": ("window", True, 513, 513, 128, False, torch.bfloat16),
+    "window gqa nq < nk": ("window", True, 100, 1025, 64, True, torch.bfloat16),
 }
 
 
@@ -136,22 +135,18 @@ GPU_CASES = {  # method, causal, nq, nk, d, gqa, padded, dtype
 def test_flex_fa4_matches_reference_on_gpu(name):
     """Through ``poslsh.attention(backend="flex_fa4", return_lse=True)``: out, lse and the q, k, v gradients
     of a loss through both, against the float64 reference on the CPU."""
-    method, causal, nq, nk, d, gqa, padded, dtype = GPU_CASES[name]
+    method, causal, nq, nk, d, gqa, dtype = GPU_CASES[name]
     g = torch.Generator().manual_seed(1)
     hkv = HKV if gqa else H
     q, k, v = (torch.randn(2, h, n, d, generator=g).to(dtype) for h, n in ((H, nq), (hkv, nk), (hkv, nk)))
-    mask = None
-    if padded:
-        mask = torch.ones(2, nk, dtype=torch.bool)
-        mask[1, nk - 60:] = False
     kw = dict(slopes=poslsh.alibi_slopes(H).double() * 0.5, is_causal=causal, method=method, window_eps=1e-2,
               return_lse=True)
     xs = [t.cuda().requires_grad_() for t in (q, k, v)]
-    out, lse = poslsh.attention(*xs, key_padding_mask=None if mask is None else mask.cuda(), backend="flex_fa4", **kw)
+    out, lse = poslsh.attention(*xs, backend="flex_fa4", **kw)
     gout, glse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
     grads = torch.autograd.grad((out.float() * gout.cuda()).sum() + (lse * glse.cuda()).sum(), xs)
     ys = [t.double().requires_grad_() for t in (q, k, v)]
-    ro, rl = poslsh.attention(*ys, key_padding_mask=mask, backend="reference", **kw)
+    ro, rl = poslsh.attention(*ys, backend="reference", **kw)
     want = torch.autograd.grad((ro * gout.double()).sum() + (rl * glse.double()).sum(), ys)
     tol = low_precision_bound(ro, dtype)
     assert relative_error(out.cpu(), ro) < tol
@@ -161,7 +156,38 @@ def test_flex_fa4_matches_reference_on_gpu(name):
 
 
 @on_fa4
-def test_registered_where_installed():
+def test_registered_where_installed_and_refuses_padding_by_name():
     from poslsh.attention import available_backends
 
     assert "flex_fa4" in available_backends()
+    q = torch.randn(1, H, 128, 64, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 128, dtype=torch.bool, device="cuda")
+    with pytest.raises(ValueError, match="padding"):
+        poslsh.attention(q, q, q, is_causal=True, key_padding_mask=mask, backend="flex_fa4")
+
+
+def test_lse_factor_undoes_torchs_ln2_and_refuses_other_scales(monkeypatch):
+    """torch 2.11 returns FlashAttention-4's natural-log LSE times ln 2 (pytorch#181645): the factor measured
+    on a call of known LSE (ln 256) undoes it; an LSE in neither unit is an error, not a silent answer."""
+    import math
+
+    from poslsh.attention.flex import flash
+
+    for scale, want in ((1.0, 1.0), (math.log(2), 1 / math.log(2))):
+        monkeypatch.setattr(flash, "_lse_factors", {})
+        monkeypatch.setattr(flash, "_attend_fn", lambda device, s=scale: (
+            lambda q, k, v, *rest: (v, torch.full(q.shape[:-1], math.log(256) * s))))
+        assert flash.lse_factor(torch.device("cpu")) == pytest.approx(want)
+    monkeypatch.setattr(flash, "_lse_factors", {})
+    monkeypatch.setattr(flash, "_attend_fn", lambda device: (lambda q, k, v, *rest: (v, torch.full(q.shape[:-1], 2.0))))
+    with pytest.raises(RuntimeError, match="neither natural log nor base 2"):
+        flash.lse_factor(torch.device("cpu"))
+
+
+def test_key_padding_is_refused_with_its_reason(monkeypatch):
+    from poslsh.attention.flex import flash
+
+    monkeypatch.setattr(flash, "fa4_installed", lambda: True)
+    q, k, v = inputs(8, 8, 64, 64, torch.float32)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    assert "padding" in explain_flex_fa4(q, spec_of(q, k, v, "exact", True, mask))

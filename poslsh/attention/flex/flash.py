@@ -15,8 +15,12 @@ with P the attention weights and s = scale,
     d lse_i / d k_j = s sum_i P_ij q_i dlse_i   = s (P^T (dlse q))_j (its value gradient)
 
 so training through ``return_lse=True`` or the split form's LSE merges is exact as well; the extra calls
-run only when the LSE gets a gradient. Slopes that require grad are not served (the kernels take no
-gradient of captured tensors).
+run only when the LSE gets a gradient. Where torch scales the kernel's natural-log LSE by ln 2 (torch 2.11,
+pytorch/pytorch#181645), ``lse_factor`` measures it once per device and undoes it.
+
+Not served: slopes that require grad (the kernels take no gradient of captured tensors) and key padding
+masks (with one, torch 2.11 + flash-attn-4 4.0.0b40 gave a right output but a wrong LSE and NaN
+gradients on an H100); "auto" passes such calls to the next backend.
 
 Installed by ``pip install flash-attn-4`` (which brings the CUTLASS DSL); registered when that package
 is importable and CUDA is present. The first call at a shape compiles (seconds).
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import math
 from typing import Any, Callable
 
 import torch
@@ -36,8 +41,8 @@ from torch import Tensor
 from ..core import EMPTY_LSE, AttentionSpec
 from .backend import DEFAULT_BLOCK, flex_available, flex_mods
 
-__all__ = ["flex_fa4_attention", "supports_flex_fa4", "explain_flex_fa4", "fa4_installed", "LseGradient",
-           "HEAD_DIMS"]
+__all__ = ["flex_fa4_attention", "supports_flex_fa4", "explain_flex_fa4", "fa4_installed", "lse_factor",
+           "LseGradient", "HEAD_DIMS"]
 
 HEAD_DIMS = (64, 96, 128)  # FlashAttention-4's head dims on Hopper (q, k and v alike)
 FLASH = {"BACKEND": "FLASH"}
@@ -78,6 +83,29 @@ def _attend_fn(device: torch.device) -> Callable:
         _flex_fn(device)  # raises the compile cache limits for one kernel per shape, as the flex backend does
         _compiled = torch.compile(_attend_detached_lse, dynamic=False)
     return _compiled
+
+
+_lse_factors: dict[torch.device, float] = {}
+
+
+def lse_factor(device: torch.device) -> float:
+    """What the FLASH backend's log-sum-exp must be multiplied by to be the natural log: 1, or 1 / ln 2
+    where torch multiplies FlashAttention-4's natural-log LSE by ln 2 as if it were base 2 (torch 2.11 does,
+    pytorch/pytorch#181645, fixed by #181824). Measured once per device on a call whose LSE is known
+    (all scores 0 over 256 keys: ln 256)."""
+    if device not in _lse_factors:
+        zeros = torch.zeros(1, 1, 256, 64, device=device, dtype=torch.bfloat16)
+        _, lse = _attend_fn(device)(zeros, zeros, zeros, None, None, 1.0, False, FLASH)
+        got, want = float(lse.float().mean()), math.log(256)
+        for factor in (1.0, 1 / math.log(2)):
+            if abs(got * factor - want) < 1e-3 * want:
+                _lse_factors[device] = factor
+                break
+        else:
+            raise RuntimeError(f"FlexAttention's FLASH backend gave a log-sum-exp of {got:.6g} where ln 256 = "
+                               f"{want:.6g} is expected (neither natural log nor base 2): this torch and "
+                               "flash-attn-4 are not usable by the flex_fa4 backend")
+    return _lse_factors[device]
 
 
 class LseGradient(torch.autograd.Function):
@@ -145,6 +173,8 @@ def flex_fa4_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, blo
     with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
         out, lse = attend(q, k, v)
     lse = lse.float()
+    if kernel_options == FLASH and lse_factor(q.device) != 1.0:
+        lse = lse * lse_factor(q.device)
     if need_grad and (q.requires_grad or k.requires_grad):
         lse = LseGradient.apply(lse, q, k, attend, float(spec.scale))
     if spec.key_padding_mask is not None:  # rows that see no key: the library's EMPTY_LSE, not -inf
@@ -156,6 +186,10 @@ def explain_flex_fa4(q: Tensor, spec: AttentionSpec) -> str | None:
     """Why the flex_fa4 backend cannot serve this call (the dispatcher's error names it), or None."""
     if not fa4_installed():
         return "FlashAttention-4 is not installed (pip install flash-attn-4)"
+    if spec.key_padding_mask is not None:
+        # with a padding mask (a mask_mod reading a [B, Nk] tensor by batch) torch 2.11 + flash-attn-4
+        # 4.0.0b40 gave a right output but a wrong LSE and NaN gradients on an H100 (session 12)
+        return "it takes no key padding mask (its LSE and gradients were wrong with one)"
     if q.device.type != "cuda":
         return f"it runs on CUDA devices only, got {q.device}"
     if torch.cuda.get_device_capability(q.device)[0] < 9:
@@ -168,8 +202,8 @@ def explain_flex_fa4(q: Tensor, spec: AttentionSpec) -> str | None:
 
 
 def supports_flex_fa4(q: Tensor, spec: AttentionSpec) -> bool:
-    """FlashAttention-4 installed, a Hopper+ GPU, fp16/bf16, D in ``HEAD_DIMS`` (methods, slope gradients
-    and value dims are checked by the registry and the dispatcher)."""
+    """FlashAttention-4 installed, a Hopper+ GPU, fp16/bf16, D in ``HEAD_DIMS``, no key padding mask
+    (methods and slope gradients are checked by the registry)."""
     return explain_flex_fa4(q, spec) is None
 
 
