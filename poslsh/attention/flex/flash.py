@@ -18,6 +18,9 @@ so training through ``return_lse=True`` or the split form's LSE merges is exact 
 run only when the LSE gets a gradient. Where torch scales the kernel's natural-log LSE by ln 2 (torch 2.11,
 pytorch/pytorch#181645), ``lse_factor`` measures it once per device and undoes it.
 
+Grouped KV is FlashAttention-4's own in the forward; where gradients are needed its k and v are expanded
+to one head per query head first (the FLASH backward with grouped KV gave wrong gradients on an H100).
+
 Not served: slopes that require grad (the kernels take no gradient of captured tensors) and key padding
 masks (with one, torch 2.11 + flash-attn-4 4.0.0b40 gave a right output but a wrong LSE and NaN
 gradients on an H100); "auto" passes such calls to the next backend.
@@ -161,6 +164,11 @@ def flex_fa4_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, blo
         q, k, v = (F.pad(t, (0, max(d, dv) - t.shape[-1])) for t in (q, k, v))
     nq, nk = q.shape[2], k.shape[2]
     need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if need_grad and q.shape[1] != k.shape[1]:
+        # grouped KV expanded to one k, v head per query head when gradients are needed: the FLASH
+        # backward with enable_gqa gave wrong dq and NaN dv on an H100 (torch 2.11, flash-attn-4 4.0.0b40);
+        # autograd sums the expanded heads' gradients back
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     score_mod, block_mask = flex_mods(spec, nq, nk, q.device, block, with_q_blocks=need_grad)
     fn, gqa = _attend_fn(q.device), q.shape[1] != k.shape[1]
 
