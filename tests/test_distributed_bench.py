@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -93,6 +94,22 @@ def test_local_launcher_reports_dead_and_failing_ranks():
         run_local(_dies_on_rank_one, 2, timeout=120)
     with pytest.raises(RuntimeError, match=r"rank 0 ---\nTraceback[\s\S]*ValueError: rank zero refuses"):
         run_local(_raises_on_rank_zero, 2, timeout=120)
+
+
+def _zero_raises_one_dies_later(rank, world):
+    if rank == 0:
+        raise ValueError("rank zero refuses")
+    time.sleep(1.0)
+    os._exit(3)
+
+
+def test_local_launcher_names_a_rank_that_dies_after_the_first_failure():
+    """Every failed rank is named, not only the first seen: a crash that broke its peers' group was hidden
+    behind their errors (failed before: rank 0's report ended the wait, rank 1's death went unsaid)."""
+    from poslsh.distributed.launch import run_local
+
+    with pytest.raises(RuntimeError, match=r"rank zero refuses[\s\S]*--- rank 1 ---\nexited with code 3"):
+        run_local(_zero_raises_one_dies_later, 2, timeout=120)
 
 
 def lambda_free_rank(rank, world):

@@ -60,11 +60,15 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", 
             for p in procs:
                 p.start()
             results, failures = _collect(procs, queue, timeout)
-            for p in procs:
+            stopped = set()
+            for rank, p in enumerate(procs):
                 p.join(timeout=5 if failures else None)
                 if p.is_alive():  # stuck in a collective with a failed rank
                     p.terminate()
                     p.join()
+                    stopped.add(rank)
+            if failures:  # the first failure seen may be a consequence (a peer's crash broke the group): say all
+                _sweep(procs, queue, results, failures, stopped)
         finally:
             for key, value in env.items():
                 if value is None:
@@ -94,6 +98,21 @@ def _collect(procs: list, queue, timeout: float | None) -> tuple[dict, dict]:
         if deadline is not None and time.monotonic() > deadline:
             failures.update({r: f"no result after {timeout:.0f} s" for r in range(len(procs)) if r not in results})
     return results, failures
+
+
+def _sweep(procs: list, queue, results: dict, failures: dict, stopped: set) -> None:
+    """After the ranks have ended: the reports still queued, and every rank that died without one (not
+    those stopped here), so a crash that made its peers fail is named beside their errors."""
+    while True:
+        try:
+            rank, ok, value = queue.get(timeout=0.1)
+        except queue_module.Empty:
+            break
+        if rank not in failures:
+            (results if ok else failures)[rank] = value
+    for rank, p in enumerate(procs):
+        if rank not in results and rank not in failures and rank not in stopped and p.exitcode not in (0, None):
+            failures[rank] = f"exited with code {p.exitcode} without a result (see its stderr)"
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
