@@ -363,7 +363,7 @@ def test_auto_passes_over_a_backend_not_ready_and_a_plan_asks_again():
 
     register_backend("slow-to-build", run, priority=1000, methods=("exact",), ready=ready)
     try:
-        q, k, v = make(1, 4, 4, 9, 9, 8, torch.float64, seed=5)
+        q, k, v = make(1, 4, 4, 20, 20, 8, torch.float64, seed=5)  # above DECODE_ROWS: a prefill
         deferred = []
         spec = dispatch.resolve_spec(q, k, v, slopes=SLOPES)
         assert dispatch.select_backend(q, spec, "auto", False, deferred).name != "slow-to-build"

@@ -357,7 +357,9 @@ class AttentionPlan:
             backend = select_backend(q, spec, self.backend, grad, deferred)
             # Kept for the bucket unless a faster backend was deferred or this one is set up per shape
             # (cuDNN: a new length in the bucket would build a graph): those are asked again per call.
-            if not deferred and backend.ready is None:
+            # Decoding keeps it either way: its key count grows every step, so a backend deferred until
+            # the calls at one shape pay for its build would never be paid for there.
+            if nq <= DECODE_ROWS or (not deferred and backend.ready is None):
                 self._backends[key] = backend
         return backend
 

@@ -32,8 +32,8 @@ class Backend:
     slope_grad: bool = False
     explain: Callable[[Tensor, AttentionSpec], "str | None"] | None = None  # why supports is False
     # "auto" asks it before ``accepts``: is the backend set up for this call, or worth setting up now? A
-    # backend that builds something per shape (cuDNN's graphs) says no until the calls at a shape have
-    # done about as much work as the build costs; None: always set up.
+    # backend that builds something per shape (cuDNN's graphs, the flex backends' compiles) says no until
+    # the calls at a shape have done about as much work as the build costs (``rent``); None: always set up.
     ready: Callable[[Tensor, AttentionSpec], bool] | None = None
 
     def accepts(self, q: Tensor, spec: AttentionSpec) -> bool:

@@ -52,6 +52,7 @@ from torch.nn import functional as F
 from ...alibi import alibi_slopes
 from ...cache_keys import version_key
 from ..core import AttentionSpec
+from ..rent import BuildRent, call_seconds
 
 __all__ = ["cudnn_attention", "supports_cudnn", "explain_cudnn", "refusal", "probe_error", "cudnn_available", "padding_lengths",
            "lse_gradient_rows", "clear_cache", "MIN_BACKEND_VERSION"]
@@ -195,39 +196,18 @@ def probe_error(q: Tensor, spec: AttentionSpec, device: int) -> str | None:
     return built.error or (built.backward_error if training else None)
 
 
-# "auto" and cuDNN's build per shape. A graph build at a new length costs 52-78 ms on an H100 (the
-# process's first, with cuDNN's own start, 0.5-0.9 s: bench/results/first_call); it saves 10-20 % of a
-# call's time (1.2x forward, 1.5x training). A generation workload whose prompts all differ in
-# length would pay a build at every prompt, so "auto" takes cuDNN for a new shape only once the calls
-# at that shape have done work worth about one build (a ski-rental rule: the time either choice
-# loses stays within a small factor of the better one in hindsight), training at a fixed length after
-# a few steps, a benchmark within its warm-up. Work is counted in estimated seconds on the fallback kernel.
+# "auto" and cuDNN's build per shape (``rent``): a graph build at a new length costs 52-78 ms on an H100
+# (the process's first, with cuDNN's own start, 0.5-0.9 s: bench/results/first_call) and saves 10-20 % of a
+# call's time (1.2x forward, 1.5x training), so "auto" builds for a shape once its calls have done about
+# that much work.
 AUTO_BUILD_AFTER_S = 0.1
-# Triton's exact forward on an H100 runs at 130 (H = 16, D = 64) to 440 (H = 32, D = 128) TFLOP/s
-# (bench/results/first_call): the estimate is within 2x of the time spent.
-ASSUMED_FLOP_RATE = 2e14
-TRAINING_WORK = 3.5  # forward + backward against the forward alone
-AUTO_WORK_ENTRIES = 256
-_auto_work: OrderedDict[_Signature, float] = OrderedDict()
-
-
-def call_seconds(q: Tensor, training: bool) -> float:
-    """Estimated seconds of a causal call at q's shape [B, H, N, D] (q_offset 0) on the fallback kernel."""
-    b, h, n, d = q.shape
-    flops = 4.0 * b * h * d * n * (n + 1) / 2  # two matmuls over the causal half
-    return flops / ASSUMED_FLOP_RATE * (TRAINING_WORK if training else 1.0)
+_rent = BuildRent(AUTO_BUILD_AFTER_S)
 
 
 def _built_or_paid_for(sig: _Signature, seconds: float) -> bool:
     """Whether ``sig``'s graphs are built, else add ``seconds`` of work at ``sig`` and say whether the work
     so far reaches one build."""
-    if sig in _graph_cache:
-        return True
-    total = _auto_work.pop(sig, 0.0) + seconds
-    _auto_work[sig] = total
-    while len(_auto_work) > AUTO_WORK_ENTRIES:
-        _auto_work.popitem(last=False)
-    return total >= AUTO_BUILD_AFTER_S
+    return sig in _graph_cache or _rent.paid_for(sig, seconds)
 
 
 def ready_for_auto(q: Tensor, spec: AttentionSpec) -> bool:
@@ -237,7 +217,7 @@ def ready_for_auto(q: Tensor, spec: AttentionSpec) -> bool:
     if _cudnn is None or q.device.type != "cuda" or refusal(q, spec) is not None:
         return True
     training = torch.is_grad_enabled() and q.requires_grad
-    return _built_or_paid_for(_probe_signature(q, spec, q.device.index), call_seconds(q, training))
+    return _built_or_paid_for(_probe_signature(q, spec, q.device.index), call_seconds(q, spec, training))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +267,7 @@ def clear_cache() -> None:
     """Drop every built graph, analysed padding mask and "auto"'s work count per shape."""
     _graph_cache.clear()
     _mask_cache.clear()
-    _auto_work.clear()
+    _rent.clear()
 
 
 def _layout(t: Tensor) -> _Layout:

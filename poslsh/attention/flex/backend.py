@@ -40,8 +40,9 @@ from torch import Tensor
 from ...cache_keys import version_key
 from ..core import EMPTY_LSE, AttentionSpec
 from ..ranges import TileRanges, key_ranges, key_tiles, normalize_grid
+from ..rent import BuildRent, call_seconds
 
-__all__ = ["flex_attention_spec", "flex_mods", "supports_flex", "range_block_mask", "flex_available",
+__all__ = ["flex_attention_spec", "flex_mods", "supports_flex", "compile_ready", "range_block_mask", "flex_available",
            "alibi_score", "lsh_score", "where_score", "band_mask", "causal_mask", "padding_mask",
            "collision_mask", "grid_counts", "cut_counts", "clear_cache", "normalize_grid"]
 
@@ -320,8 +321,9 @@ _cache: OrderedDict[tuple, tuple[tuple, tuple[Callable, "BlockMask"], int]] = Or
 
 
 def clear_cache() -> None:
-    """Drop every cached score_mod and block mask."""
+    """Drop every cached score_mod and block mask, and "auto"'s work count per compile key."""
     _cache.clear()
+    _compile_rent.clear()
 
 
 def _cache_key(spec: AttentionSpec, nq: int, nk: int, device: torch.device, block: int,
@@ -419,6 +421,29 @@ def flex_attention_spec(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, bl
     return out, lse
 
 
+# "auto" and the compile per shape (``poslsh.attention.rent``): flex_attention is compiled for static
+# shapes, 0.5-2 s per new shape for the Triton template and 1-8 s for FlashAttention-4's, so "auto" takes a
+# compiled flex backend for a shape once its calls there have done about a second of work elsewhere
+# (never in a decode loop, whose key count grows every step).
+COMPILE_AFTER_S = 1.0
+_compile_rent = BuildRent(COMPILE_AFTER_S)
+
+
+def compile_ready(name: str, supports: Callable[[Tensor, AttentionSpec], bool]) -> Callable[[Tensor, AttentionSpec], bool]:
+    """``Backend.ready`` of the compiled flex backend ``name``: True where it would refuse the call anyway
+    (its cheap refusal decides), else whether the calls at this call's compile key (shapes, dtype, device,
+    method, causality, query offset, padding, training) have done work worth a compile."""
+    def ready(q: Tensor, spec: AttentionSpec) -> bool:
+        if not supports(q, spec):
+            return True
+        training = torch.is_grad_enabled() and q.requires_grad
+        key = (name, q.device, q.dtype, tuple(q.shape), spec.method, spec.causal, spec.q_offset,
+               spec.key_padding_mask is not None, training)
+        return _compile_rent.paid_for(key, call_seconds(q, spec, training))
+
+    return ready
+
+
 def supports_flex(q: Tensor, spec: AttentionSpec) -> bool:
     """CUDA only (compiled FlexAttention); fp16/bf16/fp32; D >= 16. (Methods and kernels are checked by
     the registry from the declared capabilities.)
@@ -437,7 +462,7 @@ def _register() -> None:
         return
     # Below the Triton kernel, above the torch backends: the fallback for shapes Triton does not cover.
     register_backend("flex", flex_attention_spec, supports_flex, priority=50,
-                     methods=("exact", "window", "lsh", "hybrid"))
+                     methods=("exact", "window", "lsh", "hybrid"), ready=compile_ready("flex", supports_flex))
 
 
 if flex_available:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import EMPTY_LSE, AttentionSpec
-from .backend import DEFAULT_BLOCK, flex_available, flex_mods
+from .backend import DEFAULT_BLOCK, compile_ready, flex_available, flex_mods
 
 __all__ = ["flex_fa4_attention", "supports_flex_fa4", "explain_flex_fa4", "fa4_installed", "lse_factor",
            "LseGradient", "HEAD_DIMS"]
@@ -221,9 +221,9 @@ def _register() -> None:
     from ..registry import register_backend
 
     # Below the flex and Triton backends: "auto" takes it where the shipped speed table measured it
-    # fastest (its first call at a shape compiles for seconds).
+    # fastest, at a shape whose calls have paid for its compile (``compile_ready``).
     register_backend("flex_fa4", flex_fa4_attention, supports_flex_fa4, priority=40, methods=("exact", "window"),
-                     explain=explain_flex_fa4)
+                     explain=explain_flex_fa4, ready=compile_ready("flex_fa4", supports_flex_fa4))
 
 
 _register()
