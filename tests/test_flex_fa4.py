@@ -191,3 +191,21 @@ def test_key_padding_is_refused_with_its_reason(monkeypatch):
     q, k, v = inputs(8, 8, 64, 64, torch.float32)
     mask = torch.ones(2, 8, dtype=torch.bool)
     assert "padding" in explain_flex_fa4(q, spec_of(q, k, v, "exact", True, mask))
+
+
+def test_this_torch_takes_the_flash_backend_option():
+    """The registration's check reads FlexKernelOptions; on the pinned torch it must say yes (a rename there
+    would silently unregister the backend on every GPU)."""
+    from poslsh.attention.flex.flash import _torch_has_flash_backend
+
+    assert _torch_has_flash_backend()
+
+
+def test_two_sided_windows_are_refused_with_their_reason(monkeypatch):
+    """Only what ran on a GPU is served: causal windows yes, two-sided ones not yet."""
+    from poslsh.attention.flex import flash
+
+    monkeypatch.setattr(flash, "fa4_installed", lambda: True)
+    q, k, v = inputs(8, 8, 64, 64, torch.float32)
+    assert "causal windows only" in explain_flex_fa4(q, spec_of(q, k, v, "window", False))
+    assert "causal windows only" not in (explain_flex_fa4(q, spec_of(q, k, v, "window", True)) or "")

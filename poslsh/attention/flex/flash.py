@@ -21,7 +21,7 @@ pytorch/pytorch#181645), ``lse_factor`` measures it once per device and undoes i
 Grouped KV is FlashAttention-4's own in the forward; where gradients are needed its k and v are expanded
 to one head per query head first (the FLASH backward with grouped KV gave wrong gradients on an H100).
 
-Not served: slopes that require grad (the kernels take no gradient of captured tensors) and key padding
+Not served: two-sided windows (not yet run on a GPU), slopes that require grad (the kernels take no gradient of captured tensors) and key padding
 masks (with one, torch 2.11 + flash-attn-4 4.0.0b40 gave a right output but a wrong LSE and NaN
 gradients on an H100); "auto" passes such calls to the next backend.
 
@@ -57,7 +57,7 @@ def fa4_installed() -> bool:
     (its first import takes seconds)."""
     try:
         return importlib.util.find_spec("flash_attn.cute") is not None
-    except (ImportError, ValueError):  # a flash_attn without cute (FlashAttention-2), or a broken one
+    except Exception:  # a flash_attn without cute (FlashAttention-2, whose import may fail), or a broken one
         return False
 
 
@@ -206,6 +206,8 @@ def explain_flex_fa4(q: Tensor, spec: AttentionSpec) -> str | None:
         return f"it takes float16 or bfloat16, got {q.dtype}"
     if q.shape[-1] not in HEAD_DIMS:
         return f"it takes head dims {HEAD_DIMS}, got {q.shape[-1]}"
+    if spec.rule.bounded and not spec.causal:
+        return "it takes causal windows only (a two-sided window is not verified on FlashAttention-4 yet)"
     return None
 
 
@@ -215,8 +217,17 @@ def supports_flex_fa4(q: Tensor, spec: AttentionSpec) -> bool:
     return explain_flex_fa4(q, spec) is None
 
 
+def _torch_has_flash_backend() -> bool:
+    """Whether this torch's FlexAttention takes ``kernel_options={"BACKEND": "FLASH"}`` (a documented option
+    of ``FlexKernelOptions``; torch 2.11 has it, the library's oldest supported torch does not)."""
+    from torch.nn.attention import flex_attention as flex
+
+    options = getattr(flex, "FlexKernelOptions", None)
+    return options is not None and "BACKEND" in getattr(options, "__annotations__", {})
+
+
 def _register() -> None:
-    if not (flex_available and fa4_installed() and torch.cuda.is_available()):
+    if not (flex_available and fa4_installed() and torch.cuda.is_available() and _torch_has_flash_backend()):
         return
     from ..registry import register_backend
 
