@@ -198,6 +198,8 @@ def explain_flex_fa4(q: Tensor, spec: AttentionSpec) -> str | None:
         # with a padding mask (a mask_mod reading a [B, Nk] tensor by batch) torch 2.11 + flash-attn-4
         # 4.0.0b40 gave a right output but a wrong LSE and NaN gradients on an H100 (session 12)
         return "it takes no key padding mask (its LSE and gradients were wrong with one)"
+    if spec.rule.bounded and not spec.causal:
+        return "it takes causal windows only (a two-sided window is not verified on FlashAttention-4 yet)"
     if q.device.type != "cuda":
         return f"it runs on CUDA devices only, got {q.device}"
     if torch.cuda.get_device_capability(q.device)[0] < 9:
@@ -206,8 +208,6 @@ def explain_flex_fa4(q: Tensor, spec: AttentionSpec) -> str | None:
         return f"it takes float16 or bfloat16, got {q.dtype}"
     if q.shape[-1] not in HEAD_DIMS:
         return f"it takes head dims {HEAD_DIMS}, got {q.shape[-1]}"
-    if spec.rule.bounded and not spec.causal:
-        return "it takes causal windows only (a two-sided window is not verified on FlashAttention-4 yet)"
     return None
 
 
