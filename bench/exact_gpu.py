@@ -6,24 +6,22 @@ bias-free causal SDPA with PyTorch's cuDNN and flash backends (the ceiling witho
     python bench/exact_gpu.py --out DIR --write-table poslsh/attention/speed_table.json
     python bench/exact_gpu.py --out DIR --method window --ns 65536 262144   # the per-head window, eps 1e-3
 
-(i) checks: a small case (B = 2, H = 12: not a power of two, Hkv = 4, N = 1000, D = 128, bf16), with
-right padding in one row and without, per backend, forward (out, lse) and q/k/v gradients of a loss through out and lse,
-against ``backend="reference"`` in float64 on the same rounded inputs; the bound is 2x (4x for
-gradients) the output's own bf16 rounding, as the test suite's. (ii) timings at each n: B = 1,
-H = 32, D = 128, bf16, causal, Press slopes, random q, k, v ~ N(0, 1); forward and forward + backward
-(``torch.autograd.grad`` of out with a random dO); ``triton.testing.do_bench`` median under 0.2 s a
-call, else the median of 3 event-timed calls (2 over 1 s a call). The order puts the comparisons the
-issue needs first (cudnn, triton, flex, and flex_fa4 where FlashAttention-4 is installed, at every n), then
-the SDPA ceilings, then auto at every n but the largest (where it is only asked which backend it selects):
-with ``--write-table`` the table is written before the auto rows and auto chooses by it (what it picked
-by the shipped table is ``auto_selects``, by the new one ``auto_selects_by_new_table``); a measurement
-predicted to pass ``--budget-s`` is recorded as skipped. (iii) ``DIR/exact_gpu.json``: environment (date, device, versions incl. the
-cuDNN frontend and library, command), config, checks, rows (auto's with ``ran_on``: the backends its timed
-calls ran on, ``backends_run``), what auto selected at first, and
-``speed_table``: the measured poslsh backends in ``poslsh.attention.speed``'s table format, regime
-"prefill" (forward) and "prefill+backward" (forward + backward, ``speed.BACKWARD``); ``--write-table PATH`` merges it into that table
-(entries of the same device, method, regime and n replaced backend by backend). The JSON is rewritten
-after every measurement.
+(i) checks: a small case (B = 2, H = 12: not a power of two, Hkv = 4, N = 1000, D = 128, bf16), with right
+padding in one row and without, per backend, forward (out, lse) and q/k/v gradients of a loss through out and
+lse, against ``backend="reference"`` in float64 on the same rounded inputs; the bound is 2x (4x for gradients)
+the output's own bf16 rounding, as the test suite's. (ii) timings at each n: B = 1, H = 32, D = 128, bf16,
+causal, Press slopes, random q, k, v ~ N(0, 1); forward and forward + backward (``torch.autograd.grad`` of out
+with a random dO); ``triton.testing.do_bench`` median under 0.2 s a call, else the median of 3 event-timed
+calls (2 over 1 s a call). The order puts the comparisons the issue needs first (cudnn, triton, flex, and
+flex_fa4 where FlashAttention-4 is installed, at every n), then the SDPA ceilings, then auto at every n: with
+``--write-table`` the table is written before the auto rows and auto chooses by it (what it picked by the
+shipped table is ``auto_selects``, by the new one ``auto_selects_by_new_table``); a measurement predicted to
+pass ``--budget-s`` is recorded as skipped. (iii) ``DIR/exact_gpu.json``: environment (date, device, versions
+incl. the cuDNN frontend and library, command), config, checks, rows (auto's with ``ran_on``: the backends its
+timed calls ran on, ``backends_run``, after ``--auto-warm-s`` of calls, ``warm_ran_on``), what auto selected at first, and ``speed_table``: the measured poslsh
+backends in ``poslsh.attention.speed``'s table format, regime "prefill" (forward) and "prefill+backward"
+(forward + backward, ``speed.BACKWARD``); ``--write-table PATH`` merges it into that table (entries of the
+same device, method, regime and n replaced backend by backend). The JSON is rewritten after every measurement.
 """
 
 from __future__ import annotations
@@ -63,6 +61,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--auto-warm-s", type=float, default=3.0,
+                   help="auto's calls before it is timed (its choice settles: poslsh.attention.rent)")
     p.add_argument("--method", choices=("exact", "window"), default="exact",
                    help="window: the per-head window at --window-eps instead (no SDPA columns)")
     p.add_argument("--window-eps", type=float, default=1e-3)
@@ -167,6 +167,18 @@ def time_ms(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> tuple[float, 
     return statistics.median(times), how, first, time.perf_counter() - t0
 
 
+def warm_up(fn: Callable[[], Any], seconds: float) -> float:
+    """Call ``fn`` for about ``seconds`` (at least once); the seconds spent. "auto" takes a backend that
+    builds per shape (cuDNN, the compiled flex backends) only once a shape's calls have paid for the build
+    (``poslsh.attention.rent``): a training loop reaches it within its first steps, a benchmark here."""
+    start = time.perf_counter()
+    while True:
+        fn()
+        torch.cuda.synchronize()
+        if time.perf_counter() - start >= seconds:
+            return time.perf_counter() - start
+
+
 @contextlib.contextmanager
 def backends_run() -> Iterator[collections.Counter]:
     """Within it, a count of the backend each ``poslsh.attention`` call ran on, by name, as its plan chose it
@@ -225,15 +237,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save()
     h, d = args.heads, args.head_dim
     last_ms: dict[tuple[str, str], tuple[int, float]] = {}
-    biggest = max(args.ns)
     plan = []
     for n in sorted(args.ns):
         for backward in (False, True):
             plan += [(n, c, backward) for c in BACKENDS_TIMED if c in BACKENDS]
         for backward in (False, True):
             plan += [(n, c, backward) for c in SDPA if args.method == "exact"]
-    # auto last, at every n but the biggest: with --write-table it chooses by the table this run wrote
-    plan += [(n, "auto", backward) for n in sorted(args.ns) if n != biggest for backward in (False, True)]
+    # auto last, at every n (the budget skips what would not fit): with --write-table it chooses by the table
+    # this run wrote
+    plan += [(n, "auto", backward) for n in sorted(args.ns) for backward in (False, True)]
     inputs: dict[int, tuple] = {}
     for n, column, backward in plan:
         if column == "auto" and args.write_table and "table_written" not in res:
@@ -263,9 +275,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "fwd+bwd": select_backend(q.detach().requires_grad_(), spec).name}
                 q, k, v, do = inputs[n]
                 q, k, v = (t.detach().requires_grad_(backward) for t in (q, k, v))
+                fn = call_fn(column, q, k, v, do, backward, method_kw(args))
+                if column == "auto":  # its steady state: calls until a built-per-shape backend is paid for
+                    with backends_run() as warm:
+                        row["warm_s"] = warm_up(fn, args.auto_warm_s)
+                    row["warm_ran_on"] = dict(warm)
                 with backends_run() as ran:
-                    ms, how, first, spent = time_ms(call_fn(column, q, k, v, do, backward, method_kw(args)), args.warmup_ms,
-                                                    args.rep_ms)
+                    ms, how, first, spent = time_ms(fn, args.warmup_ms, args.rep_ms)
                 if column == "auto":
                     row["ran_on"] = dict(ran)
                 row.update(ms=ms, how=how, first_call_s=first, wall_s=spent)
