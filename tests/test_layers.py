@@ -12,7 +12,8 @@ layer           modules
                 old module names, deprecated; it imports nothing, and names the lab only as strings)
 1 core math     alibi, positional_kernels, hashing, layer_partitions, mask_errors, theory, method
 2 attention     what every attention backend shares: attention.core (AttentionSpec, conventions),
-  base          .registry (register_backend), .speed (measured order), .ranges, .window
+  base          .registry (register_backend), .speed (measured order), .rent (builds per shape), .ranges,
+                .window
 3 attention     one folder per backend: attention.reference, .fused, .flex, .split, .cudnn, .triton
   backends      (a backend may use another's pieces: split's flex primitive, its Triton merge)
 4 attention     the dispatcher and the entry points: attention.dispatch, .plan, .public, the package's
@@ -42,7 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core math", ("poslsh.alibi", "poslsh.positional_kernels", "poslsh.hashing", "poslsh.layer_partitions",
                    "poslsh.mask_errors", "poslsh.theory", "poslsh.method")),
     ("attention base", ("poslsh.attention.core", "poslsh.attention.registry", "poslsh.attention.speed",
-                        "poslsh.attention.ranges", "poslsh.attention.window")),
+                        "poslsh.attention.rent", "poslsh.attention.ranges", "poslsh.attention.window")),
     ("attention backends", ("poslsh.attention.reference", "poslsh.attention.fused", "poslsh.attention.flex",
                             "poslsh.attention.split", "poslsh.attention.cudnn", "poslsh.attention.triton")),
     ("attention front", ("poslsh.attention", "poslsh.attention.dispatch", "poslsh.attention.plan",

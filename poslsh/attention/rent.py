@@ -37,7 +37,7 @@ def call_seconds(q: Tensor, spec: AttentionSpec, training: bool) -> float:
         per_head = nq * spec.q_offset + nq * (nq + 1) / 2
     else:
         per_head = float(nq * nk)
-    if spec.method == "window" and spec.window is not None:
+    if spec.rule.band_only and spec.window is not None:  # the window's band, not exact's keys
         sides = 1 if spec.causal else 2
         band = sum(min(float(nk), sides * float(w) + 1) for w in spec.window.tolist())
         pairs = min(per_head * h, nq * band)
