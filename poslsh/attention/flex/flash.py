@@ -21,12 +21,14 @@ pytorch/pytorch#181645), ``lse_factor`` measures it once per device and undoes i
 Grouped KV is FlashAttention-4's own in the forward; where gradients are needed its k and v are expanded
 to one head per query head first (the FLASH backward with grouped KV gave wrong gradients on an H100).
 
-Not served: two-sided windows (not yet run on a GPU), slopes that require grad (the kernels take no gradient of captured tensors) and key padding
-masks (with one, torch 2.11 + flash-attn-4 4.0.0b40 gave a right output but a wrong LSE and NaN
-gradients on an H100); "auto" passes such calls to the next backend.
+Not served, "auto" passing such calls to the next backend: key padding masks (with one, torch 2.11 +
+flash-attn-4 4.0.0b40 gave a right output but a wrong LSE and NaN gradients on an H100), two-sided
+windows (not yet run on a GPU) and slopes that require grad (the kernels take no gradient of captured
+tensors).
 
 Installed by ``pip install flash-attn-4`` (which brings the CUTLASS DSL); registered when that package
-is importable and CUDA is present. The first call at a shape compiles (seconds).
+is importable, CUDA is present and torch's FlexAttention takes the FLASH option. The first call at a
+shape compiles (about a second; "auto" waits until a shape's calls have paid for it: ``rent``).
 """
 
 from __future__ import annotations
