@@ -365,10 +365,13 @@ def test_rounds_alternate_the_arm_order_and_fold_into_one_row(tmp_path, monkeypa
     calls = []
     per_round_ms = (3.0, 9.0, 1.0)  # median 3, mean 4.33
 
-    def point(model, cfg, arm, ids, device, row, chunk):
+    profiled = []
+
+    def point(model, cfg, arm, ids, device, row, chunk, profile=True):
         n = ids.shape[1]
         k = calls.count((arm, n))  # the arm's round at n, from 0
         calls.append((arm, n))
+        profiled.append(profile == (k == 0))  # the kernels' profile: the first round only
         row.update(prefill_chunk=None, phase="prefill")
         if arm == "window" and k == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -394,6 +397,7 @@ def test_rounds_alternate_the_arm_order_and_fold_into_one_row(tmp_path, monkeypa
     assert (window[0]["rounds"], window[0]["rounds_ms_per_token"]) == (1, [3.0]) and "out_of_memory" in window[1]
     assert window[2] == {"arm": "window", "context": 96, "skipped": "out of memory at 64 tokens"}
     assert "rounds differ" in gb.table(doc)
+    assert all(profiled) and len(profiled) == len(calls)
 
 
 def test_two_rounds_through_the_command(tmp_path, monkeypatch):

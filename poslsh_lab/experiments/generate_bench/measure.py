@@ -248,10 +248,11 @@ def _free(device: torch.device, collect: bool = False) -> None:
 
 
 def measure_point(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, device: torch.device,
-                  row: dict[str, Any], chunk: int) -> None:
+                  row: dict[str, Any], chunk: int, profile: bool = True) -> None:
     """Fill ``row`` with one arm at one prompt ``ids`` [1, n] read in chunks of ``chunk`` tokens (n: one
-    call): prefill seconds and peak memory, greedy decoding times, tokens, KV cache held.
-    ``row["phase"]`` says how far it got (an exception leaves it there)."""
+    call): prefill seconds and peak memory, greedy decoding times, tokens, KV cache held, and (``profile``,
+    on CUDA) the kernels' time per token. ``row["phase"]`` says how far it got (an exception leaves it
+    there)."""
     cuda = device.type == "cuda"
     patch = _use_arm(model, cfg, arm)
     n = ids.shape[1]
@@ -286,7 +287,7 @@ def measure_point(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, de
         report = cache_report(patch, row["kv"]["positions"], dtype=model.dtype)
         row["kv"]["per_head_reachable_bytes"] = report["total_bytes"] - report["saved_bytes"]
     row["phase"] = "done"
-    if cuda and cfg.profile_steps:
+    if cuda and cfg.profile_steps and profile:
         last = torch.tensor([[tokens[-1]]], device=device)
         try:
             row["kernel_ms_per_token"] = _kernel_ms_per_token(step, last, cfg.profile_steps)
@@ -413,12 +414,12 @@ def run(config: Config, out_dir: str | Path) -> dict[str, Any]:
 
 
 def _measure(model: torch.nn.Module, cfg: Config, arm: str, ids: Tensor, device: torch.device,
-             chunk: int) -> dict[str, Any]:
+             chunk: int, profile: bool = True) -> dict[str, Any]:
     """One round of one point: its row, a failure recorded there (the run going on)."""
     row: dict[str, Any] = {"arm": arm, "context": ids.shape[1]}
     t = time.perf_counter()
     try:
-        measure_point(model, cfg, arm, ids, device, row, chunk)
+        measure_point(model, cfg, arm, ids, device, row, chunk, profile)
     except torch.OutOfMemoryError as err:
         row["out_of_memory"] = describe_failure(err)
     except Exception as err:
@@ -466,7 +467,8 @@ def _repeat(model: torch.nn.Module, cfg: Config, row: dict[str, Any], ids: Tenso
     """Measure a completed point once more (its arm, prompt and chunks), log the round, save the document.
     Returns the point's row with the round folded in, or the round's own row where it failed (added to
     the document beside the point's row, whose completed rounds stand)."""
-    again = _measure(model, cfg, row["arm"], ids, device, row["prefill_chunk"] or ids.shape[1])
+    # the kernels' time per token is the first round's (``_add_round``): later rounds skip the profiler
+    again = _measure(model, cfg, row["arm"], ids, device, row["prefill_chunk"] or ids.shape[1], profile=False)
     clock.log(f"{_line(again)}, round {row['rounds'] + 1}")
     if again.get("phase") != "done":
         rows.append(again)
