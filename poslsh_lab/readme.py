@@ -564,7 +564,7 @@ SECTIONS: list[Section] = [
     Section("window_gpu_s12/exact_gpu.json", "The per-head window on every backend at 64K (flex_fa4's gradients were "
             "NaN with grouped KV in this run, fixed after: tests/test_flex_fa4.py on the GPU)", exact_gpu),
     Section("exact_gpu_s10/exact_gpu.json", "Exact ALiBi on every backend, rerun after `auto`'s deferral of cuDNN's "
-            "graph builds (the speed table's H100 rows)", exact_gpu),
+            "graph builds (the speed table's H100 rows at 256K)", exact_gpu),
     Section("exact_gpu/exact_gpu.json", "Exact ALiBi on every backend, cuDNN's included (its first run)",
             exact_gpu),
     Section("first_call/first_call_builds.json", "A prompt of a new length: what cuDNN's graph build costs (auto "
