@@ -54,15 +54,16 @@ except ImportError:  # pragma: no cover - torch without FlexAttention
     flex_available = False
 
 DEFAULT_BLOCK = 128
-_compiled: Callable | None = None
+_compiled: dict[Callable, Callable] = {}
 
 
-def _flex_fn(device: torch.device) -> Callable:
-    """Compiled flex_attention on CUDA (compiled once; recompiles per shape/method are allowed), eager on CPU."""
-    global _compiled
+def compiled_on(device: torch.device, fn: Callable) -> Callable:
+    """``fn`` (flex_attention, or a function calling it) compiled on CUDA, once per function (recompiles per
+    shape and method are allowed); ``fn`` itself elsewhere (FlexAttention runs eagerly on the CPU)."""
     if device.type != "cuda":
-        return flex_attention
-    if _compiled is None:
+        return fn
+    hit = _compiled.get(fn)
+    if hit is None:
         import torch._dynamo
 
         # One compiled kernel per (shape, method, r): the default limit of 8 would silently fall
@@ -74,8 +75,13 @@ def _flex_fn(device: torch.device) -> Callable:
         # dynamic=False: a dynamic-shape recompile of the LSH score_mod (indexing the captured
         # (W, U) tables) failed in torch 2.11 with "unbacked_bindings"; static compiles are a few
         # seconds each.
-        _compiled = torch.compile(flex_attention, dynamic=False)
-    return _compiled
+        hit = _compiled[fn] = torch.compile(fn, dynamic=False)
+    return hit
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    """Compiled flex_attention on CUDA, eager on CPU (``compiled_on``)."""
+    return compiled_on(device, flex_attention)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import EMPTY_LSE, AttentionSpec
-from .backend import DEFAULT_BLOCK, compile_ready, flex_available, flex_mods
+from .backend import DEFAULT_BLOCK, compile_ready, compiled_on, flex_available, flex_mods
 
 __all__ = ["flex_fa4_attention", "supports_flex_fa4", "explain_flex_fa4", "fa4_installed", "lse_factor",
            "LseGradient", "HEAD_DIMS"]
@@ -74,20 +74,9 @@ def _attend_detached_lse(q: Tensor, k: Tensor, v: Tensor, score_mod: Callable, b
     return out, lse.detach()
 
 
-_compiled: Callable | None = None
-
-
 def _attend_fn(device: torch.device) -> Callable:
     """``_attend_detached_lse`` compiled on CUDA (static shapes, as the flex backend's), eager elsewhere."""
-    global _compiled
-    if device.type != "cuda":
-        return _attend_detached_lse
-    if _compiled is None:
-        from .backend import _flex_fn
-
-        _flex_fn(device)  # raises the compile cache limits for one kernel per shape, as the flex backend does
-        _compiled = torch.compile(_attend_detached_lse, dynamic=False)
-    return _compiled
+    return compiled_on(device, _attend_detached_lse)
 
 
 _lse_factors: dict[torch.device, float] = {}
