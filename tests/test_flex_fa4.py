@@ -9,6 +9,8 @@ what is missing when FlashAttention-4 is not installed. On a GPU with ``flash-at
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -209,3 +211,42 @@ def test_two_sided_windows_are_refused_with_their_reason(monkeypatch):
     q, k, v = inputs(8, 8, 64, 64, torch.float32)
     assert "causal windows only" in explain_flex_fa4(q, spec_of(q, k, v, "window", False))
     assert "causal windows only" not in (explain_flex_fa4(q, spec_of(q, k, v, "window", True)) or "")
+
+
+@pytest.mark.parametrize("method,gqa,dv", [("exact", True, 64), ("exact", False, 32), ("window", True, 32)])
+def test_the_whole_wrapper_trains_like_the_reference(monkeypatch, method, gqa, dv):
+    """flex_fa4_attention's own logic with gradients on the CPU: the kernel call replaced by the reference
+    (which differentiates on the CPU, where FlexAttention does not), so grouped KV expanded for training,
+    a smaller value dim padded, the LSE's factor and LseGradient are held to the reference's gradients of a
+    loss through out and lse."""
+    from poslsh.attention.flex import flash
+
+    q, k, v = inputs(37, 70, 64, dv)
+    if not gqa:
+        k, v = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
+    spec = spec_of(q, k, v, method, True)
+    seen = []
+
+    def kernel(q_, k_, v_, score_mod, block_mask, scale, enable_gqa, kernel_options):
+        seen.append((q_.shape[1], k_.shape[1], v_.shape[-1], q_.requires_grad or k_.requires_grad))
+        if score_mod is None:  # lse_factor's probe: all scores 0
+            n = k_.shape[2]
+            return v_, torch.full(q_.shape[:-1], math.log(n), dtype=torch.float64)
+        out, lse = reference_attention(q_, k_, v_, spec)
+        return out, lse.detach()
+
+    monkeypatch.setattr(flash, "_attend_fn", lambda device: kernel)
+    monkeypatch.setattr(flash, "_lse_factors", {})
+    xs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flex_fa4_attention(*xs, spec)
+    g, h = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * g).sum() + (lse * h).sum(), xs)
+    ys = [t.clone().requires_grad_() for t in (q, k, v)]
+    ro, rl = reference_attention(*ys, spec)
+    want = torch.autograd.grad((ro * g).sum() + (rl * h).sum(), ys)
+    assert out.shape == ro.shape and relative_error(out, ro) < 1e-12
+    assert lse.dtype == torch.float32 and relative_error(lse, rl) < 1e-6  # the backends' LSE is float32
+    for name, a, b in zip("qkv", got, want):
+        assert a.shape == b.shape and relative_error(a, b) < 1e-12, name
+    # the kernel saw one k, v head per query head (training) and a padded value dim
+    assert all(kv_heads == H and vdim == 64 for _, kv_heads, vdim, grad in seen[1:] if grad)
