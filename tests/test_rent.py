@@ -85,3 +85,30 @@ def test_a_deferred_backend_does_not_make_decoding_ask_again(monkeypatch):
     for _ in range(2):
         plan(torch.randn(1, 4, 32, 16), k[:, :, :40], k[:, :, :40])
     assert asked == [1, 32, 32]
+
+
+def test_a_backend_that_never_serves_the_call_defers_nothing():
+    """"auto" asks ``ready`` only of backends whose declared capabilities cover the call: a backend of exact
+    ALiBi alone, not ready, is no reason for an LSH plan to ask again at every call (failed before: every
+    backend with ``ready`` was named in ``deferred``, so a plan never kept its choice once flex_fa4 was
+    installed)."""
+    from poslsh.attention import dispatch
+    from poslsh.attention.public_plans import clear_public_plans
+    from poslsh.attention.reference import reference_attention
+    from poslsh.attention.registry import register_backend
+
+    asked = []
+    register_backend("exact-only-slow", reference_attention, priority=1000, methods=("exact",),
+                     ready=lambda q, spec: asked.append(spec.method) or False)
+    try:
+        q = torch.randn(1, 4, 32, 16)
+        lsh = resolve_spec(q, q, q, method="lsh", samples=2, generator=torch.Generator().manual_seed(0))
+        deferred = []
+        assert dispatch.select_backend(q, lsh, "auto", False, deferred).name != "exact-only-slow"
+        assert deferred == [] and asked == []
+        exact = resolve_spec(q, q, q)
+        dispatch.select_backend(q, exact, "auto", False, deferred)
+        assert deferred == ["exact-only-slow"] and asked == ["exact"]
+    finally:
+        dispatch.BACKENDS.pop("exact-only-slow")
+        clear_public_plans()

@@ -107,11 +107,13 @@ def select_backend(q: Tensor, spec: AttentionSpec, backend: str = "auto", grad: 
                     if b in BACKENDS]
         for name in measured + available_backends():
             candidate = BACKENDS[name]
+            if not candidate.declares(spec):  # before ready: a call it never serves defers nothing
+                continue
             if candidate.ready is not None and not candidate.ready(q, spec):
                 if deferred is not None:
                     deferred.append(name)
                 continue
-            if candidate.accepts(q, spec):
+            if candidate.supports(q, spec):
                 return candidate
         raise RuntimeError("no registered attention backend supports this call")  # reference always does
     check_backend_name(backend)

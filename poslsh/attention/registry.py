@@ -36,13 +36,15 @@ class Backend:
     # the calls at a shape have done about as much work as the build costs (``rent``); None: always set up.
     ready: Callable[[Tensor, AttentionSpec], bool] | None = None
 
-    def accepts(self, q: Tensor, spec: AttentionSpec) -> bool:
-        """Declared capabilities first (method, kernels, slope gradients), then its own ``supports``."""
+    def declares(self, spec: AttentionSpec) -> bool:
+        """Whether its declared capabilities (method, kernels, slope gradients) cover the call."""
         if spec.method not in self.methods or (spec.kernels is not None and not self.kernels):
             return False
-        if spec.slopes.requires_grad and not self.slope_grad:
-            return False
-        return self.supports(q, spec)
+        return self.slope_grad or not spec.slopes.requires_grad
+
+    def accepts(self, q: Tensor, spec: AttentionSpec) -> bool:
+        """Declared capabilities first, then its own ``supports``."""
+        return self.declares(spec) and self.supports(q, spec)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
         return self.fn(q, k, v, spec)
