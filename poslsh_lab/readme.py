@@ -383,6 +383,7 @@ def exact_gpu(doc: Doc) -> str:
     res, cfg = doc["results"], doc["config"]
     checks = res["checks"]
     ok = sum(bool(c["ok"]) for c in checks)
+    refusing = sorted({c["backend"] for c in checks if c["ok"] is None})
     refused = sum(c["ok"] is None for c in checks)
     env = doc["environment"]
     window = cfg.get("method") == "window"
@@ -398,7 +399,7 @@ def exact_gpu(doc: Doc) -> str:
             f"{env.get('device')}, median ms through `poslsh.attention(backend=...)`"
             + ("" if window else ", beside bias-free SDPA on its cuDNN and flash kernels (no ALiBi: the ceilings)")
             + f"; {ok} of {len(checks) - refused} checks against float64 within bounds"
-            + (f"; {refused} refused by their backend (cuDNN: not exact ALiBi; Flex FA4: a key padding mask)"
+            + (f"; {refused} refused by their backend ({', '.join(refusing)}: a call it does not serve)"
                if refused else "")
             + f" ({', '.join(sorted({c['backend'] for c in checks}))}). {auto}; a blank cell was skipped by the "
             "time budget."

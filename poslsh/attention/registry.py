@@ -69,7 +69,13 @@ def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = Non
     backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
                       tuple(methods), bool(kernels), bool(slope_grad), explain, ready)
     BACKENDS[name] = backend
-    plans = sys.modules.get("poslsh.attention.public_plans")  # plans of public calls chose among the old registry
+    forget_public_plans()  # plans of public calls chose among the old registry
+    return backend
+
+
+def forget_public_plans() -> None:
+    """Drop the plans remembered for earlier public calls (``public_plans``), if that module is loaded: they
+    chose their backend among what is registered and by the speed table, and either has changed."""
+    plans = sys.modules.get("poslsh.attention.public_plans")
     if plans is not None:
         plans.clear_public_plans()
-    return backend

@@ -16,10 +16,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
+
+from .registry import forget_public_plans
 
 __all__ = ["measured_order", "regime", "load_table", "TABLE_PATH", "DECODE_ROWS", "BACKWARD"]
 
@@ -49,9 +50,7 @@ def load_table(path: Path | str = TABLE_PATH) -> None:
     "auto" what it picks by it); the plans of earlier public calls, which chose by the old one, are dropped."""
     global _TABLE
     _TABLE = _load(path)
-    plans = sys.modules.get("poslsh.attention.public_plans")
-    if plans is not None:
-        plans.clear_public_plans()
+    forget_public_plans()
 
 
 @functools.lru_cache(maxsize=16)
