@@ -16,6 +16,8 @@
 #                arguments (e.g. "--ns 16384 65536")
 #   window       bench/exact_gpu.py --method window: the per-head window (eps 1e-3) per backend, 64K and 256K
 #                (WINDOW_NS), merged into $OUT/speed_table.json
+#   windowparts  bench/window_parts.py: the window forward at 256K on head groups apart (wide, narrow, half-width 8)
+#                under several tile configs, beside each group's bytes floor; the fastest per group joined (T_WP)
 #   sweep        bench/kernel_sweep.py: the Triton kernels' variants, forward and forward + backward per method
 #                (SWEEP_ARGS: more arguments, e.g. "--methods window lsh --variants ...")
 #   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm (GEN_ARMS, GEN_CONTEXTS pick; GEN_ARGS more,
@@ -76,6 +78,9 @@ run_window() {  # the exact step's comparison for the per-head window (eps 1e-3)
   step ${T_WINDOW:-100} python3 bench/exact_gpu.py --method window --out "$OUT/window_gpu" \
     --write-table "$OUT/speed_table.json" --budget-s $(( ${T_WINDOW:-100} - 20 )) --ns ${WINDOW_NS:-65536 262144}
 }
+run_windowparts() {
+  step ${T_WP:-200} python3 bench/window_parts.py --budget-s $(( ${T_WP:-200} - 40 )) --json "$OUT/window_parts.json"
+}
 run_sweep() {
   step ${T_SWEEP:-240} python3 bench/kernel_sweep.py --budget-s $(( ${T_SWEEP:-240} - 30 )) --json "$OUT/kernel_sweep.json" \
     --write-tuned "$OUT/tuned.json" ${SWEEP_ARGS:-}
@@ -101,6 +106,6 @@ for name in $STEPS; do
   if declare -F "run_$name" >/dev/null; then
     "run_$name"
   else
-    echo "=== unknown step: $name (tests conformance decode exact window sweep generate first moonshot bwdparts)" | tee -a "$log"
+    echo "=== unknown step: $name (tests conformance decode exact window windowparts sweep generate first moonshot bwdparts)" | tee -a "$log"
   fi
 done

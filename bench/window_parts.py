@@ -1,0 +1,179 @@
+"""Where the window forward's time goes at long n (issue 23 item 3: 256K, eps 1e-3, aim 5.0 ms on an H100).
+
+The per-head window's heads differ by two orders of magnitude in width (Press slopes, H = 32, eps 1e-3: 9 to
+1768 keys), so one tile shape serves neither end. This times the Triton forward (``triton_attention``, the
+public call's kernel) on head groups apart, each beside its floor, under several tile configs:
+
+* ``all``: the 32 heads as shipped; ``wide``: the heads with half-width >= ``--wide-from`` (256) alone;
+  ``narrow``: the others alone; ``w8``: 32 heads of half-width 8 (the fixed cost of a query tile).
+* per group: keys per query, the band's matrix-product rate (4 D flops per query-key pair of the band) and
+  the rate of its four [B, H, n, D] tensors' bytes (q, k, v read, o written) against ``o.copy_(q)``'s
+  (two tensors' bytes: ``floor_ms`` = twice its time scaled to the group's heads).
+* every config's output is compared with the shipped config's (relative error, must stay at bf16 level).
+* ``joined``: the fastest config of the wide group and of the narrow group as one call (``wide`` config
+  key: the wide heads launched apart), timed alternately with the shipped config on ``all``.
+
+B = 1, D = 128, bf16, causal, q ~ 2 N(0, 1), k, v ~ N(0, 1); ``triton.testing.do_bench`` medians.
+
+    python bench/window_parts.py --json /tmp/out/window_parts.json            # ~2 min on an H100
+    TRITON_INTERPRET=1 python bench/window_parts.py --tiny --json /tmp/wp.json  # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from poslsh.alibi import alibi_slopes
+from poslsh.attention import resolve_spec
+from poslsh.attention.window import window_sizes
+from poslsh.attention.triton import launch
+
+# Forward tile configs tried on each group: layered on the shipped one ("shipped" = no change).
+CONFIGS = {
+    "shipped": {},
+    "64x32_s2": dict(num_stages=2),
+    "64x32_s4": dict(num_stages=4),
+    "64x16": dict(BLOCK_N=16),
+    "64x64": dict(BLOCK_N=64),
+    "64x128_s2": dict(BLOCK_N=128, num_stages=2),
+    "128x32_w8": dict(BLOCK_M=128, num_warps=8),
+    "128x64_w8": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8),
+    "128x128_w8_s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    "32x32_w2": dict(BLOCK_M=32, num_warps=2),
+    "32x64_w2": dict(BLOCK_M=32, BLOCK_N=64, num_warps=2),
+    "64x32_reg128": dict(maxnreg=128),
+}
+
+
+def press_widths(h: int, n: int, eps: float) -> list[int]:
+    """The half-widths ``window_eps`` gives the Press slopes of h heads (the library's own rule)."""
+    return [int(w) for w in window_sizes(alibi_slopes(h), eps, n)]
+
+
+def time_ms(fn, warmup: int, rep: int, device: str) -> float:
+    if device != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--n", type=int, default=262144)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--window-eps", type=float, default=1e-3)
+    p.add_argument("--wide-from", type=int, default=256, help="half-width from which a head is 'wide'")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--budget-s", type=float, default=170.0, help="stop starting measurements after this")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: n = 96, H = 4, D = 16, eps 0.3, two configs, "
+                   "the wider two heads as the wide group")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        args.n, args.heads, args.head_dim, args.configs, args.window_eps = 96, 4, 16, ["shipped", "32x32_w2"], 0.3
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    n, d, t0 = args.n, args.head_dim, time.monotonic()
+    widths = press_widths(args.heads, n, args.window_eps)
+    if args.tiny:
+        args.wide_from = sorted(widths)[len(widths) // 2]  # two groups of two heads
+    groups = {"all": widths, "wide": [w for w in widths if w >= args.wide_from],
+              "narrow": [w for w in widths if w < args.wide_from], "w8": [min(8, n - 1)] * args.heads}
+    doc = dict(name="window_parts", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command=" ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+               device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+               torch=torch.__version__, triton=triton.__version__,
+               shape=dict(B=1, n=n, D=d, dtype=str(dtype).removeprefix("torch."), causal=True,
+                          window_eps=args.window_eps, wide_from=args.wide_from),
+               timing="triton.testing.do_bench median" if device == "cuda" else "one CPU call (smoke run)",
+               groups={g: dict(heads=len(w), widths=w) for g, w in groups.items()}, rows=[], joined=None)
+    warm, rep = (25, 100) if device == "cuda" else (0, 0)
+
+    def save():
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1))
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    shipped = launch.default_config("window", dtype, d, device)
+    floor_per_head = None
+    for g, w in groups.items():
+        if not w:
+            continue
+        h = len(w)
+        q = (2.0 * torch.randn(1, h, n, d, generator=gen, device=device)).to(dtype)
+        k = torch.randn(1, h, n, d, generator=gen, device=device).to(dtype)
+        v = torch.randn(1, h, n, d, generator=gen, device=device).to(dtype)
+        spec = resolve_spec(q, k, v, method="window", causal=True, widths=w)
+        if floor_per_head is None:  # o.copy_(q) moves two tensors; the window moves four
+            o = torch.empty_like(q)
+            floor_per_head = 2 * time_ms(lambda: o.copy_(q), warm, rep, device) / h
+            del o
+        pairs = sum(min(wh, i) + 1 for wh in w for i in range(n)) if n <= 4096 else \
+            sum((wh + 1) * n - wh * (wh + 1) // 2 for wh in w)  # keys j in [i - w, i], j >= 0
+        ref = None
+        for name in args.configs:
+            if time.monotonic() - t0 > args.budget_s:
+                doc["stopped_by_budget"] = True
+                break
+            cfg = {**shipped, **CONFIGS[name]}
+            row = dict(group=g, heads=h, config=name, overrides=CONFIGS[name])
+            try:
+                out, _ = launch.triton_attention(q, k, v, spec, cfg)  # compiles
+                if ref is None:
+                    ref = out
+                row["rel_to_shipped"] = float((out.float() - ref.float()).norm() / ref.float().norm())
+                ms = time_ms(lambda: launch.triton_attention(q, k, v, spec, cfg), warm, rep, device)
+                row.update(ms=ms, keys_per_query=pairs / n, tflops=4 * d * pairs / ms / 1e9,
+                           tb_per_s=4 * q.numel() * q.element_size() / ms / 1e9,
+                           floor_ms=floor_per_head * h)
+            except Exception as err:  # a config that does not fit the device is a result, not a crash
+                row["error"] = f"{type(err).__name__}: {err}"[:400]
+            doc["rows"].append(row)
+            print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
+                              if k != "overrides"}), flush=True)
+            save()
+        del q, k, v
+
+    best = {}
+    for g in ("wide", "narrow"):
+        ok = [r for r in doc["rows"] if r["group"] == g and "ms" in r and r["rel_to_shipped"] < 2e-2]
+        if ok:
+            best[g] = min(ok, key=lambda r: r["ms"])["config"]
+    if len(best) == 2 and time.monotonic() - t0 < args.budget_s + 30:
+        joined = {**shipped, **CONFIGS[best["narrow"]],
+                  "wide": {"min_work": args.wide_from, **{k: v for k, v in {**shipped, **CONFIGS[best["wide"]]}.items()
+                                                          if k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
+                                                                   "maxnreg")}}}
+        h = args.heads
+        q = (2.0 * torch.randn(1, h, n, d, generator=gen, device=device)).to(dtype)
+        k = torch.randn(1, h, n, d, generator=gen, device=device).to(dtype)
+        v = torch.randn(1, h, n, d, generator=gen, device=device).to(dtype)
+        spec = resolve_spec(q, k, v, method="window", causal=True, widths=groups["all"])
+        a, _ = launch.triton_attention(q, k, v, spec, shipped)
+        b, _ = launch.triton_attention(q, k, v, spec, joined)
+        times = {"shipped": [], "joined": []}
+        for _ in range(3):  # alternate: the host and clocks drift between seconds
+            times["shipped"].append(time_ms(lambda: launch.triton_attention(q, k, v, spec, shipped), warm, rep, device))
+            times["joined"].append(time_ms(lambda: launch.triton_attention(q, k, v, spec, joined), warm, rep, device))
+        doc["joined"] = dict(best=best, config=joined, ms=times,
+                             rel_to_shipped=float((b.float() - a.float()).norm() / a.float().norm()))
+        print(json.dumps(doc["joined"]), flush=True)
+    doc["elapsed_s"] = round(time.monotonic() - t0, 1)
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
