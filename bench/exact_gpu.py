@@ -18,7 +18,9 @@ flex_fa4 where FlashAttention-4 is installed, at every n), then the SDPA ceiling
 shipped table is ``auto_selects``, by the new one ``auto_selects_by_new_table``); a measurement predicted to
 pass ``--budget-s`` is recorded as skipped. (iii) ``DIR/exact_gpu.json``: environment (date, device, versions
 incl. the cuDNN frontend and library, command), config, checks, rows (auto's with ``ran_on``: the backends its
-timed calls ran on, ``backends_run``, after ``--auto-warm-s`` of calls, ``warm_ran_on``), what auto selected at first, and ``speed_table``: the measured poslsh
+timed calls ran on, ``backends_run``, after ``--auto-warm-s`` of calls, ``warm_ran_on``; where they ran on one
+backend, ``paired``: auto and that backend timed alternately ``--pair-rounds`` times, and ``auto_over_pick``, the
+median ratio), what auto selected at first, and ``speed_table``: the measured poslsh
 backends in ``poslsh.attention.speed``'s table format, regime "prefill" (forward) and "prefill+backward"
 (forward + backward, ``speed.BACKWARD``); ``--write-table PATH`` merges it into that table (entries of the
 same device, method, regime and n replaced backend by backend). The JSON is rewritten after every measurement.
@@ -63,6 +65,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--auto-warm-s", type=float, default=3.0,
                    help="auto's calls before it is timed (its choice settles: poslsh.attention.rent)")
+    p.add_argument("--pair-rounds", type=int, default=3,
+                   help="auto and the backend it ran on, timed alternately this many times each (0: not)")
     p.add_argument("--method", choices=("exact", "window"), default="exact",
                    help="window: the per-head window at --window-eps instead (no SDPA columns)")
     p.add_argument("--window-eps", type=float, default=1e-3)
@@ -179,6 +183,16 @@ def warm_up(fn: Callable[[], Any], seconds: float) -> float:
             return time.perf_counter() - start
 
 
+def paired(args: argparse.Namespace, auto_fn: Callable[[], Any], pick: str, pick_fn: Callable[[], Any]) -> dict:
+    """auto and the backend its calls ran on, timed alternately (the GPU's clocks and the host drift between
+    the columns measured minutes apart): {"paired": {"auto": [ms], pick: [ms]}, "auto_over_pick": median ratio}."""
+    times: dict[str, list[float]] = {"auto": [], pick: []}
+    for _ in range(args.pair_rounds):
+        times[pick].append(time_ms(pick_fn, args.warmup_ms, args.rep_ms)[0])
+        times["auto"].append(time_ms(auto_fn, args.warmup_ms, args.rep_ms)[0])
+    return {"paired": times, "auto_over_pick": statistics.median(a / b for a, b in zip(times["auto"], times[pick]))}
+
+
 @contextlib.contextmanager
 def backends_run() -> Iterator[collections.Counter]:
     """Within it, a count of the backend each ``poslsh.attention`` call ran on, by name, as its plan chose it
@@ -282,9 +296,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["warm_ran_on"] = dict(warm)
                 with backends_run() as ran:
                     ms, how, first, spent = time_ms(fn, args.warmup_ms, args.rep_ms)
+                row.update(ms=ms, how=how, first_call_s=first, wall_s=spent)
                 if column == "auto":
                     row["ran_on"] = dict(ran)
-                row.update(ms=ms, how=how, first_call_s=first, wall_s=spent)
+                    if len(ran) == 1 and next(iter(ran)) in BACKENDS_TIMED and args.pair_rounds:
+                        row.update(paired(args, fn, next(iter(ran)), call_fn(next(iter(ran)), q, k, v, do, backward,
+                                                                             method_kw(args))))
                 if args.method == "exact":  # fwd 2 matmuls per causal pair; bwd 2.5x more
                     row["tflops"] = 4 * d * h * n * (n + 1) / 2 * (3.5 if backward else 1) / ms / 1e9
                 last_ms[(column, pas)] = (n, ms)

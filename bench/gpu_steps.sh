@@ -17,7 +17,9 @@
 #   window       bench/exact_gpu.py --method window: the per-head window (eps 1e-3) per backend, 64K and 256K
 #                (WINDOW_NS), merged into $OUT/speed_table.json
 #   windowparts  bench/window_parts.py: the window forward at 256K on head groups apart (wide, narrow, half-width 8)
-#                under several tile configs, beside each group's bytes floor; the fastest per group joined (T_WP)
+#                under several tile configs, beside each group's bytes floor; the fastest contest the shipped one in
+#                alternating rounds (T_WP; WP_ARGS more arguments, e.g. "--groups all --configs shipped lazy")
+#   windowpick   the contest's winner (>= 3 % ahead) into this checkout's tuned.json for the steps after it
 #   sweep        bench/kernel_sweep.py: the Triton kernels' variants, forward and forward + backward per method
 #                (SWEEP_ARGS: more arguments, e.g. "--methods window lsh --variants ...")
 #   generate     poslsh generate-bench, BLOOM-560m shape, 4K-256K, every arm (GEN_ARMS, GEN_CONTEXTS pick; GEN_ARGS more,
@@ -79,7 +81,25 @@ run_window() {  # the exact step's comparison for the per-head window (eps 1e-3)
     --write-table "$OUT/speed_table.json" --budget-s $(( ${T_WINDOW:-100} - 20 )) --ns ${WINDOW_NS:-65536 262144}
 }
 run_windowparts() {
-  step ${T_WP:-200} python3 bench/window_parts.py --budget-s $(( ${T_WP:-200} - 40 )) --json "$OUT/window_parts.json"
+  step ${T_WP:-200} python3 bench/window_parts.py --budget-s $(( ${T_WP:-200} - 40 )) --json "$OUT/window_parts.json" \
+    ${WP_ARGS:-}
+}
+run_windowpick() {  # the contest's fastest single config, if >= 3 % ahead of the shipped one, into this checkout's
+  # tuned.json (window, bf16, d128), so that the steps after it (window, exact) measure it through the public call
+  step 30 python3 - "$OUT/window_parts.json" "$OUT/tuned_window_pick.json" <<'PY'
+import json, sys
+from pathlib import Path
+entries = (json.load(open(sys.argv[1])).get("contest") or {}).get("entries", {})
+ratio, name = min(((e["over_shipped"], n) for n, e in entries.items() if n != "joined"), default=(1.0, "shipped"))
+path, key = Path("poslsh/attention/triton/tuned.json"), "window/prefill/bfloat16/d128"
+print(f"contest: {name} at {ratio:.3f} of shipped")
+if name != "shipped" and ratio <= 0.97 and entries[name]["rel_to_shipped"] < 2e-2:
+    tuned = json.loads(path.read_text())
+    tuned["configs"][key] = entries[name]["config"]
+    path.write_text(json.dumps(tuned, indent=1))
+    Path(sys.argv[2]).write_text(json.dumps({"picked": name, "over_shipped": ratio, key: entries[name]["config"]}))
+    print(f"tuned.json {key} <- {entries[name]['config']}")
+PY
 }
 run_sweep() {
   step ${T_SWEEP:-240} python3 bench/kernel_sweep.py --budget-s $(( ${T_SWEEP:-240} - 30 )) --json "$OUT/kernel_sweep.json" \
@@ -106,6 +126,6 @@ for name in $STEPS; do
   if declare -F "run_$name" >/dev/null; then
     "run_$name"
   else
-    echo "=== unknown step: $name (tests conformance decode exact window windowparts sweep generate first moonshot bwdparts)" | tee -a "$log"
+    echo "=== unknown step: $name (tests conformance decode exact window windowparts windowpick sweep generate first moonshot bwdparts)" | tee -a "$log"
   fi
 done

@@ -68,3 +68,22 @@ def test_backends_run_counts_what_auto_ran_on():
         poslsh.attention(q, q, q, backend="reference")
     assert dict(ran) == {"fused": 3, "reference": 1}
     assert AttentionPlan._backend_for is chosen
+
+
+def test_paired_times_auto_and_its_pick_alternately(monkeypatch):
+    """auto and the backend it ran on are timed in turns (pick first), and the ratio is the median of the
+    rounds' ratios, not a ratio of two columns measured minutes apart."""
+    bench = load()
+    calls = []
+    ms = {"auto": iter([10.0, 12.0, 30.0]), "pick": iter([10.0, 10.0, 10.0])}
+
+    def fake_time(fn, warmup, rep):
+        calls.append(fn())
+        return next(ms[calls[-1]]), "fake", 0.0, 0.0
+
+    monkeypatch.setattr(bench, "time_ms", fake_time)
+    args = bench.parse(["--out", "x", "--pair-rounds", "3"])
+    out = bench.paired(args, lambda: "auto", "flex_fa4", lambda: "pick")
+    assert calls == ["pick", "auto"] * 3
+    assert out["paired"] == {"auto": [10.0, 12.0, 30.0], "flex_fa4": [10.0, 10.0, 10.0]}
+    assert out["auto_over_pick"] == 1.2

@@ -1,5 +1,6 @@
 """bench/window_parts.py's CPU smoke run (TRITON_INTERPRET=1, --tiny): every group under every config, each
-config's output held to the shipped config's, and the joined (wide heads apart) call timed beside it."""
+config's output held to the shipped config's, and the contest: the shipped config timed in turns with the
+joined one (wide heads apart) and the fastest other."""
 
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def test_tiny_window_parts_times_every_group_and_joins_the_best(tmp_path):
         assert "error" not in r, r
         assert r["rel_to_shipped"] < 2e-3, r  # another tile shape, the same function
         assert r["ms"] > 0 and r["keys_per_query"] > 0
-    joined = doc["joined"]
-    assert joined["config"]["wide"]["min_work"] == doc["shape"]["wide_from"]
-    assert joined["rel_to_shipped"] < 2e-3
-    assert len(joined["ms"]["shipped"]) == len(joined["ms"]["joined"]) == 3
+    contest = doc["contest"]["entries"]
+    assert set(contest) == {"shipped", "joined", "32x32_w2"}
+    assert contest["joined"]["config"]["wide"]["min_work"] == doc["shape"]["wide_from"]
+    for name, entry in contest.items():
+        assert entry["rel_to_shipped"] < 2e-3, name
+        assert len(entry["ms"]) == 3 and entry["over_shipped"] > 0
+    assert contest["shipped"]["over_shipped"] == 1.0

@@ -224,14 +224,29 @@ def fdiff(a, b, FDIV: tl.constexpr):
 
 
 @triton.jit
-def query_tile(pid, ORDER, B, Nq, Nk, q_offset, BLOCK_M: tl.constexpr):
+def query_tile(pid, ORDER, B, Nq, Nk, q_offset, BLOCK_M: tl.constexpr, INTERLEAVE: tl.constexpr = 0):
     """Program ``pid`` of a query-tile grid (heads in ``ORDER``, most work first; then batch; then tiles):
     batch b, head h, rows offs_m [BLOCK_M], their key positions (and clipped to [0, Nk)), and the
-    first and last real positions pa, pb."""
+    first and last real positions pa, pb.
+
+    INTERLEAVE > 0: the (head, batch) lanes take turns, INTERLEAVE consecutive tiles each (the tiles past the
+    last full turn: one more turn of what is left), so the programs resident at once span every head
+    instead of one: the window's wide heads (bound by the tensor cores) then run beside its narrow ones
+    (bound by memory), and consecutive tiles of a head still share their keys in L2."""
     n_mt = tl.cdiv(Nq, BLOCK_M)
-    rest = pid // n_mt
+    if INTERLEAVE > 0:
+        lanes = tl.num_programs(0) // n_mt
+        n_full = (n_mt // INTERLEAVE) * INTERLEAVE  # tiles in full turns
+        in_full = pid < lanes * n_full
+        left = tl.maximum(n_mt - n_full, 1)
+        late = pid - lanes * n_full
+        rest = tl.where(in_full, (pid % (lanes * INTERLEAVE)) // INTERLEAVE, late // left)
+        tile = tl.where(in_full, (pid // (lanes * INTERLEAVE)) * INTERLEAVE + pid % INTERLEAVE, n_full + late % left)
+    else:
+        rest = pid // n_mt
+        tile = pid % n_mt
     h = head_scalar(ORDER, rest // B)
-    m0 = (pid % n_mt) * BLOCK_M
+    m0 = tile * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q_pos = offs_m + q_offset
     pa = m0 + q_offset

@@ -563,7 +563,8 @@ class ForwardRecipe:
             if sub.get("maxnreg"):  # a register cap: more programs per multiprocessor, spills outside the key loops
                 options["maxnreg"] = sub["maxnreg"]
             constexprs = (plan.method, plan.r, plan.cut, causal, D, bd, bm, sub["BLOCK_N"], _prec(q.dtype),
-                          _float_positions(nk, sub), has_kpm, splits > 1, bool(sub.get("lazy", False)))
+                          _float_positions(nk, sub), has_kpm, splits > 1, bool(sub.get("lazy", False)),
+                          int(sub.get("interleave", 0)))
             launcher = Launcher(_fwd_kernel, (_cdiv(Nq, bm) * B * order.numel(), splits), constexprs, options)
             groups.append((launcher, (plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r)))
         if splits > 1:  # one per program of grid axis 0 (one head group with splits), the plan's
@@ -739,7 +740,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             dK/dV kernel), ``lazy`` (lazy rescaling), ``delta="kernel"`` (the backward's rowsum(dO * O)
             by a kernel, not fp32 copies; ``delta="dq"``: by the dQ kernel, which loads dO anyway), ``wide={"min_work": t, <tile keys>}`` (heads whose work
             reaches t launched apart with their own tiles, forward and backward: ``head_groups``),
-            ``maxnreg`` (the forward launches' register cap per thread).
+            ``maxnreg`` (the forward launches' register cap per thread), ``interleave=t`` (the forward's
+            heads take turns of t query tiles: ``jit.query_tile``).
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, the natural log of
