@@ -492,6 +492,42 @@ def backward_parts(doc: Doc) -> str:
                                   "backward ms", "backward / forward"], body)
 
 
+def window_parts(doc: Doc) -> str:
+    """bench/window_parts.py's run: the window forward on head groups apart under tile configs (median ms, the
+    band's TFLOP/s, the bytes' TB/s beside the group's floor), and the contest against the shipped config."""
+    shape, groups = doc["shape"], doc["groups"]
+    present = [g for g in groups if any(r["group"] == g for r in doc["rows"])]
+    head = (f"The window forward (Triton, eps {shape['window_eps']:g}, Press slopes, n = {shape['n'] // 1024}K, "
+            f"B = 1, D = {shape['D']}, {shape['dtype']}, causal) on {doc['device']}, {doc['timing']}, per head group: "
+            + "; ".join(f"{g} = {groups[g]['heads']} heads, {sum(groups[g]['widths'])} keys per query summed"
+                        for g in present)
+            + f" (wide: half-width >= {shape['wide_from']}; w8: every head of half-width 8). Each cell: ms, then the "
+            "band's matrix-product rate (TFLOP/s, 4 D flops per query-key pair) / the rate of the four tensors' "
+            "bytes (TB/s); floor: the four tensors' bytes at `o.copy_(q)`'s rate.\n\n")
+    configs = list(dict.fromkeys(r["config"] for r in doc["rows"]))
+    cell = {(r["group"], r["config"]): r for r in doc["rows"]}
+    body = [["floor", *(fmt(next((r["floor_ms"] for r in doc["rows"] if r["group"] == g and "floor_ms" in r), None))
+                        for g in present)]]
+    for c in configs:
+        body.append([c, *("" if "ms" not in cell.get((g, c), {}) else
+                          f"{fmt(cell[g, c]['ms'])} ({cell[g, c]['tflops']:.0f} / {cell[g, c]['tb_per_s']:.2f})"
+                          for g in present)])
+    text = head + markdown_table(["config", *present], body)
+    joined = doc.get("joined")  # the first run's form of the contest: the joined config alone
+    if joined:
+        contest_ms = joined["ms"]
+        text += (f"\n\nThe fastest wide config ({joined['best']['wide']}) and narrow config ({joined['best']['narrow']}) "
+                 "joined (wide heads launched apart), timed in alternation with the shipped one on all heads: "
+                 f"{', '.join(fmt(x) for x in contest_ms['joined'])} ms against "
+                 f"{', '.join(fmt(x) for x in contest_ms['shipped'])} ms.")
+    contest = (doc.get("contest") or {}).get("entries")
+    if contest:
+        text += ("\n\nIn alternating rounds on all heads, each config's median time ratio to the shipped one: "
+                 + "; ".join(f"{name} {e['over_shipped']:.3f} ({', '.join(fmt(x) for x in e['ms'])} ms)"
+                             for name, e in contest.items() if name != "shipped") + ".")
+    return text
+
+
 def first_call(doc: Doc) -> str:
     """bench/first_call.py's run: per head shape, prompt length and backend, an exact causal prefill's first
     call at that length (a cuDNN graph build, where one happens) and its warm median, and what ``auto``
@@ -557,6 +593,12 @@ SECTIONS: list[Section] = [
             "cuDNN graph at 8K)", _experiment("generate_bench"), ("generate_graph_short/generate_bench.png",)),
     Section("specialize/specialize.json", "Decoding without compiles: Triton's integer specialisation of the key "
             "count, before and after", specialize_check),
+    Section("window_parts_s13/window_parts_call2.json", "Where the window forward's time goes at 256K: head groups "
+            "apart, tile configs, bytes floors", window_parts),
+    Section("exact_gpu_s13/exact_gpu.json", "Exact ALiBi on every backend, rerun with `auto` timed at every length "
+            "after its warm-up (the compiled backends under the same rent rule as cuDNN)", exact_gpu),
+    Section("window_gpu_s13/exact_gpu.json", "The per-head window on every backend at 64K and 256K, after the "
+            "flex_fa4 fixes", exact_gpu),
     Section("exact_gpu_s12/exact_gpu.json", "Exact ALiBi on every backend, FlexAttention's FlashAttention-4 kernels "
             "included (the speed table's H100 rows; flex_fa4's check failed in this run, before its fixes: below)",
             exact_gpu),
