@@ -126,8 +126,19 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("bwd_delta_fused32x128w8", "bwd",
              {**delta, "bwd_fused": True, "BWD_BLOCK_N": 128, "bwd_num_warps": 8}),
         ]
-    out += round2(method) + round3(method)
+    out += round2(method) + round3(method) + round4(method)
     return out
+
+
+def round4(method: str) -> list[tuple[str, str, dict]]:
+    """Session 13's candidate, from the window forward's head groups (``bench/window_parts.py``, 256K on an
+    H100): the narrow heads alone run near their bytes floor, the wide heads alone at 312 TFLOP/s on the band,
+    and all heads take the sum of the two, since the heads run one after another (most work first). With the
+    heads taking turns of t query tiles (``interleave``), memory-bound and tensor-core-bound programs are
+    resident together. The methods whose heads differ in work (window, LSH and hybrid: block widths per head)."""
+    if method == "exact":
+        return []
+    return [(f"fwd_interleave{t}", "fwd", {"interleave": t}) for t in (4, 16, 64)]
 
 
 def round3(method: str) -> list[tuple[str, str, dict]]:

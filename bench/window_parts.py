@@ -61,6 +61,8 @@ CONFIGS = {
     "interleave16": dict(interleave=16),
     "interleave64": dict(interleave=64),
     "interleave16_lazy": dict(interleave=16, lazy=True),
+    # the widest heads only (half-width >= 1024: few boundary tiles per program) on exact's 128 x 64 tiles
+    "wide1024_128x64_w8": dict(wide=dict(min_work=1024, BLOCK_M=128, BLOCK_N=64, num_warps=8)),
 }
 
 

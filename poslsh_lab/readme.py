@@ -412,7 +412,12 @@ def exact_gpu(doc: Doc) -> str:
             if any(v is not None for v in times.values()):
                 body.append([f"{n // 1024}K", "forward" if pas == "fwd" else "fwd+bwd",
                              *(fmt(times[c]) if times.get(c) is not None else "" for c in columns)])
-    return head + markdown_table(["n", "pass", *(names[c] for c in columns)], body)
+    paired = [r for r in res["rows"] if r["column"] == "auto" and "auto_over_pick" in r]
+    tail = ("" if not paired else "\n\n`auto` against the backend its calls ran on, timed in alternation "
+            "(the median ratio of the rounds): " + "; ".join(
+                f"{r['n'] // 1024}K {'forward' if r['pass'] == 'fwd' else 'fwd+bwd'} {r['auto_over_pick']:.3f} "
+                f"({', '.join(k for k in r['paired'] if k != 'auto')})" for r in paired) + ".")
+    return head + markdown_table(["n", "pass", *(names[c] for c in columns)], body) + tail
 
 
 def kernel_sweep(doc: Doc) -> str:

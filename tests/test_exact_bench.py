@@ -87,3 +87,16 @@ def test_paired_times_auto_and_its_pick_alternately(monkeypatch):
     assert calls == ["pick", "auto"] * 3
     assert out["paired"] == {"auto": [10.0, 12.0, 30.0], "flex_fa4": [10.0, 10.0, 10.0]}
     assert out["auto_over_pick"] == 1.2
+
+
+def test_results_section_reports_auto_against_its_pick():
+    """docs/RESULTS.md's exact_gpu section names auto's paired ratio and the backend it ran on."""
+    from poslsh_lab.readme import exact_gpu
+
+    rows = [dict(column="flex_fa4", n=16384, ms=4.0, **{"pass": "fwd"}),
+            dict(column="auto", n=16384, ms=4.3, ran_on={"flex_fa4": 10}, paired={"auto": [4.1], "flex_fa4": [4.0]},
+                 auto_over_pick=1.025, **{"pass": "fwd"})]
+    doc = {"results": {"checks": [], "rows": rows}, "config": {"method": "exact"},
+           "environment": {"device": "GPU X"}}
+    text = exact_gpu(doc)
+    assert "timed in alternation" in text and "16K forward 1.025 (flex_fa4)" in text
