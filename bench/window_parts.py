@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             o = torch.empty_like(q)
             floor_per_head = 2 * time_ms(lambda: o.copy_(q), warm, rep, device) / h
             del o
-        pairs = sum(min(wh, i) + 1 for wh in w for i in range(n)) if n <= 4096 else \
-            sum((wh + 1) * n - wh * (wh + 1) // 2 for wh in w)  # keys j in [i - w, i], j >= 0
+        # query-key pairs of the band: keys j in [max(i - w, 0), i] for each query i (w <= n - 1)
+        pairs = sum((wh + 1) * n - wh * (wh + 1) // 2 for wh in w)
         ref = None
         for name in args.configs:
             if time.monotonic() - t0 > args.budget_s:
