@@ -94,9 +94,10 @@ ratio, name = min(((e["over_shipped"], n) for n, e in entries.items() if n != "j
 path, key = Path("poslsh/attention/triton/tuned.json"), "window/prefill/bfloat16/d128"
 print(f"contest: {name} at {ratio:.3f} of shipped")
 if name != "shipped" and ratio <= 0.97 and entries[name]["rel_to_shipped"] < 2e-2:
+    from poslsh.attention.triton.launch import write_tuned
     tuned = json.loads(path.read_text())
     tuned["configs"][key] = entries[name]["config"]
-    path.write_text(json.dumps(tuned, indent=1))
+    write_tuned(path, tuned["configs"], tuned["provenance"])  # the library's own format (sorted keys)
     Path(sys.argv[2]).write_text(json.dumps({"picked": name, "over_shipped": ratio, key: entries[name]["config"]}))
     print(f"tuned.json {key} <- {entries[name]['config']}")
 PY
