@@ -71,6 +71,14 @@ def press_widths(h: int, n: int, eps: float) -> list[int]:
     return [int(w) for w in window_sizes(alibi_slopes(h), eps, n)]
 
 
+def inputs(widths: list[int], n: int, d: int, dtype: torch.dtype, gen: torch.Generator):
+    """q ~ 2 N(0, 1), k, v ~ N(0, 1) [1, len(widths), n, d] on the generator's device, and the causal window
+    spec with these half-widths."""
+    q, k, v = (torch.randn(1, len(widths), n, d, generator=gen, device=gen.device) for _ in range(3))
+    q, k, v = (2.0 * q).to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v, resolve_spec(q, k, v, method="window", causal=True, widths=widths)
+
+
 def time_ms(fn, warmup: int, rep: int, device: str) -> float:
     if device != "cuda":
         t = time.perf_counter()
@@ -126,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if not w or g not in args.groups:
             continue
         h = len(w)
-        q = (2.0 * torch.randn(1, h, n, d, generator=gen, device=device)).to(dtype)
-        k = torch.randn(1, h, n, d, generator=gen, device=device).to(dtype)
-        v = torch.randn(1, h, n, d, generator=gen, device=device).to(dtype)
-        spec = resolve_spec(q, k, v, method="window", causal=True, widths=w)
+        q, k, v, spec = inputs(w, n, d, dtype, gen)
         if floor_per_head is None:  # o.copy_(q) moves two tensors; the window moves four
             o = torch.empty_like(q)
             floor_per_head = 2 * time_ms(lambda: o.copy_(q), warm, rep, device) / h
@@ -176,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                      and r["rel_to_shipped"] < 2e-2), key=lambda r: r["ms"])
     contenders.update({r["config"]: {**shipped, **CONFIGS[r["config"]]} for r in ranked[:2]})
     if contenders and time.monotonic() - t0 < args.budget_s + 30:
-        h = args.heads
-        q = (2.0 * torch.randn(1, h, n, d, generator=gen, device=device)).to(dtype)
-        k = torch.randn(1, h, n, d, generator=gen, device=device).to(dtype)
-        v = torch.randn(1, h, n, d, generator=gen, device=device).to(dtype)
-        spec = resolve_spec(q, k, v, method="window", causal=True, widths=groups["all"])
+        q, k, v, spec = inputs(groups["all"], n, d, dtype, gen)
         configs = {"shipped": shipped, **contenders}
         ref, _ = launch.triton_attention(q, k, v, spec, shipped)
         contest = {}
