@@ -135,10 +135,13 @@ def round4(method: str) -> list[tuple[str, str, dict]]:
     H100): the narrow heads alone run near their bytes floor, the wide heads alone at 312 TFLOP/s on the band,
     and all heads take the sum of the two, since the heads run one after another (most work first). With the
     heads taking turns of t query tiles (``interleave``), memory-bound and tensor-core-bound programs are
-    resident together. The methods whose heads differ in work (window, LSH and hybrid: block widths per head)."""
+    resident together. The methods whose heads differ in work (window, LSH and hybrid: block widths per head).
+    The backward's two kernels run their heads the same way (dK/dV 1.9-2.4x the forward, dQ 1.2-1.4x at 256K:
+    ``bench/backward_parts.py``), so ``bwd_interleave`` (key tiles of dK/dV, query tiles of dQ) too."""
     if method == "exact":
         return []
-    return [(f"fwd_interleave{t}", "fwd", {"interleave": t}) for t in (4, 16, 64)]
+    return ([(f"fwd_interleave{t}", "fwd", {"interleave": t}) for t in (4, 16, 64)]
+            + [(f"bwd_interleave{t}", "bwd", {"bwd_interleave": t}) for t in (4, 16)])
 
 
 def round3(method: str) -> list[tuple[str, str, dict]]:

@@ -50,7 +50,7 @@ DELTA_CONST = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=64, HAS_DLSE=False)  # as 
 
 
 # Flags a kernel takes that the callers here leave at their launch default unless they name them
-FLAG_DEFAULTS = {"DELTA_HERE": False, "HAS_DLSE": False}
+FLAG_DEFAULTS = {"DELTA_HERE": False, "HAS_DLSE": False, "INTERLEAVE": 0}
 
 
 def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int | None = None, dtype: str = "bf16"):
@@ -112,7 +112,7 @@ def sweep_variants() -> dict:
                           ("/narrow", narrow)]
             for tag, c in groups:
                 launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], SPLIT=False,
-                                                      LAZY=False, INTERLEAVE=0), c["num_warps"], c["num_stages"], c.get("maxnreg")),
+                                                      LAZY=False), c["num_warps"], c["num_stages"], c.get("maxnreg")),
                             "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=c["BWD_BLOCK_M"], BLOCK_N=c["BWD_BLOCK_N"],
                                                             FUSED_DQ=bool(c.get("bwd_fused"))),
                                      c["bwd_num_warps"], c["bwd_num_stages"], None)}
@@ -150,7 +150,7 @@ def fits_shared(methods, dtypes, head_dims, limits) -> list[dict]:
               (("DQ_BLOCK_M", "BWD_BLOCK_M"), ("DQ_BLOCK_N", "BWD_BLOCK_N"), ("dq_num_warps", "bwd_num_warps"),
                ("dq_num_stages", "bwd_num_stages"))}
         launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT=False,
-                                              LAZY=False, INTERLEAVE=0), cfg["num_warps"], cfg["num_stages"]),
+                                              LAZY=False), cfg["num_warps"], cfg["num_stages"]),
                     "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"],
                                                     FUSED_DQ=False), cfg["bwd_num_warps"], cfg["bwd_num_stages"]),
                     "dq": (_bwd_dq_kernel, dict(common, BLOCK_M=dq["DQ_BLOCK_M"], BLOCK_N=dq["DQ_BLOCK_N"]),
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             alibi = not METHOD_RULES[method].collisions
             base = dict(METHOD=METHOD_RULES[method].kernel_id, R=1 if alibi else 4, CUT=False, CAUSAL=True, HEAD_DIM=128,
                         BLOCK_D=128, PREC="tf32", FDIV=True, HAS_KPM=True)
-            fwd = dict(base, BLOCK_M=16, BLOCK_N=64, SPLIT=True, LAZY=False, INTERLEAVE=0)
+            fwd = dict(base, BLOCK_M=16, BLOCK_N=64, SPLIT=True, LAZY=False)
             out[f"fwd {method} padded split"] = ptxas_info(compile_kernel(_fwd_kernel, fwd, 4, 2).asm["ptx"])
             for fused in (False, True):
                 bwd = dict(base, BLOCK_M=32, BLOCK_N=64, FUSED_DQ=fused)
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel == "delta":
         const = dict(DELTA_CONST)
     elif args.kernel == "fwd":
-        const.update(SPLIT=args.split, LAZY=args.lazy, INTERLEAVE=0)
+        const.update(SPLIT=args.split, LAZY=args.lazy)
     if args.kernel == "dkdv":
         const["FUSED_DQ"] = args.fused
     kernel = compile_kernel(KERNELS[args.kernel], const, args.warps, args.stages, args.maxnreg)

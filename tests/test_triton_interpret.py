@@ -309,6 +309,8 @@ VARIANTS = {
                                       "BWD_BLOCK_N": 16, "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 32, "maxnreg": 168}},
     # 33 queries in 16-row tiles: 3 tiles per lane, so turns of 2 leave one tile past the last full turn
     "interleave": {"interleave": 2},
+    # the backward's: 40 keys in 16-key dK/dV tiles and 33 queries in dQ tiles, turns of 2 leave one past the last
+    "bwd_interleave": {"bwd_interleave": 2, "BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16},
 }
 
 

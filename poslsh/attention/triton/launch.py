@@ -675,7 +675,8 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                 B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused,
                 METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
                 BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
-                HAS_KPM=kpm is not None, num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
+                HAS_KPM=kpm is not None, INTERLEAVE=int(sub.get("bwd_interleave", 0)),
+                num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
 
     def dq_into(dq: Tensor) -> None:
         for order, sub in head_groups(plan, cfg):
@@ -692,6 +693,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                 METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
                 BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
                 HAS_KPM=kpm is not None, DELTA_HERE=delta_in_dq, HAS_DLSE=delta_in_dq and dlse is not None,
+                INTERLEAVE=int(sub.get("bwd_interleave", 0)),
                 num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
                 num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
 
@@ -741,7 +743,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             by a kernel, not fp32 copies; ``delta="dq"``: by the dQ kernel, which loads dO anyway), ``wide={"min_work": t, <tile keys>}`` (heads whose work
             reaches t launched apart with their own tiles, forward and backward: ``head_groups``),
             ``maxnreg`` (the forward launches' register cap per thread), ``interleave=t`` (the forward's
-            heads take turns of t query tiles: ``jit.query_tile``).
+            heads take turns of t query tiles: ``jit.lane_tile``; ``bwd_interleave=t`` the backward's, of
+            t key tiles in the dK/dV kernel and t query tiles in the dQ kernel).
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, the natural log of
