@@ -137,7 +137,8 @@ def round4(method: str) -> list[tuple[str, str, dict]]:
     heads taking turns of t query tiles (``interleave``), memory-bound and tensor-core-bound programs are
     resident together. The methods whose heads differ in work (window, LSH and hybrid: block widths per head).
     The backward's two kernels run their heads the same way (dK/dV 1.9-2.4x the forward, dQ 1.2-1.4x at 256K:
-    ``bench/backward_parts.py``), so ``bwd_interleave`` (key tiles of dK/dV, query tiles of dQ) too."""
+    ``bench/backward_parts.py``), so ``bwd_interleave`` (key tiles of dK/dV, query tiles of dQ) too.
+    Session 14's run (``bench/results/kernel_sweep_s14``, H100): none faster than base."""
     if method == "exact":
         return []
     return ([(f"fwd_interleave{t}", "fwd", {"interleave": t}) for t in (4, 16, 64)]

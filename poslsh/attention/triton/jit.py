@@ -229,8 +229,9 @@ def lane_tile(pid, n_tiles, INTERLEAVE: tl.constexpr):
 
     INTERLEAVE = 0: lane by lane. INTERLEAVE > 0: the lanes take turns, INTERLEAVE consecutive tiles each
     (the tiles past the last full turn: one more turn of what is left), so the programs resident at once
-    span every head instead of one: the window's wide heads (bound by the tensor cores) then run beside
-    its narrow ones (bound by memory), and consecutive tiles of a head still share their keys in L2."""
+    span every head instead of one, while consecutive tiles of a head still share their keys in L2. Meant
+    to run the window's wide heads beside its narrow ones; measured no faster on an H100 (within the
+    rounds' spread or slower, forward and backward: bench/results/window_parts_s14, kernel_sweep_s14)."""
     if INTERLEAVE > 0:
         lanes = tl.num_programs(0) // n_tiles
         n_full = (n_tiles // INTERLEAVE) * INTERLEAVE  # tiles in full turns
