@@ -55,7 +55,8 @@ CONFIGS = {
     "32x64_w2": dict(BLOCK_M=32, BLOCK_N=64, num_warps=2),
     "64x32_reg128": dict(maxnreg=128),
     "lazy": dict(lazy=True),
-    # heads take turns of t query tiles (jit.query_tile): wide heads' programs resident beside narrow ones'
+    # heads take turns of t query tiles (jit.lane_tile), meant to run wide heads' programs beside narrow ones'
+    # (session 14, H100: no faster; bench/results/window_parts_s14)
     "interleave1": dict(interleave=1),
     "interleave4": dict(interleave=4),
     "interleave16": dict(interleave=16),

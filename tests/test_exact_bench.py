@@ -100,6 +100,7 @@ def test_results_section_reports_auto_against_its_pick():
            "environment": {"device": "GPU X"}}
     text = exact_gpu(doc)
     assert "timed in alternation" in text and "16K forward 1.025 (flex_fa4)" in text
+    assert "no checks against float64 in this run" in text and "0 of 0" not in text  # a --no-check run
 
 
 def test_time_ms_is_not_decided_by_a_one_time_cost(monkeypatch):

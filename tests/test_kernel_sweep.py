@@ -60,6 +60,12 @@ def test_tiny_sweep_checks_times_and_picks(tmp_path):
     for cell in (f"{timed['base']['bwd_over_fwd']:.2f}", f"{timed['picked']['bwd_over_fwd']:.2f}",
                  f"{timed['picked']['fwd_bwd_over_fwd']:.2f}"):
         assert f"| {cell} |" in row, (cell, row)
+    # no variant faster (a run whose pick is base + base times no "picked" row): the base's numbers, not "not timed"
+    as_base = dict(doc, picked={"window": dict(doc["picked"]["window"], fwd="base", bwd="base")},
+                   results=[r for r in doc["results"] if r["variant"] != "picked"])
+    row = next(line for line in kernel_sweep(as_base).splitlines() if line.startswith("| window | 40 |"))
+    assert "base + base" in row and "not timed" not in row
+    assert f"| {timed['base']['fwd_bwd_over_fwd']:.2f} |" in row, row
 
 
 def test_tiny_sweep_stops_at_its_budget(tmp_path):
