@@ -16,9 +16,13 @@
 #                arguments (e.g. "--ns 16384 65536")
 #   window       bench/exact_gpu.py --method window: the per-head window (eps 1e-3) per backend, 64K and 256K
 #                (WINDOW_NS), merged into $OUT/speed_table.json
+#   windowbase   the window step's measurement with a base commit's package (AB_BASE, default ab_base: a directory
+#                holding its poslsh, carried; `git archive BASE poslsh | tar -x -C ab_base`) first on the path, into
+#                $OUT/window_gpu_base, no table written: a kernel change against its predecessor on one machine
 #   windowparts  bench/window_parts.py: the window forward at 256K on head groups apart (wide, narrow, half-width 8)
 #                under several tile configs, beside each group's bytes floor; the fastest contest the shipped one in
-#                alternating rounds (T_WP; WP_ARGS more arguments, e.g. "--groups all --configs shipped lazy")
+#                alternating rounds (T_WP; WP_ARGS more arguments, e.g. "--groups all --configs shipped lazy"; with
+#                "--base ab_base" a base commit's package, carried, is timed beside: `git archive BASE poslsh | tar -x -C ab_base`)
 #   windowpick   the contest's winner (>= 3 % ahead) into this checkout's tuned.json for the steps after it
 #   sweep        bench/kernel_sweep.py: the Triton kernels' variants, forward and forward + backward per method
 #                (SWEEP_ARGS: more arguments, e.g. "--methods window lsh --variants ...")
@@ -80,6 +84,11 @@ run_window() {  # the exact step's comparison for the per-head window (eps 1e-3)
   step ${T_WINDOW:-100} python3 bench/exact_gpu.py --method window --out "$OUT/window_gpu" \
     --write-table "$OUT/speed_table.json" --budget-s $(( ${T_WINDOW:-100} - 20 )) --ns ${WINDOW_NS:-65536 262144}
 }
+run_windowbase() {
+  [ -f "${AB_BASE:-ab_base}/poslsh/__init__.py" ] || { echo "=== windowbase: no ${AB_BASE:-ab_base}/poslsh" | tee -a "$log"; return; }
+  step ${T_WINDOW:-100} env PYTHONPATH="$PWD/${AB_BASE:-ab_base}:$PYTHONPATH" python3 bench/exact_gpu.py --method window \
+    --out "$OUT/window_gpu_base" --budget-s $(( ${T_WINDOW:-100} - 20 )) --ns ${WINDOW_NS:-65536 262144}
+}
 run_windowparts() {
   step ${T_WP:-200} python3 bench/window_parts.py --budget-s $(( ${T_WP:-200} - 40 )) --json "$OUT/window_parts.json" \
     ${WP_ARGS:-}
@@ -90,7 +99,8 @@ run_windowpick() {  # the contest's fastest single config, if >= 3 % ahead of th
 import json, sys
 from pathlib import Path
 entries = (json.load(open(sys.argv[1])).get("contest") or {}).get("entries", {})
-ratio, name = min(((e["over_shipped"], n) for n, e in entries.items() if n != "joined"), default=(1.0, "shipped"))
+ratio, name = min(((e["over_shipped"], n) for n, e in entries.items() if n not in ("joined", "base")),
+                  default=(1.0, "shipped"))
 path, key = Path("poslsh/attention/triton/tuned.json"), "window/prefill/bfloat16/d128"
 print(f"contest: {name} at {ratio:.3f} of shipped")
 if name != "shipped" and ratio <= 0.97 and entries[name]["rel_to_shipped"] < 2e-2:
@@ -127,6 +137,6 @@ for name in $STEPS; do
   if declare -F "run_$name" >/dev/null; then
     "run_$name"
   else
-    echo "=== unknown step: $name (tests conformance decode exact window windowparts windowpick sweep generate first moonshot bwdparts)" | tee -a "$log"
+    echo "=== unknown step: $name (tests conformance decode exact window windowbase windowparts windowpick sweep generate first moonshot bwdparts)" | tee -a "$log"
   fi
 done

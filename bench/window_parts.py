@@ -13,6 +13,10 @@ public call's kernel) on head groups apart, each beside its floor, under several
 * ``contest``: on ``all``, the shipped config timed in alternation (``--rounds``) with the joined config (the
   fastest of the wide group and of the narrow group as one call: ``wide`` config key, the wide heads launched
   apart) and the two fastest other configs; ``over_shipped``: the median of the rounds' time ratios.
+* ``--base DIR``: another checkout's ``poslsh`` package (e.g. the commit before a kernel change: ``git archive
+  BASE poslsh | tar -x -C DIR``) imported beside this one as ``poslsh_base``; its kernel with its own shipped
+  config is the row ``base`` of every group and an entry of the contest, so a kernel change is measured
+  against its predecessor in one process, in alternation.
 
 B = 1, D = 128, bf16, causal, q ~ 2 N(0, 1), k, v ~ N(0, 1); ``triton.testing.do_bench`` medians.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import platform
 import shlex
@@ -54,6 +59,10 @@ CONFIGS = {
     "32x32_w2": dict(BLOCK_M=32, num_warps=2),
     "32x64_w2": dict(BLOCK_M=32, BLOCK_N=64, num_warps=2),
     "64x32_reg128": dict(maxnreg=128),
+    # the one-edge boundary stretches (session 15) took the forward from 168 to 176 registers: 2 programs of 128
+    # threads fit an SM's 64K registers instead of 3; 168 brings the third back (one 4-byte spill, outside the loops)
+    "reg168": dict(maxnreg=168),
+    "64x64_reg168": dict(BLOCK_N=64, maxnreg=168),
     "lazy": dict(lazy=True),
     # heads take turns of t query tiles (jit.lane_tile), meant to run wide heads' programs beside narrow ones'
     # (session 14, H100: no faster; bench/results/window_parts_s14)
@@ -80,6 +89,20 @@ def inputs(widths: list[int], n: int, d: int, dtype: torch.dtype, gen: torch.Gen
     return q, k, v, resolve_spec(q, k, v, method="window", causal=True, widths=widths)
 
 
+def import_base(root: Path):
+    """The ``poslsh`` package under ``root`` as the module ``poslsh_base`` (its imports are relative, so its
+    submodules load from there too): (its resolve_spec, its triton launch module)."""
+    init = root / "poslsh" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--base: no poslsh package under {root} (expected {init})")
+    spec = importlib.util.spec_from_file_location("poslsh_base", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["poslsh_base"] = module
+    spec.loader.exec_module(module)
+    base_launch = importlib.import_module("poslsh_base.attention.triton.launch")
+    return importlib.import_module("poslsh_base.attention").resolve_spec, base_launch
+
+
 def time_ms(fn, warmup: int, rep: int, device: str) -> float:
     if device != "cuda":
         t = time.perf_counter()
@@ -101,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["all", "wide", "narrow", "w8"])
     p.add_argument("--budget-s", type=float, default=170.0, help="stop starting measurements after this")
     p.add_argument("--rounds", type=int, default=3, help="the contest's alternating rounds")
+    p.add_argument("--base", type=Path, help="a directory holding another checkout's poslsh package, timed "
+                   "beside this one as the config 'base' (row per group, contest entry)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: n = 96, H = 4, D = 16, eps 0.3, two configs, "
                    "the wider two heads as the wide group")
     args = p.parse_args(argv)
@@ -130,6 +155,20 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = torch.Generator(device=device).manual_seed(0)
     shipped = launch.default_config("window", dtype, d, device)
+    base = import_base(args.base) if args.base else None
+    if base:
+        doc["base"] = str(args.base)
+
+    def caller(q, k, v, spec, name: str, cfg: dict | None = None):
+        """One forward of config ``name`` (``cfg``: this checkout's kernel) or ``base`` (the base package's kernel
+        with its shipped config)."""
+        if name == "base":
+            base_resolve, base_launch = base
+            base_spec = base_resolve(q, k, v, method="window", causal=True, widths=spec.window)
+            base_cfg = base_launch.default_config("window", dtype, d, device)
+            return lambda: base_launch.triton_attention(q, k, v, base_spec, base_cfg)[0]
+        return lambda: launch.triton_attention(q, k, v, spec, cfg)[0]
+
     floor_per_head = None
     for g, w in groups.items():
         if not w or g not in args.groups:
@@ -143,18 +182,19 @@ def main(argv: list[str] | None = None) -> int:
         # query-key pairs of the band: keys j in [max(i - w, 0), i] for each query i (w <= n - 1)
         pairs = sum((wh + 1) * n - wh * (wh + 1) // 2 for wh in w)
         ref = None
-        for name in args.configs:
+        for name in args.configs + (["base"] if base else []):
             if time.monotonic() - t0 > args.budget_s:
                 doc["stopped_by_budget"] = True
                 break
-            cfg = {**shipped, **CONFIGS[name]}
-            row = dict(group=g, heads=h, config=name, overrides=CONFIGS[name])
+            overrides = CONFIGS.get(name, {})
+            row = dict(group=g, heads=h, config=name, overrides=overrides)
             try:
-                out, _ = launch.triton_attention(q, k, v, spec, cfg)  # compiles
+                call = caller(q, k, v, spec, name, {**shipped, **overrides})
+                out = call()  # compiles
                 if ref is None:
                     ref = out
                 row["rel_to_shipped"] = float((out.float() - ref.float()).norm() / ref.float().norm())
-                ms = time_ms(lambda: launch.triton_attention(q, k, v, spec, cfg), warm, rep, device)
+                ms = time_ms(call, warm, rep, device)
                 row.update(ms=ms, keys_per_query=pairs / n, tflops=4 * d * pairs / ms / 1e9,
                            tb_per_s=4 * q.numel() * q.element_size() / ms / 1e9,
                            floor_ms=floor_per_head * h)
@@ -167,32 +207,36 @@ def main(argv: list[str] | None = None) -> int:
         del q, k, v
 
     # The contest: the shipped config against the joined one (the fastest wide and narrow configs, wide heads
-    # launched apart) and the two fastest others on "all", timed in alternation on the 32 heads.
+    # launched apart), the two fastest others and the base kernel on "all", timed in alternation on the 32 heads.
     contenders = {}
     best = {}
     for g in ("wide", "narrow"):
-        ok = [r for r in doc["rows"] if r["group"] == g and "ms" in r and r["rel_to_shipped"] < 2e-2]
+        ok = [r for r in doc["rows"] if r["group"] == g and "ms" in r and r["rel_to_shipped"] < 2e-2
+              and r["config"] != "base"]
         if ok:
             best[g] = min(ok, key=lambda r: r["ms"])["config"]
     if len(best) == 2:
         contenders["joined"] = {**shipped, **CONFIGS[best["narrow"]], "wide": {"min_work": args.wide_from, **{
             k: v for k, v in {**shipped, **CONFIGS[best["wide"]]}.items()
             if k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg")}}}
-    ranked = sorted((r for r in doc["rows"] if r["group"] == "all" and "ms" in r and r["config"] != "shipped"
+    ranked = sorted((r for r in doc["rows"] if r["group"] == "all" and "ms" in r and r["config"] not in ("shipped", "base")
                      and r["rel_to_shipped"] < 2e-2), key=lambda r: r["ms"])
     contenders.update({r["config"]: {**shipped, **CONFIGS[r["config"]]} for r in ranked[:2]})
+    if base:
+        contenders["base"] = None
     if contenders and time.monotonic() - t0 < args.budget_s + 30:
         q, k, v, spec = inputs(groups["all"], n, d, dtype, gen)
         configs = {"shipped": shipped, **contenders}
-        ref, _ = launch.triton_attention(q, k, v, spec, shipped)
+        calls = {name: caller(q, k, v, spec, name, cfg) for name, cfg in configs.items()}
+        ref = calls["shipped"]()
         contest = {}
         for name, cfg in configs.items():
-            out, _ = launch.triton_attention(q, k, v, spec, cfg)
+            out = calls[name]()
             contest[name] = dict(config=cfg, ms=[], rel_to_shipped=float((out.float() - ref.float()).norm()
                                                                          / ref.float().norm()))
         for _ in range(args.rounds):  # alternate: the host and the clocks drift between seconds
-            for name, cfg in configs.items():
-                contest[name]["ms"].append(time_ms(lambda: launch.triton_attention(q, k, v, spec, cfg), warm, rep, device))
+            for name in configs:
+                contest[name]["ms"].append(time_ms(calls[name], warm, rep, device))
         for name, entry in contest.items():
             entry["over_shipped"] = statistics.median(a / b for a, b in zip(entry["ms"], contest["shipped"]["ms"]))
             print(json.dumps({"contest": name, "ms": [round(x, 3) for x in entry["ms"]],

@@ -43,6 +43,22 @@ def test_forward_boundary_tile_budget():
     assert loops[1]["instructions"] < boundary
 
 
+def test_window_forward_tests_only_the_edge_each_stretch_crosses():
+    """The window forward's boundary tiles: left of the plain tiles they cross only the band's left edge, right of
+    them only the diagonal, so each element needs one compare, not three (64 x 32 tiles, 128 threads: 16 elements
+    a thread). Before this split every boundary tile ran 447 instructions with 48 FSETP; the plain loop 298."""
+    rep = _report("--kernel", "fwd", "--method", "window", "--block-m", "64", "--block-n", "32", "--warps", "4",
+                  "--stages", "3")
+    loops = rep["loops"]
+    assert len(loops) == 4, [lp["instructions"] for lp in loops]  # left edge, both edges, plain, right edge
+    by_compares = sorted(loops, key=lambda lp: lp["ops"].get("FSETP", 0))
+    assert [lp["ops"].get("FSETP", 0) for lp in by_compares] == [0, 16, 16, 32], [lp["ops"] for lp in loops]
+    plain, one_edge = by_compares[0], by_compares[1:3]
+    assert plain["instructions"] <= 305, plain
+    for lp in one_edge:
+        assert lp["instructions"] <= 360 and lp["ops"].get("FSEL", 0) == 16, lp
+
+
 def test_every_variant_compiles_for_hopper():
     """Every method's padded split-key forward (its programs merge the splits), padded backward (fused and not)
     and the delta kernel compile for sm_90a. The interpreter runs Python, so it accepted a non-constexpr global that the compiler refused

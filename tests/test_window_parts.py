@@ -39,3 +39,25 @@ def test_tiny_window_parts_times_every_group_and_joins_the_best(tmp_path):
         assert entry["rel_to_shipped"] < 2e-3, name
         assert len(entry["ms"]) == 3 and entry["over_shipped"] > 0
     assert contest["shipped"]["over_shipped"] == 1.0
+
+
+def test_base_package_is_timed_beside_in_every_group_and_the_contest(tmp_path):
+    """``--base DIR`` imports another checkout's package as ``poslsh_base`` and times its kernel as the config
+    'base'. Here DIR holds this checkout's own package, so its output must equal the shipped config's (the same
+    kernel source through a second import), and the JSON names the base."""
+    out = tmp_path / "wp.json"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--groups", "all", "--base", str(root),
+                           "--rounds", "1", "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["base"] == str(root)
+    base_rows = [r for r in doc["rows"] if r["config"] == "base"]
+    assert [r["group"] for r in base_rows] == ["all"]
+    assert base_rows[0]["rel_to_shipped"] < 1e-6 and base_rows[0]["ms"] > 0, base_rows
+    contest = doc["contest"]["entries"]
+    assert "base" in contest and contest["base"]["rel_to_shipped"] < 1e-6 and len(contest["base"]["ms"]) == 1
+    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--base", str(tmp_path), "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0 and "--base: no poslsh package under" in done.stderr, done.stderr[-2000:]

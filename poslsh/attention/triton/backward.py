@@ -15,8 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import EXACT, HYBRID, WINDOW, as_pos, fdiff, in_band, load_tile, lsh_counts, method_ranges, \
-    lane_tile, near_field, query_tile, stretches
+from .jit import BOTH, EXACT, HYBRID, LEFT, PLAIN, RIGHT, WINDOW, as_pos, edge_split, fdiff, lane_tile, load_tile, \
+    lsh_counts, method_ranges, near_field, query_tile, stretches
 
 
 @triton.jit
@@ -63,16 +63,19 @@ def _weights(sT, q_pos, k_pos, k_pos_c, q_pos_c, lse2, keep, hR, W, U, S, E, Nk,
         kp = k_pos[None, :]
         l2 = lse2[:, None]
     if METHOD == EXACT or METHOD == WINDOW:
-        diff = fdiff(qp, kp, FDIV)
+        diff = fdiff(qp, kp, FDIV)  # i - j
         x = sT - slope2 * tl.abs(diff) - l2
-        if BOUNDARY:
-            if CAUSAL:
-                hit = as_pos(kp, FDIV) <= as_pos(qp, FDIV)
-            else:
-                hit = kp < Nk
-            if METHOD == WINDOW:
-                hit = hit & in_band(diff, wh, wr)
-            x = tl.where(hit, x, float("-inf"))
+        # one compare per element for the edge the tile crosses (jit.PLAIN ... BOTH): i - j <= wl on the left,
+        # i - j >= -wr on the right (causal: >= 0); keys past Nk (not causal) go with the right edge
+        right = 0.0 if CAUSAL else -wr.to(tl.float32)
+        if METHOD == WINDOW and BOUNDARY == BOTH:
+            x = tl.where((diff <= wh.to(tl.float32)) & (diff >= right), x, float("-inf"))
+        elif METHOD == WINDOW and BOUNDARY == LEFT:
+            x = tl.where(diff <= wh.to(tl.float32), x, float("-inf"))
+        elif (CAUSAL or METHOD == WINDOW) and BOUNDARY >= RIGHT:
+            x = tl.where(diff >= right, x, float("-inf"))
+        if not CAUSAL and (BOUNDARY >= RIGHT or (KEYS_ARE_ROWS and BOUNDARY == LEFT)):  # a key tile's own keys
+            x = tl.where(kp < Nk, x, float("-inf"))  # are past Nk in whichever stretch of queries
         if HAS_KPM:
             if KEYS_ARE_ROWS:
                 x = tl.where(keep[:, None], x, float("-inf"))
@@ -119,11 +122,12 @@ def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa
     do_tile = do_base + start.to(tl.int64) * stride_don
     for m0 in range(start, stop, BLOCK_M):
         offs_m = m0 + rows
-        q = load_tile(q_tile, stride_qn, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY)
-        do = load_tile(do_tile, stride_don, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY)
+        # queries past Nq come only after the plain ones (LEFT: a key tile meets the left edges last) or in BOTH
+        q = load_tile(q_tile, stride_qn, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY == LEFT or BOUNDARY == BOTH)
+        do = load_tile(do_tile, stride_don, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY == LEFT or BOUNDARY == BOTH)
         q_tile += BLOCK_M * stride_qn
         do_tile += BLOCK_M * stride_don
-        if BOUNDARY:
+        if BOUNDARY == LEFT or BOUNDARY == BOTH:
             lse2 = tl.load(lse_base + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_base + offs_m, mask=offs_m < Nq, other=0.0)
         else:
@@ -199,21 +203,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
         lse_base = LSE + (b * H + h).to(tl.int64) * Nq
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
         dqa_base = DQA + (b * H + h).to(tl.int64) * Nq * BLOCK_D
+        # Both boundary stretches test both edges: a fourth loop (one edge each, as the forward's) made ptxas
+        # serialize this kernel's wgmma (40 WARPGROUP syncs per iteration at 255 registers, bench/sass_report.py)
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
-                               stride_don,
-                               a, e1, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
-                               slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
-                               PREC, FDIV, FUSED_DQ)
+                               stride_don, a, e1, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale,
+                               log2_r, slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_M, BLOCK_D,
+                               HEAD_DIM, PREC, FDIV, FUSED_DQ)
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
-                               stride_don,
-                               bnd, c, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
-                               slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
-                               PREC, FDIV, FUSED_DQ)
+                               stride_don, bnd, c, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale,
+                               log2_r, slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_M, BLOCK_D,
+                               HEAD_DIM, PREC, FDIV, FUSED_DQ)
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
-                               stride_don,
-                               s3, d, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r,
-                               slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_M, BLOCK_D, HEAD_DIM,
-                               PREC, FDIV, FUSED_DQ)
+                               stride_don, s3, d, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale,
+                               log2_r, slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_M, BLOCK_D,
+                               HEAD_DIM, PREC, FDIV, FUSED_DQ)
 
     dk = dk * scale
     dk_tile = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + n64 * stride_dkn
@@ -234,8 +237,8 @@ def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, str
     v_tile = v_base + start.to(tl.int64) * stride_vn
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + rows
-        k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY)
-        v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY)
+        k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
+        v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
         k_tile += BLOCK_N * stride_kn
         v_tile += BLOCK_N * stride_vn
         keep = offs_n < Nk
@@ -299,16 +302,21 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, O, DLSE, DQ, KPM, W, U, S, E, ORDER,
         in_hi = tl.minimum(in_hi, pa + 1)
     a, e1, bnd, c, s3, d = stretches(lo, hi, in_lo, in_hi, BLOCK_N)
 
+    first_stop = edge_split(a, e1, bnd, c, METHOD)  # as the forward: left edge, both, plain, right edge
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, a, e1,
+    if METHOD == WINDOW:  # (exact's keys start at 0 = its plain tiles' start: no left edge, an empty stretch)
+        dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, a, first_stop,
+                         q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
+                         METHOD, R, CUT, CAUSAL, LEFT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
+    dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, first_stop, e1,
                      q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                     METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
+                     METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, bnd, c,
                      q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                     METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
+                     METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, s3, d,
                      q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                     METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
+                     METHOD, R, CUT, CAUSAL, RIGHT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m64 * stride_dqn
              + rows[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)

@@ -1,8 +1,9 @@
 """The forward kernel (every method) and the merge of split-key partial results.
 
 One program per (query tile of BLOCK_M rows, batch, head) walks the key tiles of its range (``jit``)
-in three stretches: boundary tiles test every element (causality, the band, collision counts), plain
-tiles none. Online softmax in base 2, fp32 accumulation, LSE out.
+in stretches: boundary tiles test every element (causality, the band, collision counts), plain tiles
+none. For ALiBi a boundary stretch tests only the band edge its tiles cross (left of the plain tiles
+the left edge, right of them the diagonal or right edge): one compare per element, not three. Online softmax in base 2, fp32 accumulation, LSE out.
 
 ALiBi (exact, window) enters in the row frame of the tile's first position pa: for j <= i,
 scale q.k - m (i - j) = [scale q.k + m (j - pa)] - m (i - pa), and the bracket is one FMA per element
@@ -24,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import EXACT, HYBRID, WINDOW, as_pos, fdiff, in_band, load_tile, lsh_counts, method_ranges, \
-    near_field, query_tile, stretches
+from .jit import BOTH, EXACT, HYBRID, LEFT, PLAIN, RIGHT, WINDOW, as_pos, edge_split, load_tile, lsh_counts, \
+    method_ranges, near_field, query_tile, stretches
 
 EMPTY_LSE = tl.constexpr(-1.0e30)  # the library's lse of a row that sees no key (core.EMPTY_LSE)
 
@@ -37,32 +38,44 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_v
                  BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, LAZY: tl.constexpr):
     """Online softmax over the key tiles [start, stop). ``m_i`` is the running max of the base-2
-    logits (ALiBi: in the row frame of pa; LSH: of the scaled q.k, the scale entering in the exp2 FMA)."""
+    logits (ALiBi: in the row frame of pa; LSH: of the scaled q.k, the scale entering in the exp2 FMA).
+    BOUNDARY: the band edges these tiles cross (PLAIN, LEFT, RIGHT, BOTH), so the tests each element needs
+    (ALiBi; LSH and hybrid test every element of a non-PLAIN tile); keys past Nk are masked from RIGHT on."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_N)
+    rows_f = rows.to(tl.float32)
+    # ALiBi's tests in the row frame, as floats: key j - pa against row i - pa, each a compare per element of two
+    # broadcast vectors. A tile that tests lies within a tile and a band of pa, so both are small and exact.
+    row_f = tl.arange(0, q_pos.shape[0]).to(tl.float32)  # i - pa
+    wl_f = wh.to(tl.float32)
+    wr_f = 0.0 if CAUSAL else wr.to(tl.float32)  # the right edge (causal: the diagonal; widths are >= 0)
     k_tile = k_base + start.to(tl.int64) * stride_kn
     v_tile = v_base + start.to(tl.int64) * stride_vn
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + rows
-        k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY)
-        v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY)
+        k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
+        v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
         k_tile += BLOCK_N * stride_kn
         v_tile += BLOCK_N * stride_vn
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if HAS_KPM:
             keep = tl.load(kpm_base + offs_n, mask=offs_n < Nk, other=0) != 0
         if METHOD == EXACT or METHOD == WINDOW:
-            x = qk * qk_scale + (slope2 * (offs_n - pa).to(tl.float32))[None, :]
+            col_f = rows_f + (n0 - pa).to(tl.float32)  # j - pa
+            bias = slope2 * col_f
+            if not CAUSAL and BOUNDARY >= RIGHT:  # keys past Nk: one select per column, not per element
+                bias = tl.where(offs_n < Nk, bias, float("-inf"))
+            x = qk * qk_scale + bias[None, :]
             if not CAUSAL:
-                x = x - (2.0 * slope2) * tl.maximum(fdiff(offs_n[None, :], q_pos[:, None], FDIV), 0.0)
-            if BOUNDARY:
-                if CAUSAL:
-                    hit = as_pos(offs_n, FDIV)[None, :] <= as_pos(q_pos, FDIV)[:, None]
-                else:
-                    hit = (offs_n < Nk)[None, :]
-                if METHOD == WINDOW:
-                    hit = hit & in_band(fdiff(q_pos[:, None], offs_n[None, :], FDIV), wh, wr)
-                x = tl.where(hit, x, float("-inf"))
+                x = x - (2.0 * slope2) * tl.maximum(col_f[None, :] - row_f[:, None], 0.0)
+            # the band: i - wl <= j <= i + wr, as (j - pa) + wl >= i - pa and (j - pa) - wr <= i - pa
+            if METHOD == WINDOW and BOUNDARY == BOTH:
+                x = tl.where(((col_f + wl_f)[None, :] >= row_f[:, None]) & ((col_f - wr_f)[None, :] <= row_f[:, None]),
+                             x, float("-inf"))
+            elif METHOD == WINDOW and BOUNDARY == LEFT:
+                x = tl.where((col_f + wl_f)[None, :] >= row_f[:, None], x, float("-inf"))
+            elif (CAUSAL or METHOD == WINDOW) and BOUNDARY >= RIGHT:
+                x = tl.where((col_f - wr_f)[None, :] <= row_f[:, None], x, float("-inf"))
             if HAS_KPM:
                 x = tl.where(keep[None, :], x, float("-inf"))
             row_max = tl.max(x, 1)
@@ -184,25 +197,33 @@ def _fwd_kernel(Q, K, V, O, LSE, OUT, OUT_LSE, TICKETS, KPM, W, U, S, E, ORDER, 
         hi = tl.minimum(hi, pb + 1)
         in_hi = tl.minimum(in_hi, pa + 1)
     a, e1, bnd, c, s3, d = stretches(lo, hi, in_lo, in_hi, BLOCK_N)
+    left_stop = edge_split(a, e1, bnd, c, METHOD)  # [a, left_stop) crosses the left edge only, [.., e1) both
+    both_start = left_stop
     if SPLIT:  # this program's share of the key range: split_tiles tiles from a + split * split_tiles
         ws = a + tl.program_id(1) * split_tiles * BLOCK_N
         we = ws + split_tiles * BLOCK_N
-        a, e1 = tl.maximum(a, ws), tl.minimum(e1, we)
+        a, left_stop = tl.maximum(a, ws), tl.minimum(left_stop, we)
+        both_start, e1 = tl.maximum(both_start, ws), tl.minimum(e1, we)
         bnd, c = tl.maximum(bnd, ws), tl.minimum(c, we)
         s3, d = tl.maximum(s3, ws), tl.minimum(d, we)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, a, e1,
+    if METHOD == WINDOW:  # (exact's keys start at 0 = its plain tiles' start: no left edge, an empty stretch)
+        acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, a, left_stop,
+                                     q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
+                                     METHOD, R, CUT, CAUSAL, LEFT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV,
+                                     LAZY)
+    acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, both_start, e1,
                                  q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                                 METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
+                                 METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, bnd, c,
                                  q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                                 METHOD, R, CUT, CAUSAL, False, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
+                                 METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, s3, d,
                                  q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                                 METHOD, R, CUT, CAUSAL, True, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
+                                 METHOD, R, CUT, CAUSAL, RIGHT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
 
     if METHOD == EXACT or METHOD == WINDOW:
         m_i = m_i - slope2 * (q_pos - pa).to(tl.float32)  # out of the row frame of pa

@@ -36,6 +36,14 @@ WINDOW = tl.constexpr(METHOD_RULES["window"].kernel_id)
 LSH = tl.constexpr(METHOD_RULES["lsh"].kernel_id)
 HYBRID = tl.constexpr(METHOD_RULES["hybrid"].kernel_id)
 
+# Which edges of a query's band i - wl <= j <= i + wr a stretch's tiles cross (the stretch kernels' BOUNDARY), so
+# which tests their elements need (ALiBi; LSH and hybrid test every element of a tile that is not PLAIN). RIGHT is
+# the right edge, the diagonal when causal, and keys past Nk (``edge_split``).
+PLAIN = tl.constexpr(0)
+LEFT = tl.constexpr(1)
+RIGHT = tl.constexpr(2)
+BOTH = tl.constexpr(3)
+
 
 @triton.jit
 def head_scalar(PTR, h):
@@ -98,12 +106,6 @@ def band_ranges(pa, pb, wl, wr, Nk):
 
 
 @triton.jit
-def in_band(diff, wl, wr):
-    """Whether i - j = ``diff`` lies in the band: -wr <= i - j <= wl."""
-    return (diff <= wl) & (diff >= -wr)
-
-
-@triton.jit
 def join_plain(in_lo, in_hi, near_lo, near_hi):
     """Union of two plain intervals that share the tile's middle when both are non-empty (the
     blocks' intersection and the near band both contain [pb, pa] clipped): one interval."""
@@ -153,6 +155,19 @@ def stretches(lo, hi, in_lo, in_hi, BLOCK: tl.constexpr):
     e1 = tl.where(c > bnd, bnd, d)
     s3 = tl.where(c > bnd, c, d)
     return a, e1, bnd, c, s3, d
+
+
+@triton.jit
+def edge_split(a, e1, bnd, c, METHOD: tl.constexpr):
+    """The first boundary stretch [a, e1) of ``stretches`` as [a, first_stop), whose tiles cross one edge of the
+    band, and [first_stop, e1), which cross both. With plain tiles after it (c > bnd), the first stretch's keys
+    lie left of every row's right edge (they precede the plain ones), so it crosses only the left edge, and the
+    last stretch only the right one (for a key tile walking its queries, the other way round). Without plain
+    tiles, or for LSH (no such order of its blocks), the first stretch crosses both."""
+    first_stop = a
+    if METHOD == EXACT or METHOD == WINDOW:
+        first_stop = tl.where(c > bnd, e1, a)
+    return first_stop
 
 
 @triton.jit
