@@ -9,6 +9,7 @@ of 16 get 16-byte divisibility (without that, loads would not vectorise and the 
 
     python bench/sass_report.py [--kernel fwd|dq|dkdv] [--r 8] [--block-m 64 --block-n 16]
                                 [--warps 4 --stages 3] [--bidirectional] [--cut] [--method M] [--padding] [--split]
+                                [--lazy] [--tma]
                                 [--sass FILE]
 """
 
@@ -50,16 +51,22 @@ DELTA_CONST = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=64, HAS_DLSE=False)  # as 
 
 
 # Flags a kernel takes that the callers here leave at their launch default unless they name them
-FLAG_DEFAULTS = {"DELTA_HERE": False, "HAS_DLSE": False, "INTERLEAVE": 0}
+FLAG_DEFAULTS = {"DELTA_HERE": False, "HAS_DLSE": False, "INTERLEAVE": 0, "TMA": False}
 
 
 def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int | None = None, dtype: str = "bf16"):
     constexprs = {**{k: v for k, v in FLAG_DEFAULTS.items() if k in fn.arg_names}, **constexprs}
     sig, attrs, const = {}, {}, dict(constexprs)
     plain = set(getattr(fn, "do_not_specialize", ()) or ())  # ints the runtime leaves unspecialised
+    descriptors = {}
+    if constexprs.get("TMA"):  # K and V as tensor descriptors of [B, Hkv, Nk, D], tiles [1, 1, BLOCK_N, BLOCK_D]
+        tile = f"[1, 1, {constexprs['BLOCK_N']}, {constexprs['BLOCK_D']}]"
+        descriptors = {name: f"tensordesc<{dtype}{tile}>" for name in ("K", "V")}
     for i, name in enumerate(fn.arg_names):
         if name in const:
             sig[name] = "constexpr"
+        elif name in descriptors:
+            sig[name] = descriptors[name]
         elif name in plain:
             sig[name] = "i32"
         elif SHAPE.get(name) == 1:
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--padding", action="store_true", help="with a key padding mask")
     p.add_argument("--split", action="store_true", help="the split-key (decoding) forward")
     p.add_argument("--lazy", action="store_true", help="lazy accumulator rescaling")
+    p.add_argument("--tma", action="store_true", help="fwd: K and V read through tensor descriptors (the tma key)")
     p.add_argument("--fused", action="store_true", help="dkdv: the one-kernel backward (dQ by atomics)")
     p.add_argument("--integer-positions", action="store_true", help="the FDIV=False path (n >= 2^23)")
     p.add_argument("--sass", type=Path, help="also write the whole SASS here")
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel == "delta":
         const = dict(DELTA_CONST)
     elif args.kernel == "fwd":
-        const.update(SPLIT=args.split, LAZY=args.lazy)
+        const.update(SPLIT=args.split, LAZY=args.lazy, TMA=args.tma)
     if args.kernel == "dkdv":
         const["FUSED_DQ"] = args.fused
     kernel = compile_kernel(KERNELS[args.kernel], const, args.warps, args.stages, args.maxnreg)

@@ -63,6 +63,9 @@ CONFIGS = {
     # threads fit an SM's 64K registers instead of 3; 168 brings the third back (one 4-byte spill, outside the loops)
     "reg168": dict(maxnreg=168),
     "64x64_reg168": dict(BLOCK_N=64, maxnreg=168),
+    # K and V through tensor descriptors (TMA): 128 registers instead of 176, no per-thread addresses
+    "tma": dict(tma=True),
+    "tma_64x64": dict(tma=True, BLOCK_N=64),
     "lazy": dict(lazy=True),
     # heads take turns of t query tiles (jit.lane_tile), meant to run wide heads' programs beside narrow ones'
     # (session 14, H100: no faster; bench/results/window_parts_s14)

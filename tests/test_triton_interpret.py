@@ -311,6 +311,9 @@ VARIANTS = {
     "interleave": {"interleave": 2},
     # the backward's: 40 keys in 16-key dK/dV tiles and 33 queries in dQ tiles, turns of 2 leave one past the last
     "bwd_interleave": {"bwd_interleave": 2, "BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16},
+    # K and V by tensor descriptors (TMA), the wide heads' launch with its own key tiles (another descriptor; exact:
+    # every head is wide)
+    "tma": {"tma": True, "wide": {"min_work": 10, "BLOCK_N": 32}},
 }
 
 
@@ -325,7 +328,19 @@ def test_variants(method, variant):
         plan = launch.plan_for(spec, 40, torch.device("cpu"))
         expect = 1 if method == "exact" else 2
         assert len(launch.head_groups(plan, cfg)) == expect and len(launch.head_groups(plan, cfg, 2)) == expect
+        if cfg.get("tma"):  # the launches read K and V through descriptors, one block shape per head group
+            recipes = list(plan.recipes.values())
+            assert recipes and {tuple(g[2]) for g in recipes[-1].groups} == (
+                {(1, 1, 32, 16)} if method == "exact" else {(1, 1, 16, 16), (1, 1, 32, 16)})
     run(method, False, 2, 2, 1, 21, 21, 16, config=cfg, kpm=torch.rand(2, 21) > 0.2)
+
+
+def test_tma_needs_aligned_strides():
+    """The copy engine reads 16-byte aligned rows only: fp16 rows of 12 (24 bytes) go by pointers, and the
+    result is the same function either way."""
+    q, k = torch.randn(1, 2, 8, 16, dtype=torch.float16), torch.randn(1, 2, 8, 12, dtype=torch.float16)
+    assert launch.tma_ready(q) and not launch.tma_ready(k) and not launch.tma_ready(q[..., 1:])
+    run("window", True, 1, 2, 2, 20, 20, 12, config={"tma": True}, backward=False, dtype=torch.float16, tol=2e-3)
 
 
 @triton.jit

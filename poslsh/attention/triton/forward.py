@@ -33,14 +33,17 @@ EMPTY_LSE = tl.constexpr(-1.0e30)  # the library's lse of a row that sees no key
 
 @triton.jit
 def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, start, stop,
-                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
+                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
                  METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                  BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, LAZY: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, LAZY: tl.constexpr,
+                 TMA: tl.constexpr):
     """Online softmax over the key tiles [start, stop). ``m_i`` is the running max of the base-2
     logits (ALiBi: in the row frame of pa; LSH: of the scaled q.k, the scale entering in the exp2 FMA).
     BOUNDARY: the band edges these tiles cross (PLAIN, LEFT, RIGHT, BOTH), so the tests each element needs
-    (ALiBi; LSH and hybrid test every element of a non-PLAIN tile); keys past Nk are masked from RIGHT on."""
+    (ALiBi; LSH and hybrid test every element of a non-PLAIN tile); keys past Nk are masked from RIGHT on.
+    TMA: ``k_base``, ``v_base`` are tensor descriptors of K, V [B, Hkv, Nk, D] (tiles [1, 1, BLOCK_N, BLOCK_D],
+    zero past Nk and D) read at (b, hk); else pointers to row 0 of the (b, hk) matrix."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_N)
     rows_f = rows.to(tl.float32)
@@ -49,14 +52,19 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_v
     row_f = tl.arange(0, q_pos.shape[0]).to(tl.float32)  # i - pa
     wl_f = wh.to(tl.float32)
     wr_f = 0.0 if CAUSAL else wr.to(tl.float32)  # the right edge (causal: the diagonal; widths are >= 0)
-    k_tile = k_base + start.to(tl.int64) * stride_kn
-    v_tile = v_base + start.to(tl.int64) * stride_vn
+    if not TMA:
+        k_tile = k_base + start.to(tl.int64) * stride_kn
+        v_tile = v_base + start.to(tl.int64) * stride_vn
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + rows
-        k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
-        v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
-        k_tile += BLOCK_N * stride_kn
-        v_tile += BLOCK_N * stride_vn
+        if TMA:  # one thread's copy per tile, no per-thread addresses (the registers they held go to the loop)
+            k = k_base.load([b, hk, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_base.load([b, hk, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
+            v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
+            k_tile += BLOCK_N * stride_kn
+            v_tile += BLOCK_N * stride_vn
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if HAS_KPM:
             keep = tl.load(kpm_base + offs_n, mask=offs_n < Nk, other=0) != 0
@@ -172,11 +180,12 @@ def _fwd_kernel(Q, K, V, O, LSE, OUT, OUT_LSE, TICKETS, KPM, W, U, S, E, ORDER, 
                 METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, SPLIT: tl.constexpr,
-                LAZY: tl.constexpr, INTERLEAVE: tl.constexpr):
+                LAZY: tl.constexpr, INTERLEAVE: tl.constexpr, TMA: tl.constexpr = False):
     """O [B, H, Nq, D] and LSE [B, H, Nq] (fp32) receive each program's result: the output itself, or with
     SPLIT the split's partials (fp32 O [splits, B, H, Nq, BLOCK_D] at stride_os per split, LSE [splits, B,
     H, Nq]), merged into OUT (its strides stride_out*) and OUT_LSE [B, H, Nq] by the tile's last program.
-    TICKETS (SPLIT): int32 [programs of axis 0], zero before the launch, and left zero after it."""
+    TICKETS (SPLIT): int32 [programs of axis 0], zero before the launch, and left zero after it.
+    TMA: K and V are tensor descriptors (``_fwd_stretch``), their stride arguments unread."""
     b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M,
                                                           INTERLEAVE)
     hk = h // group
@@ -187,8 +196,11 @@ def _fwd_kernel(Q, K, V, O, LSE, OUT, OUT_LSE, TICKETS, KPM, W, U, S, E, ORDER, 
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qn
     rows_m = tl.arange(0, BLOCK_M)
     q = tl.load(q_base + rows_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     kpm_base = KPM + b.to(tl.int64) * stride_kpmb
 
     lo, hi, in_lo, in_hi, slope2, wh, wr = method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, WIN_R, Nk, METHOD,
@@ -212,18 +224,21 @@ def _fwd_kernel(Q, K, V, O, LSE, OUT, OUT_LSE, TICKETS, KPM, W, U, S, E, ORDER, 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if METHOD == WINDOW:  # (exact's keys start at 0 = its plain tiles' start: no left edge, an empty stretch)
         acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, a, left_stop,
-                                     q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
+                                     q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
                                      METHOD, R, CUT, CAUSAL, LEFT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV,
-                                     LAZY)
+                                     LAZY, TMA)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, both_start, e1,
-                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                                 METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
+                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
+                                 METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY,
+                                 TMA)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, bnd, c,
-                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                                 METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
+                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
+                                 METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY,
+                                 TMA)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, s3, d,
-                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                                 METHOD, R, CUT, CAUSAL, RIGHT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY)
+                                 q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
+                                 METHOD, R, CUT, CAUSAL, RIGHT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY,
+                                 TMA)
 
     if METHOD == EXACT or METHOD == WINDOW:
         m_i = m_i - slope2 * (q_pos - pa).to(tl.float32)  # out of the row frame of pa

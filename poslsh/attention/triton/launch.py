@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...cache_keys import version_key
 from ...method import method_rule
@@ -515,7 +516,9 @@ class ForwardRecipe:
 
     Attributes:
         cfg: the config it was built for; splits: split-key programs per query tile (1: none).
-        groups: [(Launcher, (W, U, S, E, order, slope2, win, win_r))], one per head group.
+        groups: [(Launcher, (W, U, S, E, order, slope2, win, win_r), kv_tile)], one per head group; kv_tile: the
+            block shape of its K and V tensor descriptors ([1, 1, BLOCK_N, BLOCK_D]) when it reads them by TMA
+            (the config's ``tma`` and ``tma_ready`` k and v), else None.
         q_strides: of q (B, H, Nq); out_strides: of what each program writes (split, B, H, Nq): the
             partials with splits, else the output; final_strides: of the output (B, H, Nq).
         sizes: (B, H, Nq); scalars: (query heads per KV head, scale * log2(e), log2(r)).
@@ -541,7 +544,7 @@ class ForwardRecipe:
 
     @classmethod
     def build(cls, plan: Plan, q: Tensor, k: Tensor, o: Tensor, has_kpm: bool, causal: bool, scale: float,
-              cfg: dict, splits: int, nk: int) -> "ForwardRecipe":
+              cfg: dict, splits: int, nk: int, tma: bool = False) -> "ForwardRecipe":
         B, H, Nq, D = q.shape
         bd = max(16, triton.next_power_of_2(D))
         partials = partial_lses = tickets = None
@@ -564,9 +567,10 @@ class ForwardRecipe:
                 options["maxnreg"] = sub["maxnreg"]
             constexprs = (plan.method, plan.r, plan.cut, causal, D, bd, bm, sub["BLOCK_N"], _prec(q.dtype),
                           _float_positions(nk, sub), has_kpm, splits > 1, bool(sub.get("lazy", False)),
-                          int(sub.get("interleave", 0)))
+                          int(sub.get("interleave", 0)), tma)
             launcher = Launcher(_fwd_kernel, (_cdiv(Nq, bm) * B * order.numel(), splits), constexprs, options)
-            groups.append((launcher, (plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r)))
+            groups.append((launcher, (plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r),
+                           [1, 1, sub["BLOCK_N"], bd] if tma else None))
         if splits > 1:  # one per program of grid axis 0 (one head group with splits), the plan's
             count = groups[0][0].grid[0]
             tickets = plan.tickets.get((q.device, count))
@@ -580,15 +584,15 @@ _RECIPES_PER_PLAN = 16
 
 
 def _recipe(plan: Plan, q: Tensor, k: Tensor, o: Tensor, has_kpm: bool, causal: bool, scale: float, cfg: dict,
-            splits: int, nk: int) -> ForwardRecipe:
+            splits: int, nk: int, tma: bool) -> ForwardRecipe:
     """The plan's recipe of this call shape (``ForwardRecipe``), built on its first call; with
     ``PREBOUND = False`` one built afresh (the plain path the cached recipes are held to)."""
     if not PREBOUND:
-        return ForwardRecipe.build(plan, q, k, o, has_kpm, causal, scale, cfg, splits, nk)
-    key = (id(cfg), splits, 2 * nk < 2**24, q.shape, q.stride(), q.dtype, k.shape[1], has_kpm, causal, scale)
+        return ForwardRecipe.build(plan, q, k, o, has_kpm, causal, scale, cfg, splits, nk, tma)
+    key = (id(cfg), splits, 2 * nk < 2**24, q.shape, q.stride(), q.dtype, k.shape[1], has_kpm, causal, scale, tma)
     recipe = plan.recipes.get(key)
     if recipe is None or recipe.cfg is not cfg:  # (it holds its cfg alive, so the id is that dict's)
-        recipe = plan.recipes[key] = ForwardRecipe.build(plan, q, k, o, has_kpm, causal, scale, cfg, splits, nk)
+        recipe = plan.recipes[key] = ForwardRecipe.build(plan, q, k, o, has_kpm, causal, scale, cfg, splits, nk, tma)
         while len(plan.recipes) > _RECIPES_PER_PLAN:
             del plan.recipes[next(iter(plan.recipes))]
     return recipe
@@ -601,7 +605,8 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     splits, per = _splits(plan, B, H, Nq, Nk, cfg, q.device)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-    recipe = _recipe(plan, q, k, o, kpm is not None, causal, scale, cfg, splits, Nk)
+    tma = bool(cfg.get("tma")) and tma_ready(k) and tma_ready(v)
+    recipe = _recipe(plan, q, k, o, kpm is not None, causal, scale, cfg, splits, Nk, tma)
     kpm8, kpm_stride = _kpm_arg(kpm, q.device)
     if splits > 1:  # the programs write the split partials, each query tile's last program merges them
         tensors = (q, k, v, recipe.partials, recipe.partial_lses, o, lse, recipe.tickets, kpm8)
@@ -612,9 +617,21 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, kpm: Tensor | None, plan: Plan, causal
     key = None  # one key for the call's launches: what varies in any (``_launch_key``), and the device
     if prebound():
         key = _launch_key((q, k, v, kpm8), kv_strides + (kpm_stride,)) + (torch.cuda.current_device(),)
-    for launcher, plan_arrays in recipe.groups:  # the kernel's parameters, in order
+    for launcher, plan_arrays, kv_tile in recipe.groups:  # the kernel's parameters, in order
+        if kv_tile is not None:  # descriptors in k's and v's place (built per call: they hold the pointers)
+            tensors = (q, TensorDescriptor.from_tensor(k, kv_tile), TensorDescriptor.from_tensor(v, kv_tile)) \
+                + tensors[3:]
         launcher(tensors + plan_arrays + recipe.q_strides + kv_strides + recipe.out_strides + tail, key)
     return o, lse
+
+
+def tma_ready(t: Tensor) -> bool:
+    """Whether the copy engine (TMA) can read ``t`` [B, H, N, D] through a tensor descriptor: a Hopper or later
+    GPU (or the interpreter), unit last stride, 16-byte aligned base and other strides."""
+    if not interpreting() and not (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9):
+        return False
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
 
 def _delta(do: Tensor, o: Tensor, dlse: Tensor | None, cfg: dict) -> Tensor:
@@ -744,7 +761,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             reaches t launched apart with their own tiles, forward and backward: ``head_groups``),
             ``maxnreg`` (the forward launches' register cap per thread), ``interleave=t`` (the forward's
             heads take turns of t query tiles: ``jit.lane_tile``; ``bwd_interleave=t`` the backward's, of
-            t key tiles in the dK/dV kernel and t query tiles in the dQ kernel).
+            t key tiles in the dK/dV kernel and t query tiles in the dQ kernel), ``tma`` (the forward reads K
+            and V through tensor descriptors, the copy engine's, where ``tma_ready``; else by pointers).
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, the natural log of
