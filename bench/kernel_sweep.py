@@ -126,8 +126,16 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("bwd_delta_fused32x128w8", "bwd",
              {**delta, "bwd_fused": True, "BWD_BLOCK_N": 128, "bwd_num_warps": 8}),
         ]
-    out += round2(method) + round3(method) + round4(method)
+    out += round2(method) + round3(method) + round4(method) + round5(method)
     return out
+
+
+def round5(method: str) -> list[tuple[str, str, dict]]:
+    """Session 15's candidate, from the window forward's machine code (``bench/sass_report.py --tma``): K and V
+    read through tensor descriptors (the copy engine, ``tma``) take the window's 64 x 32 forward from 176
+    registers to 128 and drop the per-thread address arithmetic of every key tile (plain tile: 297 -> 294
+    instructions; the registers decide how many programs share a multiprocessor). Every method's forward."""
+    return [("fwd_tma", "fwd", {"tma": True})]
 
 
 def round4(method: str) -> list[tuple[str, str, dict]]:

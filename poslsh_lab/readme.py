@@ -521,6 +521,9 @@ def window_parts(doc: Doc) -> str:
                           f"{fmt(cell[g, c]['ms'])} ({cell[g, c]['tflops']:.0f} / {cell[g, c]['tb_per_s']:.2f})"
                           for g in present)])
     text = head + markdown_table(["config", *present], body)
+    if doc.get("base"):
+        text += ("\n\nThe row and contest entry `base`: the predecessor's kernel (the package under "
+                 f"`{doc['base']}`, imported beside this one) with its own shipped config, in the same process.")
     joined = doc.get("joined")  # the first run's form of the contest: the joined config alone
     if joined:
         contest_ms = joined["ms"]

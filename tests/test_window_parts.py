@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,11 @@ def test_base_package_is_timed_beside_in_every_group_and_the_contest(tmp_path):
     assert base_rows[0]["rel_to_shipped"] < 1e-6 and base_rows[0]["ms"] > 0, base_rows
     contest = doc["contest"]["entries"]
     assert "base" in contest and contest["base"]["rel_to_shipped"] < 1e-6 and len(contest["base"]["ms"]) == 1
+    from poslsh_lab.readme import window_parts  # the RESULTS section names what the base row is
+
+    text = window_parts(doc)
+    assert "| base |" in text and f"the package under `{root}`" in text, text
+    assert re.search(r"base \d\.\d{3} \(", text), text  # its ratio in the contest's sentence
     done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--base", str(tmp_path), "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode != 0 and "--base: no poslsh package under" in done.stderr, done.stderr[-2000:]
