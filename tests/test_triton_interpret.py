@@ -343,6 +343,12 @@ def test_tma_needs_aligned_strides():
     run("window", True, 1, 2, 2, 20, 20, 12, config={"tma": True}, backward=False, dtype=torch.float16, tol=2e-3)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_tma_split_keys(method):
+    """Descriptor loads in the split-key forward (few query rows against many keys, merged by the last split)."""
+    run(method, True, 1, 4, 2, 3, 70, 16, config={"tma": True, "splits": 3}, backward=False)
+
+
 @triton.jit
 def _tiles_of_programs(ORDER, OUT, B, Nq, BLOCK_M: tl.constexpr, INTERLEAVE: tl.constexpr):
     """OUT [programs, 3]: each program's (batch, head, first row) from ``query_tile``."""
