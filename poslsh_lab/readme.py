@@ -604,6 +604,16 @@ SECTIONS: list[Section] = [
             "cuDNN graph at 8K)", _experiment("generate_bench"), ("generate_graph_short/generate_bench.png",)),
     Section("specialize/specialize.json", "Decoding without compiles: Triton's integer specialisation of the key "
             "count, before and after", specialize_check),
+    Section("window_parts_s15/window_parts.json", "The window forward at 256K after the one-edge boundary tiles, "
+            "against its predecessor (base) in one process: K and V by tensor descriptors (tma) shipped", window_parts),
+    Section("window_gpu_s15/tma/exact_gpu.json", "The per-head window through the public call with the tma forward "
+            "shipped (the speed table's H100 window rows)", exact_gpu),
+    Section("window_gpu_s15/base/exact_gpu.json", "The same measurement with the predecessor's package, in the same "
+            "device call, minutes later", exact_gpu),
+    Section("kernel_sweep_s15/kernel_sweep.json", "Tensor-descriptor loads in every method's forward (round 5): "
+            "picked for LSH and exact", kernel_sweep),
+    Section("backward_parts_s15/backward_parts.json", "Where the training time goes after the tma forward: each "
+            "kernel of a forward + backward step", backward_parts),
     Section("window_parts_s14/window_parts.json", "The window forward at 256K with the heads' query tiles in turns "
             "(interleave): no config ahead of the shipped one beyond the rounds' spread", window_parts),
     Section("kernel_sweep_s14/kernel_sweep.json", "The interleave variants of the forward and the backward (round 4): "
