@@ -59,9 +59,11 @@ def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int |
     sig, attrs, const = {}, {}, dict(constexprs)
     plain = set(getattr(fn, "do_not_specialize", ()) or ())  # ints the runtime leaves unspecialised
     descriptors = {}
-    if constexprs.get("TMA"):  # K and V as tensor descriptors of [B, Hkv, Nk, D], tiles [1, 1, BLOCK_N, BLOCK_D]
-        tile = f"[1, 1, {constexprs['BLOCK_N']}, {constexprs['BLOCK_D']}]"
-        descriptors = {name: f"tensordesc<{dtype}{tile}>" for name in ("K", "V")}
+    if constexprs.get("TMA"):  # the loop's tiles as tensor descriptors: dK/dV's Q and dO [B, H, Nq, D] in tiles of
+        # BLOCK_M rows; the forward's and dQ's K and V [B, Hkv, Nk, D] in tiles of BLOCK_N
+        names, rows = (("Q", "DO"), "BLOCK_M") if fn is _bwd_dkdv_kernel else (("K", "V"), "BLOCK_N")
+        tile = f"[1, 1, {constexprs[rows]}, {constexprs['BLOCK_D']}]"
+        descriptors = {name: f"tensordesc<{dtype}{tile}>" for name in names}
     for i, name in enumerate(fn.arg_names):
         if name in const:
             sig[name] = "constexpr"
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--padding", action="store_true", help="with a key padding mask")
     p.add_argument("--split", action="store_true", help="the split-key (decoding) forward")
     p.add_argument("--lazy", action="store_true", help="lazy accumulator rescaling")
-    p.add_argument("--tma", action="store_true", help="fwd: K and V read through tensor descriptors (the tma key)")
+    p.add_argument("--tma", action="store_true", help="the loop's tiles through tensor descriptors (fwd and dq: K, V; dkdv: "
+                   "Q, dO; the tma and bwd_tma keys)")
     p.add_argument("--fused", action="store_true", help="dkdv: the one-kernel backward (dQ by atomics)")
     p.add_argument("--integer-positions", action="store_true", help="the FDIV=False path (n >= 2^23)")
     p.add_argument("--sass", type=Path, help="also write the whole SASS here")
@@ -262,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel == "delta":
         const = dict(DELTA_CONST)
     elif args.kernel == "fwd":
-        const.update(SPLIT=args.split, LAZY=args.lazy, TMA=args.tma)
+        const.update(SPLIT=args.split, LAZY=args.lazy)
+    if args.kernel != "delta":
+        const["TMA"] = args.tma
     if args.kernel == "dkdv":
         const["FUSED_DQ"] = args.fused
     kernel = compile_kernel(KERNELS[args.kernel], const, args.warps, args.stages, args.maxnreg)

@@ -314,6 +314,9 @@ VARIANTS = {
     # K and V by tensor descriptors (TMA), the wide heads' launch with its own key tiles (another descriptor; exact:
     # every head is wide)
     "tma": {"tma": True, "wide": {"min_work": 10, "BLOCK_N": 32}},
+    # the backward's loop tiles by descriptors: dK/dV's queries, dQ's keys (fused: dQ by atomics from dK/dV's)
+    "bwd_tma": {"bwd_tma": True, "wide": {"min_work": 10, "BWD_BLOCK_M": 32, "DQ_BLOCK_N": 32}},
+    "bwd_tma_fused": {"bwd_tma": True, "bwd_fused": True},
 }
 
 

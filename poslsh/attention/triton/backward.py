@@ -114,19 +114,26 @@ def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa
                   start, stop, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r, slope2, wh, wr,
                   scale, METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                   BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, FUSED_DQ: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, FUSED_DQ: tl.constexpr,
+                  b, h, TMA: tl.constexpr):
+    """dK, dV of a key tile over the query tiles [start, stop). TMA: ``q_base``, ``do_base`` are tensor
+    descriptors of Q, dO [B, H, Nq, D] (tiles [1, 1, BLOCK_M, BLOCK_D], zero past Nq and D) read at (b, h)."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_M)
     dqa_tile = dqa_base + start.to(tl.int64) * BLOCK_D
-    q_tile = q_base + start.to(tl.int64) * stride_qn  # 64-bit tile pointers (see forward._fwd_stretch)
-    do_tile = do_base + start.to(tl.int64) * stride_don
+    if not TMA:
+        q_tile = q_base + start.to(tl.int64) * stride_qn  # 64-bit tile pointers (see forward._fwd_stretch)
+        do_tile = do_base + start.to(tl.int64) * stride_don
     for m0 in range(start, stop, BLOCK_M):
         offs_m = m0 + rows
-        # queries past Nq come only after the plain ones (LEFT: a key tile meets the left edges last) or in BOTH
-        q = load_tile(q_tile, stride_qn, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY == LEFT or BOUNDARY == BOTH)
-        do = load_tile(do_tile, stride_don, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY == LEFT or BOUNDARY == BOTH)
-        q_tile += BLOCK_M * stride_qn
-        do_tile += BLOCK_M * stride_don
+        if TMA:
+            q = q_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:  # queries past Nq only after the plain ones (LEFT: a key tile meets the left edges last) or in BOTH
+            q = load_tile(q_tile, stride_qn, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY == LEFT or BOUNDARY == BOTH)
+            do = load_tile(do_tile, stride_don, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY == LEFT or BOUNDARY == BOTH)
+            q_tile += BLOCK_M * stride_qn
+            do_tile += BLOCK_M * stride_don
         if BOUNDARY == LEFT or BOUNDARY == BOTH:
             lse2 = tl.load(lse_base + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_base + offs_m, mask=offs_m < Nq, other=0.0)
@@ -159,9 +166,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
                      METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, FUSED_DQ: tl.constexpr,
-                     INTERLEAVE: tl.constexpr):
+                     INTERLEAVE: tl.constexpr, TMA: tl.constexpr = False):
     """dK, dV of one key tile (and with FUSED_DQ the tile's share of dQ, added atomically into DQA); the
-    KV heads in ORDER, their tiles lane by lane or (INTERLEAVE > 0) in turns (``lane_tile``)."""
+    KV heads in ORDER, their tiles lane by lane or (INTERLEAVE > 0) in turns (``lane_tile``). TMA: Q and DO
+    are tensor descriptors (``_dkdv_stretch``), their stride arguments unread."""
     rest, tile = lane_tile(tl.program_id(0), tl.cdiv(Nk, BLOCK_N), INTERLEAVE)
     b = rest % B
     hk = tl.sum(tl.load(ORDER + rest // B + tl.arange(0, 1)), 0)
@@ -198,8 +206,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
         a, e1, bnd, c, s3, d = stretches(tl.maximum(lo - q_offset, 0), tl.minimum(hi - q_offset, Nq),
                                          tl.maximum(in_lo - q_offset, 0), tl.minimum(in_hi - q_offset, Nq), BLOCK_M)
         bh = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        q_base = Q + bh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        if TMA:
+            q_base, do_base = Q, DO
+        else:
+            q_base = Q + bh
+            do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         lse_base = LSE + (b * H + h).to(tl.int64) * Nq
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
         dqa_base = DQA + (b * H + h).to(tl.int64) * Nq * BLOCK_D
@@ -208,15 +219,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
                                stride_don, a, e1, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale,
                                log2_r, slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_M, BLOCK_D,
-                               HEAD_DIM, PREC, FDIV, FUSED_DQ)
+                               HEAD_DIM, PREC, FDIV, FUSED_DQ, b, h, TMA)
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
                                stride_don, bnd, c, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale,
                                log2_r, slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_M, BLOCK_D,
-                               HEAD_DIM, PREC, FDIV, FUSED_DQ)
+                               HEAD_DIM, PREC, FDIV, FUSED_DQ, b, h, TMA)
         dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
                                stride_don, s3, d, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale,
                                log2_r, slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_M, BLOCK_D,
-                               HEAD_DIM, PREC, FDIV, FUSED_DQ)
+                               HEAD_DIM, PREC, FDIV, FUSED_DQ, b, h, TMA)
 
     dk = dk * scale
     dk_tile = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + n64 * stride_dkn
@@ -230,17 +241,24 @@ def _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, str
                 q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
                 METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                 BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr):
+                HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, b, hk, TMA: tl.constexpr):
+    """dQ of a query tile over the key tiles [start, stop). TMA: ``k_base``, ``v_base`` are tensor descriptors
+    of K, V (as the forward's, ``forward._fwd_stretch``) read at (b, hk)."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_N)
-    k_tile = k_base + start.to(tl.int64) * stride_kn
-    v_tile = v_base + start.to(tl.int64) * stride_vn
+    if not TMA:
+        k_tile = k_base + start.to(tl.int64) * stride_kn
+        v_tile = v_base + start.to(tl.int64) * stride_vn
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + rows
-        k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
-        v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
-        k_tile += BLOCK_N * stride_kn
-        v_tile += BLOCK_N * stride_vn
+        if TMA:
+            k = k_base.load([b, hk, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_base.load([b, hk, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = load_tile(k_tile, stride_kn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
+            v = load_tile(v_tile, stride_vn, rows, offs_d, n0, Nk, HEAD_DIM, BOUNDARY >= RIGHT)
+            k_tile += BLOCK_N * stride_kn
+            v_tile += BLOCK_N * stride_vn
         keep = offs_n < Nk
         if HAS_KPM:
             keep = tl.load(kpm_base + offs_n, mask=offs_n < Nk, other=0) != 0
@@ -262,11 +280,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, O, DLSE, DQ, KPM, W, U, S, E, ORDER,
                    METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, DELTA_HERE: tl.constexpr,
-                   HAS_DLSE: tl.constexpr, INTERLEAVE: tl.constexpr):
+                   HAS_DLSE: tl.constexpr, INTERLEAVE: tl.constexpr, TMA: tl.constexpr = False):
     """dQ of one query tile. DELTA [B, H, Nq] fp32 is read, or with DELTA_HERE computed here from the tile's
     dO and O (rowsum(dO * O), less DLSE [B, H, Nq] fp32 with HAS_DLSE) and stored for the dK/dV kernel,
     launched after this one: the tile's dO is loaded anyway, so the delta costs one O tile, not a kernel
-    that reads dO and O again. INTERLEAVE: the heads' query tiles in turns (``lane_tile``)."""
+    that reads dO and O again. INTERLEAVE: the heads' query tiles in turns (``lane_tile``). TMA: K and V are
+    tensor descriptors (``_dq_stretch``), their stride arguments unread."""
     b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M,
                                                           INTERLEAVE)
     hk = h // group
@@ -291,8 +310,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, O, DLSE, DQ, KPM, W, U, S, E, ORDER,
         tl.store(DELTA + rows_bh, delta, mask=row_ok)
     else:
         delta = tl.load(DELTA + rows_bh, mask=row_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     kpm_base = KPM + b.to(tl.int64) * stride_kpmb
 
     lo, hi, in_lo, in_hi, slope2, wh, wr = method_ranges(pa, pb, h, hR, W, U, S, E, SLOPE2, WIN, WIN_R, Nk, METHOD,
@@ -307,16 +329,20 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, O, DLSE, DQ, KPM, W, U, S, E, ORDER,
     if METHOD == WINDOW:  # (exact's keys start at 0 = its plain tiles' start: no left edge, an empty stretch)
         dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, a, first_stop,
                          q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                         METHOD, R, CUT, CAUSAL, LEFT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
+                         METHOD, R, CUT, CAUSAL, LEFT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, b,
+                         hk, TMA)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, first_stop, e1,
                      q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                     METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
+                     METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, b,
+                     hk, TMA)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, bnd, c,
                      q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                     METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
+                     METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, b,
+                     hk, TMA)
     dq = _dq_stretch(dq, q, do, lse2, delta, k_base, v_base, kpm_base, stride_kn, stride_vn, s3, d,
                      q_pos, q_pos_c, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr,
-                     METHOD, R, CUT, CAUSAL, RIGHT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV)
+                     METHOD, R, CUT, CAUSAL, RIGHT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, b,
+                     hk, TMA)
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m64 * stride_dqn
              + rows[:, None] * stride_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)

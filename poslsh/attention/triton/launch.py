@@ -679,12 +679,17 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
     kpm8, kpm_stride = _kpm_arg(kpm, q.device)
     bd = max(16, triton.next_power_of_2(D))
     dq_acc = torch.zeros(B, H, Nq, bd, dtype=torch.float32, device=q.device) if fused else dk
+    # bwd_tma: the loop's tiles by tensor descriptors (dK/dV: Q and dO; dQ: K and V), built per head group's tiles
+    tma = bool(cfg.get("bwd_tma")) and all(tma_ready(t) for t in (q, k, v, do))
+
+    def by_tma(t: Tensor, rows: int):
+        return TensorDescriptor.from_tensor(t, [1, 1, rows, bd]) if tma else t
 
     def dkdv() -> None:
         for order, sub in head_groups(plan, cfg, group):
             bm, bn = sub["BWD_BLOCK_M"], sub["BWD_BLOCK_N"]
             _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * order.numel(),)](
-                q, k, v, do, lse, delta, dk, dv, dq_acc, kpm8, plan.W, plan.U, plan.S, plan.E, order,
+                by_tma(q, bm), k, v, by_tma(do, bm), lse, delta, dk, dv, dq_acc, kpm8, plan.W, plan.U, plan.S, plan.E, order,
                 plan.slope2, plan.win, plan.win_r,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -692,7 +697,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                 B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused,
                 METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
                 BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
-                HAS_KPM=kpm is not None, INTERLEAVE=int(sub.get("bwd_interleave", 0)),
+                HAS_KPM=kpm is not None, INTERLEAVE=int(sub.get("bwd_interleave", 0)), TMA=tma,
                 num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
 
     def dq_into(dq: Tensor) -> None:
@@ -701,7 +706,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
             # 128-row tile takes Hopper's warpgroup MMA where the dK/dV kernel wants a 64-key M.
             bm, bn = sub.get("DQ_BLOCK_M", sub["BWD_BLOCK_M"]), sub.get("DQ_BLOCK_N", sub["BWD_BLOCK_N"])
             _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * order.numel(),)](
-                q, k, v, do, lse, delta, o, dl, dq, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2,
+                q, by_tma(k, bn), by_tma(v, bn), do, lse, delta, o, dl, dq, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2,
                 plan.win, plan.win_r,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -710,7 +715,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                 METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
                 BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
                 HAS_KPM=kpm is not None, DELTA_HERE=delta_in_dq, HAS_DLSE=delta_in_dq and dlse is not None,
-                INTERLEAVE=int(sub.get("bwd_interleave", 0)),
+                INTERLEAVE=int(sub.get("bwd_interleave", 0)), TMA=tma,
                 num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
                 num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
 
@@ -762,7 +767,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             ``maxnreg`` (the forward launches' register cap per thread), ``interleave=t`` (the forward's
             heads take turns of t query tiles: ``jit.lane_tile``; ``bwd_interleave=t`` the backward's, of
             t key tiles in the dK/dV kernel and t query tiles in the dQ kernel), ``tma`` (the forward reads K
-            and V through tensor descriptors, the copy engine's, where ``tma_ready``; else by pointers).
+            and V through tensor descriptors, the copy engine's, where ``tma_ready``; else by pointers),
+            ``bwd_tma`` (the same for the tiles the backward's loops read: Q and dO in dK/dV, K and V in dQ).
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, the natural log of
