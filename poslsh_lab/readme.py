@@ -604,10 +604,14 @@ SECTIONS: list[Section] = [
             "cuDNN graph at 8K)", _experiment("generate_bench"), ("generate_graph_short/generate_bench.png",)),
     Section("specialize/specialize.json", "Decoding without compiles: Triton's integer specialisation of the key "
             "count, before and after", specialize_check),
+    Section("window_gpu_s15/final/exact_gpu.json", "The per-head window through the public call with tma in the "
+            "forward and the backward (the speed table's H100 window rows)", exact_gpu),
+    Section("kernel_sweep_s15_bwd/kernel_sweep.json", "Tensor-descriptor loads in the backward's loops (round 5, "
+            "bwd_tma): picked for the window, LSH and hybrid", kernel_sweep),
     Section("window_parts_s15/window_parts.json", "The window forward at 256K after the one-edge boundary tiles, "
             "against its predecessor (base) in one process: K and V by tensor descriptors (tma) shipped", window_parts),
     Section("window_gpu_s15/tma/exact_gpu.json", "The per-head window through the public call with the tma forward "
-            "shipped (the speed table's H100 window rows)", exact_gpu),
+            "shipped, before bwd_tma", exact_gpu),
     Section("window_gpu_s15/base/exact_gpu.json", "The same measurement with the predecessor's package, in the same "
             "device call, minutes later", exact_gpu),
     Section("kernel_sweep_s15/kernel_sweep.json", "Tensor-descriptor loads in every method's forward (round 5): "
