@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,21 @@ def test_window_forward_tests_only_the_edge_each_stretch_crosses():
     assert plain["instructions"] <= 305, plain
     for lp in one_edge:
         assert lp["instructions"] <= 360 and lp["ops"].get("FSEL", 0) == 16, lp
+
+
+def test_tma_frees_the_registers_the_shipped_configs_rest_on():
+    """``tma`` / ``bwd_tma`` (shipped for the window: bench/results/window_parts_s15, kernel_sweep_s15_bwd) read the
+    loops' tiles by tensor descriptors, without per-thread addresses. That is what made them faster: the window
+    forward at 64 x 32 fits in 128 registers (176 by pointers: 2 programs per multiprocessor instead of 3), and
+    dK/dV at 32 x 64 fits without spilling (255 registers and spills by pointers). A change that loses either
+    fails here."""
+    fwd = _report("--kernel", "fwd", "--method", "window", "--block-m", "64", "--block-n", "32", "--warps", "4",
+                  "--stages", "3", "--tma")
+    regs = int(re.search(r"Used (\d+) registers", fwd["ptxas"]).group(1))
+    assert regs <= 136 and "0 bytes spill stores" in fwd["ptxas"], fwd["ptxas"]
+    dkdv = _report("--kernel", "dkdv", "--method", "window", "--block-m", "32", "--block-n", "64", "--warps", "4",
+                   "--stages", "2", "--tma")
+    assert "0 bytes spill stores" in dkdv["ptxas"] and "0 bytes spill loads" in dkdv["ptxas"], dkdv["ptxas"]
 
 
 def test_every_variant_compiles_for_hopper():

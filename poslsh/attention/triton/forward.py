@@ -3,7 +3,8 @@
 One program per (query tile of BLOCK_M rows, batch, head) walks the key tiles of its range (``jit``)
 in stretches: boundary tiles test every element (causality, the band, collision counts), plain tiles
 none. For ALiBi a boundary stretch tests only the band edge its tiles cross (left of the plain tiles
-the left edge, right of them the diagonal or right edge): one compare per element, not three. Online softmax in base 2, fp32 accumulation, LSE out.
+the left edge, right of them the diagonal or right edge): one compare per element, not three. Online
+softmax in base 2, fp32 accumulation, LSE out. K and V come by pointers or (TMA) tensor descriptors.
 
 ALiBi (exact, window) enters in the row frame of the tile's first position pa: for j <= i,
 scale q.k - m (i - j) = [scale q.k + m (j - pa)] - m (i - pa), and the bracket is one FMA per element
