@@ -126,7 +126,7 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("bwd_delta_fused32x128w8", "bwd",
              {**delta, "bwd_fused": True, "BWD_BLOCK_N": 128, "bwd_num_warps": 8}),
         ]
-    out += round2(method) + round3(method) + round4(method) + round5(method)
+    out += round2(method) + round3(method) + round5(method)
     return out
 
 
@@ -138,21 +138,6 @@ def round5(method: str) -> list[tuple[str, str, dict]]:
     The backward's loop tiles likewise (``bwd_tma``: dK/dV's Q and dO, dQ's K and V): window dK/dV 255 registers
     with spills -> 248 without, dQ 189 -> 144 (sm_90a, offline)."""
     return [("fwd_tma", "fwd", {"tma": True}), ("bwd_tma", "bwd", {"bwd_tma": True})]
-
-
-def round4(method: str) -> list[tuple[str, str, dict]]:
-    """Session 13's candidate, from the window forward's head groups (``bench/window_parts.py``, 256K on an
-    H100): the narrow heads alone run near their bytes floor, the wide heads alone at 312 TFLOP/s on the band,
-    and all heads take the sum of the two, since the heads run one after another (most work first). With the
-    heads taking turns of t query tiles (``interleave``), memory-bound and tensor-core-bound programs are
-    resident together. The methods whose heads differ in work (window, LSH and hybrid: block widths per head).
-    The backward's two kernels run their heads the same way (dK/dV 1.9-2.4x the forward, dQ 1.2-1.4x at 256K:
-    ``bench/backward_parts.py``), so ``bwd_interleave`` (key tiles of dK/dV, query tiles of dQ) too.
-    Session 14's run (``bench/results/kernel_sweep_s14``, H100): none faster than base."""
-    if method == "exact":
-        return []
-    return ([(f"fwd_interleave{t}", "fwd", {"interleave": t}) for t in (4, 16, 64)]
-            + [(f"bwd_interleave{t}", "bwd", {"bwd_interleave": t}) for t in (4, 16)])
 
 
 def round3(method: str) -> list[tuple[str, str, dict]]:

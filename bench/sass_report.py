@@ -51,7 +51,7 @@ DELTA_CONST = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_R=64, HAS_DLSE=False)  # as 
 
 
 # Flags a kernel takes that the callers here leave at their launch default unless they name them
-FLAG_DEFAULTS = {"DELTA_HERE": False, "HAS_DLSE": False, "INTERLEAVE": 0, "TMA": False}
+FLAG_DEFAULTS = {"DELTA_HERE": False, "HAS_DLSE": False, "TMA": False}
 
 
 def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int | None = None, dtype: str = "bf16"):

@@ -67,13 +67,6 @@ CONFIGS = {
     "tma": dict(tma=True),
     "tma_64x64": dict(tma=True, BLOCK_N=64),
     "lazy": dict(lazy=True),
-    # heads take turns of t query tiles (jit.lane_tile), meant to run wide heads' programs beside narrow ones'
-    # (session 14, H100: no faster; bench/results/window_parts_s14)
-    "interleave1": dict(interleave=1),
-    "interleave4": dict(interleave=4),
-    "interleave16": dict(interleave=16),
-    "interleave64": dict(interleave=64),
-    "interleave16_lazy": dict(interleave=16, lazy=True),
     # the widest heads only (half-width >= 1024: few boundary tiles per program) on exact's 128 x 64 tiles
     "wide1024_128x64_w8": dict(wide=dict(min_work=1024, BLOCK_M=128, BLOCK_N=64, num_warps=8)),
 }

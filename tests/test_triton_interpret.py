@@ -29,8 +29,6 @@ from poslsh.attention.reference import reference_attention  # noqa: E402
 
 launch = load_interpreted()
 triton_attention = launch.triton_attention
-tl = triton.language
-from poslsh.attention.triton.jit import query_tile  # noqa: E402  (the interpreted module load_interpreted left)
 
 
 # Its tests give one set of method options to every method they loop over: the fair use that
@@ -307,10 +305,6 @@ VARIANTS = {
     "delta_dq": {"delta": "dq"},
     "wide": {"maxnreg": 128, "wide": {"min_work": 10, "BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 2, "BWD_BLOCK_M": 32,
                                       "BWD_BLOCK_N": 16, "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 32, "maxnreg": 168}},
-    # 33 queries in 16-row tiles: 3 tiles per lane, so turns of 2 leave one tile past the last full turn
-    "interleave": {"interleave": 2},
-    # the backward's: 40 keys in 16-key dK/dV tiles and 33 queries in dQ tiles, turns of 2 leave one past the last
-    "bwd_interleave": {"bwd_interleave": 2, "BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16, "DQ_BLOCK_M": 16, "DQ_BLOCK_N": 16},
     # K and V by tensor descriptors (TMA), the wide heads' launch with its own key tiles (another descriptor; exact:
     # every head is wide)
     "tma": {"tma": True, "wide": {"min_work": 10, "BLOCK_N": 32}},
@@ -350,32 +344,6 @@ def test_tma_needs_aligned_strides():
 def test_tma_split_keys(method):
     """Descriptor loads in the split-key forward (few query rows against many keys, merged by the last split)."""
     run(method, True, 1, 4, 2, 3, 70, 16, config={"tma": True, "splits": 3}, backward=False)
-
-
-@triton.jit
-def _tiles_of_programs(ORDER, OUT, B, Nq, BLOCK_M: tl.constexpr, INTERLEAVE: tl.constexpr):
-    """OUT [programs, 3]: each program's (batch, head, first row) from ``query_tile``."""
-    pid = tl.program_id(0)
-    b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(pid, ORDER, B, Nq, Nq, 0, BLOCK_M, INTERLEAVE)
-    tl.store(OUT + 3 * pid + tl.arange(0, 1), b + tl.zeros([1], tl.int32))
-    tl.store(OUT + 3 * pid + 1 + tl.arange(0, 1), h + tl.zeros([1], tl.int32))
-    tl.store(OUT + 3 * pid + 2 + tl.arange(0, 1), m0 + tl.zeros([1], tl.int32))
-
-
-@pytest.mark.parametrize("turn", [1, 2, 3, 4, 7])
-@pytest.mark.parametrize("nq", [1, 16, 33, 100])
-def test_interleaved_query_tiles_cover_every_tile_once(turn, nq):
-    """``query_tile`` with INTERLEAVE: every (head, batch, tile) exactly once over the grid, whatever the
-    remainder of the tiles past the last full turn; lanes take turns of ``turn`` consecutive tiles."""
-    B, H, bm = 2, 3, 16
-    order = torch.tensor([2, 0, 1], dtype=torch.int32)
-    n_mt = -(-nq // bm)
-    out = torch.full((n_mt * B * H, 3), -1, dtype=torch.int32)
-    _tiles_of_programs[(n_mt * B * H,)](order, out, B, nq, BLOCK_M=bm, INTERLEAVE=turn)
-    seen = sorted(map(tuple, out.tolist()))
-    assert seen == sorted((b, h, t * bm) for b in range(B) for h in range(H) for t in range(n_mt))
-    if n_mt >= turn:  # the first turn: the first lane's first ``turn`` tiles, in order, on the heaviest head
-        assert out[:turn].tolist() == [[0, 2, t * bm] for t in range(turn)]
 
 
 def test_head_groups_partition():

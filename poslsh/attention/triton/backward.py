@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit import BOTH, EXACT, HYBRID, LEFT, PLAIN, RIGHT, WINDOW, as_pos, edge_split, fdiff, lane_tile, load_tile, \
+from .jit import BOTH, EXACT, HYBRID, LEFT, PLAIN, RIGHT, WINDOW, as_pos, edge_split, fdiff, load_tile, \
     lsh_counts, method_ranges, near_field, query_tile, stretches
 
 
@@ -166,11 +166,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
                      METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, FUSED_DQ: tl.constexpr,
-                     INTERLEAVE: tl.constexpr, TMA: tl.constexpr = False):
+                     TMA: tl.constexpr = False):
     """dK, dV of one key tile (and with FUSED_DQ the tile's share of dQ, added atomically into DQA); the
-    KV heads in ORDER, their tiles lane by lane or (INTERLEAVE > 0) in turns (``lane_tile``). TMA: Q and DO
+    KV heads in ORDER, then batch, then tiles. TMA: Q and DO
     are tensor descriptors (``_dkdv_stretch``), their stride arguments unread."""
-    rest, tile = lane_tile(tl.program_id(0), tl.cdiv(Nk, BLOCK_N), INTERLEAVE)
+    n_kt = tl.cdiv(Nk, BLOCK_N)
+    rest = tl.program_id(0) // n_kt
+    tile = tl.program_id(0) % n_kt
     b = rest % B
     hk = tl.sum(tl.load(ORDER + rest // B + tl.arange(0, 1)), 0)
 
@@ -280,14 +282,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, O, DLSE, DQ, KPM, W, U, S, E, ORDER,
                    METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, DELTA_HERE: tl.constexpr,
-                   HAS_DLSE: tl.constexpr, INTERLEAVE: tl.constexpr, TMA: tl.constexpr = False):
+                   HAS_DLSE: tl.constexpr, TMA: tl.constexpr = False):
     """dQ of one query tile. DELTA [B, H, Nq] fp32 is read, or with DELTA_HERE computed here from the tile's
     dO and O (rowsum(dO * O), less DLSE [B, H, Nq] fp32 with HAS_DLSE) and stored for the dK/dV kernel,
     launched after this one: the tile's dO is loaded anyway, so the delta costs one O tile, not a kernel
-    that reads dO and O again. INTERLEAVE: the heads' query tiles in turns (``lane_tile``). TMA: K and V are
+    that reads dO and O again. TMA: K and V are
     tensor descriptors (``_dq_stretch``), their stride arguments unread."""
-    b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M,
-                                                          INTERLEAVE)
+    b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M)
     hk = h // group
     hR = h * R
     offs_d = tl.arange(0, BLOCK_D)

@@ -181,14 +181,13 @@ def _fwd_kernel(Q, K, V, O, LSE, OUT, OUT_LSE, TICKETS, KPM, W, U, S, E, ORDER, 
                 METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, SPLIT: tl.constexpr,
-                LAZY: tl.constexpr, INTERLEAVE: tl.constexpr, TMA: tl.constexpr = False):
+                LAZY: tl.constexpr, TMA: tl.constexpr = False):
     """O [B, H, Nq, D] and LSE [B, H, Nq] (fp32) receive each program's result: the output itself, or with
     SPLIT the split's partials (fp32 O [splits, B, H, Nq, BLOCK_D] at stride_os per split, LSE [splits, B,
     H, Nq]), merged into OUT (its strides stride_out*) and OUT_LSE [B, H, Nq] by the tile's last program.
     TICKETS (SPLIT): int32 [programs of axis 0], zero before the launch, and left zero after it.
     TMA: K and V are tensor descriptors (``_fwd_stretch``), their stride arguments unread."""
-    b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M,
-                                                          INTERLEAVE)
+    b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M)
     hk = h // group
     hR = h * R
     offs_d = tl.arange(0, BLOCK_D)

@@ -239,35 +239,13 @@ def fdiff(a, b, FDIV: tl.constexpr):
 
 
 @triton.jit
-def lane_tile(pid, n_tiles, INTERLEAVE: tl.constexpr):
-    """Program ``pid`` of a grid of lanes x n_tiles programs (a lane: one head and batch entry) as (lane, tile).
-
-    INTERLEAVE = 0: lane by lane. INTERLEAVE > 0: the lanes take turns, INTERLEAVE consecutive tiles each
-    (the tiles past the last full turn: one more turn of what is left), so the programs resident at once
-    span every head instead of one, while consecutive tiles of a head still share their keys in L2. Meant
-    to run the window's wide heads beside its narrow ones; measured no faster on an H100 (within the
-    rounds' spread or slower, forward and backward: bench/results/window_parts_s14, kernel_sweep_s14)."""
-    if INTERLEAVE > 0:
-        lanes = tl.num_programs(0) // n_tiles
-        n_full = (n_tiles // INTERLEAVE) * INTERLEAVE  # tiles in full turns
-        in_full = pid < lanes * n_full
-        left = tl.maximum(n_tiles - n_full, 1)
-        late = pid - lanes * n_full
-        lane = tl.where(in_full, (pid % (lanes * INTERLEAVE)) // INTERLEAVE, late // left)
-        tile = tl.where(in_full, (pid // (lanes * INTERLEAVE)) * INTERLEAVE + pid % INTERLEAVE,
-                        n_full + late % left)
-    else:
-        lane = pid // n_tiles
-        tile = pid % n_tiles
-    return lane, tile
-
-
-@triton.jit
-def query_tile(pid, ORDER, B, Nq, Nk, q_offset, BLOCK_M: tl.constexpr, INTERLEAVE: tl.constexpr = 0):
-    """Program ``pid`` of a query-tile grid (heads in ``ORDER``, most work first; then batch; then tiles,
-    or with INTERLEAVE > 0 the heads' tiles in turns: ``lane_tile``): batch b, head h, rows offs_m
-    [BLOCK_M], their key positions (and clipped to [0, Nk)), and the first and last real positions pa, pb."""
-    rest, tile = lane_tile(pid, tl.cdiv(Nq, BLOCK_M), INTERLEAVE)
+def query_tile(pid, ORDER, B, Nq, Nk, q_offset, BLOCK_M: tl.constexpr):
+    """Program ``pid`` of a query-tile grid (heads in ``ORDER``, most work first; then batch; then tiles):
+    batch b, head h, rows offs_m [BLOCK_M], their key positions (and clipped to [0, Nk)), and the first
+    and last real positions pa, pb."""
+    n_mt = tl.cdiv(Nq, BLOCK_M)
+    rest = pid // n_mt
+    tile = pid % n_mt
     h = head_scalar(ORDER, rest // B)
     m0 = tile * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)

@@ -566,8 +566,7 @@ class ForwardRecipe:
             if sub.get("maxnreg"):  # a register cap: more programs per multiprocessor, spills outside the key loops
                 options["maxnreg"] = sub["maxnreg"]
             constexprs = (plan.method, plan.r, plan.cut, causal, D, bd, bm, sub["BLOCK_N"], _prec(q.dtype),
-                          _float_positions(nk, sub), has_kpm, splits > 1, bool(sub.get("lazy", False)),
-                          int(sub.get("interleave", 0)), tma)
+                          _float_positions(nk, sub), has_kpm, splits > 1, bool(sub.get("lazy", False)), tma)
             launcher = Launcher(_fwd_kernel, (_cdiv(Nq, bm) * B * order.numel(), splits), constexprs, options)
             groups.append((launcher, (plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r),
                            [1, 1, sub["BLOCK_N"], bd] if tma else None))
@@ -697,7 +696,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                 B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused,
                 METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
                 BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
-                HAS_KPM=kpm is not None, INTERLEAVE=int(sub.get("bwd_interleave", 0)), TMA=tma,
+                HAS_KPM=kpm is not None, TMA=tma,
                 num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
 
     def dq_into(dq: Tensor) -> None:
@@ -715,7 +714,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                 METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
                 BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
                 HAS_KPM=kpm is not None, DELTA_HERE=delta_in_dq, HAS_DLSE=delta_in_dq and dlse is not None,
-                INTERLEAVE=int(sub.get("bwd_interleave", 0)), TMA=tma,
+                TMA=tma,
                 num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
                 num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
 
@@ -764,9 +763,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             dK/dV kernel), ``lazy`` (lazy rescaling), ``delta="kernel"`` (the backward's rowsum(dO * O)
             by a kernel, not fp32 copies; ``delta="dq"``: by the dQ kernel, which loads dO anyway), ``wide={"min_work": t, <tile keys>}`` (heads whose work
             reaches t launched apart with their own tiles, forward and backward: ``head_groups``),
-            ``maxnreg`` (the forward launches' register cap per thread), ``interleave=t`` (the forward's
-            heads take turns of t query tiles: ``jit.lane_tile``; ``bwd_interleave=t`` the backward's, of
-            t key tiles in the dK/dV kernel and t query tiles in the dQ kernel), ``tma`` (the forward reads K
+            ``maxnreg`` (the forward launches' register cap per thread), ``tma`` (the forward reads K
             and V through tensor descriptors, the copy engine's, where ``tma_ready``; else by pointers),
             ``bwd_tma`` (the same for the tiles the backward's loops read: Q and dO in dK/dV, K and V in dQ).
 
