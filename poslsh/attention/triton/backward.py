@@ -74,8 +74,8 @@ def _weights(sT, q_pos, k_pos, k_pos_c, q_pos_c, lse2, keep, hR, W, U, S, E, Nk,
             x = tl.where(diff <= wh.to(tl.float32), x, float("-inf"))
         elif (CAUSAL or METHOD == WINDOW) and BOUNDARY >= RIGHT:
             x = tl.where(diff >= right, x, float("-inf"))
-        if not CAUSAL and (BOUNDARY >= RIGHT or (KEYS_ARE_ROWS and BOUNDARY == LEFT)):  # a key tile's own keys
-            x = tl.where(kp < Nk, x, float("-inf"))  # are past Nk in whichever stretch of queries
+        if not CAUSAL and BOUNDARY >= RIGHT:
+            x = tl.where(kp < Nk, x, float("-inf"))
         if HAS_KPM:
             if KEYS_ARE_ROWS:
                 x = tl.where(keep[:, None], x, float("-inf"))
@@ -129,12 +129,12 @@ def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa
         if TMA:
             q = q_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D)
             do = do_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D)
-        else:  # queries past Nq only after the plain ones (LEFT: a key tile meets the left edges last) or in BOTH
-            q = load_tile(q_tile, stride_qn, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY == LEFT or BOUNDARY == BOTH)
-            do = load_tile(do_tile, stride_don, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY == LEFT or BOUNDARY == BOTH)
+        else:
+            q = load_tile(q_tile, stride_qn, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY)
+            do = load_tile(do_tile, stride_don, rows, offs_d, m0, Nq, HEAD_DIM, BOUNDARY)
             q_tile += BLOCK_M * stride_qn
             do_tile += BLOCK_M * stride_don
-        if BOUNDARY == LEFT or BOUNDARY == BOTH:
+        if BOUNDARY:
             lse2 = tl.load(lse_base + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_base + offs_m, mask=offs_m < Nq, other=0.0)
         else:
@@ -168,8 +168,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
                      PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, FUSED_DQ: tl.constexpr,
                      TMA: tl.constexpr = False):
     """dK, dV of one key tile (and with FUSED_DQ the tile's share of dQ, added atomically into DQA); the
-    KV heads in ORDER, then batch, then tiles. TMA: Q and DO
-    are tensor descriptors (``_dkdv_stretch``), their stride arguments unread."""
+    KV heads in ORDER, then batch, then tiles. TMA: Q and DO are tensor descriptors (``_dkdv_stretch``),
+    their stride arguments unread."""
     n_kt = tl.cdiv(Nk, BLOCK_N)
     rest = tl.program_id(0) // n_kt
     tile = tl.program_id(0) % n_kt
@@ -286,8 +286,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, O, DLSE, DQ, KPM, W, U, S, E, ORDER,
     """dQ of one query tile. DELTA [B, H, Nq] fp32 is read, or with DELTA_HERE computed here from the tile's
     dO and O (rowsum(dO * O), less DLSE [B, H, Nq] fp32 with HAS_DLSE) and stored for the dK/dV kernel,
     launched after this one: the tile's dO is loaded anyway, so the delta costs one O tile, not a kernel
-    that reads dO and O again. TMA: K and V are
-    tensor descriptors (``_dq_stretch``), their stride arguments unread."""
+    that reads dO and O again. TMA: K and V are tensor descriptors (``_dq_stretch``), their stride arguments
+    unread."""
     b, h, m0, offs_m, q_pos, q_pos_c, pa, pb = query_tile(tl.program_id(0), ORDER, B, Nq, Nk, q_offset, BLOCK_M)
     hk = h // group
     hR = h * R

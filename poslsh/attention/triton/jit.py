@@ -162,8 +162,8 @@ def edge_split(a, e1, bnd, c, METHOD: tl.constexpr):
     """The first boundary stretch [a, e1) of ``stretches`` as [a, first_stop), whose tiles cross one edge of the
     band, and [first_stop, e1), which cross both. With plain tiles after it (c > bnd), the first stretch's keys
     lie left of every row's right edge (they precede the plain ones), so it crosses only the left edge, and the
-    last stretch only the right one (for a key tile walking its queries, the other way round). Without plain
-    tiles, or for LSH (no such order of its blocks), the first stretch crosses both."""
+    last stretch only the right one. Without plain tiles, or for LSH (no such order of its blocks), the first
+    stretch crosses both. (The dK/dV kernel keeps both edges in its boundary stretches: ``backward``.)"""
     first_stop = a
     if METHOD == EXACT or METHOD == WINDOW:
         first_stop = tl.where(c > bnd, e1, a)
