@@ -126,8 +126,26 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("bwd_delta_fused32x128w8", "bwd",
              {**delta, "bwd_fused": True, "BWD_BLOCK_N": 128, "bwd_num_warps": 8}),
         ]
-    out += round2(method) + round3(method) + round5(method)
+    out += round2(method) + round3(method) + round5(method) + round6(method)
     return out
+
+
+def round6(method: str) -> list[tuple[str, str, dict]]:
+    """Session 16's candidates: with tensor descriptors (``tma``, ``bwd_tma``) the registers that held per-thread
+    addresses are free, so wider key tiles fit where they spilled or left too few programs per multiprocessor.
+    Offline (``bench/sass_report.py --tma``, sm_90a, instructions per element a thread holds in a plain tile):
+    - LSH forward 64 x 16 -> 64 x 32: 28 -> 16.5 (128 -> 150 registers; boundary tiles 50 -> 38); hybrid 35 -> 23.7
+      (148 -> 162);
+    - LSH dQ 64 x 16 -> 64 x 32: 23.4 -> 14 (134 -> 179 registers); hybrid 30 -> 21 (147 -> 162);
+    - window dQ 64 x 32 -> 64 x 64: 18.5 -> 13.3 (144 -> 205 registers), 128 x 64 with 8 warps the same (215).
+    dK/dV has no such step: 32 x 64 stays at 22.5 per element, 64-row tiles spill (255 registers)."""
+    if method == "window":
+        return [("bwd_dq64x64", "bwd", {"DQ_BLOCK_N": 64}),
+                ("bwd_dq128x64w8", "bwd", {"DQ_BLOCK_M": 128, "DQ_BLOCK_N": 64, "dq_num_warps": 8})]
+    if method in ("lsh", "hybrid"):
+        return [("fwd_tma_64x32", "fwd", {"tma": True, "BLOCK_N": 32}),
+                ("bwd_dq64x32", "bwd", {"DQ_BLOCK_N": 32})]
+    return []
 
 
 def round5(method: str) -> list[tuple[str, str, dict]]:

@@ -69,6 +69,9 @@ CONFIGS = {
     # tma with the wide heads (half-width >= t) on 64-key tiles, the rest on 32: offline 12.6 instructions per element
     # of a plain tile at 64 x 64 against 18.4 at 64 x 32 (session 15's NOTES); the next contest
     **{f"tma_wide{t}_64x64": dict(tma=True, wide=dict(min_work=t, BLOCK_N=64)) for t in (256, 512, 1024)},
+    # or on exact's 128 x 64 tiles with 8 warps (offline with tma: 174 registers, 64 x 64's instructions per element)
+    **{f"tma_wide{t}_128x64_w8": dict(tma=True, wide=dict(min_work=t, BLOCK_M=128, BLOCK_N=64, num_warps=8,
+                                                          maxnreg=None)) for t in (512, 1024)},
     "lazy": dict(lazy=True),
     # the widest heads only (half-width >= 1024: few boundary tiles per program) on exact's 128 x 64 tiles
     "wide1024_128x64_w8": dict(wide=dict(min_work=1024, BLOCK_M=128, BLOCK_N=64, num_warps=8)),
