@@ -275,11 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.sass:
         args.sass.write_text(text)
     if args.json:
-        print(json.dumps({"ptxas": ptxas_info(kernel.asm["ptx"]),
+        print(json.dumps({"ptxas": ptxas_info(kernel.asm["ptx"]), "shared_bytes": kernel.metadata.shared,
                           "loops": [{"instructions": n, "ops": dict(ops)} for n, ops in loops(text)]}))
         return 0
     print(f"{args.kernel} {const} warps={args.warps} stages={args.stages} maxnreg={args.maxnreg}: "
-          f"{ptxas_info(kernel.asm['ptx'])}")
+          f"{ptxas_info(kernel.asm['ptx'])}, {kernel.metadata.shared} bytes of shared memory")
     for i, (n, ops) in enumerate(loops(text)):
         print(f"  loop {i}: {n} instructions per iteration per thread: "
               + ", ".join(f"{op} {k}" for op, k in ops.most_common(14)))

@@ -72,6 +72,13 @@ CONFIGS = {
     # or on exact's 128 x 64 tiles with 8 warps (offline with tma: 174 registers, 64 x 64's instructions per element)
     **{f"tma_wide{t}_128x64_w8": dict(tma=True, wide=dict(min_work=t, BLOCK_M=128, BLOCK_N=64, num_warps=8,
                                                           maxnreg=None)) for t in (512, 1024)},
+    # Programs per multiprocessor by shared memory (bench/sass_report.py's shared_bytes, tma): 64 x 64 with 3 stages
+    # takes 113 KB (one or two programs, at the 228 KB edge), with 2 stages 81 KB (two); 64 x 32 with 2 stages
+    # 48 KB and 128 registers under maxnreg 128 (four programs, no spill; 3 stages: 65 KB, three)
+    **{f"w{t}_s2": dict(wide=dict(min_work=t, BLOCK_N=64, num_stages=2)) for t in (256, 512)},
+    "n_s2r128_w512": dict(num_stages=2, maxnreg=128, wide=dict(min_work=512, BLOCK_N=64, num_stages=3, maxnreg=168)),
+    "n_s2r128_w512_s2": dict(num_stages=2, maxnreg=128, wide=dict(min_work=512, BLOCK_N=64, num_stages=2,
+                                                                 maxnreg=168)),
     "lazy": dict(lazy=True),
     # the widest heads only (half-width >= 1024: few boundary tiles per program) on exact's 128 x 64 tiles
     "wide1024_128x64_w8": dict(wide=dict(min_work=1024, BLOCK_M=128, BLOCK_N=64, num_warps=8)),
