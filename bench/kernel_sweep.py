@@ -3,8 +3,8 @@
 Shape: B = 1, H = 32, D = 128, bf16, causal, Press slopes; window (eps 1e-3), hybrid (r = 8, grid, eps
 1e-2) and LSH (r = 8, grid) at 256K and 64K, exact at 64K. Every variant is a ``config`` of
 ``poslsh.attention.triton.launch.triton_attention`` layered on today's ``default_config`` (tuned.json);
-each targets one pass (``fwd``: forward tiles, head split, register cap; ``bwd``: the delta kernel,
-backward tiles, fused dQ). The public ``poslsh.attention`` takes no kernel config, so the calls go
+each targets one pass (``fwd``: forward tiles, head split, register cap, descriptors; ``bwd``: the delta
+kernel, backward tiles, descriptors). The public ``poslsh.attention`` takes no kernel config, so the calls go
 through ``triton_attention`` with the spec ``resolve_spec`` builds (the dispatcher's Triton backend
 calls the same function; only its argument checks are skipped).
 
@@ -74,7 +74,8 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
     - backward: ``delta="kernel"`` replaces torch's fp32 copies of dO and O (~30 GB of traffic at 256K,
       ~9 ms on an H100) by one read of each (~4.2 GB); dK/dV on 32 x 128 tiles with 8 warps (229
       registers, no spill; today's 32 x 64 spills); dQ on 64 x 32 (189 registers, no spill; today's
-      64 x 64 spills); fused dQ by atomics (5 matrix products instead of 7).
+      64 x 64 spills). (The fused dQ by atomics, 5 matrix products instead of 7, measured slower in sessions 3
+      and 7 and was deleted in session 16.)
     """
     wide_fwd = lambda **t: {"min_work": wide_work, **t}  # noqa: E731
     delta = {"delta": "kernel"}
@@ -102,8 +103,6 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
              {**delta, "BWD_BLOCK_N": 128, "bwd_num_warps": 8, "DQ_BLOCK_N": 32}),
             ("bwd_delta_wide", "bwd", {**delta, "DQ_BLOCK_N": 32, "wide": wide_fwd(
                 BWD_BLOCK_N=128, bwd_num_warps=8, DQ_BLOCK_M=128, DQ_BLOCK_N=64, dq_num_warps=8)}),
-            ("bwd_delta_fused64x64w8", "bwd",
-             {**delta, "bwd_fused": True, "BWD_BLOCK_M": 64, "BWD_BLOCK_N": 64, "bwd_num_warps": 8}),
         ]
     elif method in ("lsh", "hybrid"):
         out += [
@@ -112,7 +111,6 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("fwd_128x16w8", "fwd", {"BLOCK_M": 128, "num_warps": 8}),
             ("bwd_delta", "bwd", delta),
             ("bwd_delta_dq64x16", "bwd", {**delta, "DQ_BLOCK_M": 64, "DQ_BLOCK_N": 16}),
-            ("bwd_delta_fused", "bwd", {**delta, "bwd_fused": True}),
             ("bwd_delta_dkdv64x16", "bwd", {**delta, "BWD_BLOCK_N": 16, "DQ_BLOCK_N": 16}),
         ]
         if method == "hybrid":  # the near field's wide heads: plain tiles, 32 keys
@@ -123,8 +121,6 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("bwd_delta_dkdv32x128w8", "bwd", {**delta, "BWD_BLOCK_N": 128, "bwd_num_warps": 8}),
             ("bwd_delta_dkdv32x128w8s3", "bwd", {**delta, "BWD_BLOCK_N": 128, "bwd_num_warps": 8,
                                                  "bwd_num_stages": 3}),
-            ("bwd_delta_fused32x128w8", "bwd",
-             {**delta, "bwd_fused": True, "BWD_BLOCK_N": 128, "bwd_num_warps": 8}),
         ]
     out += round2(method) + round3(method) + round5(method) + round6(method)
     return out

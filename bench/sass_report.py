@@ -9,7 +9,7 @@ of 16 get 16-byte divisibility (without that, loads would not vectorise and the 
 
     python bench/sass_report.py [--kernel fwd|dq|dkdv] [--r 8] [--block-m 64 --block-n 16]
                                 [--warps 4 --stages 3] [--bidirectional] [--cut] [--method M] [--padding] [--split]
-                                [--lazy] [--tma]
+                                [--tma]
                                 [--sass FILE]
 """
 
@@ -120,15 +120,13 @@ def sweep_variants() -> dict:
                 groups = [("/wide", dict(narrow, **{k: v for k, v in cfg["wide"].items() if k != "min_work"})),
                           ("/narrow", narrow)]
             for tag, c in groups:
-                launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], SPLIT=False,
-                                                      LAZY=False), c["num_warps"], c["num_stages"], c.get("maxnreg")),
-                            "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=c["BWD_BLOCK_M"], BLOCK_N=c["BWD_BLOCK_N"],
-                                                            FUSED_DQ=bool(c.get("bwd_fused"))),
-                                     c["bwd_num_warps"], c["bwd_num_stages"], None)}
-                if not c.get("bwd_fused"):
-                    launches["dq"] = (_bwd_dq_kernel, dict(common, BLOCK_M=c["DQ_BLOCK_M"], BLOCK_N=c["DQ_BLOCK_N"],
-                                                           DELTA_HERE=c.get("delta") == "dq"),
-                                      c["dq_num_warps"], c["dq_num_stages"], None)
+                launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], SPLIT=False),
+                                    c["num_warps"], c["num_stages"], c.get("maxnreg")),
+                            "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=c["BWD_BLOCK_M"], BLOCK_N=c["BWD_BLOCK_N"]),
+                                     c["bwd_num_warps"], c["bwd_num_stages"], None),
+                            "dq": (_bwd_dq_kernel, dict(common, BLOCK_M=c["DQ_BLOCK_M"], BLOCK_N=c["DQ_BLOCK_N"],
+                                                        DELTA_HERE=c.get("delta") == "dq"),
+                                   c["dq_num_warps"], c["dq_num_stages"], None)}
                 if c.get("delta") == "kernel":
                     launches["delta"] = (_bwd_delta_kernel, DELTA_CONST, 4, 3, None)
                 for kname, (fn, const, warps, stages, maxnreg) in launches.items():
@@ -158,10 +156,10 @@ def fits_shared(methods, dtypes, head_dims, limits) -> list[dict]:
         dq = {own: cfg.get(own, cfg[shared]) for own, shared in  # the dQ kernel's keys, else the backward's
               (("DQ_BLOCK_M", "BWD_BLOCK_M"), ("DQ_BLOCK_N", "BWD_BLOCK_N"), ("dq_num_warps", "bwd_num_warps"),
                ("dq_num_stages", "bwd_num_stages"))}
-        launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT=False,
-                                              LAZY=False), cfg["num_warps"], cfg["num_stages"]),
-                    "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"],
-                                                    FUSED_DQ=False), cfg["bwd_num_warps"], cfg["bwd_num_stages"]),
+        launches = {"fwd": (_fwd_kernel, dict(common, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT=False),
+                            cfg["num_warps"], cfg["num_stages"]),
+                    "dkdv": (_bwd_dkdv_kernel, dict(common, BLOCK_M=cfg["BWD_BLOCK_M"], BLOCK_N=cfg["BWD_BLOCK_N"]),
+                             cfg["bwd_num_warps"], cfg["bwd_num_stages"]),
                     "dq": (_bwd_dq_kernel, dict(common, BLOCK_M=dq["DQ_BLOCK_M"], BLOCK_N=dq["DQ_BLOCK_N"]),
                            dq["dq_num_warps"], dq["dq_num_stages"])}
         bound = launch.shared_bytes(cfg, d, tdt)
@@ -208,10 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", choices=sorted(METHOD_RULES), default="lsh")
     p.add_argument("--padding", action="store_true", help="with a key padding mask")
     p.add_argument("--split", action="store_true", help="the split-key (decoding) forward")
-    p.add_argument("--lazy", action="store_true", help="lazy accumulator rescaling")
     p.add_argument("--tma", action="store_true", help="the loop's tiles through tensor descriptors (fwd and dq: K, V; dkdv: "
                    "Q, dO; the tma and bwd_tma keys)")
-    p.add_argument("--fused", action="store_true", help="dkdv: the one-kernel backward (dQ by atomics)")
     p.add_argument("--integer-positions", action="store_true", help="the FDIV=False path (n >= 2^23)")
     p.add_argument("--sass", type=Path, help="also write the whole SASS here")
     p.add_argument("--json", action="store_true", help="print {ptxas, loops: [{instructions, ops}]} as JSON")
@@ -220,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                         "memory and CTAs per multiprocessor of each (JSON with --json)")
     p.add_argument("--every-variant", action="store_true",
                    help="compile every method's forward with padding and split keys (its merge inside), and every "
-                        "method's backward with padding (fused and not); print {variant: ptxas} as JSON")
+                        "method's backward with padding; print {variant: ptxas} as JSON")
     p.add_argument("--fits-shared", action="store_true",
                    help="compile the default tiles of --methods, --dtypes, --head-dims fitted to each of --limits "
                         "bytes of shared memory; print [{kernel, shared, bound, limit, ...}] as JSON")
@@ -247,12 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             alibi = not METHOD_RULES[method].collisions
             base = dict(METHOD=METHOD_RULES[method].kernel_id, R=1 if alibi else 4, CUT=False, CAUSAL=True, HEAD_DIM=128,
                         BLOCK_D=128, PREC="tf32", FDIV=True, HAS_KPM=True)
-            fwd = dict(base, BLOCK_M=16, BLOCK_N=64, SPLIT=True, LAZY=False)
+            fwd = dict(base, BLOCK_M=16, BLOCK_N=64, SPLIT=True)
             out[f"fwd {method} padded split"] = ptxas_info(compile_kernel(_fwd_kernel, fwd, 4, 2).asm["ptx"])
-            for fused in (False, True):
-                bwd = dict(base, BLOCK_M=32, BLOCK_N=64, FUSED_DQ=fused)
-                out[f"dkdv {method} padded fused={fused}"] = ptxas_info(
-                    compile_kernel(_bwd_dkdv_kernel, bwd, 4, 2).asm["ptx"])
+            bwd = dict(base, BLOCK_M=32, BLOCK_N=64)
+            out[f"dkdv {method} padded"] = ptxas_info(compile_kernel(_bwd_dkdv_kernel, bwd, 4, 2).asm["ptx"])
             dq = dict(base, BLOCK_M=128, BLOCK_N=64)
             out[f"dq {method} padded"] = ptxas_info(compile_kernel(_bwd_dq_kernel, dq, 8, 2).asm["ptx"])
         out["delta"] = ptxas_info(compile_kernel(_bwd_delta_kernel, DELTA_CONST, 4, 1).asm["ptx"])
@@ -265,11 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel == "delta":
         const = dict(DELTA_CONST)
     elif args.kernel == "fwd":
-        const.update(SPLIT=args.split, LAZY=args.lazy)
+        const.update(SPLIT=args.split)
     if args.kernel != "delta":
         const["TMA"] = args.tma
-    if args.kernel == "dkdv":
-        const["FUSED_DQ"] = args.fused
     kernel = compile_kernel(KERNELS[args.kernel], const, args.warps, args.stages, args.maxnreg)
     text = sass(kernel.asm["cubin"])
     if args.sass:

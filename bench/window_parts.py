@@ -79,7 +79,6 @@ CONFIGS = {
     "n_s2r128_w512": dict(num_stages=2, maxnreg=128, wide=dict(min_work=512, BLOCK_N=64, num_stages=3, maxnreg=168)),
     "n_s2r128_w512_s2": dict(num_stages=2, maxnreg=128, wide=dict(min_work=512, BLOCK_N=64, num_stages=2,
                                                                  maxnreg=168)),
-    "lazy": dict(lazy=True),
     # the widest heads only (half-width >= 1024: few boundary tiles per program) on exact's 128 x 64 tiles
     "wide1024_128x64_w8": dict(wide=dict(min_work=1024, BLOCK_M=128, BLOCK_N=64, num_warps=8)),
 }

@@ -251,7 +251,7 @@ def test_plain_tiles_where_predicted(causal):
     blocks) has none; edges on and off the tile grid (w = 46, 30 = 14 mod 16, 47). The results are
     exact against the reference (``run``), so a plain tile that should have been tested would show.
     The hybrid's backward here bidirectionally (both edges of each band; its causal backward is held to
-    the reference in test_fused_backward, test_key_padding and test_grouped_kv_odd_length)."""
+    the reference in test_variants, test_key_padding and test_grouped_kv_odd_length)."""
     slopes, widths = [0.5, 0.25, 0.1], [46, 30, 47]
     spec, _, _ = run("hybrid", causal, 1, 3, 3, 100, 100, 16, r=4, slopes=slopes, widths=widths, backward=not causal)
     lsh = dataclasses.replace(spec, method="lsh", window=None)
@@ -263,14 +263,6 @@ def test_plain_tiles_where_predicted(causal):
     spec, _, _ = run("exact", causal, 1, 1, 1, 100, 100, 16, slopes=[0.1], backward=False)
     tiles = computed_tiles(spec, 100, 100, 16, 16)
     assert tiles["boundary"] == 7 and tiles["interior"] == (21 if causal else 42)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_fused_backward(method):
-    """The one-kernel backward (dQ by atomics from the dK/dV kernel's P) agrees with the reference too."""
-    cfg = {"bwd_fused": True}
-    run(method, True, 1, 4, 2, 33, 40, 16, config=cfg)
-    run(method, False, 2, 2, 1, 21, 21, 16, config=cfg, kpm=torch.rand(2, 21) > 0.2)
 
 
 @pytest.mark.parametrize("method,config", [(m, None) for m in METHODS] + [("window", {"delta": "kernel"}),
@@ -301,16 +293,14 @@ def test_lse_gradient(method, config):
 # here it routes the forward through the grouped launch, as on the GPU).
 VARIANTS = {
     "delta_kernel": {"delta": "kernel"},
-    "fused_delta_kernel": {"bwd_fused": True, "delta": "kernel"},
     "delta_dq": {"delta": "dq"},
     "wide": {"maxnreg": 128, "wide": {"min_work": 10, "BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 2, "BWD_BLOCK_M": 32,
                                       "BWD_BLOCK_N": 16, "DQ_BLOCK_M": 32, "DQ_BLOCK_N": 32, "maxnreg": 168}},
     # K and V by tensor descriptors (TMA), the wide heads' launch with its own key tiles (another descriptor; exact:
     # every head is wide)
     "tma": {"tma": True, "wide": {"min_work": 10, "BLOCK_N": 32}},
-    # the backward's loop tiles by descriptors: dK/dV's queries, dQ's keys (fused: dQ by atomics from dK/dV's)
+    # the backward's loop tiles by descriptors: dK/dV's queries, dQ's keys
     "bwd_tma": {"bwd_tma": True, "wide": {"min_work": 10, "BWD_BLOCK_M": 32, "DQ_BLOCK_N": 32}},
-    "bwd_tma_fused": {"bwd_tma": True, "bwd_fused": True},
 }
 
 

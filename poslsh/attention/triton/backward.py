@@ -110,17 +110,15 @@ def _weights(sT, q_pos, k_pos, k_pos_c, q_pos_c, lse2, keep, hR, W, U, S, E, Nk,
 
 
 @triton.jit
-def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn, stride_don,
+def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
                   start, stop, k_pos, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale, log2_r, slope2, wh, wr,
-                  scale, METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
+                  METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                   BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, FUSED_DQ: tl.constexpr,
-                  b, h, TMA: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, b, h, TMA: tl.constexpr):
     """dK, dV of a key tile over the query tiles [start, stop). TMA: ``q_base``, ``do_base`` are tensor
     descriptors of Q, dO [B, H, Nq, D] (tiles [1, 1, BLOCK_M, BLOCK_D], zero past Nq and D) read at (b, h)."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_M)
-    dqa_tile = dqa_base + start.to(tl.int64) * BLOCK_D
     if not TMA:
         q_tile = q_base + start.to(tl.int64) * stride_qn  # 64-bit tile pointers (see forward._fwd_stretch)
         do_tile = do_base + start.to(tl.int64) * stride_don
@@ -148,27 +146,19 @@ def _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
-        if FUSED_DQ:  # dQ from the same P: fp32 atomics into [B, H, Nq, BLOCK_D] (FlashAttention-2 style)
-            # scaled here (one FMUL per element of a tile) so the host only converts the sum to q's dtype
-            dq_part = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * scale
-            tl.atomic_add(dqa_tile + rows[:, None] * BLOCK_D + offs_d[None, :], dq_part,
-                          mask=offs_m[:, None] < Nq, sem="relaxed")
-            dqa_tile += BLOCK_M * BLOCK_D
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, W, U, S, E, ORDER, SLOPE2, WIN, WIN_R,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_kpmb,
                      B, H, Hkv, Nq, Nk, q_offset, group, qk_scale, log2_r, scale,
                      METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, FUSED_DQ: tl.constexpr,
-                     TMA: tl.constexpr = False):
-    """dK, dV of one key tile (and with FUSED_DQ the tile's share of dQ, added atomically into DQA); the
-    KV heads in ORDER, then batch, then tiles. TMA: Q and DO are tensor descriptors (``_dkdv_stretch``),
+                     PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, TMA: tl.constexpr = False):
+    """dK, dV of one key tile; the KV heads in ORDER, then batch, then tiles. TMA: Q and DO are tensor descriptors (``_dkdv_stretch``),
     their stride arguments unread."""
     n_kt = tl.cdiv(Nk, BLOCK_N)
     rest = tl.program_id(0) // n_kt
@@ -215,21 +205,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, KPM, W, U, S, E, ORDE
             do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         lse_base = LSE + (b * H + h).to(tl.int64) * Nq
         delta_base = DELTA + (b * H + h).to(tl.int64) * Nq
-        dqa_base = DQA + (b * H + h).to(tl.int64) * Nq * BLOCK_D
         # Both boundary stretches test both edges: a fourth loop (one edge each, as the forward's) made ptxas
         # serialize this kernel's wgmma (40 WARPGROUP syncs per iteration at 255 registers, bench/sass_report.py)
-        dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
+        dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, stride_qn,
                                stride_don, a, e1, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale,
-                               log2_r, slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_M, BLOCK_D,
-                               HEAD_DIM, PREC, FDIV, FUSED_DQ, b, h, TMA)
-        dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
+                               log2_r, slope2, wh, wr, METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_M, BLOCK_D,
+                               HEAD_DIM, PREC, FDIV, b, h, TMA)
+        dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, stride_qn,
                                stride_don, bnd, c, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale,
-                               log2_r, slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_M, BLOCK_D,
-                               HEAD_DIM, PREC, FDIV, FUSED_DQ, b, h, TMA)
-        dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, dqa_base, stride_qn,
+                               log2_r, slope2, wh, wr, METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_M, BLOCK_D,
+                               HEAD_DIM, PREC, FDIV, b, h, TMA)
+        dk, dv = _dkdv_stretch(dk, dv, k, v, keep, q_base, do_base, lse_base, delta_base, stride_qn,
                                stride_don, s3, d, offs_n, k_pos_c, hR, W, U, S, E, Nq, Nk, q_offset, qk_scale,
-                               log2_r, slope2, wh, wr, scale, METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_M, BLOCK_D,
-                               HEAD_DIM, PREC, FDIV, FUSED_DQ, b, h, TMA)
+                               log2_r, slope2, wh, wr, METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_M, BLOCK_D,
+                               HEAD_DIM, PREC, FDIV, b, h, TMA)
 
     dk = dk * scale
     dk_tile = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + n64 * stride_dkn

@@ -37,8 +37,7 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_v
                  q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
                  METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                  BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, LAZY: tl.constexpr,
-                 TMA: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FDIV: tl.constexpr, TMA: tl.constexpr):
     """Online softmax over the key tiles [start, stop). ``m_i`` is the running max of the base-2
     logits (ALiBi: in the row frame of pa; LSH: of the scaled q.k, the scale entering in the exp2 FMA).
     BOUNDARY: the band edges these tiles cross (PLAIN, LEFT, RIGHT, BOTH), so the tests each element needs
@@ -107,20 +106,10 @@ def _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_v
                 qk = tl.where(hit, qk, float("-inf"))
             row_max = tl.max(qk, 1) * qk_scale
         m_new = tl.maximum(m_i, row_max)
-        if LAZY:
-            # Rescale the accumulator only when some row's max grew by more than 2^8 (FlashAttention-3's
-            # trick): p <= 2^8 stays exact in fp32 and bf16, and most tiles skip D / BLOCK_N multiplies
-            # per element. The decision is one per program (a CTA-wide max), so the branch is uniform.
-            if tl.max(m_new - m_i, 0) > 8.0:
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-        else:
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
         if METHOD == EXACT or METHOD == WINDOW:
             p = tl.math.exp2(x - m_i[:, None])
         elif BOUNDARY:
@@ -181,7 +170,7 @@ def _fwd_kernel(Q, K, V, O, LSE, OUT, OUT_LSE, TICKETS, KPM, W, U, S, E, ORDER, 
                 METHOD: tl.constexpr, R: tl.constexpr, CUT: tl.constexpr, CAUSAL: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PREC: tl.constexpr, FDIV: tl.constexpr, HAS_KPM: tl.constexpr, SPLIT: tl.constexpr,
-                LAZY: tl.constexpr, TMA: tl.constexpr = False):
+                TMA: tl.constexpr = False):
     """O [B, H, Nq, D] and LSE [B, H, Nq] (fp32) receive each program's result: the output itself, or with
     SPLIT the split's partials (fp32 O [splits, B, H, Nq, BLOCK_D] at stride_os per split, LSE [splits, B,
     H, Nq]), merged into OUT (its strides stride_out*) and OUT_LSE [B, H, Nq] by the tile's last program.
@@ -226,18 +215,18 @@ def _fwd_kernel(Q, K, V, O, LSE, OUT, OUT_LSE, TICKETS, KPM, W, U, S, E, ORDER, 
         acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, a, left_stop,
                                      q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
                                      METHOD, R, CUT, CAUSAL, LEFT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV,
-                                     LAZY, TMA)
+                                     TMA)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, both_start, e1,
                                  q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
-                                 METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY,
+                                 METHOD, R, CUT, CAUSAL, BOTH, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV,
                                  TMA)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, bnd, c,
                                  q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
-                                 METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY,
+                                 METHOD, R, CUT, CAUSAL, PLAIN, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV,
                                  TMA)
     acc, l_i, m_i = _fwd_stretch(acc, l_i, m_i, q, k_base, v_base, kpm_base, stride_kn, stride_vn, s3, d,
                                  q_pos, q_pos_c, pa, hR, W, U, S, E, Nk, qk_scale, log2_r, slope2, wh, wr, b, hk,
-                                 METHOD, R, CUT, CAUSAL, RIGHT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV, LAZY,
+                                 METHOD, R, CUT, CAUSAL, RIGHT, HAS_KPM, BLOCK_N, BLOCK_D, HEAD_DIM, PREC, FDIV,
                                  TMA)
 
     if METHOD == EXACT or METHOD == WINDOW:

@@ -566,7 +566,7 @@ class ForwardRecipe:
             if sub.get("maxnreg"):  # a register cap: more programs per multiprocessor, spills outside the key loops
                 options["maxnreg"] = sub["maxnreg"]
             constexprs = (plan.method, plan.r, plan.cut, causal, D, bd, bm, sub["BLOCK_N"], _prec(q.dtype),
-                          _float_positions(nk, sub), has_kpm, splits > 1, bool(sub.get("lazy", False)), tma)
+                          _float_positions(nk, sub), has_kpm, splits > 1, tma)
             launcher = Launcher(_fwd_kernel, (_cdiv(Nq, bm) * B * order.numel(), splits), constexprs, options)
             groups.append((launcher, (plan.W, plan.U, plan.S, plan.E, order, plan.slope2, plan.win, plan.win_r),
                            [1, 1, sub["BLOCK_N"], bd] if tma else None))
@@ -666,9 +666,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
     Hkv, Nk = k.shape[1], k.shape[2]
     group = H // Hkv
     do = do if do.stride(-1) == 1 else do.contiguous()
-    fused = bool(cfg.get("bwd_fused", False))
-    # fused: one kernel, dQ accumulated with fp32 atomics (P and the counts computed once, not twice)
-    delta_in_dq = cfg.get("delta") == "dq" and not fused
+    delta_in_dq = cfg.get("delta") == "dq"
     if delta_in_dq:  # [B, H, Nq] fp32, written by the dQ kernels (launched before the dK/dV kernels)
         delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
         dl = delta if dlse is None else dlse.float().contiguous()
@@ -677,7 +675,6 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     kpm8, kpm_stride = _kpm_arg(kpm, q.device)
     bd = max(16, triton.next_power_of_2(D))
-    dq_acc = torch.zeros(B, H, Nq, bd, dtype=torch.float32, device=q.device) if fused else dk
     # bwd_tma: the loop's tiles by tensor descriptors (dK/dV: Q and dO; dQ: K and V), built per head group's tiles
     tma = bool(cfg.get("bwd_tma")) and all(tma_ready(t) for t in (q, k, v, do))
 
@@ -688,12 +685,12 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
         for order, sub in head_groups(plan, cfg, group):
             bm, bn = sub["BWD_BLOCK_M"], sub["BWD_BLOCK_N"]
             _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * order.numel(),)](
-                by_tma(q, bm), k, v, by_tma(do, bm), lse, delta, dk, dv, dq_acc, kpm8, plan.W, plan.U, plan.S, plan.E, order,
+                by_tma(q, bm), k, v, by_tma(do, bm), lse, delta, dk, dv, kpm8, plan.W, plan.U, plan.S, plan.E, order,
                 plan.slope2, plan.win, plan.win_r,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kpm_stride,
-                B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale, FUSED_DQ=fused,
+                B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale,
                 METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
                 BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
                 HAS_KPM=kpm is not None, TMA=tma,
@@ -718,9 +715,6 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                 num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
                 num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
 
-    if fused:  # the dK/dV kernel added scale * dQ
-        dkdv()
-        return dq_acc[..., :D].to(q.dtype), dk, dv
     dq = torch.empty_like(q)
     dq_into(dq)  # first: with config delta "dq" it writes the delta the dK/dV kernels read
     dkdv()
@@ -759,10 +753,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
         spec: from ``poslsh.attention.resolve_spec`` (queries at spec.q_offset .. q_offset + Nq - 1).
         config: overrides of ``default_config`` (tile sizes, warps, stages; ``splits`` forces the
             split-key forward; ``float_positions=False`` the integer position path). Variants, off
-            unless given (``bench/kernel_sweep.py`` measures them): ``bwd_fused`` (dQ by atomics in the
-            dK/dV kernel), ``lazy`` (lazy rescaling), ``delta="kernel"`` (the backward's rowsum(dO * O)
-            by a kernel, not fp32 copies; ``delta="dq"``: by the dQ kernel, which loads dO anyway), ``wide={"min_work": t, <tile keys>}`` (heads whose work
-            reaches t launched apart with their own tiles, forward and backward: ``head_groups``),
+            unless given (``bench/kernel_sweep.py`` measures them): ``delta="kernel"`` (the backward's
+            rowsum(dO * O) by a kernel, not fp32 copies; ``delta="dq"``: by the dQ kernel, which loads dO
+            anyway), ``wide={"min_work": t, <tile keys>}`` (heads whose work reaches t launched apart
+            with their own tiles, forward and backward: ``head_groups``),
             ``maxnreg`` (the forward launches' register cap per thread), ``tma`` (the forward reads K
             and V through tensor descriptors, the copy engine's, where ``tma_ready``; else by pointers),
             ``bwd_tma`` (the same for the tiles the backward's loops read: Q and dO in dK/dV, K and V in dQ).

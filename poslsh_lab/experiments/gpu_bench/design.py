@@ -109,8 +109,6 @@ CHECK_CASES = [  # B, H, Hkv, Nq, Nk, D, causal, dtype, padding, config
     (1, 8, 8, 1, 3001, 128, True, "float32", False, {}),
     (2, 8, 4, 1000, 1000, 128, True, "bfloat16", False, {}),
     (1, 8, 1, 1500, 1500, 96, True, "bfloat16", False, {}),
-    (1, 8, 4, 1000, 1000, 128, True, "float32", False, {"bwd_fused": True}),
-    (1, 8, 4, 1000, 1000, 128, True, "bfloat16", True, {"bwd_fused": True}),
 ]
 
 
@@ -125,11 +123,10 @@ _DKDV_64x32 = dict(BWD_BLOCK_M=64, BWD_BLOCK_N=32, bwd_num_warps=4, bwd_num_stag
 SWEEP_BWD = {
     # dK/dV with 64-key tiles (the warpgroup MMA's M), dQ with 128-row tiles (the same for its M)
     "alibi": [dict(_DKDV_32x64, DQ_BLOCK_M=128, DQ_BLOCK_N=64, dq_num_warps=8),
-              dict(_DKDV_32x64, DQ_BLOCK_M=64, DQ_BLOCK_N=64, dq_num_warps=4), _DKDV_32x64, _DKDV_64x32,
-              dict(_DKDV_32x64, bwd_fused=True)],
+              dict(_DKDV_32x64, DQ_BLOCK_M=64, DQ_BLOCK_N=64, dq_num_warps=4), _DKDV_32x64, _DKDV_64x32],
     "lsh": [_DKDV_64x32, dict(BWD_BLOCK_M=64, BWD_BLOCK_N=16, bwd_num_warps=4, bwd_num_stages=2),
             dict(_DKDV_64x32, DQ_BLOCK_M=128, DQ_BLOCK_N=32, dq_num_warps=8),
-            dict(_DKDV_64x32, DQ_BLOCK_M=64, DQ_BLOCK_N=16), dict(_DKDV_64x32, bwd_fused=True)],
+            dict(_DKDV_64x32, DQ_BLOCK_M=64, DQ_BLOCK_N=16)],
 }
 
 
