@@ -604,8 +604,18 @@ SECTIONS: list[Section] = [
             "cuDNN graph at 8K)", _experiment("generate_bench"), ("generate_graph_short/generate_bench.png",)),
     Section("specialize/specialize.json", "Decoding without compiles: Triton's integer specialisation of the key "
             "count, before and after", specialize_check),
+    Section("window_gpu_s16/final/exact_gpu.json", "The per-head window through the public call with the wide heads "
+            "on 64-key tiles (the speed table's H100 window rows)", exact_gpu),
+    Section("exact_gpu_s16/exact_gpu.json", "Exact ALiBi on every backend after the tma forward (the speed table's "
+            "H100 rows at 16K and 64K)", exact_gpu),
+    Section("window_parts_s16/window_parts.json", "The window forward at 256K: the wide heads on 64-key tiles "
+            "(wide512 shipped at 0.942 of the tma config in alternating rounds)", window_parts),
+    Section("window_parts_s16/call3/window_parts.json", "The window forward at 256K: pipeline stages against programs "
+            "per multiprocessor (nothing ahead by the 3 % bar)", window_parts),
+    Section("kernel_sweep_s16/kernel_sweep.json", "Wider key tiles with tensor descriptors (round 6): the hybrid "
+            "forward on 64 x 32 shipped", kernel_sweep),
     Section("window_gpu_s15/final/exact_gpu.json", "The per-head window through the public call with tma in the "
-            "forward and the backward (the speed table's H100 window rows)", exact_gpu),
+            "forward and the backward (the speed table's H100 window rows until session 16)", exact_gpu),
     Section("kernel_sweep_s15_bwd/kernel_sweep.json", "Tensor-descriptor loads in the backward's loops (round 5, "
             "bwd_tma): picked for the window, LSH and hybrid", kernel_sweep),
     Section("window_parts_s15/window_parts.json", "The window forward at 256K after the one-edge boundary tiles, "
@@ -634,7 +644,8 @@ SECTIONS: list[Section] = [
     Section("window_gpu_s13/exact_gpu.json", "The per-head window on every backend at 64K and 256K, after the "
             "flex_fa4 fixes", exact_gpu),
     Section("exact_gpu_s12/exact_gpu.json", "Exact ALiBi on every backend, FlexAttention's FlashAttention-4 kernels "
-            "included (the speed table's H100 rows; flex_fa4's check failed in this run, before its fixes: below)",
+            "included (the speed table's H100 rows until session 16; flex_fa4's check failed in this run, before its "
+            "fixes: below)",
             exact_gpu),
     Section("exact_check_s12/exact_gpu.json", "Exact ALiBi: every backend's check after the flex_fa4 fixes",
             exact_gpu),
