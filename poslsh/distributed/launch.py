@@ -33,7 +33,12 @@ def _child(rank: int, world: int, store: str, backend: str, threads: int, fn: Ca
             torch.set_num_threads(threads)
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
         try:
-            queue.put((rank, True, fn(rank, world, *args)))
+            result = fn(rank, world, *args)
+            # No rank tears the group down while a peer is still joining it: gloo's init has no barrier, so a
+            # fast rank's exit closed its peer's half-made connections ("Connection closed by peer", 1 run in 30
+            # on a busy 2-core machine). A peer that died leaves this barrier to fail or to the parent's terminate.
+            dist.barrier()
+            queue.put((rank, True, result))
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
