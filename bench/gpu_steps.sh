@@ -56,7 +56,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$log"
 
 run_tests() {
-  step ${T_TESTS:-120} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_cudnn.py tests/test_plan.py \
+  step ${T_TESTS:-180} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_cudnn.py tests/test_plan.py \
     tests/test_cuda_public_calls.py tests/test_hf_integration.py tests/test_launcher.py tests/test_hf_graph.py \
     tests/test_flex_fa4.py -k "cuda or cudnn or graph or prebound or gpu or installed"
 }
