@@ -322,6 +322,19 @@ def test_variants(method, variant):
     run(method, False, 2, 2, 1, 21, 21, 16, config=cfg, kpm=torch.rand(2, 21) > 0.2)
 
 
+def test_unknown_config_keys_are_refused_before_any_work():
+    """A config key the kernels do not read (a deleted variant such as session 16's ``lazy``, or a misspelling)
+    is an error naming it, not an option silently ignored; every key the shipped table uses is accepted."""
+    q = k = v = torch.randn(1, 2, 8, 16)
+    spec = resolve_spec(q, k, v, method="window", slopes=[0.5, 0.1], window_eps=0.1)
+    with pytest.raises(ValueError, match=r"config: unknown keys \['lazy'\]"):
+        triton_attention(q, k, v, spec, {"lazy": True})
+    with pytest.raises(ValueError, match=r"config\['wide'\]: unknown keys \['bwd_fused'\]"):
+        triton_attention(q, k, v, spec, {"wide": {"min_work": 4, "bwd_fused": True}})
+    for key, cfg in launch._TUNED.items():
+        launch._check_config(cfg)  # raises on a key the table holds and the check does not know
+
+
 def test_tma_needs_aligned_strides():
     """The copy engine reads 16-byte aligned rows only: fp16 rows of 12 (24 bytes) go by pointers, and the
     result is the same function either way."""

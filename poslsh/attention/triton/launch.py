@@ -355,6 +355,25 @@ def shared_limit_of(device: torch.device) -> int:
 _CALL_CONFIGS: OrderedDict = OrderedDict()
 
 
+# The keys a kernel config may hold (``triton_attention``'s docstring says what each does); "wide" holds
+# "min_work" and tile keys. A key outside these is refused: a variant deleted or misspelt would otherwise
+# be ignored without a word.
+TILE_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "BWD_BLOCK_M", "BWD_BLOCK_N",
+                       "bwd_num_warps", "bwd_num_stages", "DQ_BLOCK_M", "DQ_BLOCK_N", "dq_num_warps",
+                       "dq_num_stages"})
+CONFIG_KEYS = TILE_KEYS | {"tma", "bwd_tma", "delta", "wide", "splits", "split_waves", "float_positions"}
+
+
+def _check_config(config: dict) -> None:
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"config: unknown keys {unknown}; the kernels take {sorted(CONFIG_KEYS)}")
+    wide = config.get("wide")
+    if isinstance(wide, dict) and set(wide) - TILE_KEYS - {"min_work"}:
+        raise ValueError(f"config['wide']: unknown keys {sorted(set(wide) - TILE_KEYS - {'min_work'})}; it takes "
+                         f"'min_work' and {sorted(TILE_KEYS)}")
+
+
 def _call_config(method: str, dtype: torch.dtype, head_dim: int, device: torch.device, decode: bool,
                  config: dict | None) -> dict:
     """``default_config`` for ``device`` updated by ``config``, one dict per distinct content (not to be
@@ -364,6 +383,7 @@ def _call_config(method: str, dtype: torch.dtype, head_dim: int, device: torch.d
     key = (method, dtype, head_dim, device, decode, frozen)
     cfg = _CALL_CONFIGS.get(key)
     if cfg is None:
+        _check_config(config or {})
         cfg = _CALL_CONFIGS[key] = default_config(method, dtype, head_dim, device.type, decode,
                                                   shared_limit_of(device))
         cfg.update(config or {})
