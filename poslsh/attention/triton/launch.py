@@ -780,6 +780,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
             ``maxnreg`` (the forward launches' register cap per thread), ``tma`` (the forward reads K
             and V through tensor descriptors, the copy engine's, where ``tma_ready``; else by pointers),
             ``bwd_tma`` (the same for the tiles the backward's loops read: Q and dO in dK/dV, K and V in dQ).
+            A key outside ``CONFIG_KEYS`` raises ValueError.
 
     Returns:
         (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] float32, the natural log of
