@@ -311,10 +311,11 @@ def test_variants(method, variant):
     MQA (bidirectional)."""
     cfg = VARIANTS[variant]
     spec, _, _ = run(method, True, 1, 4, 2, 33, 40, 16, config=cfg)
-    if "wide" in cfg:  # both launches ran (exact: every head has the same work, so one)
+    if "wide" in cfg:  # a kernel whose keys the wide entry sets ran two launches (exact: every head is wide: one)
         plan = launch.plan_for(spec, 40, torch.device("cpu"))
-        expect = 1 if method == "exact" else 2
-        assert len(launch.head_groups(plan, cfg)) == expect and len(launch.head_groups(plan, cfg, 2)) == expect
+        for group, reads in ((0, launch.FWD_KEYS), (2, launch.DKDV_KEYS), (0, launch.DQ_KEYS)):
+            expect = 2 if method != "exact" and set(cfg["wide"]) & reads else 1
+            assert len(launch.head_groups(plan, cfg, group, reads)) == expect, (group, sorted(reads))
         if cfg.get("tma"):  # the launches read K and V through descriptors, one block shape per head group
             recipes = list(plan.recipes.values())
             assert recipes and {tuple(g[2]) for g in recipes[-1].groups} == (
@@ -365,6 +366,11 @@ def test_head_groups_partition():
     assert [o.tolist() for o, _ in launch.head_groups(plan, cfg, 2)] == [[1, 0, 2]]
     assert [o.tolist() for o, _ in launch.head_groups(plan, dict(cfg, wide={"min_work": 60}), 2)] == [[1], [0, 2]]
     assert launch.head_groups(plan, dict(BLOCK_M=16))[0][0] is plan.order
+    # a wide entry of forward tiles only leaves the backward's kernels one launch each, every head in work order
+    assert [o.tolist() for o, c in launch.head_groups(plan, cfg, 2, launch.DKDV_KEYS)] == [plan.kv_order(2).tolist()]
+    (order, one_cfg), = launch.head_groups(plan, cfg, reads=launch.DQ_KEYS)
+    assert order is plan.order and one_cfg is cfg
+    assert len(launch.head_groups(plan, cfg, reads=launch.FWD_KEYS)) == 2
     with pytest.raises(ValueError, match="min_work"):
         launch.head_groups(plan, dict(cfg, wide={"BLOCK_N": 64}))
 

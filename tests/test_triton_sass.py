@@ -102,3 +102,19 @@ def test_default_tiles_fit_the_shared_memory():
     assert {r["kernel"] for r in rows} == {"fwd", "dkdv", "dq"}
     for r in rows:
         assert r["shared"] <= r["bound"] <= r["limit"], r
+
+
+def test_shipped_wide_window_heads_do_not_spill_on_either_path():
+    """The window's wide heads run their own launch (tuned.json's "wide" entry, 64-key tiles). Tensors the copy
+    engine cannot read (not 16-byte aligned) take the pointer path with the same config: a 168-register cap
+    inherited from the narrow heads' config made it spill 288 / 764 bytes in the key loops (session 16). Shared
+    memory allows two such programs per multiprocessor either way, so the wide launch carries no cap."""
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "poslsh" / "attention" / "triton" / "tuned.json")
+                     .read_text())["configs"]["window/prefill/bfloat16/d128"]
+    wide = dict({k: v for k, v in cfg.items() if k != "wide"}, **{k: v for k, v in cfg["wide"].items() if k != "min_work"})
+    cap = ("--maxnreg", str(wide["maxnreg"])) if wide.get("maxnreg") else ()
+    for path in ((), ("--tma",)):
+        rep = _report("--kernel", "fwd", "--method", "window", "--block-m", str(wide["BLOCK_M"]), "--block-n",
+                      str(wide["BLOCK_N"]), "--warps", str(wide["num_warps"]), "--stages", str(wide["num_stages"]),
+                      *cap, *path)
+        assert "0 bytes spill stores" in rep["ptxas"] and "0 bytes spill loads" in rep["ptxas"], (path, rep["ptxas"])

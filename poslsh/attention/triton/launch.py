@@ -119,17 +119,28 @@ class Plan:
         return torch.argsort(w, descending=True, stable=True).to(torch.int32)
 
 
-def head_groups(plan: Plan, cfg: dict, group: int = 0) -> list[tuple[Tensor, dict]]:
+# The config keys each kernel's launch reads (the dQ kernel's own keys default to the dK/dV kernel's)
+FWD_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"})
+DKDV_KEYS = frozenset({"BWD_BLOCK_M", "BWD_BLOCK_N", "bwd_num_warps", "bwd_num_stages"})
+DQ_KEYS = DKDV_KEYS | {"DQ_BLOCK_M", "DQ_BLOCK_N", "dq_num_warps", "dq_num_stages"}
+
+
+def head_groups(plan: Plan, cfg: dict, group: int = 0,
+                reads: frozenset | None = None) -> list[tuple[Tensor, dict]]:
     """The launches of one kernel as [(head order int32 [heads], config)]: one, (the plan's order, ``cfg``),
     unless ``cfg["wide"]`` = {"min_work": t, tile keys...} splits the heads by their work (window:
     band width; LSH: mean block width; hybrid: the larger) into heads with work >= t, launched with
     ``cfg`` updated by the wide entry's tile keys, and the rest with ``cfg`` (the narrow heads' short key
     loops and the wide heads' long ones want different tiles). ``group`` > 0: KV heads of ``group`` query
-    heads (the dK/dV kernel; a KV head is as wide as its widest query head); 0: query heads.
+    heads (the dK/dV kernel; a KV head is as wide as its widest query head); 0: query heads. ``reads``:
+    the config keys of this kernel (``FWD_KEYS``, ``DKDV_KEYS``, ``DQ_KEYS``); a wide entry that sets none
+    of them leaves one launch (None: any wide entry splits).
 
     The split reads the plan's work on the host once per plan and threshold (cached in the plan): a call
     with this option is CUDA-graph capturable only after a first call outside the capture."""
     wide = cfg.get("wide")
+    if wide and reads is not None and not any(k in reads for k in wide):  # the wide heads' tiles are another kernel's: one launch
+        wide = None
     if not wide:
         return [(plan.order if group == 0 else plan.kv_order(group), cfg)]
     if "min_work" not in wide:
@@ -580,7 +591,7 @@ class ForwardRecipe:
         groups = []
         # One launch per group of heads (``head_groups``: one group, every head, unless the config's "wide"
         # gives wide heads their own tiles); a group's programs take their heads from its order.
-        for order, sub in (head_groups(plan, cfg) if splits == 1 else [(plan.order, cfg)]):
+        for order, sub in (head_groups(plan, cfg, reads=FWD_KEYS) if splits == 1 else [(plan.order, cfg)]):
             bm = sub["BLOCK_M"]
             options = dict(num_warps=sub["num_warps"], num_stages=sub["num_stages"])
             if sub.get("maxnreg"):  # a register cap: more programs per multiprocessor, spills outside the key loops
@@ -702,7 +713,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
         return TensorDescriptor.from_tensor(t, [1, 1, rows, bd]) if tma else t
 
     def dkdv() -> None:
-        for order, sub in head_groups(plan, cfg, group):
+        for order, sub in head_groups(plan, cfg, group, DKDV_KEYS):
             bm, bn = sub["BWD_BLOCK_M"], sub["BWD_BLOCK_N"]
             _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * order.numel(),)](
                 by_tma(q, bm), k, v, by_tma(do, bm), lse, delta, dk, dv, kpm8, plan.W, plan.U, plan.S, plan.E, order,
@@ -717,7 +728,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
                 num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
 
     def dq_into(dq: Tensor) -> None:
-        for order, sub in head_groups(plan, cfg):
+        for order, sub in head_groups(plan, cfg, reads=DQ_KEYS):
             # The dQ kernel has its own tiles (defaults: the dK/dV kernel's): its MMAs have M = query rows, so a
             # 128-row tile takes Hopper's warpgroup MMA where the dK/dV kernel wants a 64-key M.
             bm, bn = sub.get("DQ_BLOCK_M", sub["BWD_BLOCK_M"]), sub.get("DQ_BLOCK_N", sub["BWD_BLOCK_N"])
