@@ -394,14 +394,17 @@ class Sweep:
         for m, p in self.doc["picked"].items():
             lines.append(f"picked {m}: forward {p['fwd']}, backward {p['bwd']}: {json.dumps(p['config'])}")
         for s in self.doc.get("summary", []):
+            word = lambda ok: "met" if ok else "missed"  # noqa: E731
             lines.append(f"{s['method']} {s['n']}: base fwd {s['base_fwd_ms']:.3f} ms, fwd+bwd/fwd "
                          f"{s['base_fwd_bwd_over_fwd']:.2f}; picked fwd {s['picked_fwd_ms']:.3f} ms, fwd+bwd/fwd "
-                         f"{s['picked_fwd_bwd_over_fwd']:.2f} (target <= 4: {'met' if s['ratio_met'] else 'missed'})")
+                         f"{s['picked_fwd_bwd_over_fwd']:.2f} (backward <= 3x forward: {word(s['ratio_met'])}; "
+                         f"fwd+bwd <= 3x fwd: {word(s['picked_fwd_bwd_over_fwd'] <= 3.0)})")
         return "\n".join(lines)
 
     def summarize(self):
-        """Per case: the base against the picked config (issue 23: fwd+bwd <= 4 fwd; window 256K forward
-        <= 5.0 ms on an H100, 3.5 on an H200)."""
+        """Per case: the base against the picked config. Issue 23 asks for the backward at most 3x the forward
+        (``ratio_met``: fwd+bwd <= 4 fwd) and, in its numbers, fwd+bwd at most 3x fwd (the table prints both);
+        window 256K forward <= 5.0 ms on an H100, 3.5 on an H200."""
         rows = {(r["method"], r["n"], r["variant"]): r for r in self.doc["results"] if "error" not in r}
         out = []
         for m, n in self.cases:
