@@ -123,6 +123,11 @@ class Plan:
 FWD_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"})
 DKDV_KEYS = frozenset({"BWD_BLOCK_M", "BWD_BLOCK_N", "bwd_num_warps", "bwd_num_stages"})
 DQ_KEYS = DKDV_KEYS | {"DQ_BLOCK_M", "DQ_BLOCK_N", "dq_num_warps", "dq_num_stages"}
+TILE_KEYS = FWD_KEYS | DQ_KEYS
+# Every key a kernel config may hold (``triton_attention``'s docstring says what each does); "wide" holds
+# "min_work" and tile keys. A key outside these is refused: a variant deleted or misspelt would otherwise
+# be ignored without a word.
+CONFIG_KEYS = TILE_KEYS | {"tma", "bwd_tma", "delta", "wide", "splits", "split_waves", "float_positions"}
 
 
 def head_groups(plan: Plan, cfg: dict, group: int = 0,
@@ -139,7 +144,7 @@ def head_groups(plan: Plan, cfg: dict, group: int = 0,
     The split reads the plan's work on the host once per plan and threshold (cached in the plan): a call
     with this option is CUDA-graph capturable only after a first call outside the capture."""
     wide = cfg.get("wide")
-    if wide and reads is not None and not any(k in reads for k in wide):  # the wide heads' tiles are another kernel's: one launch
+    if wide and reads is not None and not any(k in reads for k in wide):  # tiles of another kernel: one launch
         wide = None
     if not wide:
         return [(plan.order if group == 0 else plan.kv_order(group), cfg)]
@@ -153,8 +158,13 @@ def head_groups(plan: Plan, cfg: dict, group: int = 0,
         plan.by_width[key] = [part.to(device=plan.order.device, dtype=torch.int32)
                               for part in (order[:n_wide], order[n_wide:])]
     narrow_cfg = {k: v for k, v in cfg.items() if k != "wide"}
-    wide_cfg = dict(narrow_cfg, **{k: v for k, v in wide.items() if k != "min_work"})
-    return [(order, c) for order, c in zip(plan.by_width[key], (wide_cfg, narrow_cfg)) if order.numel()]
+    return [(order, c) for order, c in zip(plan.by_width[key], (wide_config(cfg), narrow_cfg)) if order.numel()]
+
+
+def wide_config(cfg: dict) -> dict:
+    """The config of the wide heads' launches: ``cfg`` without its "wide" entry, updated by that entry's tile keys."""
+    return dict({k: v for k, v in cfg.items() if k != "wide"},
+                **{k: v for k, v in cfg["wide"].items() if k != "min_work"})
 
 
 _PLANS: OrderedDict = OrderedDict()
@@ -350,6 +360,11 @@ def fit_shared_memory(cfg: dict, head_dim: int, dtype: torch.dtype, limit: int) 
                 cfg[warps] = min(cfg.get(warps, 4), 4)
             else:
                 break  # the smallest tiles: Triton reports what it cannot fit
+    wide = cfg.get("wide")
+    if isinstance(wide, dict):  # the wide heads' launches have their own tiles: fitted the same way
+        fitted = fit_shared_memory(wide_config(cfg), head_dim, dtype, limit)
+        cfg["wide"] = dict(wide, **{k: fitted[k] for k in TILE_KEYS
+                                    if k in fitted and (k in wide or fitted[k] != cfg.get(k))})
     return cfg
 
 
@@ -364,15 +379,6 @@ def shared_limit_of(device: torch.device) -> int:
 
 
 _CALL_CONFIGS: OrderedDict = OrderedDict()
-
-
-# The keys a kernel config may hold (``triton_attention``'s docstring says what each does); "wide" holds
-# "min_work" and tile keys. A key outside these is refused: a variant deleted or misspelt would otherwise
-# be ignored without a word.
-TILE_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "BWD_BLOCK_M", "BWD_BLOCK_N",
-                       "bwd_num_warps", "bwd_num_stages", "DQ_BLOCK_M", "DQ_BLOCK_N", "dq_num_warps",
-                       "dq_num_stages"})
-CONFIG_KEYS = TILE_KEYS | {"tma", "bwd_tma", "delta", "wide", "splits", "split_waves", "float_positions"}
 
 
 def _check_config(config: dict) -> None:
