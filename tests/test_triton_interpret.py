@@ -332,6 +332,9 @@ def test_unknown_config_keys_are_refused_before_any_work():
         triton_attention(q, k, v, spec, {"lazy": True})
     with pytest.raises(ValueError, match=r"config\['wide'\]: unknown keys \['bwd_fused'\]"):
         triton_attention(q, k, v, spec, {"wide": {"min_work": 4, "bwd_fused": True}})
+    for wide in (True, {"BLOCK_N": 64}):  # not a dict (a TypeError traceback before), no threshold
+        with pytest.raises(ValueError, match=r"config\['wide'\] must be a dict with 'min_work'"):
+            triton_attention(q, k, v, spec, {"wide": wide})
     for key, cfg in launch._TUNED.items():
         launch._check_config(cfg)  # raises on a key the table holds and the check does not know
 

@@ -386,7 +386,12 @@ def _check_config(config: dict) -> None:
     if unknown:
         raise ValueError(f"config: unknown keys {unknown}; the kernels take {sorted(CONFIG_KEYS)}")
     wide = config.get("wide")
-    if isinstance(wide, dict) and set(wide) - TILE_KEYS - {"min_work"}:
+    if wide is None:
+        return
+    if not isinstance(wide, dict) or "min_work" not in wide:
+        raise ValueError(f"config['wide'] must be a dict with 'min_work' (the work threshold of a wide head) and "
+                         f"tile keys, got {wide!r}")
+    if set(wide) - TILE_KEYS - {"min_work"}:
         raise ValueError(f"config['wide']: unknown keys {sorted(set(wide) - TILE_KEYS - {'min_work'})}; it takes "
                          f"'min_work' and {sorted(TILE_KEYS)}")
 
