@@ -723,43 +723,38 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
     def by_tma(t: Tensor, rows: int):
         return TensorDescriptor.from_tensor(t, [1, 1, rows, bd]) if tma else t
 
-    def dkdv() -> None:
-        for order, sub in head_groups(plan, cfg, group, DKDV_KEYS):
-            bm, bn = sub["BWD_BLOCK_M"], sub["BWD_BLOCK_N"]
-            _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * order.numel(),)](
-                by_tma(q, bm), k, v, by_tma(do, bm), lse, delta, dk, dv, kpm8, plan.W, plan.U, plan.S, plan.E, order,
-                plan.slope2, plan.win, plan.win_r,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kpm_stride,
-                B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale,
-                METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
-                BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
-                HAS_KPM=kpm is not None, TMA=tma,
-                num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
-
-    def dq_into(dq: Tensor) -> None:
-        for order, sub in head_groups(plan, cfg, reads=DQ_KEYS):
-            # The dQ kernel has its own tiles (defaults: the dK/dV kernel's): its MMAs have M = query rows, so a
-            # 128-row tile takes Hopper's warpgroup MMA where the dK/dV kernel wants a 64-key M.
-            bm, bn = sub.get("DQ_BLOCK_M", sub["BWD_BLOCK_M"]), sub.get("DQ_BLOCK_N", sub["BWD_BLOCK_N"])
-            _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * order.numel(),)](
-                q, by_tma(k, bn), by_tma(v, bn), do, lse, delta, o, dl, dq, kpm8, plan.W, plan.U, plan.S, plan.E, order, plan.slope2,
-                plan.win, plan.win_r,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                o.stride(0), o.stride(1), o.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
-                B, H, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale,
-                METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
-                BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
-                HAS_KPM=kpm is not None, DELTA_HERE=delta_in_dq, HAS_DLSE=delta_in_dq and dlse is not None,
-                TMA=tma,
-                num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
-                num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
-
     dq = torch.empty_like(q)
-    dq_into(dq)  # first: with config delta "dq" it writes the delta the dK/dV kernels read
-    dkdv()
+    # dQ first: with config delta "dq" its kernels write the delta the dK/dV kernels read
+    for order, sub in head_groups(plan, cfg, reads=DQ_KEYS):
+        # The dQ kernel has its own tiles (defaults: the dK/dV kernel's): its MMAs have M = query rows, so a
+        # 128-row tile takes Hopper's warpgroup MMA where the dK/dV kernel wants a 64-key M.
+        bm, bn = sub.get("DQ_BLOCK_M", sub["BWD_BLOCK_M"]), sub.get("DQ_BLOCK_N", sub["BWD_BLOCK_N"])
+        _bwd_dq_kernel[(triton.cdiv(Nq, bm) * B * order.numel(),)](
+            q, by_tma(k, bn), by_tma(v, bn), do, lse, delta, o, dl, dq, kpm8, plan.W, plan.U, plan.S, plan.E, order,
+            plan.slope2, plan.win, plan.win_r,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            o.stride(0), o.stride(1), o.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), kpm_stride,
+            B, H, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale,
+            METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
+            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
+            HAS_KPM=kpm is not None, DELTA_HERE=delta_in_dq, HAS_DLSE=delta_in_dq and dlse is not None,
+            TMA=tma,
+            num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
+            num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
+    for order, sub in head_groups(plan, cfg, group, DKDV_KEYS):
+        bm, bn = sub["BWD_BLOCK_M"], sub["BWD_BLOCK_N"]
+        _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * order.numel(),)](
+            by_tma(q, bm), k, v, by_tma(do, bm), lse, delta, dk, dv, kpm8, plan.W, plan.U, plan.S, plan.E, order,
+            plan.slope2, plan.win, plan.win_r,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kpm_stride,
+            B, H, Hkv, Nq, Nk, q_offset, group, scale * LOG2E, math.log2(plan.r), scale,
+            METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
+            BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
+            HAS_KPM=kpm is not None, TMA=tma,
+            num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
     return dq, dk, dv
 
 
