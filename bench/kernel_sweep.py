@@ -122,8 +122,23 @@ def variants(method: str, wide_work: int = WIDE_WORK) -> list[tuple[str, str, di
             ("bwd_delta_dkdv32x128w8s3", "bwd", {**delta, "BWD_BLOCK_N": 128, "bwd_num_warps": 8,
                                                  "bwd_num_stages": 3}),
         ]
-    out += round2(method) + round3(method) + round5(method) + round6(method)
+    out += round2(method) + round3(method) + round5(method) + round6(method) + round7(method)
     return out
+
+
+def round7(method: str) -> list[tuple[str, str, dict]]:
+    """Session 17's candidates: the window's backward tiles for its wide heads only (the forward's wide entry,
+    ``min_work`` 512, took them to 64-key tiles at 0.942x; round 6's dQ on 64 x 64 for every head measured 0.98x
+    at 256K and 1.01x at 64K, the narrow heads' short loops paying for the wide heads' gain). Offline
+    (``bench/sass_report.py --tma``, sm_90a): dQ 64 x 64 205 registers, 99 KB, no spill (64 x 32: 144, 66 KB);
+    dK/dV 32 x 128 with 8 warps 252 registers, 99 KB, no spill, the same 16 elements per thread as 32 x 64 with
+    4 warps (248) and half the Q and dO loads per key."""
+    if method != "window":
+        return []
+    wide = lambda **t: {"wide": {"min_work": 512, **t}}  # noqa: E731  (the shipped forward's threshold)
+    return [("bwd_wide_dq64x64", "bwd", wide(DQ_BLOCK_N=64)),
+            ("bwd_wide_dkdv32x128w8", "bwd", wide(BWD_BLOCK_N=128, bwd_num_warps=8)),
+            ("bwd_wide_both", "bwd", wide(DQ_BLOCK_N=64, BWD_BLOCK_N=128, bwd_num_warps=8))]
 
 
 def round6(method: str) -> list[tuple[str, str, dict]]:
