@@ -32,6 +32,12 @@
 #   first        bench/first_call.py: an exact prefill's first call at new prompt lengths per backend (cuDNN's
 #                graph build against Triton's, T_FIRST)
 #   moonshot     bench/generate_gpu.sh's BLOOM-7b1 step (window + eviction, chunked prefill up to 1M)
+#   bench        poslsh bench: every method's GPU backends beside Flex and bias-free SDPA, forward, decoding and
+#                fwd+bwd in three runs, 16K-1M (the README's "In short" and the time plot: bench/results/gpu_bench),
+#                into $OUT/gpu_bench, $OUT/gpu_bench_decode, $OUT/gpu_bench_backward (T_BENCH, T_BENCH_DECODE,
+#                T_BENCH_BACKWARD)
+#   pareto       poslsh pareto at 256K: error against time per method (the README's first table:
+#                bench/results/pareto_h200_256k), into $OUT/pareto (T_PARETO)
 #   bwdparts     bench/backward_parts.py: each Triton kernel's GPU time in a forward + backward step per method,
 #                64K and 256K (T_BWDPARTS)
 # The cuDNN frontend travels as a wheel (.whl, carried) and is installed into /tmp/site first.
@@ -128,6 +134,22 @@ run_bwdparts() {
   step ${T_BWDPARTS:-100} python3 bench/backward_parts.py --budget-s $(( ${T_BWDPARTS:-100} - 30 )) \
     --json "$OUT/backward_parts.json"
 }
+run_bench() {  # three runs as in session 3 (bench/results/gpu_bench): forward, decoding, forward + backward; no
+  # "sweep" phase: the shipped tuned.json is what a user runs
+  local cols="sdpa exact_triton exact_flex window_triton window_flex hybrid_triton lsh_triton lsh_flex"
+  step ${T_BENCH:-200} python3 -m poslsh_lab.cli bench --out "$OUT/gpu_bench" --phases checks offsets forward \
+    --ns 16384 65536 262144 1048576 --budget-s $(( ${T_BENCH:-200} - 30 ))
+  step ${T_BENCH_DECODE:-90} python3 -m poslsh_lab.cli bench --out "$OUT/gpu_bench_decode" --phases decode \
+    --columns $cols split_sdpa --decode-ns 65536 262144 1048576 --budget-s $(( ${T_BENCH_DECODE:-90} - 20 ))
+  step ${T_BENCH_BACKWARD:-110} python3 -m poslsh_lab.cli bench --out "$OUT/gpu_bench_backward" --phases backward \
+    --columns $cols --backward-ns 16384 65536 262144 --budget-s $(( ${T_BENCH_BACKWARD:-110} - 20 ))
+}
+run_pareto() {
+  step ${T_PARETO:-130} python3 -m poslsh_lab.cli pareto --device cuda --n 262144 --heads 32 --head-dim 128 \
+    --dtype bfloat16 --reference-dtype float32 --error-rows 8192 --heavy-n 0 --no-convergence --no-plots --threads 0 \
+    --backend auto --window-eps 0.3 0.1 0.03 0.01 0.003 0.001 0.0001 --hybrid-eps 0.1 0.03 0.01 0.003 0.001 \
+    --budget-s $(( ${T_PARETO:-130} - 40 )) --out "$OUT/pareto"
+}
 run_moonshot() {
   STEPS=7b1 OUT=$OUT bash bench/generate_gpu.sh
 }
@@ -137,6 +159,6 @@ for name in $STEPS; do
   if declare -F "run_$name" >/dev/null; then
     "run_$name"
   else
-    echo "=== unknown step: $name (tests conformance decode exact window windowbase windowparts windowpick sweep generate first moonshot bwdparts)" | tee -a "$log"
+    echo "=== unknown step: $name (tests conformance decode exact window windowbase windowparts windowpick sweep generate first moonshot bwdparts bench pareto)" | tee -a "$log"
   fi
 done
