@@ -35,6 +35,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 from poslsh.attention.triton.backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel  # noqa: E402
 from poslsh.attention.triton.forward import _fwd_kernel  # noqa: E402
+from poslsh.attention.triton.jit import COMPILE_OPTIONS  # noqa: E402
 from poslsh.method import METHOD_RULES  # noqa: E402
 
 KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel,
@@ -79,16 +80,22 @@ def compile_kernel(fn, constexprs: dict, warps: int, stages: int, maxnreg: int |
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs={k: v for k, v in const.items() if k in fn.arg_names}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages,
-                                                                                   maxnreg=maxnreg))
+                                                                                   maxnreg=maxnreg, **COMPILE_OPTIONS))
 
 
 def ptxas_info(ptx: str) -> str:
+    """ptxas's register and spill counts for sm_90a, from the ptxas Triton compiled it with: the wheel's
+    ``ptxas`` up to Triton 3.8; 3.9 emits a PTX version only its CUDA 13 ``ptxas-blackwell`` reads."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
         Path(path).write_text(ptx)
-        err = subprocess.run([str(BIN / "ptxas"), "--gpu-name", "sm_90a", "-v", path, "-o", os.path.join(d, "k.o")],
-                             capture_output=True, text=True).stderr
-    return ", ".join(re.findall(r"Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads", err))
+        for tool in ("ptxas", "ptxas-blackwell"):
+            done = subprocess.run([str(BIN / tool), "--gpu-name", "sm_90a", "-v", path, "-o", os.path.join(d, "k.o")],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                return ", ".join(re.findall(r"Used \d+ registers|\d+ bytes spill stores|\d+ bytes spill loads",
+                                            done.stderr))
+    raise RuntimeError(f"no ptxas in {BIN} assembles this PTX: {done.stderr.strip()}")
 
 
 def occupancy(kernel, warps: int) -> dict:

@@ -246,3 +246,29 @@ def test_split_tickets_outlive_evicted_recipes():
         held = [b.data_ptr() for b in tplan.partials.values()]
         assert all(entry[3][3].untyped_storage().data_ptr() in held for entry in record
                    if entry[1] == "_fwd_kernel" and entry[2][1] > 1)
+
+
+def test_every_launch_asks_for_fused_multiply_adds(monkeypatch):
+    """Every kernel launch (forward, split-key forward, the backward's delta, dQ and dK/dV kernels) passes
+    ``enable_fp_fusion=True``: Triton 3.9 warns that its default turns fused multiply-adds off in 3.10, and
+    the tile configs and machine-code budgets were measured with them on."""
+    from poslsh.attention import resolve_spec
+
+    kernel_type = type(launch._fwd_kernel)  # the interpreter's function, or the JIT's on CUDA
+    seen = []
+    run = kernel_type.run
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.fn.__name__, kwargs.get("enable_fp_fusion")))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", spy)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g).half().to(device).requires_grad_() for _ in range(3))
+    spec = resolve_spec(q, k, v, method="window", window_eps=1e-2)
+    out, lse = launch.triton_attention(q, k, v, spec, config={"delta": "kernel"})
+    out.float().sum().backward()
+    launch.triton_attention(q[:, :, -1:].detach(), k.detach(), v.detach(), spec, config={"splits": 2})
+    assert {name for name, _ in seen} == {"_fwd_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"}
+    assert all(fusion is True for _, fusion in seen), seen

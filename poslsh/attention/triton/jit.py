@@ -30,6 +30,10 @@ import triton.language as tl
 
 from ...method import METHOD_RULES
 
+# Compile options of every launch. Fused multiply-adds: the tile configs and the machine-code budgets
+# (tests/test_triton_sass.py) assume them; Triton 3.9 warns that its default turns them off in 3.10.
+COMPILE_OPTIONS = dict(enable_fp_fusion=True)
+
 # Methods, as the kernels' METHOD constexpr: the ids of poslsh.method's table (launch passes rule.kernel_id).
 EXACT = tl.constexpr(METHOD_RULES["exact"].kernel_id)
 WINDOW = tl.constexpr(METHOD_RULES["window"].kernel_id)

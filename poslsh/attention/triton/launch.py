@@ -31,6 +31,7 @@ from ..ranges import normalize_grid
 from ..speed import DECODE_ROWS
 from .backward import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 from .forward import _fwd_kernel
+from .jit import COMPILE_OPTIONS
 
 __all__ = ["triton_attention", "default_config", "supports_triton", "interpreting", "Plan", "plan_for", "build_plan",
            "run_plan", "set_tuned", "write_tuned", "WIDTH_CAP", "MAX_KEYS"]
@@ -604,7 +605,7 @@ class ForwardRecipe:
         # gives wide heads their own tiles); a group's programs take their heads from its order.
         for order, sub in (head_groups(plan, cfg, reads=FWD_KEYS) if splits == 1 else [(plan.order, cfg)]):
             bm = sub["BLOCK_M"]
-            options = dict(num_warps=sub["num_warps"], num_stages=sub["num_stages"])
+            options = dict(num_warps=sub["num_warps"], num_stages=sub["num_stages"], **COMPILE_OPTIONS)
             if sub.get("maxnreg"):  # a register cap: more programs per multiprocessor, spills outside the key loops
                 options["maxnreg"] = sub["maxnreg"]
             constexprs = (plan.method, plan.r, plan.cut, causal, D, bd, bm, sub["BLOCK_N"], _prec(q.dtype),
@@ -697,7 +698,7 @@ def _delta(do: Tensor, o: Tensor, dlse: Tensor | None, cfg: dict) -> Tensor:
     _bwd_delta_kernel[(triton.cdiv(Nq, block_r) * B * H,)](
         o, do, dl, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, Nq,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_R=block_r, HAS_DLSE=dlse is not None,
-        num_warps=4)
+        num_warps=4, **COMPILE_OPTIONS)
     return delta
 
 
@@ -741,7 +742,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
             HAS_KPM=kpm is not None, DELTA_HERE=delta_in_dq, HAS_DLSE=delta_in_dq and dlse is not None,
             TMA=tma,
             num_warps=sub.get("dq_num_warps", sub["bwd_num_warps"]),
-            num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]))
+            num_stages=sub.get("dq_num_stages", sub["bwd_num_stages"]), **COMPILE_OPTIONS)
     for order, sub in head_groups(plan, cfg, group, DKDV_KEYS):
         bm, bn = sub["BWD_BLOCK_M"], sub["BWD_BLOCK_N"]
         _bwd_dkdv_kernel[(triton.cdiv(Nk, bn) * B * order.numel(),)](
@@ -754,7 +755,7 @@ def _bwd(do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Te
             METHOD=plan.method, R=plan.r, CUT=plan.cut, CAUSAL=causal, HEAD_DIM=D, BLOCK_D=bd,
             BLOCK_M=bm, BLOCK_N=bn, PREC=_prec(q.dtype), FDIV=_float_positions(Nk, sub),
             HAS_KPM=kpm is not None, TMA=tma,
-            num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"])
+            num_warps=sub["bwd_num_warps"], num_stages=sub["bwd_num_stages"], **COMPILE_OPTIONS)
     return dq, dk, dv
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..core import EMPTY_LSE, last_dim_contiguous
+from .jit import COMPILE_OPTIONS
 
 __all__ = ["merge_slots_triton", "merge_slots_into"]
 
@@ -144,5 +145,5 @@ def merge_slots_into(plan, run_out, rest, out: Tensor, lse: Tensor, block_i: int
     _merge_kernel()[(programs,)](table_t, rest_o, rest_l, out, lse, nq, h_, plan.rest_rows,
                                  out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                                  math.log(r), R=r, DV=dv, BLOCK_I=block_i,
-                                 BLOCK_D=max(16, 1 << (dv - 1).bit_length()))
+                                 BLOCK_D=max(16, 1 << (dv - 1).bit_length()), **COMPILE_OPTIONS)
     del keep
