@@ -117,3 +117,32 @@ def test_flash_layout_warns_and_sdpa_layout_does_not():
         for shape in (dict(h=32, hkv=8, nq=1, nk=300), dict(h=32, hkv=32, nq=1, nk=300),
                       dict(h=8, hkv=8, nq=4, nk=4), dict(h=16, hkv=16, nq=16, nk=16), dict(h=4, hkv=4, nq=1, nk=1)):
             poslsh.attention(*qkv(**shape))
+
+
+MISSING_BACKENDS = """
+import sys, warnings
+sys.modules["triton"] = None  # neither triton nor the cuDNN frontend importable: a CPU install without extras
+sys.modules["cudnn"] = None
+import torch, poslsh
+q = torch.randn(1, 2, 8, 4)
+for name in ("triton", "cudnn"):
+    try:
+        poslsh.attention(q, q, q, backend=name)
+    except ValueError as err:
+        print(err)
+"""
+
+
+def test_an_optional_backend_that_is_absent_says_what_to_install():
+    """backend="triton" without triton (or "cudnn" without its frontend) names what is missing, not only
+    the backends there are (before: "backend must be 'auto' or one of [...], got 'triton'")."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MISSING_BACKENDS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    assert lines[0].startswith("backend 'triton' is not available here: the triton package is not installed "
+                               "(pip install 'poslsh[triton]'); use 'auto' or one of ["), lines[0]
+    assert lines[1].startswith("backend 'cudnn' is not available here: needs the nvidia-cudnn-frontend package"), lines[1]

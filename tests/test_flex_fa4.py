@@ -102,14 +102,15 @@ def test_value_dim_past_the_kernels_is_refused():
 
 @pytest.mark.skipif(fa4_installed(), reason="FlashAttention-4 is installed here")
 def test_not_installed_is_named():
-    """Without flash-attn-4 the backend is not registered (asking for it names the registered ones), and
-    its explanation names the package."""
+    """Without flash-attn-4 the backend is not registered (asking for it names the package to install and the
+    registered backends), and its explanation names the package."""
     from poslsh.attention import available_backends
 
     q, k, v = inputs(8, 8, 16, 16, torch.float32)
     assert "flash-attn-4" in explain_flex_fa4(q, spec_of(q, k, v, "exact", True))
     assert "flex_fa4" not in available_backends()
-    with pytest.raises(ValueError, match="backend must be"):
+    with pytest.raises(ValueError, match=r"backend 'flex_fa4' is not available here: needs FlashAttention-4 "
+                                         r"\(pip install flash-attn-4\); use 'auto' or one of \["):
         poslsh.attention(q, k, v, backend="flex_fa4")
 
 

@@ -393,3 +393,38 @@ def test_split_tickets_are_zero_between_calls():
     for out, lse in outs:
         assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
         assert rel(out, plain) < 1e-3 and rel(lse, plain_lse) < 1e-5
+
+
+IMPORT_AS_VERSION = """
+import sys, warnings
+import triton
+triton.__version__ = sys.argv[1]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        import poslsh.attention.triton
+        print("imported")
+    except ImportError as err:
+        print("ImportError:", err)
+print("warned:", [str(w.message) for w in caught if "poslsh's Triton kernels" in str(w.message)])
+"""
+
+
+@pytest.mark.parametrize("version, imported, warned", [("3.5.1", False, False), ("3.6.0", True, False),
+                                                         ("3.9.0", True, False), ("3.10.0", True, True)])
+def test_the_backend_names_the_triton_releases_it_is_tested_with(version, imported, warned):
+    """Below the tested releases (``TESTED_TRITON``) the package refuses to import, naming the version to install
+    (the dispatcher then leaves the backend off and says why); above them it warns. Before: triton 3.3 failed
+    on a missing module, which the dispatcher took for an absent triton, without a word; 3.4 and 3.5 ran."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", IMPORT_AS_VERSION, version], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    if imported:
+        assert "imported" in out.splitlines()[0], out
+    else:
+        assert f"need triton >=3.6,<3.10, found {version} (pip install 'triton>=3.6,<3.10')" in out, out
+    assert (f"tested with triton >=3.6,<3.10; found {version}" in out) == warned, out

@@ -46,7 +46,7 @@ from .core import METHODS, AttentionSpec
 from .fused import fused_attention, supports_fused
 from .reference import reference_attention, supports_reference
 from .speed import measured_order
-from .registry import BACKENDS, Backend, register_backend
+from .registry import BACKENDS, UNAVAILABLE, Backend, mark_unavailable, register_backend
 from .split import split_attention, supports_split
 from .window import hybrid_widths, kernel_window_sizes, window_size_widths, window_sizes
 
@@ -65,15 +65,19 @@ def _load_optional_backends() -> None:
         return
     _optional_loaded = True
     for module in OPTIONAL_BACKEND_MODULES:
+        name = module.rsplit(".", 1)[1]  # the backend it registers
         try:
             importlib.import_module(module)
         except ImportError as err:  # the module or one of its dependencies (triton) is absent
             if isinstance(err, ModuleNotFoundError) and err.name and module.startswith(err.name):
                 continue
-            if isinstance(err, ModuleNotFoundError) and err.name and err.name.split(".")[0] == "triton":
+            if isinstance(err, ModuleNotFoundError) and err.name == "triton":
+                mark_unavailable(name, "the triton package is not installed (pip install 'poslsh[triton]')")
                 continue
+            mark_unavailable(name, str(err))
             warnings.warn(f"optional attention backend {module} could not be imported: {err}", stacklevel=3)
         except Exception as err:  # a broken optional module must not take the torch backends down
+            mark_unavailable(name, f"its module failed on import: {err!r}")
             warnings.warn(f"optional attention backend {module} failed on import: {err!r}", stacklevel=3)
 
 
@@ -88,6 +92,9 @@ def check_backend_name(backend) -> None:
     entry that takes ``backend=``, made before any work; loads the optional backends first)."""
     _load_optional_backends()
     if backend != "auto" and (not isinstance(backend, str) or backend not in BACKENDS):
+        if isinstance(backend, str) and backend in UNAVAILABLE:  # an optional backend this process lacks
+            raise ValueError(f"backend {backend!r} is not available here: {UNAVAILABLE[backend]}; use 'auto' or one "
+                             f"of {available_backends()}")
         raise ValueError(f"backend must be 'auto' or one of {available_backends()}, got {backend!r}")
 
 

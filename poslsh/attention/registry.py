@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .core import AttentionSpec
 
-__all__ = ["Backend", "BACKENDS", "register_backend"]
+__all__ = ["Backend", "BACKENDS", "UNAVAILABLE", "register_backend", "mark_unavailable"]
 
 BackendFn = Callable[[Tensor, Tensor, Tensor, AttentionSpec], "tuple[Tensor, Tensor]"]
 SupportsFn = Callable[[Tensor, AttentionSpec], bool]
@@ -51,6 +51,8 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
+# Optional backends not registered in this process, and why (``dispatch.check_backend_name`` says it).
+UNAVAILABLE: dict[str, str] = {}
 
 
 
@@ -69,8 +71,15 @@ def register_backend(name: str, fn: BackendFn, supports: SupportsFn | None = Non
     backend = Backend(name, fn, supports if supports is not None else (lambda q, spec: True), priority,
                       tuple(methods), bool(kernels), bool(slope_grad), explain, ready)
     BACKENDS[name] = backend
+    UNAVAILABLE.pop(name, None)
     forget_public_plans()  # plans of public calls chose among the old registry
     return backend
+
+
+def mark_unavailable(name: str, why: str) -> None:
+    """Record why the optional backend ``name`` is not registered here (what to install, or what it needs)."""
+    if name not in BACKENDS:
+        UNAVAILABLE[name] = why
 
 
 def forget_public_plans() -> None:

@@ -530,10 +530,15 @@ def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> tup
 
 def _register() -> None:
     global _cudnn
+    from ..registry import mark_unavailable, register_backend
+
     _cudnn = _import_cudnn()
-    if _cudnn is None or not torch.cuda.is_available():
+    if _cudnn is None:
+        mark_unavailable("cudnn", "needs the nvidia-cudnn-frontend package and cuDNN >= 9 (pip install 'poslsh[cudnn]')")
         return
-    from ..registry import register_backend
+    if not torch.cuda.is_available():
+        mark_unavailable("cudnn", "needs a CUDA device")
+        return
 
     # Below the Triton kernel: "auto" picks it where the shipped speed table measured it fastest.
     register_backend("cudnn", cudnn_attention, supports_cudnn, priority=90, methods=("exact",),

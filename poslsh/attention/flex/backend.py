@@ -473,3 +473,7 @@ def _register() -> None:
 
 if flex_available:
     _register()
+else:  # pragma: no cover - torch without FlexAttention
+    from ..registry import mark_unavailable
+
+    mark_unavailable("flex", "this torch has no FlexAttention (torch.nn.attention.flex_attention)")

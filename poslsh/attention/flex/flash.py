@@ -218,9 +218,15 @@ def _torch_has_flash_backend() -> bool:
 
 
 def _register() -> None:
-    if not (flex_available and fa4_installed() and torch.cuda.is_available() and _torch_has_flash_backend()):
+    from ..registry import mark_unavailable, register_backend
+
+    why = ("this torch has no FlexAttention" if not flex_available
+           else "needs FlashAttention-4 (pip install flash-attn-4)" if not fa4_installed()
+           else "needs a CUDA device" if not torch.cuda.is_available()
+           else "this torch's FlexAttention has no FLASH backend" if not _torch_has_flash_backend() else None)
+    if why is not None:
+        mark_unavailable("flex_fa4", why)
         return
-    from ..registry import register_backend
 
     # Below the flex and Triton backends: "auto" takes it where the shipped speed table measured it
     # fastest, at a shape whose calls have paid for its compile (``compile_ready``).

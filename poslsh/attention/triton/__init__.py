@@ -14,6 +14,28 @@ run these kernels under TRITON_INTERPRET=1 on the CPU against it.
 from __future__ import annotations
 
 import os
+import warnings
+
+import triton
+
+# The Triton releases the kernels are tested with, [low, high) as (major, minor): 3.6 on the GPU (H100, H200)
+# and in the CPU interpreter (CI), 3.7 to 3.9 in the interpreter. Below 3.6 the backend stays off (3.3 and
+# older lack tensor descriptors; the interpreter patch below is written for 3.6's); above, a warning.
+TESTED_TRITON = ((3, 6), (3, 10))
+
+
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's (major, minor)."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+_tested = ">={}.{},<{}.{}".format(*TESTED_TRITON[0], *TESTED_TRITON[1])
+if triton_version() < TESTED_TRITON[0]:
+    raise ImportError(f"poslsh's Triton kernels need triton {_tested}, found {triton.__version__} "
+                      f"(pip install 'triton{_tested}')")
+if triton_version() >= TESTED_TRITON[1]:
+    warnings.warn(f"poslsh's Triton kernels are tested with triton {_tested}; found {triton.__version__}", stacklevel=2)
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     from .compat import patch_interpreter
@@ -22,7 +44,8 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 from .launch import default_config, interpreting, plan_for, supports_triton, triton_attention  # noqa: E402
 
-__all__ = ["triton_attention", "supports_triton", "default_config", "plan_for", "interpreting"]
+__all__ = ["triton_attention", "supports_triton", "default_config", "plan_for", "interpreting", "TESTED_TRITON",
+           "triton_version"]
 
 
 def _backend(q, k, v, spec):
