@@ -64,7 +64,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 run_tests() {
   step ${T_TESTS:-180} python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_cudnn.py tests/test_plan.py \
     tests/test_cuda_public_calls.py tests/test_hf_integration.py tests/test_launcher.py tests/test_hf_graph.py \
-    tests/test_flex_fa4.py -k "cuda or cudnn or graph or prebound or gpu or installed"
+    tests/test_flex_fa4.py -k "cuda or cudnn or graph or prebound or gpu or installed or fused_multiply"
 }
 run_conformance() {
   # --maxfail: a failure's report reaches the log before the step's limit (session 7's run was cut at 80 s
