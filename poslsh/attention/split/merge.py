@@ -7,11 +7,13 @@ with the run outputs read where the primitive left them (no copies) and every ot
 rest buffer. Two implementations of the same function: ``merge_slots_torch`` here (any device and
 dtype, two passes: the LSEs, then the weighted sum in the compute dtype), the plain version, and
 ``merge_slots_triton`` (``poslsh.attention.triton.split_merge``: CUDA, one kernel), held to it in
-``tests/test_split_triton_merge.py``. ``merge_slots`` picks the kernel on CUDA when the Triton backend is registered.
+``tests/test_split_triton_merge.py``. ``merge_slots`` picks the kernel on CUDA when poslsh's Triton package imports.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 import warnings
 
@@ -19,7 +21,6 @@ import torch
 from torch import Tensor
 
 from ..core import EMPTY_LSE
-from ..registry import BACKENDS
 
 __all__ = ["merge_slots", "merge_slots_torch", "triton_merge_available"]
 
@@ -73,13 +74,18 @@ def merge_slots_torch(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dty
     return acc.to(out_dtype), lse
 
 
+@functools.cache
 def triton_merge_available() -> bool:
-    """Whether the Triton backend registered (a supported triton is installed; the dispatcher loaded it)."""
-    return "triton" in BACKENDS
+    """Whether poslsh's Triton package imports (triton installed, a release it supports)."""
+    try:
+        importlib.import_module("poslsh.attention.triton")
+    except ImportError:
+        return False
+    return True
 
 
 def merge_slots(plan, run_out, rest, b: int, dv: int, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``merge_slots_triton`` on CUDA (float32 lse, 16/32-bit out) when the Triton backend is registered, else
+    """``merge_slots_triton`` on CUDA (float32 lse, 16/32-bit out) when poslsh's Triton package imports, else
     ``merge_slots_torch``."""
     if (rest[1].is_cuda and triton_merge_available() and rest[1].dtype == torch.float32
             and out_dtype in (torch.float16, torch.bfloat16, torch.float32)):
