@@ -72,10 +72,15 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec):
         _warn(spec.name, spec.loader_state)
-        return importlib.import_module(spec.loader_state)
+        module = importlib.import_module(spec.loader_state)
+        spec.moved_spec = module.__spec__  # the import system now sets spec as the module's __spec__
+        return module
 
     def exec_module(self, module):
-        pass  # the new module ran when it was imported
+        # The new module ran when it was imported; give it back its own spec, which its relative imports resolve
+        # against (under the old one they went through this alias; Python 3.13 warns "__package__ !=
+        # __spec__.parent").
+        module.__spec__ = module.__spec__.moved_spec
 
     def get_code(self, fullname):
         """``python -m OLD``: runs the new module as __main__."""

@@ -83,6 +83,7 @@ def test_an_old_module_name_is_the_moved_module(monkeypatch, old, new):
         alias = importlib.import_module(old)
     assert alias is moved
     assert record[-1].filename == __file__  # the warning names the line that used the old name
+    assert moved.__spec__.name == new  # its own spec still (relative imports resolve against its parent)
 
 
 def test_the_old_attributes_warn(monkeypatch):
