@@ -18,9 +18,9 @@ import warnings
 
 import triton
 
-# The Triton releases the kernels are tested with, [low, high) as (major, minor): 3.6 on the GPU (H100, H200)
-# and in the CPU interpreter (CI), 3.7 to 3.9 in the interpreter. Below 3.6 the backend stays off (3.3 and
-# older lack tensor descriptors; the interpreter patch below is written for 3.6's); above, a warning.
+# The Triton releases the kernels are tested with, [low, high) as (major, minor): 3.6 on the GPU (H100, H200),
+# 3.6 to 3.9 in the CPU interpreter (CI: constraints.txt's 3.7.1). Below 3.6 the backend stays off (3.3 and
+# older lack tensor descriptors; the interpreter patch below fails on 3.4's and 3.5's); above, a warning.
 TESTED_TRITON = ((3, 6), (3, 10))
 
 
