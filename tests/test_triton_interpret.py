@@ -415,7 +415,8 @@ print("warned:", [str(w.message) for w in caught if "poslsh's Triton kernels" in
 def test_the_backend_names_the_triton_releases_it_is_tested_with(version, imported, warned):
     """Below the tested releases (``TESTED_TRITON``) the package refuses to import, naming the version to install
     (the dispatcher then leaves the backend off and says why); above them it warns. Before: triton 3.3 failed
-    on a missing module, which the dispatcher took for an absent triton, without a word; 3.4 and 3.5 ran."""
+    on a missing module, which the dispatcher took for an absent triton, without a word; 3.4 and 3.5 imported
+    (untested on a GPU; their interpreter fails in ``compat.patch_interpreter``)."""
     import subprocess
     import sys
 
