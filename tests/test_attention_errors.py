@@ -120,7 +120,7 @@ def test_flash_layout_warns_and_sdpa_layout_does_not():
 
 
 MISSING_BACKENDS = """
-import sys, warnings
+import sys
 sys.modules["triton"] = None  # neither triton nor the cuDNN frontend importable: a CPU install without extras
 sys.modules["cudnn"] = None
 import torch, poslsh
