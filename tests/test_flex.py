@@ -316,3 +316,32 @@ def test_asymmetric_window_matches_reference(window_size):
     ro, rl = reference_attention(qd, kd, vd, resolve_spec(qd, kd, vd, slopes=slopes, causal=False,
                                                           window_size=window_size))
     assert rel(out, ro) <= 1e-5 and rel(lse, rl) <= 1e-5
+
+
+def _captured(fn, seen=None):
+    """Every value the closure of ``fn`` captures, through the mods it captures in turn."""
+    seen = set() if seen is None else seen
+    if id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    values = []
+    for cell in fn.__closure__ or ():
+        value = cell.cell_contents
+        values.append(value)
+        if callable(value) and getattr(value, "__closure__", None) is not None:
+            values += _captured(value, seen)
+    return values
+
+
+@pytest.mark.parametrize("method,causal,scheme", CASES)
+def test_mods_capture_no_python_float(method, causal, scheme):
+    """torch 2.15's FlexAttention lifts a Python float captured by a score_mod to a symbolic float and
+    then refuses it ("can only be of Tensor, int, SymInt"): LSH's log r, captured as a float, failed
+    every LSH call with a nonzero q_offset there. The mods capture tensors, ints, bools and other mods."""
+    q, k = torch.randn(1, 4, 30, 16), torch.randn(1, 4, 35, 16)
+    spec = resolve_spec(q, k, k, slopes=alibi_slopes(4), causal=causal, method=method, samples=3,
+                        scheme=scheme or "grid", q_offset=5, key_padding_mask=torch.rand(1, 35) > 0.2,
+                        generator=torch.Generator().manual_seed(0))
+    for mod in _mods(spec, q.device, 30, 35):
+        floats = [v for v in _captured(mod) if isinstance(v, float)]
+        assert not floats, (method, floats)

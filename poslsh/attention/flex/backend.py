@@ -29,7 +29,6 @@ eager mode (unfused, O(Nq Nk) memory: for tests only).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import OrderedDict
 from typing import Callable
@@ -101,10 +100,10 @@ def alibi_score(slopes: Tensor, q_offset: int, two_sided: bool) -> Callable:
 
 def lsh_score(counts: Callable, samples: int, q_offset: int) -> Callable:
     """score + log(c_pj), c_pj = counts / r (the positional-LSH estimator's weight)."""
-    log_r = math.log(samples)
-
+    # r stays an int: torch 2.15's FlexAttention lifts a captured Python float to a symbolic float
+    # it then refuses as a score_mod input ("can only be of Tensor, int, SymInt"); ints it accepts.
     def score_mod(score, b, h, q_idx, kv_idx):
-        return score + torch.log(counts(b, h, q_idx, kv_idx)) - log_r
+        return score + torch.log(counts(b, h, q_idx, kv_idx) / samples)
 
     return score_mod
 
