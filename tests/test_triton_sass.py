@@ -7,9 +7,9 @@ that brings the integer path back, or spills, fails here before any device time 
 compile runs in a subprocess without TRITON_INTERPRET (the interpreter tests set it for this one).
 
 The instruction budgets were measured with Triton 3.6's compiler (the GPU machine's); 3.7's (constraints.txt's)
-meets them too. Another release compiles the same source to somewhat different counts (3.9: the window's
-left-edge loop 323 instructions against the 305 budget, bench/NOTES.md session 18), so a failure there is a
-compiler's difference to measure on a GPU, not necessarily a regression of the source.
+and 3.8's meet them too. 3.9 (torch 2.15's) compiles the same source to ~20 more instructions per loop, exact's
+plain loop as much as the window's (bench/NOTES.md, sessions 18-19), so where a budget would only measure the
+compiler the test compares with exact's loop in the same compile instead.
 """
 
 from __future__ import annotations
@@ -53,16 +53,20 @@ def test_window_forward_tests_only_the_edge_each_stretch_crosses():
     """The window forward's boundary tiles: left of the plain tiles they cross only the band's left edge, right of
     them only the diagonal, so each element needs one compare, not three (64 x 32 tiles, 128 threads: 16 elements
     a thread). Before this split every boundary tile ran 447 instructions with 48 FSETP; the plain loop 298."""
-    rep = _report("--kernel", "fwd", "--method", "window", "--block-m", "64", "--block-n", "32", "--warps", "4",
-                  "--stages", "3")
-    loops = rep["loops"]
+    tile = ("--block-m", "64", "--block-n", "32", "--warps", "4", "--stages", "3")
+    loops = _report("--kernel", "fwd", "--method", "window", *tile)["loops"]
     assert len(loops) == 4, [lp["instructions"] for lp in loops]  # left edge, both edges, plain, right edge
     by_compares = sorted(loops, key=lambda lp: lp["ops"].get("FSETP", 0))
     assert [lp["ops"].get("FSETP", 0) for lp in by_compares] == [0, 16, 16, 32], [lp["ops"] for lp in loops]
     plain, one_edge = by_compares[0], by_compares[1:3]
-    assert plain["instructions"] <= 305, plain
+    # The plain tiles cost what exact's do (the same compiler: 300 against 302 with 3.7, 323 against 323 with 3.9),
+    # and an edge adds its compare and select per element (16 + 16) and little else (40-45 with 3.6 to 3.9).
+    exact_plain = min(lp["instructions"] for lp in _report("--kernel", "fwd", "--method", "exact", *tile)["loops"])
+    assert plain["instructions"] <= exact_plain + 4, (plain, exact_plain)
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):  # the releases these were measured with
+        assert plain["instructions"] <= 305, plain
     for lp in one_edge:
-        assert lp["instructions"] <= 360 and lp["ops"].get("FSEL", 0) == 16, lp
+        assert lp["instructions"] <= plain["instructions"] + 48 and lp["ops"].get("FSEL", 0) == 16, (lp, plain)
 
 
 def test_tma_frees_the_registers_the_shipped_configs_rest_on():
