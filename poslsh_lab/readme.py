@@ -285,7 +285,7 @@ def readme_block() -> str:
 
 # The newest run of the window's public call (bench/exact_gpu.py --method window): the headline table above is
 # older than the kernels it measured, so the README says what the same call takes today.
-LATEST_WINDOW = "window_gpu_s16/final/exact_gpu.json"
+LATEST_WINDOW = "window_gpu_s19/exact_gpu.json"
 
 
 def newer_window_line(headline: Doc, path: Path) -> str:
@@ -629,10 +629,15 @@ SECTIONS: list[Section] = [
             "cuDNN graph at 8K)", _experiment("generate_bench"), ("generate_graph_short/generate_bench.png",)),
     Section("specialize/specialize.json", "Decoding without compiles: Triton's integer specialisation of the key "
             "count, before and after", specialize_check),
+    Section("exact_gpu_s19/exact_gpu.json", "Exact ALiBi on every backend after the tma backward (the speed table's "
+            "H100 rows at 16K and 64K)", exact_gpu),
+    Section("kernel_sweep_s19/kernel_sweep.json", "The window's wide heads on wider backward tiles, and exact's "
+            "backward by tensor descriptors (round 7: exact's shipped, the window's all slower)", kernel_sweep),
+    Section("window_gpu_s19/exact_gpu.json", "The per-head window through the public call, session 19's check on "
+            "another H100", exact_gpu),
     Section("window_gpu_s16/final/exact_gpu.json", "The per-head window through the public call with the wide heads "
             "on 64-key tiles (the speed table's H100 window rows)", exact_gpu),
-    Section("exact_gpu_s16/exact_gpu.json", "Exact ALiBi on every backend after the tma forward (the speed table's "
-            "H100 rows at 16K and 64K)", exact_gpu),
+    Section("exact_gpu_s16/exact_gpu.json", "Exact ALiBi on every backend after the tma forward", exact_gpu),
     Section("window_parts_s16/window_parts.json", "The window forward at 256K: the wide heads on 64-key tiles "
             "(wide512 shipped at 0.942 of the tma config in alternating rounds)", window_parts),
     Section("window_parts_s16/call3/window_parts.json", "The window forward at 256K: pipeline stages against programs "
