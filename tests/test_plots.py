@@ -16,7 +16,7 @@ from poslsh_lab.util import load_results, pyplot  # noqa: E402
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
-@pytest.mark.parametrize("name", ["pareto_cpu", "pareto_h200_256k"])
+@pytest.mark.parametrize("name", ["pareto_cpu", "pareto_h200_256k", "pareto_h100_256k"])
 def test_pareto_lines_run_in_x_order_with_labelled_points(name):
     doc = load_results(RESULTS / name / "pareto.json")
     plt = pyplot()
