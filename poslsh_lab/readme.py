@@ -154,8 +154,9 @@ def readme_summary() -> str:
     k = lambda m: f"{m // 1024}K"  # noqa: E731
     faster = lambda x: f"{x:.2g}× as fast as" if x < 1 else f"{x:.2g}× faster than"  # noqa: E731
     return "\n".join([
-        "**In short** (on the H200, through `poslsh.attention`; a speed ratio is the other kernel's time over "
-        "poslsh's, so 2× means half the time):",
+        f"**In short** (on the {bench['environment']['device']}, {bench['environment']['date'][:10]}, with the kernels "
+        "of that day, through `poslsh.attention`; a speed ratio is the other kernel's time over poslsh's, so 2× means "
+        "half the time):",
         "",
         f"* Forward at {k(n)} tokens, poslsh's Triton kernels beat FlexAttention for every method: the window is "
         f"{fwd['window']:.2g}× faster, LSH {fwd['lsh']:.2g}×, exact ALiBi {fwd['exact']:.2g}×.",
