@@ -59,14 +59,15 @@ def test_window_forward_tests_only_the_edge_each_stretch_crosses():
     by_compares = sorted(loops, key=lambda lp: lp["ops"].get("FSETP", 0))
     assert [lp["ops"].get("FSETP", 0) for lp in by_compares] == [0, 16, 16, 32], [lp["ops"] for lp in loops]
     plain, one_edge = by_compares[0], by_compares[1:3]
-    # The plain tiles cost what exact's do (the same compiler: 297 against 296 with 3.6, 323 against 323 with 3.9),
-    # and an edge adds its compare and select per element (16 + 16) and little else (40-50 with 3.6 to 3.9).
+    # Held to exact's plain loop in the same compile (296, 302, 302, 323 instructions with triton 3.6, 3.7, 3.8, 3.9):
+    # the window's plain tiles cost what exact's do (297, 300, 288, 323), and an edge adds its compare and select per
+    # element (16 + 16) and little else (39-51 over exact's plain loop with 3.6 to 3.9).
     exact_plain = min(lp["instructions"] for lp in _report("--kernel", "fwd", "--method", "exact", *tile)["loops"])
     assert plain["instructions"] <= exact_plain + 4, (plain, exact_plain)
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):  # the releases these were measured with
         assert plain["instructions"] <= 305, plain
     for lp in one_edge:
-        assert lp["instructions"] <= plain["instructions"] + 56 and lp["ops"].get("FSEL", 0) == 16, (lp, plain)
+        assert lp["instructions"] <= exact_plain + 56 and lp["ops"].get("FSEL", 0) == 16, (lp, exact_plain)
 
 
 def test_tma_frees_the_registers_the_shipped_configs_rest_on():
