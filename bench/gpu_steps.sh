@@ -37,7 +37,7 @@
 #                into $OUT/gpu_bench, $OUT/gpu_bench_decode, $OUT/gpu_bench_backward (T_BENCH, T_BENCH_DECODE,
 #                T_BENCH_BACKWARD)
 #   pareto       poslsh pareto at 256K: error against time per method (the README's first table:
-#                bench/results/pareto_h200_256k), into $OUT/pareto (T_PARETO)
+#                bench/results/pareto_h100_256k; README_TABLE in poslsh_lab/readme.py), into $OUT/pareto (T_PARETO)
 #   bwdparts     bench/backward_parts.py: each Triton kernel's GPU time in a forward + backward step per method,
 #                64K and 256K (T_BWDPARTS)
 # The cuDNN frontend travels as a wheel (.whl, carried) and is installed into /tmp/site first.

@@ -107,7 +107,7 @@ def alibi_panels_n(doc: Doc) -> int:
     return alibi_panels(doc["results"])[0]["n"]
 
 
-# The README's first table and its advice: the newest 256K-token Pareto run (an H100, today's kernels).
+# The README's first table and its advice: the newest 256K-token Pareto run (an H100, 2026-12-08).
 README_TABLE = "pareto_h100_256k/pareto.json"
 # The equal-error comparison with FlexAttention: both runs on one H200 (2026-12-01), never across cards.
 FLEX_PAIR = ("pareto_h200_256k/pareto.json", "pareto_h200_256k_flex/pareto.json")
