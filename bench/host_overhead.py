@@ -332,6 +332,7 @@ def _decode_ms(model, arm: str, ids, tokens: int, stub: bool = False) -> tuple[f
     after a prefill and one untimed step (a burst of load on a shared machine moves a median less than a
     mean; CPU time counts this process's work only, not the time other processes took the cores)."""
     from poslsh.integrations import hf
+    from poslsh.integrations.hf.prefill import _cache_argument
 
     hf.unpatch_model(model)
     if MODEL_ARMS[arm] is not None:
@@ -339,13 +340,13 @@ def _decode_ms(model, arm: str, ids, tokens: int, stub: bool = False) -> tuple[f
         hf.patch_model(model, method, evict=evict, backend="triton" if stub else "auto")
     import inspect
 
-    kwargs = {hf._cache_argument(model): None, "use_cache": True}
+    kwargs = {_cache_argument(model): None, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
     cache, logits = hf.chunked_prefill(model, ids, PREFILL_CHUNK)
     token = logits.argmax(-1, keepdim=True)
     out = [token]
-    kwargs[hf._cache_argument(model)] = cache
+    kwargs[_cache_argument(model)] = cache
 
     def step(token):
         logits = model(input_ids=token, **kwargs).logits

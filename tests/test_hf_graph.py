@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from poslsh.integrations import hf  # noqa: E402
 from poslsh.integrations.hf import patch_model  # noqa: E402
+from poslsh.integrations.hf.prefill import _cache_argument  # noqa: E402
 from poslsh.integrations.hf_graph import GraphedDecoder, StaticWindowCache, shift_in  # noqa: E402
 
 VOCAB = 128
@@ -106,7 +107,7 @@ def test_static_window_step_logits_equal_the_dynamic_caches(n):
         for _ in range(NEW):
             token = decoder.token.clone()
             decoder.step()
-            logits = model(input_ids=token, **{hf._cache_argument(model): cache, "use_cache": True}).logits[:, -1]
+            logits = model(input_ids=token, **{_cache_argument(model): cache, "use_cache": True}).logits[:, -1]
             # Two float32 paths (the padded static window through the careful path, the DynamicCache step
             # through SDPA with a weight mask): attention agrees to ~1e-7, which this wide-initialised
             # model amplifies to ~1e-4 relative in its logits.
@@ -177,7 +178,7 @@ def test_decode_step_reads_nothing_on_the_host_outside_the_operator(family):
     its keys for non-finite values; on a GPU the plan runs the Triton kernels, which read nothing: the
     CUDA test records the whole step.)"""
     model = _model(family)
-    operator = str(Path(hf.__file__).parent.parent / "attention")
+    operator = str(Path(hf.__file__).parents[2] / "attention")  # poslsh/integrations/hf/__init__.py -> poslsh/attention
     with patch_model(model, **WINDOW):
         decoder = GraphedDecoder(model)
         decoder.prefill(_prompt(40))

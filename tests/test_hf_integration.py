@@ -15,7 +15,11 @@ import warnings  # noqa: E402
 from poslsh.attention import attention  # noqa: E402
 from poslsh.attention.public import attention_with_widths  # noqa: E402
 from poslsh import layer_partitions  # noqa: E402
+from poslsh.hashing import Partitions  # noqa: E402
+from poslsh.layer_partitions import LayerPartitions  # noqa: E402
 from poslsh.integrations import hf  # noqa: E402
+from poslsh.integrations.hf import cache as hf_cache, masks as hf_masks, prefill as hf_prefill  # noqa: E402
+from poslsh.integrations.hf import versions as hf_versions  # noqa: E402
 from poslsh.integrations.hf import cache_report, patch_model, unpatch_model  # noqa: E402
 
 VOCAB = 128
@@ -145,21 +149,21 @@ def test_lsh_logits_converge_to_exact(model):
 def test_cut_partitions_are_consistent_across_lengths_and_chunks(monkeypatch):
     monkeypatch.setattr(layer_partitions, "CUT_CHUNK", 16)
     slopes = torch.tensor([0.5, 0.05], dtype=torch.float64)
-    parts = hf.LayerPartitions(slopes, 3, "cut", seed=0, layer=1)
+    parts = LayerPartitions(slopes, 3, "cut", seed=0, layer=1)
     long = parts.get(70).block_ids()
     for n in (1, 15, 16, 17, 33, 69):
         assert torch.equal(parts.get(n).block_ids(), long[..., :n])
     # A fresh object with the same seed, asked for lengths in another order, gives the same cuts.
-    other = hf.LayerPartitions(slopes, 3, "cut", seed=0, layer=1)
+    other = LayerPartitions(slopes, 3, "cut", seed=0, layer=1)
     assert torch.equal(other.get(40).block_ids(), long[..., :40])
-    assert not torch.equal(hf.LayerPartitions(slopes, 3, "cut", seed=0, layer=2).get(70).block_ids(), long)
+    assert not torch.equal(LayerPartitions(slopes, 3, "cut", seed=0, layer=2).get(70).block_ids(), long)
 
 
 def test_cut_chunks_keep_the_cut_law(monkeypatch):
     """Every gap, including those at chunk boundaries, is cut with probability 1 - e^{-m}."""
     monkeypatch.setattr(layer_partitions, "CUT_CHUNK", 8)
     m, r = 0.5, 4000
-    parts = hf.LayerPartitions(torch.tensor([m], dtype=torch.float64), r, "cut", seed=1, layer=0).get(25)
+    parts = LayerPartitions(torch.tensor([m], dtype=torch.float64), r, "cut", seed=1, layer=0).get(25)
     ids = parts.block_ids()[0]  # [r, n]
     cut_rate = (ids.diff(dim=-1) == 1).double().mean(0)  # gap (i-1, i) for i = 1..n-1
     p = 1 - torch.exp(torch.tensor(-m)).item()
@@ -195,8 +199,8 @@ def test_unreachable_keys_do_not_change_future_outputs(method, scheme):
             if method == "hybrid":
                 attend = functools.partial(attention_with_widths, widths=patch.widths[head:head + 1])
             if parts is not None:
-                sub["partitions"] = hf.Partitions(n, parts.slopes[head:head + 1], "grid",
-                                                  parts.widths[head:head + 1], parts.offsets[head:head + 1]) \
+                sub["partitions"] = Partitions(n, parts.slopes[head:head + 1], "grid",
+                                               parts.widths[head:head + 1], parts.offsets[head:head + 1]) \
                     if scheme == "grid" else _cut_head(parts, head)
             kpm = torch.arange(n)[None] >= s
             pruned = attend(q[:, head:head + 1].double(), k[:, head:head + 1].double(),
@@ -213,11 +217,11 @@ def test_unreachable_keys_do_not_change_future_outputs(method, scheme):
     assert report["saved_bytes_rectangular"] <= report["saved_bytes"]
 
 
-def _cut_head(parts: hf.Partitions, head: int) -> hf.Partitions:
+def _cut_head(parts: Partitions, head: int) -> Partitions:
     r = parts.num_samples
     ptr = parts.cut_pointers[head * r: (head + 1) * r + 1]
-    return hf.Partitions(parts.n, parts.slopes[head:head + 1], "cut",
-                         cut_positions=parts.cut_positions[ptr[0]:ptr[-1]], cut_pointers=ptr - ptr[0])
+    return Partitions(parts.n, parts.slopes[head:head + 1], "cut",
+                      cut_positions=parts.cut_positions[ptr[0]:ptr[-1]], cut_pointers=ptr - ptr[0])
 
 
 def test_rejects_unsupported_models():
@@ -344,7 +348,7 @@ def test_falcon_eager_is_patched_like_sdpa_and_warned_where_it_differs(tmp_path)
     keep = mask.bool()
     ref = sdpa(ids, attention_mask=mask).logits
     own_eager = eager(ids, attention_mask=mask).logits
-    twice = hf._transformers_version() < hf.FALCON_EAGER_BIAS_FIXED
+    twice = hf_versions._transformers_version() < hf_versions.FALCON_EAGER_BIAS_FIXED
     assert ((own_eager - ref)[keep].abs().max() > 1e-3) == twice  # the upstream bug is there iff we say so
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -392,22 +396,24 @@ def test_falcon_beyond_256_positions(tmp_path, monkeypatch, attn_implementation)
 
 
 # ---------------------------------------------------------------------- no private upstream internals
-def _private_uses(source: str) -> tuple[set[str], list[tuple[int, str]]]:
-    """(names hf.py defines, [(line, name)] of every private name it reaches on some object).
+def _private_uses(sources: dict[str, str]) -> tuple[set[str], list[tuple[str, int, str]]]:
+    """(names the files define, [(file, line, name)] of every private name they reach on some object), for
+    the files of one module or package (``sources``: file name -> source).
 
     The rule: an attribute ``x._name`` (or ``getattr(x, "_name")`` and friends, or ``from pkg import
     _name`` of another package) is another library's internal unless ``_name`` is
       * a dunder (``__dict__``, ``__name__``: Python's object model, not a library's internals),
       * prefixed ``_poslsh`` (a marker this module sets on objects it patches: our name on their object),
-      * defined in hf.py itself (a function, class, method, field or ``self._x`` it assigns): our own
-        private helpers. ``test_no_private_upstream_internals`` also checks that no such name occurs in
+      * defined in one of these files (a function, class, method, field or ``self._x`` it assigns): our
+        own private helpers, in the file that uses them or another file of its package.
+        ``test_no_private_upstream_internals`` also checks that no such name occurs in
         the transformers source read here, so an allowed name cannot be one of transformers'.
     """
     import ast
 
-    tree = ast.parse(source)
+    trees = {name: ast.parse(source, name) for name, source in sources.items()}
     defined: set[str] = set()
-    for node in ast.walk(tree):
+    for node in (node for tree in trees.values() for node in ast.walk(tree)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             defined.add(node.name)
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
@@ -426,16 +432,16 @@ def _private_uses(source: str) -> tuple[set[str], list[tuple[int, str]]]:
                 and not name.startswith("_poslsh") and name not in defined)
 
     uses = []
-    for node in ast.walk(tree):
+    for file, node in ((file, node) for file, tree in trees.items() for node in ast.walk(tree)):
         if isinstance(node, ast.Attribute) and foreign(node.attr):
-            uses.append((node.lineno, node.attr))
+            uses.append((file, node.lineno, node.attr))
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
               and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2
               and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
               and foreign(node.args[1].value)):
-            uses.append((node.lineno, node.args[1].value))
+            uses.append((file, node.lineno, node.args[1].value))
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and not (node.module or "").startswith("poslsh"):
-            uses += [(node.lineno, a.name) for a in node.names if foreign(a.name)]
+            uses += [(file, node.lineno, a.name) for a in node.names if foreign(a.name)]
     return defined, uses
 
 
@@ -448,20 +454,26 @@ def test_private_use_detector_sees_each_form():
         "        return m._split_heads, getattr(m.config, '_attn_implementation'), self._mine, self._ours,\n"
         "        m.__class__, m._poslsh_patch, hasattr(m, '_x')\n"
     )
-    _, uses = _private_uses(source)
-    assert sorted(name for _, name in uses) == ["_attn_implementation", "_private", "_split_heads", "_x"]
+    _, uses = _private_uses({"mod.py": source})
+    assert sorted(name for _, _, name in uses) == ["_attn_implementation", "_private", "_split_heads", "_x"]
+    # A package's files: a private name one file defines is ours in the others too.
+    _, uses = _private_uses({"a.py": "def _helper(x):\n    return x\n", "b.py": "y = m._helper, m._other\n"})
+    assert uses == [("b.py", 1, "_other")]
 
 
 @pytest.mark.parametrize("module", ["hf", "hf_graph"])
 def test_no_private_upstream_internals(module):
-    """hf.py and hf_graph.py reach no private attribute or method of transformers (or torch) objects; the
-    private names they do use are their own and appear nowhere in the transformers modules they work with."""
+    """The hf package (every file of it) and hf_graph.py reach no private attribute or method of transformers
+    (or torch) objects; the private names they do use are their own and appear nowhere in the transformers
+    modules they work with."""
     import importlib
     import pathlib
 
-    source = pathlib.Path(importlib.import_module(f"poslsh.integrations.{module}").__file__).read_text()
-    defined, uses = _private_uses(source)
-    assert uses == [], f"private names of other libraries used in {module}.py (line, name): {uses}"
+    path = pathlib.Path(importlib.import_module(f"poslsh.integrations.{module}").__file__)
+    files = sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
+    assert module != "hf" or len(files) > 5, files  # the package's files, not only its __init__
+    defined, uses = _private_uses({p.name: p.read_text() for p in files})
+    assert uses == [], f"private names of other libraries used in {module} (file, line, name): {uses}"
     root = pathlib.Path(transformers.__file__).parent
     upstream = "".join(p.read_text() for p in [*root.glob("*.py"), *root.glob("models/bloom/*.py"),
                                                  *root.glob("models/falcon/*.py"), *root.glob("models/mpt/*.py")])
@@ -469,15 +481,15 @@ def test_no_private_upstream_internals(module):
 
     ours = {name for name in defined if name.startswith("_") and name != "_" and not name.startswith("__")}
     clashes = {name for name in ours if re.search(rf"\b{re.escape(name)}\b", upstream)}
-    assert not clashes, f"{module}.py's private names also used by transformers (rename ours): {clashes}"
+    assert not clashes, f"{module}'s private names also used by transformers (rename ours): {clashes}"
 
 
 def test_version_outside_the_tested_range_warns_once(monkeypatch):
     import sys
 
-    low, high = hf.TESTED_TRANSFORMERS
+    low, high = hf_versions.TESTED_TRANSFORMERS
     model = transformers.BloomForCausalLM(_config("bloom")).eval()
-    monkeypatch.setattr(hf, "_RANGE_WARNED", set())
+    monkeypatch.setattr(hf_versions, "_RANGE_WARNED", set())  # where _check_transformers reads it
     # The module transformers' lazy import leaves in sys.modules (not always the object imported above).
     installed = sys.modules["transformers"]
     monkeypatch.setattr(installed, "__version__", f"{high[0]}.{high[1]}.0")
@@ -562,7 +574,7 @@ def _steep_bloom():
 
 
 def _cache_kw(model, cache):
-    return {hf._cache_argument(model): cache, "use_cache": True}
+    return {hf_prefill._cache_argument(model): cache, "use_cache": True}
 
 
 @torch.no_grad()
@@ -708,14 +720,14 @@ def test_mask_registry_is_restored_and_other_models_untouched():
     del patched
     gc.collect()
     assert dropped() is None
-    assert hf._patch_for_config(other.config) is None
+    assert hf_masks._patch_for_config(other.config) is None
 
 
 def test_evicting_layer_equals_concatenation_with_drops():
     """InPlaceLayer against the plain reference (torch.cat, then slicing off the dropped prefix), over
     appends of 1 and several positions, drops that trigger in-place moves and reallocations, and a crop
     and a batch selection done by transformers' own DynamicLayer code (adopted at the next update)."""
-    layer = hf._in_place_layer_class()()
+    layer = hf_cache._in_place_layer_class()()
     g = torch.Generator().manual_seed(0)
     ref_k = ref_v = None
     evicted = 0

@@ -63,7 +63,8 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .hf import PoslshPatch, _cache_argument, chunked_prefill
+from .hf import PoslshPatch, chunked_prefill
+from .hf.prefill import _cache_argument
 
 __all__ = ["GraphedDecoder", "StaticWindowCache", "StaticWindowLayer"]
 
@@ -118,7 +119,7 @@ class StaticWindowCache(Cache):
     before the forward whose layers shift their keys in.
     """
 
-    poslsh_static_window = True  # what the patched attention (hf.py) recognises this cache by
+    poslsh_static_window = True  # what the patched attention (hf/patch.py, hf/cache.py) recognises this cache by
 
     def __init__(self, layers: list[StaticWindowLayer], filled: Tensor) -> None:
         super().__init__(layers=layers)
