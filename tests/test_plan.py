@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import poslsh
-from poslsh.attention import dispatch, public, public_plans, speed
+from poslsh.attention import dispatch, public, public_plans, resolve_spec, speed
 from poslsh.attention.dispatch import register_backend
 from poslsh.attention.plan import AttentionPlan
 from poslsh.attention.public_plans import clear_public_plans
@@ -249,6 +249,52 @@ def test_public_reuse_never_stale(count_resolutions):
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[B, Nk\]"):
         poslsh.attention(q, k, v, slopes=lst, method="exact", key_padding_mask=torch.ones(1, 3, dtype=torch.bool))
 
+
+
+def test_public_reuse_random_sequence():
+    """800 seeded calls that keep hitting the public call's plan cache (the same slopes tensor changed in place
+    now and then, lists, default slopes, partitions reused, redrawn or changed in place, GQA, padding, query offsets), each
+    held to the reference on a spec resolved afresh, in float64. Deterministic: no false alarms; a plan served stale (e.g. a key
+    without the slopes' in-place version) fails it."""
+    import random
+    rng = random.Random(20261208)
+    slopes = torch.tensor(SLOPES, dtype=torch.float64)
+    drawn = {}
+    for step in range(800):
+        heads, kv_heads = rng.choice([(4, 4), (4, 2), (4, 1)])
+        nk = rng.choice([1, 2, 5, 16, 17, 33, rng.randint(1, 70)])
+        nq = rng.choice([1, 1, nk, rng.randint(1, nk)])
+        method = rng.choice(["exact", "window", "lsh", "hybrid"])
+        kw = dict(method=method, causal=rng.random() < 0.7)
+        if rng.random() < 0.3:
+            slopes.mul_(rng.choice([0.5, 2.0]))
+            if float(slopes.max()) > 8 or float(slopes.min()) < 1e-3:
+                slopes.copy_(torch.tensor(SLOPES))
+        kind = rng.choice(["tensor", "list", "default"])
+        if kind != "default":
+            kw["slopes"] = slopes if kind == "tensor" else slopes.tolist()
+        if method == "window":
+            kw["window_eps"] = rng.choice([1e-3, 0.05, 0.3])
+        if method == "hybrid":
+            kw["hybrid_eps"] = rng.choice([0.5, 0.05])
+        if method in ("lsh", "hybrid"):
+            key = (nk, kind, tuple(slopes.tolist()))
+            if key not in drawn or rng.random() < 0.2:
+                drawn[key] = poslsh.sample_partitions(nk, kw.get("slopes", poslsh.alibi_slopes(heads)), 3,
+                                                      generator=torch.Generator().manual_seed(rng.randint(0, 99)))
+            elif rng.random() < 0.2:  # the same partitions moved in place (the blocks shift by one)
+                drawn[key].offsets.copy_((drawn[key].offsets + 1) % drawn[key].widths)
+            kw["partitions"] = drawn[key]
+        if rng.random() < 0.2:
+            mask = torch.rand(1, nk, generator=torch.Generator().manual_seed(step)) < 0.8
+            mask[:, -1] = True
+            kw["key_padding_mask"] = mask
+        if kw["causal"] and nq < nk and rng.random() < 0.3:
+            kw["q_offset"] = rng.randint(0, nk - nq)
+        q, k, v = make(1, heads, kv_heads, nq, nk, 8, torch.float64, seed=step)
+        out = poslsh.attention(q, k, v, **kw)
+        ref = reference_attention(q, k, v, resolve_spec(q, k, v, **kw))[0]  # resolved afresh: no cache
+        assert rel_err(out, ref) <= 1e-10, (step, {n: x for n, x in kw.items() if n != "partitions"})
 
 def test_option_the_method_ignores_warns():
     """method="window", samples=8 ignored samples without a word before; now a warning names both."""
