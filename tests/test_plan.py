@@ -6,6 +6,7 @@ method ignores; the speed table's training regime; the CUDA graph capture (CUDA 
 from __future__ import annotations
 
 import json
+import random
 import warnings
 
 import pytest
@@ -250,13 +251,11 @@ def test_public_reuse_never_stale(count_resolutions):
         poslsh.attention(q, k, v, slopes=lst, method="exact", key_padding_mask=torch.ones(1, 3, dtype=torch.bool))
 
 
-
 def test_public_reuse_random_sequence():
-    """800 seeded calls that keep hitting the public call's plan cache (the same slopes tensor changed in place
-    now and then, lists, default slopes, partitions reused, redrawn or changed in place, GQA, padding, query offsets), each
-    held to the reference on a spec resolved afresh, in float64. Deterministic: no false alarms; a plan served stale (e.g. a key
-    without the slopes' in-place version) fails it."""
-    import random
+    """800 seeded calls that keep hitting the public call's plan cache (the same slopes tensor changed in
+    place now and then, lists, default slopes, partitions reused, redrawn or changed in place, GQA, padding,
+    query offsets), each held to the reference on a spec resolved afresh, in float64. Deterministic: no
+    false alarms; a plan served stale (e.g. a key without the slopes' in-place version) fails it."""
     rng = random.Random(20261208)
     slopes = torch.tensor(SLOPES, dtype=torch.float64)
     drawn = {}
@@ -295,6 +294,7 @@ def test_public_reuse_random_sequence():
         out = poslsh.attention(q, k, v, **kw)
         ref = reference_attention(q, k, v, resolve_spec(q, k, v, **kw))[0]  # resolved afresh: no cache
         assert rel_err(out, ref) <= 1e-10, (step, {n: x for n, x in kw.items() if n != "partitions"})
+
 
 def test_option_the_method_ignores_warns():
     """method="window", samples=8 ignored samples without a word before; now a warning names both."""
